@@ -1,0 +1,84 @@
+"""Chained prefix hashes: the key space every component shares.
+
+Invariants:
+- ``key[i] = H(ns, key[i-1] || tokens of block i)``: a key names a block *and everything
+  before it*, so equal keys mean equal prefixes (up to a 128-bit keyed-hash collision).
+- H is BLAKE2b keyed with a namespace key derived from the namespace string. It is
+  deterministic across processes and machines (never Python's ``hash()``), and without the
+  namespace key nobody can craft colliding prefixes to poison another tenant's cache.
+- Token ids are hashed as little-endian uint32 bytes, whatever container they arrive in
+  (list, numpy array, torch tensor), so the same ids give the same keys everywhere.
+- Only *full* blocks get keys; a trailing partial block is never cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from typing import Any, NewType
+
+import numpy as np
+
+from kvstore.errors import KVStoreError
+
+BlockKey = NewType("BlockKey", bytes)
+KEY_BYTES = 16
+
+_NAMESPACE_PERSON = b"kvstore-ns-v1"
+_BLOCK_PERSON = b"kvstore-blk-v1"
+
+
+def namespace_key(namespace: str | bytes) -> bytes:
+    """The 32-byte hash key of a namespace (model id, layout, dtype, tenant, salt)."""
+    if isinstance(namespace, str):
+        namespace = namespace.encode()
+    if not isinstance(namespace, bytes | bytearray) or not namespace:
+        raise KVStoreError("namespace must be a non-empty str or bytes")
+    return hashlib.blake2b(bytes(namespace), digest_size=32, person=_NAMESPACE_PERSON).digest()
+
+
+def _token_bytes(tokens: Any) -> bytes:
+    """Token ids as contiguous little-endian uint32 bytes."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().to("cpu").numpy()
+    array = np.asarray(tokens)
+    if array.ndim != 1:
+        raise KVStoreError(f"tokens must be one-dimensional, got shape {array.shape}")
+    if array.size and array.dtype.kind not in "iu":
+        raise KVStoreError(f"tokens must be integer ids, got dtype {array.dtype}")
+    if array.size and (array.min() < 0 or array.max() > 0xFFFFFFFF):
+        raise KVStoreError("token ids must lie in [0, 2**32)")
+    return array.astype("<u4", copy=False).tobytes()
+
+
+def prefix_hashes(
+    tokens: Any,
+    *,
+    block_tokens: int,
+    namespace: str | bytes,
+    parent: bytes | None = None,
+) -> list[BlockKey]:
+    """One 16-byte key per full block of ``tokens``, each chained to all blocks before it.
+
+    ``parent`` continues a chain: pass the last key of the preceding tokens to hash a suffix.
+    """
+    if not isinstance(block_tokens, int) or block_tokens <= 0:
+        raise KVStoreError(f"block_tokens must be a positive int, got {block_tokens!r}")
+    if parent is not None and len(parent) != KEY_BYTES:
+        raise KVStoreError(f"parent must be a {KEY_BYTES}-byte key")
+    data = _token_bytes(tokens)
+    block_bytes = 4 * block_tokens
+    num_blocks = len(data) // block_bytes
+    root = hashlib.blake2b(key=namespace_key(namespace), digest_size=KEY_BYTES,
+                           person=_BLOCK_PERSON)
+    previous = parent if parent is not None else bytes(KEY_BYTES)
+    keys: list[BlockKey] = []
+    view = memoryview(data)
+    for i in range(num_blocks):
+        h = root.copy()
+        h.update(previous)
+        h.update(view[i * block_bytes:(i + 1) * block_bytes])
+        previous = h.digest()
+        keys.append(BlockKey(previous))
+    return keys

@@ -1,0 +1,430 @@
+"""The embedded multi-tier Store: the library API of DESIGN.md.
+
+    put ──> write tier (fastest present) ──evict──> next tier (demote) ──evict──> dropped
+    get <── fastest tier holding the key  ──hit in a slower tier──> promoted to the write tier
+
+Concurrency: one lock guards the index, the policies and the tiers' bookkeeping. Bulk
+copies run outside it: a put reserves a slot (owned by no key, so never evicted), copies,
+then commits; a get pins the block, copies, then unpins. A pin that was revoked meanwhile
+(the block was deleted or overwritten) or whose lease ran out turns the read into a miss,
+so a torn copy is never returned as a hit. NVMe I/O runs under the NVMe tier's own lock.
+
+Invariants: every present tier keeps ``used_bytes <= capacity_bytes``; a key is in the
+index exactly when at least one tier holds a committed copy; victims are never pinned.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kvstore.buffers import ByteView, copy_bytes, output_view, to_bytes, value_view
+from kvstore.config import StoreConfig
+from kvstore.errors import ConfigError, InvalidValueError, StorageError, StoreClosedError
+from kvstore.index import BlockEntry, BlockIndex
+from kvstore.policy import admits, make_policy
+from kvstore.tiers.base import TierKind, check_key
+from kvstore.tiers.memory import MemoryTier
+
+log = logging.getLogger(__name__)
+
+
+class Store:
+    """A KV store over HBM, DRAM and NVMe tiers; see the module docstring."""
+
+    def __init__(self, config: StoreConfig | None = None) -> None:
+        self.config = config = config if config is not None else StoreConfig()
+        self._lock = threading.RLock()
+        self._closed = False
+        self._tiers: list[Any] = []
+        self._kinds: list[TierKind] = []
+        try:
+            self._open_tiers(config)
+        except BaseException:
+            for tier in self._tiers:
+                tier.close()
+            raise
+        self._nvme = self._tiers[-1] if self._kinds[-1] is TierKind.NVME else None
+        self._nvme_tier = len(self._tiers) - 1 if self._nvme is not None else None
+        self._write_tier = (self._kinds.index(TierKind(config.write_tier))
+                            if config.write_tier else 0)
+        self.index = BlockIndex(len(self._tiers))
+        self.index.attach([
+            make_policy(config.eviction_policy, self.index, t,
+                        tier.allocator.partition_of if isinstance(tier, MemoryTier) else None)
+            for t, tier in enumerate(self._tiers)])
+        self._queries = self._hits = 0
+        self._tier_hits = [0] * len(self._tiers)
+        self._evictions = self._demotions = self._promotions = 0
+        self._torn_reads = 0
+        if self._nvme is not None:
+            self._recover()
+
+    def _open_tiers(self, config: StoreConfig) -> None:
+        if config.hbm_bytes:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("hbm_bytes > 0 needs a CUDA device; set hbm_bytes=0 on a "
+                                  "machine without one")
+            from kvstore.tiers.hbm import hbm_tier
+
+            self._add(TierKind.HBM, hbm_tier(config.hbm_bytes, config.max_value_bytes,
+                                              config.device))
+        if config.dram_bytes:
+            from kvstore.tiers.dram import dram_tier
+
+            self._add(TierKind.DRAM, dram_tier(config.dram_bytes, config.max_value_bytes))
+        if config.nvme_bytes:
+            from kvstore.tiers.nvme import NvmeTier, NvmeTierConfig
+
+            nvme_config = NvmeTierConfig(
+                path=str(config.nvme_path), capacity_bytes=config.nvme_bytes,
+                max_value_bytes=config.max_value_bytes,
+                segment_bytes=min(config.nvme_segment_bytes, config.nvme_bytes // 4),
+                compression=config.nvme_compression, direct_io=config.nvme_direct_io)
+            self._add(TierKind.NVME, NvmeTier(nvme_config))
+
+    def _add(self, kind: TierKind, tier: Any) -> None:
+        self._kinds.append(kind)
+        self._tiers.append(tier)
+
+    def _recover(self) -> None:
+        """Index what the NVMe tier found on disk, oldest first so LRU order survives."""
+        nvme, t = self._nvme, self._nvme_tier
+        records = nvme.recovered()
+        for record in records:
+            entry = self.index.ensure(record.key, record.parent, record.nbytes)
+            self.index.add(entry, t)
+            self.index.touch(entry)
+            entry.num_uses = 0
+        if records:
+            log.info("recovered %d blocks from %s", len(records), self.config.nvme_path)
+
+    # -- the public API -----------------------------------------------------------------------
+
+    def put(self, key: bytes, value: Any) -> bool:
+        """Store ``value`` under ``key`` (replacing any earlier value). False if no room."""
+        key = check_key(key)
+        src = self._source(value)
+        return self._put(key, src, None)
+
+    def put_many(self, keys: Sequence[bytes], values: Sequence[Any]) -> int:
+        """Store the blocks of one chain, parent first; returns how many were stored.
+
+        Each key is recorded as the child of the one before it (prefix-aware eviction).
+        Every key and value is checked before anything is stored.
+        """
+        if len(keys) != len(values):
+            raise InvalidValueError(f"put_many got {len(keys)} keys but {len(values)} values")
+        checked = [check_key(k) for k in keys]
+        sources = [self._source(v) for v in values]
+        stored = 0
+        parent = None
+        for key, src in zip(checked, sources, strict=True):
+            stored += self._put(key, src, parent)
+            parent = key
+        return stored
+
+    def get(self, key: bytes) -> bytes | None:
+        key = check_key(key)
+        result: list[bytes] = []
+        hit = self._read(key, lambda view, nbytes: result.append(to_bytes(view)), None)
+        return result[0] if hit else None
+
+    def get_into(self, key: bytes, out: Any) -> bool:
+        """Copy the value into ``out`` (a tensor on any device or a writable buffer).
+
+        ``out`` must have exactly the value's size (`BufferSizeError` otherwise). On a miss
+        it returns False and the contents of ``out`` are unspecified.
+        """
+        key = check_key(key)
+        return self._read(key, lambda view, nbytes: copy_bytes(output_view(out, nbytes), view),
+                          lambda nbytes: output_view(out, nbytes))
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        checked = [check_key(k) for k in keys]
+        return [self.get(k) for k in checked]
+
+    def match_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many leading keys are held in some tier."""
+        checked = [check_key(k) for k in keys]
+        with self._lock:
+            self._check_open()
+            return self.index.match_prefix(checked)
+
+    def contains(self, key: bytes) -> bool:
+        key = check_key(key)
+        with self._lock:
+            self._check_open()
+            return self.index.get(key) is not None
+
+    __contains__ = contains
+
+    def tier_of(self, key: bytes) -> str | None:
+        key = check_key(key)
+        with self._lock:
+            self._check_open()
+            entry = self.index.get(key)
+            return None if entry is None else self._kinds[entry.fastest_tier].value
+
+    def delete(self, key: bytes) -> bool:
+        """Remove ``key`` from every tier (durably on NVMe at the next flush)."""
+        key = check_key(key)
+        with self._lock:
+            self._check_open()
+            entry = self.index.get(key)
+            if entry is None:
+                return False
+            self._forget(entry, durable=True)
+            return True
+
+    def flush(self) -> None:
+        """Make everything stored so far durable on NVMe (a no-op without an NVMe tier)."""
+        with self._lock:
+            self._check_open()
+            if self._nvme is None:
+                return
+            t_nvme = self._nvme_tier
+            pending = [e for e in self.index.entries.values()
+                       if e.residency and not e.is_in(t_nvme)]
+            pending.sort(key=lambda e: e.last_access)
+            dropped = 0
+            for entry in pending:
+                t = entry.fastest_tier
+                if entry.is_in(t_nvme) or t is None:  # written while making room for another
+                    continue
+                view = self._tiers[t].view(*self._tiers[t].slot_of(entry.key))
+                if not self._store_in(t_nvme, entry, view):
+                    dropped += 1
+            if dropped:
+                log.warning("flush: %d blocks did not fit in the NVMe tier and are not durable",
+                            dropped)
+            self._nvme.flush()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            tiers = {}
+            for t, (kind, tier) in enumerate(zip(self._kinds, self._tiers, strict=True)):
+                tier_stats = tier.stats() if not self._closed else {}
+                tiers[kind.value] = {
+                    **tier_stats,
+                    "capacity_bytes": tier.capacity_bytes,
+                    "used_bytes": tier.used_bytes if not self._closed else 0,
+                    "blocks": len(tier) if not self._closed else 0,
+                    "hits": self._tier_hits[t],
+                }
+            checksum_failures = 0
+            if self._nvme is not None and not self._closed:
+                checksum_failures = self._nvme.stats().get("checksum_failures", 0)
+            return {
+                "tiers": tiers,
+                "queries": self._queries,
+                "hits": self._hits,
+                "hit_rate": self._hits / self._queries if self._queries else 0.0,
+                "evictions": self._evictions,
+                "demotions": self._demotions,
+                "promotions": self._promotions,
+                "checksum_failures": checksum_failures,
+                "torn_reads": self._torn_reads,
+                "blocks": len(self.index),
+            }
+
+    def close(self) -> None:
+        """Flush to NVMe (if present) and release every tier. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self._nvme is not None:
+                    self.flush()
+            finally:
+                self._closed = True
+                for tier in self._tiers:
+                    tier.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def _source(self, value: Any) -> ByteView:
+        src = value_view(value)
+        if src.shape[0] > self.config.max_value_bytes:
+            raise InvalidValueError(f"value of {src.shape[0]} bytes exceeds max_value_bytes "
+                                    f"({self.config.max_value_bytes})")
+        return src
+
+    def _put(self, key: bytes, src: ByteView, parent: bytes | None) -> bool:
+        nbytes = int(src.shape[0])
+        t = self._write_tier
+        tier = self._tiers[t]
+        if not isinstance(tier, MemoryTier):  # NVMe is the only tier written to
+            with self._lock:
+                self._check_open()
+                self._discard_old(key)
+                entry = self.index.ensure(key, parent, nbytes)
+                stored = self._store_in(t, entry, src)
+                if stored:
+                    self.index.touch(entry)
+                else:
+                    self.index._drop_if_unused(entry)
+                return stored
+        with self._lock:
+            self._check_open()
+            offset = self._reserve(t, nbytes)
+        if offset is None:
+            return False
+        try:
+            copy_bytes(tier.view(offset, nbytes), src)
+        except BaseException:
+            with self._lock:
+                tier.release(offset)
+            raise
+        with self._lock:
+            if self._closed:
+                raise StoreClosedError("the store was closed during put")
+            self._discard_old(key)
+            entry = self.index.ensure(key, parent, nbytes)
+            tier.commit(key, offset, nbytes, parent)
+            self.index.add(entry, t)
+            self.index.touch(entry)
+        return True
+
+    def _discard_old(self, key: bytes) -> None:
+        entry = self.index.get(key)
+        if entry is not None:
+            self._forget(entry, durable=False)
+
+    def _forget(self, entry: BlockEntry, *, durable: bool) -> None:
+        """Drop every copy of ``entry``; readers holding pins will see them revoked."""
+        self.index.revoke_pins(entry)
+        for t, tier in enumerate(self._tiers):
+            if entry.is_in(t):
+                tier.delete(entry.key) if durable else tier.evict(entry.key)
+                self.index.remove(entry, t)
+
+    def _reserve(self, t: int, nbytes: int) -> int | None:
+        """A slot in memory tier ``t``, evicting (and demoting) victims until one is free."""
+        tier: MemoryTier = self._tiers[t]
+        while True:
+            offset = tier.reserve(nbytes)
+            if offset is not None:
+                return offset
+            if not self._evict_for(t, tier.allocator.partition_of(nbytes)):
+                return None
+
+    def _evict_for(self, t: int, partition: int) -> bool:
+        """Evict one victim of ``partition`` from tier ``t``; False if nothing can go."""
+        victim = self.index.policies[t].victim(partition)
+        if victim is not None:
+            self._evict(victim, t)
+            return True
+        tier = self._tiers[t]
+        if not isinstance(tier, MemoryTier):
+            return False
+        # Nothing of this size class can go: empty the least-used slab of another class.
+        keys = tier.keys_in_slots(tier.allocator.slab_to_reclaim(exclude_class=partition))
+        victims = [self.index.get(k) for k in keys]
+        if not victims or any(v is None or self.index.is_pinned(v) for v in victims):
+            return False
+        for victim in victims:
+            self._evict(victim, t)
+        return True
+
+    def _evict(self, entry: BlockEntry, t: int) -> None:
+        """Take ``entry`` out of tier ``t``, demoting it to the next tier if none holds it."""
+        self._evictions += 1
+        tier = self._tiers[t]
+        lower = t + 1
+        if lower < len(self._tiers) and entry.residency >> lower == 0:
+            if lower != self._nvme_tier or admits(self.config.nvme_admission, entry):
+                if self._store_in(lower, entry, tier.view(*tier.slot_of(entry.key))):
+                    self._demotions += 1
+        tier.evict(entry.key)
+        self.index.remove(entry, t)
+
+    def _store_in(self, t: int, entry: BlockEntry, src: ByteView) -> bool:
+        """Write a copy of ``entry`` into tier ``t`` (making room); False if it cannot fit."""
+        nbytes = entry.nbytes
+        tier = self._tiers[t]
+        if isinstance(tier, MemoryTier):
+            offset = self._reserve(t, nbytes)
+            if offset is None:
+                return False
+            copy_bytes(tier.view(offset, nbytes), src)
+            tier.commit(entry.key, offset, nbytes, entry.parent)
+        else:
+            footprint = tier.footprint_bytes(nbytes)
+            if footprint > tier.capacity_bytes:
+                return False
+            while tier.used_bytes + footprint > tier.capacity_bytes:
+                if not self._evict_for(t, 0):
+                    return False
+            host = src if isinstance(src, np.ndarray) else src.cpu().numpy()
+            try:
+                if not tier.put(entry.key, host, entry.parent):
+                    return False
+            except OSError as e:
+                raise StorageError(f"NVMe write failed: {e}") from e
+        self.index.add(entry, t)
+        return True
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def _read(self, key: bytes, deliver: Any, check_out: Any) -> bool:
+        """Find ``key``, pin it, hand its bytes to ``deliver`` outside the lock, unpin."""
+        with self._lock:
+            self._check_open()
+            self._queries += 1
+            entry = self.index.get(key)
+            if entry is None:
+                return False
+            nbytes = entry.nbytes
+            if check_out is not None:
+                check_out(nbytes)  # a wrong-size buffer raises before anything changes
+            t = entry.fastest_tier
+            self.index.touch(entry)
+            pin = self.index.pin(entry, self.config.lease_s)
+            tier = self._tiers[t]
+            slot = tier.slot_of(key) if isinstance(tier, MemoryTier) else None
+        view = None
+        try:
+            if slot is not None:
+                view = tier.view(*slot)
+            else:
+                data = tier.get(key)  # verifies the record checksum
+                view = None if data is None else np.frombuffer(data, dtype=np.uint8)
+            if view is not None:
+                deliver(view, nbytes)
+        finally:
+            with self._lock:
+                intact = self.index.unpin(entry, pin)
+        with self._lock:
+            if view is None:  # checksum failure: the NVMe copy is gone for good
+                if entry.is_in(t):
+                    tier.evict(key)
+                    self.index.remove(entry, t)
+                return False
+            if not intact:
+                self._torn_reads += 1
+                return False
+            self._hits += 1
+            self._tier_hits[t] += 1
+            w = self._write_tier
+            if (self.config.promote_on_hit and t > w and not self._closed
+                    and self.index.get(key) is entry and not entry.is_in(w)):
+                if self._store_in(w, entry, view):
+                    self._promotions += 1
+        return True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError("the store is closed; open a new kvstore.Store")

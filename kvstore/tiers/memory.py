@@ -1,0 +1,144 @@
+"""A tier over one preallocated memory pool: host DRAM or GPU HBM.
+
+    pool  | slab | slab | slab | ...      (see `kvstore.tiers.slab`)
+    key -> (offset, nbytes)              (committed values only)
+
+Writes go through reserve -> copy -> commit so the Store can copy outside its lock: a
+reserved slot belongs to no key and cannot be evicted; `commit` makes it visible.
+
+Invariants: a committed key owns exactly one slot; ``used_bytes`` (slot bytes of
+committed and reserved values) never exceeds ``capacity_bytes``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from kvstore.buffers import ByteView, copy_bytes, output_view, to_bytes, value_view
+from kvstore.errors import InvalidValueError, StoreClosedError
+from kvstore.tiers.base import TierKind, check_key
+from kvstore.tiers.slab import SlabAllocator
+
+
+class Pool(Protocol):
+    nbytes: int
+
+    def view(self, offset: int, nbytes: int) -> ByteView: ...
+    def close(self) -> None: ...
+
+
+
+class MemoryTier:
+    """Values in slots of a pool; see the module docstring."""
+
+    def __init__(self, kind: TierKind, pool: Pool, max_value_bytes: int) -> None:
+        self.kind = kind
+        self.pool = pool
+        self.max_value_bytes = max_value_bytes
+        self.allocator = SlabAllocator(pool.nbytes, max_value_bytes)
+        self.capacity_bytes = self.allocator.capacity_bytes
+        self._slots: dict[bytes, tuple[int, int]] = {}
+        self._parents: dict[bytes, bytes | None] = {}
+        self._closed = False
+
+    # -- reserve / commit: the Store's path -------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        return self.allocator.used_bytes
+
+    def can_allocate(self, nbytes: int) -> bool:
+        return self.allocator.can_allocate(nbytes)
+
+    def reserve(self, nbytes: int) -> int | None:
+        """A slot for ``nbytes`` owned by nobody yet, or None if the tier has no room."""
+        self._check_open()
+        if nbytes > self.max_value_bytes:
+            raise InvalidValueError(f"value of {nbytes} bytes exceeds max_value_bytes "
+                                    f"({self.max_value_bytes})")
+        return self.allocator.allocate(nbytes)
+
+    def view(self, offset: int, nbytes: int) -> ByteView:
+        return self.pool.view(offset, nbytes)
+
+    def release(self, offset: int) -> None:
+        """Give back a reserved slot that was never committed."""
+        self.allocator.free(offset)
+
+    def commit(self, key: bytes, offset: int, nbytes: int, parent: bytes | None = None) -> None:
+        """Make a reserved slot the value of ``key`` (replacing any earlier value)."""
+        self.evict(key)
+        self._slots[key] = (offset, nbytes)
+        self._parents[key] = parent
+
+    def slot_of(self, key: bytes) -> tuple[int, int] | None:
+        return self._slots.get(key)
+
+    def keys_in_slots(self, offsets: list[int]) -> list[bytes]:
+        wanted = set(offsets)
+        return [k for k, (off, _) in self._slots.items() if off in wanted]
+
+    # -- the Tier contract -------------------------------------------------------------------
+
+    def put(self, key: bytes, value: Any, parent: bytes | None = None) -> bool:
+        key = check_key(key)
+        src = value_view(value)
+        nbytes = int(src.shape[0])
+        offset = self.reserve(nbytes)
+        if offset is None:
+            return False
+        copy_bytes(self.pool.view(offset, nbytes), src)
+        self.commit(key, offset, nbytes, parent)
+        return True
+
+    def get(self, key: bytes) -> bytes | None:
+        slot = self._slots.get(check_key(key))
+        return None if slot is None else to_bytes(self.pool.view(*slot))
+
+    def read_into(self, key: bytes, out: Any) -> bool:
+        slot = self._slots.get(check_key(key))
+        if slot is None:
+            return False
+        copy_bytes(output_view(out, slot[1]), self.pool.view(*slot))
+        return True
+
+    def nbytes_of(self, key: bytes) -> int | None:
+        slot = self._slots.get(key)
+        return None if slot is None else slot[1]
+
+    def parent_of(self, key: bytes) -> bytes | None:
+        return self._parents.get(key)
+
+    def evict(self, key: bytes) -> bool:
+        slot = self._slots.pop(key, None)
+        if slot is None:
+            return False
+        self._parents.pop(key, None)
+        self.allocator.free(slot[0])
+        return True
+
+    delete = evict  # memory is not durable: forgetting is deleting
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._slots
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def flush(self) -> None:
+        """Memory holds nothing durable; the Store writes it to NVMe on flush."""
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._slots.clear()
+            self.pool.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {"capacity_bytes": self.capacity_bytes, "used_bytes": self.used_bytes,
+                "blocks": len(self._slots), **self.allocator.stats(),
+                "pinned": bool(getattr(self.pool, "is_pinned", False))}
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"the {self.kind.value} tier is closed")

@@ -1,0 +1,318 @@
+"""The Store API of DESIGN.md: behaviour, tier movement, bad input, threads."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import kvstore
+from kvstore import (
+    BufferSizeError,
+    InvalidKeyError,
+    InvalidValueError,
+    StorageError,
+    Store,
+    StoreClosedError,
+    StoreConfig,
+)
+from tests.conftest import make_key, make_value
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def chain(n: int, salt: str = "") -> list[bytes]:
+    return kvstore.prefix_hashes(np.arange(16 * n) + hash(salt) % 1000, block_tokens=16,
+                                 namespace="test" + salt)
+
+
+def test_issue_example_leaf_first_eviction():
+    # DRAM only, room for 3 blocks; chain A->B->C, then an unrelated D: C goes, not A.
+    with Store(StoreConfig(dram_bytes=3 * 4096, max_value_bytes=4096)) as store:
+        a, b, c = chain(3)
+        (d,) = chain(1, salt="other")
+        assert store.put_many([a, b, c], [b"a" * 4096, b"b" * 4096, b"c" * 4096]) == 3
+        assert store.put(d, b"d" * 4096)
+        assert store.match_prefix([a, b, c]) == 2
+        assert not store.contains(c) and store.contains(d)
+        assert store.stats()["evictions"] == 1
+
+
+def test_plain_lru_evicts_the_root_instead():
+    config = StoreConfig(dram_bytes=3 * 4096, max_value_bytes=4096, eviction_policy="lru")
+    with Store(config) as store:
+        a, b, c = chain(3)
+        (d,) = chain(1, salt="other")
+        store.put_many([a, b, c], [b"x" * 4096] * 3)
+        store.put(d, b"d" * 4096)
+        assert store.match_prefix([a, b, c]) == 0
+
+
+def test_api_round_trip_and_stats():
+    with Store(StoreConfig(dram_bytes=8 * MiB, max_value_bytes=1 * MiB)) as store:
+        keys = chain(4)
+        values = [make_value(i, 1000 + i) for i in range(4)]
+        assert store.put_many(keys, values) == 4
+        assert store.get_many(keys) == values
+        assert store.get(keys[0]) == values[0]
+        out = bytearray(1001)
+        assert store.get_into(keys[1], out) and bytes(out) == values[1]
+        assert store.tier_of(keys[2]) == "dram"
+        assert store.tier_of(make_key("nope")) is None
+        assert store.match_prefix([*keys, make_key("x")]) == 4
+        assert store.delete(keys[1]) and not store.delete(keys[1])
+        assert store.match_prefix(keys) == 1
+        assert store.get(keys[1]) is None
+        stats = store.stats()
+        assert stats["queries"] == 7 and stats["hits"] == 6
+        assert stats["hit_rate"] == pytest.approx(6 / 7)
+        dram = stats["tiers"]["dram"]
+        assert dram["blocks"] == 3 and dram["hits"] == 6
+        assert 0 < dram["used_bytes"] <= dram["capacity_bytes"]
+        for field in ("evictions", "demotions", "promotions", "checksum_failures"):
+            assert stats[field] == 0
+
+
+def test_tensor_values_are_stored_as_raw_bytes():
+    with Store(StoreConfig(dram_bytes=4 * MiB, max_value_bytes=1 * MiB)) as store:
+        tensor = torch.randn(8, 16, 64).to(torch.bfloat16)
+        key = make_key("t")
+        assert store.put(key, tensor)
+        assert store.get(key) == tensor.view(torch.int16).numpy().tobytes()
+        out = torch.empty_like(tensor)
+        assert store.get_into(key, out)
+        assert torch.equal(out, tensor)
+        strided = torch.arange(64, dtype=torch.float32).reshape(8, 8).t()
+        assert store.put(make_key("s"), strided)
+        assert store.get(make_key("s")) == strided.contiguous().numpy().tobytes()
+
+
+def test_bad_input_raises_and_changes_nothing(tmp_path):
+    with Store(StoreConfig(dram_bytes=1 * MiB, max_value_bytes=64 * KiB)) as store:
+        key = make_key("k")
+        store.put(key, b"v" * 100)
+        before = store.stats()
+        with pytest.raises(InvalidKeyError):
+            store.put(b"too short", b"v")
+        with pytest.raises(InvalidKeyError):
+            store.get("not bytes")  # type: ignore[arg-type]
+        with pytest.raises(InvalidValueError):
+            store.put(make_key("big"), b"x" * (64 * KiB + 1))
+        with pytest.raises(InvalidValueError):
+            store.put(make_key("obj"), object())
+        with pytest.raises(BufferSizeError):
+            store.get_into(key, bytearray(99))
+        with pytest.raises(BufferSizeError):
+            store.get_into(key, b"v" * 100)  # read-only
+        # put_many checks everything first: a bad value in the middle stores nothing.
+        keys = chain(3)
+        with pytest.raises(InvalidValueError):
+            store.put_many(keys, [b"a", b"x" * (64 * KiB + 1), b"c"])
+        with pytest.raises(InvalidKeyError):
+            store.put_many([keys[0], b"bad"], [b"a", b"b"])
+        with pytest.raises(InvalidValueError):
+            store.put_many(keys, [b"a"])
+        assert store.match_prefix(keys) == 0
+        after = store.stats()
+        assert after["tiers"] == before["tiers"] and after["blocks"] == 1
+        assert store.get(key) == b"v" * 100
+    with pytest.raises(StoreClosedError):
+        store.get(key)
+    with pytest.raises(StoreClosedError):
+        store.put(key, b"v")
+    store.close()  # idempotent
+
+
+def test_bad_config_is_refused(tmp_path):
+    with pytest.raises(kvstore.ConfigError):
+        StoreConfig(dram_bytes=0)
+    with pytest.raises(kvstore.ConfigError):
+        StoreConfig(nvme_path=str(tmp_path))  # nvme_bytes missing
+    with pytest.raises(kvstore.ConfigError):
+        StoreConfig(dram_bytes="lots")
+    with pytest.raises(kvstore.ConfigError):
+        StoreConfig(dram_bytes=-1)
+    with pytest.raises(kvstore.ConfigError):
+        StoreConfig(eviction_policy="random")
+    with pytest.raises(kvstore.ConfigError):
+        StoreConfig(write_tier="hbm")
+    assert StoreConfig(dram_bytes="2MiB", max_value_bytes="1MiB").dram_bytes == 2 * MiB
+    with pytest.raises(kvstore.ConfigError, match="max_value_bytes"):
+        StoreConfig(dram_bytes="2MiB", max_value_bytes="4MiB")
+    if not torch.cuda.is_available():
+        with pytest.raises(kvstore.ConfigError, match="CUDA"):
+            Store(StoreConfig(hbm_bytes="64MiB"))
+
+
+def test_unwritable_nvme_path_raises_storage_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"not a directory")
+    config = StoreConfig(dram_bytes=1 * MiB, max_value_bytes=64 * KiB,
+                         nvme_path=str(blocker / "sub"), nvme_bytes=16 * MiB)
+    with pytest.raises(StorageError):
+        Store(config)
+    assert blocker.read_bytes() == b"not a directory"
+
+
+def nvme_config(tmp_path, **changes):
+    base = StoreConfig(dram_bytes=4 * 64 * KiB, max_value_bytes=64 * KiB,
+                       nvme_path=str(tmp_path / "nvme"), nvme_bytes=16 * MiB,
+                       nvme_segment_bytes=1 * MiB)
+    return base.replace(**changes)
+
+
+def test_full_dram_demotes_to_nvme_and_hits_promote(tmp_path):
+    with Store(nvme_config(tmp_path)) as store:
+        keys = chain(8)
+        values = [make_value(i, 64 * KiB) for i in range(8)]
+        assert store.put_many(keys, values) == 8
+        tiers = [store.tier_of(k) for k in keys]
+        assert tiers.count("dram") == 4 and tiers.count("nvme") == 4
+        stats = store.stats()
+        assert stats["demotions"] == 4 and stats["evictions"] == 4
+        # Leaf-first demoted the tail of the chain; the head stays in DRAM.
+        assert tiers[:4] == ["dram"] * 4
+        assert store.get(keys[7]) == values[7]
+        assert store.tier_of(keys[7]) == "dram"
+        assert store.stats()["promotions"] == 1
+        assert store.stats()["tiers"]["nvme"]["hits"] == 1
+        assert store.get_many(keys) == values
+        for tier in store.stats()["tiers"].values():
+            assert tier["used_bytes"] <= tier["capacity_bytes"]
+
+
+def test_promote_on_hit_off(tmp_path):
+    with Store(nvme_config(tmp_path, promote_on_hit=False)) as store:
+        keys = chain(8)
+        store.put_many(keys, [make_value(i, 64 * KiB) for i in range(8)])
+        assert store.get(keys[7]) == make_value(7, 64 * KiB)
+        assert store.tier_of(keys[7]) == "nvme"
+        assert store.stats()["promotions"] == 0
+
+
+def test_second_use_admission_filter(tmp_path):
+    with Store(nvme_config(tmp_path, nvme_admission="second-use")) as store:
+        keys = chain(5)
+        values = [make_value(i, 64 * KiB) for i in range(5)]
+        store.put_many(keys[:4], values[:4])
+        assert store.get(keys[3]) == values[3]  # keys[3] now used twice
+        store.put(keys[4], values[4])  # evicts the LRU leaf: keys[4]'s parent keys[3]? no: 4 is new
+        store.put(make_key("x"), make_value("x", 64 * KiB))
+        store.put(make_key("y"), make_value("y", 64 * KiB))
+        nvme_keys = [k for k in keys if store.tier_of(k) == "nvme"]
+        # Only blocks used at least twice were written to NVMe; the rest were dropped.
+        assert nvme_keys == [keys[3]] or all(
+            store.index.get(k).num_uses >= 2 for k in nvme_keys)
+        assert store.stats()["demotions"] == len(nvme_keys)
+        assert store.stats()["evictions"] >= 3
+
+
+def test_nvme_only_store(tmp_path):
+    config = StoreConfig(dram_bytes=0, max_value_bytes=64 * KiB, nvme_path=str(tmp_path / "n"),
+                         nvme_bytes=8 * MiB, nvme_segment_bytes=1 * MiB)
+    with Store(config) as store:
+        keys = chain(3)
+        assert store.put_many(keys, [b"a" * 5000, b"b" * 10, b""]) == 3
+        assert store.get(keys[0]) == b"a" * 5000 and store.get(keys[2]) == b""
+        assert store.tier_of(keys[1]) == "nvme"
+    with Store(config) as store:
+        assert store.match_prefix(keys) == 3
+
+
+def test_reopen_recovers_flushed_blocks_with_their_chain(tmp_path):
+    config = nvme_config(tmp_path)
+    keys = chain(6)
+    values = [make_value(i, 10 * KiB) for i in range(6)]
+    with Store(config) as store:
+        store.put_many(keys, values)
+        store.delete(keys[5])
+        store.flush()
+    with Store(config) as store:
+        assert store.match_prefix(keys) == 5
+        assert all(store.tier_of(k) == "nvme" for k in keys[:5])
+        assert store.get_many(keys) == [*values[:5], None]
+        # The parent links came back: the chain's tail is the leaf.
+        assert store.index.get(keys[0]).children[store._nvme_tier] == 1
+
+
+def test_overwrite_after_flush_never_resurrects_old_value(tmp_path):
+    config = nvme_config(tmp_path)
+    key = make_key("k")
+    with Store(config) as store:
+        store.put(key, b"old" * 100)
+        store.flush()
+        store.put(key, b"new" * 100)
+        store.flush()
+    with Store(config) as store:
+        assert store.get(key) == b"new" * 100
+
+
+def test_corrupt_nvme_record_is_a_miss_never_a_hit(tmp_path):
+    config = nvme_config(tmp_path, dram_bytes=0)
+    keys = chain(3)
+    values = [make_value(i, 20 * KiB) for i in range(3)]
+    with Store(config) as store:
+        store.put_many(keys, values)
+    segments = sorted((tmp_path / "nvme").glob("seg-*"))
+    data = bytearray(segments[0].read_bytes())
+    position = data.find(values[1][:64])
+    assert position > 0
+    data[position + 100] ^= 0xFF
+    segments[0].write_bytes(bytes(data))
+    with Store(config) as store:
+        got = store.get_many(keys)
+        assert got[1] is None
+        assert got[0] == values[0] and got[2] == values[2]
+
+
+def test_pinned_blocks_are_never_evicted():
+    with Store(StoreConfig(dram_bytes=2 * 4096, max_value_bytes=4096)) as store:
+        a, b = make_key("a"), make_key("b")
+        store.put(a, b"a" * 4096)
+        store.put(b, b"b" * 4096)
+        pins = [store.index.pin(store.index.get(k), 30) for k in (a, b)]
+        assert not store.put(make_key("c"), b"c" * 4096)  # everything is pinned: refused
+        assert store.contains(a) and store.contains(b)
+        store.index.unpin(store.index.get(a), pins[0])
+        assert store.put(make_key("c"), b"c" * 4096)
+        assert not store.contains(a) and store.contains(b)
+
+
+def test_mixed_sizes_reclaim_slabs_of_other_classes():
+    with Store(StoreConfig(dram_bytes=4 * 64 * KiB, max_value_bytes=64 * KiB)) as store:
+        for i in range(64):
+            assert store.put(make_key(("small", i)), make_value(i, 4 * KiB))
+        # Every slab now serves the 4 KiB class; a 64 KiB value must still find room.
+        assert store.put(make_key("big"), make_value("big", 64 * KiB))
+        assert store.get(make_key("big")) == make_value("big", 64 * KiB)
+        dram = store.stats()["tiers"]["dram"]
+        assert dram["used_bytes"] <= dram["capacity_bytes"]
+
+
+def test_threads_share_a_store():
+    config = StoreConfig(dram_bytes=2 * MiB, max_value_bytes=256 * KiB)
+    errors: list[str] = []
+    with Store(config) as store:
+        def worker(w: int) -> None:
+            for i in range(150):
+                key, value = make_key((w, i)), make_value((w, i), 1000 + 97 * i)
+                store.put(key, value)
+                got = store.get(key)
+                if got is not None and got != value:
+                    errors.append(f"worker {w} item {i}: wrong bytes")
+                other = store.get(make_key(((w + 1) % 4, i)))
+                if other is not None and other != make_value(((w + 1) % 4, i), 1000 + 97 * i):
+                    errors.append(f"worker {w} read another's item {i} wrong")
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:5]
+        dram = store.stats()["tiers"]["dram"]
+        assert dram["used_bytes"] <= dram["capacity_bytes"]
+        assert store.stats()["evictions"] > 0
