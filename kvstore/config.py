@@ -84,8 +84,9 @@ class StoreConfig:
         for name, nbytes in (("dram_bytes", self.dram_bytes), ("hbm_bytes", self.hbm_bytes)):
             if 0 < nbytes < self.max_value_bytes:
                 raise ConfigError(f"StoreConfig.{name} ({nbytes}) must be 0 or at least "
-                                  f"max_value_bytes ({self.max_value_bytes}): a pool holds whole slabs "
-                                  "of the largest value; lower max_value_bytes or grow the tier")
+                                  f"max_value_bytes ({self.max_value_bytes}): a pool holds "
+                                  "whole slabs of the largest value; lower max_value_bytes "
+                                  "or grow the tier")
         if self.write_tier is not None and self.write_tier not in self.tier_names:
             raise ConfigError(f"StoreConfig.write_tier {self.write_tier!r} is not a present "
                               f"tier ({', '.join(self.tier_names)})")

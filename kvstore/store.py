@@ -29,8 +29,12 @@ from kvstore.index import BlockEntry, BlockIndex
 from kvstore.policy import admits, make_policy
 from kvstore.tiers.base import TierKind, check_key
 from kvstore.tiers.memory import MemoryTier
+from kvstore.tiers.slab import size_class
 
 log = logging.getLogger(__name__)
+
+# Values up to this size are copied under the store lock (a pin round trip costs more).
+SMALL_VALUE_BYTES = 64 * 1024
 
 
 class Store:
@@ -55,7 +59,7 @@ class Store:
         self.index = BlockIndex(len(self._tiers))
         self.index.attach([
             make_policy(config.eviction_policy, self.index, t,
-                        tier.allocator.partition_of if isinstance(tier, MemoryTier) else None)
+                        size_class if isinstance(tier, MemoryTier) else None)
             for t, tier in enumerate(self._tiers)])
         self._queries = self._hits = 0
         self._tier_hits = [0] * len(self._tiers)
@@ -114,7 +118,8 @@ class Store:
         return self._put(key, src, None)
 
     def put_many(self, keys: Sequence[bytes], values: Sequence[Any]) -> int:
-        """Store the blocks of one chain, parent first; returns how many were stored.
+        """Store the blocks of one chain, parent first; returns how many leading blocks
+        were stored (it stops at the first block that finds no room).
 
         Each key is recorded as the child of the one before it (prefix-aware eviction).
         Every key and value is checked before anything is stored.
@@ -123,11 +128,19 @@ class Store:
             raise InvalidValueError(f"put_many got {len(keys)} keys but {len(values)} values")
         checked = [check_key(k) for k in keys]
         sources = [self._source(v) for v in values]
-        stored = 0
-        parent = None
-        for key, src in zip(checked, sources, strict=True):
-            stored += self._put(key, src, parent)
-            parent = key
+        stored, parent, i = 0, None, 0
+        while i < len(checked):
+            if sources[i].shape[0] <= SMALL_VALUE_BYTES:
+                # A run of small values: one lock hold, copies inside it (cheaper than pins).
+                with self._lock:
+                    while i < len(checked) and sources[i].shape[0] <= SMALL_VALUE_BYTES:
+                        if not self._put(checked[i], sources[i], parent):
+                            return stored
+                        stored, parent, i = stored + 1, checked[i], i + 1
+            else:
+                if not self._put(checked[i], sources[i], parent):
+                    return stored
+                stored, parent, i = stored + 1, checked[i], i + 1
         return stored
 
     def get(self, key: bytes) -> bytes | None:
@@ -277,6 +290,15 @@ class Store:
                 else:
                     self.index._drop_if_unused(entry)
                 return stored
+        if nbytes <= SMALL_VALUE_BYTES:
+            with self._lock:
+                self._check_open()
+                offset = self._reserve(t, nbytes)
+                if offset is None:
+                    return False
+                copy_bytes(tier.view(offset, nbytes), src)
+                self._commit(t, key, parent, offset, nbytes)
+            return True
         with self._lock:
             self._check_open()
             offset = self._reserve(t, nbytes)
@@ -291,17 +313,23 @@ class Store:
         with self._lock:
             if self._closed:
                 raise StoreClosedError("the store was closed during put")
-            self._discard_old(key)
-            entry = self.index.ensure(key, parent, nbytes)
-            tier.commit(key, offset, nbytes, parent)
-            self.index.add(entry, t)
-            self.index.touch(entry)
+            self._commit(t, key, parent, offset, nbytes)
         return True
 
+    def _commit(self, t: int, key: bytes, parent: bytes | None, offset: int,
+                nbytes: int) -> None:
+        self._discard_old(key)
+        entry = self.index.ensure(key, parent, nbytes)
+        self._tiers[t].commit(key, offset, nbytes, parent)
+        self.index.touch(entry)  # first, so that `add` files it under its new tick
+        self.index.add(entry, t)
+
     def _discard_old(self, key: bytes) -> None:
+        """Drop the value being overwritten; its NVMe copy gets a tombstone so that a crash
+        can bring back the new value or none, never the old one."""
         entry = self.index.get(key)
         if entry is not None:
-            self._forget(entry, durable=False)
+            self._forget(entry, durable=True)
 
     def _forget(self, entry: BlockEntry, *, durable: bool) -> None:
         """Drop every copy of ``entry``; readers holding pins will see them revoked."""

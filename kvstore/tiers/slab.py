@@ -18,11 +18,13 @@ allocated, never both; every offset is ``ALIGN_BYTES``-aligned (16-byte vector l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 ALIGN_BYTES = 64
 _STEPS = (4, 5, 6, 7)  # quarters of a power of two
 
 
+@lru_cache(maxsize=4096)
 def size_class(nbytes: int) -> int:
     """The slot size that holds ``nbytes``: the smallest 2**k * step/4 >= nbytes, aligned."""
     nbytes = max(nbytes, ALIGN_BYTES)
@@ -42,6 +44,7 @@ class _Slab:
     slot_bytes: int = 0
     free_slots: list[int] = field(default_factory=list)
     num_used: int = 0
+    is_partial: bool = False  # listed in its class's stack of slabs with a free slot
 
 
 class SlabAllocator:
@@ -55,7 +58,8 @@ class SlabAllocator:
         self.capacity_bytes = self.num_slabs * self.slab_bytes
         self._slabs = [_Slab(i * self.slab_bytes) for i in range(self.num_slabs)]
         self._free_slabs = list(range(self.num_slabs - 1, -1, -1))
-        self._partial: dict[int, set[int]] = {}  # slot_bytes -> slab ids with a free slot
+        # slot_bytes -> stack of slab ids with a free slot (a list: O(1) push and pop).
+        self._partial: dict[int, list[int]] = {}
         self._allocated: dict[int, int] = {}  # offset -> requested bytes
         self.used_bytes = 0  # slot bytes handed out
         self.value_bytes = 0  # bytes actually requested
@@ -65,23 +69,26 @@ class SlabAllocator:
         slot_bytes = size_class(nbytes)
         if slot_bytes > self.slab_bytes:
             raise ValueError(f"{nbytes} bytes exceeds the largest slot ({self.slab_bytes})")
-        partial = self._partial.setdefault(slot_bytes, set())
+        partial = self._partial.get(slot_bytes)
+        if partial is None:
+            partial = self._partial[slot_bytes] = []
         if partial:
-            slab_id = next(iter(partial))
+            slab = self._slabs[partial[-1]]
         elif self._free_slabs:
             slab_id = self._free_slabs.pop()
             slab = self._slabs[slab_id]
             slab.slot_bytes = slot_bytes
             count = self.slab_bytes // slot_bytes
             slab.free_slots = [slab.offset + i * slot_bytes for i in range(count - 1, -1, -1)]
-            partial.add(slab_id)
+            slab.is_partial = True
+            partial.append(slab_id)
         else:
             return None
-        slab = self._slabs[slab_id]
         offset = slab.free_slots.pop()
         slab.num_used += 1
         if not slab.free_slots:
-            partial.discard(slab_id)
+            slab.is_partial = False
+            partial.pop()
         self._allocated[offset] = nbytes
         self.used_bytes += slot_bytes
         self.value_bytes += nbytes
@@ -100,12 +107,15 @@ class SlabAllocator:
         self.value_bytes -= nbytes
         partial = self._partial[slab.slot_bytes]
         if slab.num_used == 0:
-            partial.discard(slab_id)
+            if slab.is_partial:
+                partial.remove(slab_id)  # O(slabs of the class), only when a slab empties
+            slab.is_partial = False
             slab.free_slots = []
             slab.slot_bytes = 0
             self._free_slabs.append(slab_id)
-        else:
-            partial.add(slab_id)
+        elif not slab.is_partial:
+            slab.is_partial = True
+            partial.append(slab_id)
 
     def can_allocate(self, nbytes: int) -> bool:
         return bool(self._partial.get(size_class(nbytes))) or bool(self._free_slabs)
@@ -116,11 +126,6 @@ class SlabAllocator:
     def partition_of(self, nbytes: int) -> int:
         """The eviction partition of a value: its size class."""
         return size_class(nbytes)
-
-    def has_class(self, nbytes: int) -> bool:
-        """Whether any slab currently serves the class of ``nbytes`` (so evicting in it helps)."""
-        slot_bytes = size_class(nbytes)
-        return any(s.slot_bytes == slot_bytes for s in self._slabs)
 
     def slab_to_reclaim(self, exclude_class: int) -> list[int]:
         """Allocated offsets of the least-used slab of another class: evicting them frees it."""
