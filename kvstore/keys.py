@@ -41,6 +41,8 @@ def _token_bytes(tokens: Any) -> bytes:
     """Token ids as contiguous little-endian uint32 bytes."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(tokens, torch.Tensor):
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise KVStoreError(f"tokens must be integer ids, got dtype {tokens.dtype}")
         tokens = tokens.detach().to("cpu").numpy()
     array = np.asarray(tokens)
     if array.ndim != 1:
@@ -63,9 +65,13 @@ def prefix_hashes(
 
     ``parent`` continues a chain: pass the last key of the preceding tokens to hash a suffix.
     """
-    if not isinstance(block_tokens, int) or block_tokens <= 0:
+    if isinstance(block_tokens, bool) or not isinstance(block_tokens, int | np.integer):
         raise KVStoreError(f"block_tokens must be a positive int, got {block_tokens!r}")
-    if parent is not None and len(parent) != KEY_BYTES:
+    block_tokens = int(block_tokens)
+    if block_tokens <= 0:
+        raise KVStoreError(f"block_tokens must be a positive int, got {block_tokens!r}")
+    if parent is not None and (not isinstance(parent, bytes | bytearray | memoryview)
+                               or len(parent) != KEY_BYTES):
         raise KVStoreError(f"parent must be a {KEY_BYTES}-byte key")
     data = _token_bytes(tokens)
     block_bytes = 4 * block_tokens

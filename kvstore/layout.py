@@ -33,7 +33,7 @@ class KVLayout:
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"KVLayout.{name} must be a positive int, got {value!r}")
         dtype = str(self.dtype).removeprefix("torch.")
         if dtype not in DTYPE_BYTES:
