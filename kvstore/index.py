@@ -148,12 +148,13 @@ class BlockIndex:
                 self.policies[tier].on_leaf(parent)
         if not entry.residency:
             entry.pins = None
-            self._drop_if_unused(entry)
+            self.drop_if_unused(entry)
 
     def _child_added(self, parent: BlockEntry, tier: int) -> None:
         parent.children[tier] += 1
 
-    def _drop_if_unused(self, entry: BlockEntry) -> None:
+    def drop_if_unused(self, entry: BlockEntry) -> None:
+        """Delete ``entry`` (and ghost ancestors) if no tier holds it and no child names it."""
         while entry is not None and not entry.residency and not entry.num_child_entries:
             del self.entries[entry.key]
             if entry.parent is None:

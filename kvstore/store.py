@@ -128,20 +128,25 @@ class Store:
             raise InvalidValueError(f"put_many got {len(keys)} keys but {len(values)} values")
         checked = [check_key(k) for k in keys]
         sources = [self._source(v) for v in values]
-        stored, parent, i = 0, None, 0
+        parent, i = None, 0
+        chain: set[bytes] = set()
         while i < len(checked):
             if sources[i].shape[0] <= SMALL_VALUE_BYTES:
                 # A run of small values: one lock hold, copies inside it (cheaper than pins).
                 with self._lock:
                     while i < len(checked) and sources[i].shape[0] <= SMALL_VALUE_BYTES:
-                        if not self._put(checked[i], sources[i], parent):
-                            return stored
-                        stored, parent, i = stored + 1, checked[i], i + 1
+                        if not self._put(checked[i], sources[i], parent, chain):
+                            return i
+                        parent = checked[i]
+                        chain.add(parent)
+                        i += 1
             else:
-                if not self._put(checked[i], sources[i], parent):
-                    return stored
-                stored, parent, i = stored + 1, checked[i], i + 1
-        return stored
+                if not self._put(checked[i], sources[i], parent, chain):
+                    return i
+                parent = checked[i]
+                chain.add(parent)
+                i += 1
+        return i
 
     def get(self, key: bytes) -> bytes | None:
         key = check_key(key)
@@ -192,6 +197,10 @@ class Store:
             self._check_open()
             entry = self.index.get(key)
             if entry is None:
+                if self._nvme is not None:
+                    # An evicted copy may still lie in a segment: tombstone it too, so
+                    # that a reopen cannot bring back what was deleted.
+                    self._nvme.delete(key)
                 return False
             self._forget(entry, durable=True)
             return True
@@ -275,25 +284,38 @@ class Store:
                                     f"({self.config.max_value_bytes})")
         return src
 
-    def _put(self, key: bytes, src: ByteView, parent: bytes | None) -> bool:
+    def _put(self, key: bytes, src: ByteView, parent: bytes | None,
+             protect: set[bytes] | None = None) -> bool:
+        """Store into the write tier or, failing that, the tiers below it.
+
+        ``protect`` holds the blocks this put_many call already stored (the new block's
+        ancestors): evicting one of them to make room for its own descendant would push
+        a chain's head below its tail, so such a block goes one tier down instead.
+        """
         nbytes = int(src.shape[0])
-        t = self._write_tier
-        tier = self._tiers[t]
-        if not isinstance(tier, MemoryTier):  # NVMe is the only tier written to
+        for t in range(self._write_tier, len(self._tiers)):
+            tier = self._tiers[t]
+            if isinstance(tier, MemoryTier):
+                if self._put_memory(t, tier, key, src, parent, protect):
+                    return True
+                continue
             with self._lock:
                 self._check_open()
                 self._discard_old(key)
                 entry = self.index.ensure(key, parent, nbytes)
-                stored = self._store_in(t, entry, src)
-                if stored:
-                    self.index.touch(entry)
-                else:
-                    self.index._drop_if_unused(entry)
-                return stored
+                self.index.touch(entry)
+                if self._store_in(t, entry, src, protect):
+                    return True
+                self.index.drop_if_unused(entry)
+        return False
+
+    def _put_memory(self, t: int, tier: MemoryTier, key: bytes, src: ByteView,
+                    parent: bytes | None, protect: set[bytes] | None) -> bool:
+        nbytes = int(src.shape[0])
         if nbytes <= SMALL_VALUE_BYTES:
             with self._lock:
                 self._check_open()
-                offset = self._reserve(t, nbytes)
+                offset = self._reserve(t, nbytes, protect)
                 if offset is None:
                     return False
                 copy_bytes(tier.view(offset, nbytes), src)
@@ -301,7 +323,7 @@ class Store:
             return True
         with self._lock:
             self._check_open()
-            offset = self._reserve(t, nbytes)
+            offset = self._reserve(t, nbytes, protect)
         if offset is None:
             return False
         try:
@@ -339,20 +361,22 @@ class Store:
                 tier.delete(entry.key) if durable else tier.evict(entry.key)
                 self.index.remove(entry, t)
 
-    def _reserve(self, t: int, nbytes: int) -> int | None:
+    def _reserve(self, t: int, nbytes: int, protect: set[bytes] | None = None) -> int | None:
         """A slot in memory tier ``t``, evicting (and demoting) victims until one is free."""
         tier: MemoryTier = self._tiers[t]
         while True:
             offset = tier.reserve(nbytes)
             if offset is not None:
                 return offset
-            if not self._evict_for(t, tier.allocator.partition_of(nbytes)):
+            if not self._evict_for(t, size_class(nbytes), protect):
                 return None
 
-    def _evict_for(self, t: int, partition: int) -> bool:
+    def _evict_for(self, t: int, partition: int, protect: set[bytes] | None = None) -> bool:
         """Evict one victim of ``partition`` from tier ``t``; False if nothing can go."""
         victim = self.index.policies[t].victim(partition)
         if victim is not None:
+            if protect and victim.key in protect:
+                return False
             self._evict(victim, t)
             return True
         tier = self._tiers[t]
@@ -361,7 +385,8 @@ class Store:
         # Nothing of this size class can go: empty the least-used slab of another class.
         keys = tier.keys_in_slots(tier.allocator.slab_to_reclaim(exclude_class=partition))
         victims = [self.index.get(k) for k in keys]
-        if not victims or any(v is None or self.index.is_pinned(v) for v in victims):
+        if not victims or any(v is None or self.index.is_pinned(v) or (protect and v.key in protect)
+                              for v in victims):
             return False
         for victim in victims:
             self._evict(victim, t)
@@ -379,12 +404,13 @@ class Store:
         tier.evict(entry.key)
         self.index.remove(entry, t)
 
-    def _store_in(self, t: int, entry: BlockEntry, src: ByteView) -> bool:
+    def _store_in(self, t: int, entry: BlockEntry, src: ByteView,
+                  protect: set[bytes] | None = None) -> bool:
         """Write a copy of ``entry`` into tier ``t`` (making room); False if it cannot fit."""
         nbytes = entry.nbytes
         tier = self._tiers[t]
         if isinstance(tier, MemoryTier):
-            offset = self._reserve(t, nbytes)
+            offset = self._reserve(t, nbytes, protect)
             if offset is None:
                 return False
             copy_bytes(tier.view(offset, nbytes), src)
@@ -394,7 +420,7 @@ class Store:
             if footprint > tier.capacity_bytes:
                 return False
             while tier.used_bytes + footprint > tier.capacity_bytes:
-                if not self._evict_for(t, 0):
+                if not self._evict_for(t, 0, protect):
                     return False
             host = src if isinstance(src, np.ndarray) else src.cpu().numpy()
             try:

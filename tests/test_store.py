@@ -169,12 +169,15 @@ def test_full_dram_demotes_to_nvme_and_hits_promote(tmp_path):
         keys = chain(8)
         values = [make_value(i, 64 * KiB) for i in range(8)]
         assert store.put_many(keys, values) == 8
-        tiers = [store.tier_of(k) for k in keys]
-        assert tiers.count("dram") == 4 and tiers.count("nvme") == 4
+        # The chain's head stays in DRAM; blocks that would have pushed out their own
+        # ancestors went straight to NVMe.
+        assert [store.tier_of(k) for k in keys] == ["dram"] * 4 + ["nvme"] * 4
+        assert store.stats()["demotions"] == 0
+        # Another block evicts the DRAM leaf (the head's last block), demoting it.
+        assert store.put(make_key("other"), make_value("other", 64 * KiB))
+        assert store.tier_of(keys[3]) == "nvme" and store.tier_of(keys[2]) == "dram"
         stats = store.stats()
-        assert stats["demotions"] == 4 and stats["evictions"] == 4
-        # Leaf-first demoted the tail of the chain; the head stays in DRAM.
-        assert tiers[:4] == ["dram"] * 4
+        assert stats["demotions"] == 1 and stats["evictions"] == 1
         assert store.get(keys[7]) == values[7]
         assert store.tier_of(keys[7]) == "dram"
         assert store.stats()["promotions"] == 1
@@ -316,3 +319,21 @@ def test_threads_share_a_store():
         dram = store.stats()["tiers"]["dram"]
         assert dram["used_bytes"] <= dram["capacity_bytes"]
         assert store.stats()["evictions"] > 0
+
+
+def test_delete_of_an_evicted_key_still_on_disk_stays_deleted(tmp_path):
+    config = StoreConfig(dram_bytes=0, max_value_bytes=16 * KiB, nvme_path=str(tmp_path / "n"),
+                         nvme_bytes=512 * KiB, nvme_segment_bytes=64 * KiB)
+    key = make_key("k")
+    with Store(config) as store:
+        store.put(key, b"v1" * 100)
+        store.flush()
+        i = 0
+        while store.contains(key):  # push it out of the index; its record stays on disk
+            store.put(make_key(i), make_value(i, 16 * KiB))
+            i += 1
+        for j in range(i - 6, i):  # free room, so that a reopen would have space for it
+            assert store.delete(make_key(j))
+        assert not store.delete(key)
+    with Store(config) as store:
+        assert store.get(key) is None
