@@ -37,6 +37,15 @@ log = logging.getLogger(__name__)
 SMALL_VALUE_BYTES = 64 * 1024
 
 
+def _segment_bytes(config: StoreConfig) -> int:
+    """The configured segment size, shrunk for small tiers (4+ segments) but never below
+    one record of ``max_value_bytes``; too small a tier then gets NvmeTierConfig's error."""
+    from kvstore.tiers.nvme_record import IO_ALIGN, align_up, record_footprint
+
+    smallest = align_up(record_footprint(config.max_value_bytes), IO_ALIGN)
+    return max(smallest, min(config.nvme_segment_bytes, config.nvme_bytes // 4))
+
+
 class Store:
     """A KV store over HBM, DRAM and NVMe tiers; see the module docstring."""
 
@@ -86,12 +95,16 @@ class Store:
         if config.nvme_bytes:
             from kvstore.tiers.nvme import NvmeTier, NvmeTierConfig
 
-            nvme_config = NvmeTierConfig(
-                path=str(config.nvme_path), capacity_bytes=config.nvme_bytes,
-                max_value_bytes=config.max_value_bytes,
-                segment_bytes=min(config.nvme_segment_bytes, config.nvme_bytes // 4),
-                compression=config.nvme_compression, direct_io=config.nvme_direct_io)
-            self._add(TierKind.NVME, NvmeTier(nvme_config))
+            try:
+                nvme_config = NvmeTierConfig(
+                    path=str(config.nvme_path), capacity_bytes=config.nvme_bytes,
+                    max_value_bytes=config.max_value_bytes,
+                    segment_bytes=_segment_bytes(config),
+                    compression=config.nvme_compression, direct_io=config.nvme_direct_io)
+                self._add(TierKind.NVME, NvmeTier(nvme_config))
+            except ConfigError as e:
+                raise ConfigError(f"StoreConfig.nvme_bytes/max_value_bytes/nvme_segment_bytes: "
+                                  f"{e}") from e
 
     def _add(self, kind: TierKind, tier: Any) -> None:
         self._kinds.append(kind)

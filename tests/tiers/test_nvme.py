@@ -1,0 +1,560 @@
+"""The NVMe tier on real files: round trips, reopen, corruption, compaction, crashes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings, target
+from hypothesis import strategies as st
+
+from kvstore.errors import (
+    BufferSizeError,
+    ConfigError,
+    InvalidKeyError,
+    InvalidValueError,
+    StorageError,
+    StoreClosedError,
+)
+from kvstore.tiers.nvme import Compression, NvmeTier, NvmeTierConfig
+from kvstore.tiers.nvme_record import HEADER_BYTES
+from tests.conftest import make_key, make_value
+
+KiB = 1024
+MiB = 1024 * KiB
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def config(path: Path, **changes: object) -> NvmeTierConfig:
+    fields: dict[str, object] = dict(path=str(path), capacity_bytes=16 * MiB,
+                                     max_value_bytes=1 * MiB, segment_bytes=2 * MiB,
+                                     write_buffer_bytes=64 * KiB)
+    fields.update(changes)
+    return NvmeTierConfig(**fields)  # type: ignore[arg-type]
+
+
+def segment_files(path: Path) -> list[Path]:
+    return sorted(path.glob("seg-*.log"))
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in segment_files(path))
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def find(path: Path, needle: bytes) -> int:
+    offset = path.read_bytes().find(needle)
+    assert offset >= 0, "value not found on disk"
+    return offset
+
+
+SIZES = [0, 1, 7, 4 * KiB, 4 * KiB + 1, 256 * KiB, 1 * MiB]
+
+
+# -- round trips and reopen ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("direct_io", [True, False], ids=["direct", "buffered"])
+def test_round_trip_and_reopen(tmp_path, direct_io):
+    cfg = config(tmp_path / "nvme", direct_io=direct_io)
+    with NvmeTier(cfg) as tier:
+        for n in SIZES:
+            assert tier.put(make_key(n), make_value(n, n), parent=make_key(("p", n)))
+            assert tier.get(make_key(n)) == make_value(n, n)  # served from the write buffer
+        for n in SIZES:
+            out = bytearray(n)
+            assert tier.read_into(make_key(n), out) and bytes(out) == make_value(n, n)
+            assert tier.nbytes_of(make_key(n)) == n
+        assert tier.stats()["direct_io"] is direct_io
+        tier.flush()
+    with NvmeTier(cfg) as tier:
+        assert len(tier) == len(SIZES)
+        assert [r.key for r in tier.recovered()] == [make_key(n) for n in SIZES]  # oldest first
+        for n in SIZES:
+            assert tier.get(make_key(n)) == make_value(n, n)
+            assert tier.parent_of(make_key(n)) == make_key(("p", n))
+        assert tier.stats()["corrupt_records_skipped"] == 0
+
+
+def test_reads_span_disk_and_write_buffer(tmp_path):
+    # A 4 KiB buffer: big values are partly written, partly still buffered; every flush
+    # leaves a partial block that the next one rewrites.
+    cfg = config(tmp_path, write_buffer_bytes=4 * KiB)
+    with NvmeTier(cfg) as tier:
+        for i in range(40):
+            n = 997 * i + 13
+            assert tier.put(make_key(i), make_value(i, n))
+            assert tier.get(make_key(i)) == make_value(i, n)
+            if i % 3 == 0:
+                tier.flush()
+        for i in range(40):
+            assert tier.get(make_key(i)) == make_value(i, 997 * i + 13)
+    with NvmeTier(cfg) as tier:
+        for i in range(40):
+            assert tier.get(make_key(i)) == make_value(i, 997 * i + 13)
+
+
+def test_numpy_values_and_outputs(tmp_path):
+    with NvmeTier(config(tmp_path)) as tier:
+        array = np.arange(3000, dtype=np.float32).reshape(30, 100)
+        assert tier.put(make_key("a"), array)
+        assert tier.get(make_key("a")) == array.tobytes()
+        out = np.empty_like(array)
+        assert tier.read_into(make_key("a"), out)
+        assert np.array_equal(out, array)
+        with pytest.raises(BufferSizeError):
+            tier.read_into(make_key("a"), bytearray(10))
+
+
+def test_overwrite_and_delete_survive_reopen(tmp_path):
+    cfg = config(tmp_path)
+    with NvmeTier(cfg) as tier:
+        for i in range(10):
+            tier.put(make_key(i), make_value(("old", i), 5000))
+        for i in range(0, 10, 2):
+            tier.put(make_key(i), make_value(("new", i), 3000))
+        for i in range(1, 10, 4):
+            assert tier.delete(make_key(i))
+        assert not tier.delete(make_key("never stored"))
+    with NvmeTier(cfg) as tier:
+        for i in range(10):
+            got = tier.get(make_key(i))
+            if i % 4 == 1:
+                assert got is None
+            elif i % 2 == 0:
+                assert got == make_value(("new", i), 3000)
+            else:
+                assert got == make_value(("old", i), 5000)
+
+
+def test_evicted_key_comes_back_with_its_last_value_only(tmp_path):
+    cfg = config(tmp_path)
+    with NvmeTier(cfg) as tier:
+        tier.put(make_key("k"), make_value(1, 1000))
+        tier.put(make_key("k"), make_value(2, 1000))
+        assert tier.evict(make_key("k"))
+        assert make_key("k") not in tier and tier.get(make_key("k")) is None
+        assert not tier.evict(make_key("k"))
+    with NvmeTier(cfg) as tier:
+        assert tier.get(make_key("k")) == make_value(2, 1000)
+
+
+# -- compaction -----------------------------------------------------------------------------------
+
+def _fill_segment(tier: NvmeTier, tag: str, nbytes: int = 60 * KiB) -> list[bytes]:
+    """Puts until the active segment rotates; returns the keys written into it."""
+    keys = []
+    start = len(segment_files(Path(tier.config.path)))
+    i = 0
+    while True:
+        key = make_key((tag, i))
+        assert tier.put(key, make_value((tag, i), nbytes))
+        tier.flush()
+        if len(segment_files(Path(tier.config.path))) > start and keys:
+            assert tier.evict(key)  # it went into the next segment
+            return keys
+        keys.append(key)
+        i += 1
+
+
+def _old_version_test(tmp_path: Path, forget: str) -> None:
+    """Key k: v1 in segment A (kept: all live), then k is forgotten by a record in segment B
+    (evict: v2 then an eviction; delete: a tombstone), and B, all dead, is compacted while
+    A stays. v1 must not come back at reopen."""
+    cfg = config(tmp_path, capacity_bytes=8 * MiB, segment_bytes=1 * MiB,
+                 max_value_bytes=256 * KiB)
+    k = make_key("k")
+    with NvmeTier(cfg) as tier:
+        assert tier.put(k, make_value("v1", 1000))
+        _fill_segment(tier, "a")
+        if forget == "evict":
+            assert tier.put(k, make_value("v2", 1000)) and tier.evict(k)
+        else:
+            assert tier.delete(k)
+        for key in _fill_segment(tier, "b"):
+            assert tier.evict(key)
+        seg_a, seg_b = segment_files(tmp_path)[:2]
+        i = 0
+        while tier.stats()["compactions"] == 0:
+            assert tier.put(make_key(("c", i)), make_value(i, 60 * KiB))
+            if i % 2:
+                tier.evict(make_key(("c", i)))
+            i += 1
+        assert seg_a.exists() and not seg_b.exists(), "the dead segment B goes first"
+    with NvmeTier(cfg) as tier:
+        assert tier.get(k) is None, "a forgotten older value came back"
+
+
+def test_compaction_never_resurrects_an_older_version_after_evict(tmp_path):
+    _old_version_test(tmp_path, "evict")
+
+
+def test_deleted_stays_deleted_after_compaction(tmp_path):
+    _old_version_test(tmp_path, "delete")
+
+
+def test_compaction_under_churn_keeps_disk_bound(tmp_path):
+    cfg = config(tmp_path, capacity_bytes=4 * MiB, segment_bytes=512 * KiB,
+                 max_value_bytes=128 * KiB, write_buffer_bytes=32 * KiB)
+    rng = np.random.default_rng(7)
+    live: dict[bytes, bytes] = {}
+    with NvmeTier(cfg) as tier:
+        for step in range(1500):
+            key = make_key(int(rng.integers(300)))
+            roll = rng.random()
+            if roll < 0.65:
+                value = make_value(step, int(rng.choice([0, 100, 5000, 40_000, 128 * KiB])))
+                while not tier.put(key, value):
+                    victim = next(iter(live))  # the store's job: evict the oldest
+                    assert tier.evict(victim)
+                    del live[victim]
+                live[key] = value
+            elif roll < 0.8:
+                assert tier.evict(key) == (key in live)
+                live.pop(key, None)
+            elif roll < 0.95:
+                assert tier.delete(key) == (key in live)
+                live.pop(key, None)
+            else:
+                tier.flush()
+            assert disk_bytes(tmp_path) <= cfg.capacity_bytes
+            assert tier.used_bytes <= tier.capacity_bytes
+            if step % 100 == 0:
+                assert all(tier.get(k) == v for k, v in live.items())
+        tier.flush()
+        stats = tier.stats()
+        assert stats["compactions"] > 10
+        assert stats["disk_bytes"] == disk_bytes(tmp_path)
+        assert stats["dead_bytes"] == stats["disk_bytes"] - stats["used_bytes"] >= 0
+        assert all(tier.get(k) == v for k, v in live.items())
+    with NvmeTier(cfg) as tier:
+        # Evicted records may come back at reopen; if they overfill the tier, the oldest
+        # records are dropped, so a live key may be missing then, but is never wrong.
+        dropped = tier.stats()["records_dropped_at_open"]
+        for k, v in live.items():
+            got = tier.get(k)
+            assert got == v or (got is None and dropped)
+        assert disk_bytes(tmp_path) <= cfg.capacity_bytes
+        assert tier.used_bytes <= tier.capacity_bytes
+
+
+def test_capacity_shrink_drops_oldest_at_reopen(tmp_path):
+    with NvmeTier(config(tmp_path, capacity_bytes=16 * MiB)) as tier:
+        for i in range(100):
+            assert tier.put(make_key(i), make_value(i, 100 * KiB))
+    small = config(tmp_path, capacity_bytes=8 * MiB)
+    with NvmeTier(small) as tier:
+        stats = tier.stats()
+        assert stats["records_dropped_at_open"] > 0
+        assert tier.used_bytes <= tier.capacity_bytes
+        assert disk_bytes(tmp_path) <= small.capacity_bytes
+        kept = [r.key for r in tier.recovered()]
+        assert kept == [make_key(i) for i in range(100 - len(kept), 100)]  # the newest stay
+        assert all(tier.get(k) is not None for k in kept)
+
+
+# -- corruption ----------------------------------------------------------------------------------
+
+def _three_records(tmp_path: Path) -> NvmeTierConfig:
+    cfg = config(tmp_path)
+    with NvmeTier(cfg) as tier:
+        for i in range(3):
+            tier.put(make_key(i), make_value(i, 10_000))
+    return cfg
+
+
+def _survivors(cfg: NvmeTierConfig) -> tuple[list[int], dict]:
+    with NvmeTier(cfg) as tier:
+        present = [i for i in range(3) if tier.get(make_key(i)) is not None]
+        for i in present:
+            assert tier.get(make_key(i)) == make_value(i, 10_000)
+        # the survivors stay good across one more open (and new writes)
+        tier.put(make_key("new"), b"x" * 100)
+        return present, tier.stats()
+
+
+def test_torn_tail_is_skipped(tmp_path):
+    cfg = _three_records(tmp_path)
+    seg = segment_files(tmp_path)[-1]
+    start = find(seg, make_value(2, 10_000)) - HEADER_BYTES
+    os.truncate(seg, start + HEADER_BYTES + 5000)
+    present, stats = _survivors(cfg)
+    assert present == [0, 1] and stats["corrupt_records_skipped"] == 1
+    with NvmeTier(cfg) as tier:
+        assert tier.get(make_key("new")) == b"x" * 100 and tier.get(make_key(1)) is not None
+
+
+def test_flipped_payload_byte_is_skipped(tmp_path):
+    cfg = _three_records(tmp_path)
+    seg = segment_files(tmp_path)[-1]
+    flip_byte(seg, find(seg, make_value(1, 10_000)) + 4321)
+    present, stats = _survivors(cfg)
+    assert present == [0, 2] and stats["corrupt_records_skipped"] == 1
+
+
+@pytest.mark.parametrize("field_offset", [0, 5, 8, 45, 72])  # magic, flags, key, length, checksum
+def test_flipped_header_byte_is_skipped(tmp_path, field_offset):
+    cfg = _three_records(tmp_path)
+    seg = segment_files(tmp_path)[-1]
+    flip_byte(seg, find(seg, make_value(1, 10_000)) - HEADER_BYTES + field_offset)
+    present, stats = _survivors(cfg)
+    assert present == [0, 2] and stats["corrupt_records_skipped"] == 1
+
+
+def test_flipped_byte_while_open_is_a_checksum_failure(tmp_path):
+    with NvmeTier(config(tmp_path)) as tier:
+        for i in range(3):
+            tier.put(make_key(i), make_value(i, 10_000))
+        tier.flush()
+        seg = segment_files(tmp_path)[-1]
+        flip_byte(seg, find(seg, make_value(1, 10_000)) + 10)
+        assert tier.get(make_key(1)) is None
+        assert tier.stats()["checksum_failures"] == 1
+        assert make_key(1) not in tier  # forgotten: never counted as present again
+        assert not tier.read_into(make_key(1), bytearray(10_000))
+        assert tier.get(make_key(0)) == make_value(0, 10_000)
+        assert tier.get(make_key(2)) == make_value(2, 10_000)
+    with NvmeTier(config(tmp_path)) as tier:
+        assert tier.get(make_key(1)) is None
+
+
+def test_corrupt_newer_version_hides_the_older(tmp_path):
+    cfg = config(tmp_path)
+    with NvmeTier(cfg) as tier:
+        tier.put(make_key("k"), make_value("v1", 10_000))
+        tier.put(make_key("k"), make_value("v2", 10_000))
+    seg = segment_files(tmp_path)[-1]
+    flip_byte(seg, find(seg, make_value("v2", 10_000)) + 99)
+    with NvmeTier(cfg) as tier:
+        assert tier.get(make_key("k")) is None  # never the stale v1
+        assert tier.stats()["corrupt_records_skipped"] == 1
+
+
+# -- options and misuse --------------------------------------------------------------------------
+
+def test_lz4_round_trip_and_ratio(tmp_path):
+    cfg = config(tmp_path, compression=Compression.LZ4)
+    compressible = b"kv-cache " * 20_000
+    noise = np.random.default_rng(1).bytes(50_000)
+    with NvmeTier(cfg) as tier:
+        assert tier.put(make_key("z"), compressible)
+        assert tier.put(make_key("n"), noise)  # stored raw: compressing would not shrink it
+        assert tier.used_bytes < len(compressible) // 10 + len(noise) + 4 * KiB
+        assert tier.stats()["compression_ratio"] > 2
+        assert tier.get(make_key("z")) == compressible
+        out = bytearray(len(compressible))
+        assert tier.read_into(make_key("z"), out) and out == compressible
+    with NvmeTier(cfg) as tier:
+        assert tier.get(make_key("z")) == compressible and tier.get(make_key("n")) == noise
+    with NvmeTier(config(tmp_path)) as tier:  # compression off: old records still read
+        assert tier.get(make_key("z")) == compressible
+
+
+def test_bad_input_changes_nothing(tmp_path):
+    with NvmeTier(config(tmp_path)) as tier:
+        with pytest.raises(InvalidKeyError):
+            tier.put(b"short", b"v")
+        with pytest.raises(InvalidKeyError):
+            tier.put(make_key(1), b"v", parent=b"bad")
+        with pytest.raises(InvalidValueError):
+            tier.put(make_key(1), bytes(MiB + 1))
+        with pytest.raises(InvalidValueError):
+            tier.put(make_key(1), "text")
+        with pytest.raises(InvalidKeyError):
+            tier.get(b"x" * 17)
+        assert len(tier) == 0 and tier.used_bytes == 0
+
+
+def test_full_tier_refuses_and_changes_nothing(tmp_path):
+    with NvmeTier(config(tmp_path)) as tier:
+        i = 0
+        while tier.put(make_key(i), make_value(i, 200 * KiB)):
+            i += 1
+        used, n = tier.used_bytes, len(tier)
+        assert not tier.put(make_key(0), make_value("other", 200 * KiB))
+        assert tier.used_bytes == used and len(tier) == n
+        assert tier.get(make_key(0)) == make_value(0, 200 * KiB)
+        assert disk_bytes(tmp_path) <= tier.config.capacity_bytes
+
+
+@pytest.mark.parametrize("changes", [
+    dict(segment_bytes=1 * MiB),                      # cannot hold a 1 MiB value + header
+    dict(capacity_bytes=7 * MiB),                     # fewer than 4 segments
+    dict(capacity_bytes=0),
+    dict(write_buffer_bytes=True),
+    dict(compression="zstd"),
+])
+def test_bad_config_is_refused(tmp_path, changes):
+    with pytest.raises(ConfigError):
+        config(tmp_path, **changes)
+
+
+def test_unusable_directory_and_double_open(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(StorageError):
+        NvmeTier(config(tmp_path / "file" / "nvme"))
+    tier = NvmeTier(config(tmp_path / "d"))
+    with pytest.raises(StorageError):
+        NvmeTier(config(tmp_path / "d"))
+    tier.close()
+    tier.close()
+    with pytest.raises(StoreClosedError):
+        tier.get(make_key(1))
+    with pytest.raises(StoreClosedError):
+        tier.put(make_key(1), b"v")
+    NvmeTier(config(tmp_path / "d")).close()  # the lock went with close()
+
+
+def test_threads_share_one_tier(tmp_path):
+    errors: list[BaseException] = []
+    with NvmeTier(config(tmp_path, capacity_bytes=16 * MiB)) as tier:
+        def work(t: int) -> None:
+            try:
+                for i in range(150):
+                    key = make_key((t, i % 20))
+                    value = make_value((t, i), 1000 + 37 * i)
+                    assert tier.put(key, value)
+                    assert tier.get(key) == value
+                    if i % 25 == 0:
+                        tier.flush()
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        assert len(tier) == 80
+
+
+# -- a crash -------------------------------------------------------------------------------------
+
+CHILD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from kvstore.tiers.nvme import NvmeTier, NvmeTierConfig
+from tests.conftest import make_key, make_value
+tier = NvmeTier(NvmeTierConfig(path={path!r}, capacity_bytes=32 << 20, max_value_bytes=64 << 10,
+                               segment_bytes=1 << 20, write_buffer_bytes=64 << 10))
+i = 0
+while tier.put(make_key(i), make_value(i, 1 + i * 7919 % 20000)):
+    i += 1
+    if i % 25 == 0:
+        tier.flush()
+        print(i, flush=True)
+time.sleep(60)
+"""
+
+
+def test_sigkill_keeps_every_flushed_value(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", CHILD.format(root=str(ROOT),
+                                                                 path=str(tmp_path))],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    flushed = 0
+    for line in child.stdout:
+        flushed = int(line)
+        if flushed >= 1000:
+            break
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert flushed >= 1000
+    cfg = NvmeTierConfig(path=str(tmp_path), capacity_bytes=32 * MiB, max_value_bytes=64 * KiB,
+                         segment_bytes=1 * MiB, write_buffer_bytes=64 * KiB)
+    with NvmeTier(cfg) as tier:
+        for i in range(flushed):
+            assert tier.get(make_key(i)) == make_value(i, 1 + i * 7919 % 20000), i
+        for i in range(flushed, flushed + 5000):
+            got = tier.get(make_key(i))
+            assert got is None or got == make_value(i, 1 + i * 7919 % 20000)
+
+
+# -- the model -----------------------------------------------------------------------------------
+
+NUM_KEYS = 10
+OPS = st.lists(st.one_of(
+    st.tuples(st.sampled_from(["put", "churn"]), st.integers(0, NUM_KEYS - 1),
+              st.sampled_from([0, 1, 3000, 9000, 16 * KiB])),
+    st.tuples(st.just("evict"), st.integers(0, NUM_KEYS - 1), st.just(0)),
+    st.tuples(st.just("delete"), st.integers(0, NUM_KEYS - 1), st.just(0)),
+    st.tuples(st.just("flush"), st.just(0), st.just(0)),
+    st.tuples(st.just("reopen"), st.just(0), st.just(0)),
+), min_size=10, max_size=100)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=OPS)
+def test_matches_a_dict_model(ops):
+    """Live values are exact; an evicted key may come back at reopen, but only with its
+    last value; a deleted key never does; the files stay within capacity."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp)
+        cfg = NvmeTierConfig(path=tmp, capacity_bytes=256 * KiB, max_value_bytes=16 * KiB,
+                             segment_bytes=64 * KiB, write_buffer_bytes=8 * KiB)
+        live: dict[bytes, bytes] = {}
+        ghosts: dict[bytes, bytes] = {}  # evicted: may come back with exactly this value
+        tier = NvmeTier(cfg)
+        compactions = 0
+        try:
+            for step, (op, k, nbytes) in enumerate(ops):
+                key = make_key(k)
+                if op in ("put", "churn"):  # churn: overwrite a few times (dead bytes)
+                    for i in range(6 if op == "churn" else 1):
+                        value = make_value((step, k, i), nbytes)
+                        if tier.put(key, value):
+                            live[key] = value
+                            ghosts.pop(key, None)
+                        else:
+                            assert (tier.used_bytes + tier.footprint_bytes(nbytes)
+                                    > tier.capacity_bytes)
+                elif op == "evict":
+                    assert tier.evict(key) == (key in live)
+                    if key in live:
+                        ghosts[key] = live.pop(key)
+                elif op == "delete":
+                    assert tier.delete(key) == (key in live)
+                    live.pop(key, None)
+                    ghosts.pop(key, None)
+                elif op == "flush":
+                    tier.flush()
+                else:
+                    compactions += tier.stats()["compactions"]
+                    tier.close()
+                    tier = NvmeTier(cfg)
+                    dropped = tier.stats()["records_dropped_at_open"]
+                    for i in range(NUM_KEYS):
+                        key = make_key(i)
+                        got = tier.get(key)
+                        if got is None:
+                            if key in live:
+                                assert dropped, "a live value was lost at reopen"
+                                ghosts[key] = live.pop(key)
+                        else:
+                            assert got == live.get(key, ghosts.get(key)), "a wrong value"
+                            live[key] = got
+                            ghosts.pop(key, None)
+                for i in range(NUM_KEYS):
+                    key = make_key(i)
+                    assert tier.get(key) == live.get(key)
+                assert tier.used_bytes <= tier.capacity_bytes
+                assert disk_bytes(path) <= cfg.capacity_bytes
+            compactions += tier.stats()["compactions"]
+            event(f"compactions: {min(compactions, 5)}")
+            target(float(compactions))  # steer the search towards compaction
+        finally:
+            tier.close()
