@@ -11,6 +11,7 @@ tensor. torch is only touched when the caller already imported it (it passed a t
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -97,7 +98,13 @@ def copy_bytes(dst: ByteView, src: ByteView) -> None:
     if dst_is_np:
         torch.from_numpy(dst).copy_(src)
     elif src_is_np:
-        dst.copy_(torch.from_numpy(src))
+        if src.flags.writeable:
+            dst.copy_(torch.from_numpy(src))
+        else:
+            # torch warns on read-only arrays (values from bytes); it only reads this one.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                dst.copy_(torch.from_numpy(src))
     else:
         dst.copy_(src)
 
