@@ -414,7 +414,12 @@ class Store:
             if lower != self._nvme_tier or admits(self.config.nvme_admission, entry):
                 if self._store_in(lower, entry, tier.view(*tier.slot_of(entry.key))):
                     self._demotions += 1
-        tier.evict(entry.key)
+        if t == self._nvme_tier:
+            # Durably: an evicted record still on disk must not come back at reopen, where
+            # it would count against capacity and push out blocks that were live.
+            tier.delete(entry.key)
+        else:
+            tier.evict(entry.key)
         self.index.remove(entry, t)
 
     def _store_in(self, t: int, entry: BlockEntry, src: ByteView,

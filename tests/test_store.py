@@ -337,3 +337,23 @@ def test_delete_of_an_evicted_key_still_on_disk_stays_deleted(tmp_path):
         assert not store.delete(key)
     with Store(config) as store:
         assert store.get(key) is None
+
+
+def test_reopen_after_heavy_nvme_eviction_recovers_exactly_what_was_flushed(tmp_path):
+    # Evicted records stay on disk until compaction; they must not come back at reopen
+    # (they would count against capacity and push out blocks that were live at flush).
+    config = StoreConfig(dram_bytes=256 * KiB, max_value_bytes=16 * KiB,
+                         nvme_path=str(tmp_path / "n"), nvme_bytes=4 * MiB,
+                         nvme_segment_bytes=256 * KiB)
+    with Store(config) as store:
+        for i in range(1200):
+            store.put(make_key(i), make_value(i, 16 * KiB))
+        store.flush()
+        on_nvme = {i for i in range(1200) if store.contains(make_key(i))
+                   and store.index.get(make_key(i)).is_in(store._nvme_tier)}
+        assert store.stats()["evictions"] > 100 and len(on_nvme) > 10
+    with Store(config) as store:
+        present = {i for i in range(1200) if store.contains(make_key(i))}
+        assert present == on_nvme
+        for i in present:
+            assert store.get(make_key(i)) == make_value(i, 16 * KiB)
