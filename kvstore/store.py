@@ -162,10 +162,9 @@ class Store:
         return i
 
     def get(self, key: bytes) -> bytes | None:
-        key = check_key(key)
-        result: list[bytes] = []
-        hit = self._read(key, lambda view, nbytes: result.append(to_bytes(view)), None)
-        return result[0] if hit else None
+        result = self._read(check_key(key), None)
+        assert result is not True, "a read without an output buffer returns bytes"
+        return result
 
     def get_into(self, key: bytes, out: Any) -> bool:
         """Copy the value into ``out`` (a tensor on any device or a writable buffer).
@@ -173,9 +172,7 @@ class Store:
         ``out`` must have exactly the value's size (`BufferSizeError` otherwise). On a miss
         it returns False and the contents of ``out`` are unspecified.
         """
-        key = check_key(key)
-        return self._read(key, lambda view, nbytes: copy_bytes(output_view(out, nbytes), view),
-                          lambda nbytes: output_view(out, nbytes))
+        return self._read(check_key(key), out) is not None
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         checked = [check_key(k) for k in keys]
@@ -451,51 +448,61 @@ class Store:
 
     # -- reads --------------------------------------------------------------------------------
 
-    def _read(self, key: bytes, deliver: Any, check_out: Any) -> bool:
-        """Find ``key``, pin it, hand its bytes to ``deliver`` outside the lock, unpin."""
+    def _read(self, key: bytes, out: Any) -> bytes | bool | None:
+        """Find ``key``, pin it, copy it (into ``out``, or as bytes if ``out`` is None)
+        outside the lock, unpin. Returns the bytes, True (copied into ``out``) or None."""
         with self._lock:
             self._check_open()
             self._queries += 1
             entry = self.index.get(key)
             if entry is None:
-                return False
-            nbytes = entry.nbytes
-            if check_out is not None:
-                check_out(nbytes)  # a wrong-size buffer raises before anything changes
+                return None
+            # A wrong-size buffer raises here, before anything changes.
+            dst = output_view(out, entry.nbytes) if out is not None else None
             t = entry.fastest_tier
             self.index.touch(entry)
             pin = self.index.pin(entry, self.config.lease_s)
             tier = self._tiers[t]
             slot = tier.slot_of(key) if isinstance(tier, MemoryTier) else None
-        view = None
+        result: bytes | bool | None = None
+        source: ByteView | None = None  # the bytes read, for a promotion
         try:
             if slot is not None:
-                view = tier.view(*slot)
+                source = tier.view(*slot)
+                result = to_bytes(source) if dst is None else True
+                if dst is not None:
+                    copy_bytes(dst, source)
+            elif isinstance(dst, np.ndarray):
+                # NVMe straight into the caller's host buffer; verifies the checksum.
+                if tier.read_into(key, dst):
+                    result, source = True, dst
             else:
                 data = tier.get(key)  # verifies the record checksum
-                view = None if data is None else np.frombuffer(data, dtype=np.uint8)
-            if view is not None:
-                deliver(view, nbytes)
+                if data is not None:
+                    source = np.frombuffer(data, dtype=np.uint8)
+                    result = data if dst is None else True
+                    if dst is not None:
+                        copy_bytes(dst, source)
         finally:
             with self._lock:
                 intact = self.index.unpin(entry, pin)
         with self._lock:
-            if view is None:  # checksum failure: the NVMe copy is gone for good
+            if result is None:  # checksum failure: the NVMe copy is gone for good
                 if entry.is_in(t):
                     tier.evict(key)
                     self.index.remove(entry, t)
-                return False
+                return None
             if not intact:
                 self._torn_reads += 1
-                return False
+                return None
             self._hits += 1
             self._tier_hits[t] += 1
             w = self._write_tier
             if (self.config.promote_on_hit and t > w and not self._closed
                     and self.index.get(key) is entry and not entry.is_in(w)):
-                if self._store_in(w, entry, view):
+                if self._store_in(w, entry, source):
                     self._promotions += 1
-        return True
+        return result
 
     def _check_open(self) -> None:
         if self._closed:
