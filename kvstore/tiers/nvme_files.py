@@ -1,0 +1,340 @@
+"""The NVMe tier's segment files: the directory and its lock, aligned I/O, the write buffer.
+
+    <path>/LOCK                   flock'd by the one tier that has the directory open
+    <path>/seg-0000000003.log     segment 3 (`SegmentFiles.path_of(3)`)
+
+    active segment   [ on disk ................ | write buffer (aligned mmap) ]
+                     0                     buffer offset      end      buffer end
+
+`SegmentFiles` owns the descriptors; `SegmentWriter` appends records to the active segment
+through one aligned write buffer and reads records back from the disk or that buffer.
+Neither is thread-safe: the tier's lock guards both.
+
+Invariants
+- One open tier per directory: `open()` takes an exclusive flock on LOCK, held until
+  `close()` closes its descriptor.
+- Descriptors are cached per segment; a miss that takes the cache past `_MAX_OPEN_FILES`
+  closes the least recently used one.
+- Files are opened with O_DIRECT when the config asks and the filesystem takes it. The first
+  EINVAL, at open or on any I/O, switches the directory to buffered I/O for good: cached
+  descriptors are closed, reopened without O_DIRECT, and the I/O is retried. Hence every
+  offset, length and buffer handed to `pwrite` and `read_at` is 4 KiB aligned.
+- Any other OSError becomes a `StorageError` that names the file or the directory.
+- `sync()` fsyncs each file written or truncated since the last sync, then the directory if
+  a file was created or removed since its last fsync: then everything written is durable.
+- Writer: bytes ``[0, buffer offset)`` of the active segment are on disk, bytes ``[buffer
+  offset, end)`` are in the buffer, and ``buffer offset`` is 4 KiB aligned. A full buffer
+  goes out in one aligned pwrite. `write_buffer()` writes the partial buffer padded with
+  zeros to 4 KiB and keeps its unfinished last block, which the next write rewrites (same
+  bytes, plus new ones). So once the buffer is written the file is ``align_up(end)`` bytes
+  and all of them past ``end`` are zeros.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import re
+from typing import Any
+
+from kvstore.errors import StorageError
+from kvstore.tiers.nvme_record import IO_ALIGN, align_down, align_up
+
+__all__ = ["SegmentFiles", "SegmentWriter"]
+
+log = logging.getLogger(__name__)
+
+_SEGMENT_NAME = re.compile(r"^seg-(\d+)\.log$")
+_MAX_OPEN_FILES = 64
+_ZERO_BLOCK = bytes(IO_ALIGN)
+
+
+class SegmentFiles:
+    """The segment files of one directory, opened with O_DIRECT where it is taken."""
+
+    def __init__(self, path: str, direct_io: bool) -> None:
+        self.path = path
+        self.num_bytes_written = self.num_bytes_read = 0
+        self._is_direct = direct_io and hasattr(os, "O_DIRECT")
+        self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._dirty: set[int] = set()   # segments written or truncated since the last sync
+        self._is_dir_dirty = False       # a file created or removed since the last dir fsync
+        self._dir_fd = self._lock_fd = -1
+
+    @property
+    def is_direct(self) -> bool:
+        """Whether segment I/O still goes through O_DIRECT."""
+        return self._is_direct
+
+    def open(self) -> None:
+        """Create the directory if needed and lock it for this tier."""
+        path = self.path
+        try:
+            os.makedirs(path, exist_ok=True)
+            self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            self._lock_fd = os.open(os.path.join(path, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StorageError(f"cannot use {path!r} as the NVMe directory: {e}") from e
+        if not os.access(path, os.W_OK):
+            raise StorageError(f"the NVMe directory {path!r} is not writable")
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise StorageError(f"the NVMe directory {path!r} is in use by another open tier; "
+                               "close it first") from e
+
+    def list_segments(self) -> list[tuple[int, int]]:
+        """(seqno, file size) of each segment, in log order. An empty file other than the
+        last was created just before a crash and holds nothing: it is removed, not listed."""
+        try:
+            seqs = sorted(int(m.group(1)) for name in os.listdir(self.path)
+                          if (m := _SEGMENT_NAME.match(name)))
+            sizes = [os.stat(self.path_of(seq)).st_size for seq in seqs]
+            for seq, file_bytes in zip(seqs[:-1], sizes[:-1], strict=True):
+                if file_bytes == 0:
+                    os.unlink(self.path_of(seq))
+                    self._is_dir_dirty = True
+        except OSError as e:
+            raise StorageError(f"cannot list the NVMe directory {self.path}: {e}") from e
+        return [(seq, file_bytes) for seq, file_bytes in zip(seqs, sizes, strict=True)
+                if file_bytes or seq == seqs[-1]]
+
+    def path_of(self, seq: int) -> str:
+        return os.path.join(self.path, f"seg-{seq:010d}.log")
+
+    def create(self, seq: int) -> None:
+        """Create the file of segment ``seq`` (the directory is synced at the next `sync`)."""
+        self._fds[seq] = self._open_file(seq, create=True)
+        self._is_dir_dirty = True
+
+    def remove(self, seq: int) -> None:
+        """Delete the file of segment ``seq`` and sync the directory."""
+        self._close_file(seq)
+        try:
+            os.unlink(self.path_of(seq))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StorageError(f"cannot delete NVMe segment {self.path_of(seq)}: {e}") from e
+        self.sync_dir()
+        self._dirty.discard(seq)
+
+    def truncate(self, seq: int, nbytes: int) -> None:
+        self._io(os.ftruncate, seq, nbytes)
+        self._dirty.add(seq)
+
+    def pwrite(self, seq: int, data: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(data):
+            done += self._io(os.pwrite, seq, data[done:], offset + done)
+        self.num_bytes_written += done
+        self._dirty.add(seq)
+
+    def read_at(self, seq: int, offset: int, buf: memoryview) -> int:
+        """Read into ``buf`` (aligned, like ``offset``) until it is full or the file ends."""
+        done = 0
+        while done < len(buf):
+            got = self._io(os.preadv, seq, [buf[done:]], offset + done)
+            if got == 0:
+                break
+            done += got
+        self.num_bytes_read += done
+        return done
+
+    def sync(self) -> None:
+        """fsync each file written since the last sync, then the directory if it changed."""
+        for seq in sorted(self._dirty):
+            self._io(os.fsync, seq)
+        self._dirty.clear()
+        if self._is_dir_dirty:
+            self.sync_dir()
+
+    def sync_dir(self) -> None:
+        try:
+            os.fsync(self._dir_fd)
+        except OSError as e:
+            raise StorageError(f"cannot sync the NVMe directory {self.path}: {e}") from e
+        self._is_dir_dirty = False
+
+    def close(self) -> None:
+        """Close every descriptor; closing the lock file releases the flock."""
+        for seq in list(self._fds):
+            self._close_file(seq)
+        for fd in (self._dir_fd, self._lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._dir_fd = self._lock_fd = -1
+
+    def _open_file(self, seq: int, create: bool) -> int:
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        path = self.path_of(seq)
+        try:
+            if self._is_direct:
+                try:
+                    return os.open(path, flags | os.O_DIRECT, 0o644)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self._use_buffered_io(e)
+            return os.open(path, flags, 0o644)
+        except OSError as e:
+            raise StorageError(f"cannot open NVMe segment {path}: {e}") from e
+
+    def _fd(self, seq: int) -> int:
+        fd = self._fds.get(seq)
+        if fd is not None:
+            self._fds.move_to_end(seq)
+            return fd
+        fd = self._fds[seq] = self._open_file(seq, create=False)
+        if len(self._fds) > _MAX_OPEN_FILES:
+            _, old_fd = self._fds.popitem(last=False)
+            os.close(old_fd)
+        return fd
+
+    def _close_file(self, seq: int) -> None:
+        fd = self._fds.pop(seq, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _use_buffered_io(self, error: OSError) -> None:
+        log.info("NVMe tier %s: O_DIRECT refused (%s); using buffered I/O", self.path, error)
+        self._is_direct = False
+        for seq in list(self._fds):
+            self._close_file(seq)
+
+    def _io(self, op: Any, seq: int, *args: Any) -> Any:
+        """``op(fd, *args)`` on a segment; O_DIRECT refusals fall back to buffered I/O."""
+        while True:
+            try:
+                return op(self._fd(seq), *args)
+            except OSError as e:
+                if e.errno == errno.EINVAL and self._is_direct:
+                    self._use_buffered_io(e)
+                    continue
+                raise StorageError(f"I/O error on NVMe segment {self.path_of(seq)}: {e}") from e
+
+
+class SegmentWriter:
+    """Appends records to the active segment through an aligned write buffer, and reads
+    stored bytes back from the disk or that buffer."""
+
+    def __init__(self, files: SegmentFiles, buffer_bytes: int, max_record_bytes: int) -> None:
+        self._files = files
+        self._seq: int | None = None
+        self._end = self._buffer_offset = self._written_end = 0
+        self._wbuf = mmap.mmap(-1, buffer_bytes)
+        self._wview = memoryview(self._wbuf)
+        self._rbuf = mmap.mmap(-1, align_up(max_record_bytes) + 2 * IO_ALIGN)
+        self._rview = memoryview(self._rbuf)
+
+    @property
+    def seq(self) -> int | None:
+        """The active segment, if there is one."""
+        return self._seq
+
+    @property
+    def end(self) -> int:
+        """Where the next record goes in the active segment."""
+        return self._end
+
+    def start(self, seq: int) -> None:
+        """Create segment ``seq`` and make it the active one (after `seal`)."""
+        assert self._seq is None, "seal the active segment before starting another"
+        self._files.create(seq)
+        self._seq = seq
+        self._end = self._buffer_offset = self._written_end = 0
+
+    def resume(self, seq: int, end: int) -> bool:
+        """Make segment ``seq``, whose records end at ``end``, active again: its unfinished
+        last block goes back into the buffer. False, changing nothing, if it reads short."""
+        buffer_offset = align_down(end)
+        if end > buffer_offset:
+            got = self._files.read_at(seq, buffer_offset, self._wview[:IO_ALIGN])
+            if got < end - buffer_offset:
+                return False
+        self._seq = seq
+        self._end = self._written_end = end
+        self._buffer_offset = buffer_offset
+        return True
+
+    def seal(self) -> None:
+        """Write out the buffer; no segment is active after."""
+        self.write_buffer()
+        self._seq = None
+
+    def append(self, parts: tuple[Any, ...], footprint: int) -> int:
+        """Append ``parts``, zero-padded to ``footprint`` bytes; returns their offset."""
+        assert self._seq is not None, "no active segment to append to"
+        offset = self._end
+        written = 0
+        for part in parts:
+            self._buffer_write(part)
+            written += len(part)
+        if footprint > written:
+            self._buffer_write(_ZERO_BLOCK[:footprint - written])
+        return offset
+
+    def write_buffer(self) -> None:
+        """Write what the buffer holds, zero-padded to 4 KiB; keep its unfinished block."""
+        if self._seq is None or self._end == self._written_end:
+            return
+        used = self._end - self._buffer_offset
+        nbytes = align_up(used)
+        self._wview[used:nbytes] = _ZERO_BLOCK[:nbytes - used]
+        self._files.pwrite(self._seq, self._wview[:nbytes], self._buffer_offset)
+        self._written_end = self._end
+        keep = align_down(used)
+        if keep:
+            self._wbuf.move(0, keep, used - keep)
+            self._buffer_offset += keep
+
+    def read(self, seq: int, start: int, nbytes: int) -> memoryview | None:
+        """Bytes ``[start, start + nbytes)`` of segment ``seq`` (a view valid until the next
+        I/O); None if the file is shorter than that."""
+        end = start + nbytes
+        if start == end:
+            return memoryview(b"")
+        in_buffer = seq == self._seq
+        if in_buffer and start >= self._buffer_offset:
+            return self._wview[start - self._buffer_offset:end - self._buffer_offset]
+        base = align_down(start)
+        disk_end = min(align_up(end), self._buffer_offset) if in_buffer else align_up(end)
+        scratch = self._scratch(align_up(end) - base)
+        got = self._files.read_at(seq, base, scratch[:disk_end - base])
+        if got < min(end, disk_end) - base:
+            return None  # the file is shorter than the index says
+        if in_buffer and end > disk_end:  # the record's tail is still in the write buffer
+            scratch[disk_end - base:end - base] = self._wview[:end - disk_end]
+        return scratch[start - base:end - base]
+
+    def close(self) -> None:
+        for buf in (self._wbuf, self._rbuf):
+            try:
+                buf.close()
+            except BufferError:  # a view is still referenced somewhere; GC frees it
+                pass
+
+    def _buffer_write(self, data: Any) -> None:
+        data = memoryview(data)
+        size = len(self._wbuf)
+        pos, nbytes = 0, len(data)
+        while pos < nbytes:
+            used = self._end - self._buffer_offset
+            take = min(size - used, nbytes - pos)
+            self._wview[used:used + take] = data[pos:pos + take]
+            self._end += take
+            pos += take
+            if used + take == size:  # a full buffer: one large aligned write
+                assert self._seq is not None
+                self._files.pwrite(self._seq, self._wview, self._buffer_offset)
+                self._buffer_offset += size
+                self._written_end = self._end
+
+    def _scratch(self, nbytes: int) -> memoryview:
+        if nbytes <= len(self._rbuf):
+            return self._rview
+        return memoryview(mmap.mmap(-1, align_up(nbytes)))  # a record from a larger config

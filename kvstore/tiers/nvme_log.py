@@ -1,0 +1,436 @@
+"""The NVMe tier's log: which segment holds which record, appends, compaction, replay.
+
+`SegmentLog` keeps the in-memory index of the segment files (I/O in
+`kvstore.tiers.nvme_files`, record format in `kvstore.tiers.nvme_record`). It knows
+records, not values: compression and the Tier contract are `kvstore.tiers.nvme`'s.
+Not thread-safe: the tier's lock guards it.
+
+Invariants
+- `_index` maps a key to its one *live* record. Every other record of a key still on disk
+  (overwritten, evicted, corrupt, tombstones) is *stale*; `_stale[key]` lists the segments
+  that hold them (one entry per record).
+- Log order is (segment seqno, offset). Every write, compaction copies included, goes to
+  the active segment, the one with the highest seqno, so a key's newest record is in the
+  highest segment among its records. `recover()` replays the log in order: the newest
+  record wins, a tombstone or a rotted record hides the older ones.
+- A key that is not live but has records in two or more segments is *pinned*: dropping its
+  newest record would let an older one win at the next open, so compaction writes a
+  tombstone in its place. `used_bytes` = live footprint + one tombstone per pinned key.
+- Each `Segment` counts the live records, stale records and owed tombstones above that sit
+  in it; compaction deletes a segment's file only once all three are zero.
+- `disk_bytes`, the sum of the segment file sizes once the buffer is written, never exceeds
+  `disk_capacity_bytes`. Plain writes stay within `write_limit`, a segment (plus slack)
+  below it: that is where compaction copies a victim's live records before it unlinks the
+  victim.
+- Durability: `flush()` writes the buffer, fsyncs each segment written since the last flush,
+  then the directory. Compaction flushes its copies before it unlinks its victim.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from kvstore.errors import StorageError
+from kvstore.tiers.nvme_files import SegmentFiles, SegmentWriter
+from kvstore.tiers.nvme_record import (
+    HEADER_BYTES,
+    IO_ALIGN,
+    TOMBSTONE_FOOTPRINT,
+    ScannedRecord,
+    ScanReport,
+    align_up,
+    record_footprint,
+    scan_records,
+    tombstone_header,
+)
+
+__all__ = ["RecordLoc", "Segment", "SegmentLog"]
+
+log = logging.getLogger(__name__)
+
+_SCAN_WINDOW_BYTES = 8 * 1024 * 1024
+
+
+class Segment:
+    __slots__ = ("disk_bytes", "live_bytes", "num_live", "num_stale", "pinned_bytes", "seq")
+
+    def __init__(self, seq: int, disk_bytes: int = 0) -> None:
+        self.seq = seq
+        self.disk_bytes = disk_bytes   # file size (for the active one: once its buffer is written)
+        self.live_bytes = 0
+        self.num_live = 0
+        self.num_stale = 0
+        self.pinned_bytes = 0          # tombstones owed for pinned keys whose newest record is here
+
+    @property
+    def reclaimable_bytes(self) -> int:
+        return self.disk_bytes - self.live_bytes - self.pinned_bytes
+
+
+class RecordLoc:
+    """Where a live record is, and what its header said."""
+
+    __slots__ = ("flags", "offset", "parent", "payload_checksum", "raw_len", "seq", "stored_len")
+
+    def __init__(self, seq: int, offset: int, stored_len: int, raw_len: int, flags: int,
+                 parent: bytes | None, payload_checksum: int) -> None:
+        self.seq = seq
+        self.offset = offset
+        self.stored_len = stored_len
+        self.raw_len = raw_len
+        self.flags = flags
+        self.parent = parent
+        self.payload_checksum = payload_checksum
+
+    @property
+    def footprint(self) -> int:
+        return record_footprint(self.stored_len)
+
+
+class SegmentLog:
+    """The records of one tier's segments; see the module docstring."""
+
+    def __init__(self, files: SegmentFiles, writer: SegmentWriter, *, segment_bytes: int,
+                 write_limit: int, capacity_bytes: int, disk_capacity_bytes: int) -> None:
+        self._files = files
+        self._writer = writer
+        self._segment_bytes = segment_bytes
+        self._write_limit = write_limit        # disk bytes plain writes may reach
+        self._capacity_bytes = capacity_bytes  # what `used_bytes` may reach
+        self._disk_capacity_bytes = disk_capacity_bytes
+        self._segments: dict[int, Segment] = {}
+        self._index: dict[bytes, RecordLoc] = {}
+        self._stale: dict[bytes, list[int]] = {}
+        self._pinned: dict[bytes, int] = {}  # key -> segment of its newest record
+        self.live_bytes = self.pinned_bytes = self.disk_bytes = 0
+        self.live_raw_bytes = self.live_stored_bytes = 0
+        self.num_compactions = self.num_checksum_failures = self.num_corrupt_skipped = 0
+        self._next_seq = 1
+        self._compacting = False
+
+    # -- what the tier asks ------------------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        return self.live_bytes + self.pinned_bytes
+
+    @property
+    def num_segments(self) -> int:
+        return len(self._segments)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def find(self, key: bytes) -> RecordLoc | None:
+        """Where the live record of ``key`` is, or None."""
+        return self._index.get(key)
+
+    def read_payload(self, loc: RecordLoc) -> memoryview | None:
+        """The stored payload of a live record, unchecked (a view valid until the next I/O);
+        None if its file is shorter than the index says."""
+        return self._writer.read(loc.seq, loc.offset + HEADER_BYTES, loc.stored_len)
+
+    def write(self, header: bytes, payload: memoryview) -> tuple[int, int]:
+        """Append a record; returns (segment seqno, offset). Call `make_live` next."""
+        return self._append((header, payload), record_footprint(len(payload)),
+                            self._write_limit)
+
+    def make_live(self, key: bytes, loc: RecordLoc) -> None:
+        """Make the record just written at ``loc`` the live one of ``key``."""
+        if key in self._index:
+            old = self._take_live(key)
+            self._stale_add(key, old.seq)
+        self._put_live(key, loc)
+        if key in self._pinned:
+            self._repin(key)
+
+    def forget(self, key: bytes) -> None:
+        """Make the live record of ``key`` stale."""
+        loc = self._take_live(key)
+        self._stale_add(key, loc.seq)
+        self._repin(key)
+
+    def forget_corrupt(self, key: bytes) -> None:
+        """Forget ``key`` whose record failed its checksum: the record now hides older ones
+        at reopen, and compaction keeps it so."""
+        self.num_checksum_failures += 1
+        self.forget(key)
+
+    def delete(self, key: bytes) -> bool:
+        """Forget ``key`` and write a tombstone so no record of it comes back at reopen.
+        True if it was live."""
+        was_live = key in self._index
+        if was_live:
+            self.forget(key)
+        if key not in self._stale:
+            return was_live
+        self._make_room(TOMBSTONE_FOOTPRINT, self._write_limit)
+        stale = self._stale.get(key)
+        if not stale:
+            return was_live
+        active_seq = self._writer.seq
+        assert active_seq is not None
+        if (key not in self._pinned and min(stale) < active_seq
+                and self.used_bytes + TOMBSTONE_FOOTPRINT > self._capacity_bytes):
+            # The tombstone would pin bytes the tier does not have: compact the key's
+            # old records away instead (the key has records in one segment only).
+            for seq in sorted(set(stale)):
+                self._compact(self._segments[seq], self._disk_capacity_bytes)
+            stale = self._stale.get(key)
+        if stale:
+            self._write_tombstone(key, max(stale), self._write_limit)
+            self._repin(key)
+        return was_live
+
+    def flush(self) -> None:
+        """Make every record written so far durable."""
+        self._writer.write_buffer()
+        self._files.sync()
+
+    # -- live and stale bookkeeping ------------------------------------------------------------
+
+    def _put_live(self, key: bytes, loc: RecordLoc) -> None:
+        self._index[key] = loc
+        segment = self._segments[loc.seq]
+        segment.live_bytes += loc.footprint
+        segment.num_live += 1
+        self.live_bytes += loc.footprint
+        self.live_raw_bytes += loc.raw_len
+        self.live_stored_bytes += loc.stored_len
+
+    def _take_live(self, key: bytes) -> RecordLoc:
+        loc = self._index.pop(key)
+        segment = self._segments[loc.seq]
+        segment.live_bytes -= loc.footprint
+        segment.num_live -= 1
+        self.live_bytes -= loc.footprint
+        self.live_raw_bytes -= loc.raw_len
+        self.live_stored_bytes -= loc.stored_len
+        return loc
+
+    def _stale_add(self, key: bytes, seq: int) -> None:
+        self._stale.setdefault(key, []).append(seq)
+        self._segments[seq].num_stale += 1
+
+    def _stale_remove(self, key: bytes, seq: int) -> None:
+        stale = self._stale[key]
+        stale.remove(seq)
+        self._segments[seq].num_stale -= 1
+        if not stale:
+            del self._stale[key]
+
+    def _repin(self, key: bytes) -> None:
+        """Recompute whether ``key`` is pinned (see the module docstring)."""
+        old = self._pinned.pop(key, None)
+        if old is not None:
+            self._segments[old].pinned_bytes -= TOMBSTONE_FOOTPRINT
+            self.pinned_bytes -= TOMBSTONE_FOOTPRINT
+        stale = self._stale.get(key)
+        if key in self._index or not stale:
+            return
+        newest = max(stale)
+        if min(stale) != newest:
+            self._pinned[key] = newest
+            self._segments[newest].pinned_bytes += TOMBSTONE_FOOTPRINT
+            self.pinned_bytes += TOMBSTONE_FOOTPRINT
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def _append(self, parts: tuple[Any, ...], footprint: int, limit: int) -> tuple[int, int]:
+        """Append one record made of ``parts``; returns (segment seqno, offset)."""
+        self._make_room(footprint, limit)
+        seq = self._writer.seq
+        assert seq is not None
+        segment = self._segments[seq]
+        offset = self._writer.append(parts, footprint)
+        disk_bytes = align_up(self._writer.end)
+        self.disk_bytes += disk_bytes - segment.disk_bytes
+        segment.disk_bytes = disk_bytes
+        return seq, offset
+
+    def _write_tombstone(self, key: bytes, deleted_seq: int, limit: int) -> None:
+        seq, _ = self._append((tombstone_header(key, deleted_seq),), TOMBSTONE_FOOTPRINT, limit)
+        self._stale_add(key, seq)
+
+    def _make_room(self, footprint: int, limit: int) -> None:
+        """Make the active segment able to take ``footprint`` bytes with the files' total
+        staying within ``limit``, compacting as needed."""
+        for _ in range(4 * len(self._segments) + 16):
+            end = self._writer.end
+            if self._writer.seq is not None and end + footprint <= self._segment_bytes:
+                grow = align_up(end + footprint) - align_up(end)
+                if self.disk_bytes + grow <= limit:
+                    return
+            elif self.disk_bytes + align_up(footprint) <= limit:
+                self._start_segment()
+                return
+            if self._compacting:
+                break
+            self._compact_once(self._disk_capacity_bytes)
+        raise StorageError(
+            f"NVMe tier: no room for a {footprint}-byte record in {self._files.path} after "
+            "compaction (disk accounting is broken; please report this)")
+
+    def _start_segment(self) -> None:
+        self._writer.seal()
+        seq = self._next_seq
+        self._next_seq += 1
+        self._writer.start(seq)
+        self._segments[seq] = Segment(seq)
+
+    # -- compaction ----------------------------------------------------------------------------
+
+    def _compact_once(self, hard_limit: int) -> None:
+        victim = self._pick_victim(hard_limit)
+        if victim is None:
+            raise StorageError(
+                f"NVMe tier: nothing left to compact in {self._files.path} "
+                "(disk accounting is broken; please report this)")
+        self._compact(victim, hard_limit)
+
+    def _pick_victim(self, hard_limit: int) -> Segment | None:
+        """The segment with the most reclaimable bytes whose copies fit under the limit."""
+        best: Segment | None = None
+        for segment in self._segments.values():
+            gain = segment.reclaimable_bytes
+            copies = segment.disk_bytes - gain
+            if gain <= 0 or self.disk_bytes + copies + 2 * IO_ALIGN > hard_limit:
+                continue
+            if best is None or gain > best.reclaimable_bytes:
+                best = segment
+        return best
+
+    def _compact(self, victim: Segment, hard_limit: int) -> None:
+        """Copy the live records (and owed tombstones) of ``victim`` to the active segment,
+        make the copies durable, then delete the victim's file."""
+        self._compacting = True
+        try:
+            seq = victim.seq
+            if seq == self._writer.seq:
+                self._writer.seal()
+            newest_of: dict[bytes, int] = {}  # stale keys seen -> their newest segment before
+            report = ScanReport()
+            read = functools.partial(self._files.read_at, seq)
+            for record in scan_records(read, victim.disk_bytes, report, _SCAN_WINDOW_BYTES):
+                key = record.header.key
+                loc = self._index.get(key)
+                if loc is not None and loc.seq == seq and loc.offset == record.offset:
+                    if record.is_intact:
+                        self._copy_live(key, loc, record, hard_limit)
+                        continue
+                    self.num_checksum_failures += 1  # rotted since written: it is stale now
+                    self._take_live(key)
+                    self._stale_add(key, seq)
+                stale = self._stale.get(key)
+                if stale is not None and seq in stale:
+                    newest_of.setdefault(key, max(stale))
+                    self._stale_remove(key, seq)
+            self._sweep_unseen(victim, newest_of)
+            for key, newest in newest_of.items():
+                stale = self._stale.get(key)
+                if newest == seq and stale and key not in self._index:
+                    # The victim held the key's newest record and older ones remain elsewhere.
+                    self._write_tombstone(key, max(stale), hard_limit)
+                self._repin(key)
+            assert victim.num_live == 0 and victim.num_stale == 0 and victim.pinned_bytes == 0
+            self.flush()
+            self._files.remove(seq)
+            del self._segments[seq]
+            self.disk_bytes -= victim.disk_bytes
+            self.num_compactions += 1
+        finally:
+            self._compacting = False
+
+    def _copy_live(self, key: bytes, loc: RecordLoc, record: ScannedRecord, limit: int) -> None:
+        footprint = loc.footprint
+        seq, offset = self._append((record.data,), footprint, limit)
+        old, new = self._segments[loc.seq], self._segments[seq]
+        old.live_bytes -= footprint
+        old.num_live -= 1
+        new.live_bytes += footprint
+        new.num_live += 1
+        loc.seq, loc.offset = seq, offset
+
+    def _sweep_unseen(self, victim: Segment, newest_of: dict[bytes, int]) -> None:
+        """Account for records of ``victim`` the scan could not read (a header that rotted
+        after it was written): its live ones are lost, its stale ones go with the file."""
+        seq = victim.seq
+        if victim.num_live:
+            for key in [k for k, loc in self._index.items() if loc.seq == seq]:
+                self.num_checksum_failures += 1
+                self._take_live(key)
+                self._stale_add(key, seq)
+        if victim.num_stale:
+            for key in [k for k, stale in self._stale.items() if seq in stale]:
+                newest_of.setdefault(key, max(self._stale[key]))
+                while key in self._stale and seq in self._stale[key]:
+                    self._stale_remove(key, seq)
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    def recover(self) -> tuple[list[tuple[bytes, RecordLoc]], int]:
+        """Rebuild the index by replaying every segment in log order, then forget the oldest
+        live records while `used_bytes` is over capacity, append to the last segment if it
+        ended cleanly, and compact while the files are over `write_limit`. Returns the live
+        records left after forgetting, oldest first, and how many were forgotten."""
+        segment_sizes = self._files.list_segments()
+        last_report: ScanReport | None = None
+        for seq, file_bytes in segment_sizes:
+            self._segments[seq] = Segment(seq, file_bytes)
+            self.disk_bytes += file_bytes
+            last_report = ScanReport()
+            read = functools.partial(self._files.read_at, seq)
+            for record in scan_records(read, file_bytes, last_report, _SCAN_WINDOW_BYTES):
+                self._replay(seq, record)
+            self.num_corrupt_skipped += last_report.num_corrupt
+            self._next_seq = seq + 1
+        for key in list(self._stale):
+            self._repin(key)
+        by_age = sorted(self._index.items(), key=lambda item: (item[1].seq, item[1].offset))
+        dropped = 0
+        while self.used_bytes > self._capacity_bytes and dropped < len(by_age):
+            self.forget(by_age[dropped][0])  # the capacity shrank: the oldest go first
+            dropped += 1
+        if segment_sizes and last_report is not None and last_report.num_corrupt == 0:
+            self._resume_segment(segment_sizes[-1][0], last_report.end_offset)
+        for _ in range(4 * len(self._segments) + 16):
+            if self.disk_bytes <= self._write_limit:
+                break
+            # Over the limit: a smaller capacity than before, or a crash mid-compaction.
+            victim = self._pick_victim(max(self._disk_capacity_bytes, self.disk_bytes
+                                           + self._segment_bytes + 2 * IO_ALIGN))
+            if victim is None:
+                log.warning("NVMe tier %s: %d bytes of segments exceed capacity and cannot be "
+                            "compacted now", self._files.path, self.disk_bytes)
+                break
+            self._compact(victim, self.disk_bytes + self._segment_bytes + 2 * IO_ALIGN)
+        if self.num_corrupt_skipped or dropped:
+            log.warning("NVMe tier %s: skipped %d corrupt records, dropped %d over capacity",
+                        self._files.path, self.num_corrupt_skipped, dropped)
+        return by_age[dropped:], dropped
+
+    def _replay(self, seq: int, record: ScannedRecord) -> None:
+        header = record.header
+        key = header.key
+        if key in self._index:
+            old = self._take_live(key)
+            self._stale_add(key, old.seq)
+        if header.is_tombstone or not record.is_intact:
+            # A tombstone, or a record that rotted: older records of the key must not win.
+            self._stale_add(key, seq)
+            return
+        self._put_live(key, RecordLoc(seq, record.offset, header.stored_len, header.raw_len,
+                                      header.flags, header.parent, header.payload_checksum))
+
+    def _resume_segment(self, seq: int, end: int) -> None:
+        """Append to the last segment, which ended cleanly, instead of starting a new one."""
+        if not self._writer.resume(seq, end):
+            return
+        segment = self._segments[seq]
+        disk_bytes = align_up(end)
+        if segment.disk_bytes != disk_bytes:  # only zeros lie past the last record
+            self._files.truncate(seq, disk_bytes)
+            self.disk_bytes += disk_bytes - segment.disk_bytes
+            segment.disk_bytes = disk_bytes
