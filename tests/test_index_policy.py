@@ -601,3 +601,16 @@ def test_many_touches_keep_victims_right(kind: EvictionPolicy) -> None:
         order.remove(name)
         order.append(name)
     assert names_of([evict(index) for _ in range(6)], names) == [*order, None]
+
+
+def test_index_and_policy_import_no_torch() -> None:
+    # The hit-rate simulator replays traces through this code; it must stay torch-free.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, kvstore.index, kvstore.policy; "
+            "print('torch' in sys.modules, 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=True).stdout.split()
+    assert out[0] == "False", "kvstore.index/policy pulled in torch"
