@@ -51,8 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvstore {args.command}: not yet: {LATER[args.command]}", file=sys.stderr)
         return 2
     from kvstore.demo import run
+    from kvstore.errors import KVStoreError
 
-    return run(args)
+    try:
+        return run(args)
+    except KVStoreError as e:  # a bad size, an unusable --nvme-path: say so, no traceback
+        print(f"kvstore {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
