@@ -325,8 +325,12 @@ def bench_dram(data: np.ndarray, value_bytes: int, total_bytes: int, repeats: in
                 "memcpy_offset16_gbps": gbps(nbytes, memcpy16_s),
                 "get_into_offset16_gbps": gbps(nbytes, get_into16_s),
             }
+            # The raw limit of a store of N-byte values is memcpy in N-byte pieces (a store
+            # cannot copy a value in one piece with its neighbours); one large memcpy of all
+            # the bytes, which glibc runs with non-temporal stores, is reported beside it.
             for op in ("put", "get_into"):
-                run[f"{op}_ratio"] = run[f"{op}_gbps"] / run["memcpy_gbps"]
+                run[f"{op}_ratio"] = run[f"{op}_gbps"] / run["memcpy_chunked_gbps"]
+                run[f"{op}_vs_one_memcpy"] = run[f"{op}_gbps"] / run["memcpy_gbps"]
             # `get` returns a fresh bytes object that the loop drops, so malloc hands the same
             # (cache-hot) block back every time: its raw limit copies into one reused buffer.
             run["get_ratio"] = run["get_gbps"] / run["memcpy_reused_dst_gbps"]
@@ -927,7 +931,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "units": {"gbps": "1e9 bytes per second", "ratio": "store / raw limit, median of "
                   "per-run ratios", "figures": "median over runs"},
         "raw_limits": {
-            "dram memcpy": "one np.copyto of the whole total between page-aligned arrays",
+            "dram memcpy_chunked": "np.copyto of each value into its own place in a "
+                                   "page-aligned array: the raw limit of put and get_into "
+                                   "(put_ratio, get_into_ratio)",
+            "dram memcpy": "one np.copyto of the whole total between page-aligned arrays "
+                           "(glibc uses non-temporal stores for it; *_vs_one_memcpy)",
             "dram memcpy_reused_dst": "np.copyto of each value into one reused buffer: the "
                                       "limit for `get`, whose dropped bytes object malloc "
                                       "recycles (cache-hot)",

@@ -38,13 +38,15 @@ def _tensor_bytes(tensor: Any) -> Any:
 
 def value_view(value: object) -> ByteView:
     """A read-only byte view of a value; host tensors become numpy views."""
-    if is_tensor(value):
-        flat = _tensor_bytes(value)
-        return flat.numpy() if flat.device.type == "cpu" else flat
-    if isinstance(value, np.ndarray):
+    if isinstance(value, np.ndarray):  # first: the batch paths pass many small arrays
+        if value.dtype == np.uint8 and value.ndim == 1 and value.flags.c_contiguous:
+            return value
         if not value.flags.c_contiguous:
             value = np.ascontiguousarray(value)
         return value.reshape(-1).view(np.uint8)
+    if is_tensor(value):
+        flat = _tensor_bytes(value)
+        return flat.numpy() if flat.device.type == "cpu" else flat
     try:
         view = memoryview(value)  # type: ignore[arg-type]
     except TypeError:

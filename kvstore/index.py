@@ -111,6 +111,37 @@ class BlockIndex:
             self._link(entry, parent)
         return entry
 
+    def insert(self, key: bytes, parent: bytes | None, nbytes: int, tier: int) -> BlockEntry:
+        """A committed copy of ``key`` now lies in ``tier`` and counts as a use.
+
+        Same effect as ``ensure``, ``touch``, ``add`` in that order (the order the Store
+        needs, so ``add`` files the entry under its new tick); the brand-new key, the
+        common case of a put, takes a short path.
+        """
+        entries = self.entries
+        entry = entries.get(key)
+        if entry is not None:
+            entry = self.ensure(key, parent, nbytes)
+            self.touch(entry)
+            self.add(entry, tier)
+            return entry
+        entry = BlockEntry(key, None, nbytes, self.num_tiers)
+        entries[key] = entry
+        self.tick += 1
+        entry.last_access = self.tick
+        entry.num_uses = 1
+        entry.residency = 1 << tier
+        if parent is not None and parent != key:
+            parent_entry = entries.get(parent)
+            if parent_entry is None:
+                parent_entry = BlockEntry(parent, None, 0, self.num_tiers)
+                entries[parent] = parent_entry
+            entry.parent = parent
+            parent_entry.num_child_entries += 1
+            parent_entry.children[tier] += 1
+        self.policies[tier].on_insert(entry)
+        return entry
+
     def _link(self, entry: BlockEntry, parent_key: bytes) -> None:
         parent = self.entries.get(parent_key)
         if parent is None:

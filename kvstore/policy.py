@@ -61,7 +61,9 @@ class TierPolicy:
 
     def _push(self, entry: BlockEntry) -> None:
         partition = self._partition(entry)
-        heap = self._heaps.setdefault(partition, [])
+        heap = self._heaps.get(partition)
+        if heap is None:
+            heap = self._heaps[partition] = []
         heapq.heappush(heap, (entry.last_access, entry.key))
         if len(heap) > 2 * self._num_resident.get(partition, 0) + 64:
             self._purge(partition)
@@ -81,9 +83,15 @@ class TierPolicy:
 
     def on_insert(self, entry: BlockEntry) -> None:
         partition = self._partition(entry)
-        self._num_resident[partition] = self._num_resident.get(partition, 0) + 1
+        num_resident = self._num_resident
+        num_resident[partition] = num_resident.get(partition, 0) + 1
         if self.is_candidate(entry):
-            self._push(entry)
+            heap = self._heaps.get(partition)
+            if heap is None:
+                heap = self._heaps[partition] = []
+            heapq.heappush(heap, (entry.last_access, entry.key))
+            if len(heap) > 2 * num_resident[partition] + 64:
+                self._purge(partition)
 
     def on_remove(self, entry: BlockEntry) -> None:
         self._num_resident[self._partition(entry)] -= 1

@@ -65,6 +65,10 @@ class Store:
         self._nvme_tier = len(self._tiers) - 1 if self._nvme is not None else None
         self._write_tier = (self._kinds.index(TierKind(config.write_tier))
                             if config.write_tier else 0)
+        write_tier = self._tiers[self._write_tier]
+        # The write tier when it is host memory: put_many copies small values straight in.
+        self._host_write_tier = (write_tier if self._kinds[self._write_tier] is TierKind.DRAM
+                                 else None)
         self.index = BlockIndex(len(self._tiers))
         self.index.attach([
             make_policy(config.eviction_policy, self.index, t,
@@ -147,10 +151,15 @@ class Store:
             if sources[i].shape[0] <= SMALL_VALUE_BYTES:
                 # A run of small values: one lock hold, copies inside it (cheaper than pins).
                 with self._lock:
+                    self._check_open()
+                    host_tier = self._host_write_tier
                     while i < len(checked) and sources[i].shape[0] <= SMALL_VALUE_BYTES:
-                        if not self._put(checked[i], sources[i], parent, chain):
-                            return i
-                        parent = checked[i]
+                        key, src = checked[i], sources[i]
+                        if not (host_tier is not None and isinstance(src, np.ndarray)
+                                and self._put_host(host_tier, key, src, parent)):
+                            if not self._put(key, src, parent, chain):
+                                return i
+                        parent = key
                         chain.add(parent)
                         i += 1
             else:
@@ -175,8 +184,46 @@ class Store:
         return self._read(check_key(key), out) is not None
 
     def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The values of ``keys`` (None for a miss), in order; same effect as `get` on
+        each key in turn.
+
+        Runs of misses and of small values whose fastest tier is the host write tier are
+        served in one lock hold; any other key takes `get`'s path (pin, copy outside the
+        lock, promotion) before the run goes on.
+        """
         checked = [check_key(k) for k in keys]
-        return [self.get(k) for k in checked]
+        results: list[bytes | None] = [None] * len(checked)
+        i = 0
+        while i < len(checked):
+            with self._lock:
+                self._check_open()
+                i = self._get_run(checked, i, results)
+            if i < len(checked):
+                results[i] = self.get(checked[i])
+                i += 1
+        return results
+
+    def _get_run(self, keys: list[bytes], i: int, results: list[bytes | None]) -> int:
+        """get_many's batch path (lock held) from key ``i``; returns where it stopped."""
+        tier, t = self._host_write_tier, self._write_tier
+        entries, touch = self.index.entries, self.index.touch
+        t_bit, upto_t = 1 << t, (1 << (t + 1)) - 1
+        queries = hits = 0
+        while i < len(keys):
+            entry = entries.get(keys[i])
+            if entry is not None and entry.residency:
+                if (tier is None or entry.residency & upto_t != t_bit  # t: its fastest tier
+                        or entry.nbytes > SMALL_VALUE_BYTES):
+                    break
+                touch(entry)
+                results[i] = tier.view(*tier.slot_of(keys[i])).tobytes()
+                hits += 1
+            queries += 1
+            i += 1
+        self._queries += queries
+        self._hits += hits
+        self._tier_hits[t] += hits
+        return i
 
     def match_prefix(self, keys: Sequence[bytes]) -> int:
         """How many leading keys are held in some tier."""
@@ -319,6 +366,22 @@ class Store:
                 self.index.drop_if_unused(entry)
         return False
 
+    def _put_host(self, tier: MemoryTier, key: bytes, src: np.ndarray,
+                  parent: bytes | None) -> bool:
+        """put_many's fast path (lock held): a small host value into a free slot of the
+        host write tier. False, with nothing changed, when that needs an eviction."""
+        nbytes = src.shape[0]
+        offset = tier.allocator.allocate(nbytes)
+        if offset is None:
+            return False
+        entry = self.index.entries.get(key)
+        if entry is not None and entry.residency:
+            self._forget(entry, durable=True)
+        np.copyto(tier.view(offset, nbytes), src)
+        tier.commit(key, offset, nbytes, parent)
+        self.index.insert(key, parent, nbytes, self._write_tier)
+        return True
+
     def _put_memory(self, t: int, tier: MemoryTier, key: bytes, src: ByteView,
                     parent: bytes | None, protect: set[bytes] | None) -> bool:
         nbytes = int(src.shape[0])
@@ -351,10 +414,8 @@ class Store:
     def _commit(self, t: int, key: bytes, parent: bytes | None, offset: int,
                 nbytes: int) -> None:
         self._discard_old(key)
-        entry = self.index.ensure(key, parent, nbytes)
         self._tiers[t].commit(key, offset, nbytes, parent)
-        self.index.touch(entry)  # first, so that `add` files it under its new tick
-        self.index.add(entry, t)
+        self.index.insert(key, parent, nbytes, t)
 
     def _discard_old(self, key: bytes) -> None:
         """Drop the value being overwritten; its NVMe copy gets a tombstone so that a crash

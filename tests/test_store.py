@@ -357,3 +357,37 @@ def test_reopen_after_heavy_nvme_eviction_recovers_exactly_what_was_flushed(tmp_
         assert present == on_nvme
         for i in present:
             assert store.get(make_key(i)) == make_value(i, 16 * KiB)
+
+
+def test_get_many_counts_and_returns_what_get_does(tmp_path):
+    # Values in DRAM, values only on NVMe, a large value and a miss: get_many's batch path
+    # and per-key get must agree on values, stats and promotions.
+    def run(batched: bool) -> tuple[list[bytes | None], dict]:
+        config = nvme_config(tmp_path / str(batched), dram_bytes=4 * 64 * KiB,
+                             max_value_bytes=256 * KiB)
+        keys = chain(10, salt=str(batched))
+        values = [make_value(i, 64 * KiB if i != 3 else 100 * KiB) for i in range(10)]
+        with Store(config) as store:
+            assert store.put_many(keys, values) == 10
+            lookup = [*keys, make_key("missing")]
+            got = store.get_many(lookup) if batched else [store.get(k) for k in lookup]
+            stats = store.stats()
+            stats = {k: stats[k] for k in ("queries", "hits", "promotions")} | {
+                t: stats["tiers"][t]["hits"] for t in ("dram", "nvme")}
+        assert got == [*values, None]
+        return got, stats
+
+    assert run(True)[1] == run(False)[1]
+
+
+def test_put_many_overwrite_replaces_every_copy(tmp_path):
+    config = nvme_config(tmp_path, dram_bytes=2 * 4096, max_value_bytes=4096)
+    keys = chain(4)
+    with Store(config) as store:
+        store.put_many(keys, [b"old" + bytes(4093)] * 4)  # two of them go down to NVMe
+        assert {store.tier_of(k) for k in keys} == {"dram", "nvme"}
+        assert store.put_many(keys, [b"new" + bytes(4093)] * 4) == 4
+        assert store.get_many(keys) == [b"new" + bytes(4093)] * 4
+        assert store.stats()["blocks"] == 4
+    with Store(config) as store:
+        assert store.get_many(keys) == [b"new" + bytes(4093)] * 4
