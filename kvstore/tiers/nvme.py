@@ -245,6 +245,14 @@ class NvmeTier:
             if loc is None:
                 return False
             dst = output_view(out, loc.raw_len)
+            if not loc.flags & FLAG_COMPRESSED and isinstance(dst, np.ndarray):
+                # Straight into the caller's buffer (one O_DIRECT read when it is aligned),
+                # then checked there: on a failure its contents are unspecified.
+                if (self._log.read_payload_into(loc, dst)
+                        and checksum(dst) == loc.payload_checksum):
+                    return True
+                self._drop_corrupt(key, loc)
+                return False
             data = self._load(key, loc)
             if data is None:
                 return False
@@ -356,10 +364,13 @@ class NvmeTier:
                 raw = None
             if raw is not None and len(raw) == loc.raw_len:
                 return raw
+        self._drop_corrupt(key, loc)
+        return None
+
+    def _drop_corrupt(self, key: bytes, loc: RecordLoc) -> None:
         log.warning("NVMe record of key %s in segment %d failed its checksum; dropped",
                     key.hex(), loc.seq)
         self._log.forget_corrupt(key)
-        return None
 
     # -- closing -------------------------------------------------------------------------------
 

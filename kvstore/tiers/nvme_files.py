@@ -41,8 +41,16 @@ import os
 import re
 from typing import Any
 
+import numpy as np
+
 from kvstore.errors import StorageError
-from kvstore.tiers.nvme_record import IO_ALIGN, align_down, align_up
+from kvstore.tiers.nvme_record import (
+    IO_ALIGN,
+    RECORD_ALIGN,
+    align_down,
+    align_up,
+    record_offset,
+)
 
 __all__ = ["SegmentFiles", "SegmentWriter"]
 
@@ -51,6 +59,26 @@ log = logging.getLogger(__name__)
 _SEGMENT_NAME = re.compile(r"^seg-(\d+)\.log$")
 _MAX_OPEN_FILES = 64
 _ZERO_BLOCK = bytes(IO_ALIGN)
+_HUGE_PAGE_BYTES = 2 << 20
+
+
+def _address(array: np.ndarray) -> int:
+    return array.__array_interface__["data"][0]
+
+
+def _bounce_buffer(nbytes: int) -> memoryview:
+    """A page-aligned scratch buffer for O_DIRECT reads, on transparent huge pages where
+    the kernel offers them: a read into physically contiguous memory needs few DMA
+    segments, so a large read reaches the device as one request instead of several."""
+    if nbytes < _HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return memoryview(mmap.mmap(-1, align_up(max(nbytes, 1))))
+    buf = mmap.mmap(-1, align_up(nbytes, _HUGE_PAGE_BYTES) + _HUGE_PAGE_BYTES)
+    skip = -_address(np.frombuffer(buf, dtype=np.uint8, count=1)) % _HUGE_PAGE_BYTES
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE, skip, len(buf) - skip)
+    except OSError:
+        pass  # no THP here: 4 KiB pages work, with more DMA segments per read
+    return memoryview(buf)[skip:skip + nbytes]
 
 
 class SegmentFiles:
@@ -134,10 +162,12 @@ class SegmentFiles:
         self.num_bytes_written += done
         self._dirty.add(seq)
 
-    def read_at(self, seq: int, offset: int, buf: memoryview) -> int:
-        """Read into ``buf`` (aligned, like ``offset``) until it is full or the file ends."""
-        done = 0
-        while done < len(buf):
+    def read_at(self, seq: int, offset: int, buf: Any) -> int:
+        """Read into ``buf`` (aligned, like ``offset``; a memoryview or 1-D uint8 array)
+        until it is full or the file ends."""
+        nbytes = len(buf)
+        done = self._io(os.preadv, seq, [buf], offset)  # one call, unless it reads short
+        while 0 < done < nbytes:
             got = self._io(os.preadv, seq, [buf[done:]], offset + done)
             if got == 0:
                 break
@@ -228,8 +258,7 @@ class SegmentWriter:
         self._end = self._buffer_offset = self._written_end = 0
         self._wbuf = mmap.mmap(-1, buffer_bytes)
         self._wview = memoryview(self._wbuf)
-        self._rbuf = mmap.mmap(-1, align_up(max_record_bytes) + 2 * IO_ALIGN)
-        self._rview = memoryview(self._rbuf)
+        self._rview = _bounce_buffer(align_up(max_record_bytes) + 2 * IO_ALIGN)
 
     @property
     def seq(self) -> int | None:
@@ -266,16 +295,19 @@ class SegmentWriter:
         self.write_buffer()
         self._seq = None
 
-    def append(self, parts: tuple[Any, ...], footprint: int) -> int:
-        """Append ``parts``, zero-padded to ``footprint`` bytes; returns their offset."""
+    def append(self, parts: tuple[Any, ...], stored_bytes: int) -> int:
+        """Append one record, ``parts`` (header, payload of ``stored_bytes``), where
+        `record_offset` puts it (zeros fill the gap) and zero-padded to 8 bytes; returns
+        the offset of its header."""
         assert self._seq is not None, "no active segment to append to"
-        offset = self._end
-        written = 0
+        offset = record_offset(self._end, stored_bytes)
+        if offset > self._end:
+            self._buffer_write(_ZERO_BLOCK[:offset - self._end])
         for part in parts:
             self._buffer_write(part)
-            written += len(part)
-        if footprint > written:
-            self._buffer_write(_ZERO_BLOCK[:footprint - written])
+        pad = -self._end % RECORD_ALIGN
+        if pad:
+            self._buffer_write(_ZERO_BLOCK[:pad])
         return offset
 
     def write_buffer(self) -> None:
@@ -311,12 +343,31 @@ class SegmentWriter:
             scratch[disk_end - base:end - base] = self._wview[:end - disk_end]
         return scratch[start - base:end - base]
 
+    def read_into(self, seq: int, start: int, dst: np.ndarray) -> bool:
+        """Copy bytes ``[start, start + len(dst))`` of segment ``seq`` into ``dst`` (a 1-D
+        uint8 array); False if the file is shorter than that.
+
+        An aligned span on disk read into an aligned ``dst`` goes there in one read, with
+        no bounce buffer and no copy: the path of large records, whose payloads are 4 KiB
+        aligned, into page-aligned caller buffers.
+        """
+        nbytes = dst.shape[0]
+        if (not (start | nbytes) % IO_ALIGN and nbytes
+                and not (seq == self._seq and start + nbytes > self._buffer_offset)
+                and not _address(dst) % IO_ALIGN):
+            return self._files.read_at(seq, start, dst) == nbytes
+        data = self.read(seq, start, nbytes)
+        if data is None:
+            return False
+        dst[:] = np.frombuffer(data, dtype=np.uint8)
+        return True
+
     def close(self) -> None:
-        for buf in (self._wbuf, self._rbuf):
-            try:
-                buf.close()
-            except BufferError:  # a view is still referenced somewhere; GC frees it
-                pass
+        try:
+            self._wbuf.close()
+        except BufferError:  # a view is still referenced somewhere; GC frees it
+            pass
+        self._rview.release()
 
     def _buffer_write(self, data: Any) -> None:
         data = memoryview(data)
@@ -335,6 +386,6 @@ class SegmentWriter:
                 self._written_end = self._end
 
     def _scratch(self, nbytes: int) -> memoryview:
-        if nbytes <= len(self._rbuf):
+        if nbytes <= len(self._rview):
             return self._rview
-        return memoryview(mmap.mmap(-1, align_up(nbytes)))  # a record from a larger config
+        return _bounce_buffer(nbytes)  # a record from a larger config

@@ -132,10 +132,14 @@ class SegmentLog:
         None if its file is shorter than the index says."""
         return self._writer.read(loc.seq, loc.offset + HEADER_BYTES, loc.stored_len)
 
+    def read_payload_into(self, loc: RecordLoc, dst: Any) -> bool:
+        """Copy the stored payload of a live record into ``dst`` (1-D uint8, `stored_len`
+        bytes), unchecked; False if its file is shorter than the index says."""
+        return self._writer.read_into(loc.seq, loc.offset + HEADER_BYTES, dst)
+
     def write(self, header: bytes, payload: memoryview) -> tuple[int, int]:
         """Append a record; returns (segment seqno, offset). Call `make_live` next."""
-        return self._append((header, payload), record_footprint(len(payload)),
-                            self._write_limit)
+        return self._append((header, payload), len(payload), self._write_limit)
 
     def make_live(self, key: bytes, loc: RecordLoc) -> None:
         """Make the record just written at ``loc`` the live one of ``key``."""
@@ -238,20 +242,22 @@ class SegmentLog:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def _append(self, parts: tuple[Any, ...], footprint: int, limit: int) -> tuple[int, int]:
-        """Append one record made of ``parts``; returns (segment seqno, offset)."""
-        self._make_room(footprint, limit)
+    def _append(self, parts: tuple[Any, ...], stored_bytes: int,
+                limit: int) -> tuple[int, int]:
+        """Append one record made of ``parts`` (header, payload of ``stored_bytes``);
+        returns (segment seqno, offset)."""
+        self._make_room(record_footprint(stored_bytes), limit)
         seq = self._writer.seq
         assert seq is not None
         segment = self._segments[seq]
-        offset = self._writer.append(parts, footprint)
+        offset = self._writer.append(parts, stored_bytes)
         disk_bytes = align_up(self._writer.end)
         self.disk_bytes += disk_bytes - segment.disk_bytes
         segment.disk_bytes = disk_bytes
         return seq, offset
 
     def _write_tombstone(self, key: bytes, deleted_seq: int, limit: int) -> None:
-        seq, _ = self._append((tombstone_header(key, deleted_seq),), TOMBSTONE_FOOTPRINT, limit)
+        seq, _ = self._append((tombstone_header(key, deleted_seq),), 0, limit)
         self._stale_add(key, seq)
 
     def _make_room(self, footprint: int, limit: int) -> None:
@@ -345,7 +351,7 @@ class SegmentLog:
 
     def _copy_live(self, key: bytes, loc: RecordLoc, record: ScannedRecord, limit: int) -> None:
         footprint = loc.footprint
-        seq, offset = self._append((record.data,), footprint, limit)
+        seq, offset = self._append((record.data,), loc.stored_len, limit)
         old, new = self._segments[loc.seq], self._segments[seq]
         old.live_bytes -= footprint
         old.num_live -= 1

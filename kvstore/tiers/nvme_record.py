@@ -4,7 +4,7 @@ A segment file is a sequence of records, each starting at a multiple of 8 bytes:
 
     offset  size  field
     0       4     magic b"KVSR"
-    4       1     format version (1)
+    4       1     format version (2)
     5       1     flags: 1 = payload is LZ4-compressed, 2 = tombstone, 4 = has a parent
     6       2     reserved, zero
     8       16    key
@@ -20,10 +20,25 @@ All integers are little-endian. A record is valid when its header checksum match
 ends inside the file and its payload checksum matches. Bytes after the last record of a
 segment are zeros (the tail of the last 4 KiB block written).
 
+Version 2 aligns large payloads: a record whose stored length is at least
+`ALIGNED_PAYLOAD_MIN_BYTES` is placed so that its payload starts on a 4 KiB boundary, with
+zeros between the previous record's end and its header. Then one O_DIRECT read of
+exactly the payload's blocks fetches it, straight into a caller's aligned buffer:
+
+         previous record | zeros ... | header (80) | payload, 4 KiB aligned ... | 0..7 zeros
+                                                    ^ multiple of 4096
+
+The gap is at most ``IO_ALIGN - RECORD_ALIGN`` bytes, so `record_footprint` (what the tier
+accounts for a record wherever it lands) adds that much for an aligned record. Smaller
+records stay packed (header then payload): the extra block they read costs less than the
+padding would. A header whose checksum holds but whose version is not 2 is a segment
+written by another format: opening fails with `FormatVersionError` rather than dropping
+its records as corrupt.
+
 The scanner reads a segment in large sequential windows and yields every record whose
 header is valid; between valid records it skips zeros silently and counts anything else
-(a torn write, flipped bits) as one corrupt region, then resumes at the next 8-byte
-aligned magic whose header checksum holds.
+(a torn write, flipped bits, also after a run of zeros) as one corrupt region, then resumes
+at the next 8-byte aligned magic whose header checksum holds.
 """
 
 from __future__ import annotations
@@ -33,13 +48,17 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import xxhash
 
+from kvstore.errors import StorageError
+
 MAGIC = b"KVSR"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER_BYTES = 80
 RECORD_ALIGN = 8
 IO_ALIGN = 4096  # O_DIRECT granularity: offsets, lengths and buffers of every disk I/O
+ALIGNED_PAYLOAD_MIN_BYTES = 64 * 1024  # payloads this large start 4 KiB aligned
 
 FLAG_COMPRESSED = 1
 FLAG_TOMBSTONE = 2
@@ -50,6 +69,7 @@ _HEAD = struct.Struct("<4sBBH16s16sQQQQ")  # everything the header checksum cove
 _CHECKSUM = struct.Struct("<Q")
 _NO_PARENT = bytes(16)
 _ZEROS8 = bytes(8)
+_ZERO_SCAN_BYTES = 64 * 1024  # how far `skip_zeros` looks per step
 assert _HEAD.size + _CHECKSUM.size == HEADER_BYTES
 
 checksum = xxhash.xxh3_64_intdigest
@@ -63,9 +83,33 @@ def align_down(n: int, align: int = IO_ALIGN) -> int:
     return n - n % align
 
 
+class FormatVersionError(StorageError):
+    """A segment holds records of another on-disk format version."""
+
+
+def is_payload_aligned(stored_bytes: int) -> bool:
+    """Whether a record with ``stored_bytes`` of payload starts its payload 4 KiB aligned."""
+    return stored_bytes >= ALIGNED_PAYLOAD_MIN_BYTES
+
+
+def record_span(stored_bytes: int) -> int:
+    """Bytes from a record's header to its end (the next record may start there)."""
+    return HEADER_BYTES + align_up(stored_bytes, RECORD_ALIGN)
+
+
+def record_offset(end: int, stored_bytes: int) -> int:
+    """Where the header of a record with ``stored_bytes`` of payload goes when the segment's
+    records so far end at ``end``: right there, or late enough to align its payload."""
+    if is_payload_aligned(stored_bytes):
+        return align_up(end + HEADER_BYTES) - HEADER_BYTES
+    return end
+
+
 def record_footprint(stored_bytes: int) -> int:
-    """Bytes a record with ``stored_bytes`` of payload takes in its segment."""
-    return align_up(HEADER_BYTES + stored_bytes, RECORD_ALIGN)
+    """The most bytes a record with ``stored_bytes`` of payload takes in its segment, the
+    alignment gap in front of it included: what the tier accounts for it."""
+    gap = IO_ALIGN - RECORD_ALIGN if is_payload_aligned(stored_bytes) else 0
+    return gap + record_span(stored_bytes)
 
 
 TOMBSTONE_FOOTPRINT = record_footprint(0)
@@ -90,8 +134,8 @@ class RecordHeader:
         return bool(self.flags & FLAG_COMPRESSED)
 
     @property
-    def footprint(self) -> int:
-        return record_footprint(self.stored_len)
+    def span(self) -> int:
+        return record_span(self.stored_len)
 
 
 def pack_header(flags: int, key: bytes, parent: bytes | None, stored_len: int, raw_len: int,
@@ -107,8 +151,13 @@ def tombstone_header(key: bytes, deleted_seq: int) -> bytes:
     return pack_header(FLAG_TOMBSTONE, key, None, 0, 0, checksum(b""), deleted_seq)
 
 
-def unpack_header(buf: memoryview | bytes) -> RecordHeader | None:
-    """The header at the start of ``buf`` (at least 80 bytes), or None if it is not valid."""
+def unpack_header(buf: memoryview | bytes, offset: int | None = None) -> RecordHeader | None:
+    """The header at the start of ``buf`` (at least 80 bytes), or None if it is not valid.
+
+    With ``offset`` (where ``buf`` starts in its segment), a large record whose payload
+    would not start 4 KiB aligned there is not valid either. A header of another format
+    version whose checksum holds raises `FormatVersionError`.
+    """
     if buf[:4] != MAGIC:
         return None
     head = buf[:_HEAD.size]
@@ -116,7 +165,15 @@ def unpack_header(buf: memoryview | bytes) -> RecordHeader | None:
         return None
     (_, version, flags, _, key, parent, stored_len, raw_len, payload_checksum,
      deleted_seq) = _HEAD.unpack(head)
-    if version != FORMAT_VERSION or flags & ~_KNOWN_FLAGS:
+    if version != FORMAT_VERSION:
+        raise FormatVersionError(
+            f"an NVMe segment holds records of on-disk format version {version}; this kvstore "
+            f"reads version {FORMAT_VERSION} only (there is no migration: remove the segment "
+            "files or point nvme_path at an empty directory)")
+    if flags & ~_KNOWN_FLAGS:
+        return None
+    if (offset is not None and is_payload_aligned(stored_len)
+            and (offset + HEADER_BYTES) % IO_ALIGN):
         return None
     if flags & FLAG_TOMBSTONE and stored_len:
         return None
@@ -180,6 +237,21 @@ class _Window:
         start = pos - self.base
         return self.view_all[start:start + nbytes]
 
+    def skip_zeros(self, pos: int) -> int:
+        """The first 8-aligned offset >= ``pos`` whose 8 bytes are not all zero (the file's
+        end if there is none)."""
+        pos = align_up(pos, RECORD_ALIGN)
+        while self.fill(pos, RECORD_ALIGN):
+            stop = min(self.base + self.length, pos + _ZERO_SCAN_BYTES)
+            num_words = (stop - pos) // RECORD_ALIGN
+            words = np.frombuffer(self.buf, dtype=np.uint64, count=num_words,
+                                  offset=pos - self.base)
+            nonzero = np.flatnonzero(words)
+            if nonzero.size:
+                return pos + RECORD_ALIGN * int(nonzero[0])
+            pos += RECORD_ALIGN * num_words
+        return min(pos, self.file_bytes)
+
     def find_header(self, pos: int) -> int | None:
         """The first aligned offset >= ``pos`` holding a valid header, or None."""
         pos = align_up(pos, RECORD_ALIGN)
@@ -193,7 +265,8 @@ class _Window:
             if hit % RECORD_ALIGN:
                 pos = align_up(hit, RECORD_ALIGN)
                 continue
-            if self.fill(hit, HEADER_BYTES) and unpack_header(self.view(hit, HEADER_BYTES)):
+            if (self.fill(hit, HEADER_BYTES)
+                    and unpack_header(self.view(hit, HEADER_BYTES), hit)):
                 return hit
             pos = hit + RECORD_ALIGN
         return None
@@ -204,16 +277,20 @@ def scan_records(read_at: ReadAt, file_bytes: int, report: ScanReport,
     """Every record with a valid header in a segment of ``file_bytes``, in file order.
 
     Records whose payload fails its checksum are yielded with ``is_intact=False`` (their
-    key is known, which recovery needs) and counted in ``report.num_corrupt``.
+    key is known, which recovery needs) and counted in ``report.num_corrupt``. Zeros between
+    records (the gap in front of an aligned payload) are skipped without a count. Raises
+    `FormatVersionError` for a segment of another format version.
     """
     win = _Window(read_at, file_bytes, window_bytes)
     pos: int | None = 0
     while pos is not None and win.fill(pos, HEADER_BYTES):
         head = win.view(pos, HEADER_BYTES)
-        header = unpack_header(head)
+        header = unpack_header(head, pos)
         if header is None:
-            if head[:8] != _ZEROS8:
-                report.num_corrupt += 1  # one count per garbage region, not per 8 bytes
+            if head[:8] == _ZEROS8:  # the gap before an aligned record, or the tail
+                pos = win.skip_zeros(pos)
+                continue
+            report.num_corrupt += 1  # one count per garbage region, not per 8 bytes
             pos = win.find_header(pos + RECORD_ALIGN)
             continue
         nbytes = HEADER_BYTES + header.stored_len
@@ -225,9 +302,9 @@ def scan_records(read_at: ReadAt, file_bytes: int, report: ScanReport,
         is_intact = checksum(data[HEADER_BYTES:]) == header.payload_checksum
         if not is_intact:
             report.num_corrupt += 1
-        report.end_offset = pos + header.footprint
+        report.end_offset = pos + header.span
         yield ScannedRecord(pos, header, data, is_intact)
-        pos += header.footprint
+        pos += header.span
     if pos is not None and 0 < file_bytes - pos < HEADER_BYTES:
         tail = file_bytes - pos
         if win.fill(pos, tail) and any(win.view(pos, tail)):

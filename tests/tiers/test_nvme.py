@@ -24,7 +24,15 @@ from kvstore.errors import (
     StoreClosedError,
 )
 from kvstore.tiers.nvme import Compression, NvmeTier, NvmeTierConfig
-from kvstore.tiers.nvme_record import HEADER_BYTES
+from kvstore.tiers.nvme_record import (
+    ALIGNED_PAYLOAD_MIN_BYTES,
+    FORMAT_VERSION,
+    HEADER_BYTES,
+    IO_ALIGN,
+    FormatVersionError,
+    pack_header,
+    record_footprint,
+)
 from tests.conftest import make_key, make_value
 
 KiB = 1024
@@ -341,6 +349,124 @@ def test_corrupt_newer_version_hides_the_older(tmp_path):
     with NvmeTier(cfg) as tier:
         assert tier.get(make_key("k")) is None  # never the stale v1
         assert tier.stats()["corrupt_records_skipped"] == 1
+
+
+# -- the aligned layout of large payloads -------------------------------------------------------
+
+def aligned_array(nbytes: int, skew: int = 0) -> np.ndarray:
+    """A uint8 array of ``nbytes`` starting ``skew`` bytes past a 4 KiB boundary."""
+    base = np.zeros(nbytes + 2 * IO_ALIGN, dtype=np.uint8)
+    start = -base.ctypes.data % IO_ALIGN + skew
+    return base[start:start + nbytes]
+
+
+# Large sizes, some not a multiple of 4 KiB, with small records between them that leave
+# the segment's end at every kind of offset.
+_MIXED = [(i, n) for i, n in enumerate([ALIGNED_PAYLOAD_MIN_BYTES, 13, 256 * KiB, 4 * KiB + 1,
+                                        ALIGNED_PAYLOAD_MIN_BYTES + 1, 4072, 1 * MiB - 8, 0,
+                                        300_001, 10_000])]
+
+
+@pytest.mark.parametrize("direct_io", [True, False], ids=["direct", "buffered"])
+def test_large_payloads_start_4k_aligned_and_small_ones_stay_packed(tmp_path, direct_io):
+    cfg = config(tmp_path, direct_io=direct_io, write_buffer_bytes=4 * KiB)
+    with NvmeTier(cfg) as tier:
+        for i, n in _MIXED:
+            assert tier.put(make_key(i), make_value(i, n))
+        assert tier.used_bytes == sum(record_footprint(n) for _, n in _MIXED)
+    seg = segment_files(tmp_path)[-1]
+    data = seg.read_bytes()
+    end = 0
+    for i, n in _MIXED:
+        if n < 64:  # too short to find unambiguously: packed right after the previous one
+            end += HEADER_BYTES + n + (-n % 8)
+            continue
+        offset = find(seg, make_value(i, n))
+        if n >= ALIGNED_PAYLOAD_MIN_BYTES:
+            assert offset % IO_ALIGN == 0, f"payload of {n} bytes at {offset}"
+            assert not any(data[end:offset - HEADER_BYTES])  # the gap is zeros
+            assert offset - HEADER_BYTES - end < IO_ALIGN
+        else:
+            assert offset - HEADER_BYTES == end  # packed right after the previous record
+        end = offset + n + (-n % 8)
+    assert disk_bytes(tmp_path) <= sum(record_footprint(n) for _, n in _MIXED) + IO_ALIGN
+    with NvmeTier(cfg) as tier:
+        assert tier.stats()["corrupt_records_skipped"] == 0
+        for i, n in _MIXED:
+            for skew in (0, 16):
+                out = aligned_array(n, skew)
+                assert tier.read_into(make_key(i), out) and out.tobytes() == make_value(i, n)
+            assert tier.get(make_key(i)) == make_value(i, n)
+
+
+def test_aligned_read_fetches_exactly_the_payload(tmp_path):
+    n = 256 * KiB
+    with NvmeTier(config(tmp_path)) as tier:
+        tier.put(make_key("small"), make_value("small", 100))
+        tier.put(make_key("big"), make_value("big", n))
+        tier.flush()
+    with NvmeTier(config(tmp_path)) as tier:
+        before = tier.stats()["bytes_read"]
+        out = aligned_array(n)
+        assert tier.read_into(make_key("big"), out) and out.tobytes() == make_value("big", n)
+        assert tier.stats()["bytes_read"] - before == n  # not n + a block for the header
+
+
+@pytest.mark.parametrize("skew", [0, 16], ids=["aligned-out", "unaligned-out"])
+def test_flipped_byte_in_aligned_payload_is_a_miss(tmp_path, skew):
+    n = 256 * KiB
+    with NvmeTier(config(tmp_path)) as tier:
+        for i in range(3):
+            tier.put(make_key(i), make_value(i, n))
+        tier.flush()
+        seg = segment_files(tmp_path)[-1]
+        flip_byte(seg, find(seg, make_value(1, n)) + n - 1)  # the last byte of the payload
+        assert not tier.read_into(make_key(1), aligned_array(n, skew))
+        assert tier.stats()["checksum_failures"] == 1 and make_key(1) not in tier
+        out = aligned_array(n, skew)
+        assert tier.read_into(make_key(2), out) and out.tobytes() == make_value(2, n)
+    with NvmeTier(config(tmp_path)) as tier:
+        assert tier.get(make_key(1)) is None
+        assert tier.stats()["corrupt_records_skipped"] == 1
+        assert tier.get(make_key(0)) == make_value(0, n)
+
+
+@pytest.mark.parametrize("field_offset", [0, 40, 72])  # magic, stored length, checksum
+def test_flipped_header_byte_of_aligned_record_is_skipped(tmp_path, field_offset):
+    n = 256 * KiB
+    cfg = config(tmp_path)
+    with NvmeTier(cfg) as tier:
+        for i in range(3):
+            tier.put(make_key(i), make_value(i, n))
+    seg = segment_files(tmp_path)[-1]
+    flip_byte(seg, find(seg, make_value(1, n)) - HEADER_BYTES + field_offset)
+    with NvmeTier(cfg) as tier:
+        assert [i for i in range(3) if make_key(i) in tier] == [0, 2]
+        assert tier.stats()["corrupt_records_skipped"] == 1
+        assert tier.get(make_key(2)) == make_value(2, n)
+
+
+def test_misplaced_aligned_record_is_corrupt(tmp_path):
+    # A large record whose payload is not 4 KiB aligned is not one this format writes.
+    (tmp_path / "seg-0000000001.log").write_bytes(
+        bytes(8) + pack_header(0, make_key("big"), None, 100_000, 100_000, 0) + bytes(100_000))
+    with NvmeTier(config(tmp_path)) as tier:
+        assert len(tier) == 0 and tier.stats()["corrupt_records_skipped"] == 1
+
+
+def test_segment_of_another_format_version_is_refused(tmp_path):
+    import struct
+
+    import xxhash
+    payload_checksum = xxhash.xxh3_64_intdigest(b"hello")
+    head = bytearray(pack_header(0, make_key("old"), None, 5, 5, payload_checksum))
+    head[4] = FORMAT_VERSION - 1
+    head[72:80] = struct.pack("<Q", xxhash.xxh3_64_intdigest(bytes(head[:72])))
+    (tmp_path / "seg-0000000001.log").write_bytes(bytes(head) + b"hello" + bytes(3))
+    with pytest.raises(FormatVersionError, match="format version 1"):
+        NvmeTier(config(tmp_path))
+    with pytest.raises(StorageError):  # the same error, for callers that catch StorageError
+        NvmeTier(config(tmp_path))
 
 
 # -- options and misuse --------------------------------------------------------------------------
