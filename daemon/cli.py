@@ -1,23 +1,165 @@
-"""The `kvstored` command line."""
+"""The `kvstored` command line (also `python -m daemon`)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import logging
+import signal
 import sys
+import time
+
+from kvstore.errors import KVStoreError
+
+log = logging.getLogger("daemon")
+
+EPILOG = """\
+Sizes take units: 512MiB, 8GiB, 1.5TB. Flags override the --config file, which uses
+the same names (TOML, e.g. dram = "8GiB", nvme-path = "/mnt/nvme/kvstore").
+
+Clients connect with kvstore.connect("kvstore://HOST:PORT", token=...). Same-host
+clients map the DRAM pool (POSIX shared memory) and copy values themselves; others
+stream them over the socket. The wire protocol is in docs/PROTOCOL.md.
+
+SIGTERM or SIGINT: stop accepting, finish requests in flight (up to --drain), flush the
+NVMe tier, exit 0. Restarting with the same --nvme-path brings the NVMe tier back.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kvstored",
-        description="Serve one kvstore.Store (HBM, DRAM, NVMe tiers) to many processes and "
-                    "hosts. The network daemon arrives with issue 3; until then use the "
-                    "embedded kvstore.Store.")
-    parser.add_argument("--listen", default="127.0.0.1:7400", help="HOST:PORT to serve on")
-    return parser
+    p = argparse.ArgumentParser(
+        prog="kvstored", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve one kvstore store (HBM, DRAM and NVMe tiers) to many processes "
+                    "and hosts.", epilog=EPILOG)
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="address to serve clients on (default 127.0.0.1:7400; port 0 picks "
+                        "a free port and logs it)")
+    p.add_argument("--dram", metavar="SIZE", help="DRAM tier size (default 1GiB; 0 for none)")
+    p.add_argument("--nvme-path", metavar="DIR",
+                   help="directory of the NVMe tier's segment files (recovered at start)")
+    p.add_argument("--nvme", metavar="SIZE", help="NVMe tier size (needs --nvme-path)")
+    p.add_argument("--hbm", metavar="SIZE", help="GPU HBM tier size (needs CUDA; default 0)")
+    p.add_argument("--max-value", metavar="SIZE", help="largest value (default 16MiB)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus /metrics and /healthz here (default: off)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="TOML file of tenants: token -> allowed namespaces (default: no "
+                        "auth, one trusted tenant); see daemon/tenants.py")
+    p.add_argument("--redis", metavar="URL",
+                   help="register this node in Redis (redis://host:port/db) with a "
+                        "heartbeat; survives Redis being down")
+    p.add_argument("--node-id", help="this node's id in Redis (default hostname:port)")
+    p.add_argument("--no-shared-memory", dest="shared_memory", action="store_const",
+                   const=False, help="do not offer same-host clients the DRAM pool")
+    p.add_argument("--lease", type=float, metavar="SECONDS",
+                   help="pins and reservations of a silent client expire after this "
+                        "(default 30)")
+    p.add_argument("--drain", type=float, metavar="SECONDS",
+                   help="on SIGTERM, time requests in flight get to finish (default 10)")
+    p.add_argument("--workers", type=int, help="threads running store calls (default 8)")
+    p.add_argument("--frame-timeout", type=float, metavar="SECONDS",
+                   help="a client that starts a frame must send all of it within this, or "
+                        "it is dropped (slow senders; default 30)")
+    p.add_argument("--log-format", choices=["text", "json"], help="log lines (default text)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"],
+                   help="default INFO: a line per client connect/disconnect and per error")
+    p.add_argument("--config", metavar="FILE", help="TOML file of the settings above")
+    return p
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg (and exc when there is one)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"ts": round(record.created, 3), "level": record.levelname,
+                "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+async def run(config: object) -> int:
+    from daemon.config import DaemonConfig
+    from daemon.server import Daemon
+
+    assert isinstance(config, DaemonConfig)
+    metrics = registry = metrics_server = None
+    daemon = Daemon(config)
+    try:
+        if config.metrics is not None:
+            from daemon.metrics import DaemonMetrics, MetricsServer
+
+            metrics = daemon.metrics = DaemonMetrics(daemon.store.stats)
+        await daemon.start()
+        if metrics is not None:
+            host, port = config.metrics_address
+            metrics_server = MetricsServer(metrics, host, port, health=daemon.health)
+            await metrics_server.start()
+            log.info("metrics on http://%s:%d/metrics", *metrics_server.address)
+        if config.redis_url is not None:
+            from daemon.registry import NodeInfo, NodeRegistry, default_node_id
+
+            host, port = daemon.address
+            addresses = {"control": f"{host}:{port}"}
+            if metrics_server is not None:
+                addresses["metrics"] = "{}:{}".format(*metrics_server.address)
+            node = NodeInfo(
+                node_id=config.node_id or default_node_id(f"{host}:{port}"),
+                addresses=addresses,
+                tiers={t["name"]: t["capacity_bytes"] for t in _tiers(daemon)},
+                started_at=time.time())
+            registry = NodeRegistry(config.redis_url, node, status=lambda: {
+                t["name"]: t["used_bytes"] for t in _tiers(daemon)})
+            await registry.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.request_stop)
+        await daemon.serve_until_stopped()
+    finally:
+        if registry is not None:
+            await registry.stop()
+        if metrics_server is not None:
+            await metrics_server.stop()
+        await daemon.stop()
+    return 0
+
+
+def _tiers(daemon: object) -> list[dict[str, int | str]]:
+    stats = daemon.store.stats()["tiers"]  # type: ignore[attr-defined]
+    return [{"name": name, **{k: v for k, v in tier.items()
+                              if k in ("capacity_bytes", "used_bytes")}}
+            for name, tier in stats.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print("kvstored: not yet: the daemon is issue 3; use the embedded kvstore.Store for now",
-          file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    from daemon.config import build
+
+    flags = {"listen": args.listen, "dram": args.dram, "nvme-path": args.nvme_path,
+             "nvme": args.nvme, "hbm": args.hbm, "max-value": args.max_value,
+             "metrics": args.metrics, "token-file": args.token_file, "redis": args.redis,
+             "node-id": args.node_id, "shared-memory": args.shared_memory,
+             "lease": args.lease, "drain": args.drain, "workers": args.workers,
+             "log-format": args.log_format, "frame-timeout": args.frame_timeout}
+    try:
+        config = build(args.config, flags)
+        setup_logging(args.log_level, config.log_format)
+        return asyncio.run(run(config))
+    except KVStoreError as e:
+        print(f"kvstored: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the listen address is taken, and the like
+        print(f"kvstored: {e.strerror or e}", file=sys.stderr)
+        return 1

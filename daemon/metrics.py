@@ -291,7 +291,7 @@ class MetricsServer:
             await self._write(writer, status, content_type, body)
         except asyncio.CancelledError:
             raise
-        except (ConnectionError, asyncio.TimeoutError) as e:
+        except (TimeoutError, ConnectionError) as e:
             logger.debug("metrics: connection dropped: %r", e)
         except Exception:
             logger.exception("metrics: unexpected error serving a request")
@@ -305,7 +305,7 @@ class MetricsServer:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.timeout_s)
             method, path = _parse_head(head)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return _text(408, "request head not received in time\n")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, _BadRequest):
             return _text(400, "bad request\n")

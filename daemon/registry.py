@@ -376,7 +376,7 @@ class NodeRegistry:
         """Await one Redis call, at most ``timeout_s`` (redis-py drops the connection if cut)."""
         try:
             return await asyncio.wait_for(awaitable, self._timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TimeoutError(f"no answer from Redis within {self._timeout_s} s") from None
 
     def _node_key(self, node_id: str) -> str:
@@ -388,7 +388,7 @@ class NodeRegistry:
             try:
                 await asyncio.wait_for(self._stopping.wait(), delay_s)
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             delay_s = await self._beat_once()
 

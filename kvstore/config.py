@@ -43,6 +43,8 @@ class StoreConfig:
       present tier by default.
     - ``promote_on_hit``: copy a block hit in a slower tier up to the write tier.
     - ``lease_s``: how long a pin protects a block from a vanished holder.
+    - ``dram_shm_name``: put the DRAM pool in POSIX shared memory of that name (the
+      daemon does, so same-host clients copy straight into it); private memory if None.
     """
 
     dram_bytes: int | str = GiB
@@ -59,6 +61,7 @@ class StoreConfig:
     nvme_segment_bytes: int | str = 64 * MiB
     nvme_direct_io: bool = True
     lease_s: float = 30.0
+    dram_shm_name: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -90,6 +93,10 @@ class StoreConfig:
         if self.write_tier is not None and self.write_tier not in self.tier_names:
             raise ConfigError(f"StoreConfig.write_tier {self.write_tier!r} is not a present "
                               f"tier ({', '.join(self.tier_names)})")
+        if self.dram_shm_name is not None and (
+                not self.dram_shm_name or "/" in self.dram_shm_name
+                or self.dram_shm_name.startswith(".") or len(self.dram_shm_name) > 200):
+            raise ConfigError("StoreConfig.dram_shm_name must be a short name with no '/'")
         if not self.lease_s > 0:
             raise ConfigError("StoreConfig.lease_s must be positive")
 

@@ -33,3 +33,19 @@ class ConfigError(KVStoreError, ValueError):
 
 class StorageError(KVStoreError, OSError):
     """The NVMe directory cannot be created, written or read."""
+
+
+class StoreConnectionError(KVStoreError, ConnectionError):
+    """A daemon cannot be reached, or the connection broke mid-call; names the URL."""
+
+
+class AuthError(KVStoreError, PermissionError):
+    """The daemon refused the token, or the token does not grant that namespace."""
+
+
+class ProtocolError(KVStoreError):
+    """A peer sent a frame this side cannot accept (bad framing, version mismatch)."""
+
+
+class DeadlineExceededError(KVStoreError, TimeoutError):
+    """A call did not finish within its timeout; it may or may not have taken effect."""

@@ -1,0 +1,136 @@
+"""`DaemonConfig`: everything `kvstored` is told, from a TOML file and flags (flags win).
+
+The TOML file uses the flags' names with dashes or underscores, sizes as in the flags:
+
+    listen = "0.0.0.0:7400"
+    dram = "8GiB"
+    nvme-path = "/mnt/nvme/kvstore"
+    nvme = "100GiB"
+    metrics = "127.0.0.1:9400"
+    token-file = "/etc/kvstore/tokens.toml"
+    redis = "redis://cache:6379/0"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvstore.config import StoreConfig
+from kvstore.errors import ConfigError
+from kvstore.units import parse_size
+
+
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` -> (host, port); port 0 picks a free one."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{what} must be HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    listen: str = "127.0.0.1:7400"
+    dram_bytes: int | str = "1GiB"
+    nvme_path: str | None = None
+    nvme_bytes: int | str = 0
+    hbm_bytes: int | str = 0
+    max_value_bytes: int | str = "16MiB"
+    metrics: str | None = None  # HOST:PORT of /metrics and /healthz
+    token_file: str | None = None
+    redis_url: str | None = None
+    node_id: str | None = None  # default: hostname:port
+    shared_memory: bool = True  # offer same-host clients the DRAM pool in /dev/shm
+    lease_s: float = 30.0  # pins and reservations of a silent client expire after this
+    drain_s: float = 10.0  # on SIGTERM, how long in-flight requests may take to finish
+    workers: int = 8  # threads running store calls (the event loop never blocks on them)
+    frame_timeout_s: float = 30.0  # a started frame must arrive whole within this
+    log_format: str = "text"  # or "json"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        for name in ("dram_bytes", "nvme_bytes", "hbm_bytes", "max_value_bytes"):
+            set_(self, name, parse_size(getattr(self, name), what=f"--{_flag(name)}"))
+        parse_address(self.listen, "--listen")
+        if self.metrics is not None:
+            parse_address(self.metrics, "--metrics")
+        if self.token_file is not None and not Path(self.token_file).is_file():
+            raise ConfigError(f"--token-file {self.token_file} is not a readable file")
+        if not self.lease_s > 0 or not self.drain_s >= 0:
+            raise ConfigError("--lease must be positive and --drain not negative")
+        if not self.frame_timeout_s > 0:
+            raise ConfigError("--frame-timeout must be positive")
+        if not 1 <= self.workers <= 256:
+            raise ConfigError("--workers must be in 1..256")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("--log-format must be text or json")
+        self.store_config("probe")  # the store's own checks, with flag names
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_address(self.listen, "--listen")
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return None if self.metrics is None else parse_address(self.metrics, "--metrics")
+
+    def store_config(self, shm_name: str | None) -> StoreConfig:
+        try:
+            return StoreConfig(
+                dram_bytes=self.dram_bytes, nvme_path=self.nvme_path, nvme_bytes=self.nvme_bytes,
+                hbm_bytes=self.hbm_bytes, max_value_bytes=self.max_value_bytes,
+                lease_s=self.lease_s,
+                dram_shm_name=shm_name if self.shared_memory and self.dram_bytes else None)
+        except ConfigError as e:
+            message = str(e).replace("StoreConfig.", "--").replace("_bytes", "")
+            raise ConfigError(message.replace("nvme_path", "nvme-path")) from None
+
+    def replace(self, **changes: Any) -> DaemonConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# flag name <-> field name
+_FIELD_OF_FLAG = {
+    "listen": "listen", "dram": "dram_bytes", "nvme-path": "nvme_path", "nvme": "nvme_bytes",
+    "hbm": "hbm_bytes", "max-value": "max_value_bytes", "metrics": "metrics",
+    "token-file": "token_file", "redis": "redis_url", "node-id": "node_id",
+    "shared-memory": "shared_memory", "lease": "lease_s", "drain": "drain_s",
+    "workers": "workers", "log-format": "log_format", "frame-timeout": "frame_timeout_s",
+}
+
+
+def _flag(field: str) -> str:
+    return next(f for f, name in _FIELD_OF_FLAG.items() if name == field)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's settings as DaemonConfig fields; unknown keys are errors."""
+    try:
+        document = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read --config {path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path} is not valid TOML: {e}") from e
+    fields = {}
+    for key, value in document.items():
+        flag = key.replace("_", "-")
+        if flag not in _FIELD_OF_FLAG:
+            raise ConfigError(f"--config {path}: unknown setting {key!r} (known: "
+                              f"{', '.join(sorted(_FIELD_OF_FLAG))})")
+        fields[_FIELD_OF_FLAG[flag]] = value
+    return fields
+
+
+def build(file: str | Path | None, flags: dict[str, Any]) -> DaemonConfig:
+    """The config file's settings, overridden by the flags given (None = not given)."""
+    fields = load_toml(file) if file is not None else {}
+    fields.update({_FIELD_OF_FLAG[f]: v for f, v in flags.items() if v is not None})
+    try:
+        return DaemonConfig(**fields)
+    except TypeError as e:
+        raise ConfigError(f"bad setting type: {e}") from None

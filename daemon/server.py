@@ -1,0 +1,464 @@
+"""The daemon: one `kvstore.Store` served to many clients over asyncio.
+
+    client ──frames (kvstore.protocol)──> connection task ──executor thread──> Store
+    same-host client ──maps /dev/shm/NAME──> the Store's DRAM pool (reserve/commit, pin/unpin)
+
+One event loop owns the connections, handles and leases; every Store call runs in a
+worker thread (the Store is thread-safe; NVMe I/O must never stall the loop). Each
+connection serves its requests in order; concurrency comes from many connections.
+
+Leases: a connection's reservations and pins are released when it closes, however it
+closes (a SIGKILLed client's socket is closed by its kernel); a live client that holds
+one past ``lease_s`` loses it to the sweeper, and the Store's own pin lease makes an
+expired pin stop protecting its block, so no slot leaks and no eviction waits forever.
+
+Shutdown (SIGTERM): stop accepting, let requests in flight finish (up to ``drain_s``),
+close the Store (which flushes NVMe), stop metrics and the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.config import DaemonConfig
+from daemon.tenants import (
+    DEFAULT_NAMESPACE,
+    Tenant,
+    Tenants,
+    grants,
+    namespace_secret,
+    scoped_key,
+)
+from kvstore import protocol
+from kvstore.errors import KVStoreError
+from kvstore.protocol import ErrorCode, FrameKind, RequestError
+from kvstore.store import Store
+from kvstore.tiers.dram import boot_id
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 1.0
+
+
+@dataclass
+class _Reservation:
+    key: bytes  # scoped
+    offset: int
+    nbytes: int
+    deadline: float
+
+
+@dataclass
+class _Pin:
+    key: bytes  # scoped
+    pin: int
+    deadline: float
+
+
+@dataclass
+class _Expired:
+    """Reservations and pins whose lease ran out (shaped like a Connection's tables)."""
+
+    reservations: dict[int, _Reservation]
+    pins: dict[int, _Pin]
+
+
+@dataclass
+class Connection:
+    peer: str
+    tenant: Tenant | None = None
+    namespace: str | None = None
+    secret: bytes = b""
+    shared_memory: bool = False
+    reservations: dict[int, _Reservation] = field(default_factory=dict)
+    pins: dict[int, _Pin] = field(default_factory=dict)
+    busy: bool = False
+
+    def scope(self, key: bytes) -> bytes:
+        return scoped_key(self.secret, key)
+
+
+class Daemon:
+    """Serve a Store; `start`, then `serve_until_stopped` (or `stop`)."""
+
+    def __init__(self, config: DaemonConfig, *, metrics: Any | None = None,
+                 registry: Any | None = None) -> None:
+        self.config = config
+        self.tenants = Tenants.load(config.token_file)
+        self.shm_name = f"kvstored-{os.getpid()}-{secrets.token_hex(4)}"
+        self.store = Store(config.store_config(self.shm_name))
+        self.metrics = metrics
+        self.registry = registry
+        self.boot_id = boot_id()
+        self.max_frame_data_bytes = max(self.store.config.max_value_bytes * 64, 256 << 20)
+        self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="kvstored")
+        self._handles = itertools.count(1)
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: dict[asyncio.Task[None], Connection] = {}
+        self._stopping = asyncio.Event()
+        self._closed = False
+        self._sweeper: asyncio.Task[None] | None = None
+        self.address: tuple[str, int] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        host, port = self.config.listen_address
+        self._server = await asyncio.start_server(self._serve, host, port, limit=1 << 20)
+        self.address = self._server.sockets[0].getsockname()[:2]
+        self._sweeper = asyncio.create_task(self._sweep_leases(), name="kvstored-sweeper")
+        pool = self.store.host_pool
+        log.info("kvstored listening on %s:%d tiers=%s shm=%s", *self.address,
+                 ",".join(self.store.config.tier_names),
+                 pool.shm_name if pool is not None and pool.shm_name else "off")
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def serve_until_stopped(self) -> None:
+        await self._stopping.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Drain and close; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        if self._server is not None:
+            self._server.close()
+        idle = [t for t, c in self._connections.items() if not c.busy]
+        for task in idle:
+            task.cancel()
+        busy = [t for t, c in self._connections.items() if c.busy]
+        if busy:
+            log.info("draining %d requests in flight (up to %.1f s)", len(busy),
+                     self.config.drain_s)
+            _, pending = await asyncio.wait(busy, timeout=self.config.drain_s)
+            for task in pending:
+                task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.store.close)  # flushes NVMe
+        self._executor.shutdown(wait=True)
+        log.info("kvstored stopped; store closed and flushed")
+
+    # -- connections --------------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        peername = writer.get_extra_info("peername")
+        conn = Connection(peer=f"{peername[0]}:{peername[1]}" if peername else "?")
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._connections[task] = conn
+        if self.metrics is not None:
+            self.metrics.client_connected()
+        log.info("client connected peer=%s", conn.peer)
+        reason = "closed by client"
+        try:
+            while not self._stopping.is_set():
+                try:
+                    # Idle between requests may last; a started frame must finish in time.
+                    first = await reader.readexactly(1)
+                    raw = first + await asyncio.wait_for(
+                        reader.readexactly(protocol.HEADER_BYTES - 1),
+                        self.config.frame_timeout_s)
+                except asyncio.IncompleteReadError:
+                    break
+                conn.busy = True
+                if not await self._answer(conn, raw, reader, writer):
+                    reason = "bad frame"
+                    break
+                conn.busy = False
+            else:
+                reason = "daemon stopping"
+        except asyncio.CancelledError:
+            reason = "daemon stopping"
+            raise
+        except (ConnectionError, TimeoutError) as e:
+            reason = f"connection lost ({type(e).__name__})"
+        finally:
+            del self._connections[task]
+            await self._run(self._release_all, conn)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            if self.metrics is not None:
+                self.metrics.client_disconnected()
+            log.info("client disconnected peer=%s tenant=%s reason=%s", conn.peer,
+                     conn.tenant.name if conn.tenant else "-", reason)
+
+    async def _answer(self, conn: Connection, raw: bytes, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> bool:
+        """Read the rest of one request, run it, write the response; False to hang up."""
+        started = time.perf_counter()
+        request_id, op = None, "?"
+        keep_open = True
+        try:
+            header = protocol.decode_header(raw, max_data_bytes=self.max_frame_data_bytes,
+                                            expect=FrameKind.REQUEST)
+            async with asyncio.timeout(self.config.frame_timeout_s):
+                meta = protocol.decode_meta(await reader.readexactly(header.meta_bytes))
+                data = await reader.readexactly(header.data_bytes) if header.data_bytes else b""
+            request_id, op, timeout_s = protocol.check_request(meta, header.data_bytes)
+            if op != "hello" and conn.tenant is None:
+                raise RequestError(ErrorCode.AUTH_REQUIRED, "the first request must be hello")
+            handler = getattr(self, f"_op_{op}")
+            try:
+                result, out = await asyncio.wait_for(handler(conn, meta, data), timeout_s)
+            except TimeoutError:
+                raise RequestError(ErrorCode.DEADLINE_EXCEEDED,
+                                   f"{op} did not finish within {timeout_s:g} s; it may "
+                                   "still take effect") from None
+            response = {"id": request_id, "ok": True, **result}
+        except asyncio.IncompleteReadError:
+            raise ConnectionError("frame cut short") from None
+        except (RequestError, KVStoreError) as e:
+            code = protocol.code_of(e)
+            request_id = getattr(e, "request_id", request_id)
+            keep_open = code not in (ErrorCode.BAD_FRAME, ErrorCode.UNSUPPORTED_VERSION)
+            if code is ErrorCode.AUTH_FAILED:
+                keep_open = False
+            response, out = {"id": request_id, "ok": False, "code": code.value,
+                             "message": str(e)}, []
+            log.warning("request failed peer=%s op=%s code=%s: %s", conn.peer, op,
+                        code.value, e)
+            if self.metrics is not None:
+                self.metrics.error(code.value)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            log.exception("internal error peer=%s op=%s", conn.peer, op)
+            response, out = {"id": request_id, "ok": False, "code": ErrorCode.INTERNAL.value,
+                             "message": f"internal error: {type(e).__name__}: {e}"}, []
+        data_bytes = sum(len(part) for part in out)
+        writer.write(protocol.encode(FrameKind.RESPONSE, response, data_bytes))
+        for part in out:
+            writer.write(part)
+        await asyncio.wait_for(writer.drain(), self.config.frame_timeout_s)
+        if self.metrics is not None:
+            self.metrics.observe_request(op, time.perf_counter() - started, response["ok"])
+            if data_bytes:
+                self.metrics.record_transfer("out", data_bytes)
+        return keep_open
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    # -- operations: each returns (response fields, data parts) ----------------------------------
+
+    async def _op_hello(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        if meta["version"] != protocol.PROTOCOL_VERSION:
+            raise RequestError(ErrorCode.UNSUPPORTED_VERSION,
+                               f"client speaks protocol {meta['version']}, daemon "
+                               f"{protocol.PROTOCOL_VERSION}")
+        tenant = self.tenants.authenticate(meta["token"])
+        if tenant is None:
+            raise RequestError(ErrorCode.AUTH_FAILED, "invalid or missing token")
+        namespace = meta["namespace"] or tenant.default_namespace() or DEFAULT_NAMESPACE
+        if not grants(tenant, namespace):
+            raise RequestError(ErrorCode.FORBIDDEN,
+                               f"the token does not grant namespace {namespace!r}")
+        conn.tenant, conn.namespace = tenant, namespace
+        conn.secret = namespace_secret(namespace)
+        pool = self.store.host_pool
+        conn.shared_memory = bool(meta["shm"] and tenant.can_share_memory and pool is not None
+                                  and pool.shm_name)
+        log.info("client hello peer=%s tenant=%s namespace=%s shm=%s", conn.peer, tenant.name,
+                 namespace, conn.shared_memory)
+        return {
+            "version": protocol.PROTOCOL_VERSION,
+            "node_id": self.config.node_id or f"{socket.gethostname()}:{self.address[1]}",
+            "namespace": namespace,
+            "max_value_bytes": self.store.config.max_value_bytes,
+            "max_frame_data_bytes": self.max_frame_data_bytes,
+            "lease_s": self.config.lease_s,
+            "tiers": self.store.config.tier_names,
+            "shm": ({"name": pool.shm_name, "nbytes": pool.nbytes, "boot_id": self.boot_id}
+                    if conn.shared_memory else None),
+        }, []
+
+    async def _op_put(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        self._count_in(data)
+        stored = await self._run(self.store.put, conn.scope(meta["key"]), data)
+        return {"stored": stored}, []
+
+    async def _op_put_many(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        self._count_in(data)
+        view, values, offset = memoryview(data), [], 0
+        for size in meta["sizes"]:
+            values.append(view[offset:offset + size])
+            offset += size
+        keys = [conn.scope(k) for k in meta["keys"]]
+        return {"stored": await self._run(self.store.put_many, keys, values)}, []
+
+    async def _op_get(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        value = await self._run(self.store.get, conn.scope(meta["key"]))
+        return {"found": value is not None}, [value] if value is not None else []
+
+    async def _op_get_many(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        values = await self._run(self.store.get_many, [conn.scope(k) for k in meta["keys"]])
+        return ({"sizes": [None if v is None else len(v) for v in values]},
+                [v for v in values if v])
+
+    async def _op_match_prefix(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        keys = [conn.scope(k) for k in meta["keys"]]
+        return {"count": await self._run(self.store.match_prefix, keys)}, []
+
+    async def _op_contains(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        return {"present": await self._run(self.store.contains, conn.scope(meta["key"]))}, []
+
+    async def _op_delete(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        return {"deleted": await self._run(self.store.delete, conn.scope(meta["key"]))}, []
+
+    async def _op_tier_of(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        return {"tier": await self._run(self.store.tier_of, conn.scope(meta["key"]))}, []
+
+    async def _op_flush(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        await self._run(self.store.flush)
+        return {}, []
+
+    async def _op_stats(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        stats = await self._run(self.store.stats)
+        stats["clients"] = len(self._connections)
+        return {"stats": stats}, []
+
+    # -- the shared-memory data plane -------------------------------------------------------------
+
+    def _check_shm(self, conn: Connection) -> None:
+        if not conn.shared_memory:
+            raise RequestError(ErrorCode.FORBIDDEN, "this connection has no shared memory; "
+                                                    "use put/get")
+
+    async def _op_reserve(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        """Reserve DRAM slots for the leading keys that find room."""
+        self._check_shm(conn)
+        handles, offsets = [], []
+        deadline = time.monotonic() + self.config.lease_s
+        for key, nbytes in zip(meta["keys"], meta["sizes"], strict=True):
+            offset = await self._run(self.store.reserve_host, nbytes)
+            if offset is None:
+                break
+            handle = next(self._handles)
+            conn.reservations[handle] = _Reservation(conn.scope(key), offset, nbytes, deadline)
+            handles.append(handle)
+            offsets.append(offset)
+        return {"handles": handles, "offsets": offsets}, []
+
+    def _take(self, table: dict[int, Any], handles: list[int]) -> list[Any]:
+        missing = [h for h in handles if h not in table]
+        if missing or len(set(handles)) != len(handles):
+            raise RequestError(ErrorCode.UNKNOWN_HANDLE,
+                               f"handles {missing or handles} are not held by this connection "
+                               "(expired after the lease, or never given)")
+        return [table.pop(h) for h in handles]
+
+    async def _op_commit(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        """Commit reservations in order, as one chain (each the parent of the next)."""
+        taken = self._take(conn.reservations, meta["handles"])
+
+        def commit() -> int:
+            parent = None
+            for i, r in enumerate(taken):
+                try:
+                    self.store.commit_host(r.key, r.offset, r.nbytes, parent)
+                except BaseException:
+                    for rest in taken[i:]:
+                        self.store.release_host(rest.offset)
+                    raise
+                parent = r.key
+            return len(taken)
+
+        stored = await self._run(commit)
+        self._count_in_bytes(sum(r.nbytes for r in taken))
+        return {"stored": stored}, []
+
+    async def _op_abort(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        for r in self._take(conn.reservations, meta["handles"]):
+            await self._run(self.store.release_host, r.offset)
+        return {}, []
+
+    async def _op_pin(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        """Pin the blocks held in DRAM: [offset, nbytes, handle] each, nil for the others
+        (not in DRAM or absent: the client fetches those with get_many)."""
+        self._check_shm(conn)
+        deadline = time.monotonic() + self.config.lease_s
+        keys = [conn.scope(k) for k in meta["keys"]]
+        pinned = await self._run(lambda: [self.store.pin_host(k) for k in keys])
+        blocks: list[list[int] | None] = []
+        for key, found in zip(keys, pinned, strict=True):
+            if found is None:
+                blocks.append(None)
+                continue
+            offset, nbytes, pin = found
+            handle = next(self._handles)
+            conn.pins[handle] = _Pin(key, pin, deadline)
+            blocks.append([offset, nbytes, handle])
+        return {"blocks": blocks}, []
+
+    async def _op_unpin(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        """Release pins; ``intact[i]`` False means that copy may be torn (drop it)."""
+        taken = self._take(conn.pins, meta["handles"])
+        intact = await self._run(lambda: [self.store.unpin_host(p.key, p.pin) for p in taken])
+        return {"intact": intact}, []
+
+    # -- leases -----------------------------------------------------------------------------------
+
+    def _release_all(self, conn: Connection | _Expired) -> None:
+        """Give back reservations and drop pins (a closed connection's, or expired ones)."""
+        if not conn.reservations and not conn.pins:
+            return
+        for r in conn.reservations.values():
+            self.store.release_host(r.offset)
+        for p in conn.pins.values():
+            with contextlib.suppress(KVStoreError):
+                self.store.unpin_host(p.key, p.pin)
+        if isinstance(conn, Connection):
+            log.info("released %d reservations and %d pins of peer=%s",
+                     len(conn.reservations), len(conn.pins), conn.peer)
+        conn.reservations.clear()
+        conn.pins.clear()
+
+    async def _sweep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            now = time.monotonic()
+            for conn in list(self._connections.values()):
+                expired = _Expired(
+                    {h: conn.reservations.pop(h) for h, r in list(conn.reservations.items())
+                     if r.deadline < now},
+                    {h: conn.pins.pop(h) for h, p in list(conn.pins.items()) if p.deadline < now})
+                if expired.reservations or expired.pins:
+                    log.warning("lease expired peer=%s: %d reservations and %d pins released",
+                                conn.peer, len(expired.reservations), len(expired.pins))
+                    await self._run(self._release_all, expired)
+
+    def _count_in(self, data: bytes) -> None:
+        self._count_in_bytes(len(data))
+
+    def _count_in_bytes(self, nbytes: int) -> None:
+        if self.metrics is not None and nbytes:
+            self.metrics.record_transfer("in", nbytes)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        ok = not self._stopping.is_set()
+        return ok, {"status": "ok" if ok else "stopping", "clients": len(self._connections)}

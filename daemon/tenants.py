@@ -1,0 +1,120 @@
+"""Tenants: which token may use which namespaces, and how keys are kept apart.
+
+The token file (``--token-file``, TOML) lists tenants:
+
+    [[tenant]]
+    name = "team-a"                     # shown in logs, never the token
+    token = "a-long-random-secret"
+    namespaces = ["llama3-8b", "shared"]
+    shared_memory = false               # may this tenant map the DRAM pool? (default false)
+
+Isolation: a client names one namespace at hello, which its token must grant; every key
+it sends is then stored under ``scoped_key(namespace, key)``, a keyed BLAKE2b of the key
+with the namespace. Tenants granted the same namespace share blocks; a tenant that knows
+another's key bytes still reaches only its own namespaces' scoped keys, so it can neither
+read, overwrite, delete nor probe (contains, match_prefix) the other's blocks.
+
+Shared memory: a client that maps the DRAM pool can read every byte in it, so only
+tenants with ``shared_memory = true`` (trusted processes of the same host) get it; the
+others move data over the socket. Without a token file there is one trusted tenant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvstore.errors import ConfigError
+
+DEFAULT_NAMESPACE = "default"
+_PERSON = b"kvstore-tenant1"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    namespaces: frozenset[str]
+    can_share_memory: bool
+
+    def default_namespace(self) -> str | None:
+        """The namespace a client gets when it names none: the only one granted."""
+        return next(iter(self.namespaces)) if len(self.namespaces) == 1 else None
+
+
+OPEN_TENANT = Tenant("anonymous", frozenset(), can_share_memory=True)  # no token file
+
+
+class Tenants:
+    """Token -> tenant; `None` tokens are accepted only when no token file is set."""
+
+    def __init__(self, by_token: dict[str, Tenant] | None) -> None:
+        self._by_token = by_token
+
+    @property
+    def is_open(self) -> bool:
+        return self._by_token is None
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> Tenants:
+        if path is None:
+            return cls(None)
+        try:
+            document = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read the token file {path}: {e.strerror}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"token file {path} is not valid TOML: {e}") from e
+        entries = document.get("tenant")
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError(f"token file {path} lists no [[tenant]] tables")
+        by_token: dict[str, Tenant] = {}
+        for i, entry in enumerate(entries):
+            where = f"{path}: tenant #{i + 1}"
+            name, token = entry.get("name"), entry.get("token")
+            namespaces = entry.get("namespaces")
+            share = entry.get("shared_memory", False)
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"{where} needs a name")
+            if not isinstance(token, str) or len(token) < 16:
+                raise ConfigError(f"{where} ({name}) needs a token of at least 16 characters")
+            if (not isinstance(namespaces, list) or not namespaces
+                    or not all(isinstance(n, str) and n for n in namespaces)):
+                raise ConfigError(f"{where} ({name}) needs a non-empty list of namespaces")
+            if not isinstance(share, bool):
+                raise ConfigError(f"{where} ({name}): shared_memory must be true or false")
+            if token in by_token:
+                raise ConfigError(f"{where} ({name}) reuses another tenant's token")
+            unknown = set(entry) - {"name", "token", "namespaces", "shared_memory"}
+            if unknown:
+                raise ConfigError(f"{where} ({name}) has unknown keys: {sorted(unknown)}")
+            by_token[token] = Tenant(name, frozenset(namespaces), share)
+        return cls(by_token)
+
+    def authenticate(self, token: str | None) -> Tenant | None:
+        """The tenant of ``token``, or None if it is not valid."""
+        if self._by_token is None:
+            return OPEN_TENANT
+        if token is None:
+            return None
+        # Compare against every token in constant time, so timing reveals no prefix.
+        found = None
+        for known, tenant in self._by_token.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                found = tenant
+        return found
+
+
+def grants(tenant: Tenant, namespace: str) -> bool:
+    return tenant is OPEN_TENANT or namespace in tenant.namespaces
+
+
+def namespace_secret(namespace: str) -> bytes:
+    """The BLAKE2b key that scopes a namespace's keys (computed once per connection)."""
+    return hashlib.blake2b(namespace.encode(), digest_size=32, person=_PERSON).digest()
+
+
+def scoped_key(secret: bytes, key: bytes) -> bytes:
+    return hashlib.blake2b(key, digest_size=16, key=secret, person=_PERSON).digest()

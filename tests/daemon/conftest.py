@@ -1,0 +1,92 @@
+"""A real `kvstored` subprocess per test (or per module), on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DaemonProcess:
+    """``python -m daemon`` with the given flags; ``url`` once it accepts connections."""
+
+    def __init__(self, tmp_path: Path, *flags: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"kvstore://127.0.0.1:{self.port}"
+        self.flags = ["--listen", f"127.0.0.1:{self.port}", *flags]
+        self.log_path = tmp_path / f"kvstored-{self.port}-{time.monotonic_ns()}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 20.0) -> DaemonProcess:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", *self.flags], cwd=REPO,
+                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kvstored exited {self.proc.returncode}: {self.output()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"kvstored did not start in {timeout_s} s: {self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+
+
+@pytest.fixture
+def start_daemon(tmp_path):
+    """``start_daemon(*flags)`` -> a running DaemonProcess, stopped at teardown."""
+    started: list[DaemonProcess] = []
+
+    def start(*flags: str, port: int | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(tmp_path, *flags, port=port).start()
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory):
+    """One daemon (64 MiB DRAM + 64 MiB NVMe) for a whole test module."""
+    tmp = tmp_path_factory.mktemp("kvstored")
+    daemon = DaemonProcess(tmp, "--dram", "64MiB", "--nvme-path", str(tmp / "nvme"),
+                           "--nvme", "64MiB", "--max-value", "4MiB").start()
+    yield daemon
+    daemon.stop()
