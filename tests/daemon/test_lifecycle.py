@@ -1,0 +1,216 @@
+"""kvstored as an operator runs it: tenants, SIGTERM and restart, reconnects, config,
+metrics, the Redis registry, logs. Real daemon subprocesses, real sockets."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import redis
+
+import kvstore
+from kvstore import AuthError, ProtocolError, StoreConnectionError
+from tests.conftest import make_key, make_value
+from tests.daemon.conftest import REPO, free_port
+from tests.daemon.test_registry import RedisServer
+
+KiB = 1024
+TOKEN_A = "token-of-tenant-a-0123456789"
+TOKEN_B = "token-of-tenant-b-0123456789"
+
+
+@pytest.fixture
+def tenant_daemon(tmp_path, start_daemon):
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'''
+[[tenant]]
+name = "a"
+token = "{TOKEN_A}"
+namespaces = ["a", "shared"]
+shared_memory = true
+
+[[tenant]]
+name = "b"
+token = "{TOKEN_B}"
+namespaces = ["b", "shared"]
+''')
+    return start_daemon("--dram", "32MiB", "--token-file", str(tokens))
+
+
+def test_tokens_are_required_and_checked(tenant_daemon):
+    url = tenant_daemon.url
+    with pytest.raises(AuthError, match="token"):
+        kvstore.connect(url)
+    with pytest.raises(AuthError, match="token"):
+        kvstore.connect(url, token="not-a-token-of-anyone")
+    with pytest.raises(AuthError, match="namespace"):
+        kvstore.connect(url, token=TOKEN_B, namespace="a")
+    with pytest.raises(AuthError, match="namespace"):  # two granted: must choose one
+        kvstore.connect(url, token=TOKEN_A)
+
+
+def test_a_tenant_cannot_reach_another_tenants_keys(tenant_daemon):
+    url = tenant_daemon.url
+    a = kvstore.connect(url, token=TOKEN_A, namespace="a")
+    b = kvstore.connect(url, token=TOKEN_B, namespace="b")
+    keys = kvstore.prefix_hashes(np.arange(48), block_tokens=16, namespace="secret")
+    values = [make_value(i, 100 * KiB) for i in range(3)]
+    assert a.put_many(keys, values) == 3
+    # b knows the key bytes: it can neither read, probe, overwrite nor delete them.
+    assert b.get(keys[0]) is None
+    assert b.get_many(keys) == [None] * 3
+    assert b.get_into(keys[0], bytearray(100 * KiB)) is False
+    assert b.contains(keys[0]) is False
+    assert b.match_prefix(keys) == 0
+    assert b.tier_of(keys[0]) is None
+    assert b.delete(keys[0]) is False
+    assert b.put(keys[1], b"overwritten by b") is True
+    assert a.get_many(keys) == values
+    # A namespace both are granted is shared.
+    a_shared = kvstore.connect(url, token=TOKEN_A, namespace="shared")
+    b_shared = kvstore.connect(url, token=TOKEN_B, namespace="shared")
+    a_shared.put(keys[0], b"for everyone")
+    assert b_shared.get(keys[0]) == b"for everyone"
+    # Only tenants trusted with shared memory map the pool (mapping it reveals every byte).
+    assert a._idle[0].session.pool is not None
+    assert b._idle[0].session.pool is None
+    for client in (a, b, a_shared, b_shared):
+        client.close()
+
+
+def test_sigterm_drains_flushes_and_restart_recovers(tmp_path, start_daemon):
+    nvme = tmp_path / "nvme"
+    flags = ("--dram", "16MiB", "--nvme-path", str(nvme), "--nvme", "64MiB", "--max-value", "1MiB")
+    daemon = start_daemon(*flags)
+    client = kvstore.connect(daemon.url)
+    keys = kvstore.prefix_hashes(np.arange(16 * 20), block_tokens=16, namespace="durable")
+    values = [make_value(("d", i), 256 * KiB) for i in range(20)]
+    assert client.put_many(keys, values) == 20  # no flush: SIGTERM must flush
+    assert daemon.signal(signal.SIGTERM) == 0
+    assert "stopped" in daemon.output()
+    # The same client reconnects by itself to the restarted daemon (same port).
+    start_daemon(*flags, port=daemon.port)
+    assert client.get_many(keys) == values
+    assert client.match_prefix(keys) == 20
+    client.close()
+
+
+def test_calls_to_a_stopped_daemon_fail_clearly_naming_the_url(start_daemon):
+    daemon = start_daemon("--dram", "16MiB")
+    client = kvstore.connect(daemon.url, timeout_s=3)
+    client.put(make_key(1), b"x")
+    daemon.stop()
+    with pytest.raises(StoreConnectionError, match=str(daemon.port)):
+        client.get(make_key(1))
+    with pytest.raises(StoreConnectionError, match=str(daemon.port)):
+        kvstore.connect(daemon.url)
+
+
+def test_protocol_version_mismatch_is_a_clear_error(shared_daemon, monkeypatch):
+    from kvstore import protocol
+
+    monkeypatch.setattr(protocol, "PROTOCOL_VERSION", protocol.PROTOCOL_VERSION + 1)
+    with pytest.raises(ProtocolError, match="version"):
+        kvstore.connect(shared_daemon.url)
+
+
+def test_client_works_from_many_threads(shared_daemon):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = kvstore.connect(shared_daemon.url, namespace="threads")
+
+    def work(i: int) -> bool:
+        key, value = make_key(("t", i)), make_value(("t", i), 70 * KiB + i)
+        client.put(key, value)
+        return client.get(key) == value
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(work, range(64)))
+    assert len(client._idle) <= 8
+    client.close()
+
+
+def test_metrics_and_healthz(start_daemon):
+    port = free_port()
+    daemon = start_daemon("--dram", "16MiB", "--metrics", f"127.0.0.1:{port}")
+    client = kvstore.connect(daemon.url)
+    client.put(make_key("m"), b"v" * 1000)
+    client.get(make_key("m"))
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'kvstore_tier_blocks{tier="dram"} 1.0' in body
+    assert "kvstore_connected_clients 1.0" in body
+    assert 'kvstore_request_seconds_count{op="put"} 1.0' in body  # small: in the frame
+    assert 'kvstore_request_seconds_count{op="pin"} 1.0' in body  # read from the pool
+    health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    assert health.status == 200 and json.loads(health.read())["status"] == "ok"
+    client.close()
+
+
+def test_registers_in_redis(tmp_path, start_daemon):
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        daemon = start_daemon("--dram", "16MiB", "--redis", server.url, "--node-id", "node-7")
+        r = redis.Redis(port=server.port)
+        deadline = time.monotonic() + 10
+        while r.get("kvstore:node:node-7") is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        entry = json.loads(r.get("kvstore:node:node-7"))
+        assert entry["addresses"]["control"] == f"127.0.0.1:{daemon.port}"
+        assert entry["tiers"]["dram"] == 16 * 1024 * 1024
+        assert 0 < r.pttl("kvstore:node:node-7") <= 10_000
+        daemon.stop()
+        assert r.get("kvstore:node:node-7") is None  # a clean stop leaves the registry
+    finally:
+        server.kill()
+
+
+def test_config_file_and_flags_override_it(tmp_path, start_daemon):
+    config = tmp_path / "kvstored.toml"
+    config.write_text('dram = "8MiB"\nmax-value = "1MiB"\n')
+    daemon = start_daemon("--config", str(config), "--dram", "24MiB")
+    stats = kvstore.connect(daemon.url).stats()
+    assert stats["tiers"]["dram"]["capacity_bytes"] == 24 * 1024 * 1024
+    with pytest.raises(kvstore.InvalidValueError):
+        kvstore.connect(daemon.url).put(make_key(1), bytes(1024 * 1024 + 1))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dram", "-5"], "dram"),
+    (["--token-file", "/nonexistent/tokens.toml"], "token-file"),
+    (["--listen", "nowhere"], "listen"),
+    (["--nvme", "1GiB"], "nvme"),
+])
+def test_bad_flags_exit_2_with_a_clear_message(flags, message):
+    result = subprocess.run([sys.executable, "-m", "daemon", *flags], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_explains_every_flag():
+    result = subprocess.run([sys.executable, "-m", "daemon", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for flag in ("--listen", "--dram", "--nvme-path", "--nvme", "--hbm", "--metrics",
+                 "--token-file", "--config", "--redis", "SIGTERM"):
+        assert flag in result.stdout
+
+
+def test_logs_connects_and_errors_but_not_requests(start_daemon):
+    daemon = start_daemon("--dram", "16MiB")
+    client = kvstore.connect(daemon.url)
+    before = len(daemon.output().splitlines())
+    for i in range(50):
+        client.put(make_key(i), b"x" * 100)
+        client.get(make_key(i))
+    assert len(daemon.output().splitlines()) == before
+    client.close()
+    time.sleep(0.3)
+    assert "client disconnected" in daemon.output()

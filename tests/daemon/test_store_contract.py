@@ -1,0 +1,159 @@
+"""The Store API contract, passed by the embedded Store and by clients of a real daemon
+subprocess: over shared memory, over TCP, and (in test_async_client) asyncio."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import kvstore
+from kvstore import BufferSizeError, InvalidKeyError, InvalidValueError, KVStoreError
+from tests.conftest import make_key, make_value
+
+KiB = 1024
+MiB = 1024 * KiB
+_namespaces = itertools.count()
+
+
+@pytest.fixture(params=["embedded", "shm", "tcp"])
+def api(request, tmp_path, shared_daemon):
+    if request.param == "embedded":
+        store = kvstore.Store(kvstore.StoreConfig(
+            dram_bytes="64MiB", nvme_path=str(tmp_path / "nvme"), nvme_bytes="64MiB",
+            max_value_bytes="4MiB"))
+    else:
+        # A namespace per test: the daemon is shared by the module, the keys are not.
+        store = kvstore.connect(shared_daemon.url, namespace=f"contract-{next(_namespaces)}",
+                                shared_memory=request.param == "shm")
+        # The path under test is the one taken: the pool is mapped exactly for "shm".
+        assert (store._idle[0].session.pool is not None) == (request.param == "shm")
+    yield store
+    store.close()
+
+
+def chain(n: int, salt: str) -> list[bytes]:
+    return kvstore.prefix_hashes(np.arange(16 * n), block_tokens=16, namespace=salt)
+
+
+@pytest.mark.parametrize("nbytes", [0, 100, 4 * KiB, 300 * KiB, 4 * MiB])
+def test_put_get_roundtrip(api, nbytes):
+    key, value = make_key(nbytes), make_value(nbytes, nbytes)
+    assert api.put(key, value) is True
+    assert api.get(key) == value
+    assert api.contains(key) and api.tier_of(key) in ("dram", "nvme")
+
+
+def test_value_types(api):
+    base = make_value("types", 64 * KiB)
+    values = {
+        "bytes": base, "bytearray": bytearray(base), "memoryview": memoryview(base),
+        "numpy": np.frombuffer(base, dtype=np.float16).reshape(64, -1),
+        "tensor": torch.frombuffer(bytearray(base), dtype=torch.bfloat16).reshape(8, -1),
+    }
+    for name, value in values.items():
+        assert api.put(make_key(name), value)
+        assert api.get(make_key(name)) == base, name
+
+
+def test_missing_keys(api):
+    key = make_key("absent")
+    assert api.get(key) is None
+    assert api.get_into(key, bytearray(10)) is False
+    assert api.contains(key) is False
+    assert api.tier_of(key) is None
+    assert api.delete(key) is False
+    assert api.match_prefix([key, make_key("x")]) == 0
+
+
+@pytest.mark.parametrize("nbytes", [1000, 512 * KiB])
+def test_get_into_buffers(api, nbytes):
+    key, value = make_key("into"), make_value("into", nbytes)
+    api.put(key, value)
+    out = np.zeros(nbytes, dtype=np.uint8)
+    assert api.get_into(key, out) is True and out.tobytes() == value
+    buf = bytearray(nbytes)
+    assert api.get_into(key, buf) is True and bytes(buf) == value
+    tensor = torch.zeros(nbytes // 2, dtype=torch.float16)
+    assert api.get_into(key, tensor) is True and tensor.numpy().tobytes() == value
+
+
+def test_get_into_wrong_size_raises_and_changes_nothing(api):
+    key, value = make_key("size"), make_value("size", 4096)
+    api.put(key, value)
+    with pytest.raises(BufferSizeError):
+        api.get_into(key, bytearray(4095))
+    with pytest.raises(BufferSizeError):
+        api.get_into(key, bytes(4096))  # read-only
+    assert api.get(key) == value
+
+
+def test_chains_match_prefix_and_batches(api):
+    keys = chain(8, "batch")
+    values = [make_value(i, 10 * KiB + i) for i in range(8)]
+    assert api.put_many(keys, values) == 8
+    assert api.get_many(keys) == values
+    assert api.match_prefix(keys) == 8
+    assert api.delete(keys[3]) is True
+    assert api.match_prefix(keys) == 3
+    assert api.get_many(keys) == [*values[:3], None, *values[4:]]
+    assert api.put_many([], []) == 0
+    assert api.get_many([]) == []
+
+
+def test_large_chain_over_the_shared_pool(api):
+    keys = chain(6, "large")
+    values = [make_value(("large", i), 1 * MiB) for i in range(6)]
+    assert api.put_many(keys, values) == 6
+    assert api.get_many(keys) == values
+
+
+def test_overwrite_and_delete(api):
+    key = make_key("over")
+    api.put(key, b"old" * 1000)
+    api.put(key, b"new" * 2000)
+    assert api.get(key) == b"new" * 2000
+    assert api.delete(key) is True
+    assert api.get(key) is None
+
+
+def test_bad_input_raises_and_changes_nothing(api):
+    key = make_key("bad")
+    api.put(key, b"kept")
+    with pytest.raises(InvalidKeyError):
+        api.put(b"short", b"x")
+    with pytest.raises(InvalidKeyError):
+        api.get("a string key of 16")  # type: ignore[arg-type]
+    with pytest.raises(InvalidValueError):
+        api.put(key, bytes(4 * MiB + 1))
+    with pytest.raises(InvalidValueError):
+        api.put(key, object())
+    with pytest.raises(InvalidValueError):
+        api.put_many([key], [b"a", b"b"])
+    with pytest.raises(InvalidKeyError):
+        api.put_many([key, b"bad"], [b"a", b"b"])
+    assert api.get(key) == b"kept"
+
+
+def test_flush_and_stats(api):
+    keys = chain(3, "stats")
+    api.put_many(keys, [b"v" * 5000] * 3)
+    api.get(keys[0])
+    api.get(make_key("miss"))
+    api.flush()
+    stats = api.stats()
+    for field in ("tiers", "queries", "hits", "hit_rate", "evictions", "demotions",
+                  "promotions", "checksum_failures"):
+        assert field in stats
+    assert stats["hits"] >= 1 and stats["queries"] >= 2
+    for tier in stats["tiers"].values():
+        assert {"capacity_bytes", "used_bytes", "blocks", "hits"} <= set(tier)
+        assert tier["used_bytes"] <= tier["capacity_bytes"]
+
+
+def test_closed_raises(api):
+    api.close()
+    with pytest.raises(KVStoreError):
+        api.get(make_key("closed"))
