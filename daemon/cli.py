@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nvme", metavar="SIZE", help="NVMe tier size (needs --nvme-path)")
     p.add_argument("--hbm", metavar="SIZE", help="GPU HBM tier size (needs CUDA; default 0)")
     p.add_argument("--max-value", metavar="SIZE", help="largest value (default 16MiB)")
+    p.add_argument("--ucx", metavar="HOST:PORT",
+                   help="also serve clients over UCX (ucxx; kvstore+ucx://HOST:PORT URLs), "
+                        "for other hosts on RDMA-capable networks (default: off)")
     p.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus /metrics and /healthz here (default: off)")
     p.add_argument("--token-file", metavar="FILE",
@@ -91,11 +94,11 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 async def run(config: object) -> int:
-    from daemon.config import DaemonConfig
+    from daemon.config import DaemonConfig, parse_address
     from daemon.server import Daemon
 
     assert isinstance(config, DaemonConfig)
-    metrics = registry = metrics_server = None
+    metrics = registry = metrics_server = ucx = None
     daemon = Daemon(config)
     try:
         if config.metrics is not None:
@@ -108,11 +111,19 @@ async def run(config: object) -> int:
             metrics_server = MetricsServer(metrics, host, port, health=daemon.health)
             await metrics_server.start()
             log.info("metrics on http://%s:%d/metrics", *metrics_server.address)
+        if config.ucx_listen is not None:
+            from daemon.ucx import UcxListener
+
+            host, port = parse_address(config.ucx_listen, "--ucx")
+            ucx = UcxListener(daemon, host, port)
+            await ucx.start()
         if config.redis_url is not None:
             from daemon.registry import NodeInfo, NodeRegistry, default_node_id
 
             host, port = daemon.address
             addresses = {"control": f"{host}:{port}"}
+            if ucx is not None:
+                addresses["ucx"] = "{}:{}".format(*ucx.address)
             if metrics_server is not None:
                 addresses["metrics"] = "{}:{}".format(*metrics_server.address)
             node = NodeInfo(
@@ -132,6 +143,8 @@ async def run(config: object) -> int:
             await registry.stop()
         if metrics_server is not None:
             await metrics_server.stop()
+        if ucx is not None:
+            await ucx.stop()
         await daemon.stop()
     return 0
 
@@ -149,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
     flags = {"listen": args.listen, "dram": args.dram, "nvme-path": args.nvme_path,
              "nvme": args.nvme, "hbm": args.hbm, "max-value": args.max_value,
-             "metrics": args.metrics, "token-file": args.token_file, "redis": args.redis,
+             "metrics": args.metrics, "ucx": args.ucx, "token-file": args.token_file,
+             "redis": args.redis,
              "node-id": args.node_id, "shared-memory": args.shared_memory,
              "lease": args.lease, "drain": args.drain, "workers": args.workers,
              "log-format": args.log_format, "frame-timeout": args.frame_timeout}

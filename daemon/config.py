@@ -42,6 +42,7 @@ class DaemonConfig:
     hbm_bytes: int | str = 0
     max_value_bytes: int | str = "16MiB"
     metrics: str | None = None  # HOST:PORT of /metrics and /healthz
+    ucx_listen: str | None = None  # HOST:PORT of the UCX data plane (needs ucxx)
     token_file: str | None = None
     redis_url: str | None = None
     node_id: str | None = None  # default: hostname:port
@@ -59,6 +60,8 @@ class DaemonConfig:
         parse_address(self.listen, "--listen")
         if self.metrics is not None:
             parse_address(self.metrics, "--metrics")
+        if self.ucx_listen is not None:
+            parse_address(self.ucx_listen, "--ucx")
         if self.token_file is not None and not Path(self.token_file).is_file():
             raise ConfigError(f"--token-file {self.token_file} is not a readable file")
         if not self.lease_s > 0 or not self.drain_s >= 0:
@@ -97,7 +100,7 @@ class DaemonConfig:
 # flag name <-> field name
 _FIELD_OF_FLAG = {
     "listen": "listen", "dram": "dram_bytes", "nvme-path": "nvme_path", "nvme": "nvme_bytes",
-    "hbm": "hbm_bytes", "max-value": "max_value_bytes", "metrics": "metrics",
+    "hbm": "hbm_bytes", "max-value": "max_value_bytes", "metrics": "metrics", "ucx": "ucx_listen",
     "token-file": "token_file", "redis": "redis_url", "node-id": "node_id",
     "shared-memory": "shared_memory", "lease": "lease_s", "drain": "drain_s",
     "workers": "workers", "log-format": "log_format", "frame-timeout": "frame_timeout_s",

@@ -339,7 +339,7 @@ class _Settings:
                  connect_timeout_s: float, shared_memory: bool, max_connections: int,
                  retry: Retry) -> None:
         try:
-            self.address = protocol.parse_url(url)
+            self.transport, self.address = protocol.parse_url(url)
         except ValueError as e:
             raise KVStoreError(str(e)) from None
         if not timeout_s > 0 or not connect_timeout_s > 0 or max_connections < 1:
@@ -374,7 +374,11 @@ class Client(_Settings, _Api):
         self._closed = False
         self._release(self._connect())  # fail now, clearly, if the daemon is not there
 
-    def _connect(self) -> _Connection:
+    def _connect(self) -> Any:
+        if self.transport == "ucx":
+            from kvstore.ucx_transport import UcxConnection
+
+            return UcxConnection(self)
         return _Connection(self)
 
     def _acquire(self) -> _Connection:
@@ -525,7 +529,7 @@ class AsyncClient(_Settings, _Api):
                 try:
                     if self._closed:
                         raise KVStoreError(f"the client of {self.url} is closed")
-                    conn = self._idle.pop() if self._idle else await _AsyncConnection.open(self)
+                    conn = self._idle.pop() if self._idle else await self._open()
                     result = await _adrive(make(conn.session), conn, deadline)
                 except (DeadlineExceededError, asyncio.CancelledError):
                     if conn is not None:
@@ -546,6 +550,13 @@ class AsyncClient(_Settings, _Api):
                     raise
                 self._idle.append(conn)
                 return result
+
+    async def _open(self) -> Any:
+        if self.transport == "ucx":
+            from kvstore.ucx_transport import AsyncUcxConnection
+
+            return await AsyncUcxConnection.open(self)
+        return await _AsyncConnection.open(self)
 
     @staticmethod
     async def _map(result: Any, fn: Any) -> Any:

@@ -284,15 +284,21 @@ def check_request(meta: dict[str, Any], data_bytes: int) -> tuple[int, str, floa
     return request_id, op, timeout_ms / 1000
 
 
-def parse_url(url: str) -> tuple[str, int]:
-    """``kvstore://host:port`` (or ``host:port``) -> (host, port)."""
-    rest = url.removeprefix("kvstore://")
+def parse_url(url: str) -> tuple[str, tuple[str, int]]:
+    """``kvstore://HOST:PORT`` -> ("tcp", (host, port)); ``kvstore+ucx://HOST:PORT`` ->
+    ("ucx", ...); a bare ``HOST:PORT`` is TCP."""
+    transport, rest = "tcp", url
+    if url.startswith("kvstore+ucx://"):
+        transport, rest = "ucx", url.removeprefix("kvstore+ucx://")
+    else:
+        rest = url.removeprefix("kvstore://")
     if "://" in rest or not rest:
-        raise ValueError(f"not a kvstore URL: {url!r} (expected kvstore://HOST:PORT)")
+        raise ValueError(f"not a kvstore URL: {url!r} (expected kvstore://HOST:PORT or "
+                         "kvstore+ucx://HOST:PORT)")
     host, sep, port = rest.rstrip("/").rpartition(":")
     if not sep:
         host, port = rest.rstrip("/"), str(DEFAULT_PORT)
     host = host.strip("[]")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"not a kvstore URL: {url!r} (expected kvstore://HOST:PORT)")
-    return host, int(port)
+    return transport, (host, int(port))
