@@ -69,16 +69,19 @@ class _Session:
         self.max_frame_data_bytes: int = hello["max_frame_data_bytes"]
         self.node_id: str = hello["node_id"]
         self.pool: np.ndarray | None = None
+        self.is_pool_registered = False  # page-locked for CUDA: GPUs DMA straight into it
         shm = hello.get("shm")
         if shm and shm.get("boot_id") == boot_id():
-            self.pool = pools.get(shm["name"])
-            if self.pool is None:
-                self.pool = _map_pool(shm["name"], shm["nbytes"])
-                if self.pool is not None:
-                    pools[shm["name"]] = self.pool
+            mapped = pools.get(shm["name"])
+            if mapped is None:
+                mapped = _map_pool(shm["name"], shm["nbytes"])
+                if mapped is not None:
+                    pools[shm["name"]] = mapped
+            if mapped is not None:
+                self.pool, self.is_pool_registered = mapped
 
 
-def _map_pool(name: str, nbytes: int) -> np.ndarray | None:
+def _map_pool(name: str, nbytes: int) -> tuple[np.ndarray, bool] | None:
     """Map the daemon's DRAM pool; None if it is not reachable from here (another host or
     container, or no permission): values then travel in the frames."""
     from kvstore.tiers.dram import map_shared, register_with_cuda
@@ -88,8 +91,7 @@ def _map_pool(name: str, nbytes: int) -> np.ndarray | None:
     except (OSError, ValueError):
         return None
     array = np.frombuffer(mapping, dtype=np.uint8)[:nbytes]
-    register_with_cuda(array)  # a GPU then copies straight into it
-    return array
+    return array, register_with_cuda(array)  # registered: a GPU copies straight into it
 
 
 # -- the operations, once, independent of the transport ---------------------------------------
@@ -352,7 +354,7 @@ class _Settings:
         self.shared_memory = shared_memory
         self.max_connections = max_connections
         self.retry = retry
-        self.pools: dict[str, np.ndarray] = {}
+        self.pools: dict[str, tuple[np.ndarray, bool]] = {}
 
     def hello_request(self) -> Request:
         return {"op": "hello", "version": protocol.PROTOCOL_VERSION, "token": self.token,
