@@ -41,7 +41,8 @@ def start_daemon(dram_bytes: int, max_value_bytes: int) -> tuple[subprocess.Pope
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon", "--listen", f"127.0.0.1:{port}", "--dram",
          str(dram_bytes), "--max-value", str(max_value_bytes), "--log-level", "WARNING"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        cwd=REPO, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
