@@ -63,7 +63,7 @@ class Retry:
 class _Session:
     """What one connection learned at hello, and the shared pool it mapped (if any)."""
 
-    def __init__(self, hello: dict[str, Any], pools: dict[str, np.ndarray]) -> None:
+    def __init__(self, hello: dict[str, Any], address: tuple[str, int]) -> None:
         self.namespace: str = hello["namespace"]
         self.max_value_bytes: int = hello["max_value_bytes"]
         self.max_frame_data_bytes: int = hello["max_frame_data_bytes"]
@@ -72,26 +72,40 @@ class _Session:
         self.is_pool_registered = False  # page-locked for CUDA: GPUs DMA straight into it
         shm = hello.get("shm")
         if shm and shm.get("boot_id") == boot_id():
-            mapped = pools.get(shm["name"])
-            if mapped is None:
-                mapped = _map_pool(shm["name"], shm["nbytes"])
-                if mapped is not None:
-                    pools[shm["name"]] = mapped
+            mapped = _shared_pool(address, shm["name"], shm["nbytes"])
             if mapped is not None:
                 self.pool, self.is_pool_registered = mapped
 
 
-def _map_pool(name: str, nbytes: int) -> tuple[np.ndarray, bool] | None:
-    """Map the daemon's DRAM pool; None if it is not reachable from here (another host or
-    container, or no permission): values then travel in the frames."""
-    from kvstore.tiers.dram import map_shared, register_with_cuda
+# Pools mapped by this process, by shared-memory name: a pool is mapped (and registered
+# with CUDA, which refuses a second registration of the same pages) once per process.
+_pools: dict[str, tuple[np.ndarray, bool]] = {}
+_pool_of_address: dict[tuple[str, int], str] = {}
+_pools_lock = threading.Lock()
 
-    try:
-        mapping = map_shared(name, nbytes, create=False)
-    except (OSError, ValueError):
-        return None
-    array = np.frombuffer(mapping, dtype=np.uint8)[:nbytes]
-    return array, register_with_cuda(array)  # registered: a GPU copies straight into it
+
+def _shared_pool(address: tuple[str, int], name: str,
+                 nbytes: int) -> tuple[np.ndarray, bool] | None:
+    """The daemon's DRAM pool mapped here; None if it is not reachable from here (another
+    host or container, or no permission): values then travel in the frames. A daemon
+    that restarted has a new pool: the old one's mapping is let go."""
+    from kvstore.tiers.dram import map_shared, register_with_cuda, unregister_with_cuda
+
+    with _pools_lock:
+        old = _pool_of_address.get(address)
+        if old is not None and old != name and old in _pools:
+            array, registered = _pools.pop(old)
+            if registered:
+                unregister_with_cuda(array)
+        _pool_of_address[address] = name
+        if name not in _pools:
+            try:
+                mapping = map_shared(name, nbytes, create=False)
+            except (OSError, ValueError):
+                return None
+            array = np.frombuffer(mapping, dtype=np.uint8)[:nbytes]
+            _pools[name] = (array, register_with_cuda(array))
+        return _pools[name]
 
 
 # -- the operations, once, independent of the transport ---------------------------------------
@@ -227,7 +241,7 @@ class _Connection:
                                        f"{e.strerror or e}") from e
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         meta, _ = self.request(*client.hello_request(), client.connect_timeout_s)
-        self.session = _Session(meta, client.pools)
+        self.session = _Session(meta, client.address)
 
     def request(self, meta: dict[str, Any], parts: list[Any], timeout_s: float) -> Response:
         request_id = next(self._ids)
@@ -354,7 +368,6 @@ class _Settings:
         self.shared_memory = shared_memory
         self.max_connections = max_connections
         self.retry = retry
-        self.pools: dict[str, tuple[np.ndarray, bool]] = {}
 
     def hello_request(self) -> Request:
         return {"op": "hello", "version": protocol.PROTOCOL_VERSION, "token": self.token,
@@ -478,7 +491,7 @@ class _AsyncConnection:
         except BaseException:
             conn.close()
             raise
-        conn.session = _Session(meta, client.pools)
+        conn.session = _Session(meta, client.address)
         return conn
 
     async def request(self, meta: dict[str, Any], parts: list[Any],

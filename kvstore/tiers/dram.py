@@ -79,8 +79,11 @@ def register_with_cuda(array: np.ndarray) -> bool:
     torch = _torch_if_cuda()
     if torch is None or not torch.cuda.is_available() or not array.nbytes:
         return False
-    status = torch.cuda.cudart().cudaHostRegister(array.ctypes.data, array.nbytes, 0)
-    return int(status) == 0
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostRegister(array.ctypes.data, array.nbytes, 0)) == 0:
+        return True
+    cudart.cudaGetLastError()  # clear it, or the next kernel launch check raises it
+    return False
 
 
 def unregister_with_cuda(array: np.ndarray) -> None:
