@@ -68,6 +68,7 @@ class _Session:
         self.max_value_bytes: int = hello["max_value_bytes"]
         self.max_frame_data_bytes: int = hello["max_frame_data_bytes"]
         self.node_id: str = hello["node_id"]
+        self.lease_s: float = hello["lease_s"]
         self.pool: np.ndarray | None = None
         self.is_pool_registered = False  # page-locked for CUDA: GPUs DMA straight into it
         shm = hello.get("shm")
@@ -172,9 +173,9 @@ class _Operations:
         pool = session.pool
         if pool is not None and keys:
             meta, _ = yield {"op": "pin", "keys": keys}, []
+            pinned_at = time.monotonic()
             pinned = [(i, b) for i, b in enumerate(meta["blocks"]) if b is not None]
             copied: list[Any] = []
-            intact: set[int] = set()
             try:
                 for i, (offset, nbytes, _handle) in pinned:
                     view = pool[offset:offset + nbytes]
@@ -185,13 +186,16 @@ class _Operations:
                         copied.append(True)
             finally:
                 if pinned:
-                    meta, _ = yield {"op": "unpin", "handles": [b[2] for _, b in pinned]}, []
-                    intact = {i for (i, _), ok in zip(pinned, meta["intact"], strict=True)
-                              if ok}
-            for (i, _), value in zip(pinned, copied, strict=True):
-                if i in intact:
+                    # Not waited for: the daemon keeps a pinned slot whole until its pins
+                    # go, even if the block is deleted or overwritten meanwhile.
+                    yield {"op": "unpin", "handles": [b[2] for _, b in pinned],
+                           "noreply": True}, []
+            # A copy that outlasted the lease may have raced a reuse of its slot: redo it.
+            if time.monotonic() - pinned_at < session.lease_s / 2:
+                for (i, _), value in zip(pinned, copied, strict=True):
                     results[i] = value
-            rest = [i for i in range(len(keys)) if i not in intact]
+                found = {i for i, _ in pinned}
+                rest = [i for i in range(len(keys)) if i not in found]
         if rest:
             meta, data = yield {"op": "get_many", "keys": [keys[i] for i in rest]}, []
             offset = 0
@@ -234,6 +238,7 @@ class _Connection:
     def __init__(self, client: Client) -> None:
         self.client = client
         self._ids = itertools.count(1)
+        self._unanswered = 0
         try:
             self.sock = socket.create_connection(client.address, client.connect_timeout_s)
         except OSError as e:
@@ -243,19 +248,34 @@ class _Connection:
         meta, _ = self.request(*client.hello_request(), client.connect_timeout_s)
         self.session = _Session(meta, client.address)
 
-    def request(self, meta: dict[str, Any], parts: list[Any], timeout_s: float) -> Response:
+    def request(self, meta: dict[str, Any], parts: list[Any], timeout_s: float,
+                wait: bool = True) -> Response | None:
+        """Send a request and read its answer; with ``wait=False`` only send it (its answer
+        is read and dropped before the next one: requests on a connection are pipelined)."""
         request_id = next(self._ids)
         meta = {**meta, "id": request_id, "timeout_ms": max(1, int(timeout_s * 1000))}
         data_bytes = sum(memoryview(p).nbytes for p in parts)
         self.sock.settimeout(timeout_s + 1.0)  # the daemon answers a deadline itself first
         try:
-            self.sock.sendall(protocol.encode(FrameKind.REQUEST, meta, data_bytes))
-            for part in parts:
-                self.sock.sendall(memoryview(part).cast("B"))
-            header = protocol.decode_header(self._read(protocol.HEADER_BYTES),
-                                            max_data_bytes=1 << 40, expect=FrameKind.RESPONSE)
-            answer = protocol.decode_meta(bytes(self._read(header.meta_bytes)))
-            data = self._read(header.data_bytes)
+            head = protocol.encode(FrameKind.REQUEST, meta, data_bytes)
+            if data_bytes <= 65536:
+                self.sock.sendall(b"".join([head, *(memoryview(p).cast("B") for p in parts)]))
+            else:
+                self.sock.sendall(head)
+                for part in parts:
+                    self.sock.sendall(memoryview(part).cast("B"))
+            if not wait:
+                self._unanswered += 1
+                return None
+            while True:
+                header = protocol.decode_header(self._read(protocol.HEADER_BYTES),
+                                                max_data_bytes=1 << 40,
+                                                expect=FrameKind.RESPONSE)
+                answer = protocol.decode_meta(bytes(self._read(header.meta_bytes)))
+                data = self._read(header.data_bytes)
+                if not self._unanswered:
+                    break
+                self._unanswered -= 1  # the answer of a request sent with wait=False
         except TimeoutError:
             raise DeadlineExceededError(f"{meta['op']} to {self.client.url} did not finish "
                                         f"within {timeout_s:g} s") from None
@@ -460,7 +480,9 @@ def _drive(operation: Operation, conn: _Connection, deadline: float) -> Any:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineExceededError(f"call to {conn.client.url} ran out of time")
-            request = operation.send(conn.request(*request, left))
+            meta, parts = request
+            wait = not meta.pop("noreply", False)
+            request = operation.send(conn.request(meta, parts, left, wait))
     except StopIteration as done:
         return done.value
 
@@ -474,6 +496,7 @@ class _AsyncConnection:
         self.client = client
         self.reader, self.writer = reader, writer
         self._ids = itertools.count(1)
+        self._unanswered = 0
         self.session: _Session | None = None
 
     @classmethod
@@ -494,8 +517,9 @@ class _AsyncConnection:
         conn.session = _Session(meta, client.address)
         return conn
 
-    async def request(self, meta: dict[str, Any], parts: list[Any],
-                      timeout_s: float) -> Response:
+    async def request(self, meta: dict[str, Any], parts: list[Any], timeout_s: float,
+                      wait: bool = True) -> Response | None:
+        """As `_Connection.request`."""
         request_id = next(self._ids)
         meta = {**meta, "id": request_id, "timeout_ms": max(1, int(timeout_s * 1000))}
         data_bytes = sum(memoryview(p).nbytes for p in parts)
@@ -505,11 +529,19 @@ class _AsyncConnection:
                 for part in parts:
                     self.writer.write(memoryview(part).cast("B"))
                 await self.writer.drain()
-                header = protocol.decode_header(
-                    await self.reader.readexactly(protocol.HEADER_BYTES),
-                    max_data_bytes=1 << 40, expect=FrameKind.RESPONSE)
-                answer = protocol.decode_meta(await self.reader.readexactly(header.meta_bytes))
-                data = memoryview(await self.reader.readexactly(header.data_bytes))
+                if not wait:
+                    self._unanswered += 1
+                    return None
+                while True:
+                    header = protocol.decode_header(
+                        await self.reader.readexactly(protocol.HEADER_BYTES),
+                        max_data_bytes=1 << 40, expect=FrameKind.RESPONSE)
+                    answer = protocol.decode_meta(
+                        await self.reader.readexactly(header.meta_bytes))
+                    data = memoryview(await self.reader.readexactly(header.data_bytes))
+                    if not self._unanswered:
+                        break
+                    self._unanswered -= 1
         except TimeoutError:
             raise DeadlineExceededError(f"{meta['op']} to {self.client.url} did not finish "
                                         f"within {timeout_s:g} s") from None
@@ -597,7 +629,9 @@ async def _adrive(operation: Operation, conn: _AsyncConnection, deadline: float)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineExceededError(f"call to {conn.client.url} ran out of time")
-            request = operation.send(await conn.request(*request, left))
+            meta, parts = request
+            wait = not meta.pop("noreply", False)
+            request = operation.send(await conn.request(meta, parts, left, wait))
     except StopIteration as done:
         return done.value
 

@@ -237,6 +237,10 @@ class BlockIndex:
             return False
         return True
 
+    def live_pins(self, entry: BlockEntry) -> list[int]:
+        """Ids of the pins on ``entry`` whose lease has not run out."""
+        return list(entry.pins) if self.is_pinned(entry) else []
+
     @staticmethod
     def revoke_pins(entry: BlockEntry) -> None:
         entry.pins = None

@@ -80,6 +80,10 @@ class Store:
         self._tier_hits = [0] * len(self._tiers)
         self._evictions = self._demotions = self._promotions = 0
         self._torn_reads = 0
+        # Slots dropped while readers copied from them: pin id -> (tier, offset), and
+        # (tier, offset) -> readers left. Freed when the last reader unpins.
+        self._retired: dict[int, tuple[int, int]] = {}
+        self._retired_readers: dict[tuple[int, int], int] = {}
         if self._nvme is not None:
             self._recover()
 
@@ -323,6 +327,20 @@ class Store:
     # unpin_host, whose False means the copy may be torn and must be dropped.
 
     @property
+    def has_nvme(self) -> bool:
+        return self._nvme is not None
+
+    def try_lock(self) -> bool:
+        """Take the store lock only if it is free; True if taken (then call `unlock`).
+
+        The daemon's event loop runs short calls inline this way, and hands them to a
+        thread when another thread holds the lock (for NVMe I/O, say)."""
+        return self._lock.acquire(blocking=False)
+
+    def unlock(self) -> None:
+        self._lock.release()
+
+    @property
     def host_pool(self) -> Any | None:
         """The DRAM tier's pool (``.array``, ``.shm_name``), or None without DRAM."""
         t = self._dram_tier
@@ -372,8 +390,7 @@ class Store:
         out (the copy may be torn: treat it as a miss). ``after_copy=False`` drops a pin
         whose copy nobody will use (its holder went away): no torn read is counted."""
         with self._lock:
-            entry = self.index.entries.get(key)
-            if entry is None or not self.index.unpin(entry, pin):
+            if not self._unpin(self.index.entries.get(key), pin):
                 self._torn_reads += after_copy
                 return False
             return True
@@ -490,12 +507,38 @@ class Store:
             self._forget(entry, durable=True)
 
     def _forget(self, entry: BlockEntry, *, durable: bool) -> None:
-        """Drop every copy of ``entry``; readers holding pins will see them revoked."""
+        """Drop every copy of ``entry``. A memory slot that readers still copy from (live
+        pins) is retired, not freed: it keeps the old value whole until the last of those
+        pins is released, so a reader racing an overwrite or delete gets the old value,
+        never a torn one. Other pins are revoked: those reads become misses."""
+        live = self.index.live_pins(entry)
         self.index.revoke_pins(entry)
+        retired = False
         for t, tier in enumerate(self._tiers):
             if entry.is_in(t):
-                tier.delete(entry.key) if durable else tier.evict(entry.key)
+                if live and not retired and isinstance(tier, MemoryTier):
+                    offset = tier.detach(entry.key)
+                    self._retired_readers[(t, offset)] = len(live)
+                    for pin in live:
+                        self._retired[pin] = (t, offset)
+                    retired = True  # pins read the fastest copy: only that one is in use
+                else:
+                    tier.delete(entry.key) if durable else tier.evict(entry.key)
                 self.index.remove(entry, t)
+
+    def _unpin(self, entry: BlockEntry | None, pin: int) -> bool:
+        """Release a pin; True if the copy made under it is whole (see `_forget`)."""
+        slot = self._retired.pop(pin, None)
+        if slot is not None:
+            readers = self._retired_readers[slot] - 1
+            if readers:
+                self._retired_readers[slot] = readers
+            else:
+                del self._retired_readers[slot]
+                if not self._closed:
+                    self._tiers[slot[0]].release(slot[1])
+            return True
+        return entry is not None and self.index.unpin(entry, pin)
 
     def _reserve(self, t: int, nbytes: int, protect: set[bytes] | None = None) -> int | None:
         """A slot in memory tier ``t``, evicting (and demoting) victims until one is free."""
@@ -611,7 +654,7 @@ class Store:
                         copy_bytes(dst, source)
         finally:
             with self._lock:
-                intact = self.index.unpin(entry, pin)
+                intact = self._unpin(entry, pin)
         with self._lock:
             if result is None:  # checksum failure: the NVMe copy is gone for good
                 if entry.is_in(t):

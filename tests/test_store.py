@@ -391,3 +391,27 @@ def test_put_many_overwrite_replaces_every_copy(tmp_path):
         assert store.stats()["blocks"] == 4
     with Store(config) as store:
         assert store.get_many(keys) == [b"new" + bytes(4093)] * 4
+
+
+def test_a_slot_dropped_while_pinned_keeps_the_old_value_until_unpinned():
+    with Store(StoreConfig(dram_bytes=1 * MiB, max_value_bytes=64 * KiB)) as store:
+        key = make_key("pinned")
+        old = make_value("old", 50 * KiB)
+        store.put(key, old)
+        offset, nbytes, pin = store.pin_host(key)
+        used = store.stats()["tiers"]["dram"]["used_bytes"]
+        store.put(key, make_value("new", 50 * KiB))  # overwrite while a reader copies
+        store.delete(make_key("other"))
+        pool = store.host_pool.array
+        assert pool[offset:offset + nbytes].tobytes() == old  # the old slot is untouched
+        assert store.stats()["tiers"]["dram"]["used_bytes"] == 2 * used  # both slots held
+        assert store.unpin_host(key, pin) is True  # the copy made under the pin is whole
+        assert store.stats()["tiers"]["dram"]["used_bytes"] == used  # old slot freed
+        assert store.get(key) == make_value("new", 50 * KiB)
+        assert store.stats()["torn_reads"] == 0
+        # A pin whose block was deleted, released twice: the second is refused.
+        offset, nbytes, pin = store.pin_host(key)
+        store.delete(key)
+        assert store.unpin_host(key, pin) is True
+        assert store.unpin_host(key, pin) is False
+        assert store.stats()["tiers"]["dram"]["used_bytes"] == 0

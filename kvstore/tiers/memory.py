@@ -119,6 +119,13 @@ class MemoryTier:
 
     delete = evict  # memory is not durable: forgetting is deleting
 
+    def detach(self, key: bytes) -> int | None:
+        """Forget ``key`` but keep its slot allocated (readers are still copying from it);
+        the caller gives the offset back with `release` later."""
+        slot = self._slots.pop(key, None)
+        self._parents.pop(key, None)
+        return None if slot is None else slot[0]
+
     def __contains__(self, key: object) -> bool:
         return key in self._slots
 
