@@ -215,9 +215,14 @@ class Daemon:
         try:
             header = protocol.decode_header(raw, max_data_bytes=self.max_frame_data_bytes,
                                             expect=FrameKind.REQUEST)
-            async with asyncio.timeout(self.config.frame_timeout_s):
-                meta = protocol.decode_meta(await reader.readexactly(header.meta_bytes))
-                data = await reader.readexactly(header.data_bytes) if header.data_bytes else b""
+            try:
+                async with asyncio.timeout(self.config.frame_timeout_s):
+                    meta = protocol.decode_meta(await reader.readexactly(header.meta_bytes))
+                    data = (await reader.readexactly(header.data_bytes)
+                            if header.data_bytes else b"")
+            except TimeoutError:
+                # Half a frame was read: the stream cannot be resynchronised, so hang up.
+                raise ConnectionError("frame not complete within the frame timeout") from None
             request_id, op, timeout_s = protocol.check_request(meta, header.data_bytes)
             if op != "hello" and conn.tenant is None:
                 raise RequestError(ErrorCode.AUTH_REQUIRED, "the first request must be hello")
@@ -352,16 +357,40 @@ class Daemon:
     async def _op_reserve(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         """Reserve DRAM slots for the leading keys that find room."""
         self._check_shm(conn)
-        handles, offsets = [], []
+        sizes: list[int] = meta["sizes"]
+
+        def reserve() -> list[int]:
+            offsets: list[int] = []
+            try:
+                for nbytes in sizes:
+                    offset = self.store.reserve_host(nbytes)
+                    if offset is None:
+                        break
+                    offsets.append(offset)
+            except BaseException:  # a size over the limit: the client gets no handle at all
+                release(offsets)
+                raise
+            return offsets
+
+        def release(offsets: list[int]) -> None:
+            for offset in offsets:
+                self.store.release_host(offset)
+
+        # One store call, so that a deadline cannot separate a slot from its handle: if the
+        # request gives up while the call runs on, the slots it reserves are given back.
+        future = self._executor.submit(reserve)
+        try:
+            offsets = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(
+                lambda f: None if f.cancelled() or f.exception() else release(f.result()))
+            raise
         deadline = time.monotonic() + self.config.lease_s
-        for key, nbytes in zip(meta["keys"], meta["sizes"], strict=True):
-            offset = await self._run(self.store.reserve_host, nbytes)
-            if offset is None:
-                break
+        handles = []
+        for key, offset, nbytes in zip(meta["keys"], offsets, sizes, strict=False):
             handle = next(self._handles)
             conn.reservations[handle] = _Reservation(conn.scope(key), offset, nbytes, deadline)
             handles.append(handle)
-            offsets.append(offset)
         return {"handles": handles, "offsets": offsets}, []
 
     def _take(self, table: dict[int, Any], handles: list[int]) -> list[Any]:
@@ -388,13 +417,16 @@ class Daemon:
                 parent = r.key
             return len(taken)
 
-        stored = await self._run(commit)
+        # Shielded: the reservations are no longer in the table, so once taken they must be
+        # committed (or released) even if the deadline passes before a worker thread is free.
+        stored = await asyncio.shield(self._run(commit))
         self._count_in_bytes(sum(r.nbytes for r in taken))
         return {"stored": stored}, []
 
     async def _op_abort(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        for r in self._take(conn.reservations, meta["handles"]):
-            await self._run(self.store.release_host, r.offset)
+        taken = self._take(conn.reservations, meta["handles"])
+        await asyncio.shield(self._run(lambda: [self.store.release_host(r.offset)
+                                                for r in taken]))  # shielded as in commit
         return {}, []
 
     async def _op_pin(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
@@ -430,8 +462,8 @@ class Daemon:
         for r in conn.reservations.values():
             self.store.release_host(r.offset)
         for p in conn.pins.values():
-            with contextlib.suppress(KVStoreError):
-                self.store.unpin_host(p.key, p.pin)
+            with contextlib.suppress(KVStoreError):  # nobody copies from these any more
+                self.store.unpin_host(p.key, p.pin, after_copy=False)
         if isinstance(conn, Connection):
             log.info("released %d reservations and %d pins of peer=%s",
                      len(conn.reservations), len(conn.pins), conn.peer)

@@ -259,7 +259,7 @@ def check_request(meta: dict[str, Any], data_bytes: int) -> tuple[int, str, floa
         raise RequestError(ErrorCode.BAD_REQUEST, "id must be a non-negative integer")
     try:
         op = meta.get("op")
-        if op not in _FIELDS:
+        if not isinstance(op, str) or op not in _FIELDS:  # a list or map is unhashable
             raise RequestError(ErrorCode.UNKNOWN_OP, f"unknown operation {op!r}")
         timeout_ms = meta.get("timeout_ms")
         if type(timeout_ms) is not int or not 0 < timeout_ms <= MAX_TIMEOUT_MS:
