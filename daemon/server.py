@@ -178,9 +178,8 @@ class Daemon:
                 try:
                     # Idle between requests may last; a started frame must finish in time.
                     first = await reader.readexactly(1)
-                    raw = first + await asyncio.wait_for(
-                        reader.readexactly(protocol.HEADER_BYTES - 1),
-                        self.config.frame_timeout_s)
+                    async with asyncio.timeout(self.config.frame_timeout_s):
+                        raw = first + await reader.readexactly(protocol.HEADER_BYTES - 1)
                 except asyncio.IncompleteReadError:
                     break
                 conn.busy = True
@@ -228,7 +227,8 @@ class Daemon:
                 raise RequestError(ErrorCode.AUTH_REQUIRED, "the first request must be hello")
             handler = getattr(self, f"_op_{op}")
             try:
-                result, out = await asyncio.wait_for(handler(conn, meta, data), timeout_s)
+                async with asyncio.timeout(timeout_s):  # no task per request, unlike wait_for
+                    result, out = await handler(conn, meta, data)
             except TimeoutError:
                 raise RequestError(ErrorCode.DEADLINE_EXCEEDED,
                                    f"{op} did not finish within {timeout_s:g} s; it may "
@@ -258,7 +258,8 @@ class Daemon:
         writer.write(protocol.encode(FrameKind.RESPONSE, response, data_bytes))
         for part in out:
             writer.write(part)
-        await asyncio.wait_for(writer.drain(), self.config.frame_timeout_s)
+        async with asyncio.timeout(self.config.frame_timeout_s):
+            await writer.drain()
         if self.metrics is not None:
             self.metrics.observe_request(op, time.perf_counter() - started, response["ok"])
             if data_bytes:
@@ -266,8 +267,29 @@ class Daemon:
         return keep_open
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a worker thread: calls that may wait on NVMe I/O."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def _run_short(self, fn: Callable[..., Any], *args: Any,
+                         shield: bool = False) -> Any:
+        """``fn(*args)`` on the loop itself when the store lock is free (a short call with
+        no disk I/O saves two thread switches), else in a worker thread (``shield``: one
+        that runs to the end even if the request's deadline passes)."""
+        if self.store.try_lock():
+            try:
+                return fn(*args)
+            finally:
+                self.store.unlock()
+        call = self._run(fn, *args)
+        return await (asyncio.shield(call) if shield else call)
+
+    def _run_put(self, nbytes: int) -> Callable[..., Any]:
+        """How to run a put of ``nbytes``: on the loop when it cannot reach the disk."""
+        return self._run_short if not self.store.has_nvme and nbytes <= 1 << 20 else self._run
+
+    def _run_get(self) -> Callable[..., Any]:
+        return self._run if self.store.has_nvme else self._run_short
 
     # -- operations: each returns (response fields, data parts) ----------------------------------
 
@@ -304,7 +326,7 @@ class Daemon:
 
     async def _op_put(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         self._count_in(data)
-        stored = await self._run(self.store.put, conn.scope(meta["key"]), data)
+        stored = await self._run_put(len(data))(self.store.put, conn.scope(meta["key"]), data)
         return {"stored": stored}, []
 
     async def _op_put_many(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
@@ -314,36 +336,38 @@ class Daemon:
             values.append(view[offset:offset + size])
             offset += size
         keys = [conn.scope(k) for k in meta["keys"]]
-        return {"stored": await self._run(self.store.put_many, keys, values)}, []
+        return {"stored": await self._run_put(len(data))(self.store.put_many, keys, values)}, []
 
     async def _op_get(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        value = await self._run(self.store.get, conn.scope(meta["key"]))
+        value = await self._run_get()(self.store.get, conn.scope(meta["key"]))
         return {"found": value is not None}, [value] if value is not None else []
 
     async def _op_get_many(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        values = await self._run(self.store.get_many, [conn.scope(k) for k in meta["keys"]])
+        values = await self._run_get()(self.store.get_many,
+                                       [conn.scope(k) for k in meta["keys"]])
         return ({"sizes": [None if v is None else len(v) for v in values]},
                 [v for v in values if v])
 
     async def _op_match_prefix(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         keys = [conn.scope(k) for k in meta["keys"]]
-        return {"count": await self._run(self.store.match_prefix, keys)}, []
+        return {"count": await self._run_short(self.store.match_prefix, keys)}, []
 
     async def _op_contains(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        return {"present": await self._run(self.store.contains, conn.scope(meta["key"]))}, []
+        return {"present": await self._run_short(self.store.contains,
+                                                 conn.scope(meta["key"]))}, []
 
     async def _op_delete(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         return {"deleted": await self._run(self.store.delete, conn.scope(meta["key"]))}, []
 
     async def _op_tier_of(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        return {"tier": await self._run(self.store.tier_of, conn.scope(meta["key"]))}, []
+        return {"tier": await self._run_short(self.store.tier_of, conn.scope(meta["key"]))}, []
 
     async def _op_flush(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         await self._run(self.store.flush)
         return {}, []
 
     async def _op_stats(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        stats = await self._run(self.store.stats)
+        stats = await self._run_short(self.store.stats)
         stats["clients"] = len(self._connections)
         return {"stats": stats}, []
 
@@ -419,14 +443,14 @@ class Daemon:
 
         # Shielded: the reservations are no longer in the table, so once taken they must be
         # committed (or released) even if the deadline passes before a worker thread is free.
-        stored = await asyncio.shield(self._run(commit))
+        stored = await self._run_short(commit, shield=True)
         self._count_in_bytes(sum(r.nbytes for r in taken))
         return {"stored": stored}, []
 
     async def _op_abort(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         taken = self._take(conn.reservations, meta["handles"])
-        await asyncio.shield(self._run(lambda: [self.store.release_host(r.offset)
-                                                for r in taken]))  # shielded as in commit
+        await self._run_short(lambda: [self.store.release_host(r.offset) for r in taken],
+                              shield=True)  # shielded as in commit
         return {}, []
 
     async def _op_pin(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
@@ -435,7 +459,7 @@ class Daemon:
         self._check_shm(conn)
         deadline = time.monotonic() + self.config.lease_s
         keys = [conn.scope(k) for k in meta["keys"]]
-        pinned = await self._run(lambda: [self.store.pin_host(k) for k in keys])
+        pinned = await self._run_short(lambda: [self.store.pin_host(k) for k in keys])
         blocks: list[list[int] | None] = []
         for key, found in zip(keys, pinned, strict=True):
             if found is None:
@@ -450,7 +474,8 @@ class Daemon:
     async def _op_unpin(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         """Release pins; ``intact[i]`` False means that copy may be torn (drop it)."""
         taken = self._take(conn.pins, meta["handles"])
-        intact = await self._run(lambda: [self.store.unpin_host(p.key, p.pin) for p in taken])
+        intact = await self._run_short(
+            lambda: [self.store.unpin_host(p.key, p.pin) for p in taken], shield=True)
         return {"intact": intact}, []
 
     # -- leases -----------------------------------------------------------------------------------

@@ -419,11 +419,13 @@ def test_reserve_cut_short_by_its_deadline_leaks_no_slot(robust_daemon, witness)
 
 
 @pytest.mark.parametrize("op", ["commit", "abort"])
-def test_commit_or_abort_past_its_deadline_leaks_no_slot(op, start_daemon):
+def test_commit_or_abort_past_its_deadline_leaks_no_slot(op, start_daemon, tmp_path):
     """With the one worker thread busy, a commit (or abort) with timeout_ms=1 runs out of
     time before it starts: it must still take effect (the answer says it may), never leave
-    its slots neither committed nor free."""
-    daemon = start_daemon("--dram", "8MiB", "--max-value", "1MiB", "--workers", "1")
+    its slots neither committed nor free. (The flush holds the store lock, so the commit
+    cannot run on the event loop either.)"""
+    daemon = start_daemon("--dram", "64MiB", "--max-value", "1MiB", "--workers", "1",
+                          "--nvme-path", str(tmp_path / "nvme"), "--nvme", "128MiB")
     keys = [make_key(("late", i)) for i in range(4)]
     owner, busy = RawConnection(daemon.port), RawConnection(daemon.port)
     try:
@@ -431,9 +433,11 @@ def test_commit_or_abort_past_its_deadline_leaks_no_slot(op, start_daemon):
         busy.hello()
         reserved = owner.call("reserve", keys=keys, sizes=[64 * KiB] * 4)
         assert len(reserved["handles"]) == 4, reserved
-        missing = [make_key(("busy", j)) for j in range(60_000)]  # one long store call
-        busy.send(frame(request("get_many", keys=missing, timeout_ms=MAX_TIMEOUT_MS)))
-        time.sleep(0.02)
+        with kvstore.connect(daemon.url) as client:  # blocks only in DRAM, for the flush
+            client.put_many([make_key(("busy", j)) for j in range(48)], [bytes(1 << 20)] * 48)
+        # One long store call that holds the store lock in the only worker thread.
+        busy.send(frame(request("flush", timeout_ms=MAX_TIMEOUT_MS)))
+        time.sleep(0.01)
         meta = owner.call(op, handles=reserved["handles"], timeout_ms=1)
         assert_error(meta, "deadline_exceeded", meta["id"])
         assert busy.answer()["ok"]
@@ -442,7 +446,8 @@ def test_commit_or_abort_past_its_deadline_leaks_no_slot(op, start_daemon):
         owner.close()
     committed = op == "commit"
     with kvstore.connect(daemon.url) as client:
-        _wait_for(lambda: _dram(client)["used_bytes"] == (4 * 64 * KiB if committed else 0),
+        _wait_for(lambda: _dram(client)["used_bytes"]
+                  == 48 * (1 << 20) + (4 * 64 * KiB if committed else 0),
                   5, f"{op} past its deadline left slots neither committed nor free")
         values = client.get_many(keys)  # (the bytes are whatever the slots held)
         assert [v is not None and len(v) == 64 * KiB for v in values] == [committed] * 4
