@@ -1,0 +1,367 @@
+"""The UCX transport (``kvstore+ucx://HOST:PORT``, through ``ucxx``): the same frames as
+TCP (kvstore.protocol), carried as UCX tag messages.
+
+    write(part)... drain() ──ep.send_multi([chunk, ...])──> ep.recv_multi() -> [chunk, ...]
+                                                                    │
+                              readexactly(n) <── slices of chunks ──┘
+
+`UcxStream` adapts an endpoint to the StreamReader/StreamWriter calls the daemon's
+connection loop and the clients make, so both sides keep their framing code unchanged.
+Invariants:
+
+- One drain is one multi-buffer message. Parts under `DIRECT_BYTES` are joined into one
+  chunk (a small copy); larger parts are sent as they are, so a value is never copied on
+  the sending side, and UCX receives it straight into a buffer of its own.
+- `readexactly(n)` returns a slice of the received chunk when the n bytes lie in one
+  (a value sent whole), and joins chunks only when a read spans them (the values of a
+  put_many or get_many): at most one copy per side. Reads of up to `DIRECT_BYTES` return
+  ``bytes``, larger ones a ``memoryview``.
+- UCX delivers tag messages between two endpoints in order; a receive cut short
+  (cancelled, timed out) would leave a posted receive to swallow the next message, so the
+  stream is broken from then on and must be closed.
+
+Threads: ucxx completes requests through Python futures of the event loop that
+initialised it (its notifier thread wakes that loop, so an idle receive costs no CPU).
+One loop per process therefore owns every UCX endpoint: the daemon's own loop, or, in a
+client process, `ucx_loop()`, a private loop in a daemon thread that the sync client
+(from any thread) and the async client (from any loop) submit coroutines to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import socket
+import threading
+from collections import deque
+from typing import Any
+
+from kvstore import protocol
+from kvstore.client import Response, _checked, _Session
+from kvstore.errors import (
+    DeadlineExceededError,
+    KVStoreError,
+    ProtocolError,
+    StoreConnectionError,
+)
+from kvstore.protocol import FrameKind
+
+try:
+    import ucxx
+    from ucxx.exceptions import UCXError
+except ImportError:  # the extra is optional: kvstore:// (TCP) works without it
+    ucxx = None
+
+    class UCXError(Exception):  # type: ignore[no-redef]
+        """Stands in for ucxx's error root when ucxx is not installed."""
+
+
+log = logging.getLogger(__name__)
+
+DIRECT_BYTES = 64 * 1024  # parts this large travel as their own buffer, never copied
+CLOSE_PERIOD_NS = 100_000_000  # how long closing an endpoint may wait for UCX (0.1 s)
+START_TIMEOUT_S = 30.0  # starting UCX (the first connection of a process)
+GRACE_S = 2.0  # past a request's own timeout, before the calling thread gives up on it
+
+
+def require_ucxx() -> None:
+    if ucxx is None:
+        raise KVStoreError("kvstore+ucx:// (and kvstored --ucx) need the ucxx package: "
+                           "pip install 'kvstore[ucx]'; without it, use kvstore:// (TCP)")
+
+
+def init_ucx() -> None:
+    """Initialise ucxx for the running loop, with Python futures (no busy polling).
+
+    Call it from the loop that will own every endpoint of the process.
+    """
+    require_ucxx()
+    try:
+        ucxx.init(enable_python_future=True, progress_mode="thread")
+    except RuntimeError:  # already initialised (by this module or by the application)
+        log.debug("ucxx was already initialised; using its context")
+
+
+class UcxStream:
+    """A UCX endpoint as an asyncio StreamReader and StreamWriter (the calls kvstore uses).
+
+    Used only from the loop that owns the endpoint, one reader and one writer at a time.
+    """
+
+    def __init__(self, endpoint: Any, peername: tuple[str, Any]) -> None:
+        self._endpoint = endpoint
+        self._peername = peername
+        self._chunks: deque[memoryview] = deque()
+        self._buffered_bytes = 0
+        self._pending: list[memoryview] = []
+        self._broken = False
+        self._closing: asyncio.Task[None] | None = None
+
+    # -- the reader -----------------------------------------------------------------------------
+
+    async def readexactly(self, nbytes: int) -> bytes | memoryview:
+        while self._buffered_bytes < nbytes:
+            if self._broken or self._closing is not None:
+                raise asyncio.IncompleteReadError(b"", nbytes)
+            try:
+                received = await self._endpoint.recv_multi()
+            except UCXError as e:
+                self._broken = True
+                log.debug("UCX receive ended peer=%s: %s", self._peername, e)
+                raise asyncio.IncompleteReadError(b"", nbytes) from None
+            except BaseException:  # cancelled: a receive may still be posted
+                self._broken = True
+                raise
+            for chunk in received:
+                view = memoryview(chunk).cast("B")
+                if view.nbytes:
+                    self._chunks.append(view)
+                    self._buffered_bytes += view.nbytes
+        if nbytes == 0:
+            return b""
+        self._buffered_bytes -= nbytes
+        head = self._chunks[0]
+        if head.nbytes >= nbytes:  # within one chunk: a slice
+            if head.nbytes == nbytes:
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = head[nbytes:]
+            piece = head[:nbytes]
+            return bytes(piece) if nbytes <= DIRECT_BYTES else piece
+        joined = bytearray(nbytes)  # spans chunks: the one copy
+        filled = 0
+        while filled < nbytes:
+            head = self._chunks.popleft()
+            take = min(head.nbytes, nbytes - filled)
+            joined[filled:filled + take] = head[:take]
+            if take < head.nbytes:
+                self._chunks.appendleft(head[take:])
+            filled += take
+        return bytes(joined) if nbytes <= DIRECT_BYTES else memoryview(joined)
+
+    # -- the writer -----------------------------------------------------------------------------
+
+    def write(self, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        if view.nbytes:
+            self._pending.append(view)
+
+    async def drain(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        if self._broken or self._closing is not None:
+            raise ConnectionResetError("the UCX endpoint is closed")
+        chunks: list[Any] = []
+        small: list[memoryview] = []
+        for part in pending:
+            if part.nbytes >= DIRECT_BYTES:
+                if small:
+                    chunks.append(b"".join(small))
+                    small = []
+                chunks.append(part)
+            else:
+                small.append(part)
+        if small:
+            chunks.append(b"".join(small))
+        try:
+            await self._endpoint.send_multi(chunks)
+        except UCXError as e:
+            self._broken = True
+            raise ConnectionResetError(f"UCX send failed: {e}") from None
+        except BaseException:
+            self._broken = True
+            raise
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._peername if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return self._closing is not None
+
+    def close(self) -> None:
+        """Start closing the endpoint (the peer's receives then fail); call on the loop."""
+        if self._closing is None:
+            self._pending.clear()
+            self._closing = asyncio.get_running_loop().create_task(self._close_endpoint())
+
+    async def wait_closed(self) -> None:
+        self.close()
+        assert self._closing is not None
+        await asyncio.shield(self._closing)
+
+    async def _close_endpoint(self) -> None:
+        try:
+            await self._endpoint.close(period=CLOSE_PERIOD_NS)
+        except Exception as e:  # closing a broken endpoint: nothing left to save
+            log.debug("closing UCX endpoint peer=%s: %s", self._peername, e)
+
+
+# -- the client side: one private loop per process -------------------------------------------------
+
+
+_loop_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def ucx_loop() -> asyncio.AbstractEventLoop:
+    """The loop (in a daemon thread) that owns this process's client endpoints."""
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            require_ucxx()
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="kvstore-ucx", daemon=True).start()
+
+            async def start() -> None:
+                init_ucx()
+
+            asyncio.run_coroutine_threadsafe(start(), loop).result(START_TIMEOUT_S)
+            # ucxx's notifier thread is not a daemon thread: stop it before the interpreter
+            # joins threads at exit (atexit runs too late for that).
+            threading._register_atexit(_stop_notifier)  # type: ignore[attr-defined]
+            _loop = loop
+    return _loop
+
+
+def _stop_notifier() -> None:
+    if ucxx is not None:
+        ucxx.stop_notifier_thread()
+
+
+async def _open_stream(client: Any) -> UcxStream:
+    host, port = client.address
+    try:
+        async with asyncio.timeout(client.connect_timeout_s + 1.0):
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port,
+                                                                 type=socket.SOCK_STREAM)
+            ip = infos[0][4][0]
+            endpoint = await ucxx.create_endpoint(ip, port,
+                                                  connect_timeout=client.connect_timeout_s)
+    except (OSError, UCXError) as e:  # TimeoutError included: UCX waits out a dead port
+        raise StoreConnectionError(f"cannot reach kvstored at {client.url}: "
+                                   f"{e or type(e).__name__}") from e
+    return UcxStream(endpoint, (ip, port))
+
+
+class _Channel:
+    """Requests and their answers over a UcxStream (the TCP clients' `request`); its
+    coroutines run on the UCX loop."""
+
+    def __init__(self, stream: UcxStream, url: str) -> None:
+        self.stream = stream
+        self.url = url
+        self._ids = itertools.count(1)
+        self._unanswered = 0  # requests sent with wait=False: their answers come first
+
+    async def request(self, meta: dict[str, Any], parts: list[Any], timeout_s: float,
+                      wait: bool) -> Response | None:
+        request_id = next(self._ids)
+        meta = {**meta, "id": request_id, "timeout_ms": max(1, int(timeout_s * 1000))}
+        data_bytes = sum(memoryview(p).nbytes for p in parts)
+        stream = self.stream
+        try:
+            async with asyncio.timeout(timeout_s + 1.0):  # the daemon answers a deadline first
+                stream.write(protocol.encode(FrameKind.REQUEST, meta, data_bytes))
+                for part in parts:
+                    stream.write(part)
+                await stream.drain()
+                if not wait:
+                    self._unanswered += 1
+                    return None
+                while True:
+                    header = protocol.decode_header(
+                        await stream.readexactly(protocol.HEADER_BYTES),
+                        max_data_bytes=1 << 40, expect=FrameKind.RESPONSE)
+                    answer = protocol.decode_meta(await stream.readexactly(header.meta_bytes))
+                    data = memoryview(await stream.readexactly(header.data_bytes))
+                    if not self._unanswered:
+                        break
+                    self._unanswered -= 1
+        except TimeoutError:
+            stream.close()
+            raise DeadlineExceededError(f"{meta['op']} to {self.url} did not finish within "
+                                        f"{timeout_s:g} s") from None
+        except asyncio.IncompleteReadError:
+            raise ConnectionResetError("the daemon closed the UCX connection") from None
+        except protocol.RequestError as e:
+            raise ProtocolError(f"bad answer from {self.url}: {e}") from None
+        return _checked(answer, request_id, data, self.url)
+
+
+def _wait(future: concurrent.futures.Future[Any], timeout_s: float, what: str) -> Any:
+    """The result of a coroutine submitted to the UCX loop, waited for from another thread."""
+    try:
+        return future.result(timeout_s)
+    except TimeoutError:
+        if future.done():
+            raise  # the coroutine's own error (a DeadlineExceededError)
+        future.cancel()
+        raise DeadlineExceededError(f"{what}: no answer from the UCX loop within "
+                                    f"{timeout_s:g} s") from None
+
+
+class UcxConnection:
+    """One UCX endpoint to the daemon for the sync `Client`; usable from any thread."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._loop = ucx_loop()
+        future = asyncio.run_coroutine_threadsafe(_open_stream(client), self._loop)
+        stream = _wait(future, client.connect_timeout_s + 1.0 + GRACE_S,
+                       f"connecting to {client.url}")
+        self._channel = _Channel(stream, client.url)
+        try:
+            meta, _ = self.request(*client.hello_request(), client.connect_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        self.session = _Session(meta, client.address)
+
+    def request(self, meta: dict[str, Any], parts: list[Any], timeout_s: float,
+                wait: bool = True) -> Response | None:
+        future = asyncio.run_coroutine_threadsafe(
+            self._channel.request(meta, parts, timeout_s, wait), self._loop)
+        try:
+            return _wait(future, timeout_s + 1.0 + GRACE_S, f"{meta['op']} to {self.client.url}")
+        except DeadlineExceededError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._channel.stream.close)
+
+
+class AsyncUcxConnection:
+    """One UCX endpoint for the `AsyncClient`; its I/O runs on the UCX loop, whatever loop
+    awaits it (cancelling the awaiting task cancels the I/O there)."""
+
+    def __init__(self, client: Any, loop: asyncio.AbstractEventLoop, stream: UcxStream) -> None:
+        self.client = client
+        self._loop = loop
+        self._channel = _Channel(stream, client.url)
+        self.session: _Session | None = None
+
+    @classmethod
+    async def open(cls, client: Any) -> AsyncUcxConnection:
+        loop = await asyncio.to_thread(ucx_loop)
+        stream = await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(_open_stream(client), loop))
+        conn = cls(client, loop, stream)
+        try:
+            meta, _ = await conn.request(*client.hello_request(), client.connect_timeout_s)
+        except BaseException:
+            conn.close()
+            raise
+        conn.session = _Session(meta, client.address)
+        return conn
+
+    async def request(self, meta: dict[str, Any], parts: list[Any], timeout_s: float,
+                      wait: bool = True) -> Response | None:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+            self._channel.request(meta, parts, timeout_s, wait), self._loop))
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._channel.stream.close)
