@@ -54,7 +54,7 @@ SWEEP_INTERVAL_S = 1.0
 
 @dataclass
 class _Reservation:
-    key: bytes  # scoped
+    key: bytes | None  # scoped; None for a spare slot, bound to a key at commit
     offset: int
     nbytes: int
     deadline: float
@@ -284,6 +284,23 @@ class Daemon:
         call = self._run(fn, *args)
         return await (asyncio.shield(call) if shield else call)
 
+    async def _run_to_end(self, fn: Callable[[], Any], *, inline: bool,
+                          release: Callable[[Any], Any]) -> Any:
+        """``fn()``, run to its end even if the request's deadline passes meanwhile (on the
+        loop if ``inline`` and the lock is free); ``release`` gets a result nobody reads."""
+        if inline and self.store.try_lock():
+            try:
+                return fn()
+            finally:
+                self.store.unlock()
+        future = self._executor.submit(fn)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            future.add_done_callback(
+                lambda f: None if f.cancelled() or f.exception() else release(f.result()))
+            raise
+
     def _run_put(self, nbytes: int) -> Callable[..., Any]:
         """How to run a put of ``nbytes``: on the loop when it cannot reach the disk."""
         return self._run_short if not self.store.has_nvme and nbytes <= 1 << 20 else self._run
@@ -419,14 +436,15 @@ class Daemon:
             raise
         return self._reservations(conn, meta["keys"], offsets, sizes)
 
-    def _reservations(self, conn: Connection, keys: list[bytes], offsets: list[int],
+    def _reservations(self, conn: Connection, keys: list[bytes | None], offsets: list[int],
                       sizes: list[int]) -> tuple[dict[str, Any], list[Any]]:
         """File reserved slots under new handles of ``conn``; the reserve answer."""
         deadline = time.monotonic() + self.config.lease_s
         handles = []
         for key, offset, nbytes in zip(keys, offsets, sizes, strict=False):
             handle = next(self._handles)
-            conn.reservations[handle] = _Reservation(conn.scope(key), offset, nbytes, deadline)
+            scoped = None if key is None else conn.scope(key)  # None: a spare slot
+            conn.reservations[handle] = _Reservation(scoped, offset, nbytes, deadline)
             handles.append(handle)
         return {"handles": handles, "offsets": offsets}, []
 
@@ -439,10 +457,22 @@ class Daemon:
         return [table.pop(h) for h in handles]
 
     async def _op_commit(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        """Commit reservations in order, as one chain (each the parent of the next)."""
+        """Commit reservations in order, as one chain (each the parent of the next), to
+        their reserved keys or to ``keys``; then reserve spare slots of ``reserve_sizes``
+        for the client's next puts (answered as ``handles`` and ``offsets``)."""
+        keys, spare_sizes = meta.get("keys"), meta.get("reserve_sizes") or []
+        if spare_sizes:
+            self._check_shm(conn)
         taken = self._take(conn.reservations, meta["handles"])
+        if keys is not None:
+            for r, key in zip(taken, keys, strict=True):
+                r.key = conn.scope(key)
+        if any(r.key is None for r in taken):
+            for r in taken:
+                self.store.release_host(r.offset)
+            raise RequestError(ErrorCode.BAD_REQUEST, "a spare slot is committed with keys")
 
-        def commit() -> int:
+        def commit() -> tuple[int, list[int]]:
             parent = None
             for i, r in enumerate(taken):
                 try:
@@ -452,13 +482,23 @@ class Daemon:
                         self.store.release_host(rest.offset)
                     raise
                 parent = r.key
-            return len(taken)
+            spares = []
+            for nbytes in spare_sizes:
+                offset = self.store.reserve_host(nbytes)
+                if offset is None:
+                    break
+                spares.append(offset)
+            return len(taken), spares
 
-        # Shielded: the reservations are no longer in the table, so once taken they must be
-        # committed (or released) even if the deadline passes before a worker thread is free.
-        stored = await self._run_short(commit, shield=True)
+        # The reservations are no longer in the table, so once taken they must be committed
+        # (or released) even if the deadline passes before a worker thread is free: the
+        # store call is shielded, and spares it reserves after a deadline are given back.
+        stored, offsets = await self._run_to_end(
+            commit, inline=not (spare_sizes and self.store.has_nvme),  # NVMe: a thread
+            release=lambda result: [self.store.release_host(o) for o in result[1]])
         self._count_in_bytes(sum(r.nbytes for r in taken))
-        return {"stored": stored}, []
+        spares, _ = self._reservations(conn, [None] * len(offsets), offsets, spare_sizes)
+        return {"stored": stored, **spares}, []
 
     async def _op_abort(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         taken = self._take(conn.reservations, meta["handles"])

@@ -71,11 +71,28 @@ class _Session:
         self.lease_s: float = hello["lease_s"]
         self.pool: np.ndarray | None = None
         self.is_pool_registered = False  # page-locked for CUDA: GPUs DMA straight into it
+        self._spare: tuple[int, int, int, float] | None = None  # handle, offset, nbytes, when
         shm = hello.get("shm")
         if shm and shm.get("boot_id") == boot_id():
             mapped = _shared_pool(address, shm["name"], shm["nbytes"])
             if mapped is not None:
                 self.pool, self.is_pool_registered = mapped
+
+
+    def take_spare(self, nbytes: int) -> tuple[int, int] | None:
+        """(handle, offset) of this connection's spare slot if it fits ``nbytes`` exactly
+        and is young enough that its lease cannot run out before the commit."""
+        spare = self._spare
+        if (spare is None or spare[2] != nbytes
+                or time.monotonic() - spare[3] > self.lease_s / 2):
+            return None
+        self._spare = None
+        return spare[0], spare[1]
+
+    def keep_spare(self, handle: int, offset: int, nbytes: int) -> int | None:
+        """Keep a new spare slot; returns the handle of the one it replaces, if any."""
+        old, self._spare = self._spare, (handle, offset, nbytes, time.monotonic())
+        return None if old is None else old[0]
 
 
 # Pools mapped by this process, by shared-memory name: a pool is mapped (and registered
@@ -121,7 +138,9 @@ class _Operations:
     """Generators: yield (meta, data parts), receive (meta, data), return the result."""
 
     @staticmethod
-    def put_many(session: _Session, keys: list[bytes], srcs: list[Any]) -> Operation:
+    def put_many(session: _Session, keys: list[bytes], srcs: list[Any],
+                 use_spare: bool = False) -> Operation:
+        """``use_spare`` (single puts): keep a spare slot for the next put of this size."""
         if not keys:
             return 0
         sizes = [int(s.shape[0]) for s in srcs]
@@ -131,8 +150,15 @@ class _Operations:
                                         f"max_value_bytes ({session.max_value_bytes})")
         pool = session.pool
         if pool is not None and sum(sizes) >= SHM_MIN_BYTES:
-            meta, _ = yield {"op": "reserve", "keys": keys, "sizes": sizes}, []
-            handles, offsets = meta["handles"], meta["offsets"]
+            # A single put reuses the spare slot its last commit reserved: copy + commit,
+            # one round trip; the commit reserves the next spare.
+            single = use_spare and len(keys) == 1
+            spare = session.take_spare(sizes[0]) if single else None
+            if spare is not None:
+                handles, offsets = [spare[0]], [spare[1]]
+            else:
+                meta, _ = yield {"op": "reserve", "keys": keys, "sizes": sizes}, []
+                handles, offsets = meta["handles"], meta["offsets"]
             if len(handles) == len(keys):
                 try:
                     for src, offset, size in zip(srcs, offsets, sizes, strict=True):
@@ -140,7 +166,14 @@ class _Operations:
                 except BaseException:
                     yield {"op": "abort", "handles": handles}, []
                     raise
-                meta, _ = yield {"op": "commit", "handles": handles}, []
+                commit = {"op": "commit", "handles": handles, "keys": keys}
+                if single:
+                    commit["reserve_sizes"] = sizes
+                meta, _ = yield commit, []
+                if single and meta.get("handles"):
+                    old = session.keep_spare(meta["handles"][0], meta["offsets"][0], sizes[0])
+                    if old is not None:  # one spare per connection: the other goes back
+                        yield {"op": "abort", "handles": [old], "noreply": True}, []
                 return meta["stored"]
             if handles:  # no room for all in DRAM: let the daemon place them (and demote)
                 yield {"op": "abort", "handles": handles}, []
@@ -157,7 +190,7 @@ class _Operations:
     @staticmethod
     def put(session: _Session, key: bytes, src: Any) -> Operation:
         if session.pool is not None and src.shape[0] >= SHM_MIN_BYTES:
-            return (yield from _Operations.put_many(session, [key], [src])) == 1
+            return (yield from _Operations.put_many(session, [key], [src], True)) == 1
         if src.shape[0] > session.max_value_bytes:
             raise InvalidValueError(f"value of {src.shape[0]} bytes exceeds the daemon's "
                                     f"max_value_bytes ({session.max_value_bytes})")

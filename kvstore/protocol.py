@@ -247,6 +247,30 @@ _FIELDS: dict[str, dict[str, Any]] = {
 
 OPERATIONS = frozenset(_FIELDS)
 
+MAX_SPARES = 4
+
+
+def _bound_keys(value: object, field: str, request: dict[str, Any]) -> list[bytes]:
+    keys = _keys(value, field, request)
+    if len(keys) != len(request["handles"]):
+        raise RequestError(ErrorCode.BAD_REQUEST, f"{field} must have one key per handle")
+    return keys
+
+
+def _spare_sizes(value: object, field: str, request: dict[str, Any]) -> list[int]:
+    sizes = _uints(value, field)
+    if len(sizes) > MAX_SPARES:
+        raise RequestError(ErrorCode.BAD_REQUEST, f"{field} holds at most {MAX_SPARES} sizes")
+    return sizes
+
+
+# Fields an operation may carry, checked when present.
+_OPTIONAL_FIELDS: dict[str, dict[str, Any]] = {
+    # commit: keys to bind the slots to (needed for spare slots, reserved with no key), and
+    # sizes of spare slots to reserve afterwards for the next puts (one round trip each).
+    "commit": {"keys": _bound_keys, "reserve_sizes": _spare_sizes},
+}
+
 
 def check_request(meta: dict[str, Any], data_bytes: int) -> tuple[int, str, float]:
     """Validate a request's meta in place; returns (id, op, timeout in seconds).
@@ -269,6 +293,9 @@ def check_request(meta: dict[str, Any], data_bytes: int) -> tuple[int, str, floa
             if field not in meta:
                 raise RequestError(ErrorCode.BAD_REQUEST, f"{op} needs the field {field!r}")
             meta[field] = check(meta[field], field, meta)
+        for field, check in _OPTIONAL_FIELDS.get(op, {}).items():
+            if meta.get(field) is not None:
+                meta[field] = check(meta[field], field, meta)
         expected = sum(meta["sizes"]) if op == "put_many" else None
         if op == "put":
             expected = data_bytes  # one value: whatever the frame carries

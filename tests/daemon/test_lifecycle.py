@@ -214,3 +214,28 @@ def test_logs_connects_and_errors_but_not_requests(start_daemon):
     client.close()
     time.sleep(0.3)
     assert "client disconnected" in daemon.output()
+
+
+def test_single_puts_reuse_a_spare_slot_that_goes_back_when_the_client_leaves(start_daemon):
+    daemon = start_daemon("--dram", "16MiB", "--max-value", "1MiB")
+    client = kvstore.connect(daemon.url)
+    session = client._idle[0].session
+    values = [make_value(("spare", i), 300 * KiB) for i in range(5)]
+    calls = []
+    request = client._idle[0].request
+    client._idle[0].request = lambda meta, *a: calls.append(meta["op"]) or request(meta, *a)
+    for i, value in enumerate(values):
+        assert client.put(make_key(("spare", i)), value) is True
+    # The first put reserves; every later one copies into the spare its last commit got.
+    assert calls == ["reserve", "commit", *["commit"] * 4]
+    assert session._spare is not None
+    assert [client.get(make_key(("spare", i))) for i in range(5)] == values
+    watcher = kvstore.connect(daemon.url, shared_memory=False)
+    slot = 320 * KiB  # the size class of 300 KiB
+    assert watcher.stats()["tiers"]["dram"]["used_bytes"] == 6 * slot  # 5 values + 1 spare
+    client.close()
+    deadline = time.monotonic() + 5
+    while watcher.stats()["tiers"]["dram"]["used_bytes"] != 5 * slot:
+        assert time.monotonic() < deadline, "the spare slot of a closed client leaked"
+        time.sleep(0.05)
+    watcher.close()

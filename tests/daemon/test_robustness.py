@@ -693,8 +693,8 @@ def _wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> flo
 def _fill_dram(client: kvstore.Client, tag: str) -> None:
     """Put a DRAM tier's worth of new values; each must be stored (so every older block,
     pinned ones included, must be evictable)."""
-    for i in range(NUM_SLOTS):
-        assert client.put(make_key((tag, i)), make_value((tag, i), SLOT_BYTES)), \
+    for i in range(NUM_SLOTS):  # put_many: a single put would also hold a spare slot
+        assert client.put_many([make_key((tag, i))], [make_value((tag, i), SLOT_BYTES)]), \
             f"no room for fill value {i}: a slot or pin leaked"
 
 
@@ -703,7 +703,8 @@ def test_sigkill_of_client_releases_its_reservations_and_pins(start_daemon):
     with kvstore.connect(daemon.url) as client:
         held = [make_key(("held", i)) for i in range(4)]
         for i, key in enumerate(held):
-            assert client.put(key, make_value(("held", i), SLOT_BYTES))
+            # put_many: a single put would also keep a spare slot reserved for the next one
+            assert client.put_many([key], [make_value(("held", i), SLOT_BYTES)])
         baseline = _dram(client)
         assert baseline["used_bytes"] == 4 * SLOT_BYTES
         script = _HOLDER.format(repo=str(REPO), port=daemon.port,
@@ -737,7 +738,7 @@ def test_lease_expiry_takes_back_a_live_clients_reservation_and_pin(start_daemon
     daemon = start_daemon("--dram", "4MiB", "--max-value", "256KiB", "--lease", "1")
     with kvstore.connect(daemon.url) as client:
         held = make_key("leased")
-        assert client.put(held, make_value("leased", SLOT_BYTES))
+        assert client.put_many([held], [make_value("leased", SLOT_BYTES)])  # (no spare)
         baseline = _dram(client)["used_bytes"]
         conn = RawConnection(daemon.port)
         try:
