@@ -30,7 +30,6 @@ import argparse
 import collections
 import contextlib
 import gc
-import json
 import os
 import pstats
 import re
@@ -58,11 +57,11 @@ from store_bench import (  # noqa: E402
     aligned,
     chain_keys,
     dram_pool_bytes,
+    emit,
     gbps,
     log,
     machine_info,
     profile_top,
-    rounded,
     size_label,
     slices,
     summarize,
@@ -594,13 +593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "met": entry["shm"][f"{op}_vs_embedded"] >= SHM_TARGET_RATIO}
                     for op in ("put", "get", "get_into")} if entry else None),
     }
-    doc["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    doc["elapsed_s"] = time.perf_counter() - started_s
-    text = json.dumps(rounded(doc), indent=1)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    log(f"done in {doc['elapsed_s']:.0f} s")
+    emit(doc, started_s, args.json_out)
     return 0
 
 

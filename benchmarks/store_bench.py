@@ -993,15 +993,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if base_dir is not None:
             shutil.rmtree(base_dir, ignore_errors=True)
     doc["targets"] = targets_summary(doc)
+    emit(doc, started_s, args.json_out)
+    return 0
+
+
+def emit(doc: dict[str, Any], started_s: float, json_out: str | None) -> None:
+    """Finish a benchmark: load average and elapsed time into ``doc``, print it as JSON
+    (and write it to ``json_out``)."""
     if hasattr(os, "getloadavg"):  # other work on the machine makes the figures noisy
         doc["machine"]["loadavg_at_end"] = list(os.getloadavg())
     doc["elapsed_s"] = time.perf_counter() - started_s
     text = json.dumps(rounded(doc), indent=1)
     print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
+    if json_out:
+        Path(json_out).write_text(text + "\n")
     log(f"done in {doc['elapsed_s']:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":

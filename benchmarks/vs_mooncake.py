@@ -55,10 +55,10 @@ from daemon_bench import MAX_VALUE_BYTES, DaemonProcess, TcpSink, pool_mapped  #
 from store_bench import (  # noqa: E402
     aligned,
     dram_pool_bytes,
+    emit,
     gbps,
     log,
     machine_info,
-    rounded,
     size_label,
     slices,
     summarize,
@@ -526,13 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    f"{op}_vs_mooncake")}
                 for op in OPS}
         for label, e in results.items()}
-    doc["machine"]["loadavg_at_end"] = list(os.getloadavg())
-    doc["elapsed_s"] = time.perf_counter() - started_s
-    text = json.dumps(rounded(doc), indent=1)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    log(f"done in {doc['elapsed_s']:.0f} s")
+    emit(doc, started_s, args.json_out)
     return 0
 
 

@@ -422,6 +422,14 @@ class _Settings:
         self.max_connections = max_connections
         self.retry = retry
 
+    def _retry_delay_s(self, attempt: int, deadline: float, error: BaseException) -> float:
+        """How long to wait before retrying on a fresh connection after ``error`` broke
+        one; `StoreConnectionError` when no attempt or time is left."""
+        if attempt + 1 >= self.retry.attempts or time.monotonic() >= deadline:
+            raise StoreConnectionError(
+                f"lost the connection to kvstored at {self.url}: {error}") from error
+        return min(self.retry.delay_s(attempt), max(0.0, deadline - time.monotonic()))
+
     def hello_request(self) -> Request:
         return {"op": "hello", "version": protocol.PROTOCOL_VERSION, "token": self.token,
                 "namespace": self.namespace, "shm": self.shared_memory}, []
@@ -479,11 +487,7 @@ class Client(_Settings, _Api):
                 except _BROKEN as e:
                     if conn is not None:
                         conn.close()
-                    if attempt + 1 >= self.retry.attempts or time.monotonic() >= deadline:
-                        raise StoreConnectionError(
-                            f"lost the connection to kvstored at {self.url}: {e}") from e
-                    time.sleep(min(self.retry.delay_s(attempt),
-                                   max(0.0, deadline - time.monotonic())))
+                    time.sleep(self._retry_delay_s(attempt, deadline, e))
                     continue
                 except BaseException:
                     if conn is not None:
@@ -506,16 +510,22 @@ class Client(_Settings, _Api):
         self.close()
 
 
+def _call(request: Request, deadline: float, url: str) -> tuple[Any, ...]:
+    """The arguments of ``conn.request`` for an operation's next request: meta, parts,
+    the time left, and whether to wait for the answer (not for a ``noreply`` request)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceededError(f"call to {url} ran out of time")
+    meta, parts = request
+    wait = not meta.pop("noreply", False)
+    return meta, parts, left, wait
+
+
 def _drive(operation: Operation, conn: _Connection, deadline: float) -> Any:
     try:
         request = next(operation)
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DeadlineExceededError(f"call to {conn.client.url} ran out of time")
-            meta, parts = request
-            wait = not meta.pop("noreply", False)
-            request = operation.send(conn.request(meta, parts, left, wait))
+            request = operation.send(conn.request(*_call(request, deadline, conn.client.url)))
     except StopIteration as done:
         return done.value
 
@@ -618,11 +628,7 @@ class AsyncClient(_Settings, _Api):
                 except _BROKEN as e:
                     if conn is not None:
                         conn.close()
-                    if attempt + 1 >= self.retry.attempts or time.monotonic() >= deadline:
-                        raise StoreConnectionError(
-                            f"lost the connection to kvstored at {self.url}: {e}") from e
-                    await asyncio.sleep(min(self.retry.delay_s(attempt),
-                                            max(0.0, deadline - time.monotonic())))
+                    await asyncio.sleep(self._retry_delay_s(attempt, deadline, e))
                     continue
                 except BaseException:
                     if conn is not None:
@@ -659,12 +665,8 @@ async def _adrive(operation: Operation, conn: _AsyncConnection, deadline: float)
     try:
         request = next(operation)
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DeadlineExceededError(f"call to {conn.client.url} ran out of time")
-            meta, parts = request
-            wait = not meta.pop("noreply", False)
-            request = operation.send(await conn.request(meta, parts, left, wait))
+            request = operation.send(
+                await conn.request(*_call(request, deadline, conn.client.url)))
     except StopIteration as done:
         return done.value
 
