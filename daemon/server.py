@@ -400,41 +400,32 @@ class Daemon:
         self._check_shm(conn)
         sizes: list[int] = meta["sizes"]
 
-        def reserve() -> list[int]:
-            offsets: list[int] = []
-            try:
-                for nbytes in sizes:
-                    offset = self.store.reserve_host(nbytes)
-                    if offset is None:
-                        break
-                    offsets.append(offset)
-            except BaseException:  # a size over the limit: the client gets no handle at all
-                release(offsets)
-                raise
-            return offsets
-
-        def release(offsets: list[int]) -> None:
-            for offset in offsets:
-                self.store.release_host(offset)
-
         # One store call, so that a deadline cannot separate a slot from its handle: if the
         # request gives up while the call runs on, the slots it reserves are given back.
         # Without an NVMe tier (no demotion I/O), a short one runs on the loop when the
         # lock is free (a long batch would stall every other client meanwhile).
-        if not self.store.has_nvme and len(sizes) <= 64 and self.store.try_lock():
-            try:
-                offsets = reserve()
-            finally:
-                self.store.unlock()
-            return self._reservations(conn, meta["keys"], offsets, sizes)
-        future = self._executor.submit(reserve)
-        try:
-            offsets = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            future.add_done_callback(
-                lambda f: None if f.cancelled() or f.exception() else release(f.result()))
-            raise
+        offsets = await self._run_to_end(
+            lambda: self._reserve_slots(sizes),
+            inline=not self.store.has_nvme and len(sizes) <= 64, release=self._release_slots)
         return self._reservations(conn, meta["keys"], offsets, sizes)
+
+    def _reserve_slots(self, sizes: list[int]) -> list[int]:
+        """DRAM slots for the leading sizes that find room (worker thread or lock held)."""
+        offsets: list[int] = []
+        try:
+            for nbytes in sizes:
+                offset = self.store.reserve_host(nbytes)
+                if offset is None:
+                    break
+                offsets.append(offset)
+        except BaseException:  # a size over the limit: the client gets no handle at all
+            self._release_slots(offsets)
+            raise
+        return offsets
+
+    def _release_slots(self, offsets: list[int]) -> None:
+        for offset in offsets:
+            self.store.release_host(offset)
 
     def _reservations(self, conn: Connection, keys: list[bytes | None], offsets: list[int],
                       sizes: list[int]) -> tuple[dict[str, Any], list[Any]]:
@@ -482,27 +473,21 @@ class Daemon:
                         self.store.release_host(rest.offset)
                     raise
                 parent = r.key
-            spares = []
-            for nbytes in spare_sizes:
-                offset = self.store.reserve_host(nbytes)
-                if offset is None:
-                    break
-                spares.append(offset)
-            return len(taken), spares
+            return len(taken), self._reserve_slots(spare_sizes)
 
         # The reservations are no longer in the table, so once taken they must be committed
         # (or released) even if the deadline passes before a worker thread is free: the
         # store call is shielded, and spares it reserves after a deadline are given back.
         stored, offsets = await self._run_to_end(
             commit, inline=not (spare_sizes and self.store.has_nvme),  # NVMe: a thread
-            release=lambda result: [self.store.release_host(o) for o in result[1]])
+            release=lambda result: self._release_slots(result[1]))
         self._count_in_bytes(sum(r.nbytes for r in taken))
         spares, _ = self._reservations(conn, [None] * len(offsets), offsets, spare_sizes)
         return {"stored": stored, **spares}, []
 
     async def _op_abort(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         taken = self._take(conn.reservations, meta["handles"])
-        await self._run_short(lambda: [self.store.release_host(r.offset) for r in taken],
+        await self._run_short(self._release_slots, [r.offset for r in taken],
                               shield=True)  # shielded as in commit
         return {}, []
 
