@@ -39,7 +39,7 @@ from collections import deque
 from typing import Any
 
 from kvstore import protocol
-from kvstore.client import Response, _checked, _Session
+from kvstore.client_ops import Response, _checked, _Session
 from kvstore.errors import (
     DeadlineExceededError,
     KVStoreError,

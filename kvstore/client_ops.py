@@ -1,0 +1,239 @@
+"""The client's operations, written once as generators independent of the transport.
+
+An operation yields requests ``(meta, data parts)`` and receives answers ``(meta, data)``;
+`kvstore.client` drives it over a TCP socket, asyncio streams or UCX. The shared-memory
+data plane lives here: a connection's `_Session` knows the daemon's DRAM pool (mapped
+once per process) and its spare slot.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Generator
+from typing import Any
+
+import numpy as np
+
+from kvstore import protocol
+from kvstore.buffers import copy_bytes, output_view
+from kvstore.errors import InvalidValueError, ProtocolError
+from kvstore.tiers.dram import boot_id
+
+SHM_MIN_BYTES = 64 * 1024  # smaller puts go in the frame: one round trip instead of two
+
+Request = tuple[dict[str, Any], list[Any]]  # meta (op and fields), data parts
+Response = tuple[dict[str, Any], memoryview]  # meta, data
+Operation = Generator[Request, Response, Any]
+
+
+class _Session:
+    """What one connection learned at hello, and the shared pool it mapped (if any)."""
+
+    def __init__(self, hello: dict[str, Any], address: tuple[str, int]) -> None:
+        self.namespace: str = hello["namespace"]
+        self.max_value_bytes: int = hello["max_value_bytes"]
+        self.max_frame_data_bytes: int = hello["max_frame_data_bytes"]
+        self.node_id: str = hello["node_id"]
+        self.lease_s: float = hello["lease_s"]
+        self.pool: np.ndarray | None = None
+        self.is_pool_registered = False  # page-locked for CUDA: GPUs DMA straight into it
+        self._spare: tuple[int, int, int, float] | None = None  # handle, offset, nbytes, when
+        shm = hello.get("shm")
+        if shm and shm.get("boot_id") == boot_id():
+            mapped = _shared_pool(address, shm["name"], shm["nbytes"])
+            if mapped is not None:
+                self.pool, self.is_pool_registered = mapped
+
+
+    def take_spare(self, nbytes: int) -> tuple[int, int] | None:
+        """(handle, offset) of this connection's spare slot if it fits ``nbytes`` exactly
+        and is young enough that its lease cannot run out before the commit."""
+        spare = self._spare
+        if (spare is None or spare[2] != nbytes
+                or time.monotonic() - spare[3] > self.lease_s / 2):
+            return None
+        self._spare = None
+        return spare[0], spare[1]
+
+    def keep_spare(self, handle: int, offset: int, nbytes: int) -> int | None:
+        """Keep a new spare slot; returns the handle of the one it replaces, if any."""
+        old, self._spare = self._spare, (handle, offset, nbytes, time.monotonic())
+        return None if old is None else old[0]
+
+
+# Pools mapped by this process, by shared-memory name: a pool is mapped (and registered
+# with CUDA, which refuses a second registration of the same pages) once per process.
+_pools: dict[str, tuple[np.ndarray, bool]] = {}
+_pool_of_address: dict[tuple[str, int], str] = {}
+_pools_lock = threading.Lock()
+
+
+def _shared_pool(address: tuple[str, int], name: str,
+                 nbytes: int) -> tuple[np.ndarray, bool] | None:
+    """The daemon's DRAM pool mapped here; None if it is not reachable from here (another
+    host or container, or no permission): values then travel in the frames. A daemon
+    that restarted has a new pool: the old one's mapping is let go."""
+    from kvstore.tiers.dram import map_shared, register_with_cuda, unregister_with_cuda
+
+    with _pools_lock:
+        old = _pool_of_address.get(address)
+        if old is not None and old != name and old in _pools:
+            array, registered = _pools.pop(old)
+            if registered:
+                unregister_with_cuda(array)
+        _pool_of_address[address] = name
+        if name not in _pools:
+            try:
+                mapping = map_shared(name, nbytes, create=False)
+            except (OSError, ValueError):
+                return None
+            array = np.frombuffer(mapping, dtype=np.uint8)[:nbytes]
+            _pools[name] = (array, register_with_cuda(array))
+        return _pools[name]
+
+
+# -- the operations, once, independent of the transport ---------------------------------------
+
+
+def _host(src: Any) -> Any:
+    """A host byte view of a value view (device tensors are copied to the host)."""
+    return src if isinstance(src, np.ndarray) else src.cpu().numpy()
+
+
+class _Operations:
+    """Generators: yield (meta, data parts), receive (meta, data), return the result."""
+
+    @staticmethod
+    def put_many(session: _Session, keys: list[bytes], srcs: list[Any],
+                 use_spare: bool = False) -> Operation:
+        """``use_spare`` (single puts): keep a spare slot for the next put of this size."""
+        if not keys:
+            return 0
+        sizes = [int(s.shape[0]) for s in srcs]
+        for size in sizes:
+            if size > session.max_value_bytes:
+                raise InvalidValueError(f"value of {size} bytes exceeds the daemon's "
+                                        f"max_value_bytes ({session.max_value_bytes})")
+        pool = session.pool
+        if pool is not None and sum(sizes) >= SHM_MIN_BYTES:
+            # A single put reuses the spare slot its last commit reserved: copy + commit,
+            # one round trip; the commit reserves the next spare.
+            single = use_spare and len(keys) == 1
+            spare = session.take_spare(sizes[0]) if single else None
+            if spare is not None:
+                handles, offsets = [spare[0]], [spare[1]]
+            else:
+                meta, _ = yield {"op": "reserve", "keys": keys, "sizes": sizes}, []
+                handles, offsets = meta["handles"], meta["offsets"]
+            if len(handles) == len(keys):
+                try:
+                    for src, offset, size in zip(srcs, offsets, sizes, strict=True):
+                        copy_bytes(pool[offset:offset + size], src)
+                except BaseException:
+                    yield {"op": "abort", "handles": handles}, []
+                    raise
+                commit = {"op": "commit", "handles": handles, "keys": keys}
+                if single:
+                    commit["reserve_sizes"] = sizes
+                meta, _ = yield commit, []
+                if single and meta.get("handles"):
+                    old = session.keep_spare(meta["handles"][0], meta["offsets"][0], sizes[0])
+                    if old is not None:  # one spare per connection: the other goes back
+                        yield {"op": "abort", "handles": [old], "noreply": True}, []
+                return meta["stored"]
+            if handles:  # no room for all in DRAM: let the daemon place them (and demote)
+                yield {"op": "abort", "handles": handles}, []
+        stored = 0
+        for start, stop in _batches(sizes, session.max_frame_data_bytes):
+            parts = [_host(s) for s in srcs[start:stop]]
+            meta, _ = yield ({"op": "put_many", "keys": keys[start:stop],
+                              "sizes": sizes[start:stop]}, parts)
+            stored += meta["stored"]
+            if meta["stored"] < stop - start:
+                break
+        return stored
+
+    @staticmethod
+    def put(session: _Session, key: bytes, src: Any) -> Operation:
+        if session.pool is not None and src.shape[0] >= SHM_MIN_BYTES:
+            return (yield from _Operations.put_many(session, [key], [src], True)) == 1
+        if src.shape[0] > session.max_value_bytes:
+            raise InvalidValueError(f"value of {src.shape[0]} bytes exceeds the daemon's "
+                                    f"max_value_bytes ({session.max_value_bytes})")
+        meta, _ = yield {"op": "put", "key": key}, [_host(src)]
+        return meta["stored"]
+
+    @staticmethod
+    def get_many(session: _Session, keys: list[bytes],
+                 outs: list[Any] | None = None) -> Operation:
+        """Values as bytes, or (with ``outs``) copied into them: True/False per key."""
+        results: list[Any] = [None if outs is None else False] * len(keys)
+        rest = list(range(len(keys)))
+        pool = session.pool
+        if pool is not None and keys:
+            meta, _ = yield {"op": "pin", "keys": keys}, []
+            pinned_at = time.monotonic()
+            pinned = [(i, b) for i, b in enumerate(meta["blocks"]) if b is not None]
+            copied: list[Any] = []
+            try:
+                for i, (offset, nbytes, _handle) in pinned:
+                    view = pool[offset:offset + nbytes]
+                    if outs is None:
+                        copied.append(view.tobytes())
+                    else:
+                        copy_bytes(output_view(outs[i], nbytes), view)
+                        copied.append(True)
+            finally:
+                if pinned:
+                    # Not waited for: the daemon keeps a pinned slot whole until its pins
+                    # go, even if the block is deleted or overwritten meanwhile.
+                    yield {"op": "unpin", "handles": [b[2] for _, b in pinned],
+                           "noreply": True}, []
+            # A copy that outlasted the lease may have raced a reuse of its slot: redo it.
+            if time.monotonic() - pinned_at < session.lease_s / 2:
+                for (i, _), value in zip(pinned, copied, strict=True):
+                    results[i] = value
+                found = {i for i, _ in pinned}
+                rest = [i for i in range(len(keys)) if i not in found]
+        if rest:
+            meta, data = yield {"op": "get_many", "keys": [keys[i] for i in rest]}, []
+            offset = 0
+            for i, size in zip(rest, meta["sizes"], strict=True):
+                if size is None:
+                    continue
+                value = data[offset:offset + size]
+                offset += size
+                if outs is None:
+                    results[i] = bytes(value)
+                else:
+                    copy_bytes(output_view(outs[i], size), np.frombuffer(value, np.uint8))
+                    results[i] = True
+        return results
+
+    @staticmethod
+    def simple(op: str, field: str, value: Any, result: str) -> Operation:
+        meta, _ = yield {"op": op, field: value} if field else {"op": op}, []
+        return meta.get(result)
+
+
+def _batches(sizes: list[int], limit: int) -> list[tuple[int, int]]:
+    """Cut a put_many into frames of at most ``limit`` data bytes."""
+    batches, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > limit:
+            batches.append((start, i))
+            start, total = i, 0
+        total += size
+    batches.append((start, len(sizes)))
+    return batches
+
+
+def _checked(answer: dict[str, Any], request_id: int, data: memoryview, url: str) -> Response:
+    if answer.get("id") not in (request_id, None):
+        raise ProtocolError(f"answer to request {answer.get('id')} from {url}, expected "
+                            f"{request_id}")
+    if not answer.get("ok"):
+        code = str(answer.get("code"))
+        raise protocol.error_class(code)(f"{url}: {answer.get('message')} [{code}]")
+    return answer, data
