@@ -1,0 +1,269 @@
+"""The decode engine: fetches a prompt's KV from the store, computes only what is not
+cached, then decodes, several requests at once (continuous batching).
+
+Each `step` runs one forward over a ragged batch: one new token for every running
+request, plus the uncached tail of each request admitted this step (its cached prefix
+fetched from the store first, copied into the pages layer by layer while the forward
+runs). A request joins as soon as the cache has pages for it and leaves when it hits its
+token budget or a stop token; its pages go back at once.
+
+A request handed over by a prefill engine carries that engine's first token: the decode
+engine appends it to the prompt and continues, so the stream is the one a single process
+would produce. When it finishes, the full blocks of prompt and reply it computed are
+published, so the next turn of the conversation finds them.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engines.kv_io import CacheFullError, KVBlockIO, LayerLoad, usable_prefix_blocks
+from engines.model import LlamaModel
+from engines.paged_cache import SequenceKV
+from engines.sampling import SamplingParams, sample
+
+TokenCallback = Callable[["DecodeRequest", int], None]
+
+
+class RequestState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+
+
+@dataclass(eq=False)
+class DecodeRequest:
+    request_id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    first_token: int | None = None  # from a prefill engine
+    on_token: TokenCallback | None = None
+    state: RequestState = RequestState.WAITING
+    output: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the store
+    finish_reason: FinishReason | None = None
+    arrival_s: float = field(default_factory=time.perf_counter)
+    token_times_s: list[float] = field(default_factory=list)
+    seq: SequenceKV = field(default_factory=SequenceKV)
+    keys: list[bytes] = field(default_factory=list)
+    num_published_blocks: int = 0
+    _pending: int | None = None  # the last token sampled, not yet run through the model
+
+    @property
+    def is_finished(self) -> bool:
+        return self.state is RequestState.FINISHED
+
+    @property
+    def first_token_s(self) -> float | None:
+        """Seconds from arrival to the first token this engine produced."""
+        return self.token_times_s[0] - self.arrival_s if self.token_times_s else None
+
+    @property
+    def inter_token_s(self) -> list[float]:
+        t = self.token_times_s
+        return [b - a for a, b in itertools.pairwise(t)]
+
+
+class DecodeEngine:
+    def __init__(self, model: LlamaModel, store: Any, *, num_pages: int | None = None,
+                 block_tokens: int = 16, max_batch: int = 8,
+                 publish_on_finish: bool = True) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.model = model
+        if num_pages is None:
+            num_pages = 2 * -(-model.config.max_position_tokens // block_tokens)
+        self.cache = model.new_cache(num_pages=num_pages, page_tokens=block_tokens)
+        self.io = KVBlockIO(model, self.cache, store)
+        self.block_tokens = block_tokens
+        self.max_batch = max_batch
+        self.publish_on_finish = publish_on_finish
+        self._waiting: deque[DecodeRequest] = deque()
+        self._running: list[DecodeRequest] = []
+
+    def close(self) -> None:
+        for request in self._running:
+            self.cache.release(request.seq)
+        self._running.clear()
+        self.io.close()
+
+    def __enter__(self) -> DecodeEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- requests --------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def pages_needed(self, num_prompt_tokens: int, sampling: SamplingParams) -> int:
+        return self.cache.pages_for(num_prompt_tokens + sampling.max_new_tokens + 1)
+
+    def add_request(self, prompt: Sequence[int], sampling: SamplingParams | None = None, *,
+                    first_token: int | None = None, request_id: str | None = None,
+                    on_token: TokenCallback | None = None) -> DecodeRequest:
+        prompt = list(prompt)
+        sampling = (sampling or SamplingParams()).with_seed()
+        if not prompt:
+            raise ValueError("a request needs at least one prompt token")
+        total = len(prompt) + sampling.max_new_tokens
+        if total > self.model.config.max_position_tokens:
+            raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens "
+                             f"({sampling.max_new_tokens}) exceeds the model's "
+                             f"{self.model.config.max_position_tokens} positions")
+        if self.pages_needed(len(prompt), sampling) > self.cache.num_pages:
+            raise CacheFullError(f"a request of {total} tokens can never fit in "
+                                 f"{self.cache.num_pages} pages")
+        request = DecodeRequest(request_id=request_id or uuid.uuid4().hex[:12],
+                                prompt=prompt, sampling=sampling, first_token=first_token,
+                                on_token=on_token)
+        self._waiting.append(request)
+        return request
+
+    # -- running ---------------------------------------------------------------------------
+
+    def step(self) -> list[tuple[DecodeRequest, int]]:
+        """One forward: admit what fits, run it with a token for each running request.
+        Returns the tokens produced, in batch order."""
+        batch: list[tuple[SequenceKV, list[int]]] = []
+        owners: list[DecodeRequest] = []
+        for request in self._running:
+            batch.append((request.seq, [request._pending]))
+            owners.append(request)
+        loads: list[LayerLoad] = []
+        while (self._waiting and len(owners) < self.max_batch
+               and self.cache.can_allocate(self.pages_needed(len(self._waiting[0].prompt),
+                                                             self._waiting[0].sampling))):
+            request = self._waiting.popleft()
+            tail, load = self._admit(request)
+            if request.is_finished:  # the handed-over first token was its last
+                load.wait_all()
+                self._finish(request)
+                continue
+            batch.append((request.seq, tail))
+            owners.append(request)
+            loads.append(load)
+        if not batch:
+            return []
+
+        def before_layer(layer: int) -> None:
+            for load in loads:
+                load.wait(layer)
+
+        logits = self.model.forward(self.cache, batch,
+                                    before_layer=before_layer if loads else None)
+        now = time.perf_counter()
+        produced = []
+        for request, row in zip(owners, logits, strict=True):
+            token = sample(row, request.sampling, len(request.output))
+            self._emit(request, token, now)
+            produced.append((request, token))
+        for request in [r for r in self._running if r.is_finished]:
+            self._finish(request)
+        return produced
+
+    def run(self) -> None:
+        """Step until every request has finished."""
+        while self.has_work:
+            self.step()
+
+    def generate(self, prompt: Sequence[int], sampling: SamplingParams | None = None, *,
+                 first_token: int | None = None) -> DecodeRequest:
+        """Run one request to the end (other queued requests run alongside)."""
+        request = self.add_request(prompt, sampling, first_token=first_token)
+        while not request.is_finished:
+            self.step()
+        return request
+
+    def stream(self, prompt: Sequence[int], sampling: SamplingParams | None = None, *,
+               first_token: int | None = None) -> Iterator[int]:
+        """Yield one request's tokens as they are produced."""
+        request = self.add_request(prompt, sampling, first_token=first_token)
+        sent = 0
+        while True:
+            if not request.is_finished:
+                self.step()
+            while sent < len(request.output):
+                yield request.output[sent]
+                sent += 1
+            if request.is_finished:
+                return
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _admit(self, request: DecodeRequest) -> tuple[list[int], LayerLoad]:
+        """Pages, cached prefix and uncached tail of a request joining the batch."""
+        tokens = request.prompt + ([request.first_token] if request.first_token is not None
+                                   else [])
+        reserved = self.cache.reserve(request.seq, self.pages_needed(
+            len(request.prompt), request.sampling) * self.block_tokens)
+        assert reserved, "admitted without room"
+        request.keys = self.io.keys(request.prompt)
+        num_cached = self.io.cached_blocks(request.keys)
+        load = self.io.fetch(request.keys[:usable_prefix_blocks(
+            num_cached, len(tokens), self.block_tokens)], request.seq)
+        request.seq.num_tokens = request.num_cached_tokens = load.num_blocks * self.block_tokens
+        request.state = RequestState.RUNNING
+        self._running.append(request)
+        if request.first_token is not None:
+            self._emit(request, request.first_token, time.perf_counter())
+        return tokens[request.seq.num_tokens:], load
+
+    def _emit(self, request: DecodeRequest, token: int, now_s: float) -> None:
+        request.output.append(token)
+        request.token_times_s.append(now_s)
+        request._pending = token
+        if request.on_token is not None:
+            request.on_token(request, token)
+        if token in request.sampling.stop_token_ids:
+            request.finish_reason = FinishReason.STOP
+        elif len(request.output) >= request.sampling.max_new_tokens:
+            request.finish_reason = FinishReason.LENGTH
+        else:
+            return
+        request.state = RequestState.FINISHED
+
+    def _finish(self, request: DecodeRequest) -> None:
+        self._running.remove(request)
+        try:
+            if self.publish_on_finish:
+                self._publish(request)
+        finally:
+            self.cache.release(request.seq)
+
+    def _publish(self, request: DecodeRequest) -> None:
+        """Store the full blocks of prompt + reply this engine computed (the last token
+        sampled has no KV yet)."""
+        tokens = (request.prompt + request.output)[:request.seq.num_tokens]
+        keys = self.io.keys(tokens)
+        first_new = request.num_cached_tokens // self.block_tokens
+        if len(keys) <= first_new:
+            return
+        anchor = max(first_new - 1, 0)
+        publisher = self.io.publisher(keys, request.seq, anchor)
+        for layer in range(self.model.config.num_layers):
+            publisher.after_layer(layer)
+        request.num_published_blocks = max(publisher.finish() - (first_new - anchor), 0)

@@ -1,0 +1,193 @@
+"""Moving KV between an engine's paged cache and a store, block by block, layer by layer.
+
+A store block is one page of the cache across every layer, in `kvstore.layout`'s
+layer-major format; its key is `kvstore.prefix_hashes` of the tokens up to and including
+it, in a namespace naming the model (with a digest of its weights), the layout and the
+dtype. The store handle is anything with the Store API: an embedded `kvstore.Store` or a
+daemon client.
+
+Publishing (prefill)::
+
+    layer i computed --after_layer(i)--> worker copies layer i of the new pages into the
+    host staging blocks (overlapping layer i+1's compute) --last layer--> put_many
+
+Fetching (decode, and prefill reusing a cached prefix)::
+
+    match_prefix -> get_into each block, in order, into host staging (a failed block ends
+    the usable prefix there) -> worker copies layer i into the pages; before_layer(i)
+    waits for it, so the uncached tail's compute of early layers overlaps later copies
+
+Failure is never wrong output: a store error or a missing/corrupt block shortens the
+cached prefix (the rest is recomputed); a block is only used once all of its bytes arrived
+and the store verified its checksum.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from engines.model import LlamaModel
+from engines.paged_cache import PagedKVCache, SequenceKV
+from kvstore.errors import KVStoreError
+from kvstore.keys import prefix_hashes
+
+log = logging.getLogger(__name__)
+
+
+class CacheFullError(KVStoreError):
+    """An engine's paged cache has no room for a request."""
+
+
+def usable_prefix_blocks(num_cached_blocks: int, num_tokens: int, block_tokens: int) -> int:
+    """How many cached blocks to use when ``num_tokens`` tokens must run: at least one token
+    has to be computed to get logits, so a fully cached prompt recomputes its last block."""
+    return min(num_cached_blocks, (num_tokens - 1) // block_tokens)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+class KVBlockIO:
+    """The store side of one engine: keys, fetches into its cache, publishes from it."""
+
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, store: Any) -> None:
+        self.model = model
+        self.cache = cache
+        self.store = store
+        self.block_tokens = cache.page_tokens
+        self.layout = model.config.kv_layout(cache.page_tokens, dtype_name(cache.dtype))
+        self.namespace = self.layout.namespace(model.model_id)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-io")
+        self._staging: dict[str, torch.Tensor] = {}
+
+    def keys(self, tokens: Sequence[int]) -> list[bytes]:
+        return prefix_hashes(list(tokens), block_tokens=self.block_tokens,
+                             namespace=self.namespace)
+
+    def cached_blocks(self, keys: Sequence[bytes]) -> int:
+        """Leading blocks of ``keys`` the store holds (0 if it cannot be reached)."""
+        if not keys:
+            return 0
+        try:
+            return self.store.match_prefix(keys)
+        except KVStoreError as e:
+            log.warning("match_prefix failed (%s); computing without the store", e)
+            return 0
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+
+    # -- staging ---------------------------------------------------------------------------
+
+    def _blocks(self, purpose: str, num_blocks: int) -> torch.Tensor:
+        """Host staging for ``num_blocks`` blocks, ``[n, layers, 2, tokens, heads, dim]``
+        (pinned when CUDA is there): one buffer per purpose ("fetch", "publish"), reused
+        across requests, grown on demand."""
+        cache, config = self.cache, self.model.config
+        staging = self._staging.get(purpose)
+        if staging is None or staging.shape[0] < num_blocks:
+            shape = (max(num_blocks, 16), config.num_layers, 2, self.block_tokens,
+                     config.num_kv_heads, config.head_dim)
+            staging = torch.empty(shape, dtype=cache.dtype,
+                                  pin_memory=torch.cuda.is_available())
+            self._staging[purpose] = staging
+        return staging[:num_blocks]
+
+    # -- fetch -----------------------------------------------------------------------------
+
+    def fetch(self, keys: Sequence[bytes], seq: SequenceKV) -> LayerLoad:
+        """Read ``keys`` (leading blocks of ``seq``) from the store and start copying them
+        into ``seq``'s first pages. The load's ``num_blocks`` is how many arrived whole;
+        call its ``wait(layer)`` before layer ``layer`` reads the cache."""
+        staging = self._blocks("fetch", len(keys))
+        num_blocks = 0
+        for i, key in enumerate(keys):
+            try:
+                if not self.store.get_into(key, staging[i]):
+                    break  # evicted, deleted or failed its checksum since match_prefix
+            except KVStoreError as e:
+                log.warning("fetching block %d of %d failed (%s); recomputing from there",
+                            i, len(keys), e)
+                break
+            num_blocks += 1
+        return LayerLoad(self, staging[:num_blocks], seq.pages[:num_blocks])
+
+    # -- publish ---------------------------------------------------------------------------
+
+    def publisher(self, keys: Sequence[bytes], seq: SequenceKV, first_block: int) -> Publisher:
+        """A publisher of blocks ``[first_block, len(keys))`` of ``seq``: feed it each layer
+        as the layer finishes (``after_layer``), then `finish` stores them."""
+        return Publisher(self, keys, seq, first_block)
+
+
+class LayerLoad:
+    """Copies fetched blocks into their pages, one layer at a time, on the worker."""
+
+    def __init__(self, io: KVBlockIO, blocks: torch.Tensor, pages: list[int]) -> None:
+        self.num_blocks = len(pages)
+        self._done: list[Future[None]] = []
+        if not pages:
+            return
+        cache = io.cache
+        index = torch.tensor(pages, dtype=torch.long, device=cache.device)
+        on_device = blocks.to(cache.device, non_blocking=True)
+        for layer in range(len(cache.kv)):
+            self._done.append(io._worker.submit(_load_layer, cache, layer, index, on_device))
+
+    def wait(self, layer: int) -> None:
+        if self._done:
+            self._done[layer].result()
+
+    def wait_all(self) -> None:
+        for done in self._done:
+            done.result()
+
+
+def _load_layer(cache: PagedKVCache, layer: int, index: torch.Tensor,
+                blocks: torch.Tensor) -> None:
+    # blocks: [n, layers, 2, tokens, heads, dim] -> this layer's [2, n, tokens, heads, dim]
+    cache.kv[layer].index_copy_(1, index, blocks[:, layer].transpose(0, 1))
+
+
+class Publisher:
+    def __init__(self, io: KVBlockIO, keys: Sequence[bytes], seq: SequenceKV,
+                 first_block: int) -> None:
+        self.io = io
+        self.keys = list(keys[first_block:])
+        self.first_block = first_block
+        self._pages = seq.pages[first_block:len(keys)]
+        self._staging = io._blocks("publish", len(self._pages)) if self._pages else None
+        self._copies: list[Future[None]] = []
+
+    def after_layer(self, layer: int) -> None:
+        if not self._pages:
+            return
+        cache = self.io.cache
+        index = torch.tensor(self._pages, dtype=torch.long, device=cache.device)
+        self._copies.append(self.io._worker.submit(
+            _save_layer, cache, layer, index, self._staging))
+
+    def finish(self) -> int:
+        """Wait for the layer copies and store the blocks; returns how many were stored."""
+        for copy in self._copies:
+            copy.result()
+        if not self._pages:
+            return 0
+        assert len(self._copies) == len(self.io.cache.kv), "publish before every layer ran"
+        try:
+            return self.io.store.put_many(self.keys, list(self._staging))
+        except KVStoreError as e:
+            log.warning("publishing %d blocks failed: %s", len(self.keys), e)
+            return 0
+
+
+def _save_layer(cache: PagedKVCache, layer: int, index: torch.Tensor,
+                staging: torch.Tensor) -> None:
+    layer_kv = cache.kv[layer].index_select(1, index)  # [2, n, tokens, heads, dim]
+    staging[:, layer].copy_(layer_kv.transpose(0, 1), non_blocking=False)

@@ -1,0 +1,296 @@
+"""A Llama-family decoder in torch: RMSNorm, rotary embeddings (with Llama 3 scaling),
+grouped-query attention, SwiGLU, tied or untied embeddings, over a paged KV cache.
+
+One `forward` serves every phase: it takes a ragged batch, one chunk of new tokens per
+sequence, each continuing where that sequence's cached KV ends. A whole prompt, the
+uncached tail of a prompt whose prefix came from the store, and a batched decode step
+(one token for each of several sequences) are all the same call. The projections and
+the MLP run once over the concatenated tokens; attention runs per sequence over its pages.
+
+Layer hooks let the engines overlap transfers with compute: ``before_layer(i)`` runs
+before layer i reads the cache (decode waits there for layer i's fetched KV) and
+``after_layer(i)`` after layer i has written it (prefill publishes layer i there while
+layer i+1 computes).
+
+Numerics follow Hugging Face's `LlamaForCausalLM` (RMSNorm in fp32, rotary tables in fp32
+cast to the model dtype, softmax scale 1/sqrt(head_dim)), so logits match it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engines.config import ModelConfig, ModelLoadError
+from engines.paged_cache import PagedKVCache, SequenceKV
+from engines.sampling import SamplingParams, sample
+
+LayerHook = Callable[[int], None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        q_dim = config.num_heads * config.head_dim
+        kv_dim = config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=False)
+        self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=False)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies (fp32), with Llama 3's scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    low_wavelen = scaling.original_max_position_tokens / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_tokens / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = ((scaling.original_max_position_tokens / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaModel(nn.Module):
+    """The model. Build it with `from_state_dict` or `random`; run it with `forward` over a
+    `PagedKVCache`, or `generate` for the whole reference path in one place."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False)
+        self.model_id = config.name  # completed by the builders with a weights digest
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    # -- building --------------------------------------------------------------------------
+
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, weights: dict[str, torch.Tensor], *,
+                        dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu") -> LlamaModel:
+        """A model holding ``weights`` (Hugging Face names), cast to ``dtype`` on ``device``."""
+        with torch.device("meta"):
+            model = cls(config)
+        expected = set(model.state_dict())
+        missing = sorted(expected - set(weights))
+        if missing:
+            raise ModelLoadError(f"{config.name}: checkpoint lacks {len(missing)} weights, "
+                                 f"e.g. {missing[:3]}")
+        tensors = {}
+        for name in expected:
+            tensor = weights[name]
+            want = tuple(model.state_dict()[name].shape)
+            if tuple(tensor.shape) != want:
+                raise ModelLoadError(f"{config.name}: weight {name} has shape "
+                                     f"{tuple(tensor.shape)}, the config needs {want}")
+            tensors[name] = tensor.to(device=device, dtype=dtype)
+        model.load_state_dict(tensors, assign=True)
+        model.inv_freq = rope_inv_freq(config).to(device)
+        model.model_id = f"{config.name}@{weights_digest(tensors)}"
+        return model.eval().requires_grad_(False)
+
+    @classmethod
+    def random(cls, config: ModelConfig, *, seed: int, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> LlamaModel:
+        """Seeded random weights (normal, std 0.02; norms at 1): real shapes, real cost."""
+        device = torch.device(device)
+        with torch.device("meta"):
+            model = cls(config)
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        tensors = {}
+        for name, param in sorted(model.state_dict().items()):
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(param.shape, dtype=dtype, device=device)
+            else:
+                t = torch.empty(param.shape, dtype=torch.float32, device=device)
+                tensors[name] = t.normal_(0.0, 0.02, generator=generator).to(dtype)
+        model.load_state_dict(tensors, assign=True)
+        model.inv_freq = rope_inv_freq(config).to(device)
+        model.model_id = f"{config.name}@seed{seed}"
+        return model.eval().requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def new_cache(self, *, num_pages: int, page_tokens: int = 16) -> PagedKVCache:
+        return PagedKVCache(self.config, num_pages=num_pages, page_tokens=page_tokens,
+                            dtype=self.dtype, device=self.device)
+
+    # -- running ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, cache: PagedKVCache, batch: Sequence[tuple[SequenceKV, Sequence[int]]],
+                *, all_logits: bool = False, before_layer: LayerHook | None = None,
+                after_layer: LayerHook | None = None) -> torch.Tensor:
+        """Run the new tokens of each sequence; return the logits of each chunk's last token
+        (``[len(batch), vocab]``), or of every token with ``all_logits``.
+
+        Each sequence must already have pages for all its tokens (`PagedKVCache.reserve`);
+        its ``num_tokens`` advances by its chunk's length.
+        """
+        config, device = self.config, self.device
+        lengths = [len(tokens) for _, tokens in batch]
+        if not batch or min(lengths) == 0:
+            raise ValueError("forward needs at least one sequence, each with new tokens")
+        for seq, n in zip((s for s, _ in batch), lengths, strict=True):
+            if len(seq.pages) * cache.page_tokens < seq.num_tokens + n:
+                raise ValueError("sequence has too few pages: reserve them first")
+        tokens = torch.tensor([t for _, chunk in batch for t in chunk], device=device)
+        positions = torch.cat([torch.arange(s.num_tokens, s.num_tokens + n)
+                               for (s, _), n in zip(batch, lengths, strict=True)]).to(device)
+        slots = torch.cat([s.slots(s.num_tokens, s.num_tokens + n, cache.page_tokens)
+                           for (s, _), n in zip(batch, lengths, strict=True)]).to(device)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos().to(self.dtype)[:, None, :]
+        sin = emb.sin().to(self.dtype)[:, None, :]
+        num_new = tokens.shape[0]
+        h = self.model.embed_tokens(tokens)
+        for i, layer in enumerate(self.model.layers):
+            if before_layer is not None:
+                before_layer(i)
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(num_new, config.num_heads, config.head_dim)
+            k = attn.k_proj(x).view(num_new, config.num_kv_heads, config.head_dim)
+            v = attn.v_proj(x).view(num_new, config.num_kv_heads, config.head_dim)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            cache.write(i, slots, k, v)
+            out = torch.empty_like(q)
+            offset = 0
+            for (seq, _), n in zip(batch, lengths, strict=True):
+                out[offset:offset + n] = self._attend(cache, i, seq, q[offset:offset + n])
+                offset += n
+            h = h + attn.o_proj(out.view(num_new, -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            if after_layer is not None:
+                after_layer(i)
+        for (seq, _), n in zip(batch, lengths, strict=True):
+            seq.num_tokens += n
+        if not all_logits:
+            ends = torch.tensor(lengths, device=device).cumsum(0) - 1
+            h = h[ends]
+        return self._logits(self.model.norm(h))
+
+    def _attend(self, cache: PagedKVCache, layer: int, seq: SequenceKV,
+                q: torch.Tensor) -> torch.Tensor:
+        """Attention of ``q`` (``[n, heads, dim]``, the tokens after ``seq.num_tokens``)
+        over the sequence's cached K/V, causal."""
+        n, start = q.shape[0], seq.num_tokens
+        k, v = cache.gather(layer, seq, start + n)
+        mask = None
+        if n > 1 and start > 0:  # a chunk after a cached prefix: causal, offset by start
+            rows = torch.arange(start, start + n, device=q.device)[:, None]
+            mask = torch.arange(start + n, device=q.device)[None, :] <= rows
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=mask, is_causal=n > 1 and start == 0, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(h, self.model.embed_tokens.weight)
+        return self.lm_head(h)
+
+    def generate(self, tokens: Sequence[int], max_new_tokens: int | None = None, *,
+                 sampling: SamplingParams | None = None, page_tokens: int = 16) -> list[int]:
+        """The reference: prefill the prompt and decode in one place, with no store."""
+        if sampling is None:
+            sampling = SamplingParams(max_new_tokens=max_new_tokens or 32)
+        elif max_new_tokens is not None:
+            raise ValueError("give max_new_tokens or sampling, not both")
+        tokens = list(tokens)
+        if not tokens:
+            raise ValueError("generate needs at least one prompt token")
+        total = len(tokens) + sampling.max_new_tokens
+        cache = self.new_cache(num_pages=-(-total // page_tokens), page_tokens=page_tokens)
+        seq = SequenceKV()
+        cache.reserve(seq, total)
+        sampling = sampling.with_seed()
+        logits = self.forward(cache, [(seq, tokens)])[0]
+        out: list[int] = []
+        while True:
+            token = sample(logits, sampling, len(out))
+            out.append(token)
+            if len(out) >= sampling.max_new_tokens or token in sampling.stop_token_ids:
+                return out
+            logits = self.forward(cache, [(seq, [token])])[0]
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    """A short fingerprint of a model's weights: its names, shapes and the first and last
+    elements of each tensor. Two processes loading the same checkpoint agree; models that
+    differ anywhere but in rare interior elements do not (what the KV namespace needs)."""
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(weights):
+        t = weights[name].detach().reshape(-1)
+        h.update(f"{name}:{tuple(weights[name].shape)}:{t.dtype}".encode())
+        ends = torch.cat([t[:64], t[-64:]]).float().cpu()
+        h.update(ends.numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,124 @@
+"""A paged KV cache: K and V of many sequences in fixed-size pages of one preallocated pool.
+
+Per layer, one tensor holds K and V of every page::
+
+    kv[layer] : [2, num_pages, page_tokens, num_kv_heads, head_dim]
+                 ^ 0 = K, 1 = V
+
+A sequence owns a page table (a list of page ids); token ``p`` of the sequence lives in
+page ``pages[p // page_tokens]`` at row ``p % page_tokens``. Pages are the unit of the
+store too: with ``page_tokens == block_tokens``, page ``pages[b]`` holds exactly block
+``b`` of the sequence, and one layer of it is ``kv[layer][:, page]``, the same
+``K[tokens, heads, dim] | V[tokens, heads, dim]`` bytes as that layer's slice of a stored
+block (`kvstore.layout`).
+
+Invariants: a page is in the free list or owned by exactly one sequence; `free` of a page
+that is not owned is a bug and raises.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from engines.config import ModelConfig
+
+
+@dataclass
+class SequenceKV:
+    """One sequence's page table and how many of its tokens have KV in the cache."""
+
+    pages: list[int] = field(default_factory=list)
+    num_tokens: int = 0
+
+    def slots(self, start: int, end: int, page_tokens: int) -> torch.Tensor:
+        """Flat row indices (page * page_tokens + row) of tokens ``[start, end)``."""
+        positions = torch.arange(start, end)
+        pages = torch.tensor(self.pages, dtype=torch.long)[positions // page_tokens]
+        return pages * page_tokens + positions % page_tokens
+
+
+class PagedKVCache:
+    def __init__(self, config: ModelConfig, *, num_pages: int, page_tokens: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        if num_pages <= 0 or page_tokens <= 0:
+            raise ValueError(f"num_pages and page_tokens must be positive, got "
+                             f"{num_pages} and {page_tokens}")
+        self.config = config
+        self.num_pages = num_pages
+        self.page_tokens = page_tokens
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (2, num_pages, page_tokens, config.num_kv_heads, config.head_dim)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=self.device)
+                   for _ in range(config.num_layers)]
+        self._free: deque[int] = deque(range(num_pages))
+        self._owned = [False] * num_pages
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def page_bytes(self) -> int:
+        """K and V of one page across all layers: one stored block."""
+        return self.kv[0][:, 0].numel() * self.kv[0].element_size() * len(self.kv)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_tokens)
+
+    def can_allocate(self, num_pages: int) -> bool:
+        return num_pages <= len(self._free)
+
+    def allocate(self, num_pages: int) -> list[int] | None:
+        """``num_pages`` free pages, or None if there are not that many."""
+        if num_pages > len(self._free):
+            return None
+        pages = [self._free.popleft() for _ in range(num_pages)]
+        for page in pages:
+            self._owned[page] = True
+        return pages
+
+    def free(self, pages: list[int]) -> None:
+        for page in pages:
+            if not self._owned[page]:
+                raise ValueError(f"page {page} freed but not allocated")
+            self._owned[page] = False
+            self._free.append(page)
+
+    def reserve(self, seq: SequenceKV, num_tokens: int) -> bool:
+        """Grow ``seq``'s page table to hold ``num_tokens`` tokens; False if out of pages."""
+        missing = self.pages_for(num_tokens) - len(seq.pages)
+        if missing <= 0:
+            return True
+        pages = self.allocate(missing)
+        if pages is None:
+            return False
+        seq.pages.extend(pages)
+        return True
+
+    def release(self, seq: SequenceKV) -> None:
+        self.free(seq.pages)
+        seq.pages = []
+        seq.num_tokens = 0
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K and V (``[tokens, kv_heads, head_dim]``) of ``layer`` at flat ``slots``."""
+        flat = self.kv[layer].view(2, -1, self.config.num_kv_heads, self.config.head_dim)
+        flat[0].index_copy_(0, slots, k.to(self.dtype))
+        flat[1].index_copy_(0, slots, v.to(self.dtype))
+
+    def gather(self, layer: int, seq: SequenceKV, num_tokens: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the first ``num_tokens`` tokens of ``seq``: ``[tokens, heads, dim]``."""
+        num_pages = self.pages_for(num_tokens)
+        index = torch.tensor(seq.pages[:num_pages], dtype=torch.long, device=self.device)
+        kv = self.kv[layer].index_select(1, index)  # [2, pages, page_tokens, heads, dim]
+        kv = kv.reshape(2, -1, self.config.num_kv_heads, self.config.head_dim)[:, :num_tokens]
+        return kv[0], kv[1]
+
+    def page_layer(self, layer: int, page: int) -> torch.Tensor:
+        """K and V of one page of one layer, ``[2, page_tokens, heads, dim]`` (a view)."""
+        return self.kv[layer][:, page]

@@ -1,0 +1,239 @@
+"""Prefill -> store -> decode against the reference (`model.generate`): embedded stores,
+a kvstored subprocess, engines in separate processes, and stores that lose blocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvstore
+from engines.decode import DecodeEngine
+from engines.kv_io import CacheFullError
+from engines.paged_cache import SequenceKV
+from engines.prefill import PrefillEngine
+from engines.presets import load_model
+from engines.sampling import SamplingParams
+from tests.daemon.conftest import REPO, DaemonProcess
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny").model
+
+
+def prompt_of(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def dram_store(**overrides) -> kvstore.Store:
+    return kvstore.Store(kvstore.StoreConfig(**{"dram_bytes": "64MiB", "hbm_bytes": 0,
+                                                **overrides}))
+
+
+def disaggregated(model, store, prompt, sampling):
+    with PrefillEngine(model, store, num_pages=64) as prefill, \
+            DecodeEngine(model, store, num_pages=64) as decode:
+        first = prefill.prefill(prompt, sampling)
+        done = decode.generate(prompt, sampling, first_token=first.first_token)
+    return first, done
+
+
+@pytest.mark.parametrize("length", [1, 15, 16, 17, 50, 64, 130])
+def test_disaggregated_greedy_equals_reference(model, length):
+    prompt = prompt_of(length, seed=length)
+    sampling = SamplingParams(max_new_tokens=10)
+    with dram_store() as store:
+        first, done = disaggregated(model, store, prompt, sampling)
+        assert first.num_published_blocks == length // BLOCK
+        assert done.num_cached_tokens == (length // BLOCK) * BLOCK  # all full blocks fetched
+    assert done.output == model.generate(prompt, sampling=sampling)
+
+
+def test_seeded_sampling_survives_disaggregation(model):
+    prompt = prompt_of(70, seed=1)
+    sampling = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, seed=5)
+    with dram_store() as store:
+        _, done = disaggregated(model, store, prompt, sampling)
+    assert done.output == model.generate(prompt, sampling=sampling)
+
+
+def test_shared_prefix_is_fetched_not_recomputed(model):
+    system = prompt_of(64, seed=2)
+    a, b = system + prompt_of(40, seed=3), system + prompt_of(23, seed=4)
+    sampling = SamplingParams(max_new_tokens=8)
+    with dram_store() as store, PrefillEngine(model, store, num_pages=64) as prefill:
+        assert prefill.prefill(a, sampling).num_cached_tokens == 0
+        second = prefill.prefill(b, sampling)
+        assert second.num_cached_tokens == 64  # the system prompt's 4 blocks
+        assert second.num_published_blocks == 1  # only b's own full block is new
+        with DecodeEngine(model, store, num_pages=64) as decode:
+            done = decode.generate(b, sampling, first_token=second.first_token)
+    assert done.num_cached_tokens == 80
+    assert done.output == model.generate(b, sampling=sampling)
+
+
+def test_fetched_kv_equals_recomputed_per_layer(model):
+    prompt = prompt_of(75, seed=6)
+    with dram_store() as store, PrefillEngine(model, store, num_pages=64) as prefill, \
+            DecodeEngine(model, store, num_pages=64) as decode:
+        prefill.prefill(prompt)
+        seq = SequenceKV()
+        decode.cache.reserve(seq, 75)
+        load = decode.io.fetch(decode.io.keys(prompt), seq)
+        load.wait_all()
+        assert load.num_blocks == 4
+        ref_cache = model.new_cache(num_pages=5, page_tokens=BLOCK)
+        ref = SequenceKV()
+        ref_cache.reserve(ref, 75)
+        model.forward(ref_cache, [(ref, prompt)])
+        for layer in range(model.config.num_layers):
+            got_k, got_v = decode.cache.gather(layer, seq, 64)
+            want_k, want_v = ref_cache.gather(layer, ref, 64)
+            assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), layer
+
+
+class LosesBlockAfterMatch:
+    """A real Store that loses one block between match_prefix and the fetch, as an
+    eviction by another client would."""
+
+    def __init__(self, store: kvstore.Store, lose_index: int) -> None:
+        self.store = store
+        self.lose_index = lose_index
+
+    def match_prefix(self, keys):
+        found = self.store.match_prefix(keys)
+        if found > self.lose_index:
+            assert self.store.delete(keys[self.lose_index])
+        return found
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def test_block_lost_mid_request_is_recomputed(model):
+    prompt = prompt_of(100, seed=7)
+    sampling = SamplingParams(max_new_tokens=10)
+    with dram_store() as store:
+        with PrefillEngine(model, store, num_pages=64) as prefill:
+            first = prefill.prefill(prompt, sampling)
+        with DecodeEngine(model, LosesBlockAfterMatch(store, 2), num_pages=64) as decode:
+            done = decode.generate(prompt, sampling, first_token=first.first_token)
+    assert done.num_cached_tokens == 2 * BLOCK
+    assert done.output == model.generate(prompt, sampling=sampling)
+
+
+def test_corrupt_nvme_block_is_recomputed(model, tmp_path):
+    prompt = prompt_of(90, seed=8)
+    sampling = SamplingParams(max_new_tokens=10)
+    config = kvstore.StoreConfig(dram_bytes=0, hbm_bytes=0, nvme_path=str(tmp_path / "nvme"),
+                                 nvme_bytes="64MiB", max_value_bytes="1MiB")
+    with kvstore.Store(config) as store, PrefillEngine(model, store, num_pages=64) as prefill, \
+            DecodeEngine(model, store, num_pages=64) as decode:
+        first = prefill.prefill(prompt, sampling)
+        store.flush()
+        block = store.get(prefill.io.keys(prompt)[3])
+        flipped = 0  # one bit of block 3's payload, on disk under the open store
+        for segment in Path(tmp_path / "nvme").rglob("*"):
+            data = segment.read_bytes() if segment.is_file() else b""
+            at = data.find(block[:256])
+            if at >= 0:
+                with open(segment, "r+b") as f:
+                    f.seek(at + 1000)
+                    f.write(bytes([data[at + 1000] ^ 0x10]))
+                    os.fsync(f.fileno())
+                flipped += 1
+        assert flipped == 1
+        done = decode.generate(prompt, sampling, first_token=first.first_token)
+        assert store.stats()["checksum_failures"] == 1
+    assert done.num_cached_tokens == 3 * BLOCK
+    assert done.output == model.generate(prompt, sampling=sampling)
+
+
+def test_continuous_batching_equals_reference_and_frees_pages(model):
+    prompts = [prompt_of(n, seed=n) for n in (5, 33, 48, 70, 12, 90)]
+    budgets = [4, 9, 6, 12, 3, 7]
+    with dram_store() as store, DecodeEngine(model, store, num_pages=64,
+                                             max_batch=3) as decode:
+        requests = [decode.add_request(p, SamplingParams(max_new_tokens=b))
+                    for p, b in zip(prompts, budgets, strict=True)]
+        peak = 0
+        while decode.has_work:
+            decode.step()
+            peak = max(peak, decode.num_running)
+        assert peak == 3
+        assert decode.cache.num_free_pages == 64
+    for request, prompt, budget in zip(requests, prompts, budgets, strict=True):
+        assert request.output == model.generate(prompt, budget)
+        assert len(request.token_times_s) == budget
+
+
+def test_stream_yields_the_tokens_of_generate(model):
+    prompt = prompt_of(40, seed=9)
+    with dram_store() as store, DecodeEngine(model, store, num_pages=64) as decode:
+        assert list(decode.stream(prompt, SamplingParams(max_new_tokens=7))) == \
+            model.generate(prompt, 7)
+
+
+def test_bad_requests_are_refused(model):
+    with dram_store() as store, DecodeEngine(model, store, num_pages=4) as decode, \
+            PrefillEngine(model, store, num_pages=4) as prefill:
+        with pytest.raises(ValueError, match="at least one"):
+            decode.add_request([])
+        with pytest.raises(CacheFullError):
+            decode.add_request(prompt_of(100, seed=1))  # 4 pages hold 64 tokens
+        with pytest.raises(CacheFullError):
+            prefill.prefill(prompt_of(100, seed=1))
+        with pytest.raises(ValueError, match="exceeds"):
+            prefill.prefill([1] * 5000)
+        assert decode.num_waiting == 0 and prefill.cache.num_free_pages == 4
+
+
+def engine_process(role: str, url: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "engines", role, "--url", url,
+                             "--model", "tiny", "--num-pages", "64"], cwd=REPO, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert json.loads(proc.stdout.readline())["ready"] == role
+    return proc
+
+
+def ask(proc: subprocess.Popen[str], request: dict) -> dict:
+    proc.stdin.write(json.dumps(request) + "\n")
+    proc.stdin.flush()
+    return json.loads(proc.stdout.readline())
+
+
+def test_engines_in_separate_processes_through_a_daemon(model, tmp_path):
+    daemon = DaemonProcess(tmp_path, "--dram", "64MiB").start()
+    prefill = engine_process("prefill", daemon.url)
+    try:
+        prompts = [prompt_of(n, seed=100 + n) for n in (20, 64, 99)]
+        firsts = [ask(prefill, {"id": str(i), "prompt": p, "max_new_tokens": 10})
+                  for i, p in enumerate(prompts)]
+        assert ask(prefill, {"prompt": "nope"})["error"].startswith("ValueError")
+        with kvstore.connect(daemon.url, timeout_s=5) as client, \
+                DecodeEngine(model, client, num_pages=64) as decode:
+            for prompt, first in zip(prompts, firsts, strict=True):
+                done = decode.generate(prompt, SamplingParams(max_new_tokens=10),
+                                       first_token=first["first_token"])
+                assert done.num_cached_tokens == len(prompt) // BLOCK * BLOCK
+                assert done.output == model.generate(prompt, 10)
+            # The daemon dies: decode recomputes everything, and is still right.
+            daemon.signal(9)
+            prompt = prompts[2]
+            done = decode.generate(prompt, SamplingParams(max_new_tokens=10),
+                                   first_token=firsts[2]["first_token"])
+            assert done.num_cached_tokens == 0
+            assert done.output == model.generate(prompt, 10)
+    finally:
+        prefill.kill()
+        prefill.wait()
+        daemon.stop()
