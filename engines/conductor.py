@@ -1,0 +1,245 @@
+"""The conductor: routes each request across prefill and decode engines by where its KV
+cache is, and decides whether disaggregating it pays.
+
+For a prompt of ``L`` tokens it asks every engine's store how many leading blocks are
+cached there (`match_prefix`; engines may share one store or have their own), then
+estimates with the fitted `CostModel`:
+
+    prefill engine p:   ttft_p = queued_s(p) + fetch_s(cached_p) + prefill_s(L - cached_p, L)
+    decode engine d:    chosen among those with pages free, fewest active requests first,
+                        then the most cached blocks
+    colocated on d:     ttft_d = wait + fetch_s(cached_d) + prefill_s(L - cached_d, L)
+                        cost = ttft_d + decode_step_s + running(d) * prefill_s(L - cached_d, L)
+    disaggregated:      cost = min_p ttft_p + publish_s(new blocks) + wait + fetch_s(full
+                        blocks) + (1 + running(d)) * prefill_s(tail + 1, L)
+
+Each cost runs to the request's second token (colocated: its prefill then a decode step;
+disaggregated: the decode engine fetches every full block and computes only the partial
+last block and the handed-over token) plus the stall it imposes on the ``running(d)``
+requests decoding on d, each of which waits for that compute. ``wait`` is a decode step
+when d is busy (the request joins at the next step).
+
+and takes the cheaper. A short prompt costs little to compute but a publish and a fetch
+to ship; a prompt whose KV is already in the decode engine's store costs only its fetch
+there: both run colocated. A long uncached prompt next to a busy decode batch is
+disaggregated. Every decision is logged with its numbers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from engines.cost_model import CostModel, calibrate
+from engines.decode import DecodeEngine, DecodeRequest, FinishReason
+from engines.kv_io import CacheFullError, usable_prefix_blocks
+from engines.prefill import PrefillEngine, PrefillResult
+from engines.sampling import SamplingParams
+from engines.workers import DecodeWorker, PrefillWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    request_id: str
+    is_disaggregated: bool
+    prefill: int | None  # index of the prefill engine, None when colocated
+    decode: int
+    colocated_cost_s: float
+    disaggregated_cost_s: float
+    estimated_ttft_s: float
+    cached_blocks_prefill: int
+    cached_blocks_decode: int
+    num_blocks: int
+
+    def describe(self) -> str:
+        where = (f"prefill p{self.prefill} -> decode d{self.decode}" if self.is_disaggregated
+                 else f"colocated on d{self.decode}")
+        return (f"{where}: est colocated {self.colocated_cost_s * 1e3:.0f} ms vs "
+                f"disaggregated {self.disaggregated_cost_s * 1e3:.0f} ms; cached blocks "
+                f"p={self.cached_blocks_prefill} d={self.cached_blocks_decode} "
+                f"of {self.num_blocks}")
+
+
+@dataclass
+class RequestResult:
+    request_id: str
+    prompt: list[int]
+    output: list[int]
+    route: Route
+    ttft_s: float
+    inter_token_s: list[float]
+    num_cached_tokens: int  # prompt tokens whose KV came from a store, not computed
+    finish_reason: FinishReason | None
+    prefill: PrefillResult | None = None
+    decode: DecodeRequest | None = field(default=None, repr=False)
+
+
+class Conductor:
+    def __init__(self, prefill_engines: Sequence[PrefillEngine],
+                 decode_engines: Sequence[DecodeEngine], *,
+                 cost: CostModel | None = None) -> None:
+        if not decode_engines:
+            raise ValueError("the conductor needs at least one decode engine")
+        engines = [*prefill_engines, *decode_engines]
+        if len({e.block_tokens for e in engines}) != 1:
+            raise ValueError("all engines must use the same block size")
+        self.block_tokens = engines[0].block_tokens
+        self.cost = cost or calibrate(decode_engines[0].model, decode_engines[0].io)
+        self.prefill = [PrefillWorker(e, f"p{i}") for i, e in enumerate(prefill_engines)]
+        self.decode = [DecodeWorker(e, f"d{i}") for i, e in enumerate(decode_engines)]
+        self._lock = threading.Lock()  # routing reads and bumps load figures together
+
+    def close(self) -> None:
+        for worker in [*self.prefill, *self.decode]:
+            worker.close()
+
+    def __enter__(self) -> Conductor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def route(self, prompt: Sequence[int], sampling: SamplingParams,
+              request_id: str | None = None) -> Route:
+        request_id = request_id or uuid.uuid4().hex[:12]
+        cost, n, block = self.cost, len(prompt), self.block_tokens
+        keys = self.decode[0].engine.io.keys(prompt)
+
+        def usable(blocks: int) -> int:
+            return usable_prefix_blocks(blocks, n, block)
+
+        decode_index, cached_d = self._pick_decode(prompt, sampling, keys)
+        running = self.decode[decode_index].num_running
+        wait_d = cost.decode_step_s if running else 0.0  # joins at the next step
+        compute_d = cost.prefill_s(n - usable(cached_d) * block, n)
+        ttft_colocated = wait_d + cost.fetch_s(usable(cached_d)) + compute_d
+        # Both costs run to the second token, plus what the request stalls the others by.
+        colocated = ttft_colocated + cost.decode_step_s + running * compute_d
+
+        best: tuple[float, int, int] | None = None  # (ttft, index, cached blocks)
+        for i, p in enumerate(self.prefill):
+            cached_p = usable(p.engine.io.cached_blocks(keys))
+            ttft_p = (p.queued_s + cost.fetch_s(cached_p)
+                      + cost.prefill_s(n - cached_p * block, n))
+            if best is None or ttft_p < best[0]:
+                best = (ttft_p, i, cached_p)
+        disaggregated = float("inf")
+        if best is not None:
+            ttft_p, _, cached_p = best
+            full = n // block
+            tail_s = cost.prefill_s(n - full * block + 1, n)  # decode runs tail + 1st token
+            disaggregated = (ttft_p + cost.publish_s(full - cached_p) + wait_d
+                             + cost.fetch_s(full) + tail_s + running * tail_s)
+        split = best is not None and disaggregated < colocated
+        route = Route(
+            request_id=request_id, is_disaggregated=split,
+            prefill=best[1] if split and best is not None else None, decode=decode_index,
+            colocated_cost_s=colocated, disaggregated_cost_s=disaggregated,
+            estimated_ttft_s=best[0] if split and best is not None else ttft_colocated,
+            cached_blocks_prefill=best[2] if best is not None else 0,
+            cached_blocks_decode=usable(cached_d), num_blocks=len(keys))
+        log.info("route %s (%d tokens): %s", request_id, n, route.describe())
+        return route
+
+    def _pick_decode(self, prompt: Sequence[int], sampling: SamplingParams,
+                     keys: list[bytes]) -> tuple[int, int]:
+        """(index, cached blocks) of the decode engine to use: room first, then load, then
+        the longest cached prefix."""
+        candidates = []
+        for i, worker in enumerate(self.decode):
+            need = worker.engine.pages_needed(len(prompt), sampling)
+            if need > worker.engine.cache.num_pages:
+                continue
+            cached = worker.engine.io.cached_blocks(keys)
+            has_room = worker.num_free_pages >= need
+            candidates.append((not has_room, worker.num_active, -cached, i, cached))
+        if not candidates:
+            raise CacheFullError(f"no decode engine can hold a request of {len(prompt)} "
+                                 f"+ {sampling.max_new_tokens} tokens")
+        *_, index, cached = min(candidates)
+        return index, cached
+
+    # -- running ---------------------------------------------------------------------------
+
+    def submit(self, prompt: Sequence[int], sampling: SamplingParams | None = None, *,
+               request_id: str | None = None,
+               on_token: Callable[[DecodeRequest, int], None] | None = None
+               ) -> Future[RequestResult]:
+        """Route and start a request; the future resolves when its last token is out."""
+        prompt = list(prompt)
+        sampling = (sampling or SamplingParams()).with_seed()
+        start_s = time.perf_counter()
+        with self._lock:
+            route = self.route(prompt, sampling, request_id)
+            result: Future[RequestResult] = Future()
+            if not route.is_disaggregated:
+                decoded = self.decode[route.decode].submit(prompt, sampling, on_token=on_token)
+                decoded.add_done_callback(
+                    lambda f: _settle(result, f, lambda d: _colocated(route, prompt, d,
+                                                                      start_s)))
+                return result
+            assert route.prefill is not None
+            estimate = self.cost.prefill_s(
+                len(prompt) - route.cached_blocks_prefill * self.block_tokens, len(prompt))
+            prefilled = self.prefill[route.prefill].submit(prompt, sampling, estimate)
+        decode_worker = self.decode[route.decode]
+
+        def handed_over(f: Future[PrefillResult]) -> None:
+            if f.exception() is not None:
+                result.set_exception(f.exception())
+                return
+            first = f.result()
+            first_token_at = time.perf_counter()
+            decoded = decode_worker.submit(prompt, sampling, first_token=first.first_token,
+                                           on_token=on_token)
+            decoded.add_done_callback(lambda d: _settle(
+                result, d, lambda req: _disaggregated(route, prompt, first, req, start_s,
+                                                      first_token_at)))
+
+        prefilled.add_done_callback(handed_over)
+        return result
+
+    def run(self, prompt: Sequence[int], sampling: SamplingParams | None = None
+            ) -> RequestResult:
+        return self.submit(prompt, sampling).result()
+
+
+def _settle(result: Future[RequestResult], done: Future[DecodeRequest],
+            build: Callable[[DecodeRequest], RequestResult]) -> None:
+    if done.exception() is not None:
+        result.set_exception(done.exception())
+    else:
+        result.set_result(build(done.result()))
+
+
+def _colocated(route: Route, prompt: list[int], request: DecodeRequest,
+               start_s: float) -> RequestResult:
+    times = request.token_times_s
+    return RequestResult(
+        request_id=route.request_id, prompt=prompt, output=request.output, route=route,
+        ttft_s=times[0] - start_s, inter_token_s=[b - a for a, b in itertools.pairwise(times)],
+        num_cached_tokens=request.num_cached_tokens, finish_reason=request.finish_reason,
+        decode=request)
+
+
+def _disaggregated(route: Route, prompt: list[int], first: PrefillResult,
+                   request: DecodeRequest, start_s: float,
+                   first_token_at: float) -> RequestResult:
+    # The first token is out when prefill returns it; decode's own tokens follow.
+    times = [first_token_at, *request.token_times_s[1:]]
+    return RequestResult(
+        request_id=route.request_id, prompt=prompt, output=request.output, route=route,
+        ttft_s=first_token_at - start_s,
+        inter_token_s=[b - a for a, b in itertools.pairwise(times)],
+        num_cached_tokens=first.num_cached_tokens, finish_reason=request.finish_reason,
+        prefill=first, decode=request)

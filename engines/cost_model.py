@@ -1,0 +1,177 @@
+"""What a request costs where: a model fitted from measurements on the running model and
+store, never constants. The conductor routes with it.
+
+    prefill_s(new, ctx) = fixed + per_token * new + per_token_ctx * new * ctx
+        compute of ``new`` tokens after ``ctx - new`` cached ones: linear layers scale
+        with ``new``, attention with ``new * ctx``; fitted by least squares over timed
+        forwards of several lengths and cached fractions
+    fetch_s(blocks)     = fetch_fixed + fetch_per_block * blocks    (store -> engine cache)
+    publish_s(blocks)   = publish_fixed + publish_per_block * blocks (engine cache -> store)
+        timed through the engine's own store handle (embedded store or daemon client), with
+        scratch keys that are deleted after
+    decode_step_s       one batched decode step of the running batch
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from engines.kv_io import KVBlockIO
+from engines.model import LlamaModel
+from engines.paged_cache import SequenceKV
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    prefill_fixed_s: float
+    prefill_per_token_s: float
+    prefill_per_token_ctx_s: float
+    fetch_fixed_s: float
+    fetch_per_block_s: float
+    publish_fixed_s: float
+    publish_per_block_s: float
+    decode_step_s: float
+
+    def prefill_s(self, num_new_tokens: int, num_context_tokens: int) -> float:
+        if num_new_tokens <= 0:
+            return 0.0
+        return (self.prefill_fixed_s + self.prefill_per_token_s * num_new_tokens
+                + self.prefill_per_token_ctx_s * num_new_tokens * num_context_tokens)
+
+    def fetch_s(self, num_blocks: int) -> float:
+        return self.fetch_fixed_s + self.fetch_per_block_s * num_blocks if num_blocks else 0.0
+
+    def publish_s(self, num_blocks: int) -> float:
+        return (self.publish_fixed_s + self.publish_per_block_s * num_blocks
+                if num_blocks else 0.0)
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def fit_line(xs: list[list[float]], ys: list[float]) -> list[float]:
+    """Non-negative least squares by clipping: coefficients of ``ys ~ xs`` (a column of
+    ones included by the caller for the intercept)."""
+    coef, *_ = np.linalg.lstsq(np.asarray(xs, dtype=float), np.asarray(ys, dtype=float),
+                               rcond=None)
+    return [max(float(c), 0.0) for c in coef]
+
+
+def _time(fn: Any, repeats: int) -> float:
+    """The median of ``repeats`` timed runs of ``fn``."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure_prefill(model: LlamaModel, lengths: list[int], *, block_tokens: int = 16,
+                    repeats: int = 3) -> list[tuple[int, int, float]]:
+    """(new, context, seconds) of forwards: whole prompts, and tails after half of each."""
+    samples = []
+    top = max(lengths)
+    cache = model.new_cache(num_pages=-(-top // block_tokens), page_tokens=block_tokens)
+    tokens = torch.randint(0, model.config.vocab_size, (top,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+    for length in lengths:
+        for cached in sorted({0, (length // 2) // block_tokens * block_tokens}):
+            seq = SequenceKV()
+            cache.reserve(seq, length)
+
+            def run(seq: SequenceKV = seq, cached: int = cached, length: int = length) -> None:
+                seq.num_tokens = cached
+                model.forward(cache, [(seq, tokens[cached:length])])
+
+            run()  # warm-up (first calls of a shape are slow), and the cached part's KV
+            run()
+            samples.append((length - cached, length, _time(run, repeats)))
+            cache.release(seq)
+    return samples
+
+
+def measure_decode_step(model: LlamaModel, *, context_tokens: int, block_tokens: int = 16,
+                        repeats: int = 5) -> float:
+    """Seconds of one decode step (one new token) after ``context_tokens`` tokens."""
+    cache = model.new_cache(num_pages=-(-(context_tokens + 1) // block_tokens),
+                            page_tokens=block_tokens)
+    seq = SequenceKV()
+    cache.reserve(seq, context_tokens + 1)
+    seq.num_tokens = context_tokens  # the cached KV's values do not change the cost
+
+    def step() -> None:
+        seq.num_tokens = context_tokens
+        model.forward(cache, [(seq, [1])])
+
+    step()
+    return _time(step, repeats)
+
+
+def measure_transfer(io: KVBlockIO, num_blocks: int, *, repeats: int = 3
+                     ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(blocks, seconds) of publishing and fetching ``n`` blocks through ``io``'s store,
+    for n in (1, num_blocks), under scratch keys deleted afterwards."""
+    block_tokens = io.block_tokens
+    seq = SequenceKV()
+    if not io.cache.reserve(seq, num_blocks * block_tokens):
+        raise ValueError(f"the engine's cache cannot hold {num_blocks} calibration blocks")
+    publish, fetch = [], []
+    try:
+        for n in sorted({1, num_blocks}):
+            for _ in range(repeats):
+                # Fresh keys per run: a publish of keys the store holds would skip nothing
+                # but overwrite, which is not what a real publish does.
+                salt = os.urandom(8).hex()
+                tokens = [hash((salt, i)) % io.model.config.vocab_size
+                          for i in range(n * block_tokens)]
+                keys = io.keys(tokens)
+                seq.num_tokens = n * block_tokens
+                start = time.perf_counter()
+                publisher = io.publisher(keys, seq, 0)
+                for layer in range(io.model.config.num_layers):
+                    publisher.after_layer(layer)
+                stored = publisher.finish()
+                publish.append((n, time.perf_counter() - start))
+                start = time.perf_counter()
+                load = io.fetch(keys, seq)
+                load.wait_all()
+                fetch.append((n, time.perf_counter() - start))
+                if stored != n or load.num_blocks != n:
+                    log.warning("calibration stored %d and fetched %d of %d blocks",
+                                stored, load.num_blocks, n)
+                for key in keys:
+                    io.store.delete(key)
+    finally:
+        io.cache.release(seq)
+    return publish, fetch
+
+
+def calibrate(model: LlamaModel, io: KVBlockIO, *, lengths: list[int] | None = None,
+              num_blocks: int = 8) -> CostModel:
+    """Fit a `CostModel` by timing this model and this store (a few seconds)."""
+    lengths = lengths or [16, 128, 384]
+    prefill = measure_prefill(model, lengths, block_tokens=io.block_tokens)
+    a, b, c = fit_line([[1.0, new, new * ctx] for new, ctx, _ in prefill],
+                       [s for *_, s in prefill])
+    publish, fetch = measure_transfer(io, num_blocks)
+    pf, pb = fit_line([[1.0, n] for n, _ in publish], [s for _, s in publish])
+    ff, fb = fit_line([[1.0, n] for n, _ in fetch], [s for _, s in fetch])
+    step_s = measure_decode_step(model, context_tokens=max(lengths), block_tokens=io.block_tokens)
+    cost = CostModel(prefill_fixed_s=a, prefill_per_token_s=b, prefill_per_token_ctx_s=c,
+                     fetch_fixed_s=ff, fetch_per_block_s=fb, publish_fixed_s=pf,
+                     publish_per_block_s=pb, decode_step_s=step_s)
+    log.info("cost model for %s: %s", model.model_id,
+             {k: f"{v:.3g}" for k, v in cost.as_dict().items()})
+    return cost
