@@ -14,6 +14,9 @@ from dataclasses import dataclass, field, replace
 from kvstore.errors import KVStoreError
 from kvstore.layout import KVLayout
 
+# The named models of `engines.presets` (listed here, where no torch import is needed).
+PRESET_NAMES = ("tiny", "smollm2-135m", "llama3-8b")
+
 
 class ModelLoadError(KVStoreError):
     """A model file or checkpoint that cannot be loaded (missing, unsupported, malformed)."""

@@ -40,10 +40,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # As Hugging Face: normalized in fp32, cast back, then scaled.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -55,6 +54,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=False)
         self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=False)
+        self.qkv_weight: torch.Tensor | None = None  # q, k, v stacked: one matmul (fuse())
+
+    def fuse(self) -> None:
+        """Stack q, k and v into one weight, the projections becoming views of it."""
+        stacked = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        q, k = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
+        self.q_proj.weight = nn.Parameter(stacked[:q], requires_grad=False)
+        self.k_proj.weight = nn.Parameter(stacked[q:q + k], requires_grad=False)
+        self.v_proj.weight = nn.Parameter(stacked[q + k:], requires_grad=False)
+        self.qkv_weight = stacked
 
 
 class MLP(nn.Module):
@@ -64,8 +73,20 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
+        self.gate_up_weight: torch.Tensor | None = None  # gate and up stacked (fuse())
+
+    def fuse(self) -> None:
+        stacked = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        n = self.gate_proj.weight.shape[0]
+        self.gate_proj.weight = nn.Parameter(stacked[:n], requires_grad=False)
+        self.up_proj.weight = nn.Parameter(stacked[n:], requires_grad=False)
+        self.gate_up_weight = stacked
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -146,7 +167,7 @@ class LlamaModel(nn.Module):
         model.load_state_dict(tensors, assign=True)
         model.inv_freq = rope_inv_freq(config).to(device)
         model.model_id = f"{config.name}@{weights_digest(tensors)}"
-        return model.eval().requires_grad_(False)
+        return model._fused()
 
     @classmethod
     def random(cls, config: ModelConfig, *, seed: int, dtype: torch.dtype = torch.float32,
@@ -167,7 +188,15 @@ class LlamaModel(nn.Module):
         model.load_state_dict(tensors, assign=True)
         model.inv_freq = rope_inv_freq(config).to(device)
         model.model_id = f"{config.name}@seed{seed}"
-        return model.eval().requires_grad_(False)
+        return model._fused()
+
+    def _fused(self) -> LlamaModel:
+        """Eval mode, no grads, and the stacked weights that save matmuls per layer."""
+        self.eval().requires_grad_(False)
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -210,24 +239,31 @@ class LlamaModel(nn.Module):
         cos = emb.cos().to(self.dtype)[:, None, :]
         sin = emb.sin().to(self.dtype)[:, None, :]
         num_new = tokens.shape[0]
+        num_q = config.num_heads
+        num_qk = num_q + config.num_kv_heads
+        plans = [cache.plan(seq, seq.num_tokens + n)
+                 for (seq, _), n in zip(batch, lengths, strict=True)]
         h = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
             if before_layer is not None:
                 before_layer(i)
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(num_new, config.num_heads, config.head_dim)
-            k = attn.k_proj(x).view(num_new, config.num_kv_heads, config.head_dim)
-            v = attn.v_proj(x).view(num_new, config.num_kv_heads, config.head_dim)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            qkv = F.linear(x, attn.qkv_weight).view(num_new, -1, config.head_dim)
+            qk = qkv[:, :num_qk]
+            qk = qk * cos + rotate_half(qk) * sin  # q and k rotated together
+            q, k, v = qk[:, :num_q], qk[:, num_q:], qkv[:, num_qk:]
             cache.write(i, slots, k, v)
-            out = torch.empty_like(q)
-            offset = 0
-            for (seq, _), n in zip(batch, lengths, strict=True):
-                out[offset:offset + n] = self._attend(cache, i, seq, q[offset:offset + n])
-                offset += n
-            h = h + attn.o_proj(out.view(num_new, -1))
+            if len(batch) == 1:
+                out = self._attend(cache, i, batch[0][0], plans[0], q)
+            else:
+                out = torch.empty_like(q)
+                offset = 0
+                for (seq, _), n, plan in zip(batch, lengths, plans, strict=True):
+                    out[offset:offset + n] = self._attend(cache, i, seq, plan,
+                                                          q[offset:offset + n])
+                    offset += n
+            h = h + attn.o_proj(out.reshape(num_new, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
             if after_layer is not None:
                 after_layer(i)
@@ -239,11 +275,11 @@ class LlamaModel(nn.Module):
         return self._logits(self.model.norm(h))
 
     def _attend(self, cache: PagedKVCache, layer: int, seq: SequenceKV,
-                q: torch.Tensor) -> torch.Tensor:
+                plan: slice | torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Attention of ``q`` (``[n, heads, dim]``, the tokens after ``seq.num_tokens``)
         over the sequence's cached K/V, causal."""
         n, start = q.shape[0], seq.num_tokens
-        k, v = cache.gather(layer, seq, start + n)
+        k, v = cache.gather(layer, plan, start + n)
         mask = None
         if n > 1 and start > 0:  # a chunk after a cached prefix: causal, offset by start
             rows = torch.arange(start, start + n, device=q.device)[:, None]

@@ -110,12 +110,21 @@ class PagedKVCache:
         flat[0].index_copy_(0, slots, k.to(self.dtype))
         flat[1].index_copy_(0, slots, v.to(self.dtype))
 
-    def gather(self, layer: int, seq: SequenceKV, num_tokens: int
+    def plan(self, seq: SequenceKV, num_tokens: int) -> slice | torch.Tensor:
+        """Where the first ``num_tokens`` tokens of ``seq`` are: a slice of pages when they
+        are consecutive (then `gather` is a view, no copy), else the page indices. Made
+        once per forward and used by every layer."""
+        pages = seq.pages[:self.pages_for(num_tokens)]
+        if pages[-1] - pages[0] == len(pages) - 1 and pages == list(
+                range(pages[0], pages[-1] + 1)):
+            return slice(pages[0], pages[-1] + 1)
+        return torch.tensor(pages, dtype=torch.long, device=self.device)
+
+    def gather(self, layer: int, plan: slice | torch.Tensor, num_tokens: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the first ``num_tokens`` tokens of ``seq``: ``[tokens, heads, dim]``."""
-        num_pages = self.pages_for(num_tokens)
-        index = torch.tensor(seq.pages[:num_pages], dtype=torch.long, device=self.device)
-        kv = self.kv[layer].index_select(1, index)  # [2, pages, page_tokens, heads, dim]
+        """K and V (``[tokens, heads, dim]``) of the tokens a `plan` locates."""
+        kv = self.kv[layer]
+        kv = kv[:, plan] if isinstance(plan, slice) else kv.index_select(1, plan)
         kv = kv.reshape(2, -1, self.config.num_kv_heads, self.config.head_dim)[:, :num_tokens]
         return kv[0], kv[1]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from engines.config import ModelConfig, ModelLoadError, RopeScaling
+from engines.config import PRESET_NAMES, ModelConfig, ModelLoadError, RopeScaling
 from engines.model import LlamaModel
 
 TINY = ModelConfig(name="tiny", vocab_size=512, hidden_size=128, intermediate_size=352,
@@ -35,7 +35,7 @@ LLAMA3_8B = ModelConfig(
     bos_token_id=128000, eos_token_ids=(128001, 128009))
 
 RANDOM_PRESETS = {"tiny": TINY, "llama3-8b": LLAMA3_8B}
-PRESETS = ("tiny", "smollm2-135m", "llama3-8b")
+PRESETS = PRESET_NAMES
 
 
 @dataclass

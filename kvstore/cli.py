@@ -1,16 +1,21 @@
 """The `kvstore` command line.
 
-- ``kvstore demo``: replays a multi-turn chat workload through a Store with DRAM and NVMe
-  tiers and reports what the prefix cache saved. (Until the engines of issue 4 land, the
-  KV blocks are synthetic bytes in the real layout of SmolLM2-135M; the store, the keys,
-  the tiers and the policy are the real ones.)
+- ``kvstore demo``: multi-turn chat through a prefill and a decode engine around a store
+  (it lives in `engines.demo`; see below).
 - ``kvstore hitrate``, ``kvstore stats``, ``kvstore size``: later issues (5).
+
+Subcommands outside the library plug in through the ``kvstore.commands`` entry point
+group: each entry is a ``register(subparsers)`` function that adds its parser and sets
+``run`` as its default. The library never imports them itself (data flows one way:
+engines -> kvstore), and a missing optional dependency of one plugin leaves the others
+working.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import entry_points
 
 from kvstore import __version__
 
@@ -19,43 +24,46 @@ LATER = {
     "stats": "live view of a running kvstored (issue 5)",
     "size": "KV sizing arithmetic for a model and a link (issue 5)",
 }
+PLUGIN_GROUP = "kvstore.commands"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    """The parser, and the plugins that failed to load (name -> why)."""
     parser = argparse.ArgumentParser(
         prog="kvstore",
         description="kvstore: a multi-tier (HBM, DRAM, NVMe) KV-cache store for LLM serving.")
     parser.add_argument("--version", action="version", version=f"kvstore {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-
-    demo = commands.add_parser(
-        "demo", help="replay a multi-turn chat workload through a DRAM+NVMe store",
-        description="Replays a built-in multi-turn chat workload (a shared system prompt, "
-                    "several users, follow-up turns carrying the conversation so far) "
-                    "through an embedded Store: each request matches its cached prefix, "
-                    "fetches those KV blocks and publishes the rest. Prints the hit rate, "
-                    "where blocks live, and that the NVMe tier survives a reopen.")
-    from kvstore.demo import add_arguments
-
-    add_arguments(demo)
+    broken: dict[str, str] = {}
+    for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        try:
+            entry.load()(commands)
+        except ImportError as e:  # an optional dependency of that command is missing
+            broken[entry.name] = str(e)
+            failed = commands.add_parser(entry.name, help=f"(unavailable: {e})")
+            failed.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     for name, text in LATER.items():
         later = commands.add_parser(name, help=f"(not yet) {text}", description=text)
         later.add_argument("args", nargs="*", help=argparse.SUPPRESS)
-    return parser
+    return parser, broken
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser, broken = build_parser()
+    args = parser.parse_args(argv)
     if args.command in LATER:
         print(f"kvstore {args.command}: not yet: {LATER[args.command]}", file=sys.stderr)
         return 2
-    from kvstore.demo import run
+    if args.command in broken:
+        print(f"kvstore {args.command}: cannot load ({broken[args.command]}); install the "
+              "engines with: pip install -e '.[engines]'", file=sys.stderr)
+        return 2
     from kvstore.errors import KVStoreError
 
     try:
-        return run(args)
-    except KVStoreError as e:  # a bad size, an unusable --nvme-path: say so, no traceback
+        return args.run(args)
+    except (KVStoreError, ValueError) as e:  # bad sizes, unusable paths: a message, no trace
         print(f"kvstore {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -15,15 +15,21 @@ def kvstore(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300)
 
 
-def test_demo_json_reports_hits_and_a_complete_recovery(tmp_path):
-    result = kvstore("demo", "--json", "--users", "3", "--turns", "3", "--system-tokens", "256",
-                     "--dram", "8MiB", "--nvme", "64MiB", "--nvme-path", str(tmp_path))
+def test_demo_json_serves_every_turn_and_matches_the_reference(tmp_path):
+    result = kvstore("demo", "--json", "--preset", "tiny", "--users", "2", "--turns", "3",
+                     "--max-new-tokens", "6", "--interval", "0", "--dram", "64MiB",
+                     "--nvme", "128MiB", "--nvme-path", str(tmp_path))
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["requests"] == 9
-    assert report["corrupt_blocks"] == 0
-    assert 0 < report["cached_tokens"] < report["input_tokens"]
-    assert report["recovered_blocks"] == report["blocks_on_nvme_at_close"] > 0
+    summary = report["summary"]
+    assert summary["requests"] == 6 == len(report["requests"])
+    assert summary["all_disaggregated_matched"]
+    # Every turn after the first finds at least the system prompt and the earlier turns.
+    later = [r for r in report["requests"] if r["turn"] > 0]
+    assert all(r["cached_tokens"] >= 256 for r in later)
+    assert 0 < summary["cached_tokens"] < summary["prompt_tokens"]
+    assert all(r["output_tokens"] == 6 and r["ttft_s"] > 0 for r in report["requests"])
+    assert report["store_stats"]["checksum_failures"] == 0
 
 
 def test_later_subcommands_say_not_yet():
@@ -33,7 +39,7 @@ def test_later_subcommands_say_not_yet():
 
 
 def test_bad_arguments_exit_2_with_a_message():
-    result = kvstore("demo", "--dram", "lots")
+    result = kvstore("demo", "--preset", "tiny", "--dram", "lots")
     assert result.returncode == 2 and "lots" in result.stderr
     assert "Traceback" not in result.stderr
     assert kvstore("frobnicate").returncode == 2

@@ -95,8 +95,8 @@ def test_fetched_kv_equals_recomputed_per_layer(model):
         ref_cache.reserve(ref, 75)
         model.forward(ref_cache, [(ref, prompt)])
         for layer in range(model.config.num_layers):
-            got_k, got_v = decode.cache.gather(layer, seq, 64)
-            want_k, want_v = ref_cache.gather(layer, ref, 64)
+            got_k, got_v = decode.cache.gather(layer, decode.cache.plan(seq, 64), 64)
+            want_k, want_v = ref_cache.gather(layer, ref_cache.plan(ref, 64), 64)
             assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), layer
 
 
