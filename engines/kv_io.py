@@ -9,13 +9,14 @@ daemon client.
 Publishing (prefill)::
 
     layer i computed --after_layer(i)--> worker copies layer i of the new pages into the
-    host staging blocks (overlapping layer i+1's compute) --last layer--> put_many
+    staging blocks (overlapping layer i+1's compute) --last layer--> put_many
 
 Fetching (decode, and prefill reusing a cached prefix)::
 
-    match_prefix -> get_into each block, in order, into host staging (a failed block ends
-    the usable prefix there) -> worker copies layer i into the pages; before_layer(i)
-    waits for it, so the uncached tail's compute of early layers overlaps later copies
+    match_prefix -> get_into each block, in order, into staging on the cache's device (a
+    failed block ends the usable prefix there) -> worker copies layer i into the pages;
+    before_layer(i) waits for it, so the uncached tail's compute of early layers
+    overlaps later copies
 
 Failure is never wrong output: a store error or a missing/corrupt block shortens the
 cached prefix (the rest is recomputed); a block is only used once all of its bytes arrived
@@ -86,16 +87,18 @@ class KVBlockIO:
     # -- staging ---------------------------------------------------------------------------
 
     def _blocks(self, purpose: str, num_blocks: int) -> torch.Tensor:
-        """Host staging for ``num_blocks`` blocks, ``[n, layers, 2, tokens, heads, dim]``
-        (pinned when CUDA is there): one buffer per purpose ("fetch", "publish"), reused
-        across requests, grown on demand."""
+        """Staging for ``num_blocks`` blocks, ``[n, layers, 2, tokens, heads, dim]``, on the
+        cache's device: one buffer per purpose ("fetch", "publish"), reused across
+        requests, grown on demand. On a GPU the store copies each block straight in (one
+        DMA of a whole block: small per-layer DMAs crawl, see DESIGN.md) and the per-layer
+        scatter into the pages runs on the device."""
         cache, config = self.cache, self.model.config
         staging = self._staging.get(purpose)
         if staging is None or staging.shape[0] < num_blocks:
+            self._staging.pop(purpose, None)  # free the old one before the new one
             shape = (max(num_blocks, 16), config.num_layers, 2, self.block_tokens,
                      config.num_kv_heads, config.head_dim)
-            staging = torch.empty(shape, dtype=cache.dtype,
-                                  pin_memory=torch.cuda.is_available())
+            staging = torch.empty(shape, dtype=cache.dtype, device=cache.device)
             self._staging[purpose] = staging
         return staging[:num_blocks]
 
@@ -107,15 +110,18 @@ class KVBlockIO:
         call its ``wait(layer)`` before layer ``layer`` reads the cache."""
         staging = self._blocks("fetch", len(keys))
         num_blocks = 0
-        for i, key in enumerate(keys):
-            try:
-                if not self.store.get_into(key, staging[i]):
-                    break  # evicted, deleted or failed its checksum since match_prefix
-            except KVStoreError as e:
-                log.warning("fetching block %d of %d failed (%s); recomputing from there",
-                            i, len(keys), e)
-                break
-            num_blocks += 1
+        batch = getattr(self.store, "get_many_into", None)
+        try:
+            if batch is not None:  # one pin-copy-unpin pass, copies in flight together
+                num_blocks = batch(keys, list(staging))
+            else:
+                for i, key in enumerate(keys):
+                    if not self.store.get_into(key, staging[i]):
+                        break  # evicted, deleted or failed its checksum since match_prefix
+                    num_blocks += 1
+        except KVStoreError as e:
+            log.warning("fetching %d blocks failed after %d (%s); recomputing from there",
+                        len(keys), num_blocks, e)
         return LayerLoad(self, staging[:num_blocks], seq.pages[:num_blocks])
 
     # -- publish ---------------------------------------------------------------------------
@@ -136,9 +142,8 @@ class LayerLoad:
             return
         cache = io.cache
         index = torch.tensor(pages, dtype=torch.long, device=cache.device)
-        on_device = blocks.to(cache.device, non_blocking=True)
         for layer in range(len(cache.kv)):
-            self._done.append(io._worker.submit(_load_layer, cache, layer, index, on_device))
+            self._done.append(io._worker.submit(_load_layer, cache, layer, index, blocks))
 
     def wait(self, layer: int) -> None:
         if self._done:

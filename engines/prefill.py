@@ -56,8 +56,9 @@ class PrefillEngine:
         self.close()
 
     def prefill(self, prompt: Sequence[int], sampling: SamplingParams | None = None, *,
-                request_id: str | None = None) -> PrefillResult:
-        """Compute and publish ``prompt``'s KV; return its first generated token."""
+                request_id: str | None = None, publish: bool = True) -> PrefillResult:
+        """Compute and publish ``prompt``'s KV; return its first generated token. With
+        ``publish=False`` nothing is stored (a compute-only run)."""
         start_s = time.perf_counter()
         prompt = list(prompt)
         if not prompt:
@@ -79,7 +80,7 @@ class PrefillEngine:
             # Publish from the last stored block on (see the module docstring).
             first_new = min(load.num_blocks, num_stored)
             anchor = max(first_new - 1, 0)
-            publisher = self.io.publisher(keys, seq, anchor)
+            publisher = self.io.publisher(keys if publish else keys[:0], seq, anchor)
             logits = self.model.forward(self.cache, [(seq, prompt[seq.num_tokens:])],
                                         before_layer=load.wait,
                                         after_layer=publisher.after_layer)

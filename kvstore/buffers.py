@@ -89,8 +89,10 @@ def output_view(out: object, nbytes: int) -> ByteView:
     return view
 
 
-def copy_bytes(dst: ByteView, src: ByteView) -> None:
-    """Copy ``src`` into ``dst`` (same length), across host and device as needed."""
+def copy_bytes(dst: ByteView, src: ByteView, *, non_blocking: bool = False) -> None:
+    """Copy ``src`` into ``dst`` (same length), across host and device as needed. With
+    ``non_blocking``, a copy to or from a GPU may still be running on return (the caller
+    synchronizes the stream before it reuses either buffer)."""
     dst_is_np = isinstance(dst, np.ndarray)
     src_is_np = isinstance(src, np.ndarray)
     if dst_is_np and src_is_np:
@@ -101,14 +103,14 @@ def copy_bytes(dst: ByteView, src: ByteView) -> None:
         torch.from_numpy(dst).copy_(src)
     elif src_is_np:
         if src.flags.writeable:
-            dst.copy_(torch.from_numpy(src))
+            dst.copy_(torch.from_numpy(src), non_blocking=non_blocking)
         else:
             # torch warns on read-only arrays (values from bytes); it only reads this one.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                dst.copy_(torch.from_numpy(src))
+                dst.copy_(torch.from_numpy(src), non_blocking=non_blocking)
     else:
-        dst.copy_(src)
+        dst.copy_(src, non_blocking=non_blocking)
 
 
 def to_bytes(view: ByteView) -> bytes:

@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.buffers import ByteView, copy_bytes, output_view, to_bytes, value_view
+from kvstore.buffers import ByteView, copy_bytes, value_view
 from kvstore.config import StoreConfig
 from kvstore.errors import ConfigError, InvalidValueError, StorageError, StoreClosedError
 from kvstore.index import BlockEntry, BlockIndex
 from kvstore.policy import admits, make_policy
+from kvstore.store_reads import StoreReads
 from kvstore.tiers.base import TierKind, check_key
 from kvstore.tiers.memory import MemoryTier
 from kvstore.tiers.slab import size_class
@@ -46,7 +47,7 @@ def _segment_bytes(config: StoreConfig) -> int:
     return max(smallest, min(config.nvme_segment_bytes, config.nvme_bytes // 4))
 
 
-class Store:
+class Store(StoreReads):
     """A KV store over HBM, DRAM and NVMe tiers; see the module docstring."""
 
     def __init__(self, config: StoreConfig | None = None) -> None:
@@ -614,64 +615,6 @@ class Store:
                 raise StorageError(f"NVMe write failed: {e}") from e
         self.index.add(entry, t)
         return True
-
-    # -- reads --------------------------------------------------------------------------------
-
-    def _read(self, key: bytes, out: Any) -> bytes | bool | None:
-        """Find ``key``, pin it, copy it (into ``out``, or as bytes if ``out`` is None)
-        outside the lock, unpin. Returns the bytes, True (copied into ``out``) or None."""
-        with self._lock:
-            self._check_open()
-            self._queries += 1
-            entry = self.index.get(key)
-            if entry is None:
-                return None
-            # A wrong-size buffer raises here, before anything changes.
-            dst = output_view(out, entry.nbytes) if out is not None else None
-            t = entry.fastest_tier
-            self.index.touch(entry)
-            pin = self.index.pin(entry, self.config.lease_s)
-            tier = self._tiers[t]
-            slot = tier.slot_of(key) if isinstance(tier, MemoryTier) else None
-        result: bytes | bool | None = None
-        source: ByteView | None = None  # the bytes read, for a promotion
-        try:
-            if slot is not None:
-                source = tier.view(*slot)
-                result = to_bytes(source) if dst is None else True
-                if dst is not None:
-                    copy_bytes(dst, source)
-            elif isinstance(dst, np.ndarray):
-                # NVMe straight into the caller's host buffer; verifies the checksum.
-                if tier.read_into(key, dst):
-                    result, source = True, dst
-            else:
-                data = tier.get(key)  # verifies the record checksum
-                if data is not None:
-                    source = np.frombuffer(data, dtype=np.uint8)
-                    result = data if dst is None else True
-                    if dst is not None:
-                        copy_bytes(dst, source)
-        finally:
-            with self._lock:
-                intact = self._unpin(entry, pin)
-        with self._lock:
-            if result is None:  # checksum failure: the NVMe copy is gone for good
-                if entry.is_in(t):
-                    tier.evict(key)
-                    self.index.remove(entry, t)
-                return None
-            if not intact:
-                self._torn_reads += 1
-                return None
-            self._hits += 1
-            self._tier_hits[t] += 1
-            w = self._write_tier
-            if (self.config.promote_on_hit and t > w and not self._closed
-                    and self.index.get(key) is entry and not entry.is_in(w)):
-                if self._store_in(w, entry, source):
-                    self._promotions += 1
-        return result
 
     def _check_open(self) -> None:
         if self._closed:

@@ -415,3 +415,43 @@ def test_a_slot_dropped_while_pinned_keeps_the_old_value_until_unpinned():
         assert store.unpin_host(key, pin) is True
         assert store.unpin_host(key, pin) is False
         assert store.stats()["tiers"]["dram"]["used_bytes"] == 0
+
+
+def test_get_many_into_equals_get_into_and_stops_at_a_miss(tmp_path):
+    # DRAM and NVMe blocks mixed in one chain: the batch path and per-key get_into must
+    # fill the same bytes and count the same hits and promotions.
+    def run(batched: bool) -> tuple[int, list[bytes], dict]:
+        config = nvme_config(tmp_path / str(batched), dram_bytes=4 * 64 * KiB)
+        keys = chain(8, salt=str(batched))
+        with Store(config) as store:
+            assert store.put_many(keys, [make_value(i, 64 * KiB) for i in range(8)]) == 8
+            assert {store.tier_of(k) for k in keys} == {"dram", "nvme"}
+            lookup = [*keys[:6], make_key("missing"), keys[6]]
+            outs = [np.zeros(64 * KiB, np.uint8) for _ in lookup]
+            if batched:
+                copied = store.get_many_into(lookup, outs)
+            else:
+                copied = 0
+                while copied < len(lookup) and store.get_into(lookup[copied], outs[copied]):
+                    copied += 1
+            stats = store.stats()
+        counted = {k: stats[k] for k in ("queries", "hits", "promotions")}
+        return copied, [o.tobytes() for o in outs[:copied]], counted
+
+    copied, got, counted = run(True)
+    assert copied == 6 and got == [make_value(i, 64 * KiB) for i in range(6)]
+    assert (copied, got, counted) == run(False)
+
+
+def test_get_many_into_bad_input_changes_nothing():
+    with Store(StoreConfig(dram_bytes=1 * MiB, max_value_bytes=64 * KiB)) as store:
+        keys = chain(3)
+        store.put_many(keys, [make_value(i, 4096) for i in range(3)])
+        with pytest.raises(BufferSizeError):
+            store.get_many_into(keys, [bytearray(4096), bytearray(4096), bytearray(10)])
+        with pytest.raises(InvalidValueError):
+            store.get_many_into(keys, [bytearray(4096)])
+        assert store.stats()["queries"] == 0
+        for key in keys:  # no pin was left behind: every block can go
+            assert store.delete(key)
+        assert store.get_many_into(keys, [bytearray(4096)] * 3) == 0

@@ -1,0 +1,173 @@
+"""The Store's read paths, kept apart from store.py (a mixin of `kvstore.store.Store`).
+
+A read pins the block (so no eviction or overwrite frees its slot mid-copy), copies
+outside the lock, then unpins; a copy whose block was overwritten or dropped meanwhile
+(`Store._unpin` says so) is torn and reported as a miss, never as a hit.
+
+`get_many_into` is the batch form for KV fetches: it pins a run of blocks held in memory
+tiers in one lock hold, starts every copy (asynchronous where a GPU is on either side),
+waits once for all of them, then unpins: a GPU-bound fetch of many blocks goes at the
+copy engine's pace instead of one synchronised DMA per block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kvstore.buffers import ByteView, copy_bytes, output_view, to_bytes
+from kvstore.errors import InvalidValueError
+from kvstore.tiers.base import check_key
+from kvstore.tiers.memory import MemoryTier
+
+
+def _is_cuda(view: Any) -> bool:
+    return not isinstance(view, np.ndarray) and view.is_cuda
+
+
+class StoreReads:
+    """`get_into`'s engine (``_read``) and `get_many_into`."""
+
+    def get_many_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> int:
+        """Copy the values of leading ``keys`` into ``outs`` (one buffer or tensor each,
+        of exactly the value's size); returns how many leading keys were copied, stopping
+        at the first miss. Same effect as `get_into` on each key in turn until one misses.
+        """
+        checked = [check_key(k) for k in keys]
+        if len(outs) != len(checked):
+            raise InvalidValueError(f"get_many_into got {len(checked)} keys but "
+                                    f"{len(outs)} outputs")
+        with self._lock:  # every buffer checked before anything changes
+            self._check_open()
+            for key, out in zip(checked, outs, strict=True):
+                entry = self.index.get(key)
+                if entry is None:
+                    break
+                output_view(out, entry.nbytes)
+        done = 0
+        while done < len(checked):
+            copied, stop = self._read_run(checked, outs, done)
+            done += copied
+            if stop:
+                return done
+            if done < len(checked):  # a block outside memory tiers: get_into's path
+                if self._read(checked[done], outs[done]) is None:
+                    return done
+                done += 1
+        return done
+
+    def _read_run(self, keys: list[bytes], outs: Sequence[Any], start: int
+                  ) -> tuple[int, bool]:
+        """Pin, copy and unpin the run of memory-tier blocks from ``start``; returns (how
+        many were copied whole, whether a miss ended the run)."""
+        run: list[tuple[Any, int, int, ByteView, ByteView]] = []  # entry, pin, tier, src, dst
+        missed = False
+        with self._lock:
+            self._check_open()
+            try:
+                for i in range(start, len(keys)):
+                    entry = self.index.get(keys[i])
+                    if entry is None:
+                        self._queries += 1
+                        missed = True
+                        break
+                    t = entry.fastest_tier
+                    tier = self._tiers[t]
+                    if not isinstance(tier, MemoryTier):
+                        break
+                    dst = output_view(outs[i], entry.nbytes)
+                    self._queries += 1
+                    self.index.touch(entry)
+                    pin = self.index.pin(entry, self.config.lease_s)
+                    run.append((entry, pin, t, tier.view(*tier.slot_of(keys[i])), dst))
+            except BaseException:
+                for entry, pin, *_ in run:
+                    self._unpin(entry, pin)
+                raise
+        streams = set()
+        try:
+            for _, _, _, src, dst in run:
+                copy_bytes(dst, src, non_blocking=True)
+                for view in (src, dst):
+                    if _is_cuda(view):
+                        streams.add(view.device)
+            for device in streams:  # every copy done before any slot is unpinned
+                import torch
+
+                torch.cuda.current_stream(device).synchronize()
+        finally:
+            with self._lock:
+                whole = [self._unpin(entry, pin) for entry, pin, *_ in run]
+        copied = 0
+        with self._lock:
+            for (entry, _, t, src, _), intact in zip(run, whole, strict=True):
+                if not intact:
+                    self._torn_reads += 1
+                    return copied, True
+                copied += 1
+                self._hits += 1
+                self._tier_hits[t] += 1
+                self._promote(entry, t, src)
+        return copied, missed
+
+    def _promote(self, entry: Any, t: int, source: ByteView) -> None:
+        """After a hit in tier ``t``, copy the block up to the write tier (lock held)."""
+        w = self._write_tier
+        if (self.config.promote_on_hit and t > w and not self._closed
+                and self.index.get(entry.key) is entry and not entry.is_in(w)):
+            if self._store_in(w, entry, source):
+                self._promotions += 1
+
+    def _read(self, key: bytes, out: Any) -> bytes | bool | None:
+        """Find ``key``, pin it, copy it (into ``out``, or as bytes if ``out`` is None)
+        outside the lock, unpin. Returns the bytes, True (copied into ``out``) or None."""
+        with self._lock:
+            self._check_open()
+            self._queries += 1
+            entry = self.index.get(key)
+            if entry is None:
+                return None
+            # A wrong-size buffer raises here, before anything changes.
+            dst = output_view(out, entry.nbytes) if out is not None else None
+            t = entry.fastest_tier
+            self.index.touch(entry)
+            pin = self.index.pin(entry, self.config.lease_s)
+            tier = self._tiers[t]
+            slot = tier.slot_of(key) if isinstance(tier, MemoryTier) else None
+        result: bytes | bool | None = None
+        source: ByteView | None = None  # the bytes read, for a promotion
+        try:
+            if slot is not None:
+                source = tier.view(*slot)
+                result = to_bytes(source) if dst is None else True
+                if dst is not None:
+                    copy_bytes(dst, source)
+            elif isinstance(dst, np.ndarray):
+                # NVMe straight into the caller's host buffer; verifies the checksum.
+                if tier.read_into(key, dst):
+                    result, source = True, dst
+            else:
+                data = tier.get(key)  # verifies the record checksum
+                if data is not None:
+                    source = np.frombuffer(data, dtype=np.uint8)
+                    result = data if dst is None else True
+                    if dst is not None:
+                        copy_bytes(dst, source)
+        finally:
+            with self._lock:
+                intact = self._unpin(entry, pin)
+        with self._lock:
+            if result is None:  # checksum failure: the NVMe copy is gone for good
+                if entry.is_in(t):
+                    tier.evict(key)
+                    self.index.remove(entry, t)
+                return None
+            if not intact:
+                self._torn_reads += 1
+                return None
+            self._hits += 1
+            self._tier_hits[t] += 1
+            self._promote(entry, t, source)
+        return result
