@@ -124,7 +124,7 @@ def bench_decode(model: LlamaModel, twin: Any, prompt_tokens: int, new_tokens: i
     ours_runs, theirs_runs = [], []
     with store, DecodeEngine(model, store, num_pages=-(-(prompt_tokens + new_tokens + 8)
                                                        // 16) + 4,
-                             publish_on_finish=False) as engine:
+                             publish=False) as engine:
         reference = None
         for _ in range(repeats + 1):  # the first run warms up
             request = engine.generate(prompt, SamplingParams(max_new_tokens=new_tokens))

@@ -9,8 +9,10 @@ token budget or a stop token; its pages go back at once.
 
 A request handed over by a prefill engine carries that engine's first token: the decode
 engine appends it to the prompt and continues, so the stream is the one a single process
-would produce. When it finishes, the full blocks of prompt and reply it computed are
-published, so the next turn of the conversation finds them.
+would produce. The full prompt blocks a step computes are published right after it (layer
+by layer during the forward), so a request arriving next with the same prefix finds
+them; when a request finishes, the full blocks of its reply follow, so the next turn of
+the conversation finds those too.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engines.kv_io import CacheFullError, KVBlockIO, LayerLoad, usable_prefix_blocks
+from engines.kv_io import CacheFullError, KVBlockIO, LayerLoad, Publisher, usable_prefix_blocks
 from engines.model import LlamaModel
 from engines.paged_cache import SequenceKV
 from engines.sampling import SamplingParams, sample
@@ -59,6 +61,7 @@ class DecodeRequest:
     seq: SequenceKV = field(default_factory=SequenceKV)
     keys: list[bytes] = field(default_factory=list)
     num_published_blocks: int = 0
+    num_stored_blocks: int = 0  # leading blocks known to be in the store (fetched or put)
     _pending: int | None = None  # the last token sampled, not yet run through the model
 
     @property
@@ -79,7 +82,7 @@ class DecodeRequest:
 class DecodeEngine:
     def __init__(self, model: LlamaModel, store: Any, *, num_pages: int | None = None,
                  block_tokens: int = 16, max_batch: int = 8,
-                 publish_on_finish: bool = True) -> None:
+                 publish: bool = True) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
@@ -89,7 +92,7 @@ class DecodeEngine:
         self.io = KVBlockIO(model, self.cache, store)
         self.block_tokens = block_tokens
         self.max_batch = max_batch
-        self.publish_on_finish = publish_on_finish
+        self.publish = publish
         self._waiting: deque[DecodeRequest] = deque()
         self._running: list[DecodeRequest] = []
 
@@ -154,6 +157,7 @@ class DecodeEngine:
             batch.append((request.seq, [request._pending]))
             owners.append(request)
         loads: list[LayerLoad] = []
+        publishers: list[tuple[DecodeRequest, Publisher]] = []
         while (self._waiting and len(owners) < self.max_batch
                and self.cache.can_allocate(self.pages_needed(len(self._waiting[0].prompt),
                                                              self._waiting[0].sampling))):
@@ -166,6 +170,8 @@ class DecodeEngine:
             batch.append((request.seq, tail))
             owners.append(request)
             loads.append(load)
+            if self.publish:
+                publishers.append((request, self._prompt_publisher(request)))
         if not batch:
             return []
 
@@ -173,8 +179,20 @@ class DecodeEngine:
             for load in loads:
                 load.wait(layer)
 
+        def after_layer(layer: int) -> None:
+            for _, publisher in publishers:
+                publisher.after_layer(layer)
+
         logits = self.model.forward(self.cache, batch,
-                                    before_layer=before_layer if loads else None)
+                                    before_layer=before_layer if loads else None,
+                                    after_layer=after_layer if publishers else None)
+        for request, publisher in publishers:  # prompts sharing a prefix find it at once
+            stored = publisher.finish()
+            if stored == len(publisher.keys):
+                request.num_stored_blocks = publisher.first_block + stored
+            request.num_published_blocks += max(
+                stored - (request.num_cached_tokens // self.block_tokens
+                          - publisher.first_block), 0)
         now = time.perf_counter()
         produced = []
         for request, row in zip(owners, logits, strict=True):
@@ -249,21 +267,31 @@ class DecodeEngine:
     def _finish(self, request: DecodeRequest) -> None:
         self._running.remove(request)
         try:
-            if self.publish_on_finish:
+            if self.publish:
                 self._publish(request)
         finally:
             self.cache.release(request.seq)
 
+    def _prompt_publisher(self, request: DecodeRequest) -> Publisher:
+        """A publisher of the full prompt blocks this step computes (from the last cached
+        block, re-put as the anchor that links the new ones to their parent)."""
+        full = len(request.prompt) // self.block_tokens
+        cached = request.num_cached_tokens // self.block_tokens
+        request.num_stored_blocks = cached
+        anchor = max(min(cached, full) - 1, 0)
+        keys = request.keys[:full] if full > cached else request.keys[:0]
+        return self.io.publisher(keys, request.seq, anchor)
+
     def _publish(self, request: DecodeRequest) -> None:
-        """Store the full blocks of prompt + reply this engine computed (the last token
-        sampled has no KV yet)."""
+        """Store the full blocks of prompt + reply not stored yet (the last token sampled
+        has no KV yet)."""
         tokens = (request.prompt + request.output)[:request.seq.num_tokens]
         keys = self.io.keys(tokens)
-        first_new = request.num_cached_tokens // self.block_tokens
+        first_new = request.num_stored_blocks
         if len(keys) <= first_new:
             return
         anchor = max(first_new - 1, 0)
         publisher = self.io.publisher(keys, request.seq, anchor)
         for layer in range(self.model.config.num_layers):
             publisher.after_layer(layer)
-        request.num_published_blocks = max(publisher.finish() - (first_new - anchor), 0)
+        request.num_published_blocks += max(publisher.finish() - (first_new - anchor), 0)

@@ -237,3 +237,18 @@ def test_engines_in_separate_processes_through_a_daemon(model, tmp_path):
         prefill.kill()
         prefill.wait()
         daemon.stop()
+
+
+def test_decode_publishes_a_prompt_before_the_request_finishes(model):
+    first, second = prompt_of(100, seed=11), prompt_of(64, seed=11) + prompt_of(30, seed=12)
+    with dram_store() as store, DecodeEngine(model, store, num_pages=64) as decode:
+        a = decode.add_request(first, SamplingParams(max_new_tokens=20))
+        decode.step()  # a's prompt computed, and its 6 full blocks published
+        assert a.num_published_blocks == 6 and not a.is_finished
+        b = decode.add_request(second, SamplingParams(max_new_tokens=5))
+        decode.step()
+        assert b.num_cached_tokens == 64 and not a.is_finished
+        decode.run()
+        assert a.num_published_blocks == 7  # and at the end, its reply's full block
+    assert a.output == model.generate(first, 20)
+    assert b.output == model.generate(second, 5)
