@@ -183,9 +183,13 @@ class DecodeEngine:
             for _, publisher in publishers:
                 publisher.after_layer(layer)
 
-        logits = self.model.forward(self.cache, batch,
-                                    before_layer=before_layer if loads else None,
-                                    after_layer=after_layer if publishers else None)
+        try:
+            logits = self.model.forward(self.cache, batch,
+                                        before_layer=before_layer if loads else None,
+                                        after_layer=after_layer if publishers else None)
+        finally:
+            for load in loads:
+                load.wait_all()  # gives back what the fetch borrowed from the store
         for request, publisher in publishers:  # prompts sharing a prefix find it at once
             stored = publisher.finish()
             if stored == len(publisher.keys):

@@ -13,10 +13,12 @@ Publishing (prefill)::
 
 Fetching (decode, and prefill reusing a cached prefix)::
 
-    match_prefix -> get_into each block, in order, into staging on the cache's device (a
-    failed block ends the usable prefix there) -> worker copies layer i into the pages;
-    before_layer(i) waits for it, so the uncached tail's compute of early layers
-    overlaps later copies
+    GPU, blocks in the store's DRAM or HBM: borrow them (pinned, zero copy) -> one kernel
+    per layer reads them in place and writes that layer's pages (`engines.uva_copy`), on
+    a side stream; before_layer(i) makes compute wait for layer i's copy only
+    otherwise (CPU, NVMe, a daemon): get_many_into staging on the cache's device (a
+    missing or corrupt block ends the usable prefix there) -> worker copies layer i into
+    the pages; before_layer(i) waits for it
 
 Failure is never wrong output: a store error or a missing/corrupt block shortens the
 cached prefix (the rest is recomputed); a block is only used once all of its bytes arrived
@@ -32,8 +34,9 @@ from typing import Any
 
 import torch
 
+from engines import uva_copy
 from engines.model import LlamaModel
-from engines.paged_cache import PagedKVCache, SequenceKV
+from engines.paged_cache import PagedKVCache, SequenceKV, to_device
 from kvstore.errors import KVStoreError
 from kvstore.keys import prefix_hashes
 
@@ -105,24 +108,34 @@ class KVBlockIO:
     # -- fetch -----------------------------------------------------------------------------
 
     def fetch(self, keys: Sequence[bytes], seq: SequenceKV) -> LayerLoad:
-        """Read ``keys`` (leading blocks of ``seq``) from the store and start copying them
-        into ``seq``'s first pages. The load's ``num_blocks`` is how many arrived whole;
-        call its ``wait(layer)`` before layer ``layer`` reads the cache."""
-        staging = self._blocks("fetch", len(keys))
-        num_blocks = 0
+        """Start moving ``keys`` (leading blocks of ``seq``) from the store into ``seq``'s
+        first pages. The load's ``num_blocks`` is how many are coming, whole; call its
+        ``wait(layer)`` before layer ``layer`` reads the cache and `LayerLoad.wait_all`
+        once the forward is done (it releases what the load borrowed from the store)."""
+        load = LayerLoad(self)
+        if (self.cache.device.type == "cuda" and hasattr(self.store, "borrow")
+                and uva_copy.available()):
+            load.borrow(keys, seq.pages)  # blocks in memory tiers, read in place
+        rest = keys[load.num_blocks:]
+        if not rest:
+            return load
+        staging = self._blocks("fetch", len(rest))
+        num_staged = 0
         batch = getattr(self.store, "get_many_into", None)
         try:
             if batch is not None:  # one pin-copy-unpin pass, copies in flight together
-                num_blocks = batch(keys, list(staging))
+                num_staged = batch(rest, list(staging))
             else:
-                for i, key in enumerate(keys):
+                for i, key in enumerate(rest):
                     if not self.store.get_into(key, staging[i]):
                         break  # evicted, deleted or failed its checksum since match_prefix
-                    num_blocks += 1
+                    num_staged += 1
         except KVStoreError as e:
             log.warning("fetching %d blocks failed after %d (%s); recomputing from there",
-                        len(keys), num_blocks, e)
-        return LayerLoad(self, staging[:num_blocks], seq.pages[:num_blocks])
+                        len(keys), load.num_blocks + num_staged, e)
+        first = load.num_blocks
+        load.stage(staging[:num_staged], seq.pages[first:first + num_staged])
+        return load
 
     # -- publish ---------------------------------------------------------------------------
 
@@ -133,25 +146,67 @@ class KVBlockIO:
 
 
 class LayerLoad:
-    """Copies fetched blocks into their pages, one layer at a time, on the worker."""
+    """One fetch in flight: blocks borrowed from the store and copied by the UVA kernel
+    (GPU), then blocks staged by `get_many_into` and copied by the worker."""
 
-    def __init__(self, io: KVBlockIO, blocks: torch.Tensor, pages: list[int]) -> None:
-        self.num_blocks = len(pages)
-        self._done: list[Future[None]] = []
+    def __init__(self, io: KVBlockIO) -> None:
+        self.io = io
+        self.num_blocks = 0
+        self._copier: uva_copy.LayerCopier | None = None
+        self._borrow: Any = None  # the store's borrow context, exited by wait_all
+        self._borrowed: Any = None
+        self._staged: list[Future[None]] = []
+
+    def borrow(self, keys: Sequence[bytes], pages: list[int]) -> None:
+        """Borrow the leading blocks held in memory tiers and launch their copies."""
+        io = self.io
+        try:
+            self._borrow = io.store.borrow(keys)
+            self._borrowed = self._borrow.__enter__()
+            views = self._borrowed.views
+            if views:
+                self._copier = uva_copy.LayerCopier(
+                    io.cache, [uva_copy.address(v) for v in views], pages[:len(views)],
+                    io.layout.layer_bytes, io.layout.kv_bytes)
+                self._copier.launch()
+                self.num_blocks = len(views)
+        except (KVStoreError, ValueError) as e:
+            log.warning("borrowing %d blocks failed (%s); copying them instead", len(keys), e)
+            self._release()
+            self._copier, self.num_blocks = None, 0
+
+    def stage(self, blocks: torch.Tensor, pages: list[int]) -> None:
+        """Copy blocks fetched into staging to ``pages``, layer by layer, on the worker."""
         if not pages:
             return
-        cache = io.cache
-        index = torch.tensor(pages, dtype=torch.long, device=cache.device)
-        for layer in range(len(cache.kv)):
-            self._done.append(io._worker.submit(_load_layer, cache, layer, index, blocks))
+        cache = self.io.cache
+        index = to_device(pages, cache.device)
+        self._staged = [self.io._worker.submit(_load_layer, cache, layer, index, blocks)
+                        for layer in range(len(cache.kv))]
+        self.num_blocks += len(pages)
 
     def wait(self, layer: int) -> None:
-        if self._done:
-            self._done[layer].result()
+        if self._copier is not None:
+            self._copier.wait(layer)
+        if self._staged:
+            self._staged[layer].result()
 
     def wait_all(self) -> None:
-        for done in self._done:
+        """Finish every copy and give back what was borrowed. Raises `KVStoreError` if a
+        borrowed block's pin expired before its copy was done (then nothing it fed may be
+        used: the caller fails the request rather than emit tokens computed from it)."""
+        for done in self._staged:
             done.result()
+        if self._copier is not None:
+            self._copier.synchronize()
+        self._release()
+        if self._borrowed is not None and self._borrowed.intact is False:
+            raise KVStoreError("a borrowed KV block's pin expired mid-copy")
+
+    def _release(self) -> None:
+        if self._borrow is not None:
+            borrow, self._borrow = self._borrow, None
+            borrow.__exit__(None, None, None)
 
 
 def _load_layer(cache: PagedKVCache, layer: int, index: torch.Tensor,
@@ -168,15 +223,14 @@ class Publisher:
         self.first_block = first_block
         self._pages = seq.pages[first_block:len(keys)]
         self._staging = io._blocks("publish", len(self._pages)) if self._pages else None
+        self._index = to_device(self._pages, io.cache.device) if self._pages else None
         self._copies: list[Future[None]] = []
 
     def after_layer(self, layer: int) -> None:
         if not self._pages:
             return
-        cache = self.io.cache
-        index = torch.tensor(self._pages, dtype=torch.long, device=cache.device)
         self._copies.append(self.io._worker.submit(
-            _save_layer, cache, layer, index, self._staging))
+            _save_layer, self.io.cache, layer, self._index, self._staging))
 
     def finish(self) -> int:
         """Wait for the layer copies and store the blocks; returns how many were stored."""

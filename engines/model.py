@@ -21,13 +21,15 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from engines.config import ModelConfig, ModelLoadError
-from engines.paged_cache import PagedKVCache, SequenceKV
+from engines.paged_cache import PagedKVCache, SequenceKV, to_device
 from engines.sampling import SamplingParams, sample
 
 LayerHook = Callable[[int], None]
@@ -40,9 +42,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As Hugging Face: normalized in fp32, cast back, then scaled.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        # One fused kernel, accumulating in fp32. In fp32 it is Hugging Face's arithmetic
+        # exactly; in bf16 the weight is applied before the cast back instead of after
+        # (a rounding's difference, for two fewer kernels per norm).
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -82,11 +85,16 @@ class MLP(nn.Module):
         self.up_proj.weight = nn.Parameter(stacked[n:], requires_grad=False)
         self.gate_up_weight = stacked
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP of ``x``, plus ``residual`` when given (in the last GEMM)."""
         if self.gate_up_weight is None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+            act = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        else:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        if residual is None:
+            return self.down_proj(act)
+        return torch.addmm(residual, act, self.down_proj.weight.t())
 
 
 class DecoderLayer(nn.Module):
@@ -124,9 +132,13 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def causal_mask(start: int, num_new: int) -> Any:
+    """The attention mask of ``num_new`` tokens after ``start`` cached ones: causal,
+    aligned to the lower right (token i sees positions up to ``start + i``). None where
+    SDPA's own flag does (a lone token sees everything; a fresh prompt is plain causal)."""
+    if num_new == 1 or start == 0:
+        return None
+    return causal_lower_right(num_new, start + num_new)
 
 
 class LlamaModel(nn.Module):
@@ -229,19 +241,27 @@ class LlamaModel(nn.Module):
         for seq, n in zip((s for s, _ in batch), lengths, strict=True):
             if len(seq.pages) * cache.page_tokens < seq.num_tokens + n:
                 raise ValueError("sequence has too few pages: reserve them first")
-        tokens = torch.tensor([t for _, chunk in batch for t in chunk], device=device)
-        positions = torch.cat([torch.arange(s.num_tokens, s.num_tokens + n)
-                               for (s, _), n in zip(batch, lengths, strict=True)]).to(device)
-        slots = torch.cat([s.slots(s.num_tokens, s.num_tokens + n, cache.page_tokens)
-                           for (s, _), n in zip(batch, lengths, strict=True)]).to(device)
+        tokens = to_device([t for _, chunk in batch for t in chunk], device)
+        positions = to_device(torch.cat([torch.arange(s.num_tokens, s.num_tokens + n)
+                                         for (s, _), n in zip(batch, lengths, strict=True)]),
+                              device)
+        slots = to_device(torch.cat([s.slots(s.num_tokens, s.num_tokens + n, cache.page_tokens)
+                                     for (s, _), n in zip(batch, lengths, strict=True)]),
+                          device)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos().to(self.dtype)[:, None, :]
-        sin = emb.sin().to(self.dtype)[:, None, :]
+        # rotate_half(x) * sin == roll(x, half) * (sign * sin): one roll, no negate + cat.
+        half = config.head_dim // 2
+        sign = torch.ones(config.head_dim, device=device, dtype=self.dtype)
+        sign[:half] = -1
+        sin = (emb.sin().to(self.dtype) * sign)[:, None, :]
         num_new = tokens.shape[0]
         num_q = config.num_heads
         num_qk = num_q + config.num_kv_heads
         plans = [cache.plan(seq, seq.num_tokens + n)
+                 for (seq, _), n in zip(batch, lengths, strict=True)]
+        masks = [causal_mask(seq.num_tokens, n)
                  for (seq, _), n in zip(batch, lengths, strict=True)]
         h = self.model.embed_tokens(tokens)
         for i, layer in enumerate(self.model.layers):
@@ -251,39 +271,38 @@ class LlamaModel(nn.Module):
             x = layer.input_layernorm(h)
             qkv = F.linear(x, attn.qkv_weight).view(num_new, -1, config.head_dim)
             qk = qkv[:, :num_qk]
-            qk = qk * cos + rotate_half(qk) * sin  # q and k rotated together
+            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)  # q, k rotated together
             q, k, v = qk[:, :num_q], qk[:, num_q:], qkv[:, num_qk:]
             cache.write(i, slots, k, v)
             if len(batch) == 1:
-                out = self._attend(cache, i, batch[0][0], plans[0], q)
+                out = self._attend(cache, i, batch[0][0], plans[0], masks[0], q)
             else:
                 out = torch.empty_like(q)
                 offset = 0
-                for (seq, _), n, plan in zip(batch, lengths, plans, strict=True):
-                    out[offset:offset + n] = self._attend(cache, i, seq, plan,
+                for (seq, _), n, plan, mask in zip(batch, lengths, plans, masks, strict=True):
+                    out[offset:offset + n] = self._attend(cache, i, seq, plan, mask,
                                                           q[offset:offset + n])
                     offset += n
-            h = h + attn.o_proj(out.reshape(num_new, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            # Residual adds fused into the output projections' GEMMs.
+            h = torch.addmm(h, out.reshape(num_new, -1), attn.o_proj.weight.t())
+            h = layer.mlp(layer.post_attention_layernorm(h), residual=h)
             if after_layer is not None:
                 after_layer(i)
         for (seq, _), n in zip(batch, lengths, strict=True):
             seq.num_tokens += n
         if not all_logits:
-            ends = torch.tensor(lengths, device=device).cumsum(0) - 1
+            ends = to_device(torch.tensor(lengths).cumsum(0) - 1, device)
             h = h[ends]
         return self._logits(self.model.norm(h))
 
     def _attend(self, cache: PagedKVCache, layer: int, seq: SequenceKV,
-                plan: slice | torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+                plan: slice | torch.Tensor, mask: Any, q: torch.Tensor) -> torch.Tensor:
         """Attention of ``q`` (``[n, heads, dim]``, the tokens after ``seq.num_tokens``)
-        over the sequence's cached K/V, causal."""
+        over the sequence's cached K/V, causal. ``mask`` is `causal_mask`'s: a lower-right
+        causal bias (not a materialized mask), so SDPA keeps its fused kernels, which
+        handle grouped-query heads without copying each KV head per query head."""
         n, start = q.shape[0], seq.num_tokens
         k, v = cache.gather(layer, plan, start + n)
-        mask = None
-        if n > 1 and start > 0:  # a chunk after a cached prefix: causal, offset by start
-            rows = torch.arange(start, start + n, device=q.device)[:, None]
-            mask = torch.arange(start + n, device=q.device)[None, :] <= rows
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
             attn_mask=mask, is_causal=n > 1 and start == 0, enable_gqa=True)

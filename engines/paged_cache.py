@@ -26,6 +26,17 @@ import torch
 from engines.config import ModelConfig
 
 
+def to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An int64 tensor of ``values`` on ``device``, without stalling the host: a plain
+    host-to-GPU copy from pageable memory waits for the stream to drain, which would
+    serialize the engine's CPU work with the GPU at every layer."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values,
+                                                                          dtype=torch.long)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class SequenceKV:
     """One sequence's page table and how many of its tokens have KV in the cache."""
@@ -118,7 +129,7 @@ class PagedKVCache:
         if pages[-1] - pages[0] == len(pages) - 1 and pages == list(
                 range(pages[0], pages[-1] + 1)):
             return slice(pages[0], pages[-1] + 1)
-        return torch.tensor(pages, dtype=torch.long, device=self.device)
+        return to_device(pages, self.device)
 
     def gather(self, layer: int, plan: slice | torch.Tensor, num_tokens: int
                ) -> tuple[torch.Tensor, torch.Tensor]:

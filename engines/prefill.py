@@ -81,9 +81,12 @@ class PrefillEngine:
             first_new = min(load.num_blocks, num_stored)
             anchor = max(first_new - 1, 0)
             publisher = self.io.publisher(keys if publish else keys[:0], seq, anchor)
-            logits = self.model.forward(self.cache, [(seq, prompt[seq.num_tokens:])],
-                                        before_layer=load.wait,
-                                        after_layer=publisher.after_layer)
+            try:
+                logits = self.model.forward(self.cache, [(seq, prompt[seq.num_tokens:])],
+                                            before_layer=load.wait,
+                                            after_layer=publisher.after_layer)
+            finally:
+                load.wait_all()  # gives back what the fetch borrowed from the store
             first_token = sample(logits[0], sampling, 0)
             computed_s = time.perf_counter()
             published = max(publisher.finish() - (first_new - anchor), 0)

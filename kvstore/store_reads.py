@@ -8,11 +8,17 @@ outside the lock, then unpins; a copy whose block was overwritten or dropped mea
 tiers in one lock hold, starts every copy (asynchronous where a GPU is on either side),
 waits once for all of them, then unpins: a GPU-bound fetch of many blocks goes at the
 copy engine's pace instead of one synchronised DMA per block.
+
+`borrow` hands out the slots themselves, pinned, for zero-copy reads: views of host DRAM
+(page-locked when CUDA is there, so a GPU kernel reads them in place through unified
+addressing) or of HBM. A pinned slot stays allocated and unchanged until released, even
+if its key is overwritten or deleted meanwhile (the retired-slot rule of `Store._unpin`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -27,8 +33,56 @@ def _is_cuda(view: Any) -> bool:
     return not isinstance(view, np.ndarray) and view.is_cuda
 
 
+class Borrowed:
+    """What `StoreReads.borrow` yields: ``views`` of the leading blocks held in memory
+    tiers (a numpy array over host memory or a device tensor each, read-only by contract),
+    and after release, ``intact``: False if a pin expired while held (a holder slower than
+    ``lease_s``), in which case what was read from the views must not be used."""
+
+    def __init__(self, views: list[ByteView]) -> None:
+        self.views = views
+        self.intact: bool | None = None
+
+
 class StoreReads:
-    """`get_into`'s engine (``_read``) and `get_many_into`."""
+    """`get_into`'s engine (``_read``), `get_many_into` and `borrow`."""
+
+    @contextmanager
+    def borrow(self, keys: Sequence[bytes]) -> Iterator[Borrowed]:
+        """Pin the leading ``keys`` held in memory tiers (stopping at the first that is
+        missing or only on NVMe) and yield their slots; unpin on exit."""
+        checked = [check_key(k) for k in keys]
+        run: list[tuple[Any, int, int]] = []  # entry, pin, tier
+        views: list[ByteView] = []
+        with self._lock:
+            self._check_open()
+            for key in checked:
+                entry = self.index.get(key)
+                if entry is None:
+                    self._queries += 1
+                    break
+                t = entry.fastest_tier
+                tier = self._tiers[t]
+                if not isinstance(tier, MemoryTier):
+                    break
+                self._queries += 1
+                self.index.touch(entry)
+                run.append((entry, self.index.pin(entry, self.config.lease_s), t))
+                views.append(tier.view(*tier.slot_of(key)))
+        borrowed = Borrowed(views)
+        try:
+            yield borrowed
+        finally:
+            with self._lock:
+                intact = True
+                for entry, pin, t in run:
+                    if self._unpin(entry, pin):
+                        self._hits += 1
+                        self._tier_hits[t] += 1
+                    else:
+                        self._torn_reads += 1
+                        intact = False
+                borrowed.intact = intact
 
     def get_many_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> int:
         """Copy the values of leading ``keys`` into ``outs`` (one buffer or tensor each,

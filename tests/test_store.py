@@ -455,3 +455,24 @@ def test_get_many_into_bad_input_changes_nothing():
         for key in keys:  # no pin was left behind: every block can go
             assert store.delete(key)
         assert store.get_many_into(keys, [bytearray(4096)] * 3) == 0
+
+
+def test_borrow_yields_the_slots_pinned_until_released(tmp_path):
+    config = nvme_config(tmp_path, dram_bytes=4 * 64 * KiB)
+    keys = chain(6)
+    values = [make_value(i, 64 * KiB) for i in range(6)]
+    with Store(config) as store:
+        assert store.put_many(keys, values) == 6
+        in_dram = [store.tier_of(k) == "dram" for k in keys]
+        leading = in_dram.index(False)  # borrow stops at the first block only on NVMe
+        with store.borrow(keys) as borrowed:
+            assert len(borrowed.views) == leading > 0
+            assert [bytes(v) for v in borrowed.views] == values[:leading]
+            # Overwritten and deleted while borrowed: the borrowed slots keep the old bytes.
+            store.put(keys[0], make_value("new", 64 * KiB))
+            assert store.delete(keys[1]) or leading < 2
+            assert bytes(borrowed.views[0]) == values[0]
+        assert borrowed.intact is True
+        assert store.get(keys[0]) == make_value("new", 64 * KiB)
+        with store.borrow([make_key("missing"), *keys]) as borrowed:
+            assert borrowed.views == []

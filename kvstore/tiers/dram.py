@@ -80,7 +80,10 @@ def register_with_cuda(array: np.ndarray) -> bool:
     if torch is None or not torch.cuda.is_available() or not array.nbytes:
         return False
     cudart = torch.cuda.cudart()
-    if int(cudart.cudaHostRegister(array.ctypes.data, array.nbytes, 0)) == 0:
+    # Portable (every context) and mapped: kernels read it in place through unified
+    # virtual addressing, at the host pointer (engines' layer-wise KV loads do).
+    portable_mapped = 1 | 2
+    if int(cudart.cudaHostRegister(array.ctypes.data, array.nbytes, portable_mapped)) == 0:
         return True
     cudart.cudaGetLastError()  # clear it, or the next kernel launch check raises it
     return False

@@ -75,3 +75,23 @@ def test_gpu_engines_through_a_daemon(model, tmp_path):
             assert done.output == model.generate(prompt, 8)
     finally:
         daemon.stop()
+
+
+def test_gpu_fetch_mixes_borrowed_dram_blocks_and_staged_nvme_ones(model, tmp_path):
+    from engines import uva_copy
+
+    assert uva_copy.available(), "CuPy compiles the layer copy kernel on the GPU machine"
+    prompt = prompt_of(200, 5)
+    block_bytes = model.config.kv_layout(16, "float32").block_bytes
+    config = kvstore.StoreConfig(dram_bytes=6 * block_bytes, hbm_bytes=0,
+                                 nvme_path=str(tmp_path / "nvme"), nvme_bytes="64MiB",
+                                 max_value_bytes=block_bytes)
+    sampling = SamplingParams(max_new_tokens=8)
+    with kvstore.Store(config) as store, PrefillEngine(model, store, num_pages=64) as prefill, \
+            DecodeEngine(model, store, num_pages=64) as decode:
+        first = prefill.prefill(prompt, sampling)
+        tiers = [store.tier_of(k) for k in prefill.io.keys(prompt)]
+        assert "dram" in tiers and "nvme" in tiers
+        done = decode.generate(prompt, sampling, first_token=first.first_token)
+        assert done.num_cached_tokens == 192
+    assert done.output == model.generate(prompt, sampling=sampling)

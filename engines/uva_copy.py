@@ -1,0 +1,148 @@
+"""Layer-wise KV loads on a GPU straight from the store's memory: a copy kernel that reads
+whole stored blocks where they lie (page-locked host DRAM, read in place through unified
+virtual addressing, or HBM) and writes one layer of them into the paged cache.
+
+DESIGN.md records why: small DMAs crawl (one 32 KiB copy per page and layer: 0.04 of the
+PCIe limit), while a kernel that reads the pinned pool directly with 16-byte loads, one
+thread block per (block, K or V), moves scattered pages at 0.92-0.97 of it, also when
+launched once per layer. So a fetch launches one kernel per layer on a side stream (a
+small grid looping over the chunks, so the overlapping forward keeps most SMs),
+records an event after each, and the forward's ``before_layer(i)`` makes the compute
+stream wait for event i only: layer i+1's copy overlaps layer i's compute.
+
+Source, per (block b, layer l, half h in {K, V}): ``block_ptr[b] + l * layer_bytes +
+h * kv_bytes`` (the layer-major block format of `kvstore.layout`); destination:
+``kv[l][h, page[b]]``, each ``kv_bytes`` long. Needs CuPy (for the kernel) and 16-byte
+aligned pointers and sizes; `available` says whether it can run.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import torch
+
+from engines.paged_cache import PagedKVCache
+
+# UNROLL independent 16-byte loads per thread before its stores: more reads in flight
+# over PCIe. The chunk count of vectors need not divide evenly: the tail is guarded.
+_SOURCE = r"""
+extern "C" __global__ void copy_chunks(const unsigned long long* src,
+                                       const unsigned long long* dst,
+                                       long long num_chunks, long long num_vectors) {
+  for (long long c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const uint4* s = reinterpret_cast<const uint4*>(src[c]);
+    uint4* d = reinterpret_cast<uint4*>(dst[c]);
+    const long long step = (long long)blockDim.x * UNROLL;
+    for (long long base = threadIdx.x; base < num_vectors; base += step) {
+        uint4 v[UNROLL];
+        #pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            long long i = base + (long long)u * blockDim.x;
+            if (i < num_vectors) v[u] = s[i];
+        }
+        #pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            long long i = base + (long long)u * blockDim.x;
+            if (i < num_vectors) d[i] = v[u];
+        }
+    }
+  }
+}
+"""
+THREADS = 512
+UNROLL = 4
+# Thread blocks per launch, each looping over chunks: enough reads in flight to fill PCIe,
+# while leaving most SMs to the forward that overlaps the copy (a grid of one block per
+# chunk would hold every SM and push the forward's kernels behind the copies).
+GRID = 64
+ALIGN = 16
+
+
+@functools.cache
+def _kernel(unroll: int = UNROLL) -> Any:
+    import cupy
+
+    return cupy.RawKernel(_SOURCE, "copy_chunks", options=(f"-DUNROLL={unroll}",))
+
+
+@functools.cache
+def available() -> bool:
+    """CUDA and CuPy are there and the kernel compiles."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        _kernel().compile()
+    except Exception:
+        return False
+    return True
+
+
+def address(view: Any) -> int:
+    """The address of a store view: a numpy array (host) or a tensor (device)."""
+    return int(view.ctypes.data) if hasattr(view, "ctypes") else int(view.data_ptr())
+
+
+class LayerCopier:
+    """Launches the per-layer copies of ``n`` blocks into ``pages`` of ``cache``."""
+
+    def __init__(self, cache: PagedKVCache, block_addresses: list[int], pages: list[int],
+                 layer_bytes: int, kv_bytes: int, *, threads: int = THREADS,
+                 unroll: int = UNROLL, grid: int = GRID) -> None:
+        if kv_bytes % ALIGN or layer_bytes % ALIGN or any(a % ALIGN for a in block_addresses):
+            raise ValueError("UVA copies need 16-byte aligned blocks and sizes")
+        self.cache = cache
+        self.kv_bytes = kv_bytes
+        self.threads = threads
+        self.unroll = unroll
+        self.grid = grid
+        device = cache.device
+        num_layers = len(cache.kv)
+        blocks = torch.tensor(block_addresses, dtype=torch.int64)
+        halves = torch.tensor([0, kv_bytes], dtype=torch.int64)
+        layers = torch.arange(num_layers, dtype=torch.int64) * layer_bytes
+        # [layer, block, half] -> address; flattened per layer: one kernel's pointer table
+        src = blocks[None, :, None] + layers[:, None, None] + halves[None, None, :]
+        page = torch.tensor(pages, dtype=torch.int64)
+        bases = torch.tensor([kv.data_ptr() for kv in cache.kv], dtype=torch.int64)
+        num_pages = cache.num_pages
+        dst = (bases[:, None, None]
+               + (halves[None, None, :] // kv_bytes * num_pages + page[None, :, None])
+               * kv_bytes)
+        self._src = src.reshape(num_layers, -1).to(device)
+        self._dst = dst.reshape(num_layers, -1).to(device)
+        self.num_chunks = self._src.shape[1]
+        self.stream = torch.cuda.Stream(device=device)
+        self.events: list[torch.cuda.Event] = []
+
+    def launch(self) -> None:
+        """Queue every layer's copy on the side stream, an event after each."""
+        import cupy
+        import numpy as np
+
+        kernel = _kernel(self.unroll)
+        # The pointer tables were uploaded on the current stream: copies wait for them.
+        self.stream.wait_stream(torch.cuda.current_stream(self.cache.device))
+        with warnings.catch_warnings():  # newer CuPy deprecates the pointer form
+            warnings.simplefilter("ignore", DeprecationWarning)
+            external = cupy.cuda.ExternalStream(self.stream.cuda_stream)
+        with external:
+            for layer in range(self._src.shape[0]):
+                kernel((min(self.grid, self.num_chunks),), (self.threads,),
+                       (np.uint64(self._src[layer].data_ptr()),
+                        np.uint64(self._dst[layer].data_ptr()),
+                        np.int64(self.num_chunks), np.int64(self.kv_bytes // ALIGN)))
+                event = torch.cuda.Event()
+                event.record(self.stream)
+                self.events.append(event)
+
+    def wait(self, layer: int) -> None:
+        """Make the current stream wait for ``layer``'s copy (no host sync)."""
+        torch.cuda.current_stream(self.cache.device).wait_event(self.events[layer])
+
+    def synchronize(self) -> None:
+        """Block the host until every copy is done (before the sources may go)."""
+        if self.events:
+            self.events[-1].synchronize()
