@@ -32,6 +32,22 @@ def test_demo_json_serves_every_turn_and_matches_the_reference(tmp_path):
     assert report["store_stats"]["checksum_failures"] == 0
 
 
+def test_demo_through_a_daemon(tmp_path):
+    from tests.daemon.conftest import DaemonProcess
+
+    daemon = DaemonProcess(tmp_path, "--dram", "64MiB").start()
+    try:
+        result = kvstore("demo", "--json", "--preset", "tiny", "--users", "2", "--turns", "2",
+                         "--max-new-tokens", "4", "--interval", "0", "--url", daemon.url)
+    finally:
+        daemon.stop()
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["store"] == daemon.url and report["summary"]["requests"] == 4
+    assert report["summary"]["all_disaggregated_matched"]
+    assert report["summary"]["cached_tokens"] > 0
+
+
 def test_later_subcommands_say_not_yet():
     for name in ("hitrate", "stats", "size"):
         result = kvstore(name)

@@ -233,6 +233,17 @@ def test_engines_in_separate_processes_through_a_daemon(model, tmp_path):
                                    first_token=firsts[2]["first_token"])
             assert done.num_cached_tokens == 0
             assert done.output == model.generate(prompt, 10)
+            # It comes back empty on the same port: both engines reconnect by themselves.
+            restarted = DaemonProcess(tmp_path, "--dram", "64MiB", port=daemon.port).start()
+            try:
+                again = ask(prefill, {"prompt": prompt, "max_new_tokens": 10})
+                assert again["num_cached_tokens"] == 0 and again["num_published_blocks"] == 6
+                done = decode.generate(prompt, SamplingParams(max_new_tokens=10),
+                                       first_token=again["first_token"])
+                assert done.num_cached_tokens == 96
+                assert done.output == model.generate(prompt, 10)
+            finally:
+                restarted.stop()
     finally:
         prefill.kill()
         prefill.wait()

@@ -478,3 +478,30 @@ def test_smollm2_dequantization_against_ggml_definition(smollm2_file: str, smoll
         raw = np.asarray(raw_file[info.file_offset_bytes:info.file_offset_bytes + info.num_bytes])
         expected = _q4_1_reference(raw, info.shape)
         assert torch.equal(weights[hf_name], torch.from_numpy(expected)), hf_name
+
+
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers(smollm2, hf_smollm2) -> None:
+    """Our model and transformers', each loaded from the same GGUF: prefill, then decode
+    steps through our paged cache against transformers' own cache."""
+    from engines.model import LlamaModel
+    from engines.paged_cache import SequenceKV
+
+    config, weights = smollm2
+    ours = LlamaModel.from_state_dict(config, weights)
+    tokens = torch.randint(0, config.vocab_size, (1, 40),
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = hf_smollm2(tokens[:, :36], use_cache=True)
+        want = [out.logits[0]]
+        past = out.past_key_values
+        for t in range(36, 40):
+            out = hf_smollm2(tokens[:, t:t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            want.append(out.logits[0])
+    cache = ours.new_cache(num_pages=3)
+    seq = SequenceKV()
+    cache.reserve(seq, 40)
+    got = [ours.forward(cache, [(seq, tokens[0, :36].tolist())], all_logits=True)]
+    got += [ours.forward(cache, [(seq, [t])], all_logits=True) for t in tokens[0, 36:].tolist()]
+    torch.testing.assert_close(torch.cat(got), torch.cat(want), rtol=0, atol=1e-3)
