@@ -165,7 +165,9 @@ def bench_ttft(model: LlamaModel, twin: Any, length: int, tail: int, repeats: in
     runs: dict[str, list[float]] = {"cold": [], "cached": [], "ideal": [], "fetch": []}
     for repeat in range(repeats + 1):  # run 0 warms up
         prompt = tokens(length, model.config.vocab_size, 1000 + repeat)
-        config = kvstore.StoreConfig(dram_bytes=max(kv_bytes * (length // block + 8), 64 << 20),
+        # Room for every block with slack for the allocator's size classes: nothing may
+        # be evicted, or the cached run would compute more than its tail.
+        config = kvstore.StoreConfig(dram_bytes=2 * kv_bytes * (length // block + 8) + (64 << 20),
                                      hbm_bytes=0, max_value_bytes=kv_bytes)
         with kvstore.Store(config) as store, \
                 PrefillEngine(model, store, num_pages=length // block + 2) as engine:
@@ -227,14 +229,14 @@ def main(argv: list[str] | None = None) -> int:
                            "device": args.device, "dtype": str(model.dtype),
                            "torch_threads": torch.get_num_threads(),
                            "machine": machine_info(None), "prefill": [], "ttft": []}
-    for length in map(int, args.prefill_tokens.split(",")):
+    for length in [int(n) for n in args.prefill_tokens.split(",") if n]:
         log(f"prefill {length}")
         doc["prefill"].append(bench_prefill(model, twin, length, args.repeats))
     log(f"decode {args.decode_tokens} after {args.decode_prompt}")
     doc["decode"] = bench_decode(model, twin, args.decode_prompt, args.decode_tokens,
                                  args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
-        for length in map(int, args.ttft_tokens.split(",")):
+        for length in [int(n) for n in args.ttft_tokens.split(",") if n]:
             log(f"ttft {length}")
             doc["ttft"].append(bench_ttft(model, twin, length, args.tail_tokens, args.repeats,
                                           tmp))

@@ -8,9 +8,11 @@ the store's HBM, DRAM (pinned) or NVMe tier (`PrefillEngine`, `llama3-8b` preset
              (the last block is recomputed: a token must run to give logits)
     raw      one cudaMemcpy of the same KV bytes from a pinned host buffer (the PCIe limit)
 
-Reports TTFT per tier, cold / cached, and the KV load bandwidth (bytes fetched over the
-fetch time) beside the raw copy bandwidth measured in the same run. Target (issue 4): at
-least 10x at 8K tokens from DRAM. Medians of ``--repeats`` runs; JSON on stdout.
+Reports TTFT per tier, cold / cached, and a lower bound of the KV load bandwidth (bytes
+loaded over the whole cached TTFT: on a GPU the load overlaps the forward) beside the raw
+copy bandwidth measured in the same run (`uva_copy_bench.py` times the copy kernel
+alone). Target (issue 4): at least 10x at 8K tokens from DRAM. Medians of ``--repeats``
+runs; JSON on stdout.
 """
 
 from __future__ import annotations
@@ -92,8 +94,7 @@ def bench_length(model: LlamaModel, length: int, tiers: list[str], repeats: int,
     entry["raw_copy_gbps"] = raw_copy_gbps(kv_bytes, repeats)
     for tier in tiers:
         log(f"  {length} tokens from {tier}")
-        runs: dict[str, list[float]] = {"ttft": [], "fetch": [], "compute": [],
-                                        "load_gbps": []}
+        runs: dict[str, list[float]] = {"ttft": [], "fetch": [], "compute": []}
         prompt = prompt_of(model, length, 20_000 + length)
         with kvstore.Store(store_config(tier, kv_bytes, layout.block_bytes, nvme_dir)) as store, \
                 PrefillEngine(model, store, num_pages=num_pages) as engine:
@@ -107,14 +108,17 @@ def bench_length(model: LlamaModel, length: int, tiers: list[str], repeats: int,
                 runs["ttft"].append(result.ttft_s)
                 runs["fetch"].append(result.fetch_s)
                 runs["compute"].append(result.compute_s)
-                runs["load_gbps"].append(kv_bytes / result.fetch_s / 1e9)
         ttft = statistics.median(runs["ttft"][1:])
-        load = statistics.median(runs["load_gbps"][1:])
+        # On a GPU the copies run during the forward (fetch_s is only their launch), so the
+        # load's own time is not separable: bytes over the whole cached TTFT is a lower
+        # bound on the bandwidth the load reached.
+        load = kv_bytes / ttft / 1e9
         entry[tier] = {"tier_holding_blocks": holds, "cached_ttft_s": ttft,
                        "fetch_s": statistics.median(runs["fetch"][1:]),
                        "compute_s": statistics.median(runs["compute"][1:]),
                        "cold_over_cached": entry["cold_ttft_s"] / ttft,
-                       "kv_load_gbps": load, "load_over_raw": load / entry["raw_copy_gbps"]}
+                       "kv_load_gbps_lower_bound": load,
+                       "load_over_raw_lower_bound": load / entry["raw_copy_gbps"]}
     if length == 8192 and "dram" in entry:
         ratio = entry["dram"]["cold_over_cached"]
         entry["target"] = {"cold_over_cached_dram": TARGET_RATIO_8K_DRAM,

