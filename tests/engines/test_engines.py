@@ -15,11 +15,11 @@ import torch
 import kvstore
 from engines.decode import DecodeEngine
 from engines.kv_io import CacheFullError
-from engines.paged_cache import SequenceKV
 from engines.prefill import PrefillEngine
 from engines.presets import load_model
 from engines.sampling import SamplingParams
 from tests.daemon.conftest import REPO, DaemonProcess
+from tests.engines.conftest import assert_fetched_kv_equals_recomputed
 
 BLOCK = 16
 
@@ -81,23 +81,8 @@ def test_shared_prefix_is_fetched_not_recomputed(model):
 
 
 def test_fetched_kv_equals_recomputed_per_layer(model):
-    prompt = prompt_of(75, seed=6)
-    with dram_store() as store, PrefillEngine(model, store, num_pages=64) as prefill, \
-            DecodeEngine(model, store, num_pages=64) as decode:
-        prefill.prefill(prompt)
-        seq = SequenceKV()
-        decode.cache.reserve(seq, 75)
-        load = decode.io.fetch(decode.io.keys(prompt), seq)
-        load.wait_all()
-        assert load.num_blocks == 4
-        ref_cache = model.new_cache(num_pages=5, page_tokens=BLOCK)
-        ref = SequenceKV()
-        ref_cache.reserve(ref, 75)
-        model.forward(ref_cache, [(ref, prompt)])
-        for layer in range(model.config.num_layers):
-            got_k, got_v = decode.cache.gather(layer, decode.cache.plan(seq, 64), 64)
-            want_k, want_v = ref_cache.gather(layer, ref_cache.plan(ref, 64), 64)
-            assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), layer
+    with dram_store() as store:
+        assert assert_fetched_kv_equals_recomputed(model, store, prompt_of(75, seed=6)) == 4
 
 
 class LosesBlockAfterMatch:

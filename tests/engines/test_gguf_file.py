@@ -17,7 +17,6 @@ from engines.gguf_file import (
     llama3_frequency_factors,
     load_gguf,
     read_gguf_header,
-    smollm2_gguf_path,
     unpermute_rotary_rows,
 )
 
@@ -360,14 +359,6 @@ def test_smollm2_path_error_names_the_install(monkeypatch: pytest.MonkeyPatch) -
 
 
 # --------------------------------------------------------------------------- SmolLM2
-
-
-@pytest.fixture(scope="module")
-def smollm2_file() -> str:
-    try:
-        return smollm2_gguf_path()
-    except ModelLoadError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")

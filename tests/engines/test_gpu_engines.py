@@ -7,11 +7,11 @@ import torch
 
 import kvstore
 from engines.decode import DecodeEngine
-from engines.paged_cache import SequenceKV
 from engines.prefill import PrefillEngine
 from engines.presets import load_model
 from engines.sampling import SamplingParams
 from tests.daemon.conftest import DaemonProcess
+from tests.engines.conftest import assert_fetched_kv_equals_recomputed
 
 pytestmark = pytest.mark.gpu
 
@@ -42,23 +42,8 @@ def test_disaggregated_on_gpu_equals_reference(model, tier):
 
 
 def test_fetched_kv_on_gpu_equals_recomputed(model):
-    prompt = prompt_of(100, 3)
-    with kvstore.Store(kvstore.StoreConfig(dram_bytes="64MiB", hbm_bytes=0)) as store, \
-            PrefillEngine(model, store, num_pages=64) as prefill, \
-            DecodeEngine(model, store, num_pages=64) as decode:
-        prefill.prefill(prompt)
-        seq = SequenceKV()
-        decode.cache.reserve(seq, 100)
-        load = decode.io.fetch(decode.io.keys(prompt), seq)
-        load.wait_all()
-        ref_cache = model.new_cache(num_pages=7)
-        ref = SequenceKV()
-        ref_cache.reserve(ref, 100)
-        model.forward(ref_cache, [(ref, prompt)])
-        for layer in range(model.config.num_layers):
-            got = decode.cache.gather(layer, decode.cache.plan(seq, 96), 96)
-            want = ref_cache.gather(layer, ref_cache.plan(ref, 96), 96)
-            assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    with kvstore.Store(kvstore.StoreConfig(dram_bytes="64MiB", hbm_bytes=0)) as store:
+        assert assert_fetched_kv_equals_recomputed(model, store, prompt_of(100, 3)) == 6
 
 
 def test_gpu_engines_through_a_daemon(model, tmp_path):

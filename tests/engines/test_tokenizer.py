@@ -12,7 +12,6 @@ from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import pre_tokenizers
 
 from engines.config import ModelLoadError
-from engines.gguf_file import smollm2_gguf_path
 from engines.tokenizer import ChatMLTemplate, Tokenizer
 
 # nothing here may reach a model hub; transformers reads this when it is imported
@@ -44,14 +43,6 @@ TEXTS = [
 # GGUF converter has no "smollm" entry and falls back to plain GPT-2 splitting, giving
 # "a" " " " 1" -> "a" " " " " "1" (there is no " 1" token): it differs on exactly these.
 SPACES_BEFORE_DIGITS = ["a  1", "x   123 y", "year:    2024", "\n\n  7"]
-
-
-@pytest.fixture(scope="module")
-def smollm2_file() -> str:
-    try:
-        return smollm2_gguf_path()
-    except ModelLoadError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")
