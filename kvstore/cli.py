@@ -2,7 +2,9 @@
 
 - ``kvstore demo``: multi-turn chat through a prefill and a decode engine around a store
   (it lives in `engines.demo`; see below).
-- ``kvstore hitrate``, ``kvstore stats``, ``kvstore size``: later issues (5).
+- ``kvstore hitrate``: replay request traces through the store's index and policies
+  (`kvstore.hitrate_cli`); library code, so registered here, not as a plugin.
+- ``kvstore stats``, ``kvstore size``: later issues (5).
 
 Subcommands outside the library plug in through the ``kvstore.commands`` entry point
 group: each entry is a ``register(subparsers)`` function that adds its parser and sets
@@ -17,10 +19,9 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 
-from kvstore import __version__
+from kvstore import __version__, hitrate_cli
 
 LATER = {
-    "hitrate": "replay request traces and report the hit rate a cache size buys (issue 5)",
     "stats": "live view of a running kvstored (issue 5)",
     "size": "KV sizing arithmetic for a model and a link (issue 5)",
 }
@@ -35,6 +36,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     parser.add_argument("--version", action="version", version=f"kvstore {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
+    hitrate_cli.register(commands)
     broken: dict[str, str] = {}
     for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
         try:

@@ -1,0 +1,325 @@
+"""``kvstore hitrate TRACE [TRACE...]``: what hit rate a cache of given tiers buys.
+
+Capacities are tokens (``3M``, ``500k``, ``2000000``) or bytes (a unit with a ``B``:
+``80GiB``, ``512MB``), bytes converted with ``--kv-bytes-per-token`` or ``--model``.
+Every run reports, beside each policy's replay, the infinite-capacity bound and Belady at
+the total capacity. ``--sweep`` replaces ``--hbm`` by each of its values in turn (the
+other tiers stay as given), one process per run where there is more than one core.
+
+Exit codes: 0 done; 2 bad arguments or a bad trace (a message names what and where).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvstore.errors import ConfigError
+from kvstore.hitrate import (
+    Progress,
+    ReplayConfig,
+    belady,
+    infinite_bound,
+    replay,
+)
+from kvstore.policy import EvictionPolicy
+from kvstore.traces import Trace, TraceFormat, read_traces
+from kvstore.units import parse_size
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2  # fp16/bf16 KV
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+
+# The shapes of engines' presets (engines/presets.py; SmolLM2-135M from its config), copied
+# because kvstore never imports engines.
+MODEL_SHAPES = {
+    "tiny": ModelShape(num_layers=4, num_kv_heads=2, head_dim=32),
+    "smollm2-135m": ModelShape(num_layers=30, num_kv_heads=3, head_dim=64),
+    "llama3-8b": ModelShape(num_layers=32, num_kv_heads=8, head_dim=128),
+}
+TIERS = ("hbm", "dram", "nvme")
+
+
+def register(commands: Any) -> None:
+    p = commands.add_parser(
+        "hitrate", help="replay request traces and report the hit rate a cache size buys",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("traces", nargs="+", metavar="TRACE", type=Path)
+    p.add_argument("--format", choices=[f.value for f in TraceFormat],
+                   help="trace format (default: detected from the first valid line)")
+    p.add_argument("--block-tokens", type=int, help="tokens per block (default 512; "
+                   "Mooncake traces fix it)")
+    for tier in TIERS:
+        p.add_argument(f"--{tier}", default="0", metavar="SIZE",
+                       help=f"{tier.upper()} capacity: tokens (3M) or bytes (80GiB)")
+    p.add_argument("--kv-bytes-per-token", type=int, metavar="N")
+    p.add_argument("--model", metavar="PRESET",
+                   help=f"KV bytes per token of a preset: {', '.join(MODEL_SHAPES)}")
+    p.add_argument("--policy", default=",".join(e.value for e in EvictionPolicy),
+                   help="eviction policies, comma-separated (default: all: "
+                        f"{', '.join(e.value for e in EvictionPolicy)})")
+    p.add_argument("--no-promote", action="store_true",
+                   help="do not copy hits in slower tiers up to the fastest")
+    p.add_argument("--window", type=float, metavar="SECONDS",
+                   help="also report the hit rate per window of trace time")
+    p.add_argument("--sweep", metavar="SIZES", help="HBM capacities to sweep: 1M,3M,10M")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="with --sweep: plot hit rate vs capacity (needs matplotlib)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip (and count) malformed lines instead of stopping")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.set_defaults(run=run)
+
+
+# -- arguments --------------------------------------------------------------------------------
+
+
+def kv_bytes_per_token(args: argparse.Namespace) -> int | None:
+    if args.model is not None:
+        shape = MODEL_SHAPES.get(args.model)
+        if shape is None:
+            raise ConfigError(f"unknown --model {args.model!r}; presets: "
+                              f"{', '.join(MODEL_SHAPES)}")
+        return shape.kv_bytes_per_token
+    if args.kv_bytes_per_token is not None and args.kv_bytes_per_token <= 0:
+        raise ConfigError(f"--kv-bytes-per-token must be positive, got "
+                          f"{args.kv_bytes_per_token}")
+    return args.kv_bytes_per_token
+
+
+def capacity_tokens(value: str, what: str, bytes_per_token: int | None) -> int:
+    """Tokens from ``3M`` (tokens) or ``80GiB`` (bytes, converted)."""
+    text = value.strip()
+    if text.startswith("-"):
+        raise ConfigError(f"{what} must not be negative, got {value!r}")
+    size = parse_size(text, what=what)
+    if "b" not in text.lower():
+        return size
+    if bytes_per_token is None:
+        raise ConfigError(f"{what} {value!r} is in bytes: give --kv-bytes-per-token N or "
+                          f"--model PRESET ({', '.join(MODEL_SHAPES)}), or write tokens (3M)")
+    return size // bytes_per_token
+
+
+def policies(text: str) -> list[EvictionPolicy]:
+    out = []
+    for name in text.split(","):
+        try:
+            out.append(EvictionPolicy(name.strip()))
+        except ValueError:
+            raise ConfigError(f"unknown --policy {name.strip()!r}; choose from "
+                              f"{', '.join(e.value for e in EvictionPolicy)}") from None
+    return out
+
+
+# -- runs (module level so that worker processes can run them) -----------------------------------
+
+_TRACE: Trace | None = None  # set before forking workers, inherited by them
+
+
+def _job(job: tuple[str, tuple[int, ...], bool, float | None]) -> dict[str, Any]:
+    name, capacity_blocks, promote, window_s = job
+    assert _TRACE is not None, "the trace is set before the jobs run"
+    if name == "belady":
+        result = belady(_TRACE, sum(capacity_blocks), window_s)
+    else:
+        config = ReplayConfig(capacity_blocks, TIERS, EvictionPolicy(name), promote, window_s)
+        result = replay(_TRACE, config)
+    return result.to_dict()
+
+
+def run_jobs(trace: Trace, jobs: list[tuple[str, tuple[int, ...], bool, float | None]],
+             progress: Progress | None) -> list[dict[str, Any]]:
+    global _TRACE
+    _TRACE = trace
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        results = []
+        for i, job in enumerate(jobs):
+            results.append(_job(job))
+            if progress:
+                progress(i + 1)
+        return results
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        results_by_index: dict[int, dict[str, Any]] = {}
+        pending = {i: pool.apply_async(_job, (job,)) for i, job in enumerate(jobs)}
+        while pending:
+            for i in [i for i, r in pending.items() if r.ready()]:
+                results_by_index[i] = pending.pop(i).get()
+            if progress:
+                progress(len(results_by_index))
+            if pending:
+                time.sleep(0.05)
+        return [results_by_index[i] for i in range(len(jobs))]
+
+
+class LazyProgress:
+    """A rich progress bar on stderr that appears only once a run passes a second."""
+
+    def __init__(self, total: int, what: str, enabled: bool) -> None:
+        self.total, self.what, self.enabled = total, what, enabled
+        self.started_s = time.monotonic()
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __call__(self, done: int) -> None:
+        if not self.enabled:
+            return
+        if self._bar is None:
+            if time.monotonic() - self.started_s < 1.0:
+                return
+            from rich.console import Console
+            from rich.progress import Progress as Bar
+
+            self._bar = Bar(console=Console(stderr=True), transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(self.what, total=self.total)
+        self._bar.update(self._task, completed=done)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    bpt = kv_bytes_per_token(args)
+    kinds = policies(args.policy)
+    capacities = {t: capacity_tokens(getattr(args, t), f"--{t}", bpt) for t in TIERS}
+    sweep = ([capacity_tokens(v, "--sweep", bpt) for v in args.sweep.split(",")]
+             if args.sweep else None)
+    if args.plot is not None and sweep is None:
+        raise ConfigError("--plot needs --sweep")
+    if sweep is None and not any(capacities.values()):
+        raise ConfigError("give a capacity: --hbm, --dram, --nvme (e.g. --hbm 3M) or --sweep")
+    if args.window is not None and args.window <= 0:
+        raise ConfigError(f"--window must be positive, got {args.window}")
+    fmt = TraceFormat(args.format) if args.format else None
+    trace = read_traces(list(args.traces), fmt=fmt, block_tokens=args.block_tokens,
+                        skip_bad=args.skip_bad)
+    if not len(trace):
+        raise ConfigError("the trace holds no requests")
+    bt = trace.block_tokens
+    show_bar = not args.json and sys.stderr.isatty()
+    bound = infinite_bound(trace, args.window).to_dict()
+    header = {"requests": len(trace), "accesses": trace.num_accesses,
+              "input_tokens": trace.total_input_tokens, "block_tokens": bt,
+              "bad_lines_skipped": trace.num_bad_lines, "infinite": bound}
+    points = sweep if sweep is not None else [capacities["hbm"]]
+    jobs = []
+    for hbm in points:
+        blocks = tuple(c // bt for c in (hbm, capacities["dram"], capacities["nvme"]))
+        if not any(blocks):
+            raise ConfigError(f"a capacity of {hbm} tokens holds no {bt}-token block")
+        jobs += [(k.value, blocks, not args.no_promote, args.window) for k in kinds]
+        jobs.append(("belady", blocks, True, args.window))
+    started = time.perf_counter()
+    bar = LazyProgress(len(jobs), "replaying", show_bar)
+    try:
+        results = run_jobs(trace, jobs, bar)  # at least a policy and belady
+    finally:
+        bar.close()
+    elapsed_s = time.perf_counter() - started
+    per_point = len(kinds) + 1
+    rows = []
+    for i, hbm in enumerate(points):
+        chunk = results[i * per_point:(i + 1) * per_point]
+        row = {"capacity_tokens": {"hbm": hbm, "dram": capacities["dram"],
+                                   "nvme": capacities["nvme"]},
+               "total_capacity_tokens": hbm + capacities["dram"] + capacities["nvme"],
+               "policies": {k.value: r for k, r in zip(kinds, chunk, strict=False)},
+               "belady": chunk[-1]}
+        rows.append(row)
+    doc = {**header, "replay_s": elapsed_s, "runs": rows}
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print_report(doc, kinds, sweep is not None)
+    if args.plot is not None:
+        plot(doc, kinds, args.plot)
+    return 0
+
+
+def print_report(doc: dict[str, Any], kinds: list[EvictionPolicy], is_sweep: bool) -> None:
+    print(f"{doc['requests']} requests, {doc['accesses']} block accesses of "
+          f"{doc['block_tokens']} tokens, {doc['input_tokens']} input tokens"
+          + (f", {doc['bad_lines_skipped']} bad lines skipped" if doc["bad_lines_skipped"]
+             else ""))
+    print(f"infinite-capacity bound: {doc['infinite']['hit_rate']:.2%}")
+    if is_sweep:
+        names = [k.value for k in kinds] + ["belady"]
+        print(f"{'capacity (tokens)':>18}" + "".join(f"{n:>10}" for n in names)
+              + f"{'infinite':>10}")
+        for row in doc["runs"]:
+            rates = [row["policies"][k.value]["hit_rate"] for k in kinds]
+            rates.append(row["belady"]["hit_rate"])
+            print(f"{row['total_capacity_tokens']:>18,}" + "".join(f"{r:>10.2%}" for r in rates)
+                  + f"{doc['infinite']['hit_rate']:>10.2%}")
+        return
+    row = doc["runs"][0]
+    caps = ", ".join(f"{t} {c:,}" for t, c in row["capacity_tokens"].items() if c)
+    print(f"capacity (tokens): {caps}")
+    for name, r in row["policies"].items():
+        tiers = ", ".join(f"{t} {n:,}" for t, n in r["hit_tokens_per_tier"].items())
+        print(f"{name}: hit rate {r['hit_rate']:.2%} (hit tokens: {tiers}); "
+              f"{r['evictions']:,} evictions, {r['demotions']:,} demotions, "
+              f"{r['promotions']:,} promotions")
+    print(f"belady at {row['total_capacity_tokens']:,} tokens: "
+          f"{row['belady']['hit_rate']:.2%}")
+    first = next(iter(row["policies"].values()))
+    if "windows" in first:
+        print("hit rate per window: start_s " + " ".join(
+            f"{name}" for name in [*row["policies"], "belady", "infinite"]))
+        series = [*(r["windows"] for r in row["policies"].values()), row["belady"]["windows"],
+                  doc["infinite"]["windows"]]
+        for w, base in enumerate(series[-1]):
+            rates = " ".join(f"{s[w]['hit_rate']:.2%}" if w < len(s) else "-" for s in series)
+            print(f"  {base['start_s']:>9.0f} {rates}")
+
+
+def plot(doc: dict[str, Any], kinds: list[EvictionPolicy], path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [row["total_capacity_tokens"] for row in doc["runs"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k in kinds:
+        ax.plot(xs, [row["policies"][k.value]["hit_rate"] for row in doc["runs"]], "o-",
+                label=k.value)
+    ax.plot(xs, [row["belady"]["hit_rate"] for row in doc["runs"]], "s-", label="belady")
+    ax.axhline(doc["infinite"]["hit_rate"], linestyle="--", color="gray",
+               label="infinite capacity")
+    ax.set_xscale("log")
+    ax.set_xlabel("cache capacity (tokens)")
+    ax.set_ylabel("prefix hit rate (tokens)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise ConfigError(f"--plot {path}: cannot write: {e.strerror or e}") from e
+    finally:
+        plt.close(fig)

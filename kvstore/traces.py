@@ -1,0 +1,187 @@
+"""Request traces for the hit-rate simulator: three JSONL formats, one in-memory shape.
+
+Formats (one JSON object per line; blank lines are ignored):
+
+- ``mooncake``: Mooncake's published traces,
+  ``{"timestamp": ms, "input_length": n, "hash_ids": [int, ...]}``. Each hash id names a
+  512-token block *and everything before it* (a chained prefix hash); the last block may
+  be partial. The block size is fixed at 512 tokens by the format.
+- ``tokens``: ``{"tokens": [id, ...]}`` with an optional ``"ts"`` (seconds). Keys come
+  from `kvstore.prefix_hashes` at ``--block-tokens``; a trailing partial block gets no key
+  (it is never cached), so it can never be a hit.
+- ``access-log``: what ``kvstored --access-log FILE`` is to write, one line per request:
+  ``{"ts": seconds, "keys": [hex, ...], "input_tokens": n}`` where ``keys`` are the
+  request's 16-byte chained block keys in hex, first block first, and ``input_tokens`` the
+  prompt length (at most ``len(keys) * block_tokens``). Extra fields are ignored, so the
+  daemon may add some (``"namespace"``, ``"hit_blocks"``) without breaking readers.
+
+Invariants of a `Trace`:
+- ``keys[i]`` are request ``i``'s block keys, first block first, each chained to the ones
+  before it, so ``keys[i][j - 1]`` is the parent of ``keys[i][j]``.
+- ``input_tokens[i] > 0``, and ``timestamps_s`` never decreases across files: a file's
+  timestamps are shifted to start where the previous file ended.
+- Keys are ``bytes`` (Mooncake's integer ids become 8 little-endian bytes), the key type
+  the index holds.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvstore.errors import KVStoreError
+from kvstore.keys import prefix_hashes
+
+MOONCAKE_BLOCK_TOKENS = 512
+TOKENS_NAMESPACE = "kvstore-hitrate"
+
+
+class TraceFormat(enum.Enum):
+    MOONCAKE = "mooncake"
+    TOKENS = "tokens"
+    ACCESS_LOG = "access-log"
+
+
+class TraceError(KVStoreError, ValueError):
+    """A trace cannot be read: unknown format, a malformed line (file and line named)."""
+
+
+@dataclass
+class Trace:
+    """Requests in replay order; see the module docstring for the invariants."""
+
+    block_tokens: int
+    timestamps_s: list[float] = field(default_factory=list)
+    input_tokens: list[int] = field(default_factory=list)
+    keys: list[list[bytes]] = field(default_factory=list)
+    num_bad_lines: int = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_accesses(self) -> int:
+        return sum(len(k) for k in self.keys)
+
+    @property
+    def total_input_tokens(self) -> int:
+        return sum(self.input_tokens)
+
+
+def detect_format(obj: Any) -> TraceFormat | None:
+    """The format a parsed line belongs to, or None if it matches none."""
+    if not isinstance(obj, dict):
+        return None
+    if "hash_ids" in obj:
+        return TraceFormat.MOONCAKE
+    if "tokens" in obj:
+        return TraceFormat.TOKENS
+    if "keys" in obj:
+        return TraceFormat.ACCESS_LOG
+    return None
+
+
+def _parse_line(fmt: TraceFormat, obj: Any, block_tokens: int
+                ) -> tuple[float | None, int, list[bytes]]:
+    """``(timestamp_s or None, input_tokens, keys)`` of one request; ValueError if bad."""
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    if fmt is TraceFormat.MOONCAKE:
+        ids, length = obj["hash_ids"], obj["input_length"]
+        if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
+            raise ValueError("hash_ids must be a list of non-negative ints")
+        if type(length) is not int or length <= 0:
+            raise ValueError("input_length must be a positive int")
+        if length > len(ids) * block_tokens:
+            raise ValueError(f"input_length {length} exceeds {len(ids)} blocks of "
+                             f"{block_tokens} tokens")
+        ts = obj.get("timestamp")
+        return (None if ts is None else float(ts) / 1000.0, length,
+                [i.to_bytes(8, "little") for i in ids])
+    if fmt is TraceFormat.TOKENS:
+        tokens = obj["tokens"]
+        if not isinstance(tokens, list) or not tokens:
+            raise ValueError("tokens must be a non-empty list of token ids")
+        keys = prefix_hashes(tokens, block_tokens=block_tokens, namespace=TOKENS_NAMESPACE)
+        ts = obj.get("ts")
+        return None if ts is None else float(ts), len(tokens), list(keys)
+    hex_keys, length = obj["keys"], obj["input_tokens"]
+    if not isinstance(hex_keys, list):
+        raise ValueError("keys must be a list of hex strings")
+    keys = [bytes.fromhex(k) for k in hex_keys]
+    if type(length) is not int or length <= 0 or length > len(keys) * block_tokens:
+        raise ValueError(f"input_tokens must be a positive int of at most "
+                         f"len(keys) * {block_tokens}")
+    ts = obj.get("ts")
+    return None if ts is None else float(ts), length, keys
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    try:
+        with path.open("r", encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    yield number, line
+    except OSError as e:
+        raise TraceError(f"{path}: cannot read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise TraceError(f"{path}: not a UTF-8 text file") from e
+
+
+def sniff_format(path: Path) -> TraceFormat:
+    """The format of the first line of ``path`` that parses as JSON and matches one."""
+    for _, line in _lines(path):
+        try:
+            fmt = detect_format(json.loads(line))
+        except ValueError:
+            continue
+        if fmt is not None:
+            return fmt
+    raise TraceError(f"{path}: cannot tell the trace format (no line looks like "
+                     f"{', '.join(f.value for f in TraceFormat)}); give --format")
+
+
+def read_traces(paths: list[Path], *, fmt: TraceFormat | None = None,
+                block_tokens: int | None = None, skip_bad: bool = False) -> Trace:
+    """Read and concatenate ``paths`` (see the module docstring).
+
+    ``block_tokens`` defaults to 512 (Mooncake's, which that format fixes). A malformed
+    line raises `TraceError` naming file and line, or is counted in ``num_bad_lines`` when
+    ``skip_bad``.
+    """
+    if block_tokens is not None and block_tokens <= 0:
+        raise TraceError(f"--block-tokens must be positive, got {block_tokens}")
+    formats = [fmt or sniff_format(p) for p in paths]
+    if TraceFormat.MOONCAKE in formats:
+        if block_tokens not in (None, MOONCAKE_BLOCK_TOKENS):
+            raise TraceError(f"Mooncake traces fix --block-tokens at {MOONCAKE_BLOCK_TOKENS}; "
+                             f"got {block_tokens}")
+    block_tokens = block_tokens or MOONCAKE_BLOCK_TOKENS
+    trace = Trace(block_tokens)
+    offset_s = 0.0
+    for path, file_fmt in zip(paths, formats, strict=True):
+        first_s: float | None = None
+        last_s = offset_s
+        for number, line in _lines(path):
+            try:
+                ts, length, keys = _parse_line(file_fmt, json.loads(line), block_tokens)
+            except (ValueError, KeyError, TypeError, KVStoreError) as e:
+                if skip_bad:
+                    trace.num_bad_lines += 1
+                    continue
+                what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+                raise TraceError(f"{path}:{number}: not a {file_fmt.value} trace line "
+                                 f"({what}); fix it or pass --skip-bad") from e
+            if ts is not None:
+                if first_s is None:
+                    first_s = ts
+                last_s = max(last_s, offset_s + ts - first_s)  # never goes back in time
+            trace.timestamps_s.append(last_s)
+            trace.input_tokens.append(length)
+            trace.keys.append(keys)
+        offset_s = last_s
+    return trace
