@@ -4,7 +4,8 @@
   (it lives in `engines.demo`; see below).
 - ``kvstore hitrate``: replay request traces through the store's index and policies
   (`kvstore.hitrate_cli`); library code, so registered here, not as a plugin.
-- ``kvstore stats``, ``kvstore size``: later issues (5).
+- ``kvstore size``: KV sizing arithmetic (`kvstore.size_cli`).
+- ``kvstore stats``: later (issue 5).
 
 Subcommands outside the library plug in through the ``kvstore.commands`` entry point
 group: each entry is a ``register(subparsers)`` function that adds its parser and sets
@@ -19,11 +20,10 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 
-from kvstore import __version__, hitrate_cli
+from kvstore import __version__, hitrate_cli, size_cli
 
 LATER = {
     "stats": "live view of a running kvstored (issue 5)",
-    "size": "KV sizing arithmetic for a model and a link (issue 5)",
 }
 PLUGIN_GROUP = "kvstore.commands"
 
@@ -37,6 +37,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     hitrate_cli.register(commands)
+    size_cli.register(commands)
     broken: dict[str, str] = {}
     for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
         try:

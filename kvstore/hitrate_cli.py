@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,30 +28,11 @@ from kvstore.hitrate import (
     infinite_bound,
     replay,
 )
+from kvstore.model_shapes import MODEL_SHAPES, kv_layout
 from kvstore.policy import EvictionPolicy
 from kvstore.traces import Trace, TraceFormat, read_traces
 from kvstore.units import parse_size
 
-
-@dataclass(frozen=True)
-class ModelShape:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype_bytes: int = 2  # fp16/bf16 KV
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
-
-
-# The shapes of engines' presets (engines/presets.py; SmolLM2-135M from its config), copied
-# because kvstore never imports engines.
-MODEL_SHAPES = {
-    "tiny": ModelShape(num_layers=4, num_kv_heads=2, head_dim=32),
-    "smollm2-135m": ModelShape(num_layers=30, num_kv_heads=3, head_dim=64),
-    "llama3-8b": ModelShape(num_layers=32, num_kv_heads=8, head_dim=128),
-}
 TIERS = ("hbm", "dram", "nvme")
 
 
@@ -92,11 +72,11 @@ def register(commands: Any) -> None:
 
 def kv_bytes_per_token(args: argparse.Namespace) -> int | None:
     if args.model is not None:
-        shape = MODEL_SHAPES.get(args.model)
+        shape = (kv_layout(args.model) if args.model in MODEL_SHAPES else None)
         if shape is None:
             raise ConfigError(f"unknown --model {args.model!r}; presets: "
                               f"{', '.join(MODEL_SHAPES)}")
-        return shape.kv_bytes_per_token
+        return shape.bytes_per_token
     if args.kv_bytes_per_token is not None and args.kv_bytes_per_token <= 0:
         raise ConfigError(f"--kv-bytes-per-token must be positive, got "
                           f"{args.kv_bytes_per_token}")

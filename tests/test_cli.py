@@ -49,7 +49,7 @@ def test_demo_through_a_daemon(tmp_path):
 
 
 def test_later_subcommands_say_not_yet():
-    for name in ("stats", "size"):
+    for name in ("stats",):
         result = kvstore(name)
         assert result.returncode == 2 and "not yet" in result.stderr
 
