@@ -9,8 +9,8 @@ safetensors) or a Llama GGUF file:
     llama3-8b      Llama 3 8B's shapes with seeded random weights, bf16 on a GPU: compute
                    does not depend on weight values, so it times like the real model
 
-A GGUF file brings its tokenizer (`engines.tokenizer`); a checkpoint directory loads
-without one (the engines work on token ids; reading tokenizer.json is not built).
+A GGUF file brings its tokenizer (`engines.tokenizer`), and so does a checkpoint
+directory with a byte-level BPE tokenizer.json; without one the model runs on token ids.
 """
 
 from __future__ import annotations
@@ -71,7 +71,12 @@ def load_model(spec: str, *, device: str | torch.device = "cpu",
 
         config, weights = load_hf_checkpoint(path)
         model = LlamaModel.from_state_dict(config, weights, dtype=dtype, device=device)
-        return LoadedModel(model, None)  # engines run on token ids; no tokenizer.json reader
+        tokenizer = None
+        if (path / "tokenizer.json").is_file():
+            from engines.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_hf_dir(path)
+        return LoadedModel(model, tokenizer)
     if path.suffix == ".gguf" or path.is_file():
         return _load_gguf(str(path), None, device, dtype)
     raise ModelLoadError(f"unknown model {spec!r}: give a preset ({', '.join(PRESETS)}), a "

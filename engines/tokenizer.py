@@ -1,4 +1,5 @@
-"""The tokenizer a GGUF file describes (byte-level BPE), on the `tokenizers` library.
+"""The tokenizer a GGUF file (or a checkpoint's tokenizer.json) describes (byte-level BPE),
+on the `tokenizers` library.
 
 Invariants:
 
@@ -221,6 +222,56 @@ class Tokenizer:
             add_bos_token=bool(header.get("tokenizer.ggml.add_bos_token") or False),
             chat_template=(ChatMLTemplate.from_jinja(template_source)
                            if isinstance(template_source, str) else None),
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike) -> Tokenizer:
+        """The tokenizer of a Hugging Face checkpoint directory: ``tokenizer.json`` (a
+        byte-level BPE, as Llama 3's and SmolLM2's are) and ``tokenizer_config.json``
+        (BOS/EOS, ``add_bos_token``, the chat template)."""
+        import json
+
+        directory = os.fspath(path)
+        file = os.path.join(directory, "tokenizer.json")
+        if not os.path.isfile(file):
+            raise ModelLoadError(f"{directory}: no tokenizer.json")
+        try:
+            backend = BackendTokenizer.from_file(file)
+        except Exception as e:  # the tokenizers library raises its own exception type
+            raise ModelLoadError(f"{file}: cannot read it ({e})") from None
+        try:
+            with open(os.path.join(directory, "tokenizer_config.json")) as f:
+                settings = json.load(f)
+        except FileNotFoundError:
+            settings = {}
+        except ValueError as e:
+            raise ModelLoadError(f"{directory}/tokenizer_config.json: {e}") from None
+        if not isinstance(backend.decoder, decoders.ByteLevel):
+            raise ModelLoadError(f"{file}: not a byte-level BPE tokenizer (only those are "
+                                 "supported, as GPT-2, Llama 3 and SmolLM2 use)")
+        size = backend.get_vocab_size(with_added_tokens=True)
+        tokens = [backend.id_to_token(i) or "" for i in range(size)]
+        byte_decoder = _byte_decoder()
+        special = frozenset(
+            i for i, added in backend.get_added_tokens_decoder().items() if added.special)
+
+        def token_id(name: str) -> int | None:
+            value = settings.get(name)
+            if isinstance(value, dict):  # {"content": "<|im_end|>", ...}
+                value = value.get("content")
+            return backend.token_to_id(value) if isinstance(value, str) else None
+
+        eos = [t for t in (token_id("eos_token"), backend.token_to_id("<|im_end|>"),
+                           backend.token_to_id("<|eot_id|>")) if t is not None]
+        template = settings.get("chat_template")
+        return cls(
+            backend,
+            token_bytes=[_token_bytes(token, byte_decoder) for token in tokens],
+            special_ids=special, bos_token_id=token_id("bos_token"),
+            eos_token_ids=tuple(dict.fromkeys(eos)),
+            add_bos_token=bool(settings.get("add_bos_token", False)),
+            chat_template=(ChatMLTemplate.from_jinja(template)
+                           if isinstance(template, str) else None),
         )
 
     @property

@@ -264,3 +264,39 @@ def test_chatml_template_recognition() -> None:
     assert ChatMLTemplate.from_jinja(smollm) == ChatMLTemplate(default_system_prompt="Be nice")
     assert ChatMLTemplate.from_jinja(PLAIN_CHATML + "\n") == ChatMLTemplate()
     assert ChatMLTemplate.from_jinja(PLAIN_CHATML.replace("assistant", "model")) is None
+
+
+# --------------------------------------------------------------------------- tokenizer.json
+
+
+def test_checkpoint_tokenizer_json_equals_the_gguf_one(tokenizer: Tokenizer, smollm2_file: str,
+                                                       tmp_path: Path) -> None:
+    """A checkpoint directory holding SmolLM2's tokenizer as tokenizer.json (the GGUF one,
+    saved) plus a tokenizer_config.json loads to the same ids, text, stream and chat."""
+    import json
+
+    from engines.gguf_file import read_gguf_header
+
+    tokenizer._backend.save(str(tmp_path / "tokenizer.json"))
+    template = read_gguf_header(smollm2_file).get("tokenizer.chat_template")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>"},
+         "add_bos_token": False, "chat_template": template}))
+    loaded = Tokenizer.from_hf_dir(tmp_path)
+    assert loaded.eos_token_ids == tokenizer.eos_token_ids == (2,)
+    assert loaded.bos_token_id == 1 and loaded.vocab_size == tokenizer.vocab_size
+    for text in ["Hello, world!", "x   123 y", "emoji 🙂 and 漢字", "<|im_start|>user\nhi"]:
+        ids = loaded.encode(text)
+        assert ids == tokenizer.encode(text) and loaded.decode(ids) == text
+        stream = loaded.stream_decoder()
+        assert "".join(stream.push(i) for i in ids) + stream.finish() == text
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    assert loaded.apply_chat_template(chat) == tokenizer.apply_chat_template(chat)
+
+
+def test_checkpoint_without_a_usable_tokenizer(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"no tokenizer\.json"):
+        Tokenizer.from_hf_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        Tokenizer.from_hf_dir(tmp_path)
