@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-timeout", type=float, metavar="SECONDS",
                    help="a client that starts a frame must send all of it within this, or "
                         "it is dropped (slow senders; default 30)")
+    p.add_argument("--access-log", metavar="FILE",
+                   help="append one JSON line per request (each match_prefix lookup) to "
+                        "FILE, created with mode 0600: {\"ts\", \"keys\" (hex, as the "
+                        "client sent them), \"input_tokens\" (keys x --block-tokens), "
+                        "\"block_tokens\", \"hit_blocks\", \"namespace\"}; flushed "
+                        "every second and at shutdown. `kvstore hitrate FILE` replays it "
+                        "(default: off)")
+    p.add_argument("--block-tokens", type=int, metavar="N",
+                   help="tokens per block of the clients' keys (the engines' page size), "
+                        "for the token counts of --access-log and of `kvstore stats` "
+                        "(default 16)")
     p.add_argument("--log-format", choices=["text", "json"], help="log lines (default text)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"],
                    help="default INFO: a line per client connect/disconnect and per error")
@@ -166,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
              "redis": args.redis,
              "node-id": args.node_id, "shared-memory": args.shared_memory,
              "lease": args.lease, "drain": args.drain, "workers": args.workers,
-             "log-format": args.log_format, "frame-timeout": args.frame_timeout}
+             "log-format": args.log_format, "frame-timeout": args.frame_timeout,
+             "access-log": args.access_log, "block-tokens": args.block_tokens}
     try:
         config = build(args.config, flags)
         setup_logging(args.log_level, config.log_format)

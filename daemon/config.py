@@ -9,6 +9,8 @@ The TOML file uses the flags' names with dashes or underscores, sizes as in the 
     metrics = "127.0.0.1:9400"
     token-file = "/etc/kvstore/tokens.toml"
     redis = "redis://cache:6379/0"
+    access-log = "/var/log/kvstore/access.jsonl"
+    block-tokens = 16
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ class DaemonConfig:
     workers: int = 8  # threads running store calls (the event loop never blocks on them)
     frame_timeout_s: float = 30.0  # a started frame must arrive whole within this
     log_format: str = "text"  # or "json"
+    access_log: str | None = None  # JSONL of prefix lookups (daemon/access_log.py)
+    # Tokens per block of the clients' keys (the daemon cannot see it): token counts in
+    # the access log and in stats are blocks times this.
+    block_tokens: int = 16
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -70,6 +76,15 @@ class DaemonConfig:
             raise ConfigError("--frame-timeout must be positive")
         if not 1 <= self.workers <= 256:
             raise ConfigError("--workers must be in 1..256")
+        if isinstance(self.block_tokens, bool) or not isinstance(self.block_tokens, int) \
+                or self.block_tokens <= 0:
+            raise ConfigError(f"--block-tokens must be a positive int, got "
+                              f"{self.block_tokens!r}")
+        if self.access_log is not None:
+            parent = Path(self.access_log).parent
+            if not parent.is_dir() or Path(self.access_log).is_dir():
+                raise ConfigError(f"--access-log {self.access_log}: not a file in an "
+                                  "existing directory")
         if self.log_format not in ("text", "json"):
             raise ConfigError("--log-format must be text or json")
         self.store_config("probe")  # the store's own checks, with flag names
@@ -104,6 +119,7 @@ _FIELD_OF_FLAG = {
     "token-file": "token_file", "redis": "redis_url", "node-id": "node_id",
     "shared-memory": "shared_memory", "lease": "lease_s", "drain": "drain_s",
     "workers": "workers", "log-format": "log_format", "frame-timeout": "frame_timeout_s",
+    "access-log": "access_log", "block-tokens": "block_tokens",
 }
 
 

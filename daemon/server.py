@@ -13,7 +13,12 @@ one past ``lease_s`` loses it to the sweeper, and the Store's own pin lease make
 expired pin stop protecting its block, so no slot leaks and no eviction waits forever.
 
 Shutdown (SIGTERM): stop accepting, let requests in flight finish (up to ``drain_s``),
-close the Store (which flushes NVMe), stop metrics and the registry.
+write out the access log, close the Store (which flushes NVMe), stop metrics and the
+registry.
+
+Prefix lookups (`match_prefix`, asked once per engine request) are counted on the loop
+(``stats()["prefix"]``: lookups, blocks queried and hit, and tokens as blocks times
+``config.block_tokens``) and, with ``--access-log``, logged (`daemon.access_log`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from daemon.access_log import AccessLog
 from daemon.config import DaemonConfig
 from daemon.tenants import (
     DEFAULT_NAMESPACE,
@@ -76,6 +82,15 @@ class _Expired:
 
 
 @dataclass
+class _Lookups:
+    """Prefix lookups since start (changed on the loop only, so no lock)."""
+
+    num_lookups: int = 0
+    num_blocks_queried: int = 0
+    num_blocks_hit: int = 0
+
+
+@dataclass
 class Connection:
     peer: str
     tenant: Tenant | None = None
@@ -97,6 +112,9 @@ class Daemon:
                  registry: Any | None = None) -> None:
         self.config = config
         self.tenants = Tenants.load(config.token_file)
+        # Opened before the Store, so that a bad path leaves no shared memory behind.
+        self.access_log = (None if config.access_log is None else
+                           AccessLog(config.access_log, block_tokens=config.block_tokens))
         self.shm_name = f"kvstored-{os.getpid()}-{secrets.token_hex(4)}"
         self.store = Store(config.store_config(self.shm_name))
         self.metrics = metrics
@@ -111,6 +129,8 @@ class Daemon:
         self._closed = False
         self._sweeper: asyncio.Task[None] | None = None
         self.address: tuple[str, int] | None = None
+        self.started_at = time.time()
+        self._lookups = _Lookups()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -119,6 +139,8 @@ class Daemon:
         self._server = await asyncio.start_server(self._serve, host, port, limit=1 << 20)
         self.address = self._server.sockets[0].getsockname()[:2]
         self._sweeper = asyncio.create_task(self._sweep_leases(), name="kvstored-sweeper")
+        if self.access_log is not None:
+            await self.access_log.start()
         pool = self.store.host_pool
         log.info("kvstored listening on %s:%d tiers=%s shm=%s", *self.address,
                  ",".join(self.store.config.tier_names),
@@ -153,6 +175,8 @@ class Daemon:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        if self.access_log is not None:
+            await self.access_log.aclose()  # every lookup answered is in it now
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self.store.close)  # flushes NVMe
         self._executor.shutdown(wait=True)
@@ -367,7 +391,16 @@ class Daemon:
 
     async def _op_match_prefix(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         keys = [conn.scope(k) for k in meta["keys"]]
-        return {"count": await self._run_short(self.store.match_prefix, keys)}, []
+        count = await self._run_short(self.store.match_prefix, keys)
+        if keys and not meta.get("probe"):  # empty lookups and routing probes: no requests
+            lookups = self._lookups
+            lookups.num_lookups += 1
+            lookups.num_blocks_queried += len(keys)
+            lookups.num_blocks_hit += count
+            if self.access_log is not None:
+                self.access_log.record(meta["keys"], hit_blocks=count,
+                                       namespace=conn.namespace)
+        return {"count": count}, []
 
     async def _op_contains(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         return {"present": await self._run_short(self.store.contains,
@@ -386,7 +419,20 @@ class Daemon:
     async def _op_stats(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         stats = await self._run_short(self.store.stats)
         stats["clients"] = len(self._connections)
+        stats["started_at"] = self.started_at
+        stats["uptime_s"] = time.time() - self.started_at
+        stats["prefix"] = self.prefix_stats()
         return {"stats": stats}, []
+
+    def prefix_stats(self) -> dict[str, int]:
+        """Prefix lookups since start; tokens are blocks times ``config.block_tokens``."""
+        lookups, block_tokens = self._lookups, self.config.block_tokens
+        return {"lookups": lookups.num_lookups,
+                "blocks_queried": lookups.num_blocks_queried,
+                "blocks_hit": lookups.num_blocks_hit,
+                "block_tokens": block_tokens,
+                "tokens_queried": lookups.num_blocks_queried * block_tokens,
+                "tokens_hit": lookups.num_blocks_hit * block_tokens}
 
     # -- the shared-memory data plane -------------------------------------------------------------
 

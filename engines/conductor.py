@@ -128,7 +128,7 @@ class Conductor:
 
         best: tuple[float, int, int] | None = None  # (ttft, index, cached blocks)
         for i, p in enumerate(self.prefill):
-            cached_p = usable(p.engine.io.cached_blocks(keys))
+            cached_p = usable(p.engine.io.cached_blocks(keys, probe=True))
             ttft_p = (p.queued_s + cost.fetch_s(cached_p)
                       + cost.prefill_s(n - cached_p * block, n))
             if best is None or ttft_p < best[0]:
@@ -160,7 +160,7 @@ class Conductor:
             need = worker.engine.pages_needed(len(prompt), sampling)
             if need > worker.engine.cache.num_pages:
                 continue
-            cached = worker.engine.io.cached_blocks(keys)
+            cached = worker.engine.io.cached_blocks(keys, probe=True)
             has_room = worker.num_free_pages >= need
             candidates.append((not has_room, worker.num_active, -cached, i, cached))
         if not candidates:

@@ -244,7 +244,9 @@ class DecodeEngine:
             len(request.prompt), request.sampling) * self.block_tokens)
         assert reserved, "admitted without room"
         request.keys = self.io.keys(request.prompt)
-        num_cached = self.io.cached_blocks(request.keys)
+        # A request a prefill engine handed over was already looked up there: this lookup
+        # is part of the same request, so a daemon's access log should not count it again.
+        num_cached = self.io.cached_blocks(request.keys, probe=request.first_token is not None)
         load = self.io.fetch(request.keys[:usable_prefix_blocks(
             num_cached, len(tokens), self.block_tokens)], request.seq)
         request.seq.num_tokens = request.num_cached_tokens = load.num_blocks * self.block_tokens

@@ -74,12 +74,13 @@ class KVBlockIO:
         return prefix_hashes(list(tokens), block_tokens=self.block_tokens,
                              namespace=self.namespace)
 
-    def cached_blocks(self, keys: Sequence[bytes]) -> int:
-        """Leading blocks of ``keys`` the store holds (0 if it cannot be reached)."""
+    def cached_blocks(self, keys: Sequence[bytes], *, probe: bool = False) -> int:
+        """Leading blocks of ``keys`` the store holds (0 if it cannot be reached). ``probe``:
+        a routing question, not a request (a daemon does not log or count it)."""
         if not keys:
             return 0
         try:
-            return self.store.match_prefix(keys)
+            return self.store.match_prefix(keys, probe=probe)
         except KVStoreError as e:
             log.warning("match_prefix failed (%s); computing without the store", e)
             return 0

@@ -5,7 +5,7 @@
 - ``kvstore hitrate``: replay request traces through the store's index and policies
   (`kvstore.hitrate_cli`); library code, so registered here, not as a plugin.
 - ``kvstore size``: KV sizing arithmetic (`kvstore.size_cli`).
-- ``kvstore stats``: later (issue 5).
+- ``kvstore stats URL``: a live view of a running kvstored (`kvstore.stats_cli`).
 
 Subcommands outside the library plug in through the ``kvstore.commands`` entry point
 group: each entry is a ``register(subparsers)`` function that adds its parser and sets
@@ -20,11 +20,8 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 
-from kvstore import __version__, hitrate_cli, size_cli
+from kvstore import __version__, hitrate_cli, size_cli, stats_cli
 
-LATER = {
-    "stats": "live view of a running kvstored (issue 5)",
-}
 PLUGIN_GROUP = "kvstore.commands"
 
 
@@ -38,6 +35,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
     commands.required = True
     hitrate_cli.register(commands)
     size_cli.register(commands)
+    stats_cli.register(commands)
     broken: dict[str, str] = {}
     for entry in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
         try:
@@ -46,18 +44,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
             broken[entry.name] = str(e)
             failed = commands.add_parser(entry.name, help=f"(unavailable: {e})")
             failed.add_argument("args", nargs="*", help=argparse.SUPPRESS)
-    for name, text in LATER.items():
-        later = commands.add_parser(name, help=f"(not yet) {text}", description=text)
-        later.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     return parser, broken
 
 
 def main(argv: list[str] | None = None) -> int:
     parser, broken = build_parser()
     args = parser.parse_args(argv)
-    if args.command in LATER:
-        print(f"kvstore {args.command}: not yet: {LATER[args.command]}", file=sys.stderr)
-        return 2
     if args.command in broken:
         print(f"kvstore {args.command}: cannot load ({broken[args.command]}); install the "
               "engines with: pip install -e '.[engines]'", file=sys.stderr)

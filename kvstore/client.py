@@ -164,9 +164,9 @@ class _Api:
         checked = _split_keys(keys)
         return self._run(lambda s: _Operations.get_many(s, checked))
 
-    def match_prefix(self, keys: Sequence[bytes]) -> Any:
+    def match_prefix(self, keys: Sequence[bytes], *, probe: bool = False) -> Any:
         checked = _split_keys(keys)
-        return self._run(lambda s: _Operations.simple("match_prefix", "keys", checked, "count"))
+        return self._run(lambda s: _Operations.match_prefix(checked, probe))
 
     def contains(self, key: bytes) -> Any:
         key = check_key(key)

@@ -216,6 +216,14 @@ class _Operations:
         meta, _ = yield {"op": op, field: value} if field else {"op": op}, []
         return meta.get(result)
 
+    @staticmethod
+    def match_prefix(keys: list[bytes], probe: bool) -> Operation:
+        request: dict[str, Any] = {"op": "match_prefix", "keys": keys}
+        if probe:
+            request["probe"] = True
+        meta, _ = yield request, []
+        return meta.get("count")
+
 
 def _batches(sizes: list[int], limit: int) -> list[tuple[int, int]]:
     """Cut a put_many into frames of at most ``limit`` data bytes."""

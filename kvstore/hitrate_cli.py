@@ -43,8 +43,8 @@ def register(commands: Any) -> None:
     p.add_argument("traces", nargs="+", metavar="TRACE", type=Path)
     p.add_argument("--format", choices=[f.value for f in TraceFormat],
                    help="trace format (default: detected from the first valid line)")
-    p.add_argument("--block-tokens", type=int, help="tokens per block (default 512; "
-                   "Mooncake traces fix it)")
+    p.add_argument("--block-tokens", type=int, help="tokens per block (default: what "
+                   "access logs declare, else 512; Mooncake traces fix it)")
     for tier in TIERS:
         p.add_argument(f"--{tier}", default="0", metavar="SIZE",
                        help=f"{tier.upper()} capacity: tokens (3M) or bytes (80GiB)")

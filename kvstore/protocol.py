@@ -269,6 +269,8 @@ _OPTIONAL_FIELDS: dict[str, dict[str, Any]] = {
     # commit: keys to bind the slots to (needed for spare slots, reserved with no key), and
     # sizes of spare slots to reserve afterwards for the next puts (one round trip each).
     "commit": {"keys": _bound_keys, "reserve_sizes": _spare_sizes},
+    # match_prefix: a routing probe, not a request (kept out of the access log and stats).
+    "match_prefix": {"probe": _bool},
 }
 
 

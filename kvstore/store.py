@@ -233,8 +233,10 @@ class Store(StoreReads):
         self._tier_hits[t] += hits
         return i
 
-    def match_prefix(self, keys: Sequence[bytes]) -> int:
-        """How many leading keys are held in some tier."""
+    def match_prefix(self, keys: Sequence[bytes], *, probe: bool = False) -> int:
+        """How many leading keys are held in some tier. ``probe`` marks a lookup that is not
+        a request (a router comparing engines): a daemon keeps it out of its access log and
+        lookup counts; here it changes nothing."""
         checked = [check_key(k) for k in keys]
         with self._lock:
             self._check_open()

@@ -9,11 +9,15 @@ Formats (one JSON object per line; blank lines are ignored):
 - ``tokens``: ``{"tokens": [id, ...]}`` with an optional ``"ts"`` (seconds). Keys come
   from `kvstore.prefix_hashes` at ``--block-tokens``; a trailing partial block gets no key
   (it is never cached), so it can never be a hit.
-- ``access-log``: what ``kvstored --access-log FILE`` is to write, one line per request:
-  ``{"ts": seconds, "keys": [hex, ...], "input_tokens": n}`` where ``keys`` are the
-  request's 16-byte chained block keys in hex, first block first, and ``input_tokens`` the
-  prompt length (at most ``len(keys) * block_tokens``). Extra fields are ignored, so the
-  daemon may add some (``"namespace"``, ``"hit_blocks"``) without breaking readers.
+- ``access-log``: what ``kvstored --access-log FILE`` writes, one line per request (each
+  ``match_prefix`` lookup): ``{"ts": seconds, "keys": [hex, ...], "input_tokens": n}``
+  where ``keys`` are the request's 16-byte chained block keys in hex, first block first,
+  and ``input_tokens`` the prompt length (at most ``len(keys) * block_tokens``; the daemon
+  writes exactly that, as it sees only full blocks). An optional ``"block_tokens"`` (the
+  daemon writes its ``--block-tokens``) is the block size the keys were made with: when
+  every file is an access log and ``--block-tokens`` is not given, the first line's is
+  used, and a line whose ``block_tokens`` differs from the replay's is malformed. Other
+  extra fields are ignored (the daemon adds ``"hit_blocks"``, ``"namespace"``).
 
 Invariants of a `Trace`:
 - ``keys[i]`` are request ``i``'s block keys, first block first, each chained to the ones
@@ -116,6 +120,10 @@ def _parse_line(fmt: TraceFormat, obj: Any, block_tokens: int
     if type(length) is not int or length <= 0 or length > len(keys) * block_tokens:
         raise ValueError(f"input_tokens must be a positive int of at most "
                          f"len(keys) * {block_tokens}")
+    logged_block_tokens = obj.get("block_tokens", block_tokens)
+    if logged_block_tokens != block_tokens:
+        raise ValueError(f"logged with block_tokens {logged_block_tokens}, replayed at "
+                         f"{block_tokens}")
     ts = obj.get("ts")
     return None if ts is None else float(ts), length, keys
 
@@ -145,11 +153,24 @@ def sniff_format(path: Path) -> TraceFormat:
                      f"{', '.join(f.value for f in TraceFormat)}); give --format")
 
 
+def _logged_block_tokens(path: Path) -> int | None:
+    """The ``block_tokens`` an access log's first line declares, if it is a positive int."""
+    for _, line in _lines(path):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            return None
+        value = obj.get("block_tokens") if isinstance(obj, dict) else None
+        return value if type(value) is int and value > 0 else None
+    return None
+
+
 def read_traces(paths: list[Path], *, fmt: TraceFormat | None = None,
                 block_tokens: int | None = None, skip_bad: bool = False) -> Trace:
     """Read and concatenate ``paths`` (see the module docstring).
 
-    ``block_tokens`` defaults to 512 (Mooncake's, which that format fixes). A malformed
+    ``block_tokens`` defaults to the one access logs declare, else 512 (Mooncake's, which
+    that format fixes). A malformed
     line raises `TraceError` naming file and line, or is counted in ``num_bad_lines`` when
     ``skip_bad``.
     """
@@ -160,6 +181,8 @@ def read_traces(paths: list[Path], *, fmt: TraceFormat | None = None,
         if block_tokens not in (None, MOONCAKE_BLOCK_TOKENS):
             raise TraceError(f"Mooncake traces fix --block-tokens at {MOONCAKE_BLOCK_TOKENS}; "
                              f"got {block_tokens}")
+    if block_tokens is None and formats and all(f is TraceFormat.ACCESS_LOG for f in formats):
+        block_tokens = _logged_block_tokens(paths[0])
     block_tokens = block_tokens or MOONCAKE_BLOCK_TOKENS
     trace = Trace(block_tokens)
     offset_s = 0.0

@@ -93,8 +93,8 @@ class LosesBlockAfterMatch:
         self.store = store
         self.lose_index = lose_index
 
-    def match_prefix(self, keys):
-        found = self.store.match_prefix(keys)
+    def match_prefix(self, keys, *, probe=False):
+        found = self.store.match_prefix(keys, probe=probe)
         if found > self.lose_index:
             assert self.store.delete(keys[self.lose_index])
         return found
