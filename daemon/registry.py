@@ -312,9 +312,14 @@ class NodeRegistry:
         self._state = RegistryState.STOPPED
         self._stopping.set()
         if self._task is not None:
-            # Cancelling a heartbeat mid-command is safe: redis-py drops that connection.
-            self._task.cancel()
-            await asyncio.wait({self._task})
+            # Let a heartbeat in flight finish rather than cancel it: a cancelled SET already
+            # written to its (then dropped) connection can reach Redis after the DEL below,
+            # on another connection, and bring the entry back until its TTL. A beat is
+            # bounded by the Redis timeout; past that, cancel.
+            done, _ = await asyncio.wait({self._task}, timeout=self._timeout_s + 1.0)
+            if not done:
+                self._task.cancel()
+                await asyncio.wait({self._task})
             self._task = None
         client, self._client = self._client, None
         self._is_registered = False
