@@ -160,8 +160,7 @@ def bench_ttft(model: LlamaModel, twin: Any, length: int, tail: int, repeats: in
     """Cold (nothing cached) and cached (all but ``tail`` tokens in the store) TTFT."""
     block = 16
     cached = (length - tail) // block * block
-    kv_bytes = model.config.kv_layout(block, str(model.dtype).removeprefix("torch.")
-                                      ).block_bytes
+    kv_bytes = model.config.kv_layout(block, model.dtype).block_bytes
     runs: dict[str, list[float]] = {"cold": [], "cached": [], "ideal": [], "fetch": []}
     for repeat in range(repeats + 1):  # run 0 warms up
         prompt = tokens(length, model.config.vocab_size, 1000 + repeat)

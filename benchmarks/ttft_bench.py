@@ -75,7 +75,7 @@ def store_config(tier: str, kv_bytes: int, block_bytes: int, nvme_dir: str
 
 def bench_length(model: LlamaModel, length: int, tiers: list[str], repeats: int,
                  nvme_dir: str) -> dict[str, Any]:
-    layout = model.config.kv_layout(BLOCK_TOKENS, str(model.dtype).removeprefix("torch."))
+    layout = model.config.kv_layout(BLOCK_TOKENS, model.dtype)
     num_pages = length // BLOCK_TOKENS + 2
     cached_blocks = (length - 1) // BLOCK_TOKENS
     kv_bytes = cached_blocks * layout.block_bytes

@@ -75,10 +75,11 @@ class ModelConfig:
     def num_queries_per_kv(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def kv_layout(self, block_tokens: int, dtype: str) -> KVLayout:
-        """The layout of this model's KV blocks in the store."""
+    def kv_layout(self, block_tokens: int, dtype: object) -> KVLayout:
+        """The layout of this model's KV blocks in the store; ``dtype`` a name
+        ("bfloat16") or a torch dtype (KVLayout reads either from its ``str``)."""
         return KVLayout(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
-                        head_dim=self.head_dim, block_tokens=block_tokens, dtype=dtype)
+                        head_dim=self.head_dim, block_tokens=block_tokens, dtype=str(dtype))
 
     def with_name(self, name: str) -> ModelConfig:
         return replace(self, name=name)

@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     stop_ids = tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, stop_token_ids=stop_ids)
-    block_bytes = model.config.kv_layout(16, str(model.dtype).removeprefix("torch.")).block_bytes
+    block_bytes = model.config.kv_layout(16, model.dtype).block_bytes
     store, cleanup = open_store(args, block_bytes)
     try:
         prefill = PrefillEngine(model, store, num_pages=256)

@@ -53,10 +53,6 @@ def usable_prefix_blocks(num_cached_blocks: int, num_tokens: int, block_tokens: 
     return min(num_cached_blocks, (num_tokens - 1) // block_tokens)
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 class KVBlockIO:
     """The store side of one engine: keys, fetches into its cache, publishes from it."""
 
@@ -65,7 +61,7 @@ class KVBlockIO:
         self.cache = cache
         self.store = store
         self.block_tokens = cache.page_tokens
-        self.layout = model.config.kv_layout(cache.page_tokens, dtype_name(cache.dtype))
+        self.layout = model.config.kv_layout(cache.page_tokens, cache.dtype)
         self.namespace = self.layout.namespace(model.model_id)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-io")
         self._staging: dict[str, torch.Tensor] = {}

@@ -35,6 +35,8 @@ from kvstore.client_ops import (
     _checked,
     _Operations,
     _Session,
+    ahello,
+    hello,
 )
 from kvstore.errors import (
     DeadlineExceededError,
@@ -76,8 +78,8 @@ class _Connection:
             raise StoreConnectionError(f"cannot reach kvstored at {client.url}: "
                                        f"{e.strerror or e}") from e
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        meta, _ = self.request(*client.hello_request(), client.connect_timeout_s)
-        self.session = _Session(meta, client.address)
+        self.session: _Session
+        hello(self, client)
 
     def request(self, meta: dict[str, Any], parts: list[Any], timeout_s: float,
                 wait: bool = True) -> Response | None:
@@ -340,12 +342,7 @@ class _AsyncConnection:
             raise StoreConnectionError(f"cannot reach kvstored at {client.url}: "
                                        f"{getattr(e, 'strerror', None) or e}") from e
         conn = cls(client, reader, writer)
-        try:
-            meta, _ = await conn.request(*client.hello_request(), client.connect_timeout_s)
-        except BaseException:
-            conn.close()
-            raise
-        conn.session = _Session(meta, client.address)
+        await ahello(conn, client)
         return conn
 
     async def request(self, meta: dict[str, Any], parts: list[Any], timeout_s: float,

@@ -27,6 +27,27 @@ Response = tuple[dict[str, Any], memoryview]  # meta, data
 Operation = Generator[Request, Response, Any]
 
 
+def hello(conn: Any, client: Any) -> None:
+    """The hello exchange on a fresh connection (any transport): sets ``conn.session``;
+    closes the connection if the exchange fails (a refused token, a version mismatch)."""
+    try:
+        meta, _ = conn.request(*client.hello_request(), client.connect_timeout_s)
+    except BaseException:
+        conn.close()
+        raise
+    conn.session = _Session(meta, client.address)
+
+
+async def ahello(conn: Any, client: Any) -> None:
+    """`hello` for the asyncio transports."""
+    try:
+        meta, _ = await conn.request(*client.hello_request(), client.connect_timeout_s)
+    except BaseException:
+        conn.close()
+        raise
+    conn.session = _Session(meta, client.address)
+
+
 class _Session:
     """What one connection learned at hello, and the shared pool it mapped (if any)."""
 

@@ -108,6 +108,15 @@ class ReplayResult:
     def hit_rate(self) -> float:
         return self.hit_tokens / self.input_tokens if self.input_tokens else 0.0
 
+    def record(self, input_tokens: int, hit_tokens: int, num_accesses: int,
+               timestamp_s: float) -> None:
+        """Count one replayed request."""
+        self.input_tokens += input_tokens
+        self.hit_tokens += hit_tokens
+        self.num_accesses += num_accesses
+        if self.windows is not None:
+            self.windows.add(timestamp_s, input_tokens, hit_tokens)
+
     def to_dict(self) -> dict[str, object]:
         doc: dict[str, object] = {
             "hit_rate": self.hit_rate, "hit_tokens": self.hit_tokens,
@@ -203,12 +212,7 @@ class TieredReplay:
             else:
                 break  # put_many stops at the first block that finds no room
             parent = key
-        result = self.result
-        result.input_tokens += input_tokens
-        result.hit_tokens += hit_tokens
-        result.num_accesses += len(keys)
-        if result.windows is not None:
-            result.windows.add(timestamp_s, input_tokens, hit_tokens)
+        self.result.record(input_tokens, hit_tokens, len(keys), timestamp_s)
         return hit_tokens
 
     def run(self, trace: Trace, progress: Progress | None = None) -> ReplayResult:
@@ -247,11 +251,7 @@ def infinite_bound(trace: Trace, window_s: float | None = None) -> ReplayResult:
     for keys, n, ts in zip(trace.keys, trace.input_tokens, trace.timestamps_s, strict=True):
         hit = min(_prefix_hit(keys, seen) * bt, n)
         seen.update(keys)
-        result.input_tokens += n
-        result.hit_tokens += hit
-        result.num_accesses += len(keys)
-        if result.windows is not None:
-            result.windows.add(ts, n, hit)
+        result.record(n, hit, len(keys), ts)
     return result
 
 
@@ -308,9 +308,5 @@ def belady(trace: Trace, capacity_blocks: int, window_s: float | None = None) ->
         if len(heap) > 4 * capacity_blocks + 64:
             heap = [(-v, k) for k, v in held.items()]
             heapq.heapify(heap)
-        result.input_tokens += n
-        result.hit_tokens += hit
-        result.num_accesses += len(keys)
-        if result.windows is not None:
-            result.windows.add(ts, n, hit)
+        result.record(n, hit, len(keys), ts)
     return result

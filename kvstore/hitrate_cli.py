@@ -72,11 +72,10 @@ def register(commands: Any) -> None:
 
 def kv_bytes_per_token(args: argparse.Namespace) -> int | None:
     if args.model is not None:
-        shape = (kv_layout(args.model) if args.model in MODEL_SHAPES else None)
-        if shape is None:
+        if args.model not in MODEL_SHAPES:
             raise ConfigError(f"unknown --model {args.model!r}; presets: "
                               f"{', '.join(MODEL_SHAPES)}")
-        return shape.bytes_per_token
+        return kv_layout(args.model).bytes_per_token
     if args.kv_bytes_per_token is not None and args.kv_bytes_per_token <= 0:
         raise ConfigError(f"--kv-bytes-per-token must be positive, got "
                           f"{args.kv_bytes_per_token}")

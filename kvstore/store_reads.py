@@ -147,10 +147,11 @@ class StoreReads:
                 for view in (src, dst):
                     if _is_cuda(view):
                         streams.add(view.device)
-            for device in streams:  # every copy done before any slot is unpinned
+            if streams:  # every copy done before any slot is unpinned
                 import torch
 
-                torch.cuda.current_stream(device).synchronize()
+                for device in streams:
+                    torch.cuda.current_stream(device).synchronize()
         finally:
             with self._lock:
                 whole = [self._unpin(entry, pin) for entry, pin, *_ in run]

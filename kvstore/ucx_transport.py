@@ -39,7 +39,7 @@ from collections import deque
 from typing import Any
 
 from kvstore import protocol
-from kvstore.client_ops import Response, _checked, _Session
+from kvstore.client_ops import Response, _checked, _Session, ahello, hello
 from kvstore.errors import (
     DeadlineExceededError,
     KVStoreError,
@@ -313,12 +313,8 @@ class UcxConnection:
         stream = _wait(future, client.connect_timeout_s + 1.0 + GRACE_S,
                        f"connecting to {client.url}")
         self._channel = _Channel(stream, client.url)
-        try:
-            meta, _ = self.request(*client.hello_request(), client.connect_timeout_s)
-        except BaseException:
-            self.close()
-            raise
-        self.session = _Session(meta, client.address)
+        self.session: _Session
+        hello(self, client)
 
     def request(self, meta: dict[str, Any], parts: list[Any], timeout_s: float,
                 wait: bool = True) -> Response | None:
@@ -350,12 +346,7 @@ class AsyncUcxConnection:
         stream = await asyncio.wrap_future(
             asyncio.run_coroutine_threadsafe(_open_stream(client), loop))
         conn = cls(client, loop, stream)
-        try:
-            meta, _ = await conn.request(*client.hello_request(), client.connect_timeout_s)
-        except BaseException:
-            conn.close()
-            raise
-        conn.session = _Session(meta, client.address)
+        await ahello(conn, client)
         return conn
 
     async def request(self, meta: dict[str, Any], parts: list[Any], timeout_s: float,
