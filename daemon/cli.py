@@ -111,6 +111,11 @@ async def run(config: object) -> int:
     assert isinstance(config, DaemonConfig)
     metrics = registry = metrics_server = ucx = None
     daemon = Daemon(config)
+    # Handlers first: a SIGTERM that lands while we start (say, just after the registry
+    # entry is written) must still run the cleanup below, not kill the process outright.
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.request_stop)
     try:
         if config.metrics is not None:
             from daemon.metrics import DaemonMetrics, MetricsServer
@@ -145,9 +150,6 @@ async def run(config: object) -> int:
             registry = NodeRegistry(config.redis_url, node, status=lambda: {
                 t["name"]: t["used_bytes"] for t in _tiers(daemon)})
             await registry.start()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, daemon.request_stop)
         await daemon.serve_until_stopped()
     finally:
         if registry is not None:
