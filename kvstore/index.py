@@ -195,16 +195,11 @@ class BlockIndex:
             entry = parent
 
     def touch(self, entry: BlockEntry) -> None:
-        """Record a use: the entry becomes the most recently used in every tier holding it."""
+        """Record a use: the entry becomes the most recently used in every tier holding it
+        (the policies read ``last_access`` lazily, when they look for a victim)."""
         self.tick += 1
         entry.last_access = self.tick
         entry.num_uses += 1
-        residency, tier = entry.residency, 0
-        while residency:
-            if residency & 1:
-                self.policies[tier].on_access(entry)
-            residency >>= 1
-            tier += 1
 
     # -- pins ---------------------------------------------------------------------------------
 

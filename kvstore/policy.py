@@ -12,11 +12,15 @@ A tier may split its blocks into *partitions* (the DRAM tier uses its slab size 
 since evicting a 4 KiB block frees no room for a 1 MiB one); victims are chosen within
 the partition that needs room.
 
-Implementation: one lazy min-heap of ``(last_access, key)`` per partition. A heap item is
-valid only while its block is resident, still a candidate, and its ``last_access`` equals
-the item's tick; stale items are skipped when popped and purged when the heap grows past
-twice its live size. Every candidate always has one valid item, so a victim costs
-O(log n) amortized.
+Implementation: one lazy min-heap of ``(tick, key)`` per partition. Every candidate has
+at least one item whose tick is at most its ``last_access``, so a use of a block costs
+nothing here: `BlockIndex.touch` only moves its ``last_access`` forward. `victim` pops the
+smallest item; one whose block is gone or no longer a candidate is dropped, one whose tick
+is older than its block's ``last_access`` goes back in under that tick, and the first item
+whose tick is current is the least recently used candidate (every other candidate's items
+are no smaller, and none of them is older than its item). Each use is re-filed at most
+once, when it reaches the top; the heap is purged to one item per candidate when it grows
+past twice the tier's blocks.
 """
 
 from __future__ import annotations
@@ -71,10 +75,10 @@ class TierPolicy:
     def _purge(self, partition: int) -> None:
         entries = self.index.entries
         live = {}
-        for tick, key in self._heaps[partition]:
+        for _, key in self._heaps[partition]:
             entry = entries.get(key)
-            if entry is not None and entry.last_access == tick and self.is_candidate(entry):
-                live[key] = (tick, key)
+            if entry is not None and self.is_candidate(entry):
+                live[key] = (entry.last_access, key)
         heap = list(live.values())
         heapq.heapify(heap)
         self._heaps[partition] = heap
@@ -96,10 +100,6 @@ class TierPolicy:
     def on_remove(self, entry: BlockEntry) -> None:
         self._num_resident[self._partition(entry)] -= 1
 
-    def on_access(self, entry: BlockEntry) -> None:
-        if self.is_candidate(entry):
-            self._push(entry)
-
     def on_leaf(self, entry: BlockEntry) -> None:
         """``entry`` lost its last child in this tier."""
 
@@ -116,8 +116,11 @@ class TierPolicy:
         while heap:
             item = heapq.heappop(heap)
             entry = entries.get(item[1])
-            if entry is None or entry.last_access != item[0] or not self.is_candidate(entry):
+            if entry is None or not self.is_candidate(entry):
                 continue  # stale
+            if entry.last_access != item[0]:  # used since it was filed: file it anew
+                heapq.heappush(heap, (entry.last_access, item[1]))
+                continue
             if self.index.is_pinned(entry):
                 pinned.append(item)
                 continue

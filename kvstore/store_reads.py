@@ -210,10 +210,12 @@ class StoreReads:
                     result = data if dst is None else True
                     if dst is not None:
                         copy_bytes(dst, source)
-        finally:
+        except BaseException:
             with self._lock:
-                intact = self._unpin(entry, pin)
+                self._unpin(entry, pin)
+            raise
         with self._lock:
+            intact = self._unpin(entry, pin)
             if result is None:  # checksum failure: the NVMe copy is gone for good
                 if entry.is_in(t):
                     tier.evict(key)
