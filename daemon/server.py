@@ -215,7 +215,10 @@ class Daemon:
                 reason = "daemon stopping"
         except asyncio.CancelledError:
             reason = "daemon stopping"
-            raise
+            if not self._closed:
+                raise
+            # stop() cancelled this idle connection: end normally (Python 3.11's streams
+            # log a cancelled connection task as an error)
         except (ConnectionError, TimeoutError) as e:
             reason = f"connection lost ({type(e).__name__})"
         finally:
@@ -397,6 +400,9 @@ class Daemon:
             lookups.num_lookups += 1
             lookups.num_blocks_queried += len(keys)
             lookups.num_blocks_hit += count
+            if self.metrics is not None:
+                tokens = self.config.block_tokens
+                self.metrics.record_prefix("local", len(keys) * tokens, count * tokens)
             if self.access_log is not None:
                 self.access_log.record(meta["keys"], hit_blocks=count,
                                        namespace=conn.namespace)

@@ -234,7 +234,7 @@ class BlockIndex:
 
     def live_pins(self, entry: BlockEntry) -> list[int]:
         """Ids of the pins on ``entry`` whose lease has not run out."""
-        return list(entry.pins) if self.is_pinned(entry) else []
+        return list(entry.pins or ()) if self.is_pinned(entry) else []
 
     @staticmethod
     def revoke_pins(entry: BlockEntry) -> None:

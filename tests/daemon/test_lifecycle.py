@@ -138,15 +138,20 @@ def test_client_works_from_many_threads(shared_daemon):
 
 def test_metrics_and_healthz(start_daemon):
     port = free_port()
-    daemon = start_daemon("--dram", "16MiB", "--metrics", f"127.0.0.1:{port}")
+    daemon = start_daemon("--dram", "16MiB", "--metrics", f"127.0.0.1:{port}",
+                          "--block-tokens", "128")
     client = kvstore.connect(daemon.url)
     client.put(make_key("m"), b"v" * 1000)
     client.get(make_key("m"))
+    assert client.match_prefix([make_key("m"), make_key("absent")]) == 1
+    assert client.match_prefix([make_key("m")], probe=True) == 1  # a probe is not counted
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'kvstore_tier_blocks{tier="dram"} 1.0' in body
     assert "kvstore_connected_clients 1.0" in body
     assert 'kvstore_request_seconds_count{op="put"} 1.0' in body  # small: in the frame
     assert 'kvstore_request_seconds_count{op="pin"} 1.0' in body  # read from the pool
+    assert 'kvstore_prefix_query_tokens_total{source="local"} 256.0' in body
+    assert 'kvstore_prefix_hit_tokens_total{source="local"} 128.0' in body
     health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
     assert health.status == 200 and json.loads(health.read())["status"] == "ok"
     client.close()

@@ -1,0 +1,1 @@
+"""Adapters that let serving frameworks use kvstore (vLLM: `kvstore.integrations.vllm`)."""

@@ -1,0 +1,129 @@
+"""Moving whole pages of a serving engine's paged KV cache to and from a store.
+
+vLLM's connector (`kvstore.integrations.vllm`) is built on this; it imports no vLLM, so
+it is tested on its own.
+
+A *page* is one block of one layer, ``kv_caches[layer][block_id]``: whatever the engine's
+attention kernel keeps for ``block_size`` tokens of that layer. The bytes are treated as
+opaque (vLLM's CPU backend packs K and V inside a page in an ISA-dependent way), so the
+stored format only promises a byte-exact round trip into a cache of the same page format;
+the connector's namespace names that format. One stored block is a block's pages of every
+layer, layer after layer::
+
+    stored block = | page of layer 0 | page of layer 1 | ... | page of layer L-1 |
+
+A load is all-or-prefix: blocks are fetched in chain order and the first one that is
+missing, fails its checksum or cannot be read ends the usable prefix; every block from
+there on is reported as failed, never written half.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from kvstore.errors import KVStoreError
+
+log = logging.getLogger(__name__)
+
+# What a store call can raise when the store (a daemon, most often) fails.
+STORE_FAILURES = (KVStoreError, OSError, TimeoutError)
+
+
+class PageLayout:
+    """The page geometry of an engine's registered caches, one tensor per layer.
+
+    Every layer's tensor must have the blocks on dim 0 and hold each block's page
+    contiguously (vLLM's layouts do); layers keep the mapping's order.
+    """
+
+    def __init__(self, kv_caches: Mapping[str, torch.Tensor]) -> None:
+        if not kv_caches:
+            raise ValueError("no KV cache tensors were registered")
+        self.layer_names = list(kv_caches)
+        self.caches = [kv_caches[name] for name in self.layer_names]
+        first = self.caches[0]
+        self.num_blocks = first.shape[0]
+        self.page_bytes = first[0].numel() * first.element_size()
+        for name, cache in zip(self.layer_names, self.caches, strict=True):
+            page = cache[0]
+            if (cache.shape[0] != self.num_blocks or not page.is_contiguous()
+                    or page.numel() * page.element_size() != self.page_bytes):
+                raise ValueError(f"KV cache {name!r} of shape {tuple(cache.shape)} does not "
+                                 f"hold {self.num_blocks} contiguous pages of "
+                                 f"{self.page_bytes} bytes")
+        self.block_bytes = self.page_bytes * len(self.caches)
+        self._index = {name: i for i, name in enumerate(self.layer_names)}
+        self.device = first.device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def layer_index(self, layer_name: str) -> int | None:
+        return self._index.get(layer_name)
+
+    def pages(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s cache as ``[num_blocks, page_bytes]`` bytes (a view)."""
+        cache = self.caches[layer]
+        return cache.view(cache.shape[0], -1).view(torch.uint8)
+
+    def staging(self, num_blocks: int) -> torch.Tensor:
+        """Host memory for ``num_blocks`` stored blocks, ``[num_blocks, block_bytes]``."""
+        return torch.empty((num_blocks, self.block_bytes), dtype=torch.uint8)
+
+    def reused_staging(self, purpose: str, num_blocks: int) -> torch.Tensor:
+        """`staging` kept per ``purpose`` and grown as needed: its pages stay faulted in
+        (first touches of fresh memory cost as much as the copy itself). The rows are valid
+        until the next call with the same purpose."""
+        buf = self._buffers.get(purpose)
+        if buf is None or buf.shape[0] < num_blocks:
+            buf = self._buffers[purpose] = self.staging(max(num_blocks, 2 * (
+                0 if buf is None else buf.shape[0])))
+        return buf[:num_blocks]
+
+    def gather_layer(self, layer: int, block_ids: Sequence[int], out: torch.Tensor) -> None:
+        """Copy layer ``layer``'s pages of ``block_ids`` into its slice of ``out``'s rows."""
+        start = layer * self.page_bytes
+        index = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
+        out[:len(block_ids), start:start + self.page_bytes].copy_(
+            self.pages(layer).index_select(0, index))
+
+    def scatter_layer(self, layer: int, src: torch.Tensor, block_ids: Sequence[int]) -> None:
+        """Write layer ``layer``'s slice of ``src``'s rows into the pages ``block_ids``."""
+        start = layer * self.page_bytes
+        pages = self.pages(layer)
+        rows = src[:len(block_ids), start:start + self.page_bytes]
+        for row, block_id in zip(rows, block_ids, strict=True):
+            pages[block_id].copy_(row)  # a page at a time: index_copy_ on bytes is 10x slower
+
+
+def fetch_blocks(store: Any, keys: Sequence[bytes], out: torch.Tensor) -> int:
+    """Read ``keys`` into ``out``'s rows in order; returns how many leading blocks arrived
+    whole (each verified by the store's checksum). A store failure ends the prefix there."""
+    batch = getattr(store, "get_many_into", None)
+    if batch is not None:
+        try:
+            return int(batch(list(keys), [out[i] for i in range(len(keys))]))
+        except STORE_FAILURES as e:  # one bad block fails the batch: find the good prefix
+            log.info("kvstore: batch read of %d blocks failed (%s); reading one by one",
+                     len(keys), e)
+    num_done = 0
+    try:
+        for i, key in enumerate(keys):
+            if not store.get_into(key, out[i]):
+                break
+            num_done += 1
+    except STORE_FAILURES as e:
+        log.warning("kvstore: reading %d blocks failed after %d: %s", len(keys), num_done, e)
+    return num_done
+
+
+def store_blocks(store: Any, keys: Sequence[bytes], blocks: torch.Tensor) -> int:
+    """``put_many`` of ``blocks``' rows under ``keys`` (one chain, parent first); returns
+    how many were stored (0 when the store failed)."""
+    try:
+        return int(store.put_many(list(keys), [blocks[i] for i in range(len(keys))]))
+    except STORE_FAILURES as e:
+        log.warning("kvstore: storing %d blocks failed: %s", len(keys), e)
+        return 0

@@ -1,0 +1,574 @@
+"""`KVStoreConnector`: a vLLM KV connector (v1 API, tested with vLLM 0.32) backed by kvstore.
+
+One flag adopts it, with a `kvstored` daemon shared by any number of vLLM instances::
+
+    --kv-transfer-config '{"kv_connector": "KVStoreConnector",
+                           "kv_connector_module_path": "kvstore.integrations.vllm",
+                           "kv_role": "kv_both",
+                           "kv_connector_extra_config": {"url": "kvstore://127.0.0.1:7400"}}'
+
+or with a store embedded in the vLLM instance (``{"dram": "4GiB", "nvme_path": ...,
+"nvme": "100GiB"}`` instead of ``url``). ``kv_role``: ``kv_producer`` only saves (a prefill
+pool), ``kv_consumer`` only loads (a decode pool), ``kv_both`` does both.
+
+Keys: `kvstore.prefix_hashes` of the prompt's token ids, one per full vLLM block, in the
+namespace `KVLayout.namespace` gives for (model, layers, KV heads, head size, block size,
+dtype), salted with the page format (vLLM version, platform, attention ISA): the key
+scheme of the embedded engines and of ``kvstore hitrate``, and the daemon's access log of
+these lookups replays as is. A stored block is the block's pages of every layer
+(`kvstore.integrations.pages`).
+
+    scheduler process                               worker process
+    get_num_new_matched_tokens: match_prefix         start_load_kv: fetch the blocks (thread)
+      (never the last prompt token)                  wait_for_layer_load(i): scatter layer i
+    update_state_after_alloc: block ids to load      save_kv_layer(i): gather layer i's pages
+    build_connector_meta: loads, and the full        wait_for_save: put_many the new blocks
+      prompt blocks this step computes               get_block_ids_with_load_errors
+
+Failures never become wrong output: a block that is missing, corrupt or unreadable (the
+daemon died, say) is reported to vLLM with every block after it, and vLLM recomputes
+them; the connector sets ``kv_load_failure_policy`` to ``"recompute"`` (vLLM's default
+would fail the request) unless ``{"on_load_error": "fail"}`` asks otherwise. A store that
+cannot be reached is not asked again for ``retry_after_s`` (5 s), so vLLM does not wait
+on it request after request. Each request's lookup is logged at DEBUG; a daemon counts
+the lookups in its stats and Prometheus metrics (run it with ``--block-tokens`` set to
+vLLM's block size so its token figures are right).
+
+The embedded store lives in the worker process, which holds the KV cache, behind an
+in-process `kvstored` on 127.0.0.1: the worker reaches it by shared memory, and the
+scheduler, in its own process by vLLM's default, over the socket (the address is left in
+a file named after vLLM's ``engine_id``); both see the daemon's one key space. Tensor
+parallelism is not supported yet (each rank would hold its own shard of every block).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+from kvstore.errors import ConfigError
+from kvstore.integrations.pages import (
+    STORE_FAILURES,
+    PageLayout,
+    fetch_blocks,
+    store_blocks,
+)
+from kvstore.integrations.settings import ConnectorSettings
+from kvstore.keys import prefix_hashes
+from kvstore.layout import KVLayout
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+# -- the key namespace -----------------------------------------------------------------------
+
+
+def model_fingerprint(model: str) -> str:
+    """``model``'s name, with a digest of its config and weight file names and sizes when
+    it is a local directory (two instances of one checkpoint agree; different weights at
+    the same path do not)."""
+    path = Path(model)
+    if not path.is_dir():
+        return model
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    config = path / "config.json"
+    if config.is_file():
+        h.update(config.read_bytes())
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        h.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return f"{path.name}@{h.hexdigest()}"
+
+
+def page_format(vllm_config: VllmConfig) -> str:
+    """What decides the bytes of a page: vLLM's version, the platform and, on CPU, the
+    attention ISA (its kernels pack K and V differently per ISA)."""
+    import vllm
+    from vllm.platforms import current_platform
+
+    parts = [f"vllm-{vllm.__version__}", current_platform.device_type]
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    parts.append(str(cache_dtype))
+    if current_platform.is_cpu():
+        try:
+            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+            model = vllm_config.model_config
+            parts.append(_get_attn_isa(model.dtype, vllm_config.cache_config.block_size,
+                                       model.get_head_size(), cache_dtype))
+        except (ImportError, AttributeError, NotImplementedError) as e:
+            parts.append(f"isa-unknown-{type(e).__name__}")
+    return "/".join(parts)
+
+
+def key_namespace(vllm_config: VllmConfig, settings: ConnectorSettings) -> tuple[str, int]:
+    """The key namespace of this model and page format, and vLLM's block size."""
+    model = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
+        raise ConfigError("KVStoreConnector does not support tensor or pipeline parallelism "
+                          "yet: run one worker per instance")
+    block_tokens = vllm_config.cache_config.block_size
+    layout = KVLayout(num_layers=model.get_num_layers(parallel),
+                      num_kv_heads=model.get_num_kv_heads(parallel),
+                      head_dim=model.get_head_size(), block_tokens=block_tokens,
+                      dtype=str(model.dtype).removeprefix("torch."))
+    model_id = settings.model_id or model_fingerprint(model.model)
+    return layout.namespace(model_id, salt=page_format(vllm_config)), block_tokens
+
+
+# -- the store --------------------------------------------------------------------------------
+
+
+class _EmbeddedStore:
+    """An embedded store served to the scheduler's process by an in-process kvstored."""
+
+    def __init__(self, settings: ConnectorSettings, address_file: Path) -> None:
+        from daemon.config import DaemonConfig
+        from daemon.server import Daemon
+
+        config = DaemonConfig(listen="127.0.0.1:0", dram_bytes=settings.dram_bytes,
+                              nvme_path=settings.nvme_path, nvme_bytes=settings.nvme_bytes,
+                              max_value_bytes=settings.max_value_bytes)
+        self.daemon = Daemon(config)
+        self._loop = asyncio.new_event_loop()
+        started: Future[None] = Future()
+        self._thread = threading.Thread(target=self._serve, args=(started,),
+                                        name="kvstore-vllm-daemon", daemon=True)
+        self._thread.start()
+        started.result(timeout=30)
+        host, port = self.daemon.address
+        self.url = f"kvstore://{host}:{port}"
+        self._address_file = address_file
+        tmp = address_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"url": self.url, "pid": os.getpid()}))
+        tmp.replace(address_file)
+
+    def _serve(self, started: Future[None]) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self.daemon.start())
+        except BaseException as e:
+            started.set_exception(e)
+            return
+        started.set_result(None)
+        self._loop.run_until_complete(self.daemon.serve_until_stopped())
+
+    def close(self) -> None:
+        self._address_file.unlink(missing_ok=True)
+        self._loop.call_soon_threadsafe(self.daemon.request_stop)
+        self._thread.join(timeout=30)
+
+
+_EMBEDDED: dict[str, _EmbeddedStore] = {}  # engine_id -> the store this process serves
+_EMBEDDED_LOCK = threading.Lock()
+
+
+def _address_file(engine_id: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"kvstore-vllm-{engine_id}.json"
+
+
+class _StoreHandle:
+    """The store one side of the connector talks to, opened lazily; after a failure it is
+    left alone for ``retry_after_s``."""
+
+    def __init__(self, settings: ConnectorSettings, engine_id: str, *, owner: bool) -> None:
+        self.settings = settings
+        self.engine_id = engine_id
+        self.owner = owner  # the worker owns an embedded store; the scheduler borrows it
+        self._store: Any = None
+        self._client: Any = None
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+
+    def get(self) -> Any | None:
+        """The store, or None while it is known to be unreachable."""
+        if self._store is not None:
+            return self._store
+        if time.monotonic() < self._down_until:
+            return None
+        with self._lock:
+            if self._store is None:
+                try:
+                    self._store = self._open()
+                except STORE_FAILURES as e:
+                    self.failed(e)
+                    return None
+        return self._store
+
+    def _open(self) -> Any:
+        import kvstore
+
+        s = self.settings
+        if s.url is not None:
+            self._client = kvstore.connect(s.url, token=s.token, timeout_s=s.timeout_s)
+            return self._client
+        with _EMBEDDED_LOCK:
+            embedded = _EMBEDDED.get(self.engine_id)
+            if embedded is None and self.owner:
+                embedded = _EMBEDDED[self.engine_id] = _EmbeddedStore(
+                    s, _address_file(self.engine_id))
+                log.info("kvstore: embedded store for engine %s (%s)", self.engine_id,
+                         embedded.url)
+        if embedded is not None:
+            url = embedded.url
+        else:  # the scheduler in its own process: the worker's store, through its daemon
+            try:
+                url = json.loads(_address_file(self.engine_id).read_text())["url"]
+            except (OSError, ValueError, KeyError) as e:
+                raise ConnectionError(f"the worker's embedded kvstore is not up yet "
+                                      f"({e})") from e
+        # Both sides go through the daemon (the worker by shared memory), so that they see
+        # one key space: the daemon scopes every client key to its namespace.
+        self._client = kvstore.connect(url, timeout_s=s.timeout_s)
+        return self._client
+
+    def failed(self, error: BaseException) -> None:
+        """The store failed: drop a client and leave it alone for a while."""
+        if self._down_until <= time.monotonic():
+            log.warning("kvstore unreachable (%s); not asked again for %.0f s", error,
+                        self.settings.retry_after_s)
+        self._down_until = time.monotonic() + self.settings.retry_after_s
+        client, self._client = self._client, None
+        if client is not None:
+            self._store = None
+            try:
+                client.close()
+            except Exception:  # a broken client: nothing left to release
+                pass
+
+    def close(self) -> None:
+        client, self._client, self._store = self._client, None, None
+        if client is not None:
+            client.close()
+        if self.owner:
+            with _EMBEDDED_LOCK:
+                embedded = _EMBEDDED.pop(self.engine_id, None)
+            if embedded is not None:
+                embedded.close()
+
+
+# -- scheduler -> worker metadata --------------------------------------------------------------
+
+
+@dataclass
+class BlockTransfer:
+    """Blocks of one request: their keys (a chain, parent first) and vLLM block ids."""
+
+    req_id: str
+    keys: list[bytes]
+    block_ids: list[int]
+
+
+@dataclass
+class KVStoreConnectorMetadata(KVConnectorMetadata):
+    loads: list[BlockTransfer] = field(default_factory=list)
+    saves: list[BlockTransfer] = field(default_factory=list)
+
+
+@dataclass
+class KVStoreConnectorStats(KVConnectorStats):
+    """Counts since the last report: tokens looked up and found, blocks moved, failures."""
+
+    def __post_init__(self) -> None:
+        for name in ("query_tokens", "hit_tokens", "blocks_loaded", "blocks_saved",
+                     "load_failures", "save_failures"):
+            self.data.setdefault(name, 0)
+
+    def add(self, **counts: int) -> None:
+        for name, n in counts.items():
+            self.data[name] += n
+
+    def reset(self) -> None:
+        for name in self.data:
+            self.data[name] = 0
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for name, n in other.data.items():
+            self.data[name] = self.data.get(name, 0) + n
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return dict(self.data)
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+@dataclass
+class _RequestState:
+    """What the scheduler side keeps per request."""
+
+    request: Any
+    keys: list[bytes]
+    local_blocks: int = 0  # blocks vLLM's own prefix cache held when it asked
+    store_blocks: int | None = None  # leading blocks the store held (None: not asked)
+    saved_blocks: int = 0  # leading blocks known to be in the store or sent to be saved
+    load: BlockTransfer | None = None
+    block_ids: list[int] = field(default_factory=list)
+
+
+class KVStoreConnector(KVConnectorBase_V1):
+    """vLLM's KV connector over kvstore; see the module docstring."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig | None = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        transfer = self._kv_transfer_config
+        self.settings = ConnectorSettings.parse(transfer.kv_connector_extra_config)
+        self.namespace, self.block_tokens = key_namespace(vllm_config, self.settings)
+        self.does_load = transfer.kv_role in ("kv_consumer", "kv_both")
+        self.does_save = transfer.kv_role in ("kv_producer", "kv_both")
+        engine_id = str(transfer.engine_id)
+        self.store = _StoreHandle(self.settings, engine_id,
+                                  owner=role == KVConnectorRole.WORKER)
+        self.stats = KVStoreConnectorStats()
+        # scheduler side
+        self._requests: dict[str, _RequestState] = {}
+        self._failed: set[str] = set()  # requests whose load failed: never offered again
+        self._loads_to_send: list[BlockTransfer] = []
+        # worker side
+        self._pages: PageLayout | None = None
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-vllm")
+        self._fetch: Future[list[tuple[BlockTransfer, torch.Tensor, int]]] | None = None
+        self._scattered: set[int] = set()
+        self._save_staging: list[tuple[BlockTransfer, torch.Tensor]] = []
+        self._load_errors: set[int] = set()
+        if role == KVConnectorRole.SCHEDULER and self.settings.on_load_error == "recompute":
+            # Read by vLLM's scheduler right after it builds this connector.
+            object.__setattr__(transfer, "kv_load_failure_policy", "recompute")
+        log.info("KVStoreConnector %s: %s, block %d tokens, namespace %s", role.name,
+                 self.settings.url or "embedded store", self.block_tokens, self.namespace)
+
+    # -- scheduler side ----------------------------------------------------------------------
+
+    def _state(self, request: Request) -> _RequestState:
+        state = self._requests.get(request.request_id)
+        if state is None:
+            tokens = list(request.prompt_token_ids or ())
+            keys = prefix_hashes(tokens, block_tokens=self.block_tokens,
+                                 namespace=self.namespace)
+            state = self._requests[request.request_id] = _RequestState(request, keys)
+        return state
+
+    def get_num_new_matched_tokens(self, request: Request,
+                                   num_computed_tokens: int) -> tuple[int | None, bool]:
+        state = self._state(request)
+        state.local_blocks = num_computed_tokens // self.block_tokens
+        if not self.does_load or request.request_id in self._failed:
+            return 0, False
+        # At least the last prompt token must be computed (vLLM needs its logits).
+        usable = min(len(state.keys), (request.num_tokens - 1) // self.block_tokens)
+        if usable <= state.local_blocks:
+            return 0, False
+        if state.store_blocks is None:  # vLLM may ask again; the store is asked once
+            store = self.store.get()
+            if store is None:
+                return 0, False
+            try:
+                hit = int(store.match_prefix(state.keys[:usable]))
+            except STORE_FAILURES as e:
+                self.store.failed(e)
+                return 0, False
+            prompt_tokens = len(request.prompt_token_ids or ())
+            self.stats.add(query_tokens=prompt_tokens,
+                           hit_tokens=min(hit * self.block_tokens, prompt_tokens))
+            state.store_blocks = state.saved_blocks = hit
+            log.debug("kvstore: request %s: %d prompt tokens, %d blocks in vLLM's cache, "
+                      "%d in kvstore", request.request_id, prompt_tokens, state.local_blocks,
+                      hit)
+        return max(0, state.store_blocks - state.local_blocks) * self.block_tokens, False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
+                                 num_external_tokens: int) -> None:
+        state = self._state(request)
+        if num_external_tokens <= 0:
+            return
+        block_ids = blocks.get_block_ids()[0]
+        first = state.local_blocks
+        last = first + num_external_tokens // self.block_tokens
+        state.load = BlockTransfer(request.request_id, state.keys[first:last],
+                                   list(block_ids[first:last]))
+        self._loads_to_send.append(state.load)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = KVStoreConnectorMetadata(loads=self._loads_to_send)
+        self._loads_to_send = []
+        computed: dict[str, int] = {}
+        for new in scheduler_output.scheduled_new_reqs:
+            state = self._requests.get(new.req_id)
+            if state is not None:
+                state.block_ids = list(new.block_ids[0])
+                computed[new.req_id] = new.num_computed_tokens
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = list(new_ids[0]) if new_ids is not None else []
+            elif new_ids is not None:
+                state.block_ids.extend(new_ids[0])
+            computed[req_id] = cached.num_computed_tokens[i]
+        if self.does_save:
+            for req_id, num_computed in computed.items():
+                state = self._requests[req_id]
+                done = num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+                full = min(done // self.block_tokens, len(state.keys), len(state.block_ids))
+                if full > state.saved_blocks:
+                    first = state.saved_blocks
+                    meta.saves.append(BlockTransfer(req_id, state.keys[first:full],
+                                                    state.block_ids[first:full]))
+                    state.saved_blocks = full
+        return meta
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        bad = set(getattr(connector_output, "invalid_block_ids", None) or ())
+        if not bad:
+            return
+        for req_id, state in self._requests.items():
+            if state.load is not None and bad.intersection(state.load.block_ids):
+                self._failed.add(req_id)
+                state.saved_blocks = 0  # it recomputes them: store what it computes
+
+    def request_finished(self, request: Request,
+                         block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._requests.pop(request.request_id, None)
+        self._failed.discard(request.request_id)
+        return False, None
+
+    # -- worker side -------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        num_blocks = getattr(self._kv_cache_config, "num_blocks", None)
+        shapes = {tuple(t.shape) for t in kv_caches.values()}
+        if num_blocks is not None and any(shape[0] != num_blocks for shape in shapes):
+            raise ConfigError(f"KVStoreConnector handles KV caches with the blocks on dim 0 "
+                              f"(vLLM's CPU backend), got shapes {sorted(shapes)} for "
+                              f"{num_blocks} blocks")
+        self._pages = PageLayout(kv_caches)
+        if self.settings.url is None:
+            self.store.get()  # start the embedded store (and serve it to the scheduler)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if not isinstance(meta, KVStoreConnectorMetadata) or not meta.loads:
+            return
+        self._scattered = set()
+        self._fetch = self._io.submit(self._fetch_all, meta.loads)
+
+    def _fetch_all(self, loads: list[BlockTransfer]
+                   ) -> list[tuple[BlockTransfer, torch.Tensor, int]]:
+        assert self._pages is not None
+        store = self.store.get()
+        fetched = []
+        rows = self._pages.reused_staging("load", sum(len(load.keys) for load in loads))
+        first = 0
+        for load in loads:
+            staging = rows[first:first + len(load.keys)]
+            first += len(load.keys)
+            num_ok = 0 if store is None else fetch_blocks(store, load.keys, staging)
+            if num_ok < len(load.keys):
+                self._load_errors.update(load.block_ids[num_ok:])
+                self.stats.add(load_failures=len(load.keys) - num_ok)
+                log.warning("kvstore: request %s: %d of %d blocks could not be loaded; "
+                            "vLLM recomputes them", load.req_id, len(load.keys) - num_ok,
+                            len(load.keys))
+            self.stats.add(blocks_loaded=num_ok)
+            fetched.append((load, staging, num_ok))
+        return fetched
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if self._fetch is None or self._pages is None:
+            return
+        layer = self._pages.layer_index(layer_name)
+        if layer is None or layer in self._scattered:
+            return
+        for load, staging, num_ok in self._fetch.result():
+            self._pages.scatter_layer(layer, staging, load.block_ids[:num_ok])
+        self._scattered.add(layer)
+
+    def _finish_loads(self) -> None:
+        """Scatter any layer vLLM did not wait for (so no claimed page stays stale)."""
+        if self._fetch is None or self._pages is None:
+            return
+        for name in self._pages.layer_names:
+            self.wait_for_layer_load(name)
+        self._fetch = None
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
+                      **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if (self._pages is None or not isinstance(meta, KVStoreConnectorMetadata)
+                or not meta.saves):
+            return
+        layer = self._pages.layer_index(layer_name)
+        if layer is None:
+            return
+        if not self._save_staging:
+            rows = self._pages.reused_staging("save", sum(len(s.keys) for s in meta.saves))
+            first = 0
+            for save in meta.saves:
+                self._save_staging.append((save, rows[first:first + len(save.keys)]))
+                first += len(save.keys)
+        for save, staging in self._save_staging:
+            self._pages.gather_layer(layer, save.block_ids, staging)
+
+    def wait_for_save(self) -> None:
+        self._finish_loads()
+        staged, self._save_staging = self._save_staging, []
+        if not staged:
+            return
+        store = self.store.get()
+        for save, staging in staged:
+            num_saved = 0 if store is None else store_blocks(store, save.keys, staging)
+            self.stats.add(blocks_saved=num_saved,
+                           save_failures=int(num_saved < len(save.keys) and store is None))
+            log.debug("kvstore: request %s: stored %d of %d new blocks", save.req_id,
+                      num_saved, len(save.keys))
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self.stats.is_empty():
+            return None
+        stats, self.stats = self.stats, KVStoreConnectorStats()
+        return stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
+                                 ) -> KVConnectorStats | None:
+        return KVStoreConnectorStats(data=dict(data or {}))
+
+    def shutdown(self) -> None:
+        self._io.shutdown(wait=True)
+        self.store.close()

@@ -1,0 +1,99 @@
+"""Whole-page moves between a paged KV cache and a real Store (no vLLM needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvstore
+from kvstore.integrations.pages import PageLayout, fetch_blocks, store_blocks
+
+NUM_BLOCKS, HEADS, BLOCK, HEAD2 = 12, 2, 32, 16  # vLLM CPU: [blocks, heads, block, 2*hs]
+
+
+def caches(seed: int, num_layers: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"model.layers.{i}.self_attn.attn":
+            torch.randn(NUM_BLOCKS, HEADS, BLOCK, HEAD2, generator=g).to(torch.bfloat16)
+            for i in range(num_layers)}
+
+
+def keys(n: int) -> list[bytes]:
+    return kvstore.prefix_hashes(list(range(n * BLOCK)), block_tokens=BLOCK, namespace="t")
+
+
+def test_pages_round_trip_through_a_store_into_other_blocks() -> None:
+    src, dst = caches(1), caches(2)
+    out, back = PageLayout(src), PageLayout(dst)
+    assert out.block_bytes == 3 * HEADS * BLOCK * HEAD2 * 2
+    staging = out.staging(4)
+    for layer in range(3):
+        out.gather_layer(layer, [5, 1, 7, 2], staging)
+    with kvstore.Store(kvstore.StoreConfig(dram_bytes=32 << 20)) as store:
+        assert store_blocks(store, keys(4), staging) == 4
+        fetched = back.staging(4)
+        assert fetch_blocks(store, keys(4), fetched) == 4
+    untouched = dst["model.layers.0.self_attn.attn"][0].clone()
+    for layer in range(3):
+        back.scatter_layer(layer, fetched, [0 + 3, 4, 8, 9])
+    for name in src:
+        for s, d in zip([5, 1, 7, 2], [3, 4, 8, 9], strict=True):
+            assert torch.equal(src[name][s], dst[name][d])
+    assert torch.equal(dst["model.layers.0.self_attn.attn"][0], untouched)
+
+
+def test_a_missing_block_ends_the_prefix_and_nothing_after_it_is_used() -> None:
+    pages = PageLayout(caches(3))
+    staging = pages.staging(4)
+    for layer in range(3):
+        pages.gather_layer(layer, [0, 1, 2, 3], staging)
+    with kvstore.Store(kvstore.StoreConfig(dram_bytes=32 << 20)) as store:
+        assert store_blocks(store, keys(4), staging) == 4
+        store.delete(keys(4)[2])
+        assert fetch_blocks(store, keys(4), pages.staging(4)) == 2
+        store.put(keys(4)[2], b"short")  # a foreign value of the wrong size
+        assert fetch_blocks(store, keys(4), pages.staging(4)) == 2
+
+
+def test_a_dead_daemon_is_a_miss_not_an_error(tmp_path) -> None:
+    from tests.daemon.conftest import DaemonProcess
+
+    daemon = DaemonProcess(tmp_path, "--dram", "16MiB").start()
+    pages = PageLayout(caches(4))
+    staging = pages.staging(2)
+    for layer in range(3):
+        pages.gather_layer(layer, [0, 1], staging)
+    client = kvstore.connect(daemon.url, timeout_s=5)
+    try:
+        assert store_blocks(client, keys(2), staging) == 2
+        assert fetch_blocks(client, keys(2), pages.staging(2)) == 2
+        daemon.proc.kill()
+        daemon.proc.wait()
+        assert fetch_blocks(client, keys(2), pages.staging(2)) == 0
+        assert store_blocks(client, keys(2), staging) == 0
+    finally:
+        client.close()
+        daemon.stop()
+
+
+def test_layouts_that_are_not_pages_on_dim_0_are_refused() -> None:
+    with pytest.raises(ValueError, match="no KV cache"):
+        PageLayout({})
+    bad = {"a": torch.zeros(4, 2, 8), "b": torch.zeros(5, 2, 8)}
+    with pytest.raises(ValueError, match="contiguous pages"):
+        PageLayout(bad)
+    strided = {"a": torch.zeros(2, 4, 8).transpose(0, 1)}
+    with pytest.raises(ValueError, match="contiguous pages"):
+        PageLayout(strided)
+
+
+
+
+def test_reused_staging_keeps_its_memory_and_grows() -> None:
+    pages = PageLayout(caches(5))
+    first = pages.reused_staging("load", 3)
+    assert tuple(first.shape) == (3, pages.block_bytes)
+    assert pages.reused_staging("load", 2).data_ptr() == first.data_ptr()
+    grown = pages.reused_staging("load", 5)
+    assert tuple(grown.shape) == (5, pages.block_bytes)
+    assert pages.reused_staging("save", 1).data_ptr() != grown.data_ptr()

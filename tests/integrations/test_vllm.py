@@ -1,0 +1,179 @@
+"""KVStoreConnector against real vLLM (CPU build), a real kvstored and a real checkpoint.
+
+Each scenario runs `kvstore.integrations.vllm_driver` in a subprocess (vLLM owns its
+process: logging, signal handlers, spawned engine processes). The model is a small random
+Llama written as safetensors (head size 32, which vLLM's CPU attention takes); greedy
+decoding, so a run that reuses stored KV must give exactly the tokens of a run without
+the connector. Skipped unless vLLM is installed (`.ci/run` runs these in a venv of their
+own: `pytest -m vllm`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm", reason="needs vLLM (pip install -e '.[vllm]')")
+
+from kvstore.integrations.vllm_driver import RESULTS_MARK
+from tests.daemon.conftest import DaemonProcess
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[2]
+BLOCK = 128  # vLLM's default block size on CPU
+ENGINE = {"dtype": "bfloat16", "max_model_len": 2048, "max_num_seqs": 4}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         head_dim=32, num_key_value_heads=2, intermediate_size=256,
+                         vocab_size=1024, max_position_embeddings=2048, bos_token_id=1,
+                         eos_token_id=2, tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def prompts(seed: int) -> tuple[list[int], list[int]]:
+    """A (600 tokens) and B, which shares A's first 520 tokens (4 whole blocks)."""
+    rng = random.Random(seed)
+    a = [rng.randrange(3, 1000) for _ in range(600)]
+    b = a[:520] + [rng.randrange(3, 1000) for _ in range(90)]
+    return a, b
+
+
+def drive(tmp_path: Path, model: Path, steps: list[dict[str, Any]], *,
+          multiprocess: bool = False) -> list[dict[str, Any]]:
+    script = tmp_path / f"script-{len(list(tmp_path.iterdir()))}.json"
+    script.write_text(json.dumps({"model": str(model), "engine": ENGINE, "steps": steps}))
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"),
+           "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocess else "0",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "kvstore.integrations.vllm_driver",
+                           str(script)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULTS_MARK)]
+    assert len(lines) == 1, proc.stdout[-3000:]
+    return json.loads(lines[0].removeprefix(RESULTS_MARK))
+
+
+@pytest.fixture(scope="module")
+def baseline(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[list[int]]:
+    """A's and B's tokens from vLLM with no connector."""
+    a, b = prompts(1)
+    result = drive(tmp_path_factory.mktemp("baseline"), model_dir, [
+        {"op": "start", "connector": None},
+        {"op": "generate", "prompts": [a]},
+        {"op": "reset_prefix_cache"},
+        {"op": "generate", "prompts": [b]}])
+    return [result[0]["tokens"][0], result[1]["tokens"][0]]
+
+
+def test_second_instance_reuses_the_first_ones_prefix_through_a_daemon(
+        tmp_path: Path, model_dir: Path, baseline: list[list[int]]) -> None:
+    """Also the roles: a consumer only loads, a producer only saves."""
+    a, b = prompts(1)
+    daemon = DaemonProcess(tmp_path, "--dram", "256MiB", "--block-tokens", str(BLOCK)).start()
+    try:
+        url = {"url": daemon.url}
+        consumer, after_consumer, producer, after_producer, both, after = drive(
+            tmp_path, model_dir, [
+                {"op": "start", "connector": url, "role": "kv_consumer"},
+                {"op": "generate", "prompts": [a]},
+                {"op": "stop"},
+                {"op": "store_stats", "url": daemon.url},
+                {"op": "start", "connector": url, "role": "kv_producer"},
+                {"op": "generate", "prompts": [a]},
+                {"op": "stop"},
+                {"op": "store_stats", "url": daemon.url},
+                {"op": "start", "connector": url},  # kv_both, a new instance: empty cache
+                {"op": "generate", "prompts": [a, b]},
+                {"op": "store_stats", "url": daemon.url}])
+        assert consumer["tokens"][0] == producer["tokens"][0] == baseline[0]
+        assert consumer["num_cached_tokens"] == producer["num_cached_tokens"] == [0]
+        assert after_consumer["stats"]["blocks"] == 0  # the consumer stored nothing
+        assert after_consumer["stats"]["prefix"]["lookups"] == 1
+        assert after_producer["stats"]["blocks"] == 4  # A's 4 full blocks (the 5th is partial)
+        assert after_producer["stats"]["prefix"]["lookups"] == 1  # the producer asked nothing
+        # Both prompts start with A's 4 blocks; the tokens are exactly those computed
+        # without any cache.
+        assert both["num_cached_tokens"] == [4 * BLOCK, 4 * BLOCK]
+        assert both["tokens"] == baseline
+        # A's lookup hit 4 blocks; B then found them in vLLM's own cache (A had just loaded
+        # them) and needed no lookup.
+        prefix = after["stats"]["prefix"]
+        assert prefix["lookups"] == 2 and prefix["tokens_hit"] == 4 * BLOCK
+        assert after["stats"]["blocks"] == 4
+    finally:
+        daemon.stop()
+
+
+def test_daemon_killed_mid_run_makes_vllm_recompute(
+        tmp_path: Path, model_dir: Path, baseline: list[list[int]]) -> None:
+    a, b = prompts(1)
+    daemon = DaemonProcess(tmp_path, "--dram", "256MiB", "--block-tokens", str(BLOCK)).start()
+    try:
+        many = [a, b] * 6
+        results = drive(tmp_path, model_dir, [
+            {"op": "start", "connector": {"url": daemon.url, "retry_after_s": 0.2}},
+            {"op": "generate", "prompts": [a]},
+            {"op": "reset_prefix_cache"},
+            # The daemon dies while these run: whatever each request had fetched by then,
+            # its tokens are those of a run without any cache.
+            {"op": "generate", "prompts": many, "max_tokens": 24,
+             "kill_pid": daemon.proc.pid, "kill_after_s": 0.3},
+            {"op": "reset_prefix_cache"},
+            {"op": "generate", "prompts": [a, b]}])  # no daemon at all now
+        assert daemon.proc.wait(timeout=10) == -9
+        assert results[0]["tokens"][0] == baseline[0]
+        mid = results[1]["tokens"]
+        assert [t[:8] for t in mid] == baseline * 6
+        assert results[2]["tokens"] == baseline
+        assert results[2]["num_cached_tokens"][0] == 0  # the store is gone: all recomputed
+    finally:
+        daemon.stop()
+
+
+def test_embedded_store_in_one_process(tmp_path: Path, model_dir: Path,
+                                       baseline: list[list[int]]) -> None:
+    a, b = prompts(1)
+    results = drive(tmp_path, model_dir, [
+        {"op": "start", "connector": {"dram": "256MiB"}},
+        {"op": "generate", "prompts": [a]},
+        {"op": "reset_prefix_cache"},  # vLLM forgets; the embedded store does not
+        {"op": "generate", "prompts": [b]}])
+    assert results[0]["num_cached_tokens"] == [0]
+    assert results[1]["num_cached_tokens"] == [4 * BLOCK]
+    assert [r["tokens"][0] for r in results] == baseline
+
+
+def test_embedded_store_with_vllms_engine_processes(tmp_path: Path, model_dir: Path,
+                                                     baseline: list[list[int]]) -> None:
+    """vLLM's default: scheduler and worker in spawned processes; the worker's embedded
+    store is served to the scheduler by an in-process kvstored."""
+    a, b = prompts(1)
+    results = drive(tmp_path, model_dir, [
+        {"op": "start", "connector": {"dram": "256MiB", "nvme_path": str(tmp_path / "nvme"),
+                                      "nvme": "256MiB"}},
+        {"op": "generate", "prompts": [a]},
+        {"op": "reset_prefix_cache"},
+        {"op": "generate", "prompts": [b]}], multiprocess=True)
+    assert results[1]["num_cached_tokens"] == [4 * BLOCK]
+    assert [r["tokens"][0] for r in results] == baseline
+    assert not list(tmp_path.glob("kvstore-vllm-*.json"))  # the address file is cleaned up
