@@ -42,26 +42,11 @@ TARGET_RATIO = 10.0
 
 def write_smollm2(out: Path) -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face safetensors directory (made once)."""
-    if (out / "config.json").is_file():
-        return out
-    from safetensors.torch import save_file
+    if not (out / "config.json").is_file():
+        from engines.checkpoint import save_hf_checkpoint
+        from engines.gguf_file import load_gguf, smollm2_gguf_path
 
-    from engines.gguf_file import load_gguf, smollm2_gguf_path
-
-    config, weights = load_gguf(smollm2_gguf_path())
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
-        "rope_theta": config.rope_theta, "rms_norm_eps": config.rms_norm_eps,
-        "tie_word_embeddings": config.tie_embeddings,
-        "max_position_embeddings": config.max_position_tokens,
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": list(config.eos_token_ids) or None, "torch_dtype": "float32"}))
+        save_hf_checkpoint(*load_gguf(smollm2_gguf_path()), out)
     return out
 
 

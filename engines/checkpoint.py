@@ -111,3 +111,39 @@ def load_hf_checkpoint(path: str | os.PathLike[str]
     if config.tie_embeddings:
         weights.pop("lm_head.weight", None)
     return config, weights
+
+
+def save_hf_checkpoint(config: ModelConfig, weights: dict[str, torch.Tensor],
+                       path: str | os.PathLike[str]) -> Path:
+    """Write ``weights`` (Hugging Face names) and ``config`` as a Llama checkpoint
+    directory (``config.json`` + ``model.safetensors``) that `load_hf_checkpoint`, vLLM
+    and transformers load; e.g. a GGUF model for vLLM, which does not read GGUF."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dtypes = {t.dtype for t in weights.values()}
+    if len(dtypes) != 1:
+        raise ValueError(f"save_hf_checkpoint needs weights of one dtype, got {dtypes}")
+    raw: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
+        "rope_theta": config.rope_theta, "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": config.tie_embeddings,
+        "max_position_embeddings": config.max_position_tokens,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(config.eos_token_ids) or None,
+        "torch_dtype": str(dtypes.pop()).removeprefix("torch.")}
+    if config.rope_scaling is not None:
+        scaling = config.rope_scaling
+        raw["rope_scaling"] = {
+            "rope_type": "llama3", "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position_tokens}
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(raw, indent=1))
+    return path

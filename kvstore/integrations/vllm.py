@@ -13,14 +13,18 @@ pool), ``kv_consumer`` only loads (a decode pool), ``kv_both`` does both.
 
 Keys: `kvstore.prefix_hashes` of the prompt's token ids, one per full vLLM block, in the
 namespace `KVLayout.namespace` gives for (model, layers, KV heads, head size, block size,
-dtype), salted with the page format (vLLM version, platform, attention ISA): the key
-scheme of the embedded engines and of ``kvstore hitrate``, and the daemon's access log of
-these lookups replays as is. A stored block is the block's pages of every layer
-(`kvstore.integrations.pages`).
+dtype): the key scheme of the embedded engines and of ``kvstore hitrate`` (the daemon's
+access log of these lookups replays as is). On vLLM's CPU backend with its ``vec`` ISA,
+pages are converted to `kvstore.layout` as they are stored, so an engine and vLLM running
+the same model (``model_id`` set to the engine's ``model.model_id``), dtype and block size
+share blocks. Other page formats are stored as opaque pages in a namespace salted with the
+format (vLLM version, platform, ISA), so they never meet a block they cannot read.
 
     scheduler process                               worker process
-    get_num_new_matched_tokens: match_prefix         start_load_kv: fetch the blocks (thread)
-      (never the last prompt token)                  wait_for_layer_load(i): scatter layer i
+    get_num_new_matched_tokens: match_prefix         start_load_kv: an I/O thread fetches
+      (never the last prompt token)                    the blocks, then writes the pages
+                                                       layer by layer
+                                                     wait_for_layer_load(i): layer i written
     update_state_after_alloc: block ids to load      save_kv_layer(i): gather layer i's pages
     build_connector_meta: loads, and the full        wait_for_save: put_many the new blocks
       prompt blocks this step computes               get_block_ids_with_load_errors
@@ -66,6 +70,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from kvstore.errors import ConfigError
 from kvstore.integrations.pages import (
     STORE_FAILURES,
+    KVPageCodec,
     PageLayout,
     fetch_blocks,
     store_blocks,
@@ -106,41 +111,63 @@ def model_fingerprint(model: str) -> str:
     return f"{path.name}@{h.hexdigest()}"
 
 
+def cpu_attention_isa(vllm_config: VllmConfig) -> str | None:
+    """The ISA vLLM's CPU attention packs pages for (None off the CPU backend)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        model = vllm_config.model_config
+        return str(_get_attn_isa(model.dtype, vllm_config.cache_config.block_size,
+                                 model.get_head_size(), vllm_config.cache_config.cache_dtype))
+    except (ImportError, AttributeError, NotImplementedError) as e:
+        return f"unknown-{type(e).__name__}"
+
+
 def page_format(vllm_config: VllmConfig) -> str:
-    """What decides the bytes of a page: vLLM's version, the platform and, on CPU, the
-    attention ISA (its kernels pack K and V differently per ISA)."""
+    """What decides the bytes of a page: vLLM's version, the platform, the KV dtype and,
+    on CPU, the attention ISA (its kernels pack K and V differently per ISA)."""
     import vllm
     from vllm.platforms import current_platform
 
-    parts = [f"vllm-{vllm.__version__}", current_platform.device_type]
-    cache_dtype = vllm_config.cache_config.cache_dtype
-    parts.append(str(cache_dtype))
-    if current_platform.is_cpu():
-        try:
-            from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-            model = vllm_config.model_config
-            parts.append(_get_attn_isa(model.dtype, vllm_config.cache_config.block_size,
-                                       model.get_head_size(), cache_dtype))
-        except (ImportError, AttributeError, NotImplementedError) as e:
-            parts.append(f"isa-unknown-{type(e).__name__}")
+    parts = [f"vllm-{vllm.__version__}", current_platform.device_type,
+             str(vllm_config.cache_config.cache_dtype)]
+    isa = cpu_attention_isa(vllm_config)
+    if isa is not None:
+        parts.append(isa)
     return "/".join(parts)
 
 
-def key_namespace(vllm_config: VllmConfig, settings: ConnectorSettings) -> tuple[str, int]:
-    """The key namespace of this model and page format, and vLLM's block size."""
+def uses_kvstore_layout(vllm_config: VllmConfig) -> bool:
+    """Whether pages are converted to `kvstore.layout` (a page format `KVPageCodec` knows:
+    the CPU ``vec`` ISA with an unquantized cache); else they are stored as opaque bytes."""
+    return (cpu_attention_isa(vllm_config) == "vec"
+            and str(vllm_config.cache_config.cache_dtype) == "auto")
+
+
+def kv_layout(vllm_config: VllmConfig) -> KVLayout:
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
     if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
         raise ConfigError("KVStoreConnector does not support tensor or pipeline parallelism "
                           "yet: run one worker per instance")
-    block_tokens = vllm_config.cache_config.block_size
-    layout = KVLayout(num_layers=model.get_num_layers(parallel),
-                      num_kv_heads=model.get_num_kv_heads(parallel),
-                      head_dim=model.get_head_size(), block_tokens=block_tokens,
-                      dtype=str(model.dtype).removeprefix("torch."))
-    model_id = settings.model_id or model_fingerprint(model.model)
-    return layout.namespace(model_id, salt=page_format(vllm_config)), block_tokens
+    return KVLayout(num_layers=model.get_num_layers(parallel),
+                    num_kv_heads=model.get_num_kv_heads(parallel),
+                    head_dim=model.get_head_size(),
+                    block_tokens=vllm_config.cache_config.block_size,
+                    dtype=str(model.dtype).removeprefix("torch."))
+
+
+def key_namespace(vllm_config: VllmConfig, settings: ConnectorSettings) -> str:
+    """The key namespace: `KVLayout.namespace` of the model, as the embedded engines name
+    theirs when blocks are stored in `kvstore.layout`; salted with the page format when
+    they are opaque pages."""
+    model_id = settings.model_id or model_fingerprint(vllm_config.model_config.model)
+    salt = "" if uses_kvstore_layout(vllm_config) else page_format(vllm_config)
+    return kv_layout(vllm_config).namespace(model_id, salt=salt)
 
 
 # -- the store --------------------------------------------------------------------------------
@@ -342,7 +369,12 @@ class KVStoreConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         transfer = self._kv_transfer_config
         self.settings = ConnectorSettings.parse(transfer.kv_connector_extra_config)
-        self.namespace, self.block_tokens = key_namespace(vllm_config, self.settings)
+        self.layout = kv_layout(vllm_config)
+        self.block_tokens = self.layout.block_tokens
+        self.namespace = key_namespace(vllm_config, self.settings)
+        self.codec = (KVPageCodec(self.layout.num_kv_heads, self.block_tokens,
+                                  self.layout.head_dim)
+                      if uses_kvstore_layout(vllm_config) else None)
         self.does_load = transfer.kv_role in ("kv_consumer", "kv_both")
         self.does_save = transfer.kv_role in ("kv_producer", "kv_both")
         engine_id = str(transfer.engine_id)
@@ -356,8 +388,8 @@ class KVStoreConnector(KVConnectorBase_V1):
         # worker side
         self._pages: PageLayout | None = None
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-vllm")
-        self._fetch: Future[list[tuple[BlockTransfer, torch.Tensor, int]]] | None = None
-        self._scattered: set[int] = set()
+        self._fetch: Future[None] | None = None
+        self._layer_ready: list[threading.Event] = []
         self._save_staging: list[tuple[BlockTransfer, torch.Tensor]] = []
         self._load_errors: set[int] = set()
         if role == KVConnectorRole.SCHEDULER and self.settings.on_load_error == "recompute":
@@ -473,7 +505,7 @@ class KVStoreConnector(KVConnectorBase_V1):
             raise ConfigError(f"KVStoreConnector handles KV caches with the blocks on dim 0 "
                               f"(vLLM's CPU backend), got shapes {sorted(shapes)} for "
                               f"{num_blocks} blocks")
-        self._pages = PageLayout(kv_caches)
+        self._pages = PageLayout(kv_caches, self.codec)
         if self.settings.url is None:
             self.store.get()  # start the embedded store (and serve it to the scheduler)
 
@@ -481,47 +513,60 @@ class KVStoreConnector(KVConnectorBase_V1):
         meta = self._connector_metadata
         if not isinstance(meta, KVStoreConnectorMetadata) or not meta.loads:
             return
-        self._scattered = set()
-        self._fetch = self._io.submit(self._fetch_all, meta.loads)
-
-    def _fetch_all(self, loads: list[BlockTransfer]
-                   ) -> list[tuple[BlockTransfer, torch.Tensor, int]]:
         assert self._pages is not None
-        store = self.store.get()
-        fetched = []
-        rows = self._pages.reused_staging("load", sum(len(load.keys) for load in loads))
-        first = 0
-        for load in loads:
-            staging = rows[first:first + len(load.keys)]
-            first += len(load.keys)
-            num_ok = 0 if store is None else fetch_blocks(store, load.keys, staging)
-            if num_ok < len(load.keys):
-                self._load_errors.update(load.block_ids[num_ok:])
-                self.stats.add(load_failures=len(load.keys) - num_ok)
-                log.warning("kvstore: request %s: %d of %d blocks could not be loaded; "
-                            "vLLM recomputes them", load.req_id, len(load.keys) - num_ok,
-                            len(load.keys))
-            self.stats.add(blocks_loaded=num_ok)
-            fetched.append((load, staging, num_ok))
-        return fetched
+        self._layer_ready = [threading.Event() for _ in self._pages.layer_names]
+        self._fetch = self._io.submit(self._load_all, meta.loads, self._layer_ready)
+
+    def _load_all(self, loads: list[BlockTransfer], layer_ready: list[threading.Event]) -> None:
+        """On the I/O thread: fetch every block, then write the pages layer by layer,
+        each layer signalled as soon as it is written (layer i's pages are written while
+        vLLM computes the layers before it)."""
+        assert self._pages is not None
+        try:
+            store = self.store.get()
+            fetched = []
+            rows = self._pages.reused_staging("load", sum(len(load.keys) for load in loads))
+            first = 0
+            for load in loads:
+                staging = rows[first:first + len(load.keys)]
+                first += len(load.keys)
+                num_ok = 0 if store is None else fetch_blocks(store, load.keys, staging)
+                if num_ok < len(load.keys):
+                    self._load_errors.update(load.block_ids[num_ok:])
+                    self.stats.add(load_failures=len(load.keys) - num_ok)
+                    log.warning("kvstore: request %s: %d of %d blocks could not be loaded; "
+                                "vLLM recomputes them", load.req_id,
+                                len(load.keys) - num_ok, len(load.keys))
+                self.stats.add(blocks_loaded=num_ok)
+                fetched.append((load, staging, num_ok))
+            for layer, ready in enumerate(layer_ready):
+                for load, staging, num_ok in fetched:
+                    self._pages.scatter_layer(layer, staging, load.block_ids[:num_ok])
+                ready.set()
+        except BaseException:
+            # Nothing half-written is handed over: every claimed block is reported failed.
+            for load in loads:
+                self._load_errors.update(load.block_ids)
+            raise
+        finally:
+            for ready in layer_ready:
+                ready.set()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self._fetch is None or self._pages is None:
             return
         layer = self._pages.layer_index(layer_name)
-        if layer is None or layer in self._scattered:
-            return
-        for load, staging, num_ok in self._fetch.result():
-            self._pages.scatter_layer(layer, staging, load.block_ids[:num_ok])
-        self._scattered.add(layer)
+        if layer is not None:
+            self._layer_ready[layer].wait()
 
     def _finish_loads(self) -> None:
-        """Scatter any layer vLLM did not wait for (so no claimed page stays stale)."""
-        if self._fetch is None or self._pages is None:
-            return
-        for name in self._pages.layer_names:
-            self.wait_for_layer_load(name)
-        self._fetch = None
+        """Wait for the whole load (vLLM may skip a layer's wait) and surface its errors."""
+        fetch, self._fetch = self._fetch, None
+        if fetch is not None:
+            try:
+                fetch.result()
+            except Exception as e:  # already reported as failed blocks: vLLM recomputes
+                log.error("kvstore: loading blocks failed: %s", e)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:
@@ -553,6 +598,12 @@ class KVStoreConnector(KVConnectorBase_V1):
                            save_failures=int(num_saved < len(save.keys) and store is None))
             log.debug("kvstore: request %s: stored %d of %d new blocks", save.req_id,
                       num_saved, len(save.keys))
+
+    def get_finished(self, finished_req_ids: set[str]
+                     ) -> tuple[set[str] | None, set[str] | None]:
+        """Nothing is ever in flight past a step: loads finish before the forward reads
+        them and saves before `wait_for_save` returns, so no request waits on us."""
+        return None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

