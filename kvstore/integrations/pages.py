@@ -27,7 +27,7 @@ there on is reported as failed, never written half.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -171,9 +171,21 @@ class PageLayout:
                                      codec.num_kv_heads, codec.head_dim)
 
 
-def fetch_blocks(store: Any, keys: Sequence[bytes], out: torch.Tensor) -> int:
+OnFailure = Callable[[BaseException], None]
+
+
+def _store_down(error: BaseException, on_failure: OnFailure | None) -> None:
+    """Tell ``on_failure`` when the store itself failed (not one bad value)."""
+    if on_failure is not None and not isinstance(error, ValueError):
+        on_failure(error)
+
+
+def fetch_blocks(store: Any, keys: Sequence[bytes], out: torch.Tensor, *,
+                 on_failure: OnFailure | None = None) -> int:
     """Read ``keys`` into ``out``'s rows in order; returns how many leading blocks arrived
-    whole (each verified by the store's checksum). A store failure ends the prefix there."""
+    whole (each verified by the store's checksum). A failure ends the prefix there; a
+    failure of the store (not of one value, e.g. of the wrong size) goes to
+    ``on_failure``."""
     batch = getattr(store, "get_many_into", None)
     if batch is not None:
         try:
@@ -189,14 +201,17 @@ def fetch_blocks(store: Any, keys: Sequence[bytes], out: torch.Tensor) -> int:
             num_done += 1
     except STORE_FAILURES as e:
         log.warning("kvstore: reading %d blocks failed after %d: %s", len(keys), num_done, e)
+        _store_down(e, on_failure)
     return num_done
 
 
-def store_blocks(store: Any, keys: Sequence[bytes], blocks: torch.Tensor) -> int:
+def store_blocks(store: Any, keys: Sequence[bytes], blocks: torch.Tensor, *,
+                 on_failure: OnFailure | None = None) -> int:
     """``put_many`` of ``blocks``' rows under ``keys`` (one chain, parent first); returns
-    how many were stored (0 when the store failed)."""
+    how many were stored (0 when the store failed, which goes to ``on_failure``)."""
     try:
         return int(store.put_many(list(keys), [blocks[i] for i in range(len(keys))]))
     except STORE_FAILURES as e:
         log.warning("kvstore: storing %d blocks failed: %s", len(keys), e)
+        _store_down(e, on_failure)
         return 0

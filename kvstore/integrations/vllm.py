@@ -93,21 +93,28 @@ log = logging.getLogger(__name__)
 # -- the key namespace -----------------------------------------------------------------------
 
 
-def model_fingerprint(model: str) -> str:
-    """``model``'s name, with a digest of its config and weight file names and sizes when
-    it is a local directory (two instances of one checkpoint agree; different weights at
-    the same path do not)."""
+def model_fingerprint(model: str, revision: str | None = None) -> str:
+    """``model``'s name (and revision), with a digest of its contents when it is a local
+    directory: its config, and each weight file's name, size and first and last 1 MiB
+    (two instances of one checkpoint agree; a fine-tune of the same shapes does not). Set
+    ``model_id`` to name a model some other way."""
     path = Path(model)
     if not path.is_dir():
-        return model
+        return model if revision is None else f"{model}@{revision}"
     import hashlib
 
     h = hashlib.blake2b(digest_size=8)
     config = path / "config.json"
     if config.is_file():
         h.update(config.read_bytes())
+    sample = 1 << 20
     for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        h.update(f"{weights.name}:{weights.stat().st_size}".encode())
+        size = weights.stat().st_size
+        h.update(f"{weights.name}:{size}".encode())
+        with open(weights, "rb") as f:
+            h.update(f.read(sample))
+            f.seek(max(0, size - sample))
+            h.update(f.read(sample))
     return f"{path.name}@{h.hexdigest()}"
 
 
@@ -165,7 +172,10 @@ def key_namespace(vllm_config: VllmConfig, settings: ConnectorSettings) -> str:
     """The key namespace: `KVLayout.namespace` of the model, as the embedded engines name
     theirs when blocks are stored in `kvstore.layout`; salted with the page format when
     they are opaque pages."""
-    model_id = settings.model_id or model_fingerprint(vllm_config.model_config.model)
+    model = vllm_config.model_config
+    model_id = settings.model_id or model_fingerprint(model.model, model.revision)
+    if getattr(model, "quantization", None):
+        model_id = f"{model_id}|{model.quantization}"
     salt = "" if uses_kvstore_layout(vllm_config) else page_format(vllm_config)
     return kv_layout(vllm_config).namespace(model_id, salt=salt)
 
@@ -200,12 +210,16 @@ class _EmbeddedStore:
     def _serve(self, started: Future[None]) -> None:
         asyncio.set_event_loop(self._loop)
         try:
-            self._loop.run_until_complete(self.daemon.start())
-        except BaseException as e:
-            started.set_exception(e)
-            return
-        started.set_result(None)
-        self._loop.run_until_complete(self.daemon.serve_until_stopped())
+            try:
+                self._loop.run_until_complete(self.daemon.start())
+            except BaseException as e:
+                self._loop.run_until_complete(self.daemon.stop())  # frees the store
+                started.set_exception(e)
+                return
+            started.set_result(None)
+            self._loop.run_until_complete(self.daemon.serve_until_stopped())
+        finally:
+            self._loop.close()
 
     def close(self) -> None:
         self._address_file.unlink(missing_ok=True)
@@ -244,6 +258,8 @@ class _StoreHandle:
             if self._store is None:
                 try:
                     self._store = self._open()
+                except ConfigError:
+                    raise  # a bad setting: say so at startup, not retry it forever
                 except STORE_FAILURES as e:
                     self.failed(e)
                     return None
@@ -359,6 +375,7 @@ class _RequestState:
     saved_blocks: int = 0  # leading blocks known to be in the store or sent to be saved
     load: BlockTransfer | None = None
     block_ids: list[int] = field(default_factory=list)
+    cacheable: bool = True  # False: its KV depends on more than its tokens
 
 
 class KVStoreConnector(KVConnectorBase_V1):
@@ -391,6 +408,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._fetch: Future[None] | None = None
         self._layer_ready: list[threading.Event] = []
         self._save_staging: list[tuple[BlockTransfer, torch.Tensor]] = []
+        self._gathered: set[int] = set()  # layers save_kv_layer gathered this step
         self._load_errors: set[int] = set()
         if role == KVConnectorRole.SCHEDULER and self.settings.on_load_error == "recompute":
             # Read by vLLM's scheduler right after it builds this connector.
@@ -407,13 +425,20 @@ class KVStoreConnector(KVConnectorBase_V1):
             keys = prefix_hashes(tokens, block_tokens=self.block_tokens,
                                  namespace=self.namespace)
             state = self._requests[request.request_id] = _RequestState(request, keys)
+            # A LoRA adapter, images or a cache salt change the KV of the same tokens;
+            # the keys name only tokens, so such requests neither load nor save.
+            if (getattr(request, "lora_request", None) or getattr(request, "mm_features", None)
+                    or getattr(request, "cache_salt", None)):
+                state.cacheable = False
+                state.saved_blocks = len(keys)
         return state
 
     def get_num_new_matched_tokens(self, request: Request,
                                    num_computed_tokens: int) -> tuple[int | None, bool]:
         state = self._state(request)
         state.local_blocks = num_computed_tokens // self.block_tokens
-        if not self.does_load or request.request_id in self._failed:
+        if (not self.does_load or not state.cacheable
+                or request.request_id in self._failed):
             return 0, False
         # At least the last prompt token must be computed (vLLM needs its logits).
         usable = min(len(state.keys), (request.num_tokens - 1) // self.block_tokens)
@@ -486,9 +511,12 @@ class KVStoreConnector(KVConnectorBase_V1):
         if not bad:
             return
         for req_id, state in self._requests.items():
-            if state.load is not None and bad.intersection(state.load.block_ids):
+            if bad.intersection(state.block_ids):
+                # It recomputes from the first bad block, and the worker stored nothing in
+                # that step: store what it computes, and never offer it the store again.
                 self._failed.add(req_id)
-                state.saved_blocks = 0  # it recomputes them: store what it computes
+                if state.cacheable:
+                    state.saved_blocks = 0
 
     def request_finished(self, request: Request,
                          block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -530,7 +558,8 @@ class KVStoreConnector(KVConnectorBase_V1):
             for load in loads:
                 staging = rows[first:first + len(load.keys)]
                 first += len(load.keys)
-                num_ok = 0 if store is None else fetch_blocks(store, load.keys, staging)
+                num_ok = 0 if store is None else fetch_blocks(
+                    store, load.keys, staging, on_failure=self.store.failed)
                 if num_ok < len(load.keys):
                     self._load_errors.update(load.block_ids[num_ok:])
                     self.stats.add(load_failures=len(load.keys) - num_ok)
@@ -585,17 +614,29 @@ class KVStoreConnector(KVConnectorBase_V1):
                 first += len(save.keys)
         for save, staging in self._save_staging:
             self._pages.gather_layer(layer, save.block_ids, staging)
+        self._gathered.add(layer)
 
     def wait_for_save(self) -> None:
         self._finish_loads()
         staged, self._save_staging = self._save_staging, []
+        gathered, self._gathered = self._gathered, set()
         if not staged:
+            return
+        assert self._pages is not None
+        if self._load_errors or len(gathered) < len(self._pages.layer_names):
+            # A failed load leaves pages that this step's forward may have read (vLLM
+            # recomputes them), and a layer vLLM did not hand over is not in the staging
+            # rows: store nothing from this step rather than anything wrong.
+            num = sum(len(save.keys) for save, _ in staged)
+            self.stats.add(save_failures=num)
+            log.warning("kvstore: not storing %d blocks of a step with %s", num,
+                        "failed loads" if self._load_errors else "layers not saved")
             return
         store = self.store.get()
         for save, staging in staged:
-            num_saved = 0 if store is None else store_blocks(store, save.keys, staging)
-            self.stats.add(blocks_saved=num_saved,
-                           save_failures=int(num_saved < len(save.keys) and store is None))
+            num_saved = 0 if store is None else store_blocks(
+                store, save.keys, staging, on_failure=self.store.failed)
+            self.stats.add(blocks_saved=num_saved, save_failures=len(save.keys) - num_saved)
             log.debug("kvstore: request %s: stored %d of %d new blocks", save.req_id,
                       num_saved, len(save.keys))
 
@@ -606,6 +647,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         return None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        self._finish_loads()  # (with speculative decoding vLLM asks before wait_for_save)
         errors, self._load_errors = self._load_errors, set()
         return errors
 

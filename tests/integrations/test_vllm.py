@@ -15,6 +15,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +56,20 @@ def prompts(seed: int) -> tuple[list[int], list[int]]:
     return a, b
 
 
+LOAD_FAILED = "could not be loaded"  # the connector's warning when a block fails to load
+
+
 def drive(tmp_path: Path, model: Path, steps: list[dict[str, Any]], *,
-          multiprocess: bool = False) -> list[dict[str, Any]]:
+          multiprocess: bool = False, loads_fail: bool = False) -> list[dict[str, Any]]:
     script = tmp_path / f"script-{len(list(tmp_path.iterdir()))}.json"
     script.write_text(json.dumps({"model": str(model), "engine": ENGINE, "steps": steps}))
-    return run_script(tmp_path, script, multiprocess=multiprocess)
+    return run_script(tmp_path, script, multiprocess=multiprocess, loads_fail=loads_fail)
 
 
-def run_script(tmp_path: Path, script: Path, *,
-               multiprocess: bool = False) -> list[dict[str, Any]]:
+def run_script(tmp_path: Path, script: Path, *, multiprocess: bool = False,
+               loads_fail: bool = False) -> list[dict[str, Any]]:
+    """The driver's results. Unless ``loads_fail``, no load may have failed: vLLM would
+    recompute and give the same tokens, so the tokens alone cannot tell."""
     env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"),
            "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocess else "0",
@@ -73,6 +79,9 @@ def run_script(tmp_path: Path, script: Path, *,
                            str(script)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-6000:]
+    if not loads_fail:
+        assert LOAD_FAILED not in proc.stderr, proc.stderr[-6000:]
+        assert "Recovered from KV load failure" not in proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULTS_MARK)]
     assert len(lines) == 1, proc.stdout[-3000:]
     return json.loads(lines[0].removeprefix(RESULTS_MARK))
@@ -140,7 +149,44 @@ def test_second_instance_reuses_the_first_ones_prefix_through_a_daemon(
     assert report["runs"][0]["policies"]["leaf-lru"]["hit_rate"] == 0.5
 
 
-def test_daemon_killed_mid_run_makes_vllm_recompute(
+def test_a_block_that_cannot_be_loaded_is_recomputed_never_used(
+        tmp_path: Path, model_dir: Path, baseline: list[list[int]]) -> None:
+    """The store says it holds A's 4 blocks, but the third is not a block (another writer
+    put a wrong-size value under its key): vLLM gets the first two, recomputes the rest,
+    and the connector stores the recomputed blocks over the bad one."""
+    import kvstore
+
+    a, _ = prompts(1)
+    access_log = tmp_path / "access.jsonl"
+    daemon = DaemonProcess(tmp_path, "--dram", "256MiB", "--block-tokens", str(BLOCK),
+                           "--access-log", str(access_log)).start()
+    try:
+        connector = {"url": daemon.url}
+        drive(tmp_path, model_dir, [{"op": "start", "connector": connector},
+                                    {"op": "generate", "prompts": [a]}])
+        deadline = time.monotonic() + 10
+        while not access_log.read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        first_lookup = json.loads(access_log.read_text().splitlines()[0])
+        keys = [bytes.fromhex(k) for k in first_lookup["keys"]]
+        assert len(keys) == 4
+        with kvstore.connect(daemon.url) as client:
+            assert client.put(keys[2], b"not a block")
+        broken, healed = drive(tmp_path, model_dir, [
+            {"op": "start", "connector": connector},
+            {"op": "generate", "prompts": [a]},  # loads 2 blocks, recomputes, re-stores
+            {"op": "reset_prefix_cache"},
+            {"op": "generate", "prompts": [a]}], loads_fail=True)
+        assert broken["tokens"][0] == healed["tokens"][0] == baseline[0]
+        assert healed["num_cached_tokens"] == [4 * BLOCK]
+        # The bad value was replaced by the recomputed block, and it loads now.
+        drive(tmp_path, model_dir, [{"op": "start", "connector": connector},
+                                    {"op": "generate", "prompts": [a]}])
+    finally:
+        daemon.stop()
+
+
+def test_daemon_killed_during_and_before_runs_makes_vllm_recompute(
         tmp_path: Path, model_dir: Path, baseline: list[list[int]]) -> None:
     a, b = prompts(1)
     daemon = DaemonProcess(tmp_path, "--dram", "256MiB", "--block-tokens", str(BLOCK)).start()
