@@ -99,14 +99,20 @@ def baseline(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[
     return [result[0]["tokens"][0], result[1]["tokens"][0]]
 
 
+def logging_daemon(tmp_path: Path) -> tuple[DaemonProcess, Path]:
+    """A kvstored counting tokens in vLLM's blocks and writing its access log."""
+    access_log = tmp_path / "access.jsonl"
+    daemon = DaemonProcess(tmp_path, "--dram", "256MiB", "--block-tokens", str(BLOCK),
+                           "--access-log", str(access_log)).start()
+    return daemon, access_log
+
+
 def test_second_instance_reuses_the_first_ones_prefix_through_a_daemon(
         tmp_path: Path, model_dir: Path, baseline: list[list[int]]) -> None:
     """Also the roles (a consumer only loads, a producer only saves), and the daemon's
     access log of vLLM's lookups replayed by `kvstore hitrate`."""
     a, b = prompts(1)
-    access_log = tmp_path / "access.jsonl"
-    daemon = DaemonProcess(tmp_path, "--dram", "256MiB", "--block-tokens", str(BLOCK),
-                           "--access-log", str(access_log)).start()
+    daemon, access_log = logging_daemon(tmp_path)
     try:
         url = {"url": daemon.url}
         consumer, after_consumer, producer, after_producer, both, after = drive(
@@ -157,9 +163,7 @@ def test_a_block_that_cannot_be_loaded_is_recomputed_never_used(
     import kvstore
 
     a, _ = prompts(1)
-    access_log = tmp_path / "access.jsonl"
-    daemon = DaemonProcess(tmp_path, "--dram", "256MiB", "--block-tokens", str(BLOCK),
-                           "--access-log", str(access_log)).start()
+    daemon, access_log = logging_daemon(tmp_path)
     try:
         connector = {"url": daemon.url}
         drive(tmp_path, model_dir, [{"op": "start", "connector": connector},
