@@ -138,6 +138,16 @@ class PageLayout:
                 0 if buf is None else buf.shape[0])))
         return buf[:num_blocks]
 
+    def staging_for(self, purpose: str, transfers: Sequence[Any]) -> list[torch.Tensor]:
+        """`reused_staging` split into one run of rows per transfer (anything with
+        ``keys``: one row per key)."""
+        rows = self.reused_staging(purpose, sum(len(t.keys) for t in transfers))
+        parts, first = [], 0
+        for transfer in transfers:
+            parts.append(rows[first:first + len(transfer.keys)])
+            first += len(transfer.keys)
+        return parts
+
     def gather_layer(self, layer: int, block_ids: Sequence[int], out: torch.Tensor) -> None:
         """Copy layer ``layer``'s pages of ``block_ids`` into its slice of ``out``'s rows."""
         start = layer * self.page_bytes

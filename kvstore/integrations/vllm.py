@@ -50,7 +50,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import tempfile
 import threading
 import time
@@ -168,7 +167,8 @@ def kv_layout(vllm_config: VllmConfig) -> KVLayout:
                     dtype=str(model.dtype).removeprefix("torch."))
 
 
-def key_namespace(vllm_config: VllmConfig, settings: ConnectorSettings) -> str:
+def key_namespace(vllm_config: VllmConfig, settings: ConnectorSettings, layout: KVLayout,
+                  *, kvstore_layout: bool) -> str:
     """The key namespace: `KVLayout.namespace` of the model, as the embedded engines name
     theirs when blocks are stored in `kvstore.layout`; salted with the page format when
     they are opaque pages."""
@@ -176,8 +176,8 @@ def key_namespace(vllm_config: VllmConfig, settings: ConnectorSettings) -> str:
     model_id = settings.model_id or model_fingerprint(model.model, model.revision)
     if getattr(model, "quantization", None):
         model_id = f"{model_id}|{model.quantization}"
-    salt = "" if uses_kvstore_layout(vllm_config) else page_format(vllm_config)
-    return kv_layout(vllm_config).namespace(model_id, salt=salt)
+    salt = "" if kvstore_layout else page_format(vllm_config)
+    return layout.namespace(model_id, salt=salt)
 
 
 # -- the store --------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ class _EmbeddedStore:
         self.url = f"kvstore://{host}:{port}"
         self._address_file = address_file
         tmp = address_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"url": self.url, "pid": os.getpid()}))
+        tmp.write_text(json.dumps({"url": self.url}))
         tmp.replace(address_file)
 
     def _serve(self, started: Future[None]) -> None:
@@ -243,35 +243,33 @@ class _StoreHandle:
         self.settings = settings
         self.engine_id = engine_id
         self.owner = owner  # the worker owns an embedded store; the scheduler borrows it
-        self._store: Any = None
-        self._client: Any = None
+        self._client: Any = None  # a kvstore.Client: every store is reached through one
         self._down_until = 0.0
         self._lock = threading.Lock()
 
     def get(self) -> Any | None:
         """The store, or None while it is known to be unreachable."""
-        if self._store is not None:
-            return self._store
+        if self._client is not None:
+            return self._client
         if time.monotonic() < self._down_until:
             return None
         with self._lock:
-            if self._store is None:
+            if self._client is None:
                 try:
-                    self._store = self._open()
+                    self._client = self._open()
                 except ConfigError:
                     raise  # a bad setting: say so at startup, not retry it forever
                 except STORE_FAILURES as e:
                     self.failed(e)
                     return None
-        return self._store
+        return self._client
 
     def _open(self) -> Any:
         import kvstore
 
         s = self.settings
         if s.url is not None:
-            self._client = kvstore.connect(s.url, token=s.token, timeout_s=s.timeout_s)
-            return self._client
+            return kvstore.connect(s.url, token=s.token, timeout_s=s.timeout_s)
         with _EMBEDDED_LOCK:
             embedded = _EMBEDDED.get(self.engine_id)
             if embedded is None and self.owner:
@@ -289,8 +287,7 @@ class _StoreHandle:
                                       f"({e})") from e
         # Both sides go through the daemon (the worker by shared memory), so that they see
         # one key space: the daemon scopes every client key to its namespace.
-        self._client = kvstore.connect(url, timeout_s=s.timeout_s)
-        return self._client
+        return kvstore.connect(url, timeout_s=s.timeout_s)
 
     def failed(self, error: BaseException) -> None:
         """The store failed: drop a client and leave it alone for a while."""
@@ -300,14 +297,13 @@ class _StoreHandle:
         self._down_until = time.monotonic() + self.settings.retry_after_s
         client, self._client = self._client, None
         if client is not None:
-            self._store = None
             try:
                 client.close()
             except Exception:  # a broken client: nothing left to release
                 pass
 
     def close(self) -> None:
-        client, self._client, self._store = self._client, None, None
+        client, self._client = self._client, None
         if client is not None:
             client.close()
         if self.owner:
@@ -368,12 +364,10 @@ class KVStoreConnectorStats(KVConnectorStats):
 class _RequestState:
     """What the scheduler side keeps per request."""
 
-    request: Any
     keys: list[bytes]
     local_blocks: int = 0  # blocks vLLM's own prefix cache held when it asked
     store_blocks: int | None = None  # leading blocks the store held (None: not asked)
     saved_blocks: int = 0  # leading blocks known to be in the store or sent to be saved
-    load: BlockTransfer | None = None
     block_ids: list[int] = field(default_factory=list)
     cacheable: bool = True  # False: its KV depends on more than its tokens
 
@@ -388,10 +382,11 @@ class KVStoreConnector(KVConnectorBase_V1):
         self.settings = ConnectorSettings.parse(transfer.kv_connector_extra_config)
         self.layout = kv_layout(vllm_config)
         self.block_tokens = self.layout.block_tokens
-        self.namespace = key_namespace(vllm_config, self.settings)
+        kvstore_layout = uses_kvstore_layout(vllm_config)
+        self.namespace = key_namespace(vllm_config, self.settings, self.layout,
+                                       kvstore_layout=kvstore_layout)
         self.codec = (KVPageCodec(self.layout.num_kv_heads, self.block_tokens,
-                                  self.layout.head_dim)
-                      if uses_kvstore_layout(vllm_config) else None)
+                                  self.layout.head_dim) if kvstore_layout else None)
         self.does_load = transfer.kv_role in ("kv_consumer", "kv_both")
         self.does_save = transfer.kv_role in ("kv_producer", "kv_both")
         engine_id = str(transfer.engine_id)
@@ -424,7 +419,7 @@ class KVStoreConnector(KVConnectorBase_V1):
             tokens = list(request.prompt_token_ids or ())
             keys = prefix_hashes(tokens, block_tokens=self.block_tokens,
                                  namespace=self.namespace)
-            state = self._requests[request.request_id] = _RequestState(request, keys)
+            state = self._requests[request.request_id] = _RequestState(keys)
             # A LoRA adapter, images or a cache salt change the KV of the same tokens;
             # the keys name only tokens, so such requests neither load nor save.
             if (getattr(request, "lora_request", None) or getattr(request, "mm_features", None)
@@ -470,9 +465,8 @@ class KVStoreConnector(KVConnectorBase_V1):
         block_ids = blocks.get_block_ids()[0]
         first = state.local_blocks
         last = first + num_external_tokens // self.block_tokens
-        state.load = BlockTransfer(request.request_id, state.keys[first:last],
-                                   list(block_ids[first:last]))
-        self._loads_to_send.append(state.load)
+        self._loads_to_send.append(BlockTransfer(request.request_id, state.keys[first:last],
+                                                 list(block_ids[first:last])))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = KVStoreConnectorMetadata(loads=self._loads_to_send)
@@ -553,11 +547,8 @@ class KVStoreConnector(KVConnectorBase_V1):
         try:
             store = self.store.get()
             fetched = []
-            rows = self._pages.reused_staging("load", sum(len(load.keys) for load in loads))
-            first = 0
-            for load in loads:
-                staging = rows[first:first + len(load.keys)]
-                first += len(load.keys)
+            for load, staging in zip(loads, self._pages.staging_for("load", loads),
+                                     strict=True):
                 num_ok = 0 if store is None else fetch_blocks(
                     store, load.keys, staging, on_failure=self.store.failed)
                 if num_ok < len(load.keys):
@@ -607,11 +598,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         if layer is None:
             return
         if not self._save_staging:
-            rows = self._pages.reused_staging("save", sum(len(s.keys) for s in meta.saves))
-            first = 0
-            for save in meta.saves:
-                self._save_staging.append((save, rows[first:first + len(save.keys)]))
-                first += len(save.keys)
+            self._save_staging = list(zip(meta.saves,
+                                          self._pages.staging_for("save", meta.saves),
+                                          strict=True))
         for save, staging in self._save_staging:
             self._pages.gather_layer(layer, save.block_ids, staging)
         self._gathered.add(layer)
