@@ -60,9 +60,15 @@ def value_view(value: object) -> ByteView:
                          dtype=np.uint8)
 
 
+_U8 = np.dtype(np.uint8)
+
+
 def output_view(out: object, nbytes: int) -> ByteView:
     """A writable byte view of a caller's output buffer, which must hold exactly ``nbytes``."""
-    if is_tensor(out):
+    if (type(out) is np.ndarray and out.dtype is _U8 and out.ndim == 1
+            and out.flags.c_contiguous and out.flags.writeable):  # the common case, first
+        view = out
+    elif is_tensor(out):
         if not out.is_contiguous():
             raise BufferSizeError("get_into needs a contiguous output tensor")
         view = out.view(-1).view(_torch().uint8) if out.numel() else out.view(_torch().uint8)

@@ -31,6 +31,7 @@ Invariants
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -52,6 +53,7 @@ from kvstore.tiers.nvme_record import (
     align_up,
     checksum,
     pack_header,
+    record_disk_bound,
     record_footprint,
 )
 
@@ -123,7 +125,7 @@ class _Layout:
     @classmethod
     def of(cls, config: NvmeTierConfig) -> _Layout:
         segment_bytes = align_down(config.segment_bytes)
-        max_footprint = record_footprint(config.max_value_bytes)
+        max_footprint = record_disk_bound(config.max_value_bytes)
         if max_footprint > segment_bytes:
             raise ConfigError(
                 f"NvmeTierConfig.segment_bytes ({config.segment_bytes}) must hold one record of "
@@ -215,12 +217,13 @@ class NvmeTier:
             if len(packed) < nbytes:
                 payload, flags = memoryview(packed), FLAG_COMPRESSED
         payload_checksum = checksum(payload)
-        header = pack_header(flags, key, parent, len(payload), nbytes, payload_checksum)
+        header_for = functools.partial(pack_header, flags, key, parent, len(payload), nbytes,
+                                       payload_checksum)
         with self._lock:
             self._check_open()
             if self.used_bytes + record_footprint(nbytes) > self.capacity_bytes:
                 return False
-            seq, offset = self._log.write(header, payload)
+            seq, offset = self._log.write(header_for, payload)
             self._log.make_live(key, RecordLoc(seq, offset, len(payload), nbytes, flags, parent,
                                                payload_checksum))
             return True

@@ -28,11 +28,14 @@ Invariants
   zeros to 4 KiB and keeps its unfinished last block, which the next write rewrites (same
   bytes, plus new ones). So once the buffer is written the file is ``align_up(end)`` bytes
   and all of them past ``end`` are zeros.
+- The open header page (where detached records put their headers, see `nvme_record`) is in
+  the buffer: once a buffer write takes it to disk it is sealed and never written again.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
 import errno
 import fcntl
 import logging
@@ -45,11 +48,14 @@ import numpy as np
 
 from kvstore.errors import StorageError
 from kvstore.tiers.nvme_record import (
+    HEADER_BYTES,
+    HEADERS_PER_PAGE,
     IO_ALIGN,
     RECORD_ALIGN,
+    HeaderFor,
     align_down,
     align_up,
-    record_offset,
+    is_detached,
 )
 
 __all__ = ["SegmentFiles", "SegmentWriter"]
@@ -63,6 +69,8 @@ _HUGE_PAGE_BYTES = 2 << 20
 
 
 def _address(array: np.ndarray) -> int:
+    if array.flags.writeable:  # ctypes is the quicker way (a 4 KiB read is ~50 us)
+        return ctypes.addressof(ctypes.c_char.from_buffer(array))
     return array.__array_interface__["data"][0]
 
 
@@ -175,6 +183,22 @@ class SegmentFiles:
         self.num_bytes_read += done
         return done
 
+    def read_whole(self, seq: int, offset: int, dst: np.ndarray) -> bool:
+        """Fill ``dst`` (aligned, like ``offset``, and not empty) from the file; False if the
+        file ends first. `read_at`, with its layers skipped on the common path: one read
+        through an open descriptor, which for a 4 KiB value is most of the cost."""
+        fd = self._fds.get(seq)
+        if fd is not None:
+            try:
+                got = os.preadv(fd, [dst], offset)
+            except OSError:
+                pass  # read_at below retries it and handles the error
+            else:
+                if got == dst.shape[0]:
+                    self.num_bytes_read += got
+                    return True
+        return self.read_at(seq, offset, dst) == dst.shape[0]
+
     def sync(self) -> None:
         """fsync each file written since the last sync, then the directory if it changed."""
         for seq in sorted(self._dirty):
@@ -256,6 +280,8 @@ class SegmentWriter:
         self._files = files
         self._seq: int | None = None
         self._end = self._buffer_offset = self._written_end = 0
+        self._header_page: int | None = None  # offset of the open header page, if any
+        self._num_headers = 0                  # headers in it so far
         self._wbuf = mmap.mmap(-1, buffer_bytes)
         self._wview = memoryview(self._wbuf)
         self._rview = _bounce_buffer(align_up(max_record_bytes) + 2 * IO_ALIGN)
@@ -276,6 +302,7 @@ class SegmentWriter:
         self._files.create(seq)
         self._seq = seq
         self._end = self._buffer_offset = self._written_end = 0
+        self._header_page = None
 
     def resume(self, seq: int, end: int) -> bool:
         """Make segment ``seq``, whose records end at ``end``, active again: its unfinished
@@ -288,27 +315,50 @@ class SegmentWriter:
         self._seq = seq
         self._end = self._written_end = end
         self._buffer_offset = buffer_offset
+        self._header_page = None
         return True
 
     def seal(self) -> None:
         """Write out the buffer; no segment is active after."""
         self.write_buffer()
         self._seq = None
+        self._header_page = None
 
-    def append(self, parts: tuple[Any, ...], stored_bytes: int) -> int:
-        """Append one record, ``parts`` (header, payload of ``stored_bytes``), where
-        `record_offset` puts it (zeros fill the gap) and zero-padded to 8 bytes; returns
-        the offset of its header."""
+    def append(self, header_for: HeaderFor, payload: Any, stored_bytes: int) -> int:
+        """Append one record: ``payload`` (``stored_bytes``) and its header,
+        ``header_for(payload offset)``, inline or detached as `nvme_record` says, padded
+        with zeros to 8 bytes; returns the offset of its payload."""
         assert self._seq is not None, "no active segment to append to"
-        offset = record_offset(self._end, stored_bytes)
-        if offset > self._end:
+        if not is_detached(stored_bytes):
+            offset = self._end + HEADER_BYTES
+            self._buffer_write(header_for(offset))
+        else:
+            page = self._header_page
+            if (page is None or page < self._buffer_offset
+                    or self._num_headers == HEADERS_PER_PAGE):
+                page = self._open_header_page()
+            offset = align_up(self._end)
             self._buffer_write(_ZERO_BLOCK[:offset - self._end])
-        for part in parts:
-            self._buffer_write(part)
+            slot = page + self._num_headers * HEADER_BYTES - self._buffer_offset
+            self._wview[slot:slot + HEADER_BYTES] = header_for(offset)
+            self._num_headers += 1
+        self._buffer_write(payload)
         pad = -self._end % RECORD_ALIGN
         if pad:
             self._buffer_write(_ZERO_BLOCK[:pad])
         return offset
+
+    def _open_header_page(self) -> int:
+        """Start a header page at the next 4 KiB boundary, in the buffer."""
+        page = align_up(self._end)
+        self._buffer_write(_ZERO_BLOCK[:page - self._end])
+        # Taken without `_buffer_write`, which would write a full buffer out with the page
+        # still empty; the buffer has room, since it is never left full and `page` aligned.
+        used = page - self._buffer_offset
+        self._wview[used:used + IO_ALIGN] = _ZERO_BLOCK[:IO_ALIGN]
+        self._end += IO_ALIGN
+        self._header_page, self._num_headers = page, 0
+        return page
 
     def write_buffer(self) -> None:
         """Write what the buffer holds, zero-padded to 4 KiB; keep its unfinished block."""
@@ -355,7 +405,7 @@ class SegmentWriter:
         if (not (start | nbytes) % IO_ALIGN and nbytes
                 and not (seq == self._seq and start + nbytes > self._buffer_offset)
                 and not _address(dst) % IO_ALIGN):
-            return self._files.read_at(seq, start, dst) == nbytes
+            return self._files.read_whole(seq, start, dst)
         data = self.read(seq, start, nbytes)
         if data is None:
             return False

@@ -35,12 +35,13 @@ from typing import Any
 from kvstore.errors import StorageError
 from kvstore.tiers.nvme_files import SegmentFiles, SegmentWriter
 from kvstore.tiers.nvme_record import (
-    HEADER_BYTES,
     IO_ALIGN,
     TOMBSTONE_FOOTPRINT,
+    HeaderFor,
     ScannedRecord,
     ScanReport,
     align_up,
+    record_disk_bound,
     record_footprint,
     scan_records,
     tombstone_header,
@@ -70,7 +71,7 @@ class Segment:
 
 
 class RecordLoc:
-    """Where a live record is, and what its header said."""
+    """Where a live record's payload is, and what its header said."""
 
     __slots__ = ("flags", "offset", "parent", "payload_checksum", "raw_len", "seq", "stored_len")
 
@@ -130,16 +131,17 @@ class SegmentLog:
     def read_payload(self, loc: RecordLoc) -> memoryview | None:
         """The stored payload of a live record, unchecked (a view valid until the next I/O);
         None if its file is shorter than the index says."""
-        return self._writer.read(loc.seq, loc.offset + HEADER_BYTES, loc.stored_len)
+        return self._writer.read(loc.seq, loc.offset, loc.stored_len)
 
     def read_payload_into(self, loc: RecordLoc, dst: Any) -> bool:
         """Copy the stored payload of a live record into ``dst`` (1-D uint8, `stored_len`
         bytes), unchecked; False if its file is shorter than the index says."""
-        return self._writer.read_into(loc.seq, loc.offset + HEADER_BYTES, dst)
+        return self._writer.read_into(loc.seq, loc.offset, dst)
 
-    def write(self, header: bytes, payload: memoryview) -> tuple[int, int]:
-        """Append a record; returns (segment seqno, offset). Call `make_live` next."""
-        return self._append((header, payload), len(payload), self._write_limit)
+    def write(self, header_for: HeaderFor, payload: memoryview) -> tuple[int, int]:
+        """Append a record whose header is ``header_for(payload offset)``; returns (segment
+        seqno, payload offset). Call `make_live` next."""
+        return self._append(header_for, payload, len(payload), self._write_limit)
 
     def make_live(self, key: bytes, loc: RecordLoc) -> None:
         """Make the record just written at ``loc`` the live one of ``key``."""
@@ -242,22 +244,23 @@ class SegmentLog:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def _append(self, parts: tuple[Any, ...], stored_bytes: int,
+    def _append(self, header_for: HeaderFor, payload: Any, stored_bytes: int,
                 limit: int) -> tuple[int, int]:
-        """Append one record made of ``parts`` (header, payload of ``stored_bytes``);
-        returns (segment seqno, offset)."""
-        self._make_room(record_footprint(stored_bytes), limit)
+        """Append one record (see `SegmentWriter.append`); returns (segment seqno, payload
+        offset)."""
+        self._make_room(record_disk_bound(stored_bytes), limit)
         seq = self._writer.seq
         assert seq is not None
         segment = self._segments[seq]
-        offset = self._writer.append(parts, stored_bytes)
+        offset = self._writer.append(header_for, payload, stored_bytes)
         disk_bytes = align_up(self._writer.end)
         self.disk_bytes += disk_bytes - segment.disk_bytes
         segment.disk_bytes = disk_bytes
         return seq, offset
 
     def _write_tombstone(self, key: bytes, deleted_seq: int, limit: int) -> None:
-        seq, _ = self._append((tombstone_header(key, deleted_seq),), 0, limit)
+        header = tombstone_header(key, deleted_seq)
+        seq, _ = self._append(lambda _offset: header, b"", 0, limit)
         self._stale_add(key, seq)
 
     def _make_room(self, footprint: int, limit: int) -> None:
@@ -351,7 +354,8 @@ class SegmentLog:
 
     def _copy_live(self, key: bytes, loc: RecordLoc, record: ScannedRecord, limit: int) -> None:
         footprint = loc.footprint
-        seq, offset = self._append((record.data,), loc.stored_len, limit)
+        seq, offset = self._append(record.header.header_for, record.payload, loc.stored_len,
+                                   limit)
         old, new = self._segments[loc.seq], self._segments[seq]
         old.live_bytes -= footprint
         old.num_live -= 1

@@ -1,48 +1,60 @@
 """The NVMe tier's on-disk record format, and the scanner that reads a segment back.
 
-A segment file is a sequence of records, each starting at a multiple of 8 bytes:
+Every record has an 80-byte header; headers start at multiples of 8 bytes:
 
     offset  size  field
     0       4     magic b"KVSR"
-    4       1     format version (2)
-    5       1     flags: 1 = payload is LZ4-compressed, 2 = tombstone, 4 = has a parent
+    4       1     format version (3)
+    5       1     flags: 1 = payload is LZ4-compressed, 2 = tombstone, 4 = has a parent,
+                  8 = detached (the payload is elsewhere, see below)
     6       2     reserved, zero
     8       16    key
     24      16    parent key (zeros when there is none)
     40      8     stored length: payload bytes on disk
     48      8     raw length: value bytes once decompressed
     56      8     xxh3_64 of the stored payload
-    64      8     tombstone: seqno of the segment that held the deleted record; else 0
+    64      8     aux: a tombstone's deleted segment seqno; a detached record's payload
+                  offset in its segment; else 0
     72      8     xxh3_64 of bytes 0..72 (the header checksum)
-    80      ...   payload (stored length bytes), then zeros up to a multiple of 8
 
-All integers are little-endian. A record is valid when its header checksum matches, it
-ends inside the file and its payload checksum matches. Bytes after the last record of a
-segment are zeros (the tail of the last 4 KiB block written).
+All integers are little-endian. A record comes in one of two shapes, chosen by its stored
+length (`is_detached`):
 
-Version 2 aligns large payloads: a record whose stored length is at least
-`ALIGNED_PAYLOAD_MIN_BYTES` is placed so that its payload starts on a 4 KiB boundary, with
-zeros between the previous record's end and its header. Then one O_DIRECT read of
-exactly the payload's blocks fetches it, straight into a caller's aligned buffer:
+- *Inline* (small payloads, tombstones): the payload follows the header, then zeros up to
+  a multiple of 8. Reading it back reads the blocks around both.
+- *Detached* (payloads of 64 KiB or more, and any whole number of 4 KiB blocks): the
+  payload starts on a 4 KiB boundary and the header sits in a *header page*, a 4 KiB
+  block of up to 51 headers written in front of their payloads. One O_DIRECT read of
+  exactly the payload's blocks then fetches a value, straight into a caller's aligned
+  buffer: a 4 KiB value is one 4 KiB read, not two blocks for header and payload.
 
-         previous record | zeros ... | header (80) | payload, 4 KiB aligned ... | 0..7 zeros
-                                                    ^ multiple of 4096
+      inline | zeros | header page: h1 h2 h3 zeros | payload 1 | payload 2 | inline | payload 3
+                      ^ 4 KiB aligned                ^ each 4 KiB aligned
 
-The gap is at most ``IO_ALIGN - RECORD_ALIGN`` bytes, so `record_footprint` (what the tier
-accounts for a record wherever it lands) adds that much for an aligned record. Smaller
-records stay packed (header then payload): the extra block they read costs less than the
-padding would. A header whose checksum holds but whose version is not 2 is a segment
-written by another format: opening fails with `FormatVersionError` rather than dropping
-its records as corrupt.
+The writer keeps a header page open while it is still in its write buffer: later detached
+records add their headers to it, and inline records may come between their payloads. Once
+the buffer holding it is written out (when it fills, or at `flush()`) the page is sealed and
+the next detached record opens a new one, so a page on disk is never rewritten. Log order
+is payload order: the scanner yields a detached record when it reaches its payload, so a
+record and the ones written before and after it replay in the order they were written.
 
-The scanner reads a segment in large sequential windows and yields every record whose
-header is valid; between valid records it skips zeros silently and counts anything else
-(a torn write, flipped bits, also after a run of zeros) as one corrupt region, then resumes
-at the next 8-byte aligned magic whose header checksum holds.
+A record is valid when its header checksum matches, its shape fits its stored length, its
+payload ends inside the file and the payload checksum matches. Space: an inline record takes
+`HEADER_BYTES + align_up(stored, 8)`; a detached one `align_up(stored, 4 KiB)` plus its
+header slot (what `record_footprint` accounts), and at most one more 4 KiB block of padding
+and one header page when it starts a batch (`record_disk_bound`). A header whose checksum
+holds but whose version is not 3 is a segment written by another format: opening fails with
+`FormatVersionError` rather than dropping its records as corrupt.
+
+The scanner reads a segment in large sequential windows. Between records it skips zeros
+silently and counts anything else (a torn write, flipped bits, also after a run of zeros) as
+one corrupt region, then resumes at the next 8-byte aligned magic whose header checksum
+holds; a region that a header found earlier says is a payload is never parsed for headers.
 """
 
 from __future__ import annotations
 
+import heapq
 import mmap
 import struct
 from collections.abc import Callable, Iterator
@@ -54,16 +66,18 @@ import xxhash
 from kvstore.errors import StorageError
 
 MAGIC = b"KVSR"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 HEADER_BYTES = 80
 RECORD_ALIGN = 8
 IO_ALIGN = 4096  # O_DIRECT granularity: offsets, lengths and buffers of every disk I/O
-ALIGNED_PAYLOAD_MIN_BYTES = 64 * 1024  # payloads this large start 4 KiB aligned
+DETACHED_MIN_BYTES = 64 * 1024  # payloads this large are detached whatever their length
+HEADERS_PER_PAGE = IO_ALIGN // HEADER_BYTES
 
 FLAG_COMPRESSED = 1
 FLAG_TOMBSTONE = 2
 FLAG_HAS_PARENT = 4
-_KNOWN_FLAGS = FLAG_COMPRESSED | FLAG_TOMBSTONE | FLAG_HAS_PARENT
+FLAG_DETACHED = 8
+_KNOWN_FLAGS = FLAG_COMPRESSED | FLAG_TOMBSTONE | FLAG_HAS_PARENT | FLAG_DETACHED
 
 _HEAD = struct.Struct("<4sBBH16s16sQQQQ")  # everything the header checksum covers
 _CHECKSUM = struct.Struct("<Q")
@@ -87,32 +101,30 @@ class FormatVersionError(StorageError):
     """A segment holds records of another on-disk format version."""
 
 
-def is_payload_aligned(stored_bytes: int) -> bool:
-    """Whether a record with ``stored_bytes`` of payload starts its payload 4 KiB aligned."""
-    return stored_bytes >= ALIGNED_PAYLOAD_MIN_BYTES
-
-
-def record_span(stored_bytes: int) -> int:
-    """Bytes from a record's header to its end (the next record may start there)."""
-    return HEADER_BYTES + align_up(stored_bytes, RECORD_ALIGN)
-
-
-def record_offset(end: int, stored_bytes: int) -> int:
-    """Where the header of a record with ``stored_bytes`` of payload goes when the segment's
-    records so far end at ``end``: right there, or late enough to align its payload."""
-    if is_payload_aligned(stored_bytes):
-        return align_up(end + HEADER_BYTES) - HEADER_BYTES
-    return end
+def is_detached(stored_bytes: int) -> bool:
+    """Whether a record with ``stored_bytes`` of payload is detached (see the module
+    docstring): large, or whole 4 KiB blocks, which then cost no padding."""
+    return stored_bytes >= DETACHED_MIN_BYTES or (stored_bytes > 0
+                                                  and not stored_bytes % IO_ALIGN)
 
 
 def record_footprint(stored_bytes: int) -> int:
-    """The most bytes a record with ``stored_bytes`` of payload takes in its segment, the
-    alignment gap in front of it included: what the tier accounts for it."""
-    gap = IO_ALIGN - RECORD_ALIGN if is_payload_aligned(stored_bytes) else 0
-    return gap + record_span(stored_bytes)
+    """The bytes a record with ``stored_bytes`` of payload is accounted for."""
+    if is_detached(stored_bytes):
+        return HEADER_BYTES + align_up(stored_bytes)
+    return HEADER_BYTES + align_up(stored_bytes, RECORD_ALIGN)
+
+
+def record_disk_bound(stored_bytes: int) -> int:
+    """The most an append of such a record grows its segment by: for a detached one, the
+    padding to a 4 KiB boundary and a new header page included."""
+    if is_detached(stored_bytes):
+        return 2 * IO_ALIGN + align_up(stored_bytes)
+    return record_footprint(stored_bytes)
 
 
 TOMBSTONE_FOOTPRINT = record_footprint(0)
+HeaderFor = Callable[[int], bytes]  # payload offset -> the record's header
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +135,7 @@ class RecordHeader:
     stored_len: int
     raw_len: int
     payload_checksum: int
-    deleted_seq: int  # tombstones: the segment that held the deleted record
+    aux: int  # tombstones: the segment that held the deleted record; detached: payload offset
 
     @property
     def is_tombstone(self) -> bool:
@@ -134,29 +146,46 @@ class RecordHeader:
         return bool(self.flags & FLAG_COMPRESSED)
 
     @property
-    def span(self) -> int:
-        return record_span(self.stored_len)
+    def is_detached(self) -> bool:
+        return bool(self.flags & FLAG_DETACHED)
+
+    def header_for(self, payload_offset: int) -> bytes:
+        """This data record's header again, for a copy whose payload is at ``payload_offset``."""
+        assert not self.is_tombstone, "tombstones are written anew, not copied"
+        return pack_header(self.flags & FLAG_COMPRESSED, self.key, self.parent,
+                           self.stored_len, self.raw_len, self.payload_checksum, payload_offset)
 
 
-def pack_header(flags: int, key: bytes, parent: bytes | None, stored_len: int, raw_len: int,
-                payload_checksum: int, deleted_seq: int = 0) -> bytes:
-    if parent is not None:
-        flags |= FLAG_HAS_PARENT
+def _pack(flags: int, key: bytes, parent: bytes | None, stored_len: int, raw_len: int,
+          payload_checksum: int, aux: int) -> bytes:
     head = _HEAD.pack(MAGIC, FORMAT_VERSION, flags, 0, key, parent or _NO_PARENT,
-                      stored_len, raw_len, payload_checksum, deleted_seq)
+                      stored_len, raw_len, payload_checksum, aux)
     return head + _CHECKSUM.pack(checksum(head))
 
 
+def pack_header(flags: int, key: bytes, parent: bytes | None, stored_len: int, raw_len: int,
+                payload_checksum: int, payload_offset: int = 0) -> bytes:
+    """A data record's header; ``payload_offset`` is kept only if it is detached (an inline
+    payload follows its header). A tombstone's is `tombstone_header`'s."""
+    if parent is not None:
+        flags |= FLAG_HAS_PARENT
+    aux = 0
+    if is_detached(stored_len):
+        flags |= FLAG_DETACHED
+        aux = payload_offset
+    return _pack(flags, key, parent, stored_len, raw_len, payload_checksum, aux)
+
+
 def tombstone_header(key: bytes, deleted_seq: int) -> bytes:
-    return pack_header(FLAG_TOMBSTONE, key, None, 0, 0, checksum(b""), deleted_seq)
+    return _pack(FLAG_TOMBSTONE, key, None, 0, 0, checksum(b""), deleted_seq)
 
 
 def unpack_header(buf: memoryview | bytes, offset: int | None = None) -> RecordHeader | None:
     """The header at the start of ``buf`` (at least 80 bytes), or None if it is not valid.
 
-    With ``offset`` (where ``buf`` starts in its segment), a large record whose payload
-    would not start 4 KiB aligned there is not valid either. A header of another format
-    version whose checksum holds raises `FormatVersionError`.
+    With ``offset`` (where ``buf`` starts in its segment), a detached header whose payload
+    is not after its own page is not valid either. A header of another format version whose
+    checksum holds raises `FormatVersionError`.
     """
     if buf[:4] != MAGIC:
         return None
@@ -164,7 +193,7 @@ def unpack_header(buf: memoryview | bytes, offset: int | None = None) -> RecordH
     if _CHECKSUM.unpack_from(buf, _HEAD.size)[0] != checksum(head):
         return None
     (_, version, flags, _, key, parent, stored_len, raw_len, payload_checksum,
-     deleted_seq) = _HEAD.unpack(head)
+     aux) = _HEAD.unpack(head)
     if version != FORMAT_VERSION:
         raise FormatVersionError(
             f"an NVMe segment holds records of on-disk format version {version}; this kvstore "
@@ -172,15 +201,17 @@ def unpack_header(buf: memoryview | bytes, offset: int | None = None) -> RecordH
             "files or point nvme_path at an empty directory)")
     if flags & ~_KNOWN_FLAGS:
         return None
-    if (offset is not None and is_payload_aligned(stored_len)
-            and (offset + HEADER_BYTES) % IO_ALIGN):
+    if bool(flags & FLAG_DETACHED) != is_detached(stored_len):
+        return None
+    if flags & FLAG_DETACHED and (aux % IO_ALIGN or (
+            offset is not None and aux < align_up(offset + HEADER_BYTES))):
         return None
     if flags & FLAG_TOMBSTONE and stored_len:
         return None
     if not flags & FLAG_COMPRESSED and stored_len != raw_len:
         return None
     return RecordHeader(flags, key, parent if flags & FLAG_HAS_PARENT else None, stored_len,
-                        raw_len, payload_checksum, deleted_seq)
+                        raw_len, payload_checksum, aux)
 
 
 # -- reading a segment back -----------------------------------------------------------------
@@ -198,10 +229,10 @@ class ScanReport:
 
 @dataclass(frozen=True, slots=True)
 class ScannedRecord:
-    offset: int
+    offset: int          # where its payload starts (inline: right after its header)
     header: RecordHeader
-    data: memoryview   # header + payload; valid only until the scan moves on
-    is_intact: bool    # False: the header is valid but the payload checksum is not
+    payload: memoryview  # valid only until the scan moves on
+    is_intact: bool      # False: the header is valid but the payload checksum is not
 
 
 class _Window:
@@ -274,38 +305,66 @@ class _Window:
 
 def scan_records(read_at: ReadAt, file_bytes: int, report: ScanReport,
                  window_bytes: int = 8 << 20) -> Iterator[ScannedRecord]:
-    """Every record with a valid header in a segment of ``file_bytes``, in file order.
+    """Every record with a valid header in a segment of ``file_bytes``, in log order (the
+    order of their payloads, see the module docstring).
 
     Records whose payload fails its checksum are yielded with ``is_intact=False`` (their
-    key is known, which recovery needs) and counted in ``report.num_corrupt``. Zeros between
-    records (the gap in front of an aligned payload) are skipped without a count. Raises
+    key is known, which recovery needs) and counted in ``report.num_corrupt``; so is a
+    record whose payload runs past the end of the file (a torn write), which is not
+    yielded. Zeros between records are skipped without a count. Raises
     `FormatVersionError` for a segment of another format version.
     """
     win = _Window(read_at, file_bytes, window_bytes)
-    pos: int | None = 0
-    while pos is not None and win.fill(pos, HEADER_BYTES):
+    pending: list[tuple[int, int, RecordHeader]] = []  # detached: (payload offset, n, header)
+    pos = 0
+    while True:
+        while pending and pending[0][0] <= pos:  # reached a detached payload: its record
+            offset, _, header = heapq.heappop(pending)
+            record = _checked(win, offset, header, report)
+            if record is not None:
+                yield record
+            pos = max(pos, offset + align_up(header.stored_len, RECORD_ALIGN))
+        if not win.fill(pos, HEADER_BYTES):
+            break
         head = win.view(pos, HEADER_BYTES)
         header = unpack_header(head, pos)
         if header is None:
-            if head[:8] == _ZEROS8:  # the gap before an aligned record, or the tail
+            if head[:8] == _ZEROS8:  # padding, the rest of a header page, or the tail
                 pos = win.skip_zeros(pos)
                 continue
             report.num_corrupt += 1  # one count per garbage region, not per 8 bytes
-            pos = win.find_header(pos + RECORD_ALIGN)
+            found = win.find_header(pos + RECORD_ALIGN)
+            pos = file_bytes if found is None else found
             continue
-        nbytes = HEADER_BYTES + header.stored_len
-        if not win.fill(pos, nbytes):  # torn: the record runs past the end of the file
-            report.num_corrupt += 1
-            pos = win.find_header(pos + RECORD_ALIGN)
+        if header.is_detached:
+            heapq.heappush(pending, (header.aux, len(pending), header))
+            pos += HEADER_BYTES
             continue
-        data = win.view(pos, nbytes)
-        is_intact = checksum(data[HEADER_BYTES:]) == header.payload_checksum
-        if not is_intact:
-            report.num_corrupt += 1
-        report.end_offset = pos + header.span
-        yield ScannedRecord(pos, header, data, is_intact)
-        pos += header.span
-    if pos is not None and 0 < file_bytes - pos < HEADER_BYTES:
+        record = _checked(win, pos + HEADER_BYTES, header, report)
+        if record is None:  # torn: the record runs past the end of the file
+            found = win.find_header(pos + RECORD_ALIGN)
+            pos = file_bytes if found is None else found
+            continue
+        yield record
+        pos += HEADER_BYTES + align_up(header.stored_len, RECORD_ALIGN)
+    report.num_corrupt += len(pending)  # payloads past the end of the file: torn
+    if 0 < file_bytes - pos < HEADER_BYTES:
         tail = file_bytes - pos
         if win.fill(pos, tail) and any(win.view(pos, tail)):
             report.num_corrupt += 1  # a torn header in the last few bytes
+
+
+def _checked(win: _Window, offset: int, header: RecordHeader,
+             report: ScanReport) -> ScannedRecord | None:
+    """The record whose payload is at ``offset``, checked; None (counted) if the file ends
+    before the payload does."""
+    if not win.fill(offset, header.stored_len):
+        report.num_corrupt += 1
+        return None
+    payload = win.view(offset, header.stored_len)
+    is_intact = checksum(payload) == header.payload_checksum
+    if not is_intact:
+        report.num_corrupt += 1
+    report.end_offset = max(report.end_offset,
+                            offset + align_up(header.stored_len, RECORD_ALIGN))
+    return ScannedRecord(offset, header, payload, is_intact)

@@ -25,13 +25,17 @@ from kvstore.errors import (
 )
 from kvstore.tiers.nvme import Compression, NvmeTier, NvmeTierConfig
 from kvstore.tiers.nvme_record import (
-    ALIGNED_PAYLOAD_MIN_BYTES,
+    DETACHED_MIN_BYTES,
     FORMAT_VERSION,
     HEADER_BYTES,
+    HEADERS_PER_PAGE,
     IO_ALIGN,
     FormatVersionError,
+    is_detached,
     pack_header,
+    record_disk_bound,
     record_footprint,
+    unpack_header,
 )
 from tests.conftest import make_key, make_value
 
@@ -360,15 +364,24 @@ def aligned_array(nbytes: int, skew: int = 0) -> np.ndarray:
     return base[start:start + nbytes]
 
 
-# Large sizes, some not a multiple of 4 KiB, with small records between them that leave
-# the segment's end at every kind of offset.
-_MIXED = [(i, n) for i, n in enumerate([ALIGNED_PAYLOAD_MIN_BYTES, 13, 256 * KiB, 4 * KiB + 1,
-                                        ALIGNED_PAYLOAD_MIN_BYTES + 1, 4072, 1 * MiB - 8, 0,
-                                        300_001, 10_000])]
+# Detached sizes (large, some not a multiple of 4 KiB, and whole 4 KiB blocks) with inline
+# records between them that leave the segment's end at every kind of offset.
+_MIXED = [(i, n) for i, n in enumerate([DETACHED_MIN_BYTES, 13, 256 * KiB, 4 * KiB + 1,
+                                        DETACHED_MIN_BYTES + 1, 4072, 1 * MiB - 8, 0, 4 * KiB,
+                                        8 * KiB, 300_001, 10_000, 4 * KiB, 12 * KiB - 8])]
+
+
+def header_of(data: bytes, key: bytes) -> tuple[int, object]:
+    """Where the header of ``key`` is in a segment's bytes, and the header."""
+    at = data.find(key) - 8
+    assert at >= 0 and at % 8 == 0, "header not found"
+    header = unpack_header(data[at:at + HEADER_BYTES], at)
+    assert header is not None
+    return at, header
 
 
 @pytest.mark.parametrize("direct_io", [True, False], ids=["direct", "buffered"])
-def test_large_payloads_start_4k_aligned_and_small_ones_stay_packed(tmp_path, direct_io):
+def test_detached_payloads_start_4k_aligned_and_inline_ones_stay_packed(tmp_path, direct_io):
     cfg = config(tmp_path, direct_io=direct_io, write_buffer_bytes=4 * KiB)
     with NvmeTier(cfg) as tier:
         for i, n in _MIXED:
@@ -378,18 +391,20 @@ def test_large_payloads_start_4k_aligned_and_small_ones_stay_packed(tmp_path, di
     data = seg.read_bytes()
     end = 0
     for i, n in _MIXED:
-        if n < 64:  # too short to find unambiguously: packed right after the previous one
-            end += HEADER_BYTES + n + (-n % 8)
-            continue
-        offset = find(seg, make_value(i, n))
-        if n >= ALIGNED_PAYLOAD_MIN_BYTES:
-            assert offset % IO_ALIGN == 0, f"payload of {n} bytes at {offset}"
-            assert not any(data[end:offset - HEADER_BYTES])  # the gap is zeros
-            assert offset - HEADER_BYTES - end < IO_ALIGN
+        at, header = header_of(data, make_key(i))
+        offset = at + HEADER_BYTES
+        if is_detached(n):
+            offset = header.aux
+            assert header.is_detached and offset % IO_ALIGN == 0, f"{n} bytes at {offset}"
+            assert at < offset and (at % IO_ALIGN) % HEADER_BYTES == 0  # a header page slot
+            assert offset - end < 2 * IO_ALIGN  # at most padding and one header page
         else:
-            assert offset - HEADER_BYTES == end  # packed right after the previous record
+            assert not header.is_detached and at == end  # right after the previous record
+        assert data[offset:offset + n] == make_value(i, n)
         end = offset + n + (-n % 8)
-    assert disk_bytes(tmp_path) <= sum(record_footprint(n) for _, n in _MIXED) + IO_ALIGN
+    # The 4 KiB write buffer seals each header page at once: a page (and the padding in
+    # front of it) per detached record, the most `record_disk_bound` allows.
+    assert disk_bytes(tmp_path) <= sum(record_disk_bound(n) for _, n in _MIXED) + IO_ALIGN
     with NvmeTier(cfg) as tier:
         assert tier.stats()["corrupt_records_skipped"] == 0
         for i, n in _MIXED:
@@ -399,8 +414,42 @@ def test_large_payloads_start_4k_aligned_and_small_ones_stay_packed(tmp_path, di
             assert tier.get(make_key(i)) == make_value(i, n)
 
 
-def test_aligned_read_fetches_exactly_the_payload(tmp_path):
-    n = 256 * KiB
+def test_one_header_page_serves_many_records(tmp_path):
+    cfg = config(tmp_path, write_buffer_bytes=1 * MiB)
+    n = 2 * HEADERS_PER_PAGE + 5
+    with NvmeTier(cfg) as tier:
+        for i in range(n):
+            assert tier.put(make_key(i), make_value(i, 4 * KiB))
+            if i == 7:
+                tier.delete(make_key(3))  # an inline tombstone between payloads
+        tier.flush()
+        # Three header pages for n 4 KiB values, not a block of header per value.
+        assert disk_bytes(tmp_path) == n * 4 * KiB + 3 * IO_ALIGN + IO_ALIGN
+    data = segment_files(tmp_path)[-1].read_bytes()
+    assert header_of(data, make_key(1))[0] == HEADER_BYTES  # the first page, second slot
+    with NvmeTier(cfg) as tier:
+        assert tier.stats()["corrupt_records_skipped"] == 0
+        assert make_key(3) not in tier and len(tier) == n - 1
+        for i in range(n):
+            if i != 3:
+                assert tier.get(make_key(i)) == make_value(i, 4 * KiB)
+
+
+def test_replay_keeps_write_order_across_inline_and_detached_records(tmp_path):
+    cfg = config(tmp_path, write_buffer_bytes=1 * MiB)
+    with NvmeTier(cfg) as tier:
+        tier.put(make_key("k"), make_value("v1", 4 * KiB))  # detached, header in page 1
+        tier.delete(make_key("k"))                         # inline tombstone after it
+        tier.put(make_key("k"), make_value("v2", 4 * KiB))  # header in page 1, payload last
+        tier.put(make_key("j"), make_value("j1", 4 * KiB))
+        tier.put(make_key("j"), make_value("j2", 100))     # inline, after j1's payload
+    with NvmeTier(cfg) as tier:
+        assert tier.get(make_key("k")) == make_value("v2", 4 * KiB)
+        assert tier.get(make_key("j")) == make_value("j2", 100)
+
+
+@pytest.mark.parametrize("n", [4 * KiB, 256 * KiB], ids=["4KiB", "256KiB"])
+def test_aligned_read_fetches_exactly_the_payload(tmp_path, n):
     with NvmeTier(config(tmp_path)) as tier:
         tier.put(make_key("small"), make_value("small", 100))
         tier.put(make_key("big"), make_value("big", n))
@@ -410,6 +459,25 @@ def test_aligned_read_fetches_exactly_the_payload(tmp_path):
         out = aligned_array(n)
         assert tier.read_into(make_key("big"), out) and out.tobytes() == make_value("big", n)
         assert tier.stats()["bytes_read"] - before == n  # not n + a block for the header
+        before = tier.stats()["bytes_read"]
+        assert tier.get(make_key("big")) == make_value("big", n)
+        assert tier.stats()["bytes_read"] - before == n
+
+
+def test_torn_detached_payload_is_skipped(tmp_path):
+    cfg = config(tmp_path)
+    with NvmeTier(cfg) as tier:
+        for i in range(3):
+            tier.put(make_key(i), make_value(i, 8 * KiB))
+    seg = segment_files(tmp_path)[-1]
+    os.truncate(seg, find(seg, make_value(2, 8 * KiB)) + 4 * KiB)  # half of the last payload
+    with NvmeTier(cfg) as tier:
+        assert [i for i in range(3) if make_key(i) in tier] == [0, 1]
+        assert tier.stats()["corrupt_records_skipped"] == 1
+        assert tier.put(make_key("new"), make_value("new", 8 * KiB))
+    with NvmeTier(cfg) as tier:
+        assert tier.get(make_key("new")) == make_value("new", 8 * KiB)
+        assert tier.get(make_key(1)) == make_value(1, 8 * KiB)
 
 
 @pytest.mark.parametrize("skew", [0, 16], ids=["aligned-out", "unaligned-out"])
@@ -439,17 +507,27 @@ def test_flipped_header_byte_of_aligned_record_is_skipped(tmp_path, field_offset
         for i in range(3):
             tier.put(make_key(i), make_value(i, n))
     seg = segment_files(tmp_path)[-1]
-    flip_byte(seg, find(seg, make_value(1, n)) - HEADER_BYTES + field_offset)
+    flip_byte(seg, header_of(seg.read_bytes(), make_key(1))[0] + field_offset)
     with NvmeTier(cfg) as tier:
         assert [i for i in range(3) if make_key(i) in tier] == [0, 2]
         assert tier.stats()["corrupt_records_skipped"] == 1
         assert tier.get(make_key(2)) == make_value(2, n)
 
 
-def test_misplaced_aligned_record_is_corrupt(tmp_path):
-    # A large record whose payload is not 4 KiB aligned is not one this format writes.
+def test_misplaced_detached_record_is_corrupt(tmp_path):
+    # A large record inline after its header is not one this format writes ...
+    header = bytearray(pack_header(0, make_key("big"), None, 100_000, 100_000, 0))
+    header[5] &= ~8  # not detached
+    head = bytes(header[:72])
+    import xxhash
+    header[72:] = xxhash.xxh3_64_intdigest(head).to_bytes(8, "little")
+    (tmp_path / "seg-0000000001.log").write_bytes(bytes(8) + bytes(header) + bytes(100_000))
+    with NvmeTier(config(tmp_path)) as tier:
+        assert len(tier) == 0 and tier.stats()["corrupt_records_skipped"] == 1
+    # ... nor a detached one whose payload would lie before its own header page.
     (tmp_path / "seg-0000000001.log").write_bytes(
-        bytes(8) + pack_header(0, make_key("big"), None, 100_000, 100_000, 0) + bytes(100_000))
+        bytes(IO_ALIGN) + pack_header(0, make_key("big"), None, 100_000, 100_000, 0,
+                                      payload_offset=0) + bytes(100_000))
     with NvmeTier(config(tmp_path)) as tier:
         assert len(tier) == 0 and tier.stats()["corrupt_records_skipped"] == 1
 
@@ -463,7 +541,7 @@ def test_segment_of_another_format_version_is_refused(tmp_path):
     head[4] = FORMAT_VERSION - 1
     head[72:80] = struct.pack("<Q", xxhash.xxh3_64_intdigest(bytes(head[:72])))
     (tmp_path / "seg-0000000001.log").write_bytes(bytes(head) + b"hello" + bytes(3))
-    with pytest.raises(FormatVersionError, match="format version 1"):
+    with pytest.raises(FormatVersionError, match=f"format version {FORMAT_VERSION - 1}"):
         NvmeTier(config(tmp_path))
     with pytest.raises(StorageError):  # the same error, for callers that catch StorageError
         NvmeTier(config(tmp_path))
