@@ -160,13 +160,13 @@ class LayerLoad:
         try:
             self._borrow = io.store.borrow(keys)
             self._borrowed = self._borrow.__enter__()
-            views = self._borrowed.views
-            if views:
+            addresses = self._borrowed.addresses
+            if addresses:
                 self._copier = uva_copy.LayerCopier(
-                    io.cache, [uva_copy.address(v) for v in views], pages[:len(views)],
+                    io.cache, addresses, pages[:len(addresses)],
                     io.layout.layer_bytes, io.layout.kv_bytes)
                 self._copier.launch()
-                self.num_blocks = len(views)
+                self.num_blocks = len(addresses)
         except (KVStoreError, ValueError) as e:
             log.warning("borrowing %d blocks failed (%s); copying them instead", len(keys), e)
             self._release()

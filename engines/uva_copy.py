@@ -80,11 +80,6 @@ def available() -> bool:
     return True
 
 
-def address(view: Any) -> int:
-    """The address of a store view: a numpy array (host) or a tensor (device)."""
-    return int(view.ctypes.data) if hasattr(view, "ctypes") else int(view.data_ptr())
-
-
 class LayerCopier:
     """Launches the per-layer copies of ``n`` blocks into ``pages`` of ``cache``."""
 

@@ -34,14 +34,26 @@ def _is_cuda(view: Any) -> bool:
 
 
 class Borrowed:
-    """What `StoreReads.borrow` yields: ``views`` of the leading blocks held in memory
-    tiers (a numpy array over host memory or a device tensor each, read-only by contract),
-    and after release, ``intact``: False if a pin expired while held (a holder slower than
-    ``lease_s``), in which case what was read from the views must not be used."""
+    """What `StoreReads.borrow` yields for the leading blocks held in memory tiers:
+    ``addresses`` (host or device pointers, for copy kernels) and ``views`` (a numpy array
+    over host memory or a device tensor each, made on first use), both read-only by
+    contract; after release, ``intact``: False if a pin expired while held (a holder slower
+    than ``lease_s``), in which case what was read from them must not be used."""
 
-    def __init__(self, views: list[ByteView]) -> None:
-        self.views = views
+    def __init__(self, slots: list[tuple[Any, int, int]]) -> None:
+        self._slots = slots  # (pool, offset, nbytes)
+        self.addresses = [pool.base_address + offset for pool, offset, _ in slots]
         self.intact: bool | None = None
+        self._views: list[ByteView] | None = None
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @property
+    def views(self) -> list[ByteView]:
+        if self._views is None:
+            self._views = [pool.view(offset, n) for pool, offset, n in self._slots]
+        return self._views
 
 
 class StoreReads:
@@ -53,7 +65,7 @@ class StoreReads:
         missing or only on NVMe) and yield their slots; unpin on exit."""
         checked = [check_key(k) for k in keys]
         run: list[tuple[Any, int, int]] = []  # entry, pin, tier
-        views: list[ByteView] = []
+        slots: list[tuple[Any, int, int]] = []  # pool, offset, nbytes
         with self._lock:
             self._check_open()
             for key in checked:
@@ -68,8 +80,8 @@ class StoreReads:
                 self._queries += 1
                 self.index.touch(entry)
                 run.append((entry, self.index.pin(entry, self.config.lease_s), t))
-                views.append(tier.view(*tier.slot_of(key)))
-        borrowed = Borrowed(views)
+                slots.append((tier.pool, *tier.slot_of(key)))
+        borrowed = Borrowed(slots)
         try:
             yield borrowed
         finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import numpy as np
@@ -466,7 +467,10 @@ def test_borrow_yields_the_slots_pinned_until_released(tmp_path):
         in_dram = [store.tier_of(k) == "dram" for k in keys]
         leading = in_dram.index(False)  # borrow stops at the first block only on NVMe
         with store.borrow(keys) as borrowed:
-            assert len(borrowed.views) == leading > 0
+            assert len(borrowed) == len(borrowed.addresses) == leading > 0
+            # The addresses are the blocks' bytes in place (what copy kernels read).
+            assert [ctypes.string_at(a, 64 * KiB) for a in borrowed.addresses] == values[:leading]
+            assert [v.ctypes.data for v in borrowed.views] == borrowed.addresses
             assert [bytes(v) for v in borrowed.views] == values[:leading]
             # Overwritten and deleted while borrowed: the borrowed slots keep the old bytes.
             store.put(keys[0], make_value("new", 64 * KiB))
@@ -475,4 +479,4 @@ def test_borrow_yields_the_slots_pinned_until_released(tmp_path):
         assert borrowed.intact is True
         assert store.get(keys[0]) == make_value("new", 64 * KiB)
         with store.borrow([make_key("missing"), *keys]) as borrowed:
-            assert borrowed.views == []
+            assert borrowed.views == [] and borrowed.addresses == []

@@ -128,6 +128,11 @@ class HostPool:
     def view(self, offset: int, nbytes: int) -> ByteView:
         return self.array[offset:offset + nbytes]
 
+    @property
+    def base_address(self) -> int:
+        """Where byte 0 of the pool is (a slot at ``offset`` lies at this + offset)."""
+        return int(self.array.ctypes.data)
+
     def close(self) -> None:
         if self._registered:
             unregister_with_cuda(self.array)

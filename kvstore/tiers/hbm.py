@@ -19,6 +19,11 @@ class DevicePool:
     def view(self, offset: int, nbytes: int) -> ByteView:
         return self.tensor[offset:offset + nbytes]
 
+    @property
+    def base_address(self) -> int:
+        """The device address of byte 0 of the pool."""
+        return int(self.tensor.data_ptr())
+
     def close(self) -> None:
         self.tensor = None
 
