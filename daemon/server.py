@@ -3,14 +3,11 @@
     client ──frames (kvstore.protocol)──> connection task ──executor thread──> Store
     same-host client ──maps /dev/shm/NAME──> the Store's DRAM pool (reserve/commit, pin/unpin)
 
-One event loop owns the connections, handles and leases; every Store call runs in a
-worker thread (the Store is thread-safe; NVMe I/O must never stall the loop). Each
-connection serves its requests in order; concurrency comes from many connections.
-
-Leases: a connection's reservations and pins are released when it closes, however it
-closes (a SIGKILLed client's socket is closed by its kernel); a live client that holds
-one past ``lease_s`` loses it to the sweeper, and the Store's own pin lease makes an
-expired pin stop protecting its block, so no slot leaks and no eviction waits forever.
+One event loop owns the connections, handles and leases. A Store call that may wait on
+NVMe I/O runs in a worker thread (the Store is thread-safe; the loop must never stall); a
+short one runs on the loop when the store lock is free. Each connection serves its
+requests in order; concurrency comes from many connections. The shared-memory operations
+and their leases are `daemon.shm_plane`'s.
 
 Shutdown (SIGTERM): stop accepting, let requests in flight finish (up to ``drain_s``),
 write out the access log, close the Store (which flushes NVMe), stop metrics and the
@@ -35,18 +32,17 @@ import time
 import types
 from collections.abc import Callable, Coroutine, Generator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from daemon.access_log import AccessLog
 from daemon.config import DaemonConfig
+from daemon.shm_plane import Connection, SharedMemoryPlane
 from daemon.tenants import (
     DEFAULT_NAMESPACE,
-    Tenant,
     Tenants,
     grants,
     namespace_secret,
-    scoped_key,
 )
 from kvstore import protocol
 from kvstore.errors import KVStoreError
@@ -56,32 +52,6 @@ from kvstore.tiers.dram import boot_id
 
 log = logging.getLogger(__name__)
 
-SWEEP_INTERVAL_S = 1.0
-
-
-@dataclass
-class _Reservation:
-    key: bytes | None  # scoped; None for a spare slot, bound to a key at commit
-    offset: int
-    nbytes: int
-    deadline: float
-
-
-@dataclass
-class _Pin:
-    key: bytes  # scoped
-    pin: int
-    deadline: float
-
-
-@dataclass
-class _Expired:
-    """Reservations and pins whose lease ran out (shaped like a Connection's tables)."""
-
-    reservations: dict[int, _Reservation]
-    pins: dict[int, _Pin]
-
-
 @dataclass
 class _Lookups:
     """Prefix lookups since start (changed on the loop only, so no lock)."""
@@ -89,21 +59,6 @@ class _Lookups:
     num_lookups: int = 0
     num_blocks_queried: int = 0
     num_blocks_hit: int = 0
-
-
-@dataclass
-class Connection:
-    peer: str
-    tenant: Tenant | None = None
-    namespace: str | None = None
-    secret: bytes = b""
-    shared_memory: bool = False
-    reservations: dict[int, _Reservation] = field(default_factory=dict)
-    pins: dict[int, _Pin] = field(default_factory=dict)
-    busy: bool = False
-
-    def scope(self, key: bytes) -> bytes:
-        return scoped_key(self.secret, key)
 
 
 async def _within(handler: Coroutine[Any, Any, Any], timeout_s: float) -> Any:
@@ -137,7 +92,7 @@ def _resume(handler: Coroutine[Any, Any, Any], waiting: Any) -> Generator[Any, A
                 return done.value
 
 
-class Daemon:
+class Daemon(SharedMemoryPlane):
     """Serve a Store; `start`, then `serve_until_stopped` (or `stop`)."""
 
     def __init__(self, config: DaemonConfig, *, metrics: Any | None = None,
@@ -480,165 +435,6 @@ class Daemon:
                 "block_tokens": block_tokens,
                 "tokens_queried": lookups.num_blocks_queried * block_tokens,
                 "tokens_hit": lookups.num_blocks_hit * block_tokens}
-
-    # -- the shared-memory data plane -------------------------------------------------------------
-
-    def _check_shm(self, conn: Connection) -> None:
-        if not conn.shared_memory:
-            raise RequestError(ErrorCode.FORBIDDEN, "this connection has no shared memory; "
-                                                    "use put/get")
-
-    async def _op_reserve(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        """Reserve DRAM slots for the leading keys that find room."""
-        self._check_shm(conn)
-        sizes: list[int] = meta["sizes"]
-
-        # One store call, so that a deadline cannot separate a slot from its handle: if the
-        # request gives up while the call runs on, the slots it reserves are given back.
-        # Without an NVMe tier (no demotion I/O), a short one runs on the loop when the
-        # lock is free (a long batch would stall every other client meanwhile).
-        offsets = await self._run_to_end(
-            lambda: self._reserve_slots(sizes),
-            inline=not self.store.has_nvme and len(sizes) <= 64, release=self._release_slots)
-        return self._reservations(conn, meta["keys"], offsets, sizes)
-
-    def _reserve_slots(self, sizes: list[int]) -> list[int]:
-        """DRAM slots for the leading sizes that find room (worker thread or lock held)."""
-        offsets: list[int] = []
-        try:
-            for nbytes in sizes:
-                offset = self.store.reserve_host(nbytes)
-                if offset is None:
-                    break
-                offsets.append(offset)
-        except BaseException:  # a size over the limit: the client gets no handle at all
-            self._release_slots(offsets)
-            raise
-        return offsets
-
-    def _release_slots(self, offsets: list[int]) -> None:
-        for offset in offsets:
-            self.store.release_host(offset)
-
-    def _reservations(self, conn: Connection, keys: list[bytes | None], offsets: list[int],
-                      sizes: list[int]) -> tuple[dict[str, Any], list[Any]]:
-        """File reserved slots under new handles of ``conn``; the reserve answer."""
-        deadline = time.monotonic() + self.config.lease_s
-        handles = []
-        for key, offset, nbytes in zip(keys, offsets, sizes, strict=False):
-            handle = next(self._handles)
-            scoped = None if key is None else conn.scope(key)  # None: a spare slot
-            conn.reservations[handle] = _Reservation(scoped, offset, nbytes, deadline)
-            handles.append(handle)
-        return {"handles": handles, "offsets": offsets}, []
-
-    def _take(self, table: dict[int, Any], handles: list[int]) -> list[Any]:
-        missing = [h for h in handles if h not in table]
-        if missing or len(set(handles)) != len(handles):
-            raise RequestError(ErrorCode.UNKNOWN_HANDLE,
-                               f"handles {missing or handles} are not held by this connection "
-                               "(expired after the lease, or never given)")
-        return [table.pop(h) for h in handles]
-
-    async def _op_commit(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        """Commit reservations in order, as one chain (each the parent of the next), to
-        their reserved keys or to ``keys``; then reserve spare slots of ``reserve_sizes``
-        for the client's next puts (answered as ``handles`` and ``offsets``)."""
-        keys, spare_sizes = meta.get("keys"), meta.get("reserve_sizes") or []
-        if spare_sizes:
-            self._check_shm(conn)
-        taken = self._take(conn.reservations, meta["handles"])
-        if keys is not None:
-            for r, key in zip(taken, keys, strict=True):
-                r.key = conn.scope(key)
-        if any(r.key is None for r in taken):
-            for r in taken:
-                self.store.release_host(r.offset)
-            raise RequestError(ErrorCode.BAD_REQUEST, "a spare slot is committed with keys")
-
-        def commit() -> tuple[int, list[int]]:
-            parent = None
-            for i, r in enumerate(taken):
-                try:
-                    self.store.commit_host(r.key, r.offset, r.nbytes, parent)
-                except BaseException:
-                    for rest in taken[i:]:
-                        self.store.release_host(rest.offset)
-                    raise
-                parent = r.key
-            return len(taken), self._reserve_slots(spare_sizes)
-
-        # The reservations are no longer in the table, so once taken they must be committed
-        # (or released) even if the deadline passes before a worker thread is free: the
-        # store call is shielded, and spares it reserves after a deadline are given back.
-        stored, offsets = await self._run_to_end(
-            commit, inline=not (spare_sizes and self.store.has_nvme),  # NVMe: a thread
-            release=lambda result: self._release_slots(result[1]))
-        self._count_in_bytes(sum(r.nbytes for r in taken))
-        spares, _ = self._reservations(conn, [None] * len(offsets), offsets, spare_sizes)
-        return {"stored": stored, **spares}, []
-
-    async def _op_abort(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        taken = self._take(conn.reservations, meta["handles"])
-        await self._run_short(self._release_slots, [r.offset for r in taken],
-                              shield=True)  # shielded as in commit
-        return {}, []
-
-    async def _op_pin(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        """Pin the blocks held in DRAM: [offset, nbytes, handle] each, nil for the others
-        (not in DRAM or absent: the client fetches those with get_many)."""
-        self._check_shm(conn)
-        deadline = time.monotonic() + self.config.lease_s
-        keys = [conn.scope(k) for k in meta["keys"]]
-        pinned = await self._run_short(lambda: [self.store.pin_host(k) for k in keys])
-        blocks: list[list[int] | None] = []
-        for key, found in zip(keys, pinned, strict=True):
-            if found is None:
-                blocks.append(None)
-                continue
-            offset, nbytes, pin = found
-            handle = next(self._handles)
-            conn.pins[handle] = _Pin(key, pin, deadline)
-            blocks.append([offset, nbytes, handle])
-        return {"blocks": blocks}, []
-
-    async def _op_unpin(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        """Release pins; ``intact[i]`` False means that copy may be torn (drop it)."""
-        taken = self._take(conn.pins, meta["handles"])
-        intact = await self._run_short(
-            lambda: [self.store.unpin_host(p.key, p.pin) for p in taken], shield=True)
-        return {"intact": intact}, []
-
-    # -- leases -----------------------------------------------------------------------------------
-
-    def _release_all(self, conn: Connection | _Expired) -> None:
-        """Give back reservations and drop pins (a closed connection's, or expired ones)."""
-        if not conn.reservations and not conn.pins:
-            return
-        for r in conn.reservations.values():
-            self.store.release_host(r.offset)
-        for p in conn.pins.values():
-            with contextlib.suppress(KVStoreError):  # nobody copies from these any more
-                self.store.unpin_host(p.key, p.pin, after_copy=False)
-        if isinstance(conn, Connection):
-            log.info("released %d reservations and %d pins of peer=%s",
-                     len(conn.reservations), len(conn.pins), conn.peer)
-        conn.reservations.clear()
-        conn.pins.clear()
-
-    async def _sweep_leases(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
-            now = time.monotonic()
-            for conn in list(self._connections.values()):
-                expired = _Expired(
-                    {h: conn.reservations.pop(h) for h, r in list(conn.reservations.items())
-                     if r.deadline < now},
-                    {h: conn.pins.pop(h) for h, p in list(conn.pins.items()) if p.deadline < now})
-                if expired.reservations or expired.pins:
-                    log.warning("lease expired peer=%s: %d reservations and %d pins released",
-                                conn.peer, len(expired.reservations), len(expired.pins))
-                    await self._run(self._release_all, expired)
 
     def _count_in(self, data: bytes) -> None:
         self._count_in_bytes(len(data))
