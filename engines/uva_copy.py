@@ -56,8 +56,11 @@ THREADS = 512
 UNROLL = 4
 # Thread blocks per launch, each looping over chunks: enough reads in flight to fill PCIe,
 # while leaving most SMs to the forward that overlaps the copy (a grid of one block per
-# chunk would hold every SM and push the forward's kernels behind the copies).
-GRID = 64
+# chunk would hold every SM and push the forward's kernels behind the copies). Measured on
+# the H100 (8K-token llama3-8b fetch, 2026-11-23): 8 to 64 blocks all copy at 47-50 GB/s
+# (4: 45, 2: 25), but the overlapping forward runs slower the more blocks copy: by the
+# time the copies end it had reached layer 14-16 with 8-16 blocks, layer 12-13 with 64.
+GRID = 16
 ALIGN = 16
 
 
