@@ -42,10 +42,10 @@ from daemon.tenants import (
     DEFAULT_NAMESPACE,
     Tenants,
     grants,
-    namespace_secret,
 )
 from kvstore import protocol
 from kvstore.errors import KVStoreError
+from kvstore.keys import namespace_secret
 from kvstore.protocol import ErrorCode, FrameKind, RequestError
 from kvstore.store import Store
 from kvstore.tiers.dram import boot_id
@@ -115,6 +115,7 @@ class Daemon(SharedMemoryPlane):
         self._stopping = asyncio.Event()
         self._closed = False
         self._sweeper: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self.address: tuple[str, int] | None = None
         self.started_at = time.time()
         self._lookups = _Lookups()
@@ -126,6 +127,8 @@ class Daemon(SharedMemoryPlane):
         self._server = await asyncio.start_server(self._serve, host, port, limit=1 << 20)
         self.address = self._server.sockets[0].getsockname()[:2]
         self._sweeper = asyncio.create_task(self._sweep_leases(), name="kvstored-sweeper")
+        self._heartbeat = asyncio.create_task(self._keep_directory_alive(),
+                                              name="kvstored-directory-heartbeat")
         if self.access_log is not None:
             await self.access_log.start()
         pool = self.store.host_pool
@@ -159,9 +162,10 @@ class Daemon(SharedMemoryPlane):
             for task in pending:
                 task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for task in (self._sweeper, self._heartbeat):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.access_log is not None:
             await self.access_log.aclose()  # every lookup answered is in it now
         loop = asyncio.get_running_loop()
@@ -210,7 +214,8 @@ class Daemon(SharedMemoryPlane):
             reason = f"connection lost ({type(e).__name__})"
         finally:
             del self._connections[task]
-            await self._run(self._release_all, conn)
+            if conn.reservations or conn.pins:
+                await self._run(self._release_all, conn)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
@@ -360,7 +365,8 @@ class Daemon(SharedMemoryPlane):
             "max_frame_data_bytes": self.max_frame_data_bytes,
             "lease_s": self.config.lease_s,
             "tiers": self.store.config.tier_names,
-            "shm": ({"name": pool.shm_name, "nbytes": pool.nbytes, "boot_id": self.boot_id}
+            "shm": ({"name": pool.shm_name, "nbytes": pool.nbytes, "boot_id": self.boot_id,
+                     "directory": pool.directory.name if pool.directory is not None else None}
                     if conn.shared_memory else None),
         }, []
 

@@ -23,9 +23,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.tenants import Tenant, scoped_key
+from daemon.tenants import Tenant
 from kvstore.errors import KVStoreError
+from kvstore.keys import scoped_key
 from kvstore.protocol import ErrorCode, RequestError
+from kvstore.tiers.shm_directory import BEAT_S
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +203,14 @@ class SharedMemoryPlane:
             blocks.append([offset, nbytes, handle])
         return {"blocks": blocks}, []
 
+    async def _op_touch(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        """Blocks the client copied straight from the pool, found through the directory:
+        counted as DRAM hits and made the most recently used, as a pin would have."""
+        self._check_shm(conn)
+        keys = [conn.scope(k) for k in meta["keys"]]
+        await self._run_short(self.store.touch_host, keys)
+        return {}, []
+
     async def _op_unpin(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         """Release pins; ``intact[i]`` False means that copy may be torn (drop it)."""
         taken = self._take(conn.pins, meta["handles"])
@@ -224,6 +234,15 @@ class SharedMemoryPlane:
                      len(conn.reservations), len(conn.pins), conn.peer)
         conn.reservations.clear()
         conn.pins.clear()
+
+    async def _keep_directory_alive(self) -> None:
+        """Stamp the pool directory's heartbeat while the loop runs: clients stop reading
+        through a directory whose daemon stopped stamping (`shm_directory`, Liveness)."""
+        pool = self.store.host_pool
+        directory = None if pool is None else pool.directory
+        while directory is not None:
+            directory.beat()
+            await asyncio.sleep(BEAT_S)
 
     async def _sweep_leases(self) -> None:
         while True:

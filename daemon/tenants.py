@@ -9,7 +9,7 @@ The token file (``--token-file``, TOML) lists tenants:
     shared_memory = false               # may this tenant map the DRAM pool? (default false)
 
 Isolation: a client names one namespace at hello, which its token must grant; every key
-it sends is then stored under ``scoped_key(namespace, key)``, a keyed BLAKE2b of the key
+it sends is then stored under ``kvstore.keys.scoped_key``, a keyed BLAKE2b of the key
 with the namespace. Tenants granted the same namespace share blocks; a tenant that knows
 another's key bytes still reaches only its own namespaces' scoped keys, so it can neither
 read, overwrite, delete nor probe (contains, match_prefix) the other's blocks.
@@ -21,7 +21,6 @@ others move data over the socket. Without a token file there is one trusted tena
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import tomllib
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ from pathlib import Path
 from kvstore.errors import ConfigError
 
 DEFAULT_NAMESPACE = "default"
-_PERSON = b"kvstore-tenant1"
 
 
 @dataclass(frozen=True)
@@ -111,10 +109,3 @@ def grants(tenant: Tenant, namespace: str) -> bool:
     return tenant is OPEN_TENANT or namespace in tenant.namespaces
 
 
-def namespace_secret(namespace: str) -> bytes:
-    """The BLAKE2b key that scopes a namespace's keys (computed once per connection)."""
-    return hashlib.blake2b(namespace.encode(), digest_size=32, person=_PERSON).digest()
-
-
-def scoped_key(secret: bytes, key: bytes) -> bytes:
-    return hashlib.blake2b(key, digest_size=16, key=secret, person=_PERSON).digest()

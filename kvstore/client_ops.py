@@ -2,8 +2,14 @@
 
 An operation yields requests ``(meta, data parts)`` and receives answers ``(meta, data)``;
 `kvstore.client` drives it over a TCP socket, asyncio streams or UCX. The shared-memory
-data plane lives here: a connection's `_Session` knows the daemon's DRAM pool (mapped
-once per process) and its spare slot.
+data plane lives here: a connection's `_Session` knows the daemon's DRAM pool and its
+directory (each mapped once per process) and its spare slot.
+
+Reads on the same host first look the keys up in the daemon's directory
+(`kvstore.tiers.shm_directory`) and copy what it lists straight from the pool, with no
+request at all; the rest are pinned (one round trip), copied and unpinned. Blocks read
+through the directory are reported to the daemon in batches (``touch``, not waited for),
+so its hit counts and eviction order see them.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ import numpy as np
 from kvstore import protocol
 from kvstore.buffers import copy_bytes, output_view
 from kvstore.errors import InvalidValueError, ProtocolError
+from kvstore.keys import namespace_secret, scoped_key
 from kvstore.tiers.dram import boot_id
 
 SHM_MIN_BYTES = 64 * 1024  # smaller puts go in the frame: one round trip instead of two
+TOUCH_BATCH = 32  # directory reads reported to the daemon per `touch`
 
 Request = tuple[dict[str, Any], list[Any]]  # meta (op and fields), data parts
 Response = tuple[dict[str, Any], memoryview]  # meta, data
@@ -59,12 +67,18 @@ class _Session:
         self.lease_s: float = hello["lease_s"]
         self.pool: np.ndarray | None = None
         self.is_pool_registered = False  # page-locked for CUDA: GPUs DMA straight into it
+        self.directory: Any = None  # the daemon's shm_directory.Directory, if mapped
+        self.secret = namespace_secret(self.namespace)  # scopes keys as the daemon does
+        self.touched: list[bytes] = []  # read through the directory, not yet reported
+        self.num_directory_reads = 0
         self._spare: tuple[int, int, int, float] | None = None  # handle, offset, nbytes, when
         shm = hello.get("shm")
         if shm and shm.get("boot_id") == boot_id():
             mapped = _shared_pool(address, shm["name"], shm["nbytes"])
             if mapped is not None:
                 self.pool, self.is_pool_registered = mapped
+                if shm.get("directory"):
+                    self.directory = _shared_directory(shm["directory"])
 
 
     def take_spare(self, nbytes: int) -> tuple[int, int] | None:
@@ -112,6 +126,51 @@ def _shared_pool(address: tuple[str, int], name: str,
             array = np.frombuffer(mapping, dtype=np.uint8)[:nbytes]
             _pools[name] = (array, register_with_cuda(array))
         return _pools[name]
+
+
+_directories: dict[str, Any] = {}
+
+
+def _shared_directory(name: str) -> Any:
+    """The daemon's directory mapped (read-only) here, once per process; None if it cannot
+    be (then every read asks the daemon)."""
+    from kvstore.tiers.shm_directory import Directory
+
+    if not Directory.supported:
+        return None
+    with _pools_lock:
+        if name not in _directories:
+            try:
+                _directories[name] = Directory(name, create=False)
+            except (OSError, ValueError):
+                return None
+        return _directories[name]
+
+
+def _read_listed(session: _Session, keys: list[bytes], outs: list[Any] | None,
+                 results: list[Any]) -> list[int]:
+    """Copy the values the directory lists straight from the pool into ``results`` (bytes,
+    or True once copied into ``outs``); returns the indices of the keys left to ask for."""
+    directory, pool, secret = session.directory, session.pool, session.secret
+    assert pool is not None
+    rest = []
+    for i, key in enumerate(keys):
+        found = directory.lookup(scoped_key(secret, key))
+        if found is not None:
+            row, seq, offset, nbytes = found
+            view = pool[offset:offset + nbytes]
+            if outs is None:
+                value: Any = view.tobytes()
+            else:
+                copy_bytes(output_view(outs[i], nbytes), view)
+                value = True
+            if directory.unchanged(row, seq):  # the slot held this value the whole time
+                results[i] = value
+                session.touched.append(key)
+                continue
+        rest.append(i)
+    session.num_directory_reads += len(keys) - len(rest)
+    return rest
 
 
 # -- the operations, once, independent of the transport ---------------------------------------
@@ -192,10 +251,16 @@ class _Operations:
         results: list[Any] = [None if outs is None else False] * len(keys)
         rest = list(range(len(keys)))
         pool = session.pool
-        if pool is not None and keys:
-            meta, _ = yield {"op": "pin", "keys": keys}, []
+        if pool is not None and session.directory is not None and keys:
+            rest = _read_listed(session, keys, outs, results)
+            if len(session.touched) >= TOUCH_BATCH or (rest and session.touched):
+                touched, session.touched = session.touched, []
+                yield {"op": "touch", "keys": touched, "noreply": True}, []
+        if pool is not None and rest:
+            asked = [keys[i] for i in rest]
+            meta, _ = yield {"op": "pin", "keys": asked}, []
             pinned_at = time.monotonic()
-            pinned = [(i, b) for i, b in enumerate(meta["blocks"]) if b is not None]
+            pinned = [(rest[j], b) for j, b in enumerate(meta["blocks"]) if b is not None]
             copied: list[Any] = []
             try:
                 for i, (offset, nbytes, _handle) in pinned:
@@ -216,7 +281,7 @@ class _Operations:
                 for (i, _), value in zip(pinned, copied, strict=True):
                     results[i] = value
                 found = {i for i, _ in pinned}
-                rest = [i for i in range(len(keys)) if i not in found]
+                rest = [i for i in rest if i not in found]
         if rest:
             meta, data = yield {"op": "get_many", "keys": [keys[i] for i in rest]}, []
             offset = 0

@@ -88,3 +88,19 @@ def prefix_hashes(
         previous = h.digest()
         keys.append(BlockKey(previous))
     return keys
+
+
+# -- tenant scoping (the daemon's): a key as stored for a namespace ---------------------------
+
+_TENANT_PERSON = b"kvstore-tenant1"
+
+
+def namespace_secret(namespace: str) -> bytes:
+    """The BLAKE2b key that scopes a namespace's keys (computed once per connection)."""
+    return hashlib.blake2b(namespace.encode(), digest_size=32, person=_TENANT_PERSON).digest()
+
+
+def scoped_key(secret: bytes, key: bytes) -> bytes:
+    """``key`` as `kvstored` stores it for the namespace whose secret is ``secret``: what a
+    same-host client looks up in the daemon's shared directory."""
+    return hashlib.blake2b(key, digest_size=16, key=secret, person=_TENANT_PERSON).digest()

@@ -243,6 +243,8 @@ _FIELDS: dict[str, dict[str, Any]] = {
     "abort": {"handles": _handles},
     "pin": {"keys": _keys},
     "unpin": {"handles": _handles},
+    # blocks a client read through the shared directory, with no pin: count and keep them
+    "touch": {"keys": _keys},
 }
 
 OPERATIONS = frozenset(_FIELDS)

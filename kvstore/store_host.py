@@ -77,6 +77,22 @@ class StoreHostPlane:
             offset, nbytes = self._tiers[t].slot_of(key)
             return offset, nbytes, self.index.pin(entry, self.config.lease_s)
 
+    def touch_host(self, keys: list[bytes]) -> None:
+        """Count blocks a client read from the DRAM pool on its own (through the shared
+        directory) as DRAM hits, and make those still stored the most recently used."""
+        with self._lock:
+            self._check_open()
+            t = self._dram_tier
+            if t is None:
+                return
+            for key in keys:
+                entry = self.index.get(check_key(key))
+                if entry is not None:
+                    self.index.touch(entry)
+            self._queries += len(keys)
+            self._hits += len(keys)
+            self._tier_hits[t] += len(keys)
+
     def unpin_host(self, key: bytes, pin: int, *, after_copy: bool = True) -> bool:
         """Release a pin_host pin; False if the block changed meanwhile or the lease ran
         out (the copy may be torn: treat it as a miss). ``after_copy=False`` drops a pin

@@ -109,11 +109,21 @@ class HostPool:
         self._tensor = None
         self._mmap: mmap.mmap | None = None
         self._registered = False
+        self.directory: Any = None  # where each block lies, for one-sided client reads
         torch = _torch_if_cuda()
         if shm_name is not None:
             self._mmap = map_shared(shm_name, max(nbytes, 1), create=True)
             self.array = np.frombuffer(self._mmap, dtype=np.uint8)[:nbytes]
             self._registered = self.is_pinned = register_with_cuda(self.array)
+            from kvstore.tiers.shm_directory import Directory, directory_name, rows_for
+
+            if Directory.supported:
+                try:
+                    self.directory = Directory(directory_name(shm_name), rows_for(nbytes),
+                                               create=True)
+                except BaseException:
+                    os.unlink(shm_path(shm_name))
+                    raise
         elif nbytes and torch is not None and torch.cuda.is_available():
             self._tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
             self.array = self._tensor.numpy()
@@ -134,6 +144,9 @@ class HostPool:
         return int(self.array.ctypes.data)
 
     def close(self) -> None:
+        if self.directory is not None:
+            self.directory.close()
+            self.directory = None
         if self._registered:
             unregister_with_cuda(self.array)
             self._registered = False

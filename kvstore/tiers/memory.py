@@ -41,6 +41,9 @@ class MemoryTier:
         self.capacity_bytes = self.allocator.capacity_bytes
         self._slots: dict[bytes, tuple[int, int]] = {}
         self._parents: dict[bytes, bytes | None] = {}
+        # A shared pool's directory (`kvstore.tiers.shm_directory`): told of every slot a
+        # key gains, and of every slot it loses before that slot is freed.
+        self.directory = getattr(pool, "directory", None)
         self._closed = False
 
     # -- reserve / commit: the Store's path -------------------------------------------------
@@ -72,6 +75,8 @@ class MemoryTier:
         self.evict(key)
         self._slots[key] = (offset, nbytes)
         self._parents[key] = parent
+        if self.directory is not None:
+            self.directory.insert(key, offset, nbytes)
 
     def slot_of(self, key: bytes) -> tuple[int, int] | None:
         return self._slots.get(key)
@@ -116,6 +121,8 @@ class MemoryTier:
         if slot is None:
             return False
         self._parents.pop(key, None)
+        if self.directory is not None:
+            self.directory.remove(key)
         self.allocator.free(slot[0])
         return True
 
@@ -126,6 +133,8 @@ class MemoryTier:
         the caller gives the offset back with `release` later."""
         slot = self._slots.pop(key, None)
         self._parents.pop(key, None)
+        if slot is not None and self.directory is not None:
+            self.directory.remove(key)
         return None if slot is None else slot[0]
 
     def __contains__(self, key: object) -> bool:

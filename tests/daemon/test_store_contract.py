@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvstore
-from kvstore import BufferSizeError, InvalidKeyError, InvalidValueError, KVStoreError
+from kvstore import BufferSizeError, InvalidKeyError, InvalidValueError, KVStoreError, client_ops
 from tests.conftest import make_key, make_value
 
 KiB = 1024
@@ -18,18 +18,23 @@ MiB = 1024 * KiB
 _namespaces = itertools.count()
 
 
-@pytest.fixture(params=["embedded", "shm", "tcp"])
-def api(request, tmp_path, shared_daemon):
+@pytest.fixture(params=["embedded", "shm", "shm-pin", "tcp"])
+def api(request, tmp_path, shared_daemon, monkeypatch):
     if request.param == "embedded":
         store = kvstore.Store(kvstore.StoreConfig(
             dram_bytes="64MiB", nvme_path=str(tmp_path / "nvme"), nvme_bytes="64MiB",
             max_value_bytes="4MiB"))
     else:
+        if request.param == "shm-pin":  # the pool without its directory: every read pins
+            monkeypatch.setattr(client_ops, "_shared_directory", lambda name: None)
         # A namespace per test: the daemon is shared by the module, the keys are not.
         store = kvstore.connect(shared_daemon.url, namespace=f"contract-{next(_namespaces)}",
-                                shared_memory=request.param == "shm")
-        # The path under test is the one taken: the pool is mapped exactly for "shm".
-        assert (store._idle[0].session.pool is not None) == (request.param == "shm")
+                                shared_memory=request.param != "tcp")
+        # The path under test is the one taken: the pool is mapped exactly for "shm*", and
+        # its directory read exactly for "shm".
+        session = store._idle[0].session
+        assert (session.pool is not None) == (request.param != "tcp")
+        assert (session.directory is not None) == (request.param == "shm")
     yield store
     store.close()
 

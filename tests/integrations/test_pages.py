@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 import kvstore
 from kvstore.integrations.pages import KVPageCodec, PageLayout, fetch_blocks, store_blocks
+from kvstore.tiers.shm_directory import STALE_S
 
 NUM_BLOCKS, HEADS, BLOCK, HEAD2 = 12, 2, 32, 16  # vLLM CPU: [blocks, heads, block, 2*hs]
 
@@ -69,6 +72,7 @@ def test_a_dead_daemon_is_a_miss_not_an_error(tmp_path) -> None:
         assert fetch_blocks(client, keys(2), pages.staging(2)) == 2
         daemon.proc.kill()
         daemon.proc.wait()
+        time.sleep(STALE_S + 0.3)  # same-host reads through its directory stop by then
         assert fetch_blocks(client, keys(2), pages.staging(2)) == 0
         assert store_blocks(client, keys(2), staging) == 0
     finally:
