@@ -521,8 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "vs_raw": "path / raw limit, median of per-run ratios"},
         "paths": {
             "embedded": "kvstore.Store in the benchmark process",
-            "shm": "kvstore.connect(url): maps the daemon's /dev/shm DRAM pool; put = reserve "
-                   "-> copy -> commit, get = pin -> copy -> unpin (two round trips each)",
+            "shm": "kvstore.connect(url): maps the daemon's /dev/shm DRAM pool; put = copy "
+                   "into a spare slot -> commit (one round trip), get = look up the shared "
+                   "directory -> copy -> check (none; pin -> copy -> unpin when not listed)",
             "tcp": "kvstore.connect(url, shared_memory=False): values in the frames over "
                    "loopback TCP",
         },
