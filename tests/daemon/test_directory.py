@@ -5,7 +5,10 @@ and a stopped or killed daemon's directory stops being read. Real daemon subproc
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from tests.conftest import make_key, make_value
 pytestmark = pytest.mark.skipif(not shm_directory.Directory.supported,
                                 reason="x86-64 only (see kvstore.tiers.shm_directory)")
 KiB = 1024
+REPO = Path(__file__).resolve().parents[2]
 
 
 def session_of(client: kvstore.Client):
@@ -95,3 +99,44 @@ def test_a_killed_daemon_is_not_read_past_the_staleness_bound(start_daemon):
     time.sleep(shm_directory.STALE_S + 0.5)
     with pytest.raises(StoreConnectionError):
         client.get(make_key("k"))
+
+
+_WRITER = """
+import sys, time
+import kvstore
+from tests.conftest import make_key
+client = kvstore.connect(sys.argv[1])
+end = time.monotonic() + float(sys.argv[2])
+version = 0
+while time.monotonic() < end:
+    version += 1
+    i = version % 48
+    client.put(make_key(i), bytes([i]) + bytes([version % 251]) * (64 * 1024 - 1))
+print(version)
+"""
+
+
+def test_a_read_racing_overwrites_and_slot_reuse_is_whole_or_a_miss(start_daemon):
+    # 48 keys rotating through a pool of about 16 slots: every put evicts, slots are
+    # reused all the time. A value is its key's number, then one byte repeated: a copy
+    # from a slot reused meanwhile shows another key's number, or two bytes if it raced
+    # the writer's copy. Every read must be a whole value of its own key, or a miss.
+    daemon = start_daemon("--dram", "1MiB", "--max-value", "64KiB")
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, daemon.url, "4"], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    reader = kvstore.connect(daemon.url)
+    reads = 0
+    out = np.empty(64 * KiB, dtype=np.uint8)
+    deadline = time.monotonic() + 3.5
+    while time.monotonic() < deadline:
+        for i in range(48):
+            value = reader.get(make_key(i))
+            if value is not None:
+                assert value[0] == i and len(set(value[1:])) == 1, "a wrong value was a hit"
+                reads += 1
+            if reader.get_into(make_key(i), out):
+                assert out[0] == i and out[1:].min() == out[1:].max(), "a wrong value copied"
+    writer.wait(timeout=30)
+    assert int(writer.stdout.read()) > 100  # the writer really raced the reader
+    assert reads > 0 and session_of(reader).num_directory_reads > 0
+    reader.close()
