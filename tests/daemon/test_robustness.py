@@ -319,6 +319,10 @@ BAD_INPUTS = {
     "reserve_without_shm": BadInput(
         lambda: frame(request("reserve", keys=[KEY], sizes=[4096])), "forbidden", False),
     "pin_without_shm": BadInput(lambda: frame(request("pin", keys=[KEY])), "forbidden", False),
+    "touch_without_shm": BadInput(lambda: frame(request("touch", keys=[KEY])), "forbidden",
+                                  False),
+    "touch_short_key": BadInput(lambda: frame(request("touch", keys=[b"short"])),
+                                "invalid_key", False, shm=True),
     # the first slot is reserved before the second size is refused: it must not leak
     "reserve_over_max_value": BadInput(
         lambda: frame(request("reserve", keys=[KEY, make_key("raw2")],
