@@ -213,7 +213,7 @@ class StoreReads:
                     copy_bytes(dst, source)
             elif isinstance(dst, np.ndarray):
                 # NVMe straight into the caller's host buffer; verifies the checksum.
-                if tier.read_into(key, dst):
+                if tier.read_exact(key, dst):
                     result, source = True, dst
             else:
                 data = tier.get(key)  # verifies the record checksum

@@ -109,6 +109,15 @@ class MemoryTier:
         copy_bytes(output_view(out, slot[1]), self.pool.view(*slot))
         return True
 
+    def read_exact(self, key: bytes, dst: Any) -> bool:
+        """`read_into` for a checked key and a byte view of the value's size; a value of
+        another size (changed since the caller looked) is a miss."""
+        slot = self._slots.get(key)
+        if slot is None or slot[1] != dst.shape[0]:
+            return False
+        copy_bytes(dst, self.pool.view(*slot))
+        return True
+
     def nbytes_of(self, key: bytes) -> int | None:
         slot = self._slots.get(key)
         return None if slot is None else slot[1]

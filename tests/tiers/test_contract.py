@@ -135,6 +135,17 @@ def test_read_into_wrong_size_raises(tier):
         tier.read_into(make_key("k"), bytearray(11))
 
 
+def test_read_exact_fills_a_checked_buffer_or_misses(tier):
+    value = make_value("x", 8192)
+    tier.put(make_key("x"), value)
+    out = np.zeros(8192, dtype=np.uint8)
+    assert tier.read_exact(make_key("x"), out) and out.tobytes() == value
+    other = np.zeros(4096, dtype=np.uint8)  # another size: the value changed, a miss
+    assert not tier.read_exact(make_key("x"), other) and not other.any()
+    assert not tier.read_exact(make_key("absent"), out)
+    assert tier.get(make_key("x")) == value
+
+
 def test_flush_keeps_values(tier):
     tier.put(make_key("f"), make_value("f", 3000))
     tier.flush()
