@@ -55,6 +55,7 @@ DIRECT_ALIGN_BYTES = 4096
 DRAM_TARGET_RATIO = 0.70  # for values of at least DRAM_TARGET_MIN_BYTES
 DRAM_TARGET_MIN_BYTES = 256 * KiB
 NVME_TARGET_RATIO = 0.70
+SETTLE_S = 2.0  # after deleting a repeat's files (see remove_and_settle)
 BATCH_TARGET_OPS_PER_S = 100_000
 PROFILE_TOP = 12
 
@@ -434,8 +435,16 @@ def raw_direct_io(path: str, src: memoryview, dst: memoryview, chunk_bytes: int,
     finally:
         os.close(fd)
     run["verified"] = src[:num_chunks * chunk_bytes] == dst[:num_chunks * chunk_bytes]
-    os.unlink(path)
-    return run
+    return run  # the file goes with the repeat's directory, once the store's run is timed
+
+
+def remove_and_settle(path: str) -> None:
+    """Delete a repeat's files, then let the device absorb it before the next timed phase:
+    on a disk mounted with ``discard`` (this VM's), deleting hundreds of MiB issues TRIMs
+    that slow whatever runs next, raw or store, by up to 2x."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+    time.sleep(SETTLE_S)
 
 
 def run_dd(path: str, nbytes: int, cache: PageCache) -> dict[str, Any]:
@@ -459,6 +468,8 @@ def run_dd(path: str, nbytes: int, cache: PageCache) -> dict[str, Any]:
     figures["command_write"] = " ".join(commands["write"])
     if os.path.exists(path):
         os.unlink(path)
+        os.sync()
+        time.sleep(SETTLE_S)
     return figures
 
 
@@ -515,68 +526,67 @@ def nvme_store_run(base_dir: str, data: np.ndarray, out_pages: np.ndarray, value
         max_value_bytes=max(16 * MiB, value_bytes), hbm_bytes=0,
         nvme_compression=compression)
     run: dict[str, Any] = {}
+    # The directory stays until the repeat ends (`remove_and_settle`): deleting it now
+    # would slow the phase timed next.
+    store = kvstore.Store(config)
     try:
-        store = kvstore.Store(config)
-        try:
-            def write_all() -> int:
-                stored = sum(map(store.put, keys, values))
-                store.flush()
-                return stored
+        def write_all() -> int:
+            stored = sum(map(store.put, keys, values))
+            store.flush()
+            return stored
 
-            write_s, stored = timed(write_all)
-            if stored != num_values:
-                raise RuntimeError(f"NVMe store ({compression}) kept {stored} of {num_values}")
-            run["write_gbps"] = gbps(nbytes, write_s)
-            run["write_ops_per_s"] = num_values / write_s
-            tier_stats = store.stats()["tiers"]["nvme"]
-            run["tier_used_bytes"] = tier_stats.get("used_bytes")
-            if want_stats:
-                run["tier_stats"] = tier_stats
-        finally:
-            store.close()
-        run["disk_bytes"] = dir_disk_bytes(path)
-        cache.drop(path)
-        open_s, store = timed(lambda: kvstore.Store(config))
-        try:
-            run["reopen_s"] = open_s  # recovery: the index is rebuilt from the segments
-            run["reopen_gbps"] = gbps(nbytes, open_s)
-            chunk_bytes = -(-value_bytes // DIRECT_ALIGN_BYTES) * DIRECT_ALIGN_BYTES
-            raw_gbps = []
-            if full:
-                cache.drop(path)
-                raw_gbps.append(gbps(*reversed(raw_read_files(path, chunk_bytes,
-                                                              memoryview(out_pages)))))
-            out.fill(0)
-            cache.drop(path)
-            read_s, hits = timed(lambda: sum(map(store.get_into, keys, outs)))
-            run["read_gbps"] = gbps(nbytes, read_s)
-            run["read_ops_per_s"] = num_values / read_s
-            run["verified"] = hits == num_values and bool(np.array_equal(out, data[:nbytes]))
-            if full:
-                cache.drop(path)
-                get_s, hits = timed(
-                    lambda: sum(1 for v in map(store.get, keys) if v is not None))
-                run["get_gbps"] = gbps(nbytes, get_s)
-                if hits != num_values:
-                    run["get_misses"] = num_values - hits
-                cache.drop(path)
-                raw_gbps.append(gbps(*reversed(raw_read_files(path, chunk_bytes,
-                                                              memoryview(out_pages)))))
-                run["raw_read_segments_gbps"] = statistics.mean(raw_gbps)
-                run["raw_read_segments_spread"] = max(raw_gbps) / min(raw_gbps)
-            if profile:
-                run["profile"] = profile_phases({
-                    "get_into": lambda: sum(map(store.get_into, keys, outs)),
-                    "get": lambda: sum(1 for v in map(store.get, keys) if v is not None)})
-        finally:
-            store.close()
-        if profile:
-            shutil.rmtree(path)
-            with kvstore.Store(config) as store:
-                run.setdefault("profile", {}).update(profile_phases(
-                    {"put+flush": lambda: (sum(map(store.put, keys, values)), store.flush())}))
+        write_s, stored = timed(write_all)
+        if stored != num_values:
+            raise RuntimeError(f"NVMe store ({compression}) kept {stored} of {num_values}")
+        run["write_gbps"] = gbps(nbytes, write_s)
+        run["write_ops_per_s"] = num_values / write_s
+        tier_stats = store.stats()["tiers"]["nvme"]
+        run["tier_used_bytes"] = tier_stats.get("used_bytes")
+        if want_stats:
+            run["tier_stats"] = tier_stats
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        store.close()
+    run["disk_bytes"] = dir_disk_bytes(path)
+    cache.drop(path)
+    open_s, store = timed(lambda: kvstore.Store(config))
+    try:
+        run["reopen_s"] = open_s  # recovery: the index is rebuilt from the segments
+        run["reopen_gbps"] = gbps(nbytes, open_s)
+        chunk_bytes = -(-value_bytes // DIRECT_ALIGN_BYTES) * DIRECT_ALIGN_BYTES
+        raw_gbps = []
+        if full:
+            cache.drop(path)
+            raw_gbps.append(gbps(*reversed(raw_read_files(path, chunk_bytes,
+                                                          memoryview(out_pages)))))
+        out.fill(0)
+        cache.drop(path)
+        read_s, hits = timed(lambda: sum(map(store.get_into, keys, outs)))
+        run["read_gbps"] = gbps(nbytes, read_s)
+        run["read_ops_per_s"] = num_values / read_s
+        run["verified"] = hits == num_values and bool(np.array_equal(out, data[:nbytes]))
+        if full:
+            cache.drop(path)
+            get_s, hits = timed(
+                lambda: sum(1 for v in map(store.get, keys) if v is not None))
+            run["get_gbps"] = gbps(nbytes, get_s)
+            if hits != num_values:
+                run["get_misses"] = num_values - hits
+            cache.drop(path)
+            raw_gbps.append(gbps(*reversed(raw_read_files(path, chunk_bytes,
+                                                          memoryview(out_pages)))))
+            run["raw_read_segments_gbps"] = statistics.mean(raw_gbps)
+            run["raw_read_segments_spread"] = max(raw_gbps) / min(raw_gbps)
+        if profile:
+            run["profile"] = profile_phases({
+                "get_into": lambda: sum(map(store.get_into, keys, outs)),
+                "get": lambda: sum(1 for v in map(store.get, keys) if v is not None)})
+    finally:
+        store.close()
+    if profile:
+        shutil.rmtree(path)
+        with kvstore.Store(config) as store:
+            run.setdefault("profile", {}).update(profile_phases(
+                {"put+flush": lambda: (sum(map(store.put, keys, values)), store.flush())}))
     return run
 
 
@@ -639,7 +649,8 @@ def bench_nvme(data: np.ndarray, sizes: list[int], totals: dict[int, int], repea
         compressions = ["none", "lz4"] if with_lz4 else ["none"]
         for repeat in range(repeats):
             log(f"nvme {size_label(value_bytes)} run {repeat + 1}/{repeats}")
-            raw = raw_direct_io(os.path.join(base_dir, "raw.bin"), memoryview(src),
+            repeat_dir = tempfile.mkdtemp(prefix="repeat-", dir=base_dir)
+            raw = raw_direct_io(os.path.join(repeat_dir, "raw.bin"), memoryview(src),
                                 memoryview(dst), chunk_bytes, num_values, cache)
             run: dict[str, Any] = {
                 "raw_write_gbps": gbps(nbytes, raw["write_s"]),
@@ -653,7 +664,7 @@ def bench_nvme(data: np.ndarray, sizes: list[int], totals: dict[int, int], repea
                 prefix = "" if compression == "none" else "lz4_"
                 try:
                     store_run = nvme_store_run(
-                        base_dir, data, dst, value_bytes, num_values, keys, compression,
+                        repeat_dir, data, dst, value_bytes, num_values, keys, compression,
                         cache, want_stats=repeat == 0, profile=profile and repeat == 0,
                         full=compression == "none")
                 except Exception as e:
@@ -686,6 +697,7 @@ def bench_nvme(data: np.ndarray, sizes: list[int], totals: dict[int, int], repea
                 if run.get("disk_bytes") and run.get("lz4_disk_bytes"):
                     run["lz4_disk_ratio"] = run["disk_bytes"] / run["lz4_disk_bytes"]
             runs.append(run)
+            remove_and_settle(repeat_dir)
         del src, dst
         entry.update(summarize(runs))
         if "write_ratio" in entry:

@@ -398,5 +398,5 @@ class NvmeTier:
 
     def _release(self) -> None:
         self._closed = True
+        self._writer.close()  # first: its write in flight uses a segment's descriptor
         self._files.close()
-        self._writer.close()

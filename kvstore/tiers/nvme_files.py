@@ -42,6 +42,7 @@ import logging
 import mmap
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -97,6 +98,9 @@ class SegmentFiles:
         self.num_bytes_written = self.num_bytes_read = 0
         self._is_direct = direct_io and hasattr(os, "O_DIRECT")
         self._fds: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self._held: set[int] = set()    # segments with a write in flight: their fd stays open
+        self.before_reopen: Any = None  # called before every descriptor is closed (the writer
+        #                                 finishes its write in flight first)
         self._dirty: set[int] = set()   # segments written or truncated since the last sync
         self._is_dir_dirty = False       # a file created or removed since the last dir fsync
         self._dir_fd = self._lock_fd = -1
@@ -169,6 +173,18 @@ class SegmentFiles:
             done += self._io(os.pwrite, seq, data[done:], offset + done)
         self.num_bytes_written += done
         self._dirty.add(seq)
+
+    def hold(self, seq: int, nbytes: int) -> int:
+        """The descriptor of segment ``seq`` for a write of ``nbytes`` that another thread
+        makes (`release` after): it is not closed meanwhile, and counts as written."""
+        fd = self._io(lambda fd: fd, seq)
+        self._held.add(seq)
+        self.num_bytes_written += nbytes
+        self._dirty.add(seq)
+        return fd
+
+    def release(self, seq: int) -> None:
+        self._held.discard(seq)
 
     def read_at(self, seq: int, offset: int, buf: Any) -> int:
         """Read into ``buf`` (aligned, like ``offset``; a memoryview or 1-D uint8 array)
@@ -245,8 +261,8 @@ class SegmentFiles:
             return fd
         fd = self._fds[seq] = self._open_file(seq, create=False)
         if len(self._fds) > _MAX_OPEN_FILES:
-            _, old_fd = self._fds.popitem(last=False)
-            os.close(old_fd)
+            old = next(s for s in self._fds if s not in self._held)
+            os.close(self._fds.pop(old))
         return fd
 
     def _close_file(self, seq: int) -> None:
@@ -257,6 +273,8 @@ class SegmentFiles:
     def _use_buffered_io(self, error: OSError) -> None:
         log.info("NVMe tier %s: O_DIRECT refused (%s); using buffered I/O", self.path, error)
         self._is_direct = False
+        if self.before_reopen is not None:
+            self.before_reopen()
         for seq in list(self._fds):
             self._close_file(seq)
 
@@ -272,6 +290,13 @@ class SegmentFiles:
                 raise StorageError(f"I/O error on NVMe segment {self.path_of(seq)}: {e}") from e
 
 
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    """pwrite all of ``data`` at ``offset`` (the I/O thread's job)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
 class SegmentWriter:
     """Appends records to the active segment through an aligned write buffer, and reads
     stored bytes back from the disk or that buffer."""
@@ -284,6 +309,13 @@ class SegmentWriter:
         self._num_headers = 0                  # headers in it so far
         self._wbuf = mmap.mmap(-1, buffer_bytes)
         self._wview = memoryview(self._wbuf)
+        # A full buffer is written by the I/O thread while records go on into the other one
+        # (one write in flight at most: the copy and checksum of puts overlap the disk).
+        self._spare_buf = mmap.mmap(-1, buffer_bytes)
+        self._spare_view = memoryview(self._spare_buf)
+        self._inflight: tuple[Future[None], int, int, memoryview] | None = None
+        self._io_thread = ThreadPoolExecutor(1, thread_name_prefix="kvstore-nvme-write")
+        files.before_reopen = self.drain
         self._rview = _bounce_buffer(align_up(max_record_bytes) + 2 * IO_ALIGN)
 
     @property
@@ -360,8 +392,27 @@ class SegmentWriter:
         self._header_page, self._num_headers = page, 0
         return page
 
+    def drain(self) -> None:
+        """Wait for the buffer write in flight, if any; raise `StorageError` if it failed
+        (a refused O_DIRECT write is made again buffered, as every I/O falls back)."""
+        job, self._inflight = self._inflight, None
+        if job is None:
+            return
+        done, seq, offset, view = job
+        try:
+            done.result()
+        except OSError as e:
+            self._files.release(seq)
+            if e.errno == errno.EINVAL and self._files.is_direct:
+                self._files.pwrite(seq, view, offset)
+                return
+            raise StorageError(f"I/O error on NVMe segment {self._files.path_of(seq)}: "
+                               f"{e}") from e
+        self._files.release(seq)
+
     def write_buffer(self) -> None:
         """Write what the buffer holds, zero-padded to 4 KiB; keep its unfinished block."""
+        self.drain()
         if self._seq is None or self._end == self._written_end:
             return
         used = self._end - self._buffer_offset
@@ -380,6 +431,8 @@ class SegmentWriter:
         end = start + nbytes
         if start == end:
             return memoryview(b"")
+        if self._inflight is not None and self._inflight[1] == seq:
+            self.drain()  # the bytes may be in the buffer being written
         in_buffer = seq == self._seq
         if in_buffer and start >= self._buffer_offset:
             return self._wview[start - self._buffer_offset:end - self._buffer_offset]
@@ -402,6 +455,8 @@ class SegmentWriter:
         aligned, into page-aligned caller buffers.
         """
         nbytes = dst.shape[0]
+        if self._inflight is not None and self._inflight[1] == seq:
+            self.drain()
         if (not (start | nbytes) % IO_ALIGN and nbytes
                 and not (seq == self._seq and start + nbytes > self._buffer_offset)
                 and not _address(dst) % IO_ALIGN):
@@ -413,10 +468,20 @@ class SegmentWriter:
         return True
 
     def close(self) -> None:
+        """Finish the write in flight (its error logged: the tier is closing) and free the
+        buffers. Before the files close: the write uses their descriptor."""
         try:
-            self._wbuf.close()
-        except BufferError:  # a view is still referenced somewhere; GC frees it
-            pass
+            self.drain()
+        except StorageError as e:
+            log.error("%s", e)
+        self._io_thread.shutdown(wait=True)
+        self._files.before_reopen = None
+        for view, buf in ((self._wview, self._wbuf), (self._spare_view, self._spare_buf)):
+            view.release()
+            try:
+                buf.close()
+            except BufferError:  # a view is still referenced somewhere; GC frees it
+                pass
         self._rview.release()
 
     def _buffer_write(self, data: Any) -> None:
@@ -430,10 +495,21 @@ class SegmentWriter:
             self._end += take
             pos += take
             if used + take == size:  # a full buffer: one large aligned write
-                assert self._seq is not None
-                self._files.pwrite(self._seq, self._wview, self._buffer_offset)
-                self._buffer_offset += size
-                self._written_end = self._end
+                self._write_full_buffer()
+
+    def _write_full_buffer(self) -> None:
+        """Hand the full buffer to the I/O thread and go on in the other one."""
+        self.drain()
+        seq = self._seq
+        assert seq is not None
+        size = len(self._wbuf)
+        fd = self._files.hold(seq, size)
+        done = self._io_thread.submit(_write_all, fd, self._wview, self._buffer_offset)
+        self._inflight = (done, seq, self._buffer_offset, self._wview)
+        self._wbuf, self._spare_buf = self._spare_buf, self._wbuf
+        self._wview, self._spare_view = self._spare_view, self._wview
+        self._buffer_offset += size
+        self._written_end = self._end
 
     def _scratch(self, nbytes: int) -> memoryview:
         if nbytes <= len(self._rview):
