@@ -199,20 +199,26 @@ class SegmentFiles:
         self.num_bytes_read += done
         return done
 
-    def read_whole(self, seq: int, offset: int, dst: np.ndarray) -> bool:
-        """Fill ``dst`` (aligned, like ``offset``, and not empty) from the file; False if the
-        file ends first. `read_at`, with its layers skipped on the common path: one read
-        through an open descriptor, which for a 4 KiB value is most of the cost."""
+    def read_whole(self, seq: int, offset: int, dst: np.ndarray) -> bool | None:
+        """Fill ``dst`` (not empty; ``offset`` and its length aligned) straight from the file;
+        False if the file ends first, None if ``dst`` cannot take an O_DIRECT read (its
+        address is not aligned: read through an aligned buffer instead). `read_at`, with its
+        layers skipped on the common path: one read through an open descriptor, which for a
+        4 KiB value is most of the cost (asking the kernel beats checking the address)."""
         fd = self._fds.get(seq)
         if fd is not None:
             try:
                 got = os.preadv(fd, [dst], offset)
-            except OSError:
-                pass  # read_at below retries it and handles the error
+            except OSError as e:
+                if e.errno == errno.EINVAL and self._is_direct:
+                    return None
+                # read_at below retries it and handles the error
             else:
                 if got == dst.shape[0]:
                     self.num_bytes_read += got
                     return True
+        elif self._is_direct and _address(dst) % IO_ALIGN:
+            return None
         return self.read_at(seq, offset, dst) == dst.shape[0]
 
     def sync(self) -> None:
@@ -458,9 +464,10 @@ class SegmentWriter:
         if self._inflight is not None and self._inflight[1] == seq:
             self.drain()
         if (not (start | nbytes) % IO_ALIGN and nbytes
-                and not (seq == self._seq and start + nbytes > self._buffer_offset)
-                and not _address(dst) % IO_ALIGN):
-            return self._files.read_whole(seq, start, dst)
+                and not (seq == self._seq and start + nbytes > self._buffer_offset)):
+            done = self._files.read_whole(seq, start, dst)
+            if done is not None:
+                return done
         data = self.read(seq, start, nbytes)
         if data is None:
             return False
