@@ -408,13 +408,14 @@ class SegmentWriter:
         try:
             done.result()
         except OSError as e:
+            if e.errno != errno.EINVAL or not self._files.is_direct:
+                raise StorageError(f"I/O error on NVMe segment {self._files.path_of(seq)}: "
+                                   f"{e}") from e
+        else:
+            return
+        finally:
             self._files.release(seq)
-            if e.errno == errno.EINVAL and self._files.is_direct:
-                self._files.pwrite(seq, view, offset)
-                return
-            raise StorageError(f"I/O error on NVMe segment {self._files.path_of(seq)}: "
-                               f"{e}") from e
-        self._files.release(seq)
+        self._files.pwrite(seq, view, offset)  # O_DIRECT refused: again, as reads fall back
 
     def write_buffer(self) -> None:
         """Write what the buffer holds, zero-padded to 4 KiB; keep its unfinished block."""
