@@ -52,6 +52,7 @@ from kvstore.units import parse_size  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 DIRECT_ALIGN_BYTES = 4096
+HUGE_PAGE_BYTES = 2 * MiB
 DRAM_TARGET_RATIO = 0.70  # for values of at least DRAM_TARGET_MIN_BYTES
 DRAM_TARGET_MIN_BYTES = 256 * KiB
 NVME_TARGET_RATIO = 0.70
@@ -117,7 +118,19 @@ def aligned(nbytes: int) -> np.ndarray:
     ``np.empty`` array starts 16 bytes past a page; see ``get_into_offset16`` in the DRAM
     section.
     """
-    array = np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.uint8)[:nbytes]
+    # Private memory on huge pages where offered: Python's default anonymous map is shared
+    # (shmem), and O_DIRECT I/O on it ran at a quarter to a half of this speed here, which
+    # would understate every raw limit measured on it.
+    buf = mmap.mmap(-1, max(nbytes, 1) + HUGE_PAGE_BYTES,
+                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    array = np.frombuffer(buf, dtype=np.uint8)
+    skip = -array.ctypes.data % HUGE_PAGE_BYTES
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    array = array[skip:skip + nbytes]
     array.fill(0)
     return array
 

@@ -179,11 +179,13 @@ class StoreReads:
                 self._promote(entry, t, src)
         return copied, missed
 
-    def _promote(self, entry: Any, t: int, source: ByteView) -> None:
+    def _promote(self, entry: Any, t: int, source: ByteView | bytes) -> None:
         """After a hit in tier ``t``, copy the block up to the write tier (lock held)."""
         w = self._write_tier
         if (self.config.promote_on_hit and t > w and not self._closed
                 and self.index.get(entry.key) is entry and not entry.is_in(w)):
+            if isinstance(source, bytes):
+                source = np.frombuffer(source, dtype=np.uint8)
             if self._store_in(w, entry, source):
                 self._promotions += 1
 
@@ -191,9 +193,9 @@ class StoreReads:
         """Find ``key``, pin it, copy it (into ``out``, or as bytes if ``out`` is None)
         outside the lock, unpin. Returns the bytes, True (copied into ``out``) or None.
 
-        An NVMe read into a host buffer takes no pin: the tier reads under its own lock (no
-        eviction can interleave) and checks the record, so nothing can tear it, and for a
-        4 KiB value the pin and unpin are a sixth of the CPU time per read."""
+        An NVMe read as bytes or into a host buffer takes no pin: the tier reads under its
+        own lock (no eviction can interleave) and checks the record, so nothing can tear it,
+        and for a 4 KiB value the pin and unpin are a sixth of the CPU time per read."""
         with self._lock:
             self._check_open()
             self._queries += 1
@@ -207,10 +209,10 @@ class StoreReads:
             tier = self._tiers[t]
             in_memory = isinstance(tier, MemoryTier)
             slot = tier.slot_of(key) if in_memory else None
-            pin = (None if not in_memory and isinstance(dst, np.ndarray)
+            pin = (None if not in_memory and (dst is None or isinstance(dst, np.ndarray))
                    else self.index.pin(entry, self.config.lease_s))
         result: bytes | bool | None = None
-        source: ByteView | None = None  # the bytes read, for a promotion
+        source: ByteView | bytes | None = None  # the bytes read, for a promotion
         try:
             if slot is not None:
                 source = tier.view(*slot)
@@ -224,9 +226,9 @@ class StoreReads:
             else:
                 data = tier.get(key)  # verifies the record checksum
                 if data is not None:
-                    source = np.frombuffer(data, dtype=np.uint8)
-                    result = data if dst is None else True
+                    result, source = data, data
                     if dst is not None:
+                        result, source = True, np.frombuffer(data, dtype=np.uint8)
                         copy_bytes(dst, source)
         except BaseException:
             if pin is not None:

@@ -236,6 +236,15 @@ class NvmeTier:
             loc = self._log.find(key)
             if loc is None:
                 return None
+            if not (loc.flags & FLAG_COMPRESSED or (loc.offset | loc.stored_len) % IO_ALIGN):
+                # A whole-block payload: one O_DIRECT read into the aligned scratch buffer,
+                # checked there, then copied out (the path of 4 KiB values and large ones).
+                scratch = self._writer.scratch(loc.stored_len)
+                if (self._log.read_payload_into(loc, scratch)
+                        and checksum(scratch) == loc.payload_checksum):
+                    return bytes(scratch)
+                self._drop_corrupt(key, loc)
+                return None
             data = self._load(key, loc)
             return data if data is None or isinstance(data, bytes) else bytes(data)
 

@@ -720,7 +720,14 @@ def test_matches_a_dict_model(ops):
                 if op in ("put", "churn"):  # churn: overwrite a few times (dead bytes)
                     for i in range(6 if op == "churn" else 1):
                         value = make_value((step, k, i), nbytes)
-                        if tier.put(key, value):
+                        source: object = value
+                        if (step + i) % 2:  # page-aligned, as O_DIRECT could write it
+                            source = aligned_array(nbytes)
+                            source[:] = np.frombuffer(value, dtype=np.uint8)
+                        stored = tier.put(key, source)
+                        if source is not value:
+                            source[:] = 0xFF  # the caller reuses its memory at once
+                        if stored:
                             live[key] = value
                             ghosts.pop(key, None)
                         else:
