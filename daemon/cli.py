@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import time
+from typing import Any
 
 from kvstore.errors import KVStoreError
 
@@ -169,6 +170,16 @@ def _tiers(daemon: object) -> list[dict[str, int | str]]:
             for name, tier in stats.items()]
 
 
+def _run_loop(main: Any) -> int:
+    """Run the daemon on uvloop where it is installed (each request's trip through the
+    event loop costs about a third of asyncio's), else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from daemon.config import build
@@ -184,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build(args.config, flags)
         setup_logging(args.log_level, config.log_format)
-        return asyncio.run(run(config))
+        return _run_loop(run(config))
     except KVStoreError as e:
         print(f"kvstored: {e}", file=sys.stderr)
         return 2
