@@ -8,14 +8,16 @@ daemon client.
 
 Publishing (prefill)::
 
-    layer i computed --after_layer(i)--> worker copies layer i of the new pages into the
-    staging blocks (overlapping layer i+1's compute) --last layer--> put_many
+    layer i computed --after_layer(i)--> layer i of the new pages is copied into the
+    staging blocks (on a GPU: queued behind layer i on the device; on the CPU: by the
+    worker thread, overlapping layer i+1's compute) --last layer--> put_many
 
 Fetching (decode, and prefill reusing a cached prefix)::
 
-    GPU, blocks in the store's DRAM or HBM: borrow them (pinned, zero copy) -> one kernel
-    per layer reads them in place and writes that layer's pages (`engines.uva_copy`), on
-    a side stream; before_layer(i) makes compute wait for layer i's copy only
+    GPU, blocks in the store's DRAM or HBM: borrow them (pinned, zero copy) -> per layer,
+    2D DMAs (runs of packed blocks) or one kernel reading them in place write that
+    layer's pages (`engines.uva_copy`), on a side stream, queued at before_layer(0);
+    before_layer(i) makes compute wait for layer i's copy only
     otherwise (CPU, NVMe, a daemon): get_many_into staging on the cache's device (a
     missing or corrupt block ends the usable prefix there) -> worker copies layer i into
     the pages; before_layer(i) waits for it
@@ -150,6 +152,7 @@ class LayerLoad:
         self.io = io
         self.num_blocks = 0
         self._copier: uva_copy.LayerCopier | None = None
+        self._launched = False
         self._borrow: Any = None  # the store's borrow context, exited by wait_all
         self._borrowed: Any = None
         self._staged: list[Future[None]] = []
@@ -165,7 +168,6 @@ class LayerLoad:
                 self._copier = uva_copy.LayerCopier(
                     io.cache, addresses, pages[:len(addresses)],
                     io.layout.layer_bytes, io.layout.kv_bytes)
-                self._copier.launch()
                 self.num_blocks = len(addresses)
         except (KVStoreError, ValueError) as e:
             log.warning("borrowing %d blocks failed (%s); copying them instead", len(keys), e)
@@ -184,6 +186,7 @@ class LayerLoad:
 
     def wait(self, layer: int) -> None:
         if self._copier is not None:
+            self._launch()
             self._copier.wait(layer)
         if self._staged:
             self._staged[layer].result()
@@ -195,10 +198,21 @@ class LayerLoad:
         for done in self._staged:
             done.result()
         if self._copier is not None:
+            self._launch()  # a forward that never asked: the copies still run, then end
             self._copier.synchronize()
         self._release()
         if self._borrowed is not None and self._borrowed.intact is False:
             raise KVStoreError("a borrowed KV block's pin expired mid-copy")
+
+    def _launch(self) -> None:
+        """Queue the copies, once: at the first ``wait``, so that the small host-to-device
+        copies the forward makes before its first layer (token ids, positions, slots) are
+        queued first; behind a whole fetch's DMAs on the copy engines they would hold the
+        first layer back until the last layer's KV had arrived."""
+        if not self._launched:
+            self._launched = True
+            assert self._copier is not None
+            self._copier.launch()
 
     def _release(self) -> None:
         if self._borrow is not None:
@@ -226,8 +240,12 @@ class Publisher:
     def after_layer(self, layer: int) -> None:
         if not self._pages:
             return
+        cache = self.io.cache
+        if cache.device.type == "cuda":  # queued on the GPU after the layer: no thread
+            _save_layer(cache, layer, self._index, self._staging, non_blocking=True)
+            return
         self._copies.append(self.io._worker.submit(
-            _save_layer, self.io.cache, layer, self._index, self._staging))
+            _save_layer, cache, layer, self._index, self._staging))
 
     def finish(self) -> int:
         """Wait for the layer copies and store the blocks; returns how many were stored."""
@@ -235,7 +253,10 @@ class Publisher:
             copy.result()
         if not self._pages:
             return 0
-        assert len(self._copies) == len(self.io.cache.kv), "publish before every layer ran"
+        if self.io.cache.device.type == "cuda":
+            torch.cuda.current_stream(self.io.cache.device).synchronize()
+        else:
+            assert len(self._copies) == len(self.io.cache.kv), "publish before every layer ran"
         try:
             return self.io.store.put_many(self.keys, list(self._staging))
         except KVStoreError as e:
@@ -244,6 +265,6 @@ class Publisher:
 
 
 def _save_layer(cache: PagedKVCache, layer: int, index: torch.Tensor,
-                staging: torch.Tensor) -> None:
+                staging: torch.Tensor, non_blocking: bool = False) -> None:
     layer_kv = cache.kv[layer].index_select(1, index)  # [2, n, tokens, heads, dim]
-    staging[:, layer].copy_(layer_kv.transpose(0, 1), non_blocking=False)
+    staging[:, layer].copy_(layer_kv.transpose(0, 1), non_blocking=non_blocking)
