@@ -33,14 +33,12 @@ import torch  # noqa: E402
 
 import kvstore  # noqa: E402
 from benchmarks.store_bench import emit, log, machine_info  # noqa: E402
-from engines import uva_copy  # noqa: E402
 from engines.model import LlamaModel  # noqa: E402
 from engines.prefill import PrefillEngine  # noqa: E402
 from engines.presets import load_model  # noqa: E402
 
 GiB = 1 << 30
 TARGET_RATIO_8K_DRAM = 10.0
-DMA_RUNS = uva_copy.MAX_DMA_RUNS
 BLOCK_TOKENS = 16
 
 
@@ -76,7 +74,7 @@ def store_config(tier: str, kv_bytes: int, block_bytes: int, nvme_dir: str
 
 
 def bench_length(model: LlamaModel, length: int, tiers: list[str], repeats: int,
-                 nvme_dir: str, copies: list[str]) -> dict[str, Any]:
+                 nvme_dir: str) -> dict[str, Any]:
     layout = model.config.kv_layout(BLOCK_TOKENS, model.dtype)
     num_pages = length // BLOCK_TOKENS + 2
     cached_blocks = (length - 1) // BLOCK_TOKENS
@@ -94,12 +92,8 @@ def bench_length(model: LlamaModel, length: int, tiers: list[str], repeats: int,
                 cold.append(result.ttft_s)
     entry["cold_ttft_s"] = statistics.median(cold)
     entry["raw_copy_gbps"] = raw_copy_gbps(kv_bytes, repeats)
-    for tier, copy in [(t, c) for t in tiers for c in copies]:
-        # "auto": copy engines for runs of packed blocks, else the kernel; "kernel": always
-        # the kernel (what the copy engines are compared with)
-        uva_copy.MAX_DMA_RUNS = DMA_RUNS if copy == "auto" else 0
-        name = tier if copy == "auto" else f"{tier}+{copy}"
-        log(f"  {length} tokens from {name}")
+    for tier in tiers:
+        log(f"  {length} tokens from {tier}")
         runs: dict[str, list[float]] = {"ttft": [], "fetch": [], "compute": []}
         prompt = prompt_of(model, length, 20_000 + length)
         with kvstore.Store(store_config(tier, kv_bytes, layout.block_bytes, nvme_dir)) as store, \
@@ -119,7 +113,7 @@ def bench_length(model: LlamaModel, length: int, tiers: list[str], repeats: int,
         # load's own time is not separable: bytes over the whole cached TTFT is a lower
         # bound on the bandwidth the load reached.
         load = kv_bytes / ttft / 1e9
-        entry[name] = {"tier_holding_blocks": holds, "cached_ttft_s": ttft,
+        entry[tier] = {"tier_holding_blocks": holds, "cached_ttft_s": ttft,
                        "ttft_runs_s": runs["ttft"][1:],
                        "fetch_s": statistics.median(runs["fetch"][1:]),
                        "compute_s": statistics.median(runs["compute"][1:]),
@@ -141,10 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiers", default="hbm,dram,nvme")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--nvme-dir", default="/var/tmp", help="directory for the NVMe tier")
-    parser.add_argument("--copy", default="auto",
-                        help="how blocks held in DRAM/HBM reach the cache, comma list: auto "
-                             "(copy engines for runs of packed blocks, else the UVA kernel), "
-                             "kernel (always the kernel); default: %(default)s")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -159,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     tiers = args.tiers.split(",")
     for length in map(int, args.lengths.split(",")):
         log(f"{length} tokens")
-        doc["lengths"].append(bench_length(model, length, tiers, args.repeats, args.nvme_dir,
-                                           args.copy.split(",")))
+        doc["lengths"].append(bench_length(model, length, tiers, args.repeats, args.nvme_dir))
         torch.cuda.empty_cache()
     emit(doc, started, args.json_out)
     return 0

@@ -14,10 +14,9 @@ Publishing (prefill)::
 
 Fetching (decode, and prefill reusing a cached prefix)::
 
-    GPU, blocks in the store's DRAM or HBM: borrow them (pinned, zero copy) -> per layer,
-    2D DMAs (runs of packed blocks) or one kernel reading them in place write that
-    layer's pages (`engines.uva_copy`), on a side stream, queued at before_layer(0);
-    before_layer(i) makes compute wait for layer i's copy only
+    GPU, blocks in the store's DRAM or HBM: borrow them (pinned, zero copy) -> one kernel
+    per layer reads them in place and writes that layer's pages (`engines.uva_copy`), on
+    a side stream; before_layer(i) makes compute wait for layer i's copy only
     otherwise (CPU, NVMe, a daemon): get_many_into staging on the cache's device (a
     missing or corrupt block ends the usable prefix there) -> worker copies layer i into
     the pages; before_layer(i) waits for it
@@ -152,7 +151,6 @@ class LayerLoad:
         self.io = io
         self.num_blocks = 0
         self._copier: uva_copy.LayerCopier | None = None
-        self._launched = False
         self._borrow: Any = None  # the store's borrow context, exited by wait_all
         self._borrowed: Any = None
         self._staged: list[Future[None]] = []
@@ -168,6 +166,7 @@ class LayerLoad:
                 self._copier = uva_copy.LayerCopier(
                     io.cache, addresses, pages[:len(addresses)],
                     io.layout.layer_bytes, io.layout.kv_bytes)
+                self._copier.launch()
                 self.num_blocks = len(addresses)
         except (KVStoreError, ValueError) as e:
             log.warning("borrowing %d blocks failed (%s); copying them instead", len(keys), e)
@@ -186,7 +185,6 @@ class LayerLoad:
 
     def wait(self, layer: int) -> None:
         if self._copier is not None:
-            self._launch()
             self._copier.wait(layer)
         if self._staged:
             self._staged[layer].result()
@@ -198,21 +196,10 @@ class LayerLoad:
         for done in self._staged:
             done.result()
         if self._copier is not None:
-            self._launch()  # a forward that never asked: the copies still run, then end
             self._copier.synchronize()
         self._release()
         if self._borrowed is not None and self._borrowed.intact is False:
             raise KVStoreError("a borrowed KV block's pin expired mid-copy")
-
-    def _launch(self) -> None:
-        """Queue the copies, once: at the first ``wait``, so that the small host-to-device
-        copies the forward makes before its first layer (token ids, positions, slots) are
-        queued first; behind a whole fetch's DMAs on the copy engines they would hold the
-        first layer back until the last layer's KV had arrived."""
-        if not self._launched:
-            self._launched = True
-            assert self._copier is not None
-            self._copier.launch()
 
     def _release(self) -> None:
         if self._borrow is not None:

@@ -10,6 +10,9 @@ small grid looping over the chunks, so the overlapping forward keeps most SMs),
 records an event after each, and the forward's ``before_layer(i)`` makes the compute
 stream wait for event i only: layer i+1's copy overlaps layer i's compute.
 
+Blocks held in HBM that lie in runs (see `dma_runs`) go by 2D DMAs on the copy engines
+instead, one per run, layer and half, with the same events.
+
 Source, per (block b, layer l, half h in {K, V}): ``block_ptr[b] + l * layer_bytes +
 h * kv_bytes`` (the layer-major block format of `kvstore.layout`); destination:
 ``kv[l][h, page[b]]``, each ``kv_bytes`` long. Needs CuPy (for the kernel) and 16-byte
@@ -62,12 +65,14 @@ UNROLL = 4
 # time the copies end it had reached layer 14-16 with 8-16 blocks, layer 12-13 with 64.
 GRID = 16
 ALIGN = 16
-# Blocks whose store addresses advance by one stride while their pages advance by one (slots
-# handed out in order, into a fresh sequence's pages) form a run, copied instead by the copy
-# engines: one 2D DMA per run, layer and half (rows of `kv_bytes`, source pitch the stride).
-# DMAs take no SM from the forward they overlap (measured on the H100, 2026-11-23: ~50 GB/s,
-# and a matmul beside them ran at its own speed, where beside the kernel it slowed ~10%).
-# At most this many runs per fetch; past it the fetch is scattered and the kernel copies.
+# Blocks in device memory (the HBM tier) whose addresses advance by one stride while their
+# pages advance by one form a run, copied by the copy engines instead: one 2D DMA per run,
+# layer and half (rows of `kv_bytes`, source pitch the stride). Not for host memory: alone
+# the DMAs reach the raw pinned copy (54.1 GB/s; this kernel 49.9), but beside the GEMMs
+# of the forward they overlap they fell to 37.8 GB/s (beside an HBM copy, 27.5), where
+# this kernel kept 47.2 (43.5) (H100, 2026-11-24). From HBM the kernel's small grid is
+# what limits it (8K tokens of llama3-8b: TTFT 34-38 ms by the kernel, 24 ms by DMA).
+# At most this many runs per fetch; past it the blocks are scattered and the kernel copies.
 MAX_DMA_RUNS = 8
 MIN_DMA_RUN = 16  # blocks: shorter runs are small DMAs, which crawl (see DESIGN.md)
 
@@ -109,6 +114,9 @@ class LayerCopier:
         self.stream = torch.cuda.Stream(device=device)
         self.events: list[torch.cuda.Event] = []
         self.runs = dma_runs(block_addresses, pages) if dma else None
+        if self.runs is not None and not all(_in_device_memory(block_addresses[first])
+                                             for first, _, _ in self.runs):
+            self.runs = None  # host memory: the kernel holds up better under the forward
         if self.runs is not None:  # copy engines: no pointer tables
             self._layer_offsets = [layer * layer_bytes for layer in range(num_layers)]
             self._kv_base = [kv.data_ptr() for kv in cache.kv]
@@ -181,6 +189,12 @@ class LayerCopier:
         """Block the host until every copy is done (before the sources may go)."""
         if self.events:
             self.events[-1].synchronize()
+
+
+def _in_device_memory(address: int) -> bool:
+    from cupy.cuda import runtime
+
+    return bool(runtime.pointerGetAttributes(address).type == runtime.memoryTypeDevice)
 
 
 def dma_runs(addresses: list[int], pages: list[int]) -> list[tuple[int, int, int]] | None:
