@@ -224,7 +224,7 @@ class StoreReads:
                 if tier.read_exact(key, dst):
                     result, source = True, dst
             else:
-                data = tier.get(key)  # verifies the record checksum
+                data = tier.read_bytes(key)  # verifies the record checksum
                 if data is not None:
                     result, source = data, data
                     if dst is not None:

@@ -99,7 +99,11 @@ class MemoryTier:
         return True
 
     def get(self, key: bytes) -> bytes | None:
-        slot = self._slots.get(check_key(key))
+        return self.read_bytes(check_key(key))
+
+    def read_bytes(self, key: bytes) -> bytes | None:
+        """`get` for a caller that checked ``key``."""
+        slot = self._slots.get(key)
         return None if slot is None else to_bytes(self.pool.view(*slot))
 
     def read_into(self, key: bytes, out: Any) -> bool:

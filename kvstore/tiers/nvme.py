@@ -230,7 +230,11 @@ class NvmeTier:
 
     def get(self, key: bytes) -> bytes | None:
         """The value, or None if absent or if it fails its checksum (then it is forgotten)."""
-        key = check_key(key)
+        return self.read_bytes(check_key(key))
+
+    def read_bytes(self, key: bytes) -> bytes | None:
+        """`get` for a caller that checked ``key`` (a 4 KiB read is ~25 us, so the check's
+        ~0.5 us shows)."""
         with self._lock:
             self._check_open()
             loc = self._log.find(key)

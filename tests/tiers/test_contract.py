@@ -150,3 +150,10 @@ def test_flush_keeps_values(tier):
     tier.put(make_key("f"), make_value("f", 3000))
     tier.flush()
     assert tier.get(make_key("f")) == make_value("f", 3000)
+
+
+def test_read_bytes_is_get_for_a_checked_key(tier):
+    value = make_value("y", 4096)
+    tier.put(make_key("y"), value)
+    assert tier.read_bytes(make_key("y")) == value == tier.get(make_key("y"))
+    assert tier.read_bytes(make_key("absent")) is None
