@@ -247,5 +247,6 @@ class StoreReads:
                 return None
             self._hits += 1
             self._tier_hits[t] += 1
-            self._promote(entry, t, source)
+            if t > self._write_tier:
+                self._promote(entry, t, source)
         return result

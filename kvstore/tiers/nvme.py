@@ -243,8 +243,9 @@ class NvmeTier:
             if not (loc.flags & FLAG_COMPRESSED or (loc.offset | loc.stored_len) % IO_ALIGN):
                 # A whole-block payload: one O_DIRECT read into the aligned scratch buffer,
                 # checked there, then copied out (the path of 4 KiB values and large ones).
-                scratch = self._writer.scratch(loc.stored_len)
-                if (self._log.read_payload_into(loc, scratch)
+                writer = self._writer
+                scratch = writer.scratch(loc.stored_len)
+                if (writer.read_into(loc.seq, loc.offset, scratch)
                         and checksum(scratch) == loc.payload_checksum):
                     return bytes(scratch)
                 self._drop_corrupt(key, loc)
