@@ -103,12 +103,14 @@ class SharedMemoryPlane:
             inline=not self.store.has_nvme and len(sizes) <= 64, release=self._release_slots)
         return self._reservations(conn, meta["keys"], offsets, sizes)
 
-    def _reserve_slots(self, sizes: list[int]) -> list[int]:
-        """DRAM slots for the leading sizes that find room (worker thread or lock held)."""
+    def _reserve_slots(self, sizes: list[int], protect: set[bytes] | None = None
+                       ) -> list[int]:
+        """DRAM slots for the leading sizes that find room, evicting no key of ``protect``
+        (worker thread or lock held)."""
         offsets: list[int] = []
         try:
             for nbytes in sizes:
-                offset = self.store.reserve_host(nbytes)
+                offset = self.store.reserve_host(nbytes, protect)
                 if offset is None:
                     break
                 offsets.append(offset)
@@ -167,7 +169,10 @@ class SharedMemoryPlane:
                         self.store.release_host(rest.offset)
                     raise
                 parent = r.key
-            return len(taken), self._reserve_slots(spare_sizes)
+            # A spare is a guess at the next put: it may evict as that put would, but
+            # never what was just stored (in a full pool the spare's room would otherwise
+            # come from the value this commit acknowledges).
+            return len(taken), self._reserve_slots(spare_sizes, {r.key for r in taken})
 
         # The reservations are no longer in the table, so once taken they must be committed
         # (or released) even if the deadline passes before a worker thread is free: the

@@ -91,6 +91,11 @@ class _Session:
         self._spare = None
         return spare[0], spare[1]
 
+    def drop_spare(self) -> int | None:
+        """Forget the spare slot; returns its handle (to give back), if there was one."""
+        spare, self._spare = self._spare, None
+        return None if spare is None else spare[0]
+
     def keep_spare(self, handle: int, offset: int, nbytes: int) -> int | None:
         """Keep a new spare slot; returns the handle of the one it replaces, if any."""
         old, self._spare = self._spare, (handle, offset, nbytes, time.monotonic())
@@ -204,6 +209,11 @@ class _Operations:
             if spare is not None:
                 handles, offsets = [spare[0]], [spare[1]]
             else:
+                # A spare that does not fit goes back first: in a full pool its room may be
+                # the only room this reserve can get.
+                unfit = session.drop_spare()
+                if unfit is not None:
+                    yield {"op": "abort", "handles": [unfit], "noreply": True}, []
                 meta, _ = yield {"op": "reserve", "keys": keys, "sizes": sizes}, []
                 handles, offsets = meta["handles"], meta["offsets"]
             if len(handles) == len(keys):

@@ -38,14 +38,17 @@ class StoreHostPlane:
         t = self._dram_tier
         return None if t is None else self._tiers[t].pool
 
-    def reserve_host(self, nbytes: int) -> int | None:
-        """Reserve a DRAM slot (evicting and demoting as needed): its offset, or None."""
+    def reserve_host(self, nbytes: int, protect: set[bytes] | None = None) -> int | None:
+        """Reserve a DRAM slot (evicting and demoting as needed, never a key of
+        ``protect``): its offset, or None."""
         if nbytes > self.config.max_value_bytes:
             raise InvalidValueError(f"value of {nbytes} bytes exceeds max_value_bytes "
                                     f"({self.config.max_value_bytes})")
         with self._lock:
             self._check_open()
-            return None if self._dram_tier is None else self._reserve(self._dram_tier, nbytes)
+            if self._dram_tier is None:
+                return None
+            return self._reserve(self._dram_tier, nbytes, protect)
 
     def commit_host(self, key: bytes, offset: int, nbytes: int, parent: bytes | None) -> None:
         """Make a reserved DRAM slot, now filled, the value of ``key``."""

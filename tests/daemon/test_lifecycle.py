@@ -225,6 +225,21 @@ def test_logs_connects_and_errors_but_not_requests(start_daemon):
     assert "client disconnected" in daemon.output()
 
 
+def test_overwrites_of_other_sizes_in_a_full_pool_keep_what_they_acknowledge(start_daemon):
+    """A pool of two large slots: each single put's spare would have to evict the value it
+    just stored, and a spare of another size holds the room the next put needs. Every put
+    that returns True is read back, whatever the size it replaces."""
+    daemon = start_daemon("--dram", "1MiB", "--max-value", "512KiB")
+    client = kvstore.connect(daemon.url)
+    key = make_key("overwritten")
+    for i, nbytes in enumerate([500 * KiB, 300 * KiB, 500 * KiB, 100 * KiB, 400 * KiB,
+                                64 * KiB, 500 * KiB]):
+        value = make_value(("overwrite", i), nbytes)
+        assert client.put(key, value) is True, f"put {i} of {nbytes} bytes"
+        assert client.get(key) == value, f"put {i} of {nbytes} bytes was not kept"
+    client.close()
+
+
 def test_single_puts_reuse_a_spare_slot_that_goes_back_when_the_client_leaves(start_daemon):
     daemon = start_daemon("--dram", "16MiB", "--max-value", "1MiB")
     client = kvstore.connect(daemon.url)
