@@ -247,7 +247,7 @@ class NvmeTier:
                 scratch = writer.scratch(loc.stored_len)
                 if (writer.read_into(loc.seq, loc.offset, scratch)
                         and checksum(scratch) == loc.payload_checksum):
-                    return bytes(scratch)
+                    return scratch.tobytes()
                 self._drop_corrupt(key, loc)
                 return None
             data = self._load(key, loc)
