@@ -77,9 +77,12 @@ class PrefillEngine:
                 keys[:usable_prefix_blocks(num_stored, len(prompt), self.block_tokens)], seq)
             seq.num_tokens = load.num_blocks * self.block_tokens
             fetched_s = time.perf_counter()
-            # Publish from the last stored block on (see the module docstring).
+            # Publish from the last stored block on (see the module docstring); nothing when
+            # every block is stored and only the last one, which must run, was not fetched.
             first_new = min(load.num_blocks, num_stored)
             anchor = max(first_new - 1, 0)
+            publish = publish and not (num_stored == len(keys)
+                                       and load.num_blocks >= len(keys) - 1)
             publisher = self.io.publisher(keys if publish else keys[:0], seq, anchor)
             try:
                 logits = self.model.forward(self.cache, [(seq, prompt[seq.num_tokens:])],

@@ -74,6 +74,12 @@ def test_shared_prefix_is_fetched_not_recomputed(model):
         second = prefill.prefill(b, sampling)
         assert second.num_cached_tokens == 64  # the system prompt's 4 blocks
         assert second.num_published_blocks == 1  # only b's own full block is new
+        put_many, writes = store.put_many, []
+        store.put_many = lambda keys, values: writes.append(len(keys)) or put_many(keys, values)
+        again = prefill.prefill(b, sampling)  # every block stored: nothing is written
+        assert again.num_cached_tokens == 80 and again.num_published_blocks == 0
+        assert again.first_token == second.first_token and writes == []
+        del store.put_many
         with DecodeEngine(model, store, num_pages=64) as decode:
             done = decode.generate(b, sampling, first_token=second.first_token)
     assert done.num_cached_tokens == 80
