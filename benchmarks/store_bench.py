@@ -24,7 +24,6 @@ import gc
 import hashlib
 import importlib.metadata
 import json
-import mmap
 import os
 import platform
 import pstats
@@ -47,12 +46,12 @@ if (_REPO / "kvstore" / "__init__.py").is_file() and str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))  # this checkout's kvstore, installed or not
 
 import kvstore  # noqa: E402
+from kvstore.buffers import page_aligned_buffer  # noqa: E402
 from kvstore.tiers.slab import size_class  # noqa: E402
 from kvstore.units import parse_size  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 DIRECT_ALIGN_BYTES = 4096
-HUGE_PAGE_BYTES = 2 * MiB
 DRAM_TARGET_RATIO = 0.70  # for values of at least DRAM_TARGET_MIN_BYTES
 DRAM_TARGET_MIN_BYTES = 256 * KiB
 NVME_TARGET_RATIO = 0.70
@@ -118,19 +117,10 @@ def aligned(nbytes: int) -> np.ndarray:
     ``np.empty`` array starts 16 bytes past a page; see ``get_into_offset16`` in the DRAM
     section.
     """
-    # Private memory on huge pages where offered: Python's default anonymous map is shared
-    # (shmem), and O_DIRECT I/O on it ran at a quarter to a half of this speed here, which
-    # would understate every raw limit measured on it.
-    buf = mmap.mmap(-1, max(nbytes, 1) + HUGE_PAGE_BYTES,
-                    flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    array = np.frombuffer(buf, dtype=np.uint8)
-    skip = -array.ctypes.data % HUGE_PAGE_BYTES
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
-    array = array[skip:skip + nbytes]
+    # The store's own buffers (private memory on huge pages where offered): on Python's
+    # default shared anonymous map O_DIRECT ran at a quarter to a half of this speed here,
+    # which would understate every raw limit measured on it.
+    array = np.frombuffer(page_aligned_buffer(nbytes), dtype=np.uint8)
     array.fill(0)
     return array
 
@@ -456,6 +446,10 @@ def remove_and_settle(path: str) -> None:
     on a disk mounted with ``discard`` (this VM's), deleting hundreds of MiB issues TRIMs
     that slow whatever runs next, raw or store, by up to 2x."""
     shutil.rmtree(path, ignore_errors=True)
+    settle()
+
+
+def settle() -> None:
     os.sync()
     time.sleep(SETTLE_S)
 
@@ -481,8 +475,7 @@ def run_dd(path: str, nbytes: int, cache: PageCache) -> dict[str, Any]:
     figures["command_write"] = " ".join(commands["write"])
     if os.path.exists(path):
         os.unlink(path)
-        os.sync()
-        time.sleep(SETTLE_S)
+        settle()  # as `remove_and_settle` does
     return figures
 
 

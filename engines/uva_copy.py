@@ -102,7 +102,7 @@ class LayerCopier:
 
     def __init__(self, cache: PagedKVCache, block_addresses: list[int], pages: list[int],
                  layer_bytes: int, kv_bytes: int, *, threads: int = THREADS,
-                 unroll: int = UNROLL, grid: int = GRID, dma: bool = True) -> None:
+                 unroll: int = UNROLL, grid: int = GRID) -> None:
         if kv_bytes % ALIGN or layer_bytes % ALIGN or any(a % ALIGN for a in block_addresses):
             raise ValueError("UVA copies need 16-byte aligned blocks and sizes")
         self.cache = cache
@@ -114,10 +114,13 @@ class LayerCopier:
         num_layers = len(cache.kv)
         self.stream = torch.cuda.Stream(device=device)
         self.events: list[torch.cuda.Event] = []
-        self.runs = dma_runs(block_addresses, pages) if dma else None
+        # Host memory goes by the kernel, which holds up better beside the forward; runs
+        # are looked for only from HBM, and each must lie there.
+        self.runs = (dma_runs(block_addresses, pages)
+                     if block_addresses and _in_device_memory(block_addresses[0]) else None)
         if self.runs is not None and not all(_in_device_memory(block_addresses[first])
-                                             for first, _, _ in self.runs):
-            self.runs = None  # host memory: the kernel holds up better under the forward
+                                             for first, _, _ in self.runs[1:]):
+            self.runs = None
         if self.runs is not None:  # copy engines: no pointer tables
             self._layer_offsets = [layer * layer_bytes for layer in range(num_layers)]
             self._kv_base = [kv.data_ptr() for kv in cache.kv]
@@ -214,6 +217,6 @@ def dma_runs(addresses: list[int], pages: list[int]) -> list[tuple[int, int, int
             end += 1
         if end - start < MIN_DMA_RUN or len(runs) == MAX_DMA_RUNS:
             return None
-        runs.append((start, end - start, stride if end - start > 1 else 0))
+        runs.append((start, end - start, stride))
         start = end
     return runs or None

@@ -10,6 +10,8 @@ tensor. torch is only touched when the caller already imported it (it passed a t
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import sys
 import warnings
 from typing import Any
@@ -19,6 +21,28 @@ import numpy as np
 from kvstore.errors import BufferSizeError, InvalidValueError
 
 ByteView = Any  # np.ndarray (host, uint8, 1-D) or torch.Tensor (uint8, 1-D, any device)
+PAGE_BYTES = 4096
+HUGE_PAGE_BYTES = 2 << 20
+
+
+def page_aligned_buffer(nbytes: int) -> memoryview:
+    """``nbytes`` of page-aligned, private, anonymous memory, on transparent huge pages
+    where the kernel offers them (from 2 MiB up): I/O on physically contiguous memory needs
+    few DMA segments, and copies take fewer TLB misses. Private, because Python's default
+    anonymous map is MAP_SHARED (shmem), where the huge page hint does nothing and O_DIRECT
+    I/O ran at a quarter to a half of the speed of private memory on this project's VM."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    if nbytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return memoryview(mmap.mmap(-1, -(-max(nbytes, 1) // PAGE_BYTES) * PAGE_BYTES,
+                                    flags=flags))[:nbytes]
+    buf = mmap.mmap(-1, -(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES + HUGE_PAGE_BYTES,
+                    flags=flags)
+    skip = -ctypes.addressof(ctypes.c_char.from_buffer(buf)) % HUGE_PAGE_BYTES
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE, skip, len(buf) - skip)
+    except OSError:
+        pass  # no THP here: 4 KiB pages work
+    return memoryview(buf)[skip:skip + nbytes]
 
 
 def _torch() -> Any:

@@ -247,6 +247,5 @@ class StoreReads:
                 return None
             self._hits += 1
             self._tier_hits[t] += 1
-            if t > self._write_tier:
-                self._promote(entry, t, source)
+            self._promote(entry, t, source)
         return result

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.buffers import ByteView
+from kvstore.buffers import ByteView, page_aligned_buffer
 from kvstore.tiers.base import TierKind
 from kvstore.tiers.memory import MemoryTier
 
@@ -130,17 +130,9 @@ class HostPool:
             self.array = self._tensor.numpy()
             self.is_pinned = True
         else:
-            # Anonymous private mmap on transparent huge pages where the kernel offers
-            # them (fewer TLB misses per copy), faulted in now: the pool is really
+            # Private memory on huge pages where offered, faulted in now: the pool is really
             # preallocated, so no put pays a page fault later.
-            self._mmap = mmap.mmap(-1, max(nbytes, 1),
-                                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            if hasattr(mmap, "MADV_HUGEPAGE"):
-                try:
-                    self._mmap.madvise(mmap.MADV_HUGEPAGE)
-                except OSError:
-                    pass  # no THP: 4 KiB pages
-            self.array = np.frombuffer(self._mmap, dtype=np.uint8)[:nbytes]
+            self.array = np.frombuffer(page_aligned_buffer(nbytes), dtype=np.uint8)
             self.array.fill(0)
 
     def view(self, offset: int, nbytes: int) -> ByteView:

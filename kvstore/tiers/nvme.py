@@ -243,13 +243,8 @@ class NvmeTier:
             if not (loc.flags & FLAG_COMPRESSED or (loc.offset | loc.stored_len) % IO_ALIGN):
                 # A whole-block payload: one O_DIRECT read into the aligned scratch buffer,
                 # checked there, then copied out (the path of 4 KiB values and large ones).
-                writer = self._writer
-                scratch = writer.scratch(loc.stored_len)
-                if (writer.read_into(loc.seq, loc.offset, scratch)
-                        and checksum(scratch) == loc.payload_checksum):
-                    return scratch.tobytes()
-                self._drop_corrupt(key, loc)
-                return None
+                scratch = self._writer.scratch(loc.stored_len)
+                return scratch.tobytes() if self._read_checked(key, loc, scratch) else None
             data = self._load(key, loc)
             return data if data is None or isinstance(data, bytes) else bytes(data)
 

@@ -39,7 +39,6 @@ import ctypes
 import errno
 import fcntl
 import logging
-import mmap
 import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from kvstore.buffers import page_aligned_buffer
 from kvstore.errors import StorageError
 from kvstore.tiers.nvme_record import (
     HEADER_BYTES,
@@ -66,35 +66,12 @@ log = logging.getLogger(__name__)
 _SEGMENT_NAME = re.compile(r"^seg-(\d+)\.log$")
 _MAX_OPEN_FILES = 64
 _ZERO_BLOCK = bytes(IO_ALIGN)
-_HUGE_PAGE_BYTES = 2 << 20
 
 
 def _address(array: np.ndarray) -> int:
     if array.flags.writeable:  # ctypes is the quicker way (a 4 KiB read is ~50 us)
         return ctypes.addressof(ctypes.c_char.from_buffer(array))
     return array.__array_interface__["data"][0]
-
-
-def _private_map(nbytes: int) -> mmap.mmap:
-    # Private: Python's default for an anonymous map is MAP_SHARED (shmem), where the huge
-    # page hint does nothing (shmem_enabled rules there) and O_DIRECT reads into it ran at
-    # a quarter of the speed of reads into private memory on this project's virtual disk.
-    return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-
-
-def _bounce_buffer(nbytes: int) -> memoryview:
-    """A page-aligned buffer for O_DIRECT I/O, private memory on transparent huge pages
-    where the kernel offers them: I/O on physically contiguous memory needs few DMA
-    segments, so a large read reaches the device as one request instead of several."""
-    if nbytes < _HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return memoryview(_private_map(align_up(max(nbytes, 1))))
-    buf = _private_map(align_up(nbytes, _HUGE_PAGE_BYTES) + _HUGE_PAGE_BYTES)
-    skip = -_address(np.frombuffer(buf, dtype=np.uint8, count=1)) % _HUGE_PAGE_BYTES
-    try:
-        buf.madvise(mmap.MADV_HUGEPAGE, skip, len(buf) - skip)
-    except OSError:
-        pass  # no THP here: 4 KiB pages work, with more DMA segments per read
-    return memoryview(buf)[skip:skip + nbytes]
 
 
 class SegmentFiles:
@@ -320,14 +297,14 @@ class SegmentWriter:
         self._end = self._buffer_offset = self._written_end = 0
         self._header_page: int | None = None  # offset of the open header page, if any
         self._num_headers = 0                  # headers in it so far
-        self._wview = _bounce_buffer(buffer_bytes)
+        self._wview = page_aligned_buffer(buffer_bytes)
         # A full buffer is written by the I/O thread while records go on into the other one
         # (one write in flight at most: the copy and checksum of puts overlap the disk).
-        self._spare_view = _bounce_buffer(buffer_bytes)
+        self._spare_view = page_aligned_buffer(buffer_bytes)
         self._inflight: tuple[Future[None], int, int, memoryview] | None = None
         self._io_thread = ThreadPoolExecutor(1, thread_name_prefix="kvstore-nvme-write")
         files.before_reopen = self.drain
-        self._rview = _bounce_buffer(align_up(max_record_bytes) + 2 * IO_ALIGN)
+        self._rview = page_aligned_buffer(align_up(max_record_bytes) + 2 * IO_ALIGN)
         self._rarray = np.frombuffer(self._rview, dtype=np.uint8)
 
     @property
@@ -524,9 +501,9 @@ class SegmentWriter:
         """The first ``nbytes`` of the aligned read buffer, valid until the next I/O."""
         if nbytes <= self._rarray.shape[0]:
             return self._rarray[:nbytes]
-        return np.frombuffer(_bounce_buffer(nbytes), dtype=np.uint8)  # from a larger config
+        return np.frombuffer(self._scratch(nbytes), dtype=np.uint8)
 
     def _scratch(self, nbytes: int) -> memoryview:
         if nbytes <= len(self._rview):
             return self._rview
-        return _bounce_buffer(nbytes)  # a record from a larger config
+        return page_aligned_buffer(nbytes)  # a record from a larger config
