@@ -1,13 +1,15 @@
 """The daemon: one `kvstore.Store` served to many clients over asyncio.
 
-    client ──frames (kvstore.protocol)──> connection task ──executor thread──> Store
+    client ──frames (kvstore.protocol)──> TCP connection (daemon.tcp) ──┐
+                                         UCX endpoint (`_serve`) ─────┴─> `_reply` ──> Store
     same-host client ──maps /dev/shm/NAME──> the Store's DRAM pool (reserve/commit, pin/unpin)
 
 One event loop owns the connections, handles and leases. A Store call that may wait on
 NVMe I/O runs in a worker thread (the Store is thread-safe; the loop must never stall); a
-short one runs on the loop when the store lock is free. Each connection serves its
-requests in order; concurrency comes from many connections. The shared-memory operations
-and their leases are `daemon.shm_plane`'s.
+short one runs on the loop when the store lock is free, and its request is then answered
+in the callback that received it. Each connection serves its requests in order;
+concurrency comes from many connections. The shared-memory operations and their leases
+are `daemon.shm_plane`'s.
 
 Shutdown (SIGTERM): stop accepting, let requests in flight finish (up to ``drain_s``),
 write out the access log, close the Store (which flushes NVMe), stop metrics and the
@@ -29,15 +31,16 @@ import os
 import secrets
 import socket
 import time
-import types
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from daemon.access_log import AccessLog
+from daemon.answering import Answer, Request, within
 from daemon.config import DaemonConfig
 from daemon.shm_plane import Connection, SharedMemoryPlane
+from daemon.tcp import FrameProtocol
 from daemon.tenants import (
     DEFAULT_NAMESPACE,
     Tenants,
@@ -61,37 +64,6 @@ class _Lookups:
     num_blocks_hit: int = 0
 
 
-async def _within(handler: Coroutine[Any, Any, Any], timeout_s: float) -> Any:
-    """Await a request's handler under its deadline (`TimeoutError` past it). Most handlers
-    finish without waiting for anything (the store lock was free); those are run to the end
-    first, arming no timer: a timer costs about as much as the rest of a small request."""
-    try:
-        waiting = handler.send(None)
-    except StopIteration as done:
-        return done.value
-    async with asyncio.timeout(timeout_s):  # no task per request, unlike wait_for
-        return await _resume(handler, waiting)
-
-
-@types.coroutine
-def _resume(handler: Coroutine[Any, Any, Any], waiting: Any) -> Generator[Any, Any, Any]:
-    """The rest of ``handler``, which has yielded ``waiting`` (what it awaits) and so
-    suspended; what ``await`` does, for a coroutine already started."""
-    while True:
-        try:
-            sent = yield waiting
-        except BaseException as e:  # the task's cancellation (the deadline), passed on
-            try:
-                waiting = handler.throw(e)
-            except StopIteration as done:
-                return done.value
-        else:
-            try:
-                waiting = handler.send(sent)
-            except StopIteration as done:
-                return done.value
-
-
 class Daemon(SharedMemoryPlane):
     """Serve a Store; `start`, then `serve_until_stopped` (or `stop`)."""
 
@@ -111,7 +83,7 @@ class Daemon(SharedMemoryPlane):
         self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="kvstored")
         self._handles = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
-        self._connections: dict[asyncio.Task[None], Connection] = {}
+        self._connections: set[Connection] = set()
         self._stopping = asyncio.Event()
         self._closed = False
         self._sweeper: asyncio.Task[None] | None = None
@@ -124,7 +96,8 @@ class Daemon(SharedMemoryPlane):
 
     async def start(self) -> None:
         host, port = self.config.listen_address
-        self._server = await asyncio.start_server(self._serve, host, port, limit=1 << 20)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: FrameProtocol(self), host, port)
         self.address = self._server.sockets[0].getsockname()[:2]
         self._sweeper = asyncio.create_task(self._sweep_leases(), name="kvstored-sweeper")
         self._heartbeat = asyncio.create_task(self._keep_directory_alive(),
@@ -151,17 +124,18 @@ class Daemon(SharedMemoryPlane):
         self._stopping.set()
         if self._server is not None:
             self._server.close()
-        idle = [t for t, c in self._connections.items() if not c.busy]
-        for task in idle:
-            task.cancel()
-        busy = [t for t, c in self._connections.items() if c.busy]
+        connections = list(self._connections)
+        for conn in connections:
+            conn.stop()  # an idle one hangs up now, a busy one once its request is answered
+        busy = [conn.closed for conn in connections if conn.busy]
         if busy:
             log.info("draining %d requests in flight (up to %.1f s)", len(busy),
                      self.config.drain_s)
-            _, pending = await asyncio.wait(busy, timeout=self.config.drain_s)
-            for task in pending:
-                task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+            await asyncio.wait(busy, timeout=self.config.drain_s)
+        for conn in connections:
+            if not conn.closed.done():
+                conn.kill()
+        await asyncio.gather(*(conn.closed for conn in connections), return_exceptions=True)
         for task in (self._sweeper, self._heartbeat):
             if task is not None:
                 task.cancel()
@@ -175,18 +149,32 @@ class Daemon(SharedMemoryPlane):
 
     # -- connections --------------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _connected(self, conn: Connection) -> None:
+        self._connections.add(conn)
+        if self.metrics is not None:
+            self.metrics.client_connected()
+        log.info("client connected peer=%s", conn.peer)
+
+    async def _disconnected(self, conn: Connection, reason: str) -> None:
+        """Give back what a connection held; once per connection, however it ended."""
+        self._connections.discard(conn)
+        if conn.reservations or conn.pins:
+            await self._run(self._release_all, conn)
+        if self.metrics is not None:
+            self.metrics.client_disconnected()
+        log.info("client disconnected peer=%s tenant=%s reason=%s", conn.peer,
+                 conn.tenant.name if conn.tenant else "-", reason)
+
+    async def _serve(self, reader: Any, writer: Any) -> None:
+        """Serve one connection given as a stream (UCX endpoints; TCP goes through
+        `daemon.tcp.FrameProtocol`, which answers the same way without streams)."""
         task = asyncio.current_task()
         assert task is not None
         peername = writer.get_extra_info("peername")
         conn = Connection(peer=f"{peername[0]}:{peername[1]}" if peername else "?")
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._connections[task] = conn
-        if self.metrics is not None:
-            self.metrics.client_connected()
-        log.info("client connected peer=%s", conn.peer)
+        conn.stop = lambda: None if conn.busy else task.cancel()  # busy: ends after it
+        conn.kill, conn.closed = task.cancel, task
+        self._connected(conn)
         reason = "closed by client"
         try:
             while not self._stopping.is_set():
@@ -208,82 +196,102 @@ class Daemon(SharedMemoryPlane):
             reason = "daemon stopping"
             if not self._closed:
                 raise
-            # stop() cancelled this idle connection: end normally (Python 3.11's streams
-            # log a cancelled connection task as an error)
+            # stop() cancelled this idle connection: end normally
         except (ConnectionError, TimeoutError) as e:
             reason = f"connection lost ({type(e).__name__})"
         finally:
-            del self._connections[task]
-            if conn.reservations or conn.pins:
-                await self._run(self._release_all, conn)
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
-            if self.metrics is not None:
-                self.metrics.client_disconnected()
-            log.info("client disconnected peer=%s tenant=%s reason=%s", conn.peer,
-                     conn.tenant.name if conn.tenant else "-", reason)
+            await self._disconnected(conn, reason)
 
-    async def _answer(self, conn: Connection, raw: bytes, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> bool:
-        """Read the rest of one request, run it, write the response; False to hang up."""
+    async def _answer(self, conn: Connection, raw: bytes, reader: Any, writer: Any) -> bool:
+        """Read the rest of one request from a stream, run it, write the response; False
+        to hang up."""
         started = time.perf_counter()
-        request_id, op = None, "?"
-        keep_open = True
         try:
             header = protocol.decode_header(raw, max_data_bytes=self.max_frame_data_bytes,
                                             expect=FrameKind.REQUEST)
             try:
                 raw_meta, data = await self._read_in_time(reader, header.meta_bytes,
                                                           header.data_bytes)
-                meta = protocol.decode_meta(raw_meta)
             except TimeoutError:
                 # Half a frame was read: the stream cannot be resynchronised, so hang up.
                 raise ConnectionError("frame not complete within the frame timeout") from None
-            request_id, op, timeout_s = protocol.check_request(meta, header.data_bytes)
-            if op != "hello" and conn.tenant is None:
-                raise RequestError(ErrorCode.AUTH_REQUIRED, "the first request must be hello")
-            handler = getattr(self, f"_op_{op}")
-            try:
-                result, out = await _within(handler(conn, meta, data), timeout_s)
-            except TimeoutError:
-                raise RequestError(ErrorCode.DEADLINE_EXCEEDED,
-                                   f"{op} did not finish within {timeout_s:g} s; it may "
-                                   "still take effect") from None
-            response = {"id": request_id, "ok": True, **result}
         except asyncio.IncompleteReadError:
             raise ConnectionError("frame cut short") from None
-        except (RequestError, KVStoreError) as e:
-            code = protocol.code_of(e)
-            request_id = getattr(e, "request_id", request_id)
-            keep_open = code not in (ErrorCode.BAD_FRAME, ErrorCode.UNSUPPORTED_VERSION)
-            if code is ErrorCode.AUTH_FAILED:
-                keep_open = False
-            response, out = {"id": request_id, "ok": False, "code": code.value,
-                             "message": str(e)}, []
-            log.warning("request failed peer=%s op=%s code=%s: %s", conn.peer, op,
-                        code.value, e)
-            if self.metrics is not None:
-                self.metrics.error(code.value)
-        except (ConnectionError, asyncio.CancelledError):
-            raise
-        except Exception as e:
-            log.exception("internal error peer=%s op=%s", conn.peer, op)
-            response, out = {"id": request_id, "ok": False, "code": ErrorCode.INTERNAL.value,
-                             "message": f"internal error: {type(e).__name__}: {e}"}, []
+        except RequestError as e:
+            answer = self._answer_error(conn, Request(), e)
+        else:
+            answer = await self._reply(conn, header, raw_meta, data)
+        response, out, keep_open, op = answer
         data_bytes = sum(len(part) for part in out)
         writer.write(protocol.encode(FrameKind.RESPONSE, response, data_bytes))
         for part in out:
             writer.write(part)
-        transport = getattr(writer, "transport", None)
-        if transport is None or transport.get_write_buffer_size():  # else nothing to wait for
-            async with asyncio.timeout(self.config.frame_timeout_s):
-                await writer.drain()
+        async with asyncio.timeout(self.config.frame_timeout_s):
+            await writer.drain()
+        self._observe(op, started, response["ok"], data_bytes)
+        return keep_open
+
+    def _start(self, conn: Connection, header: protocol.Header, raw_meta: bytes, data: Any,
+               request: Request) -> Coroutine[Any, Any, Any]:
+        """Check one whole request (filling in ``request``) and return its handler, not
+        started; raises what `_answer_error` answers."""
+        meta = protocol.decode_meta(raw_meta)
+        request.id, request.op, request.timeout_s = protocol.check_request(meta,
+                                                                           header.data_bytes)
+        if request.op != "hello" and conn.tenant is None:
+            raise RequestError(ErrorCode.AUTH_REQUIRED, "the first request must be hello")
+        return getattr(self, f"_op_{request.op}")(conn, meta, data)
+
+    async def _reply(self, conn: Connection, header: protocol.Header, raw_meta: bytes,
+                     data: Any) -> Answer:
+        """Run one whole request under its deadline; its answer."""
+        request = Request()
+        try:
+            handler = self._start(conn, header, raw_meta, data, request)
+            result = await within(handler, request.timeout_s)
+        except BaseException as e:
+            return self._answer_error(conn, request, e)
+        return self._answer_ok(request, result)
+
+    @staticmethod
+    def _answer_ok(request: Request, result: tuple[dict[str, Any], list[Any]]) -> Answer:
+        fields, out = result
+        return {"id": request.id, "ok": True, **fields}, out, True, request.op
+
+    def _answer_error(self, conn: Connection, request: Request, error: BaseException
+                      ) -> Answer:
+        """The answer to a request that raised ``error`` (re-raised if it is a
+        cancellation); a broken frame or a refused hello also ends the connection."""
+        if isinstance(error, TimeoutError):
+            error = RequestError(ErrorCode.DEADLINE_EXCEEDED,
+                                 f"{request.op} did not finish within {request.timeout_s:g} s; "
+                                 "it may still take effect")
+        if not isinstance(error, Exception):  # cancelled: the connection is going away
+            raise error
+        if not isinstance(error, KVStoreError):  # RequestError is one
+            log.error("internal error peer=%s op=%s", conn.peer, request.op, exc_info=error)
+            return ({"id": request.id, "ok": False, "code": ErrorCode.INTERNAL.value,
+                     "message": f"internal error: {type(error).__name__}: {error}"}, [], True,
+                    request.op)
+        code = protocol.code_of(error)
+        request_id = getattr(error, "request_id", request.id)
+        keep_open = code not in (ErrorCode.BAD_FRAME, ErrorCode.UNSUPPORTED_VERSION,
+                                 ErrorCode.AUTH_FAILED)
+        log.warning("request failed peer=%s op=%s code=%s: %s", conn.peer, request.op,
+                    code.value, error)
         if self.metrics is not None:
-            self.metrics.observe_request(op, time.perf_counter() - started, response["ok"])
+            self.metrics.error(code.value)
+        return ({"id": request_id, "ok": False, "code": code.value, "message": str(error)},
+                [], keep_open, request.op)
+
+    def _observe(self, op: str, started: float, ok: bool, data_bytes: int) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_request(op, time.perf_counter() - started, ok)
             if data_bytes:
                 self.metrics.record_transfer("out", data_bytes)
-        return keep_open
 
     async def _read_in_time(self, reader: Any, *sizes: int) -> list[bytes]:
         """The next parts of a started frame, of ``sizes`` bytes, within the frame timeout.

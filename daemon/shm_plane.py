@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +58,11 @@ class _Expired:
     pins: dict[int, _Pin]
 
 
-@dataclass
+def _nothing() -> None:
+    return None
+
+
+@dataclass(eq=False)
 class Connection:
     peer: str
     tenant: Tenant | None = None
@@ -66,7 +71,11 @@ class Connection:
     shared_memory: bool = False
     reservations: dict[int, _Reservation] = field(default_factory=dict)
     pins: dict[int, _Pin] = field(default_factory=dict)
-    busy: bool = False
+    busy: bool = False  # a request is being answered
+    # Set by whoever serves it (daemon.tcp, or Daemon._serve for a stream):
+    stop: Callable[[], None] = _nothing  # hang up when idle: now, or after the request
+    kill: Callable[[], None] = _nothing  # hang up now
+    closed: Any = None  # awaitable: done once it ended and gave back what it held
 
     def scope(self, key: bytes) -> bytes:
         return scoped_key(self.secret, key)
@@ -80,7 +89,7 @@ class SharedMemoryPlane:
     config: Any
     store: Any
     _handles: Any
-    _connections: dict[Any, Connection]
+    _connections: set[Connection]
 
     # -- the shared-memory data plane -------------------------------------------------------------
 
@@ -253,7 +262,7 @@ class SharedMemoryPlane:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             now = time.monotonic()
-            for conn in list(self._connections.values()):
+            for conn in list(self._connections):
                 expired = _Expired(
                     {h: conn.reservations.pop(h) for h, r in list(conn.reservations.items())
                      if r.deadline < now},

@@ -48,6 +48,8 @@ from kvstore.errors import (
 from kvstore.protocol import FrameKind
 from kvstore.tiers.base import check_key
 
+RECEIVE_BUFFER_BYTES = 64 * 1024
+
 
 @dataclass(frozen=True)
 class Retry:
@@ -78,6 +80,11 @@ class _Connection:
             raise StoreConnectionError(f"cannot reach kvstored at {client.url}: "
                                        f"{e.strerror or e}") from e
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Answers are received into this buffer, as much as has arrived per receive (a
+        # header and its meta usually come in one); a larger data part gets its own.
+        self._received = bytearray(RECEIVE_BUFFER_BYTES)
+        self._view = memoryview(self._received)
+        self._start = self._end = 0  # received, not yet taken
         self.session: _Session
         hello(self, client)
 
@@ -101,11 +108,11 @@ class _Connection:
                 self._unanswered += 1
                 return None
             while True:
-                header = protocol.decode_header(self._read(protocol.HEADER_BYTES),
+                header = protocol.decode_header(self._take(protocol.HEADER_BYTES),
                                                 max_data_bytes=1 << 40,
                                                 expect=FrameKind.RESPONSE)
-                answer = protocol.decode_meta(bytes(self._read(header.meta_bytes)))
-                data = self._read(header.data_bytes)
+                answer = protocol.decode_meta(self._take(header.meta_bytes))
+                data = memoryview(self._take(header.data_bytes))
                 if not self._unanswered:
                     break
                 self._unanswered -= 1  # the answer of a request sent with wait=False
@@ -116,15 +123,39 @@ class _Connection:
             raise ProtocolError(f"bad answer from {self.client.url}: {e}") from None
         return _checked(answer, request_id, data, self.client.url)
 
-    def _read(self, nbytes: int) -> memoryview:
-        buffer = memoryview(bytearray(nbytes))
+    def _take(self, nbytes: int) -> bytes | bytearray:
+        """The next ``nbytes`` of the answers."""
+        buffered = self._end - self._start
+        if nbytes > len(self._received):  # a large data part: received straight into it
+            taken = bytearray(nbytes)
+            have = min(buffered, nbytes)
+            taken[:have] = self._view[self._start:self._start + have]
+            self._start += have
+            self._receive_into(memoryview(taken)[have:])
+            return taken
+        if buffered < nbytes:
+            if len(self._received) - self._start < nbytes:  # move the rest to the front
+                self._view[:buffered] = self._view[self._start:self._end]
+                self._start, self._end = 0, buffered
+            while self._end - self._start < nbytes:
+                self._end += self._receive_into(self._view[self._end:], at_least=False)
+        taken = bytes(self._view[self._start:self._start + nbytes])
+        self._start += nbytes
+        if self._start == self._end:
+            self._start = self._end = 0
+        return taken
+
+    def _receive_into(self, view: memoryview, at_least: bool = True) -> int:
+        """Receive into ``view``: all of it, or (``at_least`` False) whatever came."""
         got = 0
-        while got < nbytes:
-            n = self.sock.recv_into(buffer[got:])
+        while got < len(view):
+            n = self.sock.recv_into(view[got:])
             if not n:
                 raise ConnectionResetError("the daemon closed the connection")
             got += n
-        return buffer
+            if not at_least:
+                break
+        return got
 
     def close(self) -> None:
         self.sock.close()
