@@ -9,12 +9,23 @@ beside the raw limit, all measured in the same run.
                  (reserve -> copy -> commit, pin -> copy -> unpin)     on a free port
     tcp          kvstore.connect(url, shared_memory=False): values     the same daemon
                  streamed in the frames over a loopback socket
-    ucx          through ucxx: reported as unavailable (the daemon has no UCX transport)
+    ucx          kvstore.connect(ucx_url, shared_memory=False): the    the same daemon, with
+                 same frames as UCX tag messages through ucxx; UCX     --ucx 127.0.0.1:0
+                 picks the transport (UCX_PROTO_INFO=y in the          (the port is logged)
+                 daemon's environment prints its choice: tcp over
+                 lo on the VM this was written on)
+                 Where ucxx is not importable or the listener does not start, the other paths
+                 still run and ``ucx`` says why: {"available": false, "reason": ...}
 
     raw limit    memcpy_chunked: np.copyto of each value into its own place in a page-aligned
                  array (what put and get_into must do at least); memcpy_reused_dst: each value
                  into one reused buffer (the limit of `get`, whose dropped bytes object malloc
-                 recycles); batch floor: a Python dict + np.copyto per 4 KiB op
+                 recycles); raw_tcp / raw_ucx (benchmarks/raw_links.py): each value sent
+                 whole to another process over loopback TCP / UCX and answered by one byte
+                 (the limit of a network put, one synchronous request per value:
+                 put_vs_raw_tcp of tcp and ucx, put_vs_raw_ucx of ucx), and the same with
+                 1 byte (raw_tcp_ping_us / raw_ucx_ping_us: the limit of a round trip);
+                 batch floor: a Python dict + np.copyto per 4 KiB op
 
 Per value size (256 KiB, 4 MiB): put, get, get_into in GB/s and ops/s. Per path: 4 KiB
 put_many / get_many ops/s in chains of 64 keys. Every repeat runs every path in turn (the
@@ -34,12 +45,9 @@ import os
 import pstats
 import re
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -53,6 +61,7 @@ for _path in (_REPO, _HERE):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))  # this checkout's kvstore and store_bench's helpers
 
+from raw_links import Sink, TcpSink, UcxSink  # noqa: E402
 from store_bench import (  # noqa: E402
     aligned,
     chain_keys,
@@ -77,20 +86,35 @@ SHM_TARGET_RATIO = 0.80  # shared-memory path / embedded, for 4 MiB values (the 
 SHM_TARGET_VALUE_BYTES = 4 * MiB
 BATCH_VALUE_BYTES = 4 * KiB
 BATCH_CHAIN_LEN = 64
-PATHS = ("embedded", "shm", "tcp")
+PATHS = ("embedded", "shm", "tcp", "ucx")
+NETWORK_PATHS = ("tcp", "ucx")  # values cross a socket: their put has the raw TCP limit too
+UCX_LISTEN = "127.0.0.1:0"  # ucxx's listener takes port 0 as the kernel's pick, as TCP does
 _deque = collections.deque
 
 
 # -- the daemon --------------------------------------------------------------------------------
 
 
+class DaemonStartError(RuntimeError):
+    """kvstored exited, or logged no address in time: ``what`` happened, and ``last_line``,
+    its log's last line (an exception's, where it failed)."""
+
+    def __init__(self, what: str, log_text: str) -> None:
+        super().__init__(f"{what}: {log_text[-2000:]}")
+        self.what = what
+        lines = [line for line in log_text.splitlines() if line.strip()]
+        self.last_line = lines[-1].strip() if lines else "(empty log)"
+
+
 class DaemonProcess:
     """`python -m daemon` on 127.0.0.1, port 0 (the kernel picks a free one; read from the
-    log). With ``profile_path`` it runs under cProfile (its event-loop thread), written at
-    SIGTERM, which the daemon answers by draining and exiting 0."""
+    log); with ``ucx`` also a UCX listener on `UCX_LISTEN` (``ucx_url``, read from the log the
+    same way). With ``profile_path`` it runs under cProfile (its event-loop thread), written
+    at SIGTERM, which the daemon answers by draining and exiting 0."""
 
     def __init__(self, dram_bytes: int, max_value_bytes: int = MAX_VALUE_BYTES,
-                 profile_path: str | None = None, extra: Sequence[str] = ()) -> None:
+                 profile_path: str | None = None, ucx: bool = False,
+                 extra: Sequence[str] = ()) -> None:
         self.log_file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in stop)
             prefix="kvstored-bench-", suffix=".log", delete=False)
         cmd = [sys.executable]
@@ -98,28 +122,34 @@ class DaemonProcess:
             cmd += ["-m", "cProfile", "-o", profile_path]
         cmd += ["-m", "daemon", "--listen", "127.0.0.1:0", "--dram", str(dram_bytes),
                 "--max-value", str(max_value_bytes), "--hbm", "0", "--log-level", "INFO",
-                *extra]
+                *(["--ucx", UCX_LISTEN] if ucx else []), *extra]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(_REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
         self.command = cmd
         self.process = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT,
                                         cwd=str(_REPO), env=env)
-        self.url = self._wait_for_address(60.0)
+        self.url = "kvstore://" + self._wait_for_address(_TCP_LINE, 60.0)
+        self.ucx_url = ("kvstore+ucx://" + self._wait_for_address(_UCX_LINE, 60.0)
+                        if ucx else None)
+        self.ucx_error: str | None = None  # why a UCX listener was wanted but is not there
 
-    def _wait_for_address(self, timeout_s: float) -> str:
+    def _wait_for_address(self, line: re.Pattern[str], timeout_s: float) -> str:
+        """HOST:PORT from the first log line ``line`` matches; the daemon is stopped and
+        DaemonStartError raised if it exits or times out first."""
         deadline = time.monotonic() + timeout_s
-        pattern = re.compile(r"kvstored listening on ([\d.]+):(\d+)")
         while time.monotonic() < deadline:
             text = Path(self.log_file.name).read_text(errors="replace")
-            match = pattern.search(text)
+            match = line.search(text)
             if match:
-                return f"kvstore://{match.group(1)}:{match.group(2)}"
+                return match.group(1)
             if self.process.poll() is not None:
-                raise RuntimeError(f"kvstored exited with {self.process.returncode}: "
-                                   f"{text[-2000:]}")
+                self.stop()
+                raise DaemonStartError(f"kvstored exited with {self.process.returncode}", text)
             time.sleep(0.05)
+        text = self.log_tail()
         self.stop()
-        raise RuntimeError(f"kvstored did not report its address within {timeout_s:g} s")
+        raise DaemonStartError(f"kvstored did not log {line.pattern!r} within {timeout_s:g} s",
+                               text)
 
     def log_tail(self, nbytes: int = 2000) -> str:
         return Path(self.log_file.name).read_text(errors="replace")[-nbytes:]
@@ -138,9 +168,27 @@ class DaemonProcess:
         return self.process.returncode
 
 
+_TCP_LINE = re.compile(r"kvstored listening on ([\d.]+:\d+)")
+_UCX_LINE = re.compile(r"kvstored serving UCX on ([\d.]+:\d+)")
+
+
 @contextlib.contextmanager
-def running_daemon(dram_bytes: int, profile_path: str | None = None) -> Iterator[DaemonProcess]:
-    daemon = DaemonProcess(dram_bytes, profile_path=profile_path)
+def running_daemon(dram_bytes: int, profile_path: str | None = None,
+                   ucx: bool = False) -> Iterator[DaemonProcess]:
+    """The benchmark's daemon; with ``ucx``, serving UCX too where its listener starts, and
+    where it does not, the daemon without one, ``ucx_error`` saying why (the other paths
+    still run)."""
+    ucx_error = None
+    if ucx:
+        try:
+            daemon = DaemonProcess(dram_bytes, profile_path=profile_path, ucx=True)
+        except DaemonStartError as e:
+            log(f"kvstored --ucx {UCX_LISTEN} did not start; again without UCX. {e}")
+            ucx_error = (f"kvstored --ucx {UCX_LISTEN} did not start its UCX listener "
+                         f"({e.what}): {e.last_line}")
+    if not ucx or ucx_error is not None:
+        daemon = DaemonProcess(dram_bytes, profile_path=profile_path)
+        daemon.ucx_error = ucx_error
     try:
         yield daemon
     finally:
@@ -149,68 +197,33 @@ def running_daemon(dram_bytes: int, profile_path: str | None = None) -> Iterator
             log(f"kvstored exited with {code}")
 
 
-_SINK = textwrap.dedent("""
-    import socket, struct, sys
-    srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(1)
-    print(srv.getsockname()[1], flush=True)
-    conn, _ = srv.accept()
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = memoryview(bytearray(int(sys.argv[1])))
-    while True:
-        head = conn.recv(8, socket.MSG_WAITALL)
-        if len(head) < 8:
-            break
-        n = struct.unpack("<Q", head)[0]
-        got = 0
-        while got < n:
-            got += conn.recv_into(buf[got:n])
-        conn.sendall(b"k")
-""")
-
-
-class TcpSink:
-    """Another process that reads length-prefixed pieces over loopback TCP into a reused
-    buffer and answers each with one byte: the raw limit of one synchronous request per value."""
-
-    def __init__(self, max_piece: int) -> None:
-        self.process = subprocess.Popen([sys.executable, "-c", _SINK, str(max_piece)],
-                                        stdout=subprocess.PIPE, text=True)
-        assert self.process.stdout is not None
-        port = int(self.process.stdout.readline())
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.ack = bytearray(1)
-
-    def send_all(self, pieces: list[np.ndarray]) -> None:
-        for piece in pieces:
-            self.sock.sendall(struct.pack("<Q", piece.nbytes))
-            self.sock.sendall(piece)
-            self.sock.recv_into(self.ack, 1)
-
-    def ping_us(self, calls: int) -> float:
-        """Microseconds per 1-byte request answered by 1 byte (plus the 8-byte length)."""
-        one = np.zeros(1, np.uint8)
-        seconds, _ = timed(lambda: self.send_all([one] * calls))
-        return seconds / calls * 1e6
-
-    def close(self) -> None:
-        self.sock.close()
-        self.process.wait(10)
-
-
-def ucx_status() -> dict[str, Any]:
-    """UCX is not measured: say exactly why."""
+def ucxx_missing() -> str | None:
+    """Why this process cannot use ucxx; None when it can."""
     try:
-        import ucxx
+        import ucxx  # noqa: F401
     except Exception as e:  # ImportError, or a broken native library
-        importable = f"ucxx is not importable here ({type(e).__name__}: {e})"
-    else:
-        importable = f"ucxx {getattr(ucxx, '__version__', '?')} is importable here"
-    return {"available": False,
-            "reason": f"{importable}; and kvstored has no UCX transport yet (daemon/server.py "
-                      "serves length-prefixed frames over TCP and the /dev/shm pool only; "
-                      "DESIGN.md plans ucxx for other hosts), so there is no UCX path to "
-                      "measure"}
+        return f"ucxx is not importable here ({type(e).__name__}: {e})"
+    return None
+
+
+def connect_ucx(daemon: DaemonProcess, missing: str | None) -> tuple[Any | None, dict[str, Any]]:
+    """The ucx path's client (None when there is none) and the document's ``ucx`` entry:
+    what was measured, or the reason nothing was."""
+    reason = missing or daemon.ucx_error
+    if reason is None:
+        assert daemon.ucx_url is not None, "a daemon with no UCX error has a UCX listener"
+        try:
+            client = kvstore.connect(daemon.ucx_url, shared_memory=False)
+        except Exception as e:  # StoreConnectionError, or ucxx failing to start here
+            reason = f"cannot connect to {daemon.ucx_url}: {type(e).__name__}: {e}"
+        else:
+            import ucxx
+
+            return client, {"available": True, "url": daemon.ucx_url,
+                            "ucxx": getattr(ucxx, "__version__", None),
+                            "ucx": ".".join(map(str, ucxx.get_ucx_version()))}
+    log(f"no ucx path: {reason}")
+    return None, {"available": False, "reason": reason}
 
 
 def pool_mapped(client: Any) -> bool:
@@ -281,8 +294,9 @@ class Ops:
                maxlen=0)
 
 
-def bench_values(paths: dict[str, Any], data: np.ndarray, value_bytes: int, total_bytes: int,
-                 repeats: int, profile: bool) -> dict[str, Any]:
+def bench_values(paths: dict[str, Any], sinks: dict[str, Sink], data: np.ndarray,
+                 value_bytes: int, total_bytes: int, repeats: int,
+                 profile: bool) -> dict[str, Any]:
     num_values = max(1, total_bytes // value_bytes)
     nbytes = num_values * value_bytes
     values = slices(data, value_bytes, num_values)
@@ -299,6 +313,8 @@ def bench_values(paths: dict[str, Any], data: np.ndarray, value_bytes: int, tota
             raise RuntimeError(f"{name}: warm-up put kept fewer than {num_values} values")
         o.get_into_all()
         o.delete_all()
+    for sink in sinks.values():
+        sink.send_all(values)
     runs = []
     verified: dict[str, bool] = {}
     for repeat in range(repeats):
@@ -306,6 +322,9 @@ def bench_values(paths: dict[str, Any], data: np.ndarray, value_bytes: int, tota
         memcpy_reused_s, _ = timed(lambda: _deque(map(np.copyto, reused, values), maxlen=0))
         run: dict[str, Any] = {"memcpy_chunked_gbps": gbps(nbytes, memcpy_s),
                                "memcpy_reused_dst_gbps": gbps(nbytes, memcpy_reused_s)}
+        for link, sink in sinks.items():
+            link_s, _ = timed(lambda sink=sink: sink.send_all(values))
+            run[f"raw_{link}_gbps"] = gbps(nbytes, link_s)
         for name, o in ops.items():
             put_s, stored = timed(o.put_all)
             if repeat == 0:
@@ -330,13 +349,19 @@ def bench_values(paths: dict[str, Any], data: np.ndarray, value_bytes: int, tota
                 run[f"{name}_{op}_vs_raw"] = gb / raw
                 if name != "embedded":
                     run[f"{name}_{op}_vs_embedded"] = gb / run[f"embedded_{op}_gbps"]
+            for link in sinks:
+                if name in NETWORK_PATHS and link in ("tcp", name):
+                    run[f"{name}_put_vs_raw_{link}"] = (run[f"{name}_put_gbps"]
+                                                        / run[f"raw_{link}_gbps"])
         runs.append(run)
         log(f"  {size_label(value_bytes)} run {repeat}: " + ", ".join(
             f"{name} put/get/get_into {run[f'{name}_put_gbps']:.2f}/"
             f"{run[f'{name}_get_gbps']:.2f}/{run[f'{name}_get_into_gbps']:.2f}"
-            for name in ops) + f" GB/s; memcpy {run['memcpy_chunked_gbps']:.2f}")
+            for name in ops) + f" GB/s; memcpy {run['memcpy_chunked_gbps']:.2f}" + "".join(
+            f", raw {link} {run[f'raw_{link}_gbps']:.2f}" for link in sinks))
     summary = summarize(runs)
-    result["raw"] = {k: summary[k] for k in ("memcpy_chunked_gbps", "memcpy_reused_dst_gbps")}
+    result["raw"] = {k: summary[k] for k in ("memcpy_chunked_gbps", "memcpy_reused_dst_gbps",
+                                             *(f"raw_{link}_gbps" for link in sinks))}
     for name in ops:
         entry = {k[len(name) + 1:]: v for k, v in summary.items() if k.startswith(name + "_")}
         entry["verified"] = verified[f"{name}_get"] and verified[f"{name}_get_into"]
@@ -433,25 +458,26 @@ def bench_batch(paths: dict[str, Any], data: np.ndarray, num_chains: int, repeat
     return result
 
 
-def bench_round_trip(paths: dict[str, Any], calls: int, repeats: int) -> dict[str, Any]:
+def bench_round_trip(paths: dict[str, Any], sinks: dict[str, Sink], calls: int,
+                     repeats: int) -> dict[str, Any]:
     """Microseconds per `contains` of an absent key: one request and its answer, no data (one
     executor hop in the daemon). A shm put or get costs two of these plus its copy. Raw
     limit: a 1-byte request answered by 1 byte from a plain blocking Python socket loop in
-    another process (raw_tcp_ping_us)."""
+    another process (raw_tcp_ping_us), and the same over UCX (raw_ucx_ping_us:
+    ucx_vs_raw_ucx)."""
     key = b"\xff" * 16
     runs = []
-    sink = TcpSink(1)
-    try:
+    for sink in sinks.values():
         sink.ping_us(100)
-        for _ in range(repeats):
-            run = {"raw_tcp_ping_us": sink.ping_us(calls)}
-            _run_contains(paths, key, calls, run)
-            for name in paths:
-                if name != "embedded":
-                    run[f"{name}_vs_raw"] = run[f"{name}_us"] / run["raw_tcp_ping_us"]
-            runs.append(run)
-    finally:
-        sink.close()
+    for _ in range(repeats):
+        run = {f"raw_{link}_ping_us": sink.ping_us(calls) for link, sink in sinks.items()}
+        _run_contains(paths, key, calls, run)
+        for name in paths:
+            if name != "embedded":
+                run[f"{name}_vs_raw"] = run[f"{name}_us"] / run["raw_tcp_ping_us"]
+            if name in sinks and name != "tcp":
+                run[f"{name}_vs_raw_{name}"] = run[f"{name}_us"] / run[f"raw_{name}_ping_us"]
+        runs.append(run)
     return {"op": "contains(absent key)", "calls": calls,
             "vs_raw": "path latency / raw ping latency (higher is slower)",
             **summarize(runs), "runs": runs}
@@ -472,8 +498,9 @@ def _run_contains(paths: dict[str, Any], key: bytes, calls: int, run: dict[str, 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="kvstored benchmark: put/get/get_into GB/s and ops/s through the embedded "
-                    "Store, a same-host shared-memory client and a TCP client of a real "
-                    "daemon subprocess, beside memcpy; prints one JSON document.")
+                    "Store, a same-host shared-memory client, a TCP client and a UCX client "
+                    "(where ucxx is installed) of a real daemon subprocess, beside memcpy and "
+                    "raw loopback TCP; prints one JSON document.")
     parser.add_argument("--sizes", default="256KiB,4MiB",
                         help="value sizes (default: %(default)s)")
     parser.add_argument("--total-bytes", default=None,
@@ -506,8 +533,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def keep_stdout_for_json() -> None:
+    """From here on what native code writes on file descriptor 1 goes to stderr (UCX logs its
+    warnings on stdout, and the ucxx in use sets a variable this UCX warns it does not know),
+    while Python's sys.stdout keeps the real stdout: it carries the JSON document only."""
+    sys.stdout.flush()
+    sys.stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    keep_stdout_for_json()
     started_s = time.perf_counter()
     totals = {s: max(s, args.total_bytes) for s in args.sizes}
     num_batch = args.batch_chains * BATCH_CHAIN_LEN
@@ -526,12 +563,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "directory -> copy -> check (none; pin -> copy -> unpin when not listed)",
             "tcp": "kvstore.connect(url, shared_memory=False): values in the frames over "
                    "loopback TCP",
+            "ucx": "kvstore.connect(ucx_url, shared_memory=False) to the same daemon started "
+                   f"with --ucx {UCX_LISTEN}: the same frames as UCX tag messages through "
+                   "ucxx, over the transport UCX picks (UCX_PROTO_INFO=y prints it; tcp "
+                   "over lo on the VM this was written on); measured only where "
+                   "ucx.available",
         },
         "raw_limits": {
             "memcpy_chunked": "np.copyto of each value into its own place in a page-aligned "
                               "array (limit of put and get_into)",
             "memcpy_reused_dst": "np.copyto of each value into one reused buffer (limit of "
                                  "get, whose dropped bytes object malloc recycles)",
+            "raw_tcp": "each value sent whole (length prefix + sendall) over loopback TCP to "
+                       "a plain Python socket loop in another process that reads it into a "
+                       "reused buffer and answers one byte: the limit of one synchronous "
+                       "network put per value (raw_tcp_gbps; put_vs_raw_tcp of tcp and ucx); "
+                       "with 1-byte values, the limit of a round trip (raw_tcp_ping_us)",
+            "raw_ucx": "the same over UCX, where the ucx path is measured: each value one "
+                       "ucxx send_multi to a ucxx listener in another process, set up as "
+                       "kvstored sets it up, answered by a 1-byte message; driven from the "
+                       "client's UCX loop (raw_ucx_gbps: put_vs_raw_ucx of ucx; "
+                       "raw_ucx_ping_us: round_trip ucx_vs_raw_ucx)",
             "batch floor": "a Python dict + np.copyto per 4 KiB op",
         },
         "config": {"sizes": [size_label(s) for s in args.sizes], "repeats": args.repeats,
@@ -549,34 +601,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile_path = os.path.join(profile_dir, "daemon.prof") if profile_dir else None
     config = kvstore.StoreConfig(dram_bytes=dram_bytes, max_value_bytes=MAX_VALUE_BYTES,
                                  hbm_bytes=0)
-    with kvstore.Store(config) as embedded, running_daemon(dram_bytes, profile_path) as daemon:
-        log(f"kvstored at {daemon.url} (dram {size_label(dram_bytes)})")
-        doc["daemon"] = {"url": daemon.url, "command": daemon.command}
+    missing = ucxx_missing()
+    with (kvstore.Store(config) as embedded,
+          running_daemon(dram_bytes, profile_path, ucx=missing is None) as daemon,
+          TcpSink(max(args.sizes)) as tcp_sink):
+        log(f"kvstored at {daemon.url}" + (f" and {daemon.ucx_url}" if daemon.ucx_url else "")
+            + f" (dram {size_label(dram_bytes)})")
+        doc["daemon"] = {"url": daemon.url, "ucx_url": daemon.ucx_url,
+                         "command": daemon.command}
         shm = kvstore.connect(daemon.url)
         tcp = kvstore.connect(daemon.url, shared_memory=False)
+        ucx, doc["ucx"] = connect_ucx(daemon, missing)
+        sinks: dict[str, Sink] = {"tcp": tcp_sink}
         try:
+            if ucx is not None:
+                try:
+                    sinks["ucx"] = UcxSink()
+                except Exception as e:  # the ucx path is measured all the same, without it
+                    doc["ucx"]["raw_ucx_error"] = f"{type(e).__name__}: {e}"
+                    log(f"no raw UCX limit: {doc['ucx']['raw_ucx_error']}")
             shm_mapped, tcp_mapped = pool_mapped(shm), pool_mapped(tcp)
-            if not shm_mapped or tcp_mapped:
+            ucx_mapped = ucx is not None and pool_mapped(ucx)
+            if not shm_mapped or tcp_mapped or ucx_mapped:
                 raise RuntimeError(f"the shm client mapped the pool: {shm_mapped}; the tcp "
-                                   f"client: {tcp_mapped} (expected True, False)")
+                                   f"client: {tcp_mapped}; the ucx client: {ucx_mapped} "
+                                   "(expected True, False, False)")
             doc["daemon"]["shm_client_mapped_pool"] = shm_mapped
-            paths = {"embedded": embedded, "shm": shm, "tcp": tcp}
+            paths = {"embedded": embedded, "shm": shm, "tcp": tcp,
+                     **({"ucx": ucx} if ucx is not None else {})}
             doc["values"] = {}
             for value_bytes in args.sizes:
                 log(f"values {size_label(value_bytes)} x {args.repeats}")
                 doc["values"][size_label(value_bytes)] = bench_values(
-                    paths, data, value_bytes, totals[value_bytes], args.repeats, args.profile)
+                    paths, sinks, data, value_bytes, totals[value_bytes], args.repeats,
+                    args.profile)
                 gc.collect()
             log(f"round trip x {args.repeats}")
-            doc["round_trip_us"] = bench_round_trip(paths, 300 if args.quick else 2000,
+            doc["round_trip_us"] = bench_round_trip(paths, sinks, 300 if args.quick else 2000,
                                                     args.repeats)
             log(f"batch 4KiB x {args.repeats}")
             doc["batch_4KiB"] = bench_batch(paths, data, args.batch_chains, args.repeats,
                                             args.profile)
         finally:
-            shm.close()
-            tcp.close()
-    doc["ucx"] = ucx_status()
+            if "ucx" in sinks:
+                sinks["ucx"].close()
+            for client in (shm, tcp, ucx):
+                if client is not None:
+                    client.close()
     if profile_path and os.path.exists(profile_path):
         doc["daemon_profile"] = {"note": "cProfile of the daemon's main (event loop) thread "
                                          "over the whole run; Store calls run in worker "
