@@ -171,13 +171,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 return
             meta_end = body_start + header.meta_bytes
             self._start = meta_end + header.data_bytes
+            self._frame_complete()
             # Copies: the buffer is reused while a handler may still hold its data.
             self._answer(header, bytes(view[body_start:meta_end]),
                          bytes(view[meta_end:self._start]))
         if self._start == self._end:
             self._start = self._end = 0
-            self._frame_complete()
-        else:
+        elif self._ready():  # a frame has begun; not timed while it waits for us
             self._frame_started()
 
     def _frame_started(self) -> None:

@@ -2,12 +2,13 @@
 real `python -m daemon` subprocess: frames of every size around its receive buffer's limits,
 sent back to back in one write or dribbled in pieces of random sizes, are each answered in
 order and store exactly their bytes; frames sent while a request waits on the disk are kept
-for after it.
+for after it; a stream that keeps arriving in pieces is not taken for a stalled sender.
 """
 
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
@@ -95,3 +96,30 @@ def test_frames_dribbled_in_random_pieces_are_each_answered(daemon, seed):
     finally:
         conn.close()
     _check_stored(daemon, keys, values)
+
+
+def test_a_long_stream_of_split_frames_is_not_taken_for_a_stalled_one(start_daemon):
+    """Frames that keep coming in pieces, each piece ending inside a frame, for longer than
+    the frame timeout: every frame is whole in time, so none is dropped."""
+    frame_timeout_s = 1.0
+    daemon = start_daemon("--dram", "16MiB", "--frame-timeout", str(frame_timeout_s))
+    values = [make_value(("stream", i), 3000 + i % 7) for i in range(700)]
+    payload = b"".join(frame(request("put", id=i + 10, key=make_key(("stream", i))), value)
+                       for i, value in enumerate(values))
+    conn = RawConnection(daemon.port, timeout_s=30)
+    answers: list[dict] = []
+    try:
+        conn.hello()
+        reader = threading.Thread(target=lambda: answers.extend(
+            conn.answer() for _ in values))
+        reader.start()
+        started = time.monotonic()
+        for offset in range(0, len(payload), 1000):  # ~2100 pieces, 1 ms apart
+            conn.send(payload[offset:offset + 1000])
+            time.sleep(0.001)
+        assert time.monotonic() - started > 2 * frame_timeout_s
+        reader.join(30)
+    finally:
+        conn.close()
+    assert [a["id"] for a in answers] == [i + 10 for i in range(len(values))]
+    assert all(a["ok"] and a["stored"] for a in answers)
