@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 import kvstore  # noqa: E402
 from benchmarks.store_bench import emit, log, machine_info  # noqa: E402
+from engines import kv_io, uva_copy  # noqa: E402
 from engines.model import LlamaModel  # noqa: E402
 from engines.prefill import PrefillEngine  # noqa: E402
 from engines.presets import load_model  # noqa: E402
@@ -145,7 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, device="cuda").model
     doc: dict[str, Any] = {"benchmark": "ttft_bench", "model": model.model_id,
                            "dtype": str(model.dtype), "gpu": torch.cuda.get_device_name(),
-                           "machine": machine_info(args.nvme_dir), "lengths": []}
+                           "machine": machine_info(args.nvme_dir),
+                           # how a fetch from host memory runs, to compare figures by
+                           "fetch": {"first_part_blocks": kv_io.FIRST_PART_BLOCKS,
+                                     "part_growth": kv_io.PART_GROWTH,
+                                     "copy_grid": uva_copy.GRID,
+                                     "copy_threads": uva_copy.THREADS},
+                           "lengths": []}
     tiers = args.tiers.split(",")
     for length in map(int, args.lengths.split(",")):
         log(f"{length} tokens")

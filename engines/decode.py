@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engines.kv_io import CacheFullError, KVBlockIO, LayerLoad, Publisher, usable_prefix_blocks
+from engines.kv_io import CacheFullError, KVBlockIO, LayerLoad, Publisher, fetchable_blocks
 from engines.model import LlamaModel
 from engines.paged_cache import SequenceKV
 from engines.sampling import SamplingParams, sample
@@ -243,12 +243,13 @@ class DecodeEngine:
         reserved = self.cache.reserve(request.seq, self.pages_needed(
             len(request.prompt), request.sampling) * self.block_tokens)
         assert reserved, "admitted without room"
-        request.keys = self.io.keys(request.prompt)
         # A request a prefill engine handed over was already looked up there: this lookup
         # is part of the same request, so a daemon's access log should not count it again.
-        num_cached = self.io.cached_blocks(request.keys, probe=request.first_token is not None)
-        load = self.io.fetch(request.keys[:usable_prefix_blocks(
-            num_cached, len(tokens), self.block_tokens)], request.seq)
+        fetch = self.io.fetch_prefix(
+            request.prompt, request.seq,
+            max_blocks=fetchable_blocks(len(tokens), self.block_tokens),
+            probe=request.first_token is not None)
+        request.keys, load = fetch.keys, fetch.load
         request.seq.num_tokens = request.num_cached_tokens = load.num_blocks * self.block_tokens
         request.state = RequestState.RUNNING
         self._running.append(request)

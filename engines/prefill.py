@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engines.kv_io import CacheFullError, KVBlockIO, usable_prefix_blocks
+from engines.kv_io import CacheFullError, KVBlockIO, fetchable_blocks
 from engines.model import LlamaModel
 from engines.paged_cache import SequenceKV
 from engines.sampling import SamplingParams, sample
@@ -71,10 +71,9 @@ class PrefillEngine:
         if not self.cache.reserve(seq, len(prompt)):
             raise CacheFullError(f"no room for {len(prompt)} tokens in the prefill cache")
         try:
-            keys = self.io.keys(prompt)
-            num_stored = self.io.cached_blocks(keys)
-            load = self.io.fetch(
-                keys[:usable_prefix_blocks(num_stored, len(prompt), self.block_tokens)], seq)
+            fetch = self.io.fetch_prefix(
+                prompt, seq, max_blocks=fetchable_blocks(len(prompt), self.block_tokens))
+            keys, num_stored, load = fetch.keys, fetch.num_stored_blocks, fetch.load
             seq.num_tokens = load.num_blocks * self.block_tokens
             fetched_s = time.perf_counter()
             # Publish from the last stored block on (see the module docstring); nothing when

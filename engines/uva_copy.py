@@ -56,7 +56,6 @@ extern "C" __global__ void copy_chunks(const unsigned long long* src,
   }
 }
 """
-THREADS = 512
 UNROLL = 4
 # Thread blocks per launch, each looping over chunks: enough reads in flight to fill PCIe,
 # while leaving most SMs to the forward that overlaps the copy (a grid of one block per
@@ -64,7 +63,14 @@ UNROLL = 4
 # the H100 (8K-token llama3-8b fetch, 2026-11-23): 8 to 64 blocks all copy at 47-50 GB/s
 # (4: 45, 2: 25), but the overlapping forward runs slower the more blocks copy: by the
 # time the copies end it had reached layer 14-16 with 8-16 blocks, layer 12-13 with 64.
+# With the fetch in parts (`engines.kv_io`: the first copy starts ~0.5 ms in) what ends the
+# TTFT is the forward waiting on the copies, and it ends later the more of each SM the
+# copy holds. 8K tokens cached in DRAM, TTFT medians of two runs (H100, 2026-11-24):
+# 16 blocks of 512 threads 25.1, 25.1 ms (forward done 1.8-2.4 ms after the last copy);
+# 16 of 256: 22.9, 24.3 (0.7-1.2 ms after), copying at 47.8-49.5 GB/s; 8 of 512: 23.8;
+# 8 of 1024: 23.3, 25.0; 24 of 256: 24.8; 32 of 256: 25.3. Host noise moves them 1-2 ms.
 GRID = 16
+THREADS = 256
 ALIGN = 16
 # Blocks in device memory (the HBM tier) whose addresses advance by one stride while their
 # pages advance by one form a run, copied by the copy engines instead: one 2D DMA per run,
@@ -98,11 +104,15 @@ def available() -> bool:
 
 
 class LayerCopier:
-    """Launches the per-layer copies of ``n`` blocks into ``pages`` of ``cache``."""
+    """Launches the copies of ``n`` blocks into ``pages`` of ``cache``: one per layer, an
+    event after each (``layerwise``), or all layers at once with one event (a fetch in
+    several parts: only the last part's copies need to be layer by layer, see
+    `engines.kv_io`). On ``stream``, or a side stream of its own."""
 
     def __init__(self, cache: PagedKVCache, block_addresses: list[int], pages: list[int],
                  layer_bytes: int, kv_bytes: int, *, threads: int = THREADS,
-                 unroll: int = UNROLL, grid: int = GRID) -> None:
+                 unroll: int = UNROLL, grid: int = GRID,
+                 stream: torch.cuda.Stream | None = None, layerwise: bool = True) -> None:
         if kv_bytes % ALIGN or layer_bytes % ALIGN or any(a % ALIGN for a in block_addresses):
             raise ValueError("UVA copies need 16-byte aligned blocks and sizes")
         self.cache = cache
@@ -110,10 +120,11 @@ class LayerCopier:
         self.threads = threads
         self.unroll = unroll
         self.grid = grid
+        self.layerwise = layerwise
         device = cache.device
         num_layers = len(cache.kv)
-        self.stream = torch.cuda.Stream(device=device)
-        self.events: list[torch.cuda.Event] = []
+        self.stream = stream if stream is not None else torch.cuda.Stream(device=device)
+        self.events: list[torch.cuda.Event] = []  # one per layer, or one if not layerwise
         # Host memory goes by the kernel, which holds up better beside the forward; runs
         # are looked for only from HBM, and each must lie there.
         self.runs = (dma_runs(block_addresses, pages)
@@ -143,7 +154,7 @@ class LayerCopier:
         self.num_chunks = tables.shape[2]
 
     def launch(self) -> None:
-        """Queue every layer's copy on the side stream, an event after each."""
+        """Queue the copies on the side stream, with their events."""
         if self.runs is not None:
             self._launch_dma()
             return
@@ -159,15 +170,21 @@ class LayerCopier:
         row_bytes = self.num_chunks * self._tables.element_size()
         src = self._tables.data_ptr()
         dst = src + num_layers * row_bytes
-        num_chunks, num_vectors = np.int64(self.num_chunks), np.int64(self.kv_bytes // ALIGN)
+        num_vectors = np.int64(self.kv_bytes // ALIGN)
+        if not self.layerwise:  # the tables' rows are consecutive: one launch copies all
+            with external:
+                kernel((min(self.grid, self.num_chunks * num_layers),), (self.threads,),
+                       (np.uint64(src), np.uint64(dst), np.int64(self.num_chunks * num_layers),
+                        num_vectors))
+            self._record()
+            return
+        num_chunks = np.int64(self.num_chunks)
         with external:
             for layer in range(num_layers):
                 kernel((min(self.grid, self.num_chunks),), (self.threads,),
                        (np.uint64(src + layer * row_bytes), np.uint64(dst + layer * row_bytes),
                         num_chunks, num_vectors))
-                event = torch.cuda.Event()
-                event.record(self.stream)
-                self.events.append(event)
+                self._record()
 
     def _launch_dma(self) -> None:
         from cupy.cuda import runtime
@@ -183,13 +200,20 @@ class LayerCopier:
                                + (half * num_pages + self._pages[start]) * kv_bytes)
                         runtime.memcpy2DAsync(dst, kv_bytes, src + half * kv_bytes, stride,
                                               kv_bytes, count, runtime.memcpyDefault, stream)
-                event = torch.cuda.Event()
-                event.record(self.stream)
-                self.events.append(event)
+                if self.layerwise:
+                    self._record()
+        if not self.layerwise:
+            self._record()
+
+    def _record(self) -> None:
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        self.events.append(event)
 
     def wait(self, layer: int) -> None:
         """Make the current stream wait for ``layer``'s copy (no host sync)."""
-        torch.cuda.current_stream(self.cache.device).wait_event(self.events[layer])
+        event = self.events[layer] if self.layerwise else self.events[-1]
+        torch.cuda.current_stream(self.cache.device).wait_event(event)
 
     def synchronize(self) -> None:
         """Block the host until every copy is done (before the sources may go)."""

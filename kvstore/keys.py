@@ -13,6 +13,7 @@ Invariants:
 
 from __future__ import annotations
 
+import array
 import hashlib
 import sys
 from typing import Any, NewType
@@ -37,21 +38,38 @@ def namespace_key(namespace: str | bytes) -> bytes:
     return hashlib.blake2b(bytes(namespace), digest_size=32, person=_NAMESPACE_PERSON).digest()
 
 
+# A list of Python ints (what tokenizers and engines pass) converts to uint32 in C through
+# the stdlib's array, 3-4x faster than numpy's type inference over the list (8K ids: 70 us
+# against 240 us); any element it refuses (not an int, or out of range) sends the list to
+# the numpy path, which names the problem. A list opening with a bool goes to numpy as
+# well: numpy reads a list of bools as a bool array, which is refused.
+_FAST_LIST = array.array("I").itemsize == 4
+
+
 def _token_bytes(tokens: Any) -> bytes:
     """Token ids as contiguous little-endian uint32 bytes."""
+    if _FAST_LIST and type(tokens) is list and tokens and type(tokens[0]) is int:
+        try:
+            ids = array.array("I", tokens)
+        except (TypeError, OverflowError):
+            pass
+        else:
+            if sys.byteorder == "big":
+                ids.byteswap()
+            return ids.tobytes()
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(tokens, torch.Tensor):
         if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
             raise KVStoreError(f"tokens must be integer ids, got dtype {tokens.dtype}")
         tokens = tokens.detach().to("cpu").numpy()
-    array = np.asarray(tokens)
-    if array.ndim != 1:
-        raise KVStoreError(f"tokens must be one-dimensional, got shape {array.shape}")
-    if array.size and array.dtype.kind not in "iu":
-        raise KVStoreError(f"tokens must be integer ids, got dtype {array.dtype}")
-    if array.size and (array.min() < 0 or array.max() > 0xFFFFFFFF):
+    values = np.asarray(tokens)
+    if values.ndim != 1:
+        raise KVStoreError(f"tokens must be one-dimensional, got shape {values.shape}")
+    if values.size and values.dtype.kind not in "iu":
+        raise KVStoreError(f"tokens must be integer ids, got dtype {values.dtype}")
+    if values.size and (values.min() < 0 or values.max() > 0xFFFFFFFF):
         raise KVStoreError("token ids must lie in [0, 2**32)")
-    return array.astype("<u4", copy=False).tobytes()
+    return values.astype("<u4", copy=False).tobytes()
 
 
 def prefix_hashes(

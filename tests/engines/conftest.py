@@ -23,10 +23,11 @@ def smollm2_file() -> str:
         pytest.skip(str(e))
 
 
-def assert_fetched_kv_equals_recomputed(model, store, prompt: list[int]) -> int:
-    """Prefill ``prompt`` into ``store``, fetch its full blocks into a decode engine's
-    cache, and compare every layer's K and V with a reference forward's; returns how many
-    blocks were fetched."""
+def assert_fetched_kv_equals_recomputed(model, store, prompt: list[int], *,
+                                        drop_block: int | None = None) -> int:
+    """Prefill ``prompt`` into ``store`` (then delete block ``drop_block`` from it, if
+    given), fetch its stored full blocks into a decode engine's cache, and compare every
+    layer's K and V with a reference forward's; returns how many blocks were fetched."""
     import torch
 
     from engines.decode import DecodeEngine
@@ -36,11 +37,16 @@ def assert_fetched_kv_equals_recomputed(model, store, prompt: list[int]) -> int:
     with PrefillEngine(model, store, num_pages=64) as prefill, \
             DecodeEngine(model, store, num_pages=64) as decode:
         prefill.prefill(prompt)
+        keys = decode.io.keys(prompt)
+        if drop_block is not None:
+            assert store.delete(keys[drop_block])
         seq = SequenceKV()
         decode.cache.reserve(seq, len(prompt))
-        load = decode.io.fetch(decode.io.keys(prompt), seq)
-        load.wait_all()
-        cached = load.num_blocks * decode.block_tokens
+        fetch = decode.io.fetch_prefix(prompt, seq, max_blocks=len(keys))
+        fetch.load.wait_all()
+        assert fetch.keys == keys  # hashed part by part, chained all the same
+        assert fetch.num_stored_blocks == (len(keys) if drop_block is None else drop_block)
+        cached = fetch.load.num_blocks * decode.block_tokens
         reference = model.new_cache(num_pages=decode.cache.pages_for(len(prompt)))
         ref = SequenceKV()
         reference.reserve(ref, len(prompt))
@@ -49,4 +55,4 @@ def assert_fetched_kv_equals_recomputed(model, store, prompt: list[int]) -> int:
             got = decode.cache.gather(layer, decode.cache.plan(seq, cached), cached)
             want = reference.gather(layer, reference.plan(ref, cached), cached)
             assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), layer
-    return load.num_blocks
+    return fetch.load.num_blocks
