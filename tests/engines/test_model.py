@@ -167,3 +167,24 @@ def test_paged_cache_pages_are_owned_once():
     assert cache.num_free_pages == 4
     with pytest.raises(ValueError, match="not allocated"):
         cache.free(pages[:1])
+
+
+def test_paged_cache_hands_out_the_lowest_free_pages():
+    """Requests get the lowest free pages, so that a cache that is not fragmented gives
+    each request consecutive pages, which attention reads as a view (`plan` a slice)."""
+    config = ModelConfig(name="x", vocab_size=8, hidden_size=8, intermediate_size=8,
+                         num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4)
+    cache = PagedKVCache(config, num_pages=6, page_tokens=16, dtype=torch.float32)
+    for _ in range(3):  # the same request again and again, as a benchmark sends it
+        seq = SequenceKV()
+        assert cache.reserve(seq, 4 * 16)
+        assert seq.pages == [0, 1, 2, 3] and cache.plan(seq, 4 * 16) == slice(0, 4)
+        cache.release(seq)
+    first, second = SequenceKV(), SequenceKV()
+    cache.reserve(first, 2 * 16)
+    cache.reserve(second, 2 * 16)
+    cache.release(first)
+    third = SequenceKV()
+    cache.reserve(third, 3 * 16)  # pages 0 and 1 are free again, then 4
+    assert third.pages == [0, 1, 4]
+    assert isinstance(cache.plan(third, 3 * 16), torch.Tensor)  # not consecutive: gathered
