@@ -18,6 +18,8 @@ runs; JSON on stdout.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -97,7 +99,8 @@ def bench_length(model: LlamaModel, length: int, tiers: list[str], repeats: int,
         log(f"  {length} tokens from {tier}")
         runs: dict[str, list[float]] = {"ttft": [], "fetch": [], "compute": []}
         prompt = prompt_of(model, length, 20_000 + length)
-        with kvstore.Store(store_config(tier, kv_bytes, layout.block_bytes, nvme_dir)) as store, \
+        config = store_config(tier, kv_bytes, layout.block_bytes, nvme_dir)
+        with kvstore.Store(config) as store, \
                 PrefillEngine(model, store, num_pages=num_pages) as engine:
             first = engine.prefill(prompt)  # publishes every full block
             store.flush()
@@ -109,6 +112,9 @@ def bench_length(model: LlamaModel, length: int, tiers: list[str], repeats: int,
                 runs["ttft"].append(result.ttft_s)
                 runs["fetch"].append(result.fetch_s)
                 runs["compute"].append(result.compute_s)
+        if config.nvme_path is not None:  # its files go, and the disk settles, before
+            shutil.rmtree(config.nvme_path)  # the next measurement
+            os.sync()
         ttft = statistics.median(runs["ttft"][1:])
         # On a GPU the copies run during the forward (fetch_s is only their launch), so the
         # load's own time is not separable: bytes over the whole cached TTFT is a lower

@@ -271,9 +271,12 @@ class LlamaModel(nn.Module):
             x = layer.input_layernorm(h)
             qkv = F.linear(x, attn.qkv_weight).view(num_new, -1, config.head_dim)
             qk = qkv[:, :num_qk]
-            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)  # q, k rotated together
-            q, k, v = qk[:, :num_q], qk[:, num_q:], qkv[:, num_qk:]
-            cache.write(i, slots, k, v)
+            # q and k rotated together, in place: K and V then lie side by side in qkv and
+            # go into the cache in one write (fewer ops: the forward of a short tail over a
+            # long cached prefix is bound by the host's launching them).
+            torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin, out=qk)
+            q = qkv[:, :num_q]
+            cache.write(i, slots, qkv[:, num_q:])
             if len(batch) == 1:
                 out = self._attend(cache, i, batch[0][0], plans[0], masks[0], q)
             else:

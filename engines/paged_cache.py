@@ -124,11 +124,12 @@ class PagedKVCache:
         seq.pages = []
         seq.num_tokens = 0
 
-    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store K and V (``[tokens, kv_heads, head_dim]``) of ``layer`` at flat ``slots``."""
-        flat = self.kv[layer].view(2, -1, self.config.num_kv_heads, self.config.head_dim)
-        flat[0].index_copy_(0, slots, k.to(self.dtype))
-        flat[1].index_copy_(0, slots, v.to(self.dtype))
+    def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Store K and V of ``layer`` at flat ``slots``: ``kv`` is ``[tokens, 2 * kv_heads,
+        head_dim]``, each token's K heads then its V heads (one copy for both)."""
+        heads, dim = self.config.num_kv_heads, self.config.head_dim
+        flat = self.kv[layer].view(2, -1, heads, dim)
+        flat.index_copy_(1, slots, kv.view(-1, 2, heads, dim).transpose(0, 1).to(self.dtype))
 
     def plan(self, seq: SequenceKV, num_tokens: int) -> slice | torch.Tensor:
         """Where the first ``num_tokens`` tokens of ``seq`` are: a slice of pages when they
