@@ -106,6 +106,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         it); a client that reads none of it for a lease is gone: drop it all then."""
         self.reason = reason
         self.transport.close()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
         self._write_timer = self.loop.call_later(self.daemon.config.lease_s,
                                                  self.transport.abort)
 
