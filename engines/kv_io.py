@@ -120,7 +120,6 @@ class KVBlockIO:
         self.layout = model.config.kv_layout(cache.page_tokens, cache.dtype)
         self.namespace = self.layout.namespace(model.model_id)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-io")
-        self._staging: dict[str, torch.Tensor] = {}
 
     def keys(self, tokens: Sequence[int]) -> list[bytes]:
         return prefix_hashes(list(tokens), block_tokens=self.block_tokens,
@@ -142,21 +141,17 @@ class KVBlockIO:
 
     # -- staging ---------------------------------------------------------------------------
 
-    def _blocks(self, purpose: str, num_blocks: int) -> torch.Tensor:
+    def _blocks(self, num_blocks: int) -> torch.Tensor:
         """Staging for ``num_blocks`` blocks, ``[n, layers, 2, tokens, heads, dim]``, on the
-        cache's device: one buffer per purpose ("fetch", "publish"), reused across
-        requests, grown on demand. On a GPU the store copies each block straight in (one
-        DMA of a whole block: small per-layer DMAs crawl, see DESIGN.md) and the per-layer
-        scatter into the pages runs on the device."""
-        cache, config = self.cache, self.model.config
-        staging = self._staging.get(purpose)
-        if staging is None or staging.shape[0] < num_blocks:
-            self._staging.pop(purpose, None)  # free the old one before the new one
-            shape = (max(num_blocks, 16), config.num_layers, 2, self.block_tokens,
-                     config.num_kv_heads, config.head_dim)
-            staging = torch.empty(shape, dtype=cache.dtype, device=cache.device)
-            self._staging[purpose] = staging
-        return staging[:num_blocks]
+        cache's device: one per fetch or publish, never shared (several requests of one
+        decode step fetch and publish at once, their layer copies still queued on the
+        worker when the next one fills its staging). On a GPU the store copies each block
+        straight in (one DMA of a whole block: small per-layer DMAs crawl, see DESIGN.md)
+        and the per-layer scatter into the pages runs on the device."""
+        config = self.model.config
+        shape = (num_blocks, config.num_layers, 2, self.block_tokens, config.num_kv_heads,
+                 config.head_dim)
+        return torch.empty(shape, dtype=self.cache.dtype, device=self.cache.device)
 
     # -- fetch -----------------------------------------------------------------------------
 
@@ -301,7 +296,7 @@ class LayerLoad:
         if not keys:
             return
         io, first = self.io, self.num_blocks
-        staging = io._blocks("fetch", len(keys))
+        staging = io._blocks(len(keys))
         num_staged = 0
         batch = getattr(io.store, "get_many_into", None)
         try:
@@ -366,7 +361,7 @@ class Publisher:
         self.keys = list(keys[first_block:])
         self.first_block = first_block
         self._pages = seq.pages[first_block:len(keys)]
-        self._staging = io._blocks("publish", len(self._pages)) if self._pages else None
+        self._staging = io._blocks(len(self._pages)) if self._pages else None
         self._index = to_device(self._pages, io.cache.device) if self._pages else None
         self._copies: list[Future[None]] = []
 

@@ -166,6 +166,43 @@ def test_continuous_batching_equals_reference_and_frees_pages(model):
         assert len(request.token_times_s) == budget
 
 
+def test_requests_fetched_in_one_step_each_get_their_own_kv(model):
+    """Two cached prompts admitted in the same decode step: each fetch stages its blocks
+    apart (one shared staging buffer let the second fetch overwrite the first's before the
+    worker had copied it into the pages: wrong tokens)."""
+    prompts = [prompt_of(200, seed=11), prompt_of(200, seed=12)]
+    with dram_store() as store:
+        with PrefillEngine(model, store, num_pages=64) as prefill:
+            for prompt in prompts:
+                prefill.prefill(prompt)
+        for _ in range(3):
+            with DecodeEngine(model, store, num_pages=128, max_batch=4,
+                              publish=False) as decode:
+                requests = [decode.add_request(p, SamplingParams(max_new_tokens=6))
+                            for p in prompts]
+                decode.run()
+            for request, prompt in zip(requests, prompts, strict=True):
+                assert request.num_cached_tokens == 192
+                assert request.output == model.generate(prompt, 6)
+
+
+def test_prompts_published_in_one_step_are_each_stored_under_their_keys(model):
+    """Two prompts computed and published in the same decode step, then fetched back one
+    at a time: each block holds its own prompt's KV (one shared staging buffer stored one
+    request's KV under the other's keys)."""
+    prompts = [prompt_of(200, seed=21), prompt_of(200, seed=22)]
+    with dram_store() as store:
+        with DecodeEngine(model, store, num_pages=128, max_batch=4) as decode:
+            for prompt in prompts:
+                decode.add_request(prompt, SamplingParams(max_new_tokens=2))
+            decode.run()
+        with DecodeEngine(model, store, num_pages=128, publish=False) as decode:
+            for prompt in prompts:
+                request = decode.generate(prompt, SamplingParams(max_new_tokens=6))
+                assert request.num_cached_tokens == 192
+                assert request.output == model.generate(prompt, 6)
+
+
 def test_stream_yields_the_tokens_of_generate(model):
     prompt = prompt_of(40, seed=9)
     with dram_store() as store, DecodeEngine(model, store, num_pages=64) as decode:
