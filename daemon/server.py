@@ -125,13 +125,15 @@ class Daemon(SharedMemoryPlane):
         if self._server is not None:
             self._server.close()
         connections = list(self._connections)
+        busy = sum(conn.busy for conn in connections)
         for conn in connections:
             conn.stop()  # an idle one hangs up now, a busy one once its request is answered
-        busy = [conn.closed for conn in connections if conn.busy]
         if busy:
-            log.info("draining %d requests in flight (up to %.1f s)", len(busy),
+            log.info("draining %d requests in flight (up to %.1f s)", busy,
                      self.config.drain_s)
-            await asyncio.wait(busy, timeout=self.config.drain_s)
+        if connections:  # answers already queued are written before a connection ends
+            await asyncio.wait([conn.closed for conn in connections],
+                               timeout=self.config.drain_s)
         for conn in connections:
             if not conn.closed.done():
                 conn.kill()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import socket
 import time
 from collections.abc import Coroutine
@@ -26,7 +27,7 @@ from typing import Any
 from daemon.answering import Answer, Request, resume
 from daemon.shm_plane import Connection
 from kvstore import protocol
-from kvstore.protocol import FrameKind, RequestError
+from kvstore.protocol import ErrorCode, FrameKind, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.conn.stop, self.conn.kill = self._stop, self._kill
         self.conn.closed = self.loop.create_future()
         self.reason = "closed by client"
-        self._buffer = bytearray(BUFFER_BYTES)
+        self._buffer = mmap.mmap(-1, BUFFER_BYTES)  # pages committed as bytes arrive
         self._view = memoryview(self._buffer)
         self._start = self._end = 0  # bytes received, not yet cut into frames
         # A frame whose body is received into its own buffer: header, body, bytes in it.
@@ -91,9 +92,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def _stop(self) -> None:
         """The daemon stops: hang up now if idle, else once the request is answered."""
         self._stopping = True
-        self.reason = "daemon stopping"
         if not self.conn.busy and self.transport is not None:
-            self.transport.close()
+            self._hang_up("daemon stopping")
 
     def _kill(self) -> None:
         if self._request is not None:
@@ -139,7 +139,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._cut_frames()
 
     def eof_received(self) -> bool:
-        return False  # the client is done (a frame it cut short is dropped): close
+        # The client is done (a frame it cut short is dropped): close once what is queued
+        # is written, or after a lease if it is never read.
+        self._hang_up(self.reason)
+        return True
 
     def _cut_frames(self) -> None:
         """Answer every whole frame received, in order, until one has to wait."""
@@ -152,11 +155,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 header = protocol.decode_header(
                     bytes(view[start:start + protocol.HEADER_BYTES]),
                     max_data_bytes=self.daemon.max_frame_data_bytes, expect=FrameKind.REQUEST)
-            except RequestError as e:  # the stream cannot be resynchronised: answer, hang up
-                self._start = self._end
-                self.conn.busy = True
-                self._respond(self.daemon._answer_error(self.conn, Request(), e),
-                              time.perf_counter())
+            except RequestError as e:
+                self._refuse(e)
                 return
             body_bytes = header.meta_bytes + header.data_bytes
             body_start = start + protocol.HEADER_BYTES
@@ -164,8 +164,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
             if have < body_bytes:
                 if body_bytes <= OWN_BUFFER_BYTES:
                     break  # the rest will fit in this buffer
-                # A large body is received straight into a buffer of its own.
-                body = memoryview(bytearray(body_bytes))
+                if self.conn.tenant is None:  # a hello is small: nothing large before it
+                    self._refuse(RequestError(
+                        ErrorCode.BAD_FRAME, f"a frame of {body_bytes} bytes before hello"))
+                    return
+                # A large body is received straight into a buffer of its own, whose pages
+                # are committed as its bytes arrive (a header alone commits nothing).
+                body = memoryview(mmap.mmap(-1, body_bytes))
                 body[:have] = view[body_start:end]
                 self._header, self._body, self._filled = header, body, have
                 self._start = self._end = 0
@@ -181,6 +186,14 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._start = self._end = 0
         elif self._ready():  # a frame has begun; not timed while it waits for us
             self._frame_started()
+
+    def _refuse(self, error: RequestError) -> None:
+        """A frame that cannot be read: answer it, and hang up (the stream cannot be
+        resynchronised)."""
+        self._start = self._end
+        self.conn.busy = True
+        self._respond(self.daemon._answer_error(self.conn, Request(), error),
+                      time.perf_counter())
 
     def _frame_started(self) -> None:
         if self._frame_timer is None:
@@ -220,15 +233,20 @@ class FrameProtocol(asyncio.BufferedProtocol):
                             waiting: Any, started: float) -> None:
         """The rest of a request whose handler waits, under the request's deadline."""
         try:
-            async with asyncio.timeout(request.timeout_s):
-                result = await resume(handler, waiting)
-        except Exception as e:
-            answer = self.daemon._answer_error(self.conn, request, e)
-        else:
-            answer = self.daemon._answer_ok(request, result)
-        self._request = None
-        self._respond(answer, started)
-        self._go_on()
+            try:
+                async with asyncio.timeout(request.timeout_s):
+                    result = await resume(handler, waiting)
+            except Exception as e:
+                answer = self.daemon._answer_error(self.conn, request, e)
+            else:
+                answer = self.daemon._answer_ok(request, result)
+            self._request = None
+            self._respond(answer, started)
+            self._go_on()
+        except Exception:  # no answer can be trusted to follow: end the connection
+            log.exception("answering peer=%s failed", self.conn.peer)
+            self._request = None
+            self._hang_up("internal error")
 
     def _ready(self) -> bool:
         """Whether the next frame may be answered now."""
@@ -253,10 +271,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
             transport.write(part)
         self.daemon._observe(op, started, response["ok"], data_bytes)
         if not keep_open:
-            self.reason = "bad frame"
-            transport.close()  # after the answer is written
+            self._hang_up("bad frame")  # after the answer is written
         elif self._stopping:
-            transport.close()
+            self._hang_up("daemon stopping")
 
     # -- a client that does not read ------------------------------------------------------------
 

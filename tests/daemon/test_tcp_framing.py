@@ -123,3 +123,41 @@ def test_a_long_stream_of_split_frames_is_not_taken_for_a_stalled_one(start_daem
         conn.close()
     assert [a["id"] for a in answers] == [i + 10 for i in range(len(values))]
     assert all(a["ok"] and a["stored"] for a in answers)
+
+
+def test_a_large_frame_before_hello_is_refused_without_room_for_it(daemon):
+    """A header announcing a body of 200 MiB (within the frame limit), before any hello:
+    refused (bad_frame) and the connection ends; nothing is set aside for it."""
+    conn = RawConnection(daemon.port, timeout_s=10)
+    try:
+        conn.send(frame(request("put", key=make_key("early")), b"x" * 100,
+                        data_bytes=200 * MiB))
+        answer = conn.answer()
+        assert answer["ok"] is False and answer["code"] == "bad_frame", answer
+        assert conn.is_closed()
+    finally:
+        conn.close()
+
+
+def test_sigterm_lets_an_answer_being_written_reach_its_reader(start_daemon):
+    """A 16 MiB answer, more than the sockets' buffers hold, still in the daemon's write
+    buffer when SIGTERM comes (its reader reads slowly): the daemon drains it before it
+    exits 0."""
+    import signal
+
+    daemon = start_daemon("--dram", "64MiB", "--max-value", "16MiB")
+    key, value = make_key(("big", 1)), make_value(("big", 1), 16 * MiB)
+    with kvstore.connect(daemon.url, shared_memory=False) as client:
+        assert client.put(key, value)
+    conn = RawConnection(daemon.port, timeout_s=20, rcvbuf_bytes=16 * KiB)
+    try:
+        conn.hello()
+        conn.send(frame(request("get", id=9, key=key)))
+        time.sleep(0.3)  # answered at once; most of it waits in the daemon's buffer
+        daemon.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        answer = conn.read_frame()
+        assert answer is not None and answer[0]["found"] is True and answer[1] == value
+    finally:
+        conn.close()
+    assert daemon.proc.wait(30) == 0
