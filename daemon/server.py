@@ -39,6 +39,7 @@ from typing import Any
 from daemon.access_log import AccessLog
 from daemon.answering import Answer, Request, within
 from daemon.config import DaemonConfig
+from daemon.doorbell import Doorbells
 from daemon.shm_plane import Connection, SharedMemoryPlane
 from daemon.tcp import FrameProtocol
 from daemon.tenants import (
@@ -91,6 +92,7 @@ class Daemon(SharedMemoryPlane):
         self.address: tuple[str, int] | None = None
         self.started_at = time.time()
         self._lookups = _Lookups()
+        self.doorbells: Doorbells | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -99,6 +101,10 @@ class Daemon(SharedMemoryPlane):
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: FrameProtocol(self), host, port)
         self.address = self._server.sockets[0].getsockname()[:2]
+        pool = self.store.host_pool
+        if pool is not None and pool.shm_name:  # same-host clients commit through these
+            self.doorbells = Doorbells(self)
+            await self.doorbells.start()
         self._sweeper = asyncio.create_task(self._sweep_leases(), name="kvstored-sweeper")
         self._heartbeat = asyncio.create_task(self._keep_directory_alive(),
                                               name="kvstored-directory-heartbeat")
@@ -138,6 +144,8 @@ class Daemon(SharedMemoryPlane):
             if not conn.closed.done():
                 conn.kill()
         await asyncio.gather(*(conn.closed for conn in connections), return_exceptions=True)
+        if self.doorbells is not None:
+            await self.doorbells.stop()
         for task in (self._sweeper, self._heartbeat):
             if task is not None:
                 task.cancel()
@@ -160,6 +168,8 @@ class Daemon(SharedMemoryPlane):
     async def _disconnected(self, conn: Connection, reason: str) -> None:
         """Give back what a connection held; once per connection, however it ended."""
         self._connections.discard(conn)
+        if self.doorbells is not None:
+            self.doorbells.forget(conn)
         if conn.reservations or conn.pins:
             await self._run(self._release_all, conn)
         if self.metrics is not None:
@@ -379,6 +389,13 @@ class Daemon(SharedMemoryPlane):
                      "directory": pool.directory.name if pool.directory is not None else None}
                     if conn.shared_memory else None),
         }, []
+
+    async def _op_doorbell(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        """Where and how this shared-memory connection rings its commit doorbell."""
+        self._check_shm(conn)
+        if self.doorbells is None:
+            raise RequestError(ErrorCode.FORBIDDEN, "this daemon has no commit doorbell")
+        return {"path": self.doorbells.path, "secret": self.doorbells.issue(conn)}, []
 
     async def _op_put(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         self._count_in(data)

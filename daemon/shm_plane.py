@@ -76,6 +76,8 @@ class Connection:
     stop: Callable[[], None] = _nothing  # hang up when idle: now, or after the request
     kill: Callable[[], None] = _nothing  # hang up now
     closed: Any = None  # awaitable: done once it ended and gave back what it held
+    doorbell: Any = None  # the transport of its commit doorbell (daemon.doorbell), if rung
+    doorbell_secret: bytes | None = None  # issued, not yet bound
 
     def scope(self, key: bytes) -> bytes:
         return scoped_key(self.secret, key)

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 BUFFER_BYTES = 256 * 1024  # the receive buffer; frames up to half of it are cut from it
 OWN_BUFFER_BYTES = BUFFER_BYTES // 2  # a frame body larger than this gets its own buffer
+HEAP_BODY_BYTES = 16 * 1024 * 1024  # such a buffer up to this size comes from the heap
 
 
 class FrameProtocol(asyncio.BufferedProtocol):
@@ -168,9 +169,11 @@ class FrameProtocol(asyncio.BufferedProtocol):
                     self._refuse(RequestError(
                         ErrorCode.BAD_FRAME, f"a frame of {body_bytes} bytes before hello"))
                     return
-                # A large body is received straight into a buffer of its own, whose pages
-                # are committed as its bytes arrive (a header alone commits nothing).
-                body = memoryview(mmap.mmap(-1, body_bytes))
+                # A large body is received straight into a buffer of its own: from the
+                # heap (whose pages malloc reuses) up to a value's size, beyond that an
+                # anonymous map, committed only as its bytes arrive.
+                body = memoryview(bytearray(body_bytes) if body_bytes <= HEAP_BODY_BYTES
+                                  else mmap.mmap(-1, body_bytes))
                 body[:have] = view[body_start:end]
                 self._header, self._body, self._filled = header, body, have
                 self._start = self._end = 0

@@ -245,6 +245,8 @@ _FIELDS: dict[str, dict[str, Any]] = {
     "unpin": {"handles": _handles},
     # blocks a client read through the shared directory, with no pin: count and keep them
     "touch": {"keys": _keys},
+    # where to commit single puts over a Unix socket (daemon/doorbell.py)
+    "doorbell": {},
 }
 
 OPERATIONS = frozenset(_FIELDS)
@@ -313,6 +315,23 @@ def check_request(meta: dict[str, Any], data_bytes: int) -> tuple[int, str, floa
         e.request_id = request_id  # type: ignore[attr-defined]
         raise
     return request_id, op, timeout_ms / 1000
+
+
+# -- the commit doorbell (same host: a Unix socket beside the TCP connection) -------------------
+
+DOORBELL_REQUEST = struct.Struct("<Q16sQ")  # handle, key, spare size (0: none)
+DOORBELL_RESPONSE = struct.Struct("<QQQQ")  # status, stored, spare handle (0: none), offset
+DOORBELL_MESSAGE_BYTES = 32  # the secret, each request and each response
+_CODES = list(ErrorCode)
+
+
+def doorbell_status(code: ErrorCode) -> int:
+    """A doorbell response's status for an error code (0 means done)."""
+    return 1 + _CODES.index(code)
+
+
+def doorbell_code(status: int) -> ErrorCode:
+    return _CODES[status - 1] if 0 < status <= len(_CODES) else ErrorCode.INTERNAL
 
 
 def parse_url(url: str) -> tuple[str, tuple[str, int]]:
