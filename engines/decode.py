@@ -158,20 +158,25 @@ class DecodeEngine:
             owners.append(request)
         loads: list[LayerLoad] = []
         publishers: list[tuple[DecodeRequest, Publisher]] = []
-        while (self._waiting and len(owners) < self.max_batch
-               and self.cache.can_allocate(self.pages_needed(len(self._waiting[0].prompt),
-                                                             self._waiting[0].sampling))):
-            request = self._waiting.popleft()
-            tail, load = self._admit(request)
-            if request.is_finished:  # the handed-over first token was its last
-                load.wait_all()
-                self._finish(request)
-                continue
-            batch.append((request.seq, tail))
-            owners.append(request)
-            loads.append(load)
-            if self.publish:
-                publishers.append((request, self._prompt_publisher(request)))
+        try:
+            while (self._waiting and len(owners) < self.max_batch
+                   and self.cache.can_allocate(self.pages_needed(
+                       len(self._waiting[0].prompt), self._waiting[0].sampling))):
+                request = self._waiting.popleft()
+                tail, load = self._admit(request)
+                if request.is_finished:  # the handed-over first token was its last
+                    load.wait_all()
+                    self._finish(request)
+                    continue
+                batch.append((request.seq, tail))
+                owners.append(request)
+                loads.append(load)
+                if self.publish:
+                    publishers.append((request, self._prompt_publisher(request)))
+        except BaseException:  # what the requests admitted so far borrowed goes back
+            for load in loads:
+                load.release()
+            raise
         if not batch:
             return []
 

@@ -341,11 +341,13 @@ class LayerLoad:
             for done in self._staged:
                 done.result()
         finally:
-            if self._stream is not None:  # every part's copies, even one that failed
-                self._stream.synchronize()
-            borrows, self._borrows = self._borrows, []
-            for context, _ in reversed(borrows):
-                context.__exit__(None, None, None)
+            try:
+                if self._stream is not None:  # every part's copies, even one that failed
+                    self._stream.synchronize()
+            finally:
+                borrows, self._borrows = self._borrows, []
+                for context, _ in reversed(borrows):
+                    context.__exit__(None, None, None)
 
 
 def _load_layer(cache: PagedKVCache, layer: int, index: torch.Tensor,

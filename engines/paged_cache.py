@@ -101,12 +101,12 @@ class PagedKVCache:
         return pages
 
     def free(self, pages: list[int]) -> None:
+        self._free_sorted = False
         for page in pages:
             if not self._owned[page]:
                 raise ValueError(f"page {page} freed but not allocated")
             self._owned[page] = False
             self._free.append(page)
-        self._free_sorted = False
 
     def reserve(self, seq: SequenceKV, num_tokens: int) -> bool:
         """Grow ``seq``'s page table to hold ``num_tokens`` tokens; False if out of pages."""

@@ -82,8 +82,8 @@ class PrefillEngine:
             anchor = max(first_new - 1, 0)
             publish = publish and not (num_stored == len(keys)
                                        and load.num_blocks >= len(keys) - 1)
-            publisher = self.io.publisher(keys if publish else keys[:0], seq, anchor)
             try:
+                publisher = self.io.publisher(keys if publish else keys[:0], seq, anchor)
                 logits = self.model.forward(self.cache, [(seq, prompt[seq.num_tokens:])],
                                             before_layer=load.wait,
                                             after_layer=publisher.after_layer)
