@@ -108,9 +108,10 @@ class Directory:
         self._header = words[:HEADER_WORDS]
         self._table = words[HEADER_WORDS:HEADER_WORDS + (num_rows + PROBES) * ROW_WORDS
                             ].reshape(num_rows + PROBES, ROW_WORDS)
-        # writer only: the words again, as a memoryview (a store through it costs a tenth
-        # of numpy's indexing: the daemon writes two rows per commit)
-        self._words = memoryview(self._mmap).cast("Q") if create else None
+        # The words again, as a memoryview: a load or store through it costs a tenth of
+        # numpy's indexing (the daemon writes rows on every commit, clients read one on
+        # every get).
+        self._words: memoryview | None = memoryview(self._mmap).cast("Q")
         self._row_of: dict[bytes, int] = {}  # writer only: key -> its row
         self._taken = bytearray(num_rows + PROBES)  # writer only: 1 where a row is in use
 
@@ -151,7 +152,7 @@ class Directory:
 
     def _write(self, row: int, fields: tuple[int, int, int, int]) -> None:
         words, at = self._words, HEADER_WORDS + row * ROW_WORDS
-        assert words is not None, "only the daemon's directory is written"
+        assert words is not None, "the directory is closed"
         seq = words[at + _SEQ]
         words[at + _SEQ] = seq + 1  # odd: changing (stores land in program order: x86-64)
         (words[at + _KEY_LO], words[at + _KEY_HI], words[at + _OFFSET],
@@ -164,25 +165,29 @@ class Directory:
         """``(row, seq, offset, nbytes)`` of ``key``, or None (not listed, or its row is
         changing right now). Valid only if `unchanged(row, seq)` still holds after the
         caller copied the bytes."""
-        header = self._header
-        if header[_CLOSED] or time.monotonic_ns() - int(header[_HEARTBEAT]) > STALE_S * 1e9:
+        words = self._words
+        if (words is None or words[_CLOSED]
+                or time.monotonic_ns() - words[_HEARTBEAT] > STALE_S * 1e9):
             return None  # the daemon stopped or stalled: ask it (see Liveness)
         lo, hi = _words(key)
         home = lo & (self.num_rows - 1)
-        rows = self._table[home:home + PROBES]
-        hits = np.flatnonzero((rows[:, _KEY_LO] == lo) & (rows[:, _KEY_HI] == hi))
-        for hit in hits:
-            row = home + int(hit)
-            seq = int(self._table[row, _SEQ])
+        at = HEADER_WORDS + home * ROW_WORDS
+        for probe in range(PROBES):
+            base = at + probe * ROW_WORDS
+            if words[base + _KEY_LO] != lo or words[base + _KEY_HI] != hi:
+                continue
+            seq = words[base + _SEQ]  # the seqlock: seq, the row, then seq again
             if seq & 1:
                 return None
-            _, row_lo, row_hi, offset, nbytes, _ = self._table[row].tolist()
-            if (row_lo, row_hi) == (lo, hi) and self.unchanged(row, seq):
-                return row, seq, offset, nbytes
+            offset, nbytes = words[base + _OFFSET], words[base + _NBYTES]
+            if (words[base + _KEY_LO] == lo and words[base + _KEY_HI] == hi
+                    and words[base + _SEQ] == seq):
+                return home + probe, seq, offset, nbytes
         return None
 
     def unchanged(self, row: int, seq: int) -> bool:
-        return int(self._table[row, _SEQ]) == seq
+        words = self._words
+        return words is not None and words[HEADER_WORDS + row * ROW_WORDS + _SEQ] == seq
 
     # -- closing -----------------------------------------------------------------------------
 
