@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,33 @@ async def within(handler: Coroutine[Any, Any, Any], timeout_s: float) -> Any:
         return done.value
     async with asyncio.timeout(timeout_s):  # no task per request, unlike wait_for
         return await resume(handler, waiting)
+
+
+def run_in_place(handler: Coroutine[Any, Any, Any], timeout_s: float | None,
+                 settle: Callable[[Any, Exception | None], None]) -> asyncio.Task[None] | None:
+    """Run ``handler`` from a protocol callback: ``settle(result, error)`` gets its outcome
+    at once when it does not wait (and None is returned), else from the task returned,
+    which finishes it under ``timeout_s`` (the caller pauses its connection meanwhile)."""
+    try:
+        waiting = handler.send(None)
+    except StopIteration as done:
+        settle(done.value, None)
+        return None
+    except Exception as e:
+        settle(None, e)
+        return None
+    return asyncio.get_running_loop().create_task(_finish(handler, waiting, timeout_s, settle))
+
+
+async def _finish(handler: Coroutine[Any, Any, Any], waiting: Any, timeout_s: float | None,
+                  settle: Callable[[Any, Exception | None], None]) -> None:
+    try:
+        async with asyncio.timeout(timeout_s):
+            result = await resume(handler, waiting)
+    except Exception as e:
+        settle(None, e)
+    else:
+        settle(result, None)
 
 
 @types.coroutine

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from daemon.answering import Request, resume
+from daemon.answering import Request, run_in_place
 from daemon.shm_plane import Connection
 from kvstore import protocol
 from kvstore.protocol import ErrorCode
@@ -125,8 +125,8 @@ class DoorbellProtocol(asyncio.BufferedProtocol):
             self._commit(message)
 
     def _bind(self, secret: bytes) -> None:
-        conn = self.doorbells.bind(secret)
-        if conn is None or conn not in self.daemon._connections:
+        conn = self.doorbells.bind(secret)  # a connection that ended has no secret
+        if conn is None:
             log.warning("doorbell with an unknown secret: closed")
             self.transport.abort()
             return
@@ -143,28 +143,20 @@ class DoorbellProtocol(asyncio.BufferedProtocol):
         handle, key, spare_size = REQUEST.unpack(message)
         meta = {"handles": [handle], "keys": [key],
                 "reserve_sizes": [spare_size] if spare_size else []}
-        commit = self.daemon._op_commit(conn, meta, b"")
-        try:
-            waiting = commit.send(None)
-        except StopIteration as done:
-            self._answer(done.value)
-        except Exception as e:
-            self._fail(e)
-        else:
+        self._waiting = run_in_place(self.daemon._op_commit(conn, meta, b""), None,
+                                     self._settle)
+        if self._waiting is not None:
             self.transport.pause_reading()
-            self._waiting = asyncio.get_running_loop().create_task(
-                self._commit_later(commit, waiting))
 
-    async def _commit_later(self, commit: Any, waiting: Any) -> None:
-        try:
-            result = await resume(commit, waiting)
-        except Exception as e:
-            self._fail(e)
-        else:
+    def _settle(self, result: Any, error: Exception | None) -> None:
+        if error is None:
             self._answer(result)
-        self._waiting = None
-        if not self.transport.is_closing():
-            self.transport.resume_reading()
+        else:
+            self._fail(error)
+        if self._waiting is not None:  # answered by the task: read on
+            self._waiting = None
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
 
     def _answer(self, result: tuple[dict[str, Any], list[Any]]) -> None:
         fields, _ = result

@@ -21,10 +21,9 @@ import logging
 import mmap
 import socket
 import time
-from collections.abc import Coroutine
 from typing import Any
 
-from daemon.answering import Answer, Request, resume
+from daemon.answering import Answer, Request, run_in_place
 from daemon.shm_plane import Connection
 from kvstore import protocol
 from kvstore.protocol import ErrorCode, FrameKind, RequestError
@@ -213,43 +212,33 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def _answer(self, header: protocol.Header, raw_meta: bytes, data: Any) -> None:
         """Run one request: answered at once if its handler does not wait, else by a task
-        (reading pauses until it is answered)."""
+        under the request's deadline (reading pauses until it is answered)."""
         started = time.perf_counter()
         self.conn.busy = True
         daemon, request = self.daemon, Request()
         try:
             handler = daemon._start(self.conn, header, raw_meta, data, request)
-            try:
-                waiting = handler.send(None)
-            except StopIteration as done:
-                answer = daemon._answer_ok(request, done.value)
-            else:
-                self.transport.pause_reading()
-                self._request = self.loop.create_task(
-                    self._answer_later(request, handler, waiting, started))
-                return
         except Exception as e:
-            answer = daemon._answer_error(self.conn, request, e)
-        self._respond(answer, started)
+            self._respond(daemon._answer_error(self.conn, request, e), started)
+            return
 
-    async def _answer_later(self, request: Request, handler: Coroutine[Any, Any, Any],
-                            waiting: Any, started: float) -> None:
-        """The rest of a request whose handler waits, under the request's deadline."""
-        try:
+        def settle(result: Any, error: Exception | None) -> None:
+            answer = (daemon._answer_ok(request, result) if error is None
+                      else daemon._answer_error(self.conn, request, error))
+            if self._request is None:  # answered in place: the caller reads on
+                self._respond(answer, started)
+                return
+            self._request = None
             try:
-                async with asyncio.timeout(request.timeout_s):
-                    result = await resume(handler, waiting)
-            except Exception as e:
-                answer = self.daemon._answer_error(self.conn, request, e)
-            else:
-                answer = self.daemon._answer_ok(request, result)
-            self._request = None
-            self._respond(answer, started)
-            self._go_on()
-        except Exception:  # no answer can be trusted to follow: end the connection
-            log.exception("answering peer=%s failed", self.conn.peer)
-            self._request = None
-            self._hang_up("internal error")
+                self._respond(answer, started)
+                self._go_on()
+            except Exception:  # no answer can be trusted to follow: end the connection
+                log.exception("answering peer=%s failed", self.conn.peer)
+                self._hang_up("internal error")
+
+        self._request = run_in_place(handler, request.timeout_s, settle)
+        if self._request is not None:
+            self.transport.pause_reading()
 
     def _ready(self) -> bool:
         """Whether the next frame may be answered now."""

@@ -45,7 +45,7 @@ and the store verified its checksum.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -168,14 +168,12 @@ class KVBlockIO:
         load = LayerLoad(self, seq)
         try:
             if self._can_borrow():
-                ends = part_ends(min(len(tokens) // self.block_tokens, max_blocks))
-                for end in ends:
-                    if load.copies_by_dma and end != ends[-1]:
-                        continue  # see LayerLoad.copies_by_dma: the rest in one part
+                for end, is_last in load.parts(min(len(tokens) // self.block_tokens,
+                                                   max_blocks)):
                     part = self._extend_keys(keys, tokens, end)
                     found = self.cached_blocks(part, probe=probe)
                     num_stored += found
-                    is_last = end == ends[-1] or found < len(part)
+                    is_last = is_last or found < len(part)
                     if not load.borrow(part[:found], is_last=is_last) or is_last:
                         break
             num_looked_up = len(keys)
@@ -196,11 +194,8 @@ class KVBlockIO:
         load = LayerLoad(self, seq)
         try:
             if self._can_borrow():
-                ends = part_ends(len(keys))
-                for end in ends:
-                    if load.copies_by_dma and end != ends[-1]:
-                        continue  # see LayerLoad.copies_by_dma: the rest in one part
-                    if not load.borrow(keys[load.num_blocks:end], is_last=end == ends[-1]):
+                for end, is_last in load.parts(len(keys)):
+                    if not load.borrow(keys[load.num_blocks:end], is_last=is_last):
                         break
             load.stage(keys[load.num_blocks:])
         except BaseException:
@@ -247,13 +242,17 @@ class LayerLoad:
         self._borrows: list[tuple[Any, Any]] = []  # (the store's context, what it lent)
         self._staged: list[Future[None]] = []
 
-    @property
-    def copies_by_dma(self) -> bool:
-        """Whether the last part went by the copy engines (blocks in HBM). Then the rest
-        goes in one part: those DMAs are issued per part, layer, run and half, so from HBM,
-        where the copy is fast and the host's issuing is what takes time, parts only add
-        to it."""
-        return bool(self._copiers) and self._copiers[-1].runs is not None
+    def parts(self, num_blocks: int) -> Iterator[tuple[int, bool]]:
+        """``(end, is_last)`` of each part of a borrowed fetch of ``num_blocks`` blocks
+        (`part_ends`), to borrow in turn. Once a part went by the copy engines (blocks in
+        HBM) the rest is one part: those DMAs are issued per part, layer, run and half, so
+        from HBM, where the copy is fast and the host's issuing is what takes time, parts
+        only add to it."""
+        ends = part_ends(num_blocks)
+        for end in ends:
+            is_last = end == ends[-1]
+            if is_last or not (self._copiers and self._copiers[-1].runs is not None):
+                yield end, is_last
 
     def borrow(self, keys: Sequence[bytes], *, is_last: bool) -> bool:
         """Borrow the leading ``keys`` held in memory tiers, for the pages after those

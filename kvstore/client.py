@@ -160,12 +160,7 @@ class _Connection:
         self.doorbell.settimeout(timeout_s)
         try:
             self.doorbell.sendall(message)
-            got = 0
-            while got < len(answer):
-                n = self.doorbell.recv_into(memoryview(answer)[got:])
-                if not n:
-                    raise ConnectionResetError("the daemon closed the commit doorbell")
-                got += n
+            _receive_into(self.doorbell, memoryview(answer))
         except TimeoutError:
             raise DeadlineExceededError(f"commit to {self.client.url} did not finish within "
                                         f"{timeout_s:g} s") from None
@@ -184,36 +179,38 @@ class _Connection:
             have = min(buffered, nbytes)
             taken[:have] = self._view[self._start:self._start + have]
             self._start += have
-            self._receive_into(memoryview(taken)[have:])
+            _receive_into(self.sock, memoryview(taken)[have:])
             return taken
         if buffered < nbytes:
             if len(self._received) - self._start < nbytes:  # move the rest to the front
                 self._view[:buffered] = self._view[self._start:self._end]
                 self._start, self._end = 0, buffered
             while self._end - self._start < nbytes:
-                self._end += self._receive_into(self._view[self._end:], at_least=False)
+                self._end += _receive_into(self.sock, self._view[self._end:], whole=False)
         taken = bytes(self._view[self._start:self._start + nbytes])
         self._start += nbytes
         if self._start == self._end:
             self._start = self._end = 0
         return taken
 
-    def _receive_into(self, view: memoryview, at_least: bool = True) -> int:
-        """Receive into ``view``: all of it, or (``at_least`` False) whatever came."""
-        got = 0
-        while got < len(view):
-            n = self.sock.recv_into(view[got:])
-            if not n:
-                raise ConnectionResetError("the daemon closed the connection")
-            got += n
-            if not at_least:
-                break
-        return got
-
     def close(self) -> None:
         self.sock.close()
         if self.doorbell is not None:
             self.doorbell.close()
+
+
+def _receive_into(sock: socket.socket, view: memoryview, whole: bool = True) -> int:
+    """Receive from ``sock`` into ``view``: all of it, or (``whole`` False) what came in
+    one receive; the number of bytes."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise ConnectionResetError("the daemon closed the connection")
+        got += n
+        if not whole:
+            break
+    return got
 
 
 def _rings_doorbell(meta: dict[str, Any]) -> bool:

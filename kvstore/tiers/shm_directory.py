@@ -105,9 +105,6 @@ class Directory:
                     num_rows + PROBES) * ROW_WORDS:
                 raise ValueError(f"directory {name!r} has another shape")
         self.num_rows = num_rows
-        self._header = words[:HEADER_WORDS]
-        self._table = words[HEADER_WORDS:HEADER_WORDS + (num_rows + PROBES) * ROW_WORDS
-                            ].reshape(num_rows + PROBES, ROW_WORDS)
         # The words again, as a memoryview: a load or store through it costs a tenth of
         # numpy's indexing (the daemon writes rows on every commit, clients read one on
         # every get).
@@ -145,7 +142,8 @@ class Directory:
 
     def beat(self) -> None:
         """Stamp the heartbeat: the daemon is alive (every `BEAT_S`)."""
-        self._header[_HEARTBEAT] = time.monotonic_ns()
+        if self._words is not None:
+            self._words[_HEARTBEAT] = time.monotonic_ns()
 
     def __len__(self) -> int:
         return len(self._row_of)
@@ -194,11 +192,9 @@ class Directory:
     def close(self) -> None:
         """Unmap; the owner first marks it closed, so that no reader uses it any more, and
         then unlinks the shared-memory object."""
-        if self._owner and len(self._header):
-            self._header[_CLOSED] = 1
+        if self._owner and self._words is not None:
+            self._words[_CLOSED] = 1
             self.clear()
-        self._header = np.zeros(HEADER_WORDS, dtype=np.uint64)
-        self._table = np.empty((0, ROW_WORDS), dtype=np.uint64)
         if self._words is not None:
             self._words.release()
             self._words = None
