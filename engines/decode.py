@@ -81,14 +81,15 @@ class DecodeRequest:
 
 class DecodeEngine:
     def __init__(self, model: LlamaModel, store: Any, *, num_pages: int | None = None,
-                 block_tokens: int = 16, max_batch: int = 8,
-                 publish: bool = True) -> None:
+                 block_tokens: int = 16, max_batch: int = 8, publish: bool = True,
+                 cuda_graphs: bool = True) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
         if num_pages is None:
             num_pages = 2 * -(-model.config.max_position_tokens // block_tokens)
-        self.cache = model.new_cache(num_pages=num_pages, page_tokens=block_tokens)
+        self.cache = model.new_cache(num_pages=num_pages, page_tokens=block_tokens,
+                                     cuda_graphs=cuda_graphs)
         self.io = KVBlockIO(model, self.cache, store)
         self.block_tokens = block_tokens
         self.max_batch = max_batch

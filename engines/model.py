@@ -218,9 +218,13 @@ class LlamaModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
-    def new_cache(self, *, num_pages: int, page_tokens: int = 16) -> PagedKVCache:
+    def new_cache(self, *, num_pages: int, page_tokens: int = 16,
+                  cuda_graphs: bool = False) -> PagedKVCache:
+        """A paged cache for this model; ``cuda_graphs``: forwards over it replay CUDA
+        graphs where they can (`engines.cuda_graphs`; ignored off CUDA). For a cache that
+        lives long (an engine's): each bucket of token counts is captured on first use."""
         return PagedKVCache(self.config, num_pages=num_pages, page_tokens=page_tokens,
-                            dtype=self.dtype, device=self.device)
+                            dtype=self.dtype, device=self.device, cuda_graphs=cuda_graphs)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -232,71 +236,104 @@ class LlamaModel(nn.Module):
         (``[len(batch), vocab]``), or of every token with ``all_logits``.
 
         Each sequence must already have pages for all its tokens (`PagedKVCache.reserve`);
-        its ``num_tokens`` advances by its chunk's length.
+        its ``num_tokens`` advances by its chunk's length. On a cache built with
+        ``cuda_graphs=True`` a forward of up to 512 tokens replays CUDA graphs of each
+        layer around its attention (`engines.cuda_graphs`): same arithmetic, far fewer
+        launches.
         """
-        config, device = self.config, self.device
+        device = self.device
         lengths = [len(tokens) for _, tokens in batch]
         if not batch or min(lengths) == 0:
             raise ValueError("forward needs at least one sequence, each with new tokens")
         for seq, n in zip((s for s, _ in batch), lengths, strict=True):
             if len(seq.pages) * cache.page_tokens < seq.num_tokens + n:
                 raise ValueError("sequence has too few pages: reserve them first")
-        tokens = to_device([t for _, chunk in batch for t in chunk], device)
-        positions = to_device(torch.cat([torch.arange(s.num_tokens, s.num_tokens + n)
-                                         for (s, _), n in zip(batch, lengths, strict=True)]),
-                              device)
-        slots = to_device(torch.cat([s.slots(s.num_tokens, s.num_tokens + n, cache.page_tokens)
-                                     for (s, _), n in zip(batch, lengths, strict=True)]),
-                          device)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos().to(self.dtype)[:, None, :]
-        # rotate_half(x) * sin == roll(x, half) * (sign * sin): one roll, no negate + cat.
-        half = config.head_dim // 2
-        sign = torch.ones(config.head_dim, device=device, dtype=self.dtype)
-        sign[:half] = -1
-        sin = (emb.sin().to(self.dtype) * sign)[:, None, :]
-        num_new = tokens.shape[0]
-        num_q = config.num_heads
-        num_qk = num_q + config.num_kv_heads
+        tokens = [t for _, chunk in batch for t in chunk]
+        positions = torch.cat([torch.arange(s.num_tokens, s.num_tokens + n)
+                               for (s, _), n in zip(batch, lengths, strict=True)])
+        slots = torch.cat([s.slots(s.num_tokens, s.num_tokens + n, cache.page_tokens)
+                           for (s, _), n in zip(batch, lengths, strict=True)])
+        num_new = len(tokens)
         plans = [cache.plan(seq, seq.num_tokens + n)
                  for (seq, _), n in zip(batch, lengths, strict=True)]
         masks = [causal_mask(seq.num_tokens, n)
                  for (seq, _), n in zip(batch, lengths, strict=True)]
-        h = self.model.embed_tokens(tokens)
-        for i, layer in enumerate(self.model.layers):
+        graphs = cache.graphs(self).for_tokens(num_new) if cache.has_graphs else None
+        if graphs is not None:
+            graphs.start(tokens, positions, slots)
+            out = graphs.attention[:num_new]
+        else:
+            slots = to_device(slots, device)
+            h = self.model.embed_tokens(to_device(tokens, device))
+            cos, sin = self.rope_tables(to_device(positions, device))
+            out = torch.empty(num_new, self.config.num_heads, self.config.head_dim,
+                              dtype=self.dtype, device=device)
+        for i in range(self.config.num_layers):
             if before_layer is not None:
                 before_layer(i)
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            qkv = F.linear(x, attn.qkv_weight).view(num_new, -1, config.head_dim)
-            qk = qkv[:, :num_qk]
-            # q and k rotated together, in place: K and V then lie side by side in qkv and
-            # go into the cache in one write (fewer ops: the forward of a short tail over a
-            # long cached prefix is bound by the host's launching them).
-            torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin, out=qk)
-            q = qkv[:, :num_q]
-            cache.write(i, slots, qkv[:, num_q:])
-            if len(batch) == 1:
-                out = self._attend(cache, i, batch[0][0], plans[0], masks[0], q)
+            if graphs is not None:
+                q = graphs.layer_in(i)[:num_new]
             else:
-                out = torch.empty_like(q)
-                offset = 0
-                for (seq, _), n, plan, mask in zip(batch, lengths, plans, masks, strict=True):
-                    out[offset:offset + n] = self._attend(cache, i, seq, plan, mask,
-                                                          q[offset:offset + n])
-                    offset += n
-            # Residual adds fused into the output projections' GEMMs.
-            h = torch.addmm(h, out.reshape(num_new, -1), attn.o_proj.weight.t())
-            h = layer.mlp(layer.post_attention_layernorm(h), residual=h)
+                q = self.layer_in(cache, i, h, cos, sin, slots)
+            offset = 0
+            for (seq, _), n, plan, mask in zip(batch, lengths, plans, masks, strict=True):
+                out[offset:offset + n] = self._attend(cache, i, seq, plan, mask,
+                                                      q[offset:offset + n])
+                offset += n
+            if graphs is not None:
+                graphs.layer_out(i)
+            else:
+                h = self.layer_out(i, h, out)
             if after_layer is not None:
                 after_layer(i)
+        if graphs is not None:
+            h = graphs.hidden[:num_new]
         for (seq, _), n in zip(batch, lengths, strict=True):
             seq.num_tokens += n
         if not all_logits:
             ends = to_device(torch.tensor(lengths).cumsum(0) - 1, device)
             h = h[ends]
         return self._logits(self.model.norm(h))
+
+    # The pieces of a layer, shared by the eager forward and its CUDA graphs.
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin of ``positions`` (``[tokens, 1, head_dim]``): rotating x
+        is x * cos + roll(x, half) * sin (rotate_half(x) == roll(x, half) * sign)."""
+        dim = self.config.head_dim
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos().to(self.dtype)[:, None, :]
+        sign = torch.ones(dim, device=positions.device, dtype=self.dtype)
+        sign[:dim // 2] = -1
+        sin = (emb.sin().to(self.dtype) * sign)[:, None, :]
+        return cos, sin
+
+    def layer_in(self, cache: PagedKVCache, layer: int, h: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer`` up to attention: norm, QKV, rotation; K and V written to the
+        cache at ``slots``. Returns the rotated queries, ``[tokens, heads, head_dim]``."""
+        config = self.config
+        attn = self.model.layers[layer].self_attn
+        x = self.model.layers[layer].input_layernorm(h)
+        qkv = F.linear(x, attn.qkv_weight).view(h.shape[0], -1, config.head_dim)
+        num_q = config.num_heads
+        qk = qkv[:, :num_q + config.num_kv_heads]
+        # q and k rotated together, in place: K and V then lie side by side in qkv and
+        # go into the cache in one write (fewer ops: the forward of a short tail over a
+        # long cached prefix is bound by the host's launching them).
+        torch.addcmul(qk * cos, qk.roll(config.head_dim // 2, dims=-1), sin, out=qk)
+        cache.write(layer, slots, qkv[:, num_q:])
+        return qkv[:, :num_q]
+
+    def layer_out(self, layer: int, h: torch.Tensor, attention: torch.Tensor
+                  ) -> torch.Tensor:
+        """Layer ``layer`` after attention (``[tokens, heads, head_dim]``): the output
+        projection and the MLP, each with its residual add fused into its last GEMM."""
+        block = self.model.layers[layer]
+        h = torch.addmm(h, attention.reshape(h.shape[0], -1),
+                        block.self_attn.o_proj.weight.t())
+        return block.mlp(block.post_attention_layernorm(h), residual=h)
 
     def _attend(self, cache: PagedKVCache, layer: int, seq: SequenceKV,
                 plan: slice | torch.Tensor, mask: Any, q: torch.Tensor) -> torch.Tensor:

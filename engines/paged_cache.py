@@ -2,8 +2,8 @@
 
 Per layer, one tensor holds K and V of every page::
 
-    kv[layer] : [2, num_pages, page_tokens, num_kv_heads, head_dim]
-                 ^ 0 = K, 1 = V
+    kv[layer] : [2, num_pages (+ 1 pad page with CUDA graphs), page_tokens,
+                 ^ 0 = K, 1 = V                                   num_kv_heads, head_dim]
 
 A sequence owns a page table (a list of page ids); token ``p`` of the sequence lives in
 page ``pages[p // page_tokens]`` at row ``p % page_tokens``. Pages are the unit of the
@@ -19,10 +19,15 @@ that is not owned is a bug and raises.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from engines.config import ModelConfig
+
+if TYPE_CHECKING:
+    from engines.cuda_graphs import ForwardGraphs
+    from engines.model import LlamaModel
 
 
 def to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -52,7 +57,8 @@ class SequenceKV:
 
 class PagedKVCache:
     def __init__(self, config: ModelConfig, *, num_pages: int, page_tokens: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu",
+                 cuda_graphs: bool = False) -> None:
         if num_pages <= 0 or page_tokens <= 0:
             raise ValueError(f"num_pages and page_tokens must be positive, got "
                              f"{num_pages} and {page_tokens}")
@@ -61,7 +67,13 @@ class PagedKVCache:
         self.page_tokens = page_tokens
         self.dtype = dtype
         self.device = torch.device(device)
-        shape = (2, num_pages, page_tokens, config.num_kv_heads, config.head_dim)
+        # With CUDA graphs, one more page that no sequence gets: the padding rows of a
+        # graph's bucket write their K and V there (`engines.cuda_graphs`).
+        self.has_graphs = cuda_graphs and self.device.type == "cuda"
+        self.pad_slot = num_pages * page_tokens if self.has_graphs else None
+        self._graphs: ForwardGraphs | None = None
+        shape = (2, num_pages + self.has_graphs, page_tokens, config.num_kv_heads,
+                 config.head_dim)
         self.kv = [torch.zeros(shape, dtype=dtype, device=self.device)
                    for _ in range(config.num_layers)]
         # Free pages, lowest first once sorted: a request gets the lowest free pages, so a
@@ -72,6 +84,11 @@ class PagedKVCache:
         self._free: list[int] = list(range(num_pages))
         self._free_sorted = True
         self._owned = [False] * num_pages
+
+    @property
+    def num_pool_pages(self) -> int:
+        """Pages in each layer's K (and V) half: `num_pages`, plus the pad page if any."""
+        return self.kv[0].shape[1]
 
     @property
     def num_free_pages(self) -> int:
@@ -123,6 +140,18 @@ class PagedKVCache:
         self.free(seq.pages)
         seq.pages = []
         seq.num_tokens = 0
+
+    def graphs(self, model: LlamaModel) -> ForwardGraphs:
+        """The CUDA graphs of ``model``'s forward over this cache (made on first use)."""
+        if not self.has_graphs:
+            raise ValueError("this cache was built without cuda_graphs=True on a GPU")
+        if self._graphs is None:
+            from engines.cuda_graphs import ForwardGraphs
+
+            self._graphs = ForwardGraphs(model, self)
+        elif self._graphs.model is not model:
+            raise ValueError("a cache's CUDA graphs belong to the model that made them")
+        return self._graphs
 
     def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """Store K and V of ``layer`` at flat ``slots``: ``kv`` is ``[tokens, 2 * kv_heads,

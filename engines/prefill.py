@@ -38,11 +38,12 @@ class PrefillResult:
 
 class PrefillEngine:
     def __init__(self, model: LlamaModel, store: Any, *, num_pages: int | None = None,
-                 block_tokens: int = 16) -> None:
+                 block_tokens: int = 16, cuda_graphs: bool = True) -> None:
         self.model = model
         if num_pages is None:
             num_pages = -(-model.config.max_position_tokens // block_tokens)
-        self.cache = model.new_cache(num_pages=num_pages, page_tokens=block_tokens)
+        self.cache = model.new_cache(num_pages=num_pages, page_tokens=block_tokens,
+                                     cuda_graphs=cuda_graphs)
         self.io = KVBlockIO(model, self.cache, store)
         self.block_tokens = block_tokens
 

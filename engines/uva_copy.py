@@ -148,7 +148,7 @@ class LayerCopier:
         page = np.asarray(pages, dtype=np.int64)
         bases = np.array([kv.data_ptr() for kv in cache.kv], dtype=np.int64)
         dst = (bases[:, None, None]
-               + (np.array([0, cache.num_pages]) + page[None, :, None]) * kv_bytes)
+               + (np.array([0, cache.num_pool_pages]) + page[None, :, None]) * kv_bytes)
         tables = np.stack([src.reshape(num_layers, -1), dst.reshape(num_layers, -1)])
         self._tables = torch.from_numpy(tables).to(device)
         self.num_chunks = tables.shape[2]
@@ -189,7 +189,7 @@ class LayerCopier:
     def _launch_dma(self) -> None:
         from cupy.cuda import runtime
 
-        kv_bytes, num_pages = self.kv_bytes, self.cache.num_pages
+        kv_bytes, num_pages = self.kv_bytes, self.cache.num_pool_pages
         stream = self.stream.cuda_stream
         with torch.cuda.device(self.cache.device):
             for layer, layer_offset in enumerate(self._layer_offsets):

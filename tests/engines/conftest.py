@@ -47,7 +47,10 @@ def assert_fetched_kv_equals_recomputed(model, store, prompt: list[int], *,
         assert fetch.keys == keys  # hashed part by part, chained all the same
         assert fetch.num_stored_blocks == (len(keys) if drop_block is None else drop_block)
         cached = fetch.load.num_blocks * decode.block_tokens
-        reference = model.new_cache(num_pages=decode.cache.pages_for(len(prompt)))
+        # The reference runs as the prefill engine did (on a GPU: the same CUDA graphs, whose
+        # padded GEMMs round differently from eager ones of the prompt's exact length).
+        reference = model.new_cache(num_pages=decode.cache.pages_for(len(prompt)),
+                                    cuda_graphs=True)
         ref = SequenceKV()
         reference.reserve(ref, len(prompt))
         model.forward(reference, [(ref, prompt)])

@@ -201,19 +201,22 @@ def test_a_pin_expired_mid_fetch_fails_the_load_and_releases_every_part(model, p
         assert store.stats()["torn_reads"] == 12
 
 
+@pytest.mark.parametrize("pad_page", [False, True])
 @pytest.mark.parametrize("layerwise", [True, False])
 @pytest.mark.parametrize("where", ["hbm", "pinned"])
-def test_layer_copies_put_each_block_layer_in_its_page(model, where, layerwise):
+def test_layer_copies_put_each_block_layer_in_its_page(model, where, layerwise, pad_page):
     """Blocks packed and every other slot, into two runs of pages: each block's K and V of
     every layer land in its page, and nothing else changes. Blocks in device memory go by
     the copy engines (two runs), pinned host blocks by the kernel; layer by layer (an event
-    each) or all layers at once (one event)."""
+    each) or all layers at once (one event); into a cache with CUDA graphs' pad page too
+    (its V half starts one page later)."""
     from engines import uva_copy
     from engines.paged_cache import PagedKVCache
 
     config = model.config
     cache = PagedKVCache(config, num_pages=80, page_tokens=16, dtype=torch.float32,
-                         device="cuda")
+                         device="cuda", cuda_graphs=pad_page)
+    assert cache.num_pool_pages == 80 + pad_page
     shape = (64, config.num_layers, 2, 16, config.num_kv_heads, config.head_dim)
     source = torch.randn(shape, generator=torch.Generator().manual_seed(7))
     source = source.cuda() if where == "hbm" else source.pin_memory()
@@ -233,5 +236,5 @@ def test_layer_copies_put_each_block_layer_in_its_page(model, where, layerwise):
     for layer, kv in enumerate(cache.kv):
         expected = source[chosen, layer].transpose(0, 1).cuda()  # [2, n, tokens, heads, dim]
         assert torch.equal(kv[:, pages], expected), f"layer {layer}"
-    untouched = sorted(set(range(80)) - set(pages))
+    untouched = sorted(set(range(cache.num_pool_pages)) - set(pages))
     assert not any(kv[:, untouched].any() for kv in cache.kv)

@@ -1,0 +1,155 @@
+"""Piecewise CUDA graphs of the forward: everything but attention, replayed per layer.
+
+A forward of a few tokens over a long cached context (the uncached tail of a prompt whose
+prefix came from the store, a batched decode step) does little GPU work per kernel, and
+the host's launching of ~12 kernels a layer is what takes the time: 8K tokens of llama3-8b
+on the H100 spend 12-23 ms launching 9 ms of GPU work, and a tail's TTFT after a fetch
+from DRAM then ends with the host, not with the copy. So the per-token parts of each
+layer are captured once per token count and replayed (as vLLM's piecewise graphs do);
+attention, whose shapes follow each sequence's context length, runs eagerly between them::
+
+    P: embed the tokens, rotary tables
+    A_i: norm, QKV, rotate q and k, write K and V to the cache   (graph)
+    attention of each sequence over its pages                    (eager)
+    B_i: output projection + residual, norm, MLP + residual      (graph)
+
+The layer hooks run between the pieces, as in the eager forward: ``before_layer(i)``
+(a stream wait for layer i's fetched KV) before A_i, ``after_layer(i)`` after B_i.
+
+Graphs exist per bucket of token counts (`BUCKETS`); a forward of ``n`` tokens runs the
+smallest bucket that holds them, its extra rows padded: token 0 at position 0, writing
+K and V into the cache's pad page (never a sequence's), their outputs never read. Each
+bucket's graphs read their inputs from and write their outputs to static buffers of that
+bucket. All graphs of one cache share one memory pool: they run one at a time, on one
+stream, in the order they were captured.
+
+Only a cache built with ``cuda_graphs=True`` on a CUDA device gets graphs (the engines'
+caches); a forward of more tokens than the largest bucket is compute-bound and runs
+eagerly, as does everything on the CPU.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from engines.model import LlamaModel
+    from engines.paged_cache import PagedKVCache
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def bucket_for(num_tokens: int) -> int | None:
+    """The smallest bucket holding ``num_tokens`` tokens; None above the largest."""
+    i = bisect.bisect_left(BUCKETS, num_tokens)
+    return BUCKETS[i] if i < len(BUCKETS) else None
+
+
+class ForwardGraphs:
+    """The graphs of one model over one cache, per bucket, captured on first use."""
+
+    def __init__(self, model: LlamaModel, cache: PagedKVCache) -> None:
+        if cache.pad_slot is None:
+            raise ValueError("CUDA graphs need a cache with a pad page (cuda_graphs=True)")
+        self.model = model
+        self.cache = cache
+        self._pool = torch.cuda.graph_pool_handle()
+        self._stream = torch.cuda.Stream(device=cache.device)
+        self._buckets: dict[int, BucketGraphs] = {}
+
+    def for_tokens(self, num_tokens: int) -> BucketGraphs | None:
+        bucket = bucket_for(num_tokens)
+        if bucket is None:
+            return None
+        graphs = self._buckets.get(bucket)
+        if graphs is None:
+            graphs = BucketGraphs(self.model, self.cache, bucket, self._pool, self._stream)
+            self._buckets[bucket] = graphs
+        return graphs
+
+
+class BucketGraphs:
+    """One bucket's graphs (P, then A_i and B_i of each layer) and their static buffers."""
+
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, num_tokens: int,
+                 pool: tuple[int, int], stream: torch.cuda.Stream) -> None:
+        config, device = model.config, cache.device
+        self.num_tokens = num_tokens
+        self._cache = cache
+        # Inputs: token ids, positions and cache slots, one row each (one upload).
+        self._inputs = torch.zeros(3, num_tokens, dtype=torch.long, device=device)
+        self._pad = torch.tensor([[0], [0], [cache.pad_slot]], dtype=torch.long)
+        self._h = torch.empty(num_tokens, config.hidden_size, dtype=model.dtype,
+                              device=device)
+        self._q = torch.empty(num_tokens, config.num_heads, config.head_dim,
+                              dtype=model.dtype, device=device)
+        self.attention = torch.empty_like(self._q)  # eager attention's output goes here
+        tokens, positions, slots = self._inputs
+        slots.fill_(cache.pad_slot)  # the warm-up and captures write the pad page only
+        tables: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def embed() -> None:
+            self._h.copy_(model.model.embed_tokens(tokens))
+            tables.append(model.rope_tables(positions))
+
+        def layer_in(i: int) -> Callable[[], None]:
+            def run() -> None:
+                cos, sin = tables[-1]
+                self._q.copy_(model.layer_in(cache, i, self._h, cos, sin, slots))
+            return run
+
+        def layer_out(i: int) -> Callable[[], None]:
+            def run() -> None:
+                self._h.copy_(model.layer_out(i, self._h, self.attention))
+            return run
+
+        pieces = [embed]
+        for i in range(config.num_layers):
+            pieces += [layer_in(i), layer_out(i)]
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for piece in pieces:  # warm-up: lazy initialisation stays out of the graphs
+                piece()
+            stream.synchronize()
+            tables.clear()
+            self._graphs: list[torch.cuda.CUDAGraph] = []
+            for piece in pieces:
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+                try:
+                    piece()
+                finally:
+                    graph.capture_end()
+                self._graphs.append(graph)
+        torch.cuda.current_stream(device).wait_stream(stream)
+
+    def start(self, tokens: list[int], positions: torch.Tensor, slots: torch.Tensor
+              ) -> None:
+        """Load a forward's inputs (padded to the bucket) and embed them (P)."""
+        n = len(tokens)
+        inputs = torch.empty(3, self.num_tokens, dtype=torch.long, pin_memory=True)
+        inputs[0, :n] = torch.tensor(tokens, dtype=torch.long)
+        inputs[1, :n] = positions
+        inputs[2, :n] = slots
+        inputs[:, n:] = self._pad
+        # Pinned by the caching host allocator: not reused before this copy is done.
+        self._inputs.copy_(inputs, non_blocking=True)
+        self._graphs[0].replay()
+
+    def layer_in(self, layer: int) -> torch.Tensor:
+        """Replay A_``layer``; returns the rotated queries (all rows of the bucket)."""
+        self._graphs[1 + 2 * layer].replay()
+        return self._q
+
+    def layer_out(self, layer: int) -> None:
+        """Replay B_``layer`` over what the eager attention left in `attention`."""
+        self._graphs[2 + 2 * layer].replay()
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """The hidden states after the last layer replayed (all rows of the bucket)."""
+        return self._h

@@ -1,0 +1,110 @@
+"""Piecewise CUDA graphs of the forward: the same logits and cache as the eager forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engines.cuda_graphs import BUCKETS, bucket_for
+from engines.paged_cache import PagedKVCache, SequenceKV
+from engines.presets import load_model
+
+
+def test_bucket_for_is_the_smallest_bucket_that_holds_the_tokens():
+    assert [bucket_for(n) for n in (1, 2, 3, 4, 5, 16, 17, 512)] == [1, 2, 4, 4, 8, 16, 32,
+                                                                     512]
+    assert bucket_for(BUCKETS[-1] + 1) is None
+    assert all(bucket_for(n) >= n for n in range(1, BUCKETS[-1] + 1))
+
+
+def test_a_cpu_cache_has_no_graphs_and_no_pad_page():
+    model = load_model("tiny").model
+    cache = model.new_cache(num_pages=4, cuda_graphs=True)
+    assert not cache.has_graphs and cache.pad_slot is None
+    assert cache.kv[0].shape[1] == 4
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        cache.graphs(model)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny", device="cuda", dtype=torch.float32).model
+
+
+def prompt_of(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run_both(model, chunks_of, num_pages=40):
+    """Forwards over an eager cache and a graph cache, chunk after chunk (each step a batch
+    of (sequence index, tokens)); returns both caches, their sequences and the logits."""
+    runs = []
+    for graphs in (False, True):
+        cache = model.new_cache(num_pages=num_pages, cuda_graphs=graphs)
+        seqs = [SequenceKV() for _ in range(max(i for step in chunks_of for i, _ in step) + 1)]
+        logits: list[torch.Tensor] = []
+        calls: list[tuple[str, int]] = []
+        record = calls.append  # bound now, not when the hook runs
+        for step in chunks_of:
+            for i, tokens in step:
+                assert cache.reserve(seqs[i], seqs[i].num_tokens + len(tokens))
+            logits.append(model.forward(
+                cache, [(seqs[i], tokens) for i, tokens in step],
+                before_layer=lambda layer, log=record: log(("before", layer)),
+                after_layer=lambda layer, log=record: log(("after", layer))))
+        runs.append((cache, seqs, logits, calls))
+    return runs
+
+
+@pytest.mark.gpu
+def test_graphs_give_the_eager_logits_and_cache_for_tails_over_a_cached_prefix(model):
+    prompt = prompt_of(300, 1)
+    # A 150-token prompt, then tails of 1, 3, 16 and 17 tokens, then decode steps:
+    # buckets 256, 1, 4, 16, 32 and 1 again.
+    steps, at = [], 0
+    for n in (150, 1, 3, 16, 17, 1, 1):
+        steps.append([(0, prompt[at:at + n])])
+        at += n
+    (eager, eager_seqs, eager_logits, eager_calls), (graph, seqs, logits, calls) = run_both(
+        model, steps)
+    assert graph.has_graphs and graph._graphs is not None
+    for got, want in zip(logits, eager_logits, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert calls == eager_calls  # the hooks, layer by layer, in the same order
+    assert calls[:3] == [("before", 0), ("after", 0), ("before", 1)]
+    num = seqs[0].num_tokens
+    assert num == eager_seqs[0].num_tokens == at
+    for layer in range(model.config.num_layers):
+        got = graph.gather(layer, graph.plan(seqs[0], num), num)
+        want = eager.gather(layer, eager.plan(eager_seqs[0], num), num)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        # No page but the sequence's and the pad page was written.
+        others = sorted(set(range(graph.num_pages)) - set(seqs[0].pages))
+        assert not graph.kv[layer][:, others].any()
+
+
+@pytest.mark.gpu
+def test_graphs_give_the_eager_logits_for_a_ragged_batch(model):
+    """Several sequences in one forward (a decode step admitting a tail): each attends
+    over its own pages, the padding rows change none of them."""
+    a, b, c = prompt_of(40, 2), prompt_of(70, 3), prompt_of(33, 4)
+    steps = [[(0, a[:32])], [(1, b[:64])], [(0, a[32:33]), (1, b[64:]), (2, c)],
+             [(0, a[33:34]), (1, [7]), (2, [9])]]
+    (_, _, eager_logits, _), (graph, _, logits, _) = run_both(model, steps)
+    for got, want in zip(logits, eager_logits, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert sorted(graph._graphs._buckets) == [4, 32, 64]
+
+
+@pytest.mark.gpu
+def test_graphs_belong_to_one_model_and_one_cache(model):
+    cache = model.new_cache(num_pages=4, cuda_graphs=True)
+    assert cache.kv[0].shape[1] == 5 and cache.pad_slot == 4 * 16
+    other = load_model("tiny", device="cuda", dtype=torch.float32, seed=1).model
+    cache.graphs(model)
+    with pytest.raises(ValueError, match="belong"):
+        cache.graphs(other)
+    plain = PagedKVCache(model.config, num_pages=4, page_tokens=16, dtype=torch.float32,
+                         device="cuda")
+    assert not plain.has_graphs and plain.kv[0].shape[1] == 4
