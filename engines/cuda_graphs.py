@@ -31,6 +31,7 @@ eagerly, as does everything on the CPU.
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,8 @@ import torch
 if TYPE_CHECKING:
     from engines.model import LlamaModel
     from engines.paged_cache import PagedKVCache
+
+log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -59,17 +62,22 @@ class ForwardGraphs:
         self.cache = cache
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = torch.cuda.Stream(device=cache.device)
-        self._buckets: dict[int, BucketGraphs] = {}
+        self._buckets: dict[int, BucketGraphs | None] = {}  # None: capture failed
 
     def for_tokens(self, num_tokens: int) -> BucketGraphs | None:
+        """The graphs of a forward of ``num_tokens`` tokens; None: run it eagerly."""
         bucket = bucket_for(num_tokens)
         if bucket is None:
             return None
-        graphs = self._buckets.get(bucket)
-        if graphs is None:
-            graphs = BucketGraphs(self.model, self.cache, bucket, self._pool, self._stream)
-            self._buckets[bucket] = graphs
-        return graphs
+        if bucket not in self._buckets:
+            try:
+                self._buckets[bucket] = BucketGraphs(self.model, self.cache, bucket,
+                                                     self._pool, self._stream)
+            except RuntimeError as e:  # out of memory, or an op the capture refused
+                log.warning("capturing the forward of %d tokens failed (%s); it runs "
+                            "eagerly", bucket, e)
+                self._buckets[bucket] = None
+        return self._buckets[bucket]
 
 
 class BucketGraphs:

@@ -108,3 +108,26 @@ def test_graphs_belong_to_one_model_and_one_cache(model):
     plain = PagedKVCache(model.config, num_pages=4, page_tokens=16, dtype=torch.float32,
                          device="cuda")
     assert not plain.has_graphs and plain.kv[0].shape[1] == 4
+
+
+@pytest.mark.gpu
+def test_a_forward_whose_capture_fails_runs_eagerly(model, monkeypatch, caplog):
+    """A piece the capture refuses (here a host sync inside it) leaves that bucket eager:
+    the forward still gives the eager logits, and says why."""
+    prompt = prompt_of(20, 5)
+    eager = model.new_cache(num_pages=4)
+    want = model.forward(eager, [(SequenceKV(pages=[0, 1]), prompt)])
+    layer_out = model.layer_out
+
+    def syncing_layer_out(layer, h, attention):
+        h = layer_out(layer, h, attention)
+        h.sum().item()  # a host sync: not allowed while a stream is being captured
+        return h
+
+    monkeypatch.setattr(model, "layer_out", syncing_layer_out)
+    cache = model.new_cache(num_pages=4, cuda_graphs=True)
+    with caplog.at_level("WARNING", logger="engines.cuda_graphs"):
+        got = model.forward(cache, [(SequenceKV(pages=[0, 1]), prompt)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert "runs eagerly" in caplog.text
+    assert cache.graphs(model)._buckets == {32: None}
