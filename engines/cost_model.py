@@ -83,7 +83,8 @@ def measure_prefill(model: LlamaModel, lengths: list[int], *, block_tokens: int 
     """(new, context, seconds) of forwards: whole prompts, and tails after half of each."""
     samples = []
     top = max(lengths)
-    cache = model.new_cache(num_pages=-(-top // block_tokens), page_tokens=block_tokens)
+    cache = model.new_cache(num_pages=-(-top // block_tokens), page_tokens=block_tokens,
+                            cuda_graphs=True)  # as the engines run (on a GPU)
     tokens = torch.randint(0, model.config.vocab_size, (top,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     for length in lengths:
@@ -106,7 +107,7 @@ def measure_decode_step(model: LlamaModel, *, context_tokens: int, block_tokens:
                         repeats: int = 5) -> float:
     """Seconds of one decode step (one new token) after ``context_tokens`` tokens."""
     cache = model.new_cache(num_pages=-(-(context_tokens + 1) // block_tokens),
-                            page_tokens=block_tokens)
+                            page_tokens=block_tokens, cuda_graphs=True)
     seq = SequenceKV()
     cache.reserve(seq, context_tokens + 1)
     seq.num_tokens = context_tokens  # the cached KV's values do not change the cost

@@ -18,10 +18,15 @@ The layer hooks run between the pieces, as in the eager forward: ``before_layer(
 
 Graphs exist per bucket of token counts (`BUCKETS`); a forward of ``n`` tokens runs the
 smallest bucket that holds them, its extra rows padded: token 0 at position 0, writing
-K and V into the cache's pad page (never a sequence's), their outputs never read. Each
-bucket's graphs read their inputs from and write their outputs to static buffers of that
-bucket. All graphs of one cache share one memory pool: they run one at a time, on one
-stream, in the order they were captured.
+K and V into the cache's pad page (never a sequence's), their outputs never read. A
+forward whose token count is a bucket's gives the eager forward's logits bit for bit;
+padded, its GEMMs have more rows and may round differently.
+
+Each bucket's graphs read their inputs from and write their outputs to static buffers of
+that bucket, allocated outside the graphs. All graphs of one cache share one memory pool,
+which is safe because nothing a graph allocates there outlives its replay: every tensor
+passed from one piece to the next is a static buffer, and the forwards over one cache
+never overlap (they run on one stream, one at a time).
 
 Only a cache built with ``cuda_graphs=True`` on a CUDA device gets graphs (the engines'
 caches); a forward of more tokens than the largest bucket is compute-bound and runs
@@ -43,7 +48,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Powers of two up to 128 (decode steps, short tails), then steps of 64: a forward of a
+# few hundred tokens is near compute-bound, where padding to twice the rows would cost.
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
 
 
 def bucket_for(num_tokens: int) -> int | None:
@@ -79,6 +86,16 @@ class ForwardGraphs:
                 self._buckets[bucket] = None
         return self._buckets[bucket]
 
+    def capture_all(self) -> None:
+        """Capture every bucket now (an engine starting up), not on its first forward."""
+        for bucket in BUCKETS:
+            self.for_tokens(bucket)
+
+    @property
+    def captured(self) -> dict[int, bool]:
+        """Each bucket met so far: True if its graphs run, False if its capture failed."""
+        return {bucket: graphs is not None for bucket, graphs in self._buckets.items()}
+
 
 class BucketGraphs:
     """One bucket's graphs (P, then A_i and B_i of each layer) and their static buffers."""
@@ -87,7 +104,6 @@ class BucketGraphs:
                  pool: tuple[int, int], stream: torch.cuda.Stream) -> None:
         config, device = model.config, cache.device
         self.num_tokens = num_tokens
-        self._cache = cache
         # Inputs: token ids, positions and cache slots, one row each (one upload).
         self._inputs = torch.zeros(3, num_tokens, dtype=torch.long, device=device)
         self._pad = torch.tensor([[0], [0], [cache.pad_slot]], dtype=torch.long)
@@ -95,19 +111,23 @@ class BucketGraphs:
                               device=device)
         self._q = torch.empty(num_tokens, config.num_heads, config.head_dim,
                               dtype=model.dtype, device=device)
-        self.attention = torch.empty_like(self._q)  # eager attention's output goes here
+        # Eager attention's output goes here; padding rows stay zero.
+        self.attention = torch.zeros_like(self._q)
+        self._cos = torch.empty(num_tokens, 1, config.head_dim, dtype=model.dtype,
+                                device=device)
+        self._sin = torch.empty_like(self._cos)
         tokens, positions, slots = self._inputs
         slots.fill_(cache.pad_slot)  # the warm-up and captures write the pad page only
-        tables: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def embed() -> None:
             self._h.copy_(model.model.embed_tokens(tokens))
-            tables.append(model.rope_tables(positions))
+            cos, sin = model.rope_tables(positions)
+            self._cos.copy_(cos)
+            self._sin.copy_(sin)
 
         def layer_in(i: int) -> Callable[[], None]:
             def run() -> None:
-                cos, sin = tables[-1]
-                self._q.copy_(model.layer_in(cache, i, self._h, cos, sin, slots))
+                self._q.copy_(model.layer_in(cache, i, self._h, self._cos, self._sin, slots))
             return run
 
         def layer_out(i: int) -> Callable[[], None]:
@@ -123,16 +143,7 @@ class BucketGraphs:
             for piece in pieces:  # warm-up: lazy initialisation stays out of the graphs
                 piece()
             stream.synchronize()
-            tables.clear()
-            self._graphs: list[torch.cuda.CUDAGraph] = []
-            for piece in pieces:
-                graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-                try:
-                    piece()
-                finally:
-                    graph.capture_end()
-                self._graphs.append(graph)
+            self._graphs = [_capture(piece, pool) for piece in pieces]
         torch.cuda.current_stream(device).wait_stream(stream)
 
     def start(self, tokens: list[int], positions: torch.Tensor, slots: torch.Tensor
@@ -161,3 +172,19 @@ class BucketGraphs:
     def hidden(self) -> torch.Tensor:
         """The hidden states after the last layer replayed (all rows of the bucket)."""
         return self._h
+
+
+def _capture(piece: Callable[[], None], pool: tuple[int, int]) -> torch.cuda.CUDAGraph:
+    """A graph of what ``piece`` launches on the current stream (the capture stream)."""
+    graph = torch.cuda.CUDAGraph()
+    graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+    try:
+        piece()
+    except BaseException:
+        try:  # ends the broken capture; its own error only repeats that one
+            graph.capture_end()
+        except RuntimeError:
+            pass
+        raise
+    graph.capture_end()
+    return graph

@@ -97,6 +97,12 @@ class DecodeEngine:
         self._waiting: deque[DecodeRequest] = deque()
         self._running: list[DecodeRequest] = []
 
+    def capture_graphs(self) -> None:
+        """Capture the forward's CUDA graphs for every bucket now, so that no request pays
+        for it (`engines.cuda_graphs`); nothing without a GPU or with cuda_graphs=False."""
+        if self.cache.has_graphs:
+            self.cache.graphs(self.model).capture_all()
+
     def close(self) -> None:
         for request in self._running:
             self.cache.release(request.seq)

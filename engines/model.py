@@ -237,9 +237,9 @@ class LlamaModel(nn.Module):
 
         Each sequence must already have pages for all its tokens (`PagedKVCache.reserve`);
         its ``num_tokens`` advances by its chunk's length. On a cache built with
-        ``cuda_graphs=True`` a forward of up to 512 tokens replays CUDA graphs of each
-        layer around its attention (`engines.cuda_graphs`): same arithmetic, far fewer
-        launches.
+        ``cuda_graphs=True`` a forward of a few tokens (up to `cuda_graphs.BUCKETS`'s
+        largest) replays CUDA graphs of each layer around its attention
+        (`engines.cuda_graphs`): the same kernels, far fewer launches.
         """
         device = self.device
         lengths = [len(tokens) for _, tokens in batch]

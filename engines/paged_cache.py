@@ -72,7 +72,8 @@ class PagedKVCache:
         self.has_graphs = cuda_graphs and self.device.type == "cuda"
         self.pad_slot = num_pages * page_tokens if self.has_graphs else None
         self._graphs: ForwardGraphs | None = None
-        shape = (2, num_pages + self.has_graphs, page_tokens, config.num_kv_heads,
+        num_pad_pages = 1 if self.has_graphs else 0
+        shape = (2, num_pages + num_pad_pages, page_tokens, config.num_kv_heads,
                  config.head_dim)
         self.kv = [torch.zeros(shape, dtype=dtype, device=self.device)
                    for _ in range(config.num_layers)]

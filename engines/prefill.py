@@ -47,6 +47,12 @@ class PrefillEngine:
         self.io = KVBlockIO(model, self.cache, store)
         self.block_tokens = block_tokens
 
+    def capture_graphs(self) -> None:
+        """Capture the forward's CUDA graphs for every bucket now, so that no request pays
+        for it (`engines.cuda_graphs`); nothing without a GPU or with cuda_graphs=False."""
+        if self.cache.has_graphs:
+            self.cache.graphs(self.model).capture_all()
+
     def close(self) -> None:
         self.io.close()
 

@@ -62,6 +62,7 @@ class PrefillWorker:
         self.engine.close()
 
     def _run(self) -> None:
+        self.engine.capture_graphs()
         while True:
             job = self._jobs.get()
             if job is _STOP:
@@ -160,6 +161,7 @@ class DecodeWorker:
             block = False
 
     def _run(self) -> None:
+        self.engine.capture_graphs()
         running = True
         while running or self.engine.has_work:
             running = self._take(block=running and not self.engine.has_work) and running

@@ -35,7 +35,7 @@ def prompt_of(n: int, seed: int) -> list[int]:
     return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def run_both(model, chunks_of, num_pages=40):
+def run_both(model, chunks_of, num_pages=64):
     """Forwards over an eager cache and a graph cache, chunk after chunk (each step a batch
     of (sequence index, tokens)); returns both caches, their sequences and the logits."""
     runs = []
@@ -58,19 +58,21 @@ def run_both(model, chunks_of, num_pages=40):
 
 @pytest.mark.gpu
 def test_graphs_give_the_eager_logits_and_cache_for_tails_over_a_cached_prefix(model):
-    prompt = prompt_of(300, 1)
-    # A 150-token prompt, then tails of 1, 3, 16 and 17 tokens, then decode steps:
-    # buckets 256, 1, 4, 16, 32 and 1 again.
+    prompt = prompt_of(1000, 1)
+    # A 600-token prompt (eager: over the largest bucket, the pad page there all the same),
+    # a 150-token chunk, tails of 1, 3, 16 and 17 tokens, then decode steps: buckets
+    # 192, 1, 4, 16, 32 and 1 again.
     steps, at = [], 0
-    for n in (150, 1, 3, 16, 17, 1, 1):
+    for n in (600, 150, 1, 3, 16, 17, 1, 1):
         steps.append([(0, prompt[at:at + n])])
         at += n
     (eager, eager_seqs, eager_logits, eager_calls), (graph, seqs, logits, calls) = run_both(
         model, steps)
-    assert graph.has_graphs and graph._graphs is not None
+    assert graph.graphs(model).captured == {192: True, 1: True, 4: True, 16: True,
+                                            32: True}
     for got, want in zip(logits, eager_logits, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert calls == eager_calls  # the hooks, layer by layer, in the same order
+    assert calls == eager_calls
     assert calls[:3] == [("before", 0), ("after", 0), ("before", 1)]
     num = seqs[0].num_tokens
     assert num == eager_seqs[0].num_tokens == at
@@ -94,11 +96,57 @@ def test_graphs_give_the_eager_logits_for_a_ragged_batch(model):
     (_, _, eager_logits, _), (graph, _, logits, _) = run_both(model, steps)
     for got, want in zip(logits, eager_logits, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert sorted(graph._graphs._buckets) == [4, 32, 64]
+    assert graph.graphs(model).captured == {32: True, 64: True, 4: True}
 
 
 @pytest.mark.gpu
-def test_graphs_belong_to_one_model_and_one_cache(model):
+def test_layer_i_of_the_graphs_runs_after_before_layer_i_on_the_gpu(model):
+    """The prefix's KV of each layer arrives late, on a side stream (as a fetch's copies
+    do), and before_layer(i) makes the forward's stream wait for it: the tail's logits are
+    those over the real prefix, not over what the pages held when the forward launched."""
+    prompt = prompt_of(64, 6)
+    eager = model.new_cache(num_pages=4)
+    want = model.forward(eager, [(SequenceKV(pages=[0, 1, 2, 3], num_tokens=0), prompt)])
+    cache = model.new_cache(num_pages=4, cuda_graphs=True)
+    seq = SequenceKV(pages=[0, 1, 2, 3])
+    model.forward(cache, [(seq, prompt[:48])])
+    prefix = [kv[:, :3].clone() for kv in cache.kv]
+
+    def tail(before_layer=None):
+        for kv in cache.kv:
+            kv[:, :3].zero_()
+        seq.num_tokens = 48
+        return model.forward(cache, [(seq, prompt[48:])], before_layer=before_layer)
+
+    side = torch.cuda.Stream()
+
+    def arrive(layer: int) -> None:
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(2_000_000)  # ~1 ms: long after the host queued the layer
+            cache.kv[layer][:, :3].copy_(prefix[layer])
+        event = torch.cuda.Event()
+        event.record(side)
+        torch.cuda.current_stream().wait_event(event)
+
+    assert not torch.allclose(tail()[0], want[-1], atol=1e-3)  # zeroed prefix: other logits
+    torch.testing.assert_close(tail(arrive)[0], want[-1], rtol=1e-5, atol=1e-5)
+    assert cache.graphs(model).captured == {64: True, 16: True}
+
+
+@pytest.mark.gpu
+def test_capture_all_captures_every_bucket(model):
+    import kvstore
+    from engines.prefill import PrefillEngine
+
+    with kvstore.Store(kvstore.StoreConfig(dram_bytes="16MiB", hbm_bytes=0)) as store, \
+            PrefillEngine(model, store, num_pages=8) as engine:
+        engine.capture_graphs()
+        assert engine.cache.graphs(model).captured == {b: True for b in BUCKETS}
+
+
+@pytest.mark.gpu
+def test_graphs_belong_to_the_model_that_made_them(model):
     cache = model.new_cache(num_pages=4, cuda_graphs=True)
     assert cache.kv[0].shape[1] == 5 and cache.pad_slot == 4 * 16
     other = load_model("tiny", device="cuda", dtype=torch.float32, seed=1).model
@@ -129,5 +177,6 @@ def test_a_forward_whose_capture_fails_runs_eagerly(model, monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="engines.cuda_graphs"):
         got = model.forward(cache, [(SequenceKV(pages=[0, 1]), prompt)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert "capturing the forward of 32 tokens failed" in caplog.text
     assert "runs eagerly" in caplog.text
-    assert cache.graphs(model)._buckets == {32: None}
+    assert cache.graphs(model).captured == {32: False}
