@@ -36,7 +36,9 @@ eagerly, as does everything on the CPU.
 from __future__ import annotations
 
 import bisect
+import gc
 import logging
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -66,7 +68,10 @@ class ForwardGraphs:
         if cache.pad_slot is None:
             raise ValueError("CUDA graphs need a cache with a pad page (cuda_graphs=True)")
         self.model = model
-        self.cache = cache
+        # Weak: the cache holds these graphs, and a cycle would leave both to the garbage
+        # collector, which may run in the middle of another cache's capture.
+        self._cache = weakref.ref(cache)
+        self._device = cache.device
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = torch.cuda.Stream(device=cache.device)
         self._buckets: dict[int, BucketGraphs | None] = {}  # None: capture failed
@@ -77,13 +82,26 @@ class ForwardGraphs:
         if bucket is None:
             return None
         if bucket not in self._buckets:
+            cache = self._cache()
+            assert cache is not None, "a cache's graphs outlived it"
+            # Garbage collected now, and not during the capture: a finalizer freeing CUDA
+            # memory (pinned pages, another cache's graphs) would invalidate it.
+            gc.collect()
+            was_collecting = gc.isenabled()
+            gc.disable()
             try:
-                self._buckets[bucket] = BucketGraphs(self.model, self.cache, bucket,
-                                                     self._pool, self._stream)
+                self._buckets[bucket] = BucketGraphs(self.model, cache, bucket, self._pool,
+                                                     self._stream)
             except RuntimeError as e:  # out of memory, or an op the capture refused
                 log.warning("capturing the forward of %d tokens failed (%s); it runs "
                             "eagerly", bucket, e)
                 self._buckets[bucket] = None
+                # A capture that failed can leave its pool and stream unusable for the next.
+                self._pool = torch.cuda.graph_pool_handle()
+                self._stream = torch.cuda.Stream(device=self._device)
+            finally:
+                if was_collecting:
+                    gc.enable()
         return self._buckets[bucket]
 
     def capture_all(self) -> None:
