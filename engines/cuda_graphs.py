@@ -71,7 +71,6 @@ class ForwardGraphs:
         # Weak: the cache holds these graphs, and a cycle would leave both to the garbage
         # collector, which may run in the middle of another cache's capture.
         self._cache = weakref.ref(cache)
-        self._device = cache.device
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = torch.cuda.Stream(device=cache.device)
         self._buckets: dict[int, BucketGraphs | None] = {}  # None: capture failed
@@ -82,32 +81,36 @@ class ForwardGraphs:
         if bucket is None:
             return None
         if bucket not in self._buckets:
-            cache = self._cache()
-            assert cache is not None, "a cache's graphs outlived it"
-            # Garbage collected now, and not during the capture: a finalizer freeing CUDA
-            # memory (pinned pages, another cache's graphs) would invalidate it.
-            gc.collect()
-            was_collecting = gc.isenabled()
-            gc.disable()
-            try:
-                self._buckets[bucket] = BucketGraphs(self.model, cache, bucket, self._pool,
-                                                     self._stream)
-            except RuntimeError as e:  # out of memory, or an op the capture refused
-                log.warning("capturing the forward of %d tokens failed (%s); it runs "
-                            "eagerly", bucket, e)
-                self._buckets[bucket] = None
-                # A capture that failed can leave its pool and stream unusable for the next.
-                self._pool = torch.cuda.graph_pool_handle()
-                self._stream = torch.cuda.Stream(device=self._device)
-            finally:
-                if was_collecting:
-                    gc.enable()
+            self._capture([bucket])
         return self._buckets[bucket]
 
     def capture_all(self) -> None:
         """Capture every bucket now (an engine starting up), not on its first forward."""
-        for bucket in BUCKETS:
-            self.for_tokens(bucket)
+        self._capture([bucket for bucket in BUCKETS if bucket not in self._buckets])
+
+    def _capture(self, buckets: list[int]) -> None:
+        cache = self._cache()
+        assert cache is not None, "a cache's graphs outlived it"
+        # Garbage collected now, and not during the captures: a finalizer freeing CUDA
+        # memory (pinned pages, another cache's graphs) would invalidate one.
+        gc.collect()
+        was_collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for bucket in buckets:
+                try:
+                    self._buckets[bucket] = BucketGraphs(self.model, cache, bucket,
+                                                         self._pool, self._stream)
+                except RuntimeError as e:  # out of memory, or an op the capture refused
+                    log.warning("capturing the forward of %d tokens failed (%s); it runs "
+                                "eagerly", bucket, e)
+                    self._buckets[bucket] = None
+                    # A failed capture can leave its pool and stream unusable for the next.
+                    self._pool = torch.cuda.graph_pool_handle()
+                    self._stream = torch.cuda.Stream(device=cache.device)
+        finally:
+            if was_collecting:
+                gc.enable()
 
     @property
     def captured(self) -> dict[int, bool]:

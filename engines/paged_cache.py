@@ -154,6 +154,12 @@ class PagedKVCache:
             raise ValueError("a cache's CUDA graphs belong to the model that made them")
         return self._graphs
 
+    def capture_graphs(self, model: LlamaModel) -> None:
+        """Capture ``model``'s forward graphs for every bucket now, so that no request pays
+        for it (`engines.cuda_graphs`); nothing for a cache without graphs."""
+        if self.has_graphs:
+            self.graphs(model).capture_all()
+
     def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """Store K and V of ``layer`` at flat ``slots``: ``kv`` is ``[tokens, 2 * kv_heads,
         head_dim]``, each token's K heads then its V heads (one copy for both)."""

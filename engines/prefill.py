@@ -48,10 +48,8 @@ class PrefillEngine:
         self.block_tokens = block_tokens
 
     def capture_graphs(self) -> None:
-        """Capture the forward's CUDA graphs for every bucket now, so that no request pays
-        for it (`engines.cuda_graphs`); nothing without a GPU or with cuda_graphs=False."""
-        if self.cache.has_graphs:
-            self.cache.graphs(self.model).capture_all()
+        """Capture the forward's CUDA graphs now (`PagedKVCache.capture_graphs`)."""
+        self.cache.capture_graphs(self.model)
 
     def close(self) -> None:
         self.io.close()
