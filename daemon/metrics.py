@@ -106,13 +106,22 @@ class _StoreCollector:
                                    "Blocks held in each tier.", labels=["tier"])
         tier_hits = CounterMetricFamily("kvstore_tier_hits",
                                         "Lookups served from each tier.", labels=["tier"])
+        read_only = GaugeMetricFamily(
+            "kvstore_tier_read_only", "1 where a disk error stopped the tier's writes (it "
+            "serves what it holds until the daemon restarts).", labels=["tier"])
+        read_errors = CounterMetricFamily(
+            "kvstore_tier_read_errors", "Reads the disk refused (served as misses).",
+            labels=["tier"])
         if stats is not None:
             for tier, figures in stats["tiers"].items():
                 capacity.add_metric([tier], float(figures["capacity_bytes"]))
                 used.add_metric([tier], float(figures["used_bytes"]))
                 blocks.add_metric([tier], float(figures["blocks"]))
                 tier_hits.add_metric([tier], float(figures["hits"]))
-        yield from (capacity, used, blocks, tier_hits)
+                if "read_only" in figures:
+                    read_only.add_metric([tier], float(figures["read_only"]))
+                    read_errors.add_metric([tier], float(figures["read_errors"]))
+        yield from (capacity, used, blocks, tier_hits, read_only, read_errors)
         for name, key, help_text in _STORE_COUNTERS:
             value = None if stats is None else float(stats[key])
             yield CounterMetricFamily(name, help_text, value=value)

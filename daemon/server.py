@@ -48,7 +48,7 @@ from daemon.tenants import (
     grants,
 )
 from kvstore import protocol
-from kvstore.errors import KVStoreError
+from kvstore.errors import KVStoreError, StorageError
 from kvstore.keys import namespace_secret
 from kvstore.protocol import ErrorCode, FrameKind, RequestError
 from kvstore.store import Store
@@ -153,9 +153,14 @@ class Daemon(SharedMemoryPlane):
         if self.access_log is not None:
             await self.access_log.aclose()  # every lookup answered is in it now
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self.store.close)  # flushes NVMe
+        try:
+            await loop.run_in_executor(self._executor, self.store.close)  # flushes NVMe
+        except StorageError as e:  # the disk failed: what was on it stays, the rest is gone
+            log.error("kvstored stopped; the store is closed but not everything it held was "
+                      "written to NVMe: %s", e)
+        else:
+            log.info("kvstored stopped; store closed and flushed")
         self._executor.shutdown(wait=True)
-        log.info("kvstored stopped; store closed and flushed")
 
     # -- connections --------------------------------------------------------------------------
 

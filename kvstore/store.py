@@ -325,17 +325,28 @@ class Store(StoreReads, StoreHostPlane):
             }
 
     def close(self) -> None:
-        """Flush to NVMe (if present) and release every tier. Idempotent."""
+        """Flush to NVMe (if present) and release every tier. Idempotent.
+
+        If the flush fails (the NVMe tier stopped writing after a disk error), every tier is
+        released all the same and the flush's `StorageError` is raised after."""
         with self._lock:
             if self._closed:
                 return
+            error: StorageError | None = None
             try:
                 if self._nvme is not None:
                     self.flush()
+            except StorageError as e:
+                error = e
             finally:
                 self._closed = True
                 for tier in self._tiers:
-                    tier.close()
+                    try:
+                        tier.close()
+                    except StorageError as e:  # the NVMe tier's own last flush
+                        error = error or e
+            if error is not None:
+                raise error
 
     def __enter__(self) -> Store:
         return self
@@ -530,8 +541,8 @@ class Store(StoreReads, StoreHostPlane):
             tier.commit(entry.key, offset, nbytes, entry.parent)
         else:
             footprint = tier.footprint_bytes(nbytes)
-            if footprint > tier.capacity_bytes:
-                return False
+            if footprint > tier.capacity_bytes or tier.is_read_only:
+                return False  # read only: a failed disk (logged) takes nothing new
             while tier.used_bytes + footprint > tier.capacity_bytes:
                 if not self._evict_for(t, 0, protect):
                     return False

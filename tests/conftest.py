@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +34,26 @@ def make_value(i: int | str, nbytes: int) -> bytes:
     """Deterministic bytes derived from ``i`` (so a reader can verify any value it gets)."""
     seed = hashlib.blake2b(str(i).encode(), digest_size=64).digest()
     return (seed * (nbytes // 64 + 1))[:nbytes]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size)`` -> a directory on a fresh tmpfs of that size (a disk that fills up
+    for real), unmounted at teardown; skips where mounting is not allowed (not root)."""
+    import subprocess
+
+    mounted: list[str] = []
+
+    def mount(size: str) -> Path:
+        path = tmp_path / f"tmpfs-{len(mounted)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                               str(path)], capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+        mounted.append(str(path))
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", path], check=False)

@@ -42,7 +42,7 @@ import numpy as np
 
 from kvstore.buffers import copy_bytes, output_view, value_view
 from kvstore.config import Compression
-from kvstore.errors import ConfigError, InvalidValueError, StoreClosedError
+from kvstore.errors import ConfigError, InvalidValueError, StorageError, StoreClosedError
 from kvstore.tiers.base import check_key
 from kvstore.tiers.nvme_files import SegmentFiles, SegmentWriter
 from kvstore.tiers.nvme_log import RecordLoc, SegmentLog
@@ -121,32 +121,41 @@ class _Layout:
     max_footprint: int
     write_limit: int      # disk bytes plain writes may reach
     capacity_bytes: int   # logical capacity offered to live records
+    disk_capacity_bytes: int  # what the segment files may reach: the config's, or less
 
     @classmethod
-    def of(cls, config: NvmeTierConfig) -> _Layout:
+    def of(cls, config: NvmeTierConfig, room_bytes: int | None = None) -> _Layout:
+        """The layout of ``config``; with ``room_bytes`` (what the filesystem can hold for
+        the tier: its segments plus the free space), within that, segments made smaller if
+        four of the configured size would not fit."""
+        capacity = config.capacity_bytes
         segment_bytes = align_down(config.segment_bytes)
         max_footprint = record_disk_bound(config.max_value_bytes)
+        if room_bytes is not None and room_bytes < capacity:
+            capacity = align_down(room_bytes)
+            segment_bytes = max(align_up(max_footprint), min(segment_bytes,
+                                                             align_down(capacity // 4)))
         if max_footprint > segment_bytes:
             raise ConfigError(
                 f"NvmeTierConfig.segment_bytes ({config.segment_bytes}) must hold one record of "
                 f"max_value_bytes: use at least {align_up(max_footprint)}")
-        num_slots = config.capacity_bytes // segment_bytes
+        num_slots = capacity // segment_bytes
         if num_slots < 4:
             raise ConfigError(
-                f"NvmeTierConfig.capacity_bytes ({config.capacity_bytes}) must hold at least 4 "
+                f"NvmeTierConfig.capacity_bytes ({capacity}) must hold at least 4 "
                 f"segments of {segment_bytes} bytes: grow it or lower segment_bytes")
         # One segment of headroom for compaction copies (+ the alignment of two files) ...
-        write_limit = config.capacity_bytes - segment_bytes - 2 * IO_ALIGN
+        write_limit = capacity - segment_bytes - 2 * IO_ALIGN
         # ... and one more kept from live data so that a full disk is at least a segment dead.
         # Each file's last block may be part empty: never count on that slack as room.
         slack_bytes = 2 * IO_ALIGN * (num_slots + 4)
         capacity_bytes = write_limit - IO_ALIGN - max(segment_bytes, slack_bytes)
         if capacity_bytes < max_footprint:
             raise ConfigError(
-                f"NvmeTierConfig.capacity_bytes ({config.capacity_bytes}) leaves no room for a "
+                f"NvmeTierConfig.capacity_bytes ({capacity}) leaves no room for a "
                 f"value of max_value_bytes after the compaction reserve: grow it")
         return cls(segment_bytes, align_up(config.write_buffer_bytes), max_footprint,
-                   write_limit, capacity_bytes)
+                   write_limit, capacity_bytes, capacity)
 
 
 class RecoveredRecord(NamedTuple):
@@ -164,27 +173,45 @@ class NvmeTier:
 
     def __init__(self, config: NvmeTierConfig) -> None:
         self.config = config
-        layout = _Layout.of(config)
-        self.capacity_bytes = layout.capacity_bytes
         self._lock = threading.Lock()
         self._closed = False
         self._files = SegmentFiles(config.path, config.direct_io)
-        self._writer = SegmentWriter(self._files, layout.write_buffer_bytes,
-                                     layout.max_footprint)
-        self._log = SegmentLog(self._files, self._writer, segment_bytes=layout.segment_bytes,
-                               write_limit=layout.write_limit,
-                               capacity_bytes=layout.capacity_bytes,
-                               disk_capacity_bytes=config.capacity_bytes)
+        self._writer: SegmentWriter | None = None
         self._recovered: list[RecoveredRecord] = []
         self._num_dropped_at_open = 0
         try:
             self._files.open()
+            layout = _Layout.of(config, self._room_bytes())
+            if layout.disk_capacity_bytes < config.capacity_bytes:
+                log.warning("NVMe tier %s: the filesystem holds %d MiB for it, not the %d MiB "
+                            "configured; using %d MiB", config.path,
+                            layout.disk_capacity_bytes >> 20, config.capacity_bytes >> 20,
+                            layout.disk_capacity_bytes >> 20)
+            self.capacity_bytes = layout.capacity_bytes
+            self._writer = SegmentWriter(self._files, layout.write_buffer_bytes,
+                                         layout.max_footprint)
+            self._log = SegmentLog(self._files, self._writer,
+                                   segment_bytes=layout.segment_bytes,
+                                   write_limit=layout.write_limit,
+                                   capacity_bytes=layout.capacity_bytes,
+                                   disk_capacity_bytes=layout.disk_capacity_bytes)
             live, self._num_dropped_at_open = self._log.recover()
             self._recovered = [RecoveredRecord(key, loc.parent, loc.raw_len)
                                for key, loc in live]
         except BaseException:
             self._release()
             raise
+
+    def _room_bytes(self) -> int:
+        """What the filesystem can hold for the tier: its segments and the free space."""
+        path = self.config.path
+        try:
+            stat = os.statvfs(path)
+            used = sum(os.stat(os.path.join(path, name)).st_size for name in os.listdir(path)
+                       if name.startswith("seg-"))
+        except OSError as e:
+            raise StorageError(f"cannot size the NVMe directory {path}: {e}") from e
+        return used + stat.f_bavail * stat.f_frsize
 
     # -- sizes -------------------------------------------------------------------------------
 
@@ -221,12 +248,25 @@ class NvmeTier:
                                        payload_checksum)
         with self._lock:
             self._check_open()
-            if self.used_bytes + record_footprint(nbytes) > self.capacity_bytes:
+            if (self._log.is_read_only
+                    or self.used_bytes + record_footprint(nbytes) > self.capacity_bytes):
                 return False
-            seq, offset = self._log.write(header_for, payload)
+            try:
+                seq, offset = self._log.write(header_for, payload)
+            except StorageError:
+                if self._log.is_read_only:  # the disk failed just now (logged): no room
+                    return False
+                raise
             self._log.make_live(key, RecordLoc(seq, offset, len(payload), nbytes, flags, parent,
                                                payload_checksum))
             return True
+
+    @property
+    def is_read_only(self) -> bool:
+        """Whether a write error (a full or failing disk) stopped the tier's writes: it
+        serves what it holds, takes nothing new, and `flush` raises `StorageError`."""
+        with self._lock:
+            return not self._closed and self._log.is_read_only
 
     def get(self, key: bytes) -> bytes | None:
         """The value, or None if absent or if it fails its checksum (then it is forgotten)."""
@@ -367,6 +407,8 @@ class NvmeTier:
                 "segments": self._log.num_segments,
                 "blocks": len(self._log),
                 "compactions": self._log.num_compactions,
+                "read_only": self._log.is_read_only,
+                "read_errors": self._log.num_read_errors,
                 "checksum_failures": self._log.num_checksum_failures,
                 "corrupt_records_skipped": self._log.num_corrupt_skipped,
                 "records_dropped_at_open": self._num_dropped_at_open,
@@ -395,8 +437,8 @@ class NvmeTier:
         return None
 
     def _drop_corrupt(self, key: bytes, loc: RecordLoc) -> None:
-        log.warning("NVMe record of key %s in segment %d failed its checksum; dropped",
-                    key.hex(), loc.seq)
+        log.warning("NVMe record of key %s in segment %d could not be read back whole (its "
+                    "checksum failed or the disk refused it); dropped", key.hex(), loc.seq)
         self._log.forget_corrupt(key)
 
     # -- closing -------------------------------------------------------------------------------
@@ -407,5 +449,6 @@ class NvmeTier:
 
     def _release(self) -> None:
         self._closed = True
-        self._writer.close()  # first: its write in flight uses a segment's descriptor
+        if self._writer is not None:
+            self._writer.close()  # first: its write in flight uses a segment's descriptor
         self._files.close()

@@ -1,6 +1,7 @@
 """The NVMe tier's segment files: the directory and its lock, aligned I/O, the write buffer.
 
     <path>/LOCK                   flock'd by the one tier that has the directory open
+    <path>/KEY                    the key of the record headers' MACs (`nvme_record.HeaderMac`)
     <path>/seg-0000000003.log     segment 3 (`SegmentFiles.path_of(3)`)
 
     active segment   [ on disk ................ | write buffer (aligned mmap) ]
@@ -13,6 +14,11 @@ Neither is thread-safe: the tier's lock guards both.
 Invariants
 - One open tier per directory: `open()` takes an exclusive flock on LOCK, held until
   `close()` closes its descriptor.
+- Only the tier's user reads the directory: it is mode 0700 and every file in it 0600
+  (looser modes left by an older kvstore or by hand are tightened at open), because the
+  segments hold every tenant's values and KEY is what no tenant may learn.
+- KEY is written once, whole (a temporary file, fsync, rename, directory fsync), before
+  any segment is.
 - Descriptors are cached per segment; a miss that takes the cache past `_MAX_OPEN_FILES`
   closes the least recently used one.
 - Files are opened with O_DIRECT when the config asks and the filesystem takes it. The first
@@ -41,6 +47,7 @@ import fcntl
 import logging
 import os
 import re
+import secrets
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -52,8 +59,11 @@ from kvstore.tiers.nvme_record import (
     HEADER_BYTES,
     HEADERS_PER_PAGE,
     IO_ALIGN,
+    KEY_BYTES,
     RECORD_ALIGN,
     HeaderFor,
+    HeaderMac,
+    SegmentKey,
     align_down,
     align_up,
     is_detached,
@@ -64,6 +74,9 @@ __all__ = ["SegmentFiles", "SegmentWriter"]
 log = logging.getLogger(__name__)
 
 _SEGMENT_NAME = re.compile(r"^seg-(\d+)\.log$")
+_KEY_FILE = "KEY"
+_PRIVATE_FILE = 0o600
+_PRIVATE_DIR = 0o700
 _MAX_OPEN_FILES = 64
 _ZERO_BLOCK = bytes(IO_ALIGN)
 
@@ -95,12 +108,20 @@ class SegmentFiles:
         return self._is_direct
 
     def open(self) -> None:
-        """Create the directory if needed and lock it for this tier."""
+        """Create the directory if needed (mode 0700), lock it for this tier and load its
+        key (`segment_key`), making one if it has none."""
         path = self.path
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise StorageError(f"the NVMe path {path!r} is a file, not a directory")
         try:
-            os.makedirs(path, exist_ok=True)
+            os.makedirs(path, mode=_PRIVATE_DIR, exist_ok=True)
             self._dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-            self._lock_fd = os.open(os.path.join(path, "LOCK"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StorageError(f"cannot use {path!r} as the NVMe directory: {e}") from e
+        _make_private(self._dir_fd, path, _PRIVATE_DIR)
+        try:
+            self._lock_fd = os.open(os.path.join(path, "LOCK"), os.O_RDWR | os.O_CREAT,
+                                    _PRIVATE_FILE)
         except OSError as e:
             raise StorageError(f"cannot use {path!r} as the NVMe directory: {e}") from e
         if not os.access(path, os.W_OK):
@@ -110,6 +131,48 @@ class SegmentFiles:
         except OSError as e:
             raise StorageError(f"the NVMe directory {path!r} is in use by another open tier; "
                                "close it first") from e
+        _make_private(self._lock_fd, os.path.join(path, "LOCK"), _PRIVATE_FILE)
+        self.segment_key = SegmentKey(self._load_key())
+
+    def _load_key(self) -> bytes:
+        """The directory's key, made now if it has none (under the lock)."""
+        path = os.path.join(self.path, _KEY_FILE)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return self._make_key(path)
+        except OSError as e:
+            raise StorageError(f"cannot read the NVMe directory key {path}: {e}") from e
+        try:
+            _make_private(fd, path, _PRIVATE_FILE)
+            key = os.read(fd, KEY_BYTES + 1)
+        finally:
+            os.close(fd)
+        if len(key) != KEY_BYTES:
+            raise StorageError(
+                f"the NVMe directory key {path} is damaged ({len(key)} bytes, not {KEY_BYTES}): "
+                "its segments cannot be read; remove the directory's files to start empty")
+        return key
+
+    def _make_key(self, path: str) -> bytes:
+        if any(_SEGMENT_NAME.match(name) for name in _listdir(self.path)):
+            log.warning("NVMe directory %s has segments but no KEY: they were written by "
+                        "another kvstore and will be read as corrupt and compacted away",
+                        self.path)
+        key = secrets.token_bytes(KEY_BYTES)
+        temporary = path + ".new"
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _PRIVATE_FILE)
+            try:
+                os.write(fd, key)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temporary, path)
+        except OSError as e:
+            raise StorageError(f"cannot write the NVMe directory key {path}: {e}") from e
+        self.sync_dir()
+        return key
 
     def list_segments(self) -> list[tuple[int, int]]:
         """(seqno, file size) of each segment, in log order. An empty file other than the
@@ -117,7 +180,11 @@ class SegmentFiles:
         try:
             seqs = sorted(int(m.group(1)) for name in os.listdir(self.path)
                           if (m := _SEGMENT_NAME.match(name)))
-            sizes = [os.stat(self.path_of(seq)).st_size for seq in seqs]
+            stats = [os.stat(self.path_of(seq)) for seq in seqs]
+            for seq, stat in zip(seqs, stats, strict=True):
+                if stat.st_mode & 0o077:
+                    os.chmod(self.path_of(seq), _PRIVATE_FILE)
+            sizes = [stat.st_size for stat in stats]
             for seq, file_bytes in zip(seqs[:-1], sizes[:-1], strict=True):
                 if file_bytes == 0:
                     os.unlink(self.path_of(seq))
@@ -235,12 +302,12 @@ class SegmentFiles:
         try:
             if self._is_direct:
                 try:
-                    return os.open(path, flags | os.O_DIRECT, 0o644)
+                    return os.open(path, flags | os.O_DIRECT, _PRIVATE_FILE)
                 except OSError as e:
                     if e.errno != errno.EINVAL:
                         raise
                     self._use_buffered_io(e)
-            return os.open(path, flags, 0o644)
+            return os.open(path, flags, _PRIVATE_FILE)
         except OSError as e:
             raise StorageError(f"cannot open NVMe segment {path}: {e}") from e
 
@@ -280,6 +347,23 @@ class SegmentFiles:
                 raise StorageError(f"I/O error on NVMe segment {self.path_of(seq)}: {e}") from e
 
 
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError as e:
+        raise StorageError(f"cannot list the NVMe directory {path}: {e}") from e
+
+
+def _make_private(fd: int, path: str, mode: int) -> None:
+    """Tighten ``fd``'s mode to ``mode`` if others may read it (a warning if we may not)."""
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, mode)
+            log.info("made %s private (mode %o)", path, mode)
+    except OSError as e:
+        log.warning("cannot make %s private (mode %o): %s", path, mode, e)
+
+
 def _write_all(fd: int, data: memoryview, offset: int) -> None:
     """pwrite all of ``data`` at ``offset`` (the I/O thread's job)."""
     done = 0
@@ -294,6 +378,7 @@ class SegmentWriter:
     def __init__(self, files: SegmentFiles, buffer_bytes: int, max_record_bytes: int) -> None:
         self._files = files
         self._seq: int | None = None
+        self._mac: HeaderMac | None = None  # the active segment's
         self._end = self._buffer_offset = self._written_end = 0
         self._header_page: int | None = None  # offset of the open header page, if any
         self._num_headers = 0                  # headers in it so far
@@ -302,6 +387,7 @@ class SegmentWriter:
         # (one write in flight at most: the copy and checksum of puts overlap the disk).
         self._spare_view = page_aligned_buffer(buffer_bytes)
         self._inflight: tuple[Future[None], int, int, memoryview] | None = None
+        self._failure: StorageError | None = None
         self._io_thread = ThreadPoolExecutor(1, thread_name_prefix="kvstore-nvme-write")
         files.before_reopen = self.drain
         self._rview = page_aligned_buffer(align_up(max_record_bytes) + 2 * IO_ALIGN)
@@ -320,8 +406,13 @@ class SegmentWriter:
     def start(self, seq: int) -> None:
         """Create segment ``seq`` and make it the active one (after `seal`)."""
         assert self._seq is None, "seal the active segment before starting another"
-        self._files.create(seq)
+        self._check_writable()
+        try:
+            self._files.create(seq)
+        except StorageError as e:
+            raise self.fail(e) from e.__cause__
         self._seq = seq
+        self._mac = self._files.segment_key.for_segment(seq)
         self._end = self._buffer_offset = self._written_end = 0
         self._header_page = None
 
@@ -334,6 +425,7 @@ class SegmentWriter:
             if got < end - buffer_offset:
                 return False
         self._seq = seq
+        self._mac = self._files.segment_key.for_segment(seq)
         self._end = self._written_end = end
         self._buffer_offset = buffer_offset
         self._header_page = None
@@ -347,12 +439,14 @@ class SegmentWriter:
 
     def append(self, header_for: HeaderFor, payload: Any, stored_bytes: int) -> int:
         """Append one record: ``payload`` (``stored_bytes``) and its header,
-        ``header_for(payload offset)``, inline or detached as `nvme_record` says, padded
-        with zeros to 8 bytes; returns the offset of its payload."""
-        assert self._seq is not None, "no active segment to append to"
+        ``header_for(payload offset)`` signed for the active segment, inline or detached as
+        `nvme_record` says, padded with zeros to 8 bytes; returns the offset of its payload."""
+        mac = self._mac
+        assert self._seq is not None and mac is not None, "no active segment to append to"
+        self._check_writable()
         if not is_detached(stored_bytes):
             offset = self._end + HEADER_BYTES
-            self._buffer_write(header_for(offset))
+            self._buffer_write(mac.sign(header_for(offset)))
         else:
             page = self._header_page
             if (page is None or page < self._buffer_offset
@@ -361,7 +455,7 @@ class SegmentWriter:
             offset = align_up(self._end)
             self._buffer_write(_ZERO_BLOCK[:offset - self._end])
             slot = page + self._num_headers * HEADER_BYTES - self._buffer_offset
-            self._wview[slot:slot + HEADER_BYTES] = header_for(offset)
+            self._wview[slot:slot + HEADER_BYTES] = mac.sign(header_for(offset))
             self._num_headers += 1
         self._buffer_write(payload)
         pad = -self._end % RECORD_ALIGN
@@ -381,34 +475,77 @@ class SegmentWriter:
         self._header_page, self._num_headers = page, 0
         return page
 
+    @property
+    def failure(self) -> StorageError | None:
+        """The write error that stopped this writer for good, if one did (see `fail`)."""
+        return self._failure
+
+    def fail(self, error: StorageError) -> StorageError:
+        """Stop writing for good after ``error`` (the disk is full or failing): every later
+        write raises it. What was appended stays readable, from the disk or the buffer, and
+        reads of records that are in neither fail their checksum (a miss)."""
+        if self._failure is None:
+            self._failure = error
+            log.error("NVMe tier %s: %s; no more writes: the tier serves what it holds, read "
+                      "only, until it is reopened", self._files.path, error)
+        return error
+
+    def _check_writable(self) -> None:
+        if self._failure is not None:
+            raise StorageError(f"the NVMe tier stopped writing after an error: "
+                               f"{self._failure}")
+
     def drain(self) -> None:
         """Wait for the buffer write in flight, if any; raise `StorageError` if it failed
-        (a refused O_DIRECT write is made again buffered, as every I/O falls back)."""
+        (a refused O_DIRECT write is made again buffered, as every I/O falls back). The
+        bytes of a failed write stay readable: they go back in front of the buffer."""
         job, self._inflight = self._inflight, None
         if job is None:
             return
         done, seq, offset, view = job
         try:
             done.result()
-        except OSError as e:
-            if e.errno != errno.EINVAL or not self._files.is_direct:
-                raise StorageError(f"I/O error on NVMe segment {self._files.path_of(seq)}: "
-                                   f"{e}") from e
-        else:
             return
+        except OSError as e:
+            error = e
         finally:
             self._files.release(seq)
-        self._files.pwrite(seq, view, offset)  # O_DIRECT refused: again, as reads fall back
+        try:
+            if error.errno != errno.EINVAL or not self._files.is_direct:
+                raise StorageError(f"I/O error on NVMe segment {self._files.path_of(seq)}: "
+                                   f"{error}") from error
+            self._files.pwrite(seq, view, offset)  # O_DIRECT refused: again, as reads do
+        except StorageError as e:
+            used = self._end - self._buffer_offset
+            tail = bytearray(len(view) + used)  # [offset, end) of the segment, in memory
+            tail[:len(view)] = view
+            tail[len(view):] = self._wview[:used]
+            self._wview, self._buffer_offset = memoryview(tail), offset
+            self._written_end = offset
+            raise self.fail(e) from e.__cause__
+
+    def _drain_for_read(self, seq: int) -> None:
+        """Before reading segment ``seq``: its bytes may be in the write in flight. A write
+        that failed is the writer's business (`fail`), not the reader's."""
+        if self._inflight is not None and self._inflight[1] == seq:
+            try:
+                self.drain()
+            except StorageError:
+                pass
 
     def write_buffer(self) -> None:
         """Write what the buffer holds, zero-padded to 4 KiB; keep its unfinished block."""
         self.drain()
         if self._seq is None or self._end == self._written_end:
             return
+        self._check_writable()
         used = self._end - self._buffer_offset
         nbytes = align_up(used)
         self._wview[used:nbytes] = _ZERO_BLOCK[:nbytes - used]
-        self._files.pwrite(self._seq, self._wview[:nbytes], self._buffer_offset)
+        try:
+            self._files.pwrite(self._seq, self._wview[:nbytes], self._buffer_offset)
+        except StorageError as e:
+            raise self.fail(e) from e.__cause__
         self._written_end = self._end
         keep = align_down(used)
         if keep:
@@ -421,8 +558,7 @@ class SegmentWriter:
         end = start + nbytes
         if start == end:
             return memoryview(b"")
-        if self._inflight is not None and self._inflight[1] == seq:
-            self.drain()  # the bytes may be in the buffer being written
+        self._drain_for_read(seq)
         in_buffer = seq == self._seq
         if in_buffer and start >= self._buffer_offset:
             return self._wview[start - self._buffer_offset:end - self._buffer_offset]
@@ -445,8 +581,7 @@ class SegmentWriter:
         aligned, into page-aligned caller buffers.
         """
         nbytes = dst.shape[0]
-        if self._inflight is not None and self._inflight[1] == seq:
-            self.drain()
+        self._drain_for_read(seq)
         if (not (start | nbytes) % IO_ALIGN and nbytes
                 and not (seq == self._seq and start + nbytes > self._buffer_offset)):
             done = self._files.read_whole(seq, start, dst)

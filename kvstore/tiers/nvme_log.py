@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from kvstore.errors import StorageError
@@ -41,6 +42,7 @@ from kvstore.tiers.nvme_record import (
     ScannedRecord,
     ScanReport,
     align_up,
+    is_detached,
     record_disk_bound,
     record_footprint,
     scan_records,
@@ -55,7 +57,8 @@ _SCAN_WINDOW_BYTES = 8 * 1024 * 1024
 
 
 class Segment:
-    __slots__ = ("disk_bytes", "live_bytes", "num_live", "num_stale", "pinned_bytes", "seq")
+    __slots__ = ("disk_bytes", "is_stuck", "live_bytes", "num_live", "num_stale", "pinned_bytes",
+                 "seq")
 
     def __init__(self, seq: int, disk_bytes: int = 0) -> None:
         self.seq = seq
@@ -64,6 +67,7 @@ class Segment:
         self.num_live = 0
         self.num_stale = 0
         self.pinned_bytes = 0          # tombstones owed for pinned keys whose newest record is here
+        self.is_stuck = False          # its compaction failed for a reason other than I/O
 
     @property
     def reclaimable_bytes(self) -> int:
@@ -89,6 +93,14 @@ class RecordLoc:
     def footprint(self) -> int:
         return record_footprint(self.stored_len)
 
+    def is_record(self, record: ScannedRecord) -> bool:
+        """Whether ``record``, scanned from this loc's segment, is this loc's record: a data
+        record of the same shape at the same payload offset. The payload offset alone does
+        not tell: an empty inline record (a tombstone, say) whose header ends on a 4 KiB
+        boundary has the payload offset of the detached record written next."""
+        return (record.offset == self.offset and not record.header.is_tombstone
+                and record.header.is_detached == is_detached(self.stored_len))
+
 
 class SegmentLog:
     """The records of one tier's segments; see the module docstring."""
@@ -108,6 +120,7 @@ class SegmentLog:
         self.live_bytes = self.pinned_bytes = self.disk_bytes = 0
         self.live_raw_bytes = self.live_stored_bytes = 0
         self.num_compactions = self.num_checksum_failures = self.num_corrupt_skipped = 0
+        self.num_read_errors = 0
         self._next_seq = 1
         self._compacting = False
 
@@ -128,15 +141,35 @@ class SegmentLog:
         """Where the live record of ``key`` is, or None."""
         return self._index.get(key)
 
+    @property
+    def is_read_only(self) -> bool:
+        """Whether a write error stopped the tier's writes (`SegmentWriter.fail`)."""
+        return self._writer.failure is not None
+
     def read_payload(self, loc: RecordLoc) -> memoryview | None:
         """The stored payload of a live record, unchecked (a view valid until the next I/O);
-        None if its file is shorter than the index says."""
-        return self._writer.read(loc.seq, loc.offset, loc.stored_len)
+        None if its file is shorter than the index says or cannot be read."""
+        try:
+            return self._writer.read(loc.seq, loc.offset, loc.stored_len)
+        except StorageError as e:
+            self._read_failed(e)
+            return None
 
     def read_payload_into(self, loc: RecordLoc, dst: Any) -> bool:
         """Copy the stored payload of a live record into ``dst`` (1-D uint8, `stored_len`
-        bytes), unchecked; False if its file is shorter than the index says."""
-        return self._writer.read_into(loc.seq, loc.offset, dst)
+        bytes), unchecked; False if its file is shorter than the index says or cannot be
+        read."""
+        try:
+            return self._writer.read_into(loc.seq, loc.offset, dst)
+        except StorageError as e:
+            self._read_failed(e)
+            return False
+
+    def _read_failed(self, error: StorageError) -> None:
+        """A read that the disk refused (EIO on a bad block, say) is a miss, not an error:
+        the record's other readers and the rest of the tier go on."""
+        self.num_read_errors += 1
+        log.warning("%s", error)
 
     def write(self, header_for: HeaderFor, payload: memoryview) -> tuple[int, int]:
         """Append a record whose header is ``header_for(payload offset)``; returns (segment
@@ -165,12 +198,12 @@ class SegmentLog:
         self.forget(key)
 
     def delete(self, key: bytes) -> bool:
-        """Forget ``key`` and write a tombstone so no record of it comes back at reopen.
-        True if it was live."""
+        """Forget ``key`` and write a tombstone so no record of it comes back at reopen
+        (none if the tier is read only: it may come back then). True if it was live."""
         was_live = key in self._index
         if was_live:
             self.forget(key)
-        if key not in self._stale:
+        if key not in self._stale or self.is_read_only:
             return was_live
         self._make_room(TOMBSTONE_FOOTPRINT, self._write_limit)
         stale = self._stale.get(key)
@@ -191,9 +224,13 @@ class SegmentLog:
         return was_live
 
     def flush(self) -> None:
-        """Make every record written so far durable."""
+        """Make every record written so far durable; `StorageError` if it cannot be (then
+        the tier is read only from now on)."""
         self._writer.write_buffer()
-        self._files.sync()
+        try:
+            self._files.sync()
+        except StorageError as e:
+            raise self._writer.fail(e) from e.__cause__
 
     # -- live and stale bookkeeping ------------------------------------------------------------
 
@@ -305,7 +342,8 @@ class SegmentLog:
         for segment in self._segments.values():
             gain = segment.reclaimable_bytes
             copies = segment.disk_bytes - gain
-            if gain <= 0 or self.disk_bytes + copies + 2 * IO_ALIGN > hard_limit:
+            if (gain <= 0 or segment.is_stuck
+                    or self.disk_bytes + copies + 2 * IO_ALIGN > hard_limit):
                 continue
             if best is None or gain > best.reclaimable_bytes:
                 best = segment
@@ -313,70 +351,96 @@ class SegmentLog:
 
     def _compact(self, victim: Segment, hard_limit: int) -> None:
         """Copy the live records (and owed tombstones) of ``victim`` to the active segment,
-        make the copies durable, then delete the victim's file."""
+        make the copies durable, then delete the victim's file.
+
+        The index moves to the copies only once they are durable. A failure on the way (an
+        I/O error, or a bug) leaves every live record where it was and files the copies made
+        so far as stale records of their keys, so the tier stays consistent and usable; a
+        victim that failed for any reason but I/O is not picked again."""
         self._compacting = True
+        seq = victim.seq
+        copies: list[tuple[bytes, RecordLoc, int, int]] = []  # key, its loc, new seq, offset
         try:
-            seq = victim.seq
             if seq == self._writer.seq:
                 self._writer.seal()
-            newest_of: dict[bytes, int] = {}  # stale keys seen -> their newest segment before
-            report = ScanReport()
-            read = functools.partial(self._files.read_at, seq)
-            for record in scan_records(read, victim.disk_bytes, report, _SCAN_WINDOW_BYTES):
+            stale_seen: dict[bytes, int] = {}  # key -> its stale records the scan met
+            for record in self._scan(seq, victim.disk_bytes, ScanReport()):
                 key = record.header.key
                 loc = self._index.get(key)
-                if loc is not None and loc.seq == seq and loc.offset == record.offset:
+                if loc is not None and loc.seq == seq and loc.is_record(record):
                     if record.is_intact:
-                        self._copy_live(key, loc, record, hard_limit)
+                        copies.append((key, loc, *self._append(
+                            record.header.header_for, record.payload, loc.stored_len,
+                            hard_limit)))
                         continue
                     self.num_checksum_failures += 1  # rotted since written: it is stale now
                     self._take_live(key)
                     self._stale_add(key, seq)
                 stale = self._stale.get(key)
                 if stale is not None and seq in stale:
-                    newest_of.setdefault(key, max(stale))
-                    self._stale_remove(key, seq)
-            self._sweep_unseen(victim, newest_of)
-            for key, newest in newest_of.items():
-                stale = self._stale.get(key)
-                if newest == seq and stale and key not in self._index:
+                    stale_seen[key] = stale_seen.get(key, 0) + 1
+            self._drop_unseen_live(victim, copies)
+            owed = self._stale_in(victim, stale_seen)
+            for key in owed:
+                stale = self._stale[key]
+                older = [s for s in stale if s != seq]
+                if max(stale) == seq and older and key not in self._index:
                     # The victim held the key's newest record and older ones remain elsewhere.
-                    self._write_tombstone(key, max(stale), hard_limit)
-                self._repin(key)
-            assert victim.num_live == 0 and victim.num_stale == 0 and victim.pinned_bytes == 0
+                    self._write_tombstone(key, max(older), hard_limit)
+                    self._repin(key)
             self.flush()
-            self._files.remove(seq)
-            del self._segments[seq]
-            self.disk_bytes -= victim.disk_bytes
-            self.num_compactions += 1
+        except BaseException as e:
+            for key, _loc, new_seq, _offset in copies:  # records now, but not live ones
+                self._stale_add(key, new_seq)
+                self._repin(key)
+            if not isinstance(e, StorageError):
+                victim.is_stuck = True
+                log.exception("NVMe tier %s: compacting segment %d failed; it is left as it "
+                              "is", self._files.path, seq)
+            raise
         finally:
             self._compacting = False
+        for _key, loc, new_seq, offset in copies:
+            old, new = self._segments[seq], self._segments[new_seq]
+            old.live_bytes -= loc.footprint
+            old.num_live -= 1
+            new.live_bytes += loc.footprint
+            new.num_live += 1
+            loc.seq, loc.offset = new_seq, offset
+        for key in owed:
+            while seq in self._stale.get(key, ()):
+                self._stale_remove(key, seq)
+            self._repin(key)
+        assert victim.num_live == 0 and victim.num_stale == 0 and victim.pinned_bytes == 0, (
+            f"segment {seq} still counts records after its compaction")
+        self._files.remove(seq)
+        del self._segments[seq]
+        self.disk_bytes -= victim.disk_bytes
+        self.num_compactions += 1
 
-    def _copy_live(self, key: bytes, loc: RecordLoc, record: ScannedRecord, limit: int) -> None:
-        footprint = loc.footprint
-        seq, offset = self._append(record.header.header_for, record.payload, loc.stored_len,
-                                   limit)
-        old, new = self._segments[loc.seq], self._segments[seq]
-        old.live_bytes -= footprint
-        old.num_live -= 1
-        new.live_bytes += footprint
-        new.num_live += 1
-        loc.seq, loc.offset = seq, offset
-
-    def _sweep_unseen(self, victim: Segment, newest_of: dict[bytes, int]) -> None:
-        """Account for records of ``victim`` the scan could not read (a header that rotted
-        after it was written): its live ones are lost, its stale ones go with the file."""
+    def _drop_unseen_live(self, victim: Segment, copies: list[tuple[Any, ...]]) -> None:
+        """Live records of ``victim`` that the scan did not find (a header that rotted
+        after it was written) are lost: they become stale."""
+        if victim.num_live == len(copies):
+            return
+        copied = {key for key, *_ in copies}
         seq = victim.seq
-        if victim.num_live:
-            for key in [k for k, loc in self._index.items() if loc.seq == seq]:
-                self.num_checksum_failures += 1
-                self._take_live(key)
-                self._stale_add(key, seq)
-        if victim.num_stale:
-            for key in [k for k, stale in self._stale.items() if seq in stale]:
-                newest_of.setdefault(key, max(self._stale[key]))
-                while key in self._stale and seq in self._stale[key]:
-                    self._stale_remove(key, seq)
+        for key in [k for k, loc in self._index.items() if loc.seq == seq and k not in copied]:
+            self.num_checksum_failures += 1
+            self._take_live(key)
+            self._stale_add(key, seq)
+
+    def _stale_in(self, victim: Segment, seen: dict[bytes, int]) -> list[bytes]:
+        """The keys with stale records in ``victim``: those the scan met and, only when it
+        did not meet them all (a rotted header), every other key whose records name it."""
+        if sum(seen.values()) >= victim.num_stale:
+            return list(seen)
+        return [key for key, stale in self._stale.items() if victim.seq in stale]
+
+    def _scan(self, seq: int, file_bytes: int, report: ScanReport) -> Iterator[ScannedRecord]:
+        """The records of segment ``seq``, checked with its MAC (`scan_records`)."""
+        return scan_records(functools.partial(self._files.read_at, seq), file_bytes, report,
+                            self._files.segment_key.for_segment(seq), _SCAN_WINDOW_BYTES)
 
     # -- recovery ------------------------------------------------------------------------------
 
@@ -391,8 +455,7 @@ class SegmentLog:
             self._segments[seq] = Segment(seq, file_bytes)
             self.disk_bytes += file_bytes
             last_report = ScanReport()
-            read = functools.partial(self._files.read_at, seq)
-            for record in scan_records(read, file_bytes, last_report, _SCAN_WINDOW_BYTES):
+            for record in self._scan(seq, file_bytes, last_report):
                 self._replay(seq, record)
             self.num_corrupt_skipped += last_report.num_corrupt
             self._next_seq = seq + 1
@@ -415,7 +478,11 @@ class SegmentLog:
                 log.warning("NVMe tier %s: %d bytes of segments exceed capacity and cannot be "
                             "compacted now", self._files.path, self.disk_bytes)
                 break
-            self._compact(victim, self.disk_bytes + self._segment_bytes + 2 * IO_ALIGN)
+            try:
+                self._compact(victim, self.disk_bytes + self._segment_bytes + 2 * IO_ALIGN)
+            except StorageError as e:  # the tier opens all the same, read only if it must
+                log.warning("NVMe tier %s: compaction at open failed: %s", self._files.path, e)
+                break
         if self.num_corrupt_skipped or dropped:
             log.warning("NVMe tier %s: skipped %d corrupt records, dropped %d over capacity",
                         self._files.path, self.num_corrupt_skipped, dropped)

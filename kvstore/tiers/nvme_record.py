@@ -4,7 +4,7 @@ Every record has an 80-byte header; headers start at multiples of 8 bytes:
 
     offset  size  field
     0       4     magic b"KVSR"
-    4       1     format version (3)
+    4       1     format version (4)
     5       1     flags: 1 = payload is LZ4-compressed, 2 = tombstone, 4 = has a parent,
                   8 = detached (the payload is elsewhere, see below)
     6       2     reserved, zero
@@ -15,9 +15,15 @@ Every record has an 80-byte header; headers start at multiples of 8 bytes:
     56      8     xxh3_64 of the stored payload
     64      8     aux: a tombstone's deleted segment seqno; a detached record's payload
                   offset in its segment; else 0
-    72      8     xxh3_64 of bytes 0..72 (the header checksum)
+    72      8     the header's MAC: BLAKE2b-64 keyed with the directory's key, of the
+                  segment's seqno (8 bytes) and bytes 0..72
 
-All integers are little-endian. A record comes in one of two shapes, chosen by its stored
+All integers are little-endian. The MAC is what makes a header a header: the directory's
+key (`<path>/KEY`, 32 random bytes, mode 0600, made when the directory is first used) is
+known to the tier alone, so no bytes a client stores (a value holding a complete record,
+checksums and all) can pass for a record, wherever the scanner resynchronises after a
+damaged header or a segment cut short; and with the seqno in it, a record copied into
+another segment is not one either. A record comes in one of two shapes, chosen by its stored
 length (`is_detached`):
 
 - *Inline* (small payloads, tombstones): the payload follows the header, then zeros up to
@@ -38,27 +44,30 @@ the next detached record opens a new one, so a page on disk is never rewritten. 
 is payload order: the scanner yields a detached record when it reaches its payload, so a
 record and the ones written before and after it replay in the order they were written.
 
-A record is valid when its header checksum matches, its shape fits its stored length, its
+A record is valid when its MAC holds, its shape fits its stored length, its
 payload ends inside the file and the payload checksum matches. Space: an inline record takes
 `HEADER_BYTES + align_up(stored, 8)`; a detached one `align_up(stored, 4 KiB)` plus its
 header slot (what `record_footprint` accounts), and at most one more 4 KiB block of padding
-and one header page when it starts a batch (`record_disk_bound`). A header whose checksum
-holds but whose version is not 3 is a segment written by another format: opening fails with
-`FormatVersionError` rather than dropping its records as corrupt.
+and one header page when it starts a batch (`record_disk_bound`). A header of another version
+whose own checksum holds (format 3 ended in an unkeyed xxh3_64 of bytes 0..72) is a segment
+written by another format: opening fails with `FormatVersionError` rather than dropping its
+records as corrupt.
 
 The scanner reads a segment in large sequential windows. Between records it skips zeros
 silently and counts anything else (a torn write, flipped bits, also after a run of zeros) as
-one corrupt region, then resumes at the next 8-byte aligned magic whose header checksum
-holds; a region that a header found earlier says is a payload is never parsed for headers.
+one corrupt region, then resumes at the next 8-byte aligned magic whose MAC holds; a region
+that a header found earlier says is a payload is never parsed for headers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import mmap
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -66,7 +75,8 @@ import xxhash
 from kvstore.errors import StorageError
 
 MAGIC = b"KVSR"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+KEY_BYTES = 32  # the directory key of the headers' MACs
 HEADER_BYTES = 80
 RECORD_ALIGN = 8
 IO_ALIGN = 4096  # O_DIRECT granularity: offsets, lengths and buffers of every disk I/O
@@ -79,12 +89,14 @@ FLAG_HAS_PARENT = 4
 FLAG_DETACHED = 8
 _KNOWN_FLAGS = FLAG_COMPRESSED | FLAG_TOMBSTONE | FLAG_HAS_PARENT | FLAG_DETACHED
 
-_HEAD = struct.Struct("<4sBBH16s16sQQQQ")  # everything the header checksum covers
-_CHECKSUM = struct.Struct("<Q")
+_HEAD = struct.Struct("<4sBBH16s16sQQQQ")  # everything the MAC covers (with the seqno)
+_MAC_BYTES = 8
+_U64 = struct.Struct("<Q")
+_MAC_PERSON = b"kvstore-rec-v4"
 _NO_PARENT = bytes(16)
 _ZEROS8 = bytes(8)
 _ZERO_SCAN_BYTES = 64 * 1024  # how far `skip_zeros` looks per step
-assert _HEAD.size + _CHECKSUM.size == HEADER_BYTES
+assert _HEAD.size + _MAC_BYTES == HEADER_BYTES
 
 checksum = xxhash.xxh3_64_intdigest
 
@@ -124,7 +136,44 @@ def record_disk_bound(stored_bytes: int) -> int:
 
 
 TOMBSTONE_FOOTPRINT = record_footprint(0)
-HeaderFor = Callable[[int], bytes]  # payload offset -> the record's header
+HeaderFor = Callable[[int], bytes]  # payload offset -> the record's 72-byte head, unsigned
+
+
+class HeaderMac:
+    """Signs and checks the headers of one segment: a MAC keyed with the directory's key
+    over the segment's seqno and the header (see the module docstring). Made by
+    `SegmentKey.for_segment`."""
+
+    __slots__ = ("_mac",)
+
+    def __init__(self, mac: Any) -> None:
+        self._mac = mac  # keyed BLAKE2b state that has absorbed the seqno
+
+    def sign(self, head: bytes) -> bytes:
+        """The 80-byte header of a 72-byte ``head``: the head and its MAC."""
+        mac = self._mac.copy()  # a copy of the keyed state costs half a fresh keying
+        mac.update(head)
+        return head + mac.digest()
+
+    def verifies(self, header: memoryview | bytes) -> bool:
+        """Whether the last 8 bytes of an 80-byte ``header`` are the MAC of its first 72."""
+        mac = self._mac.copy()
+        mac.update(header[:_HEAD.size])
+        return mac.digest() == header[_HEAD.size:HEADER_BYTES]
+
+
+class SegmentKey:
+    """The directory's key: the `HeaderMac` of each of its segments."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_BYTES:
+            raise StorageError(f"an NVMe directory key is {KEY_BYTES} bytes, got {len(key)}")
+        self._keyed = hashlib.blake2b(key=key, digest_size=_MAC_BYTES, person=_MAC_PERSON)
+
+    def for_segment(self, seq: int) -> HeaderMac:
+        mac = self._keyed.copy()
+        mac.update(_U64.pack(seq))
+        return HeaderMac(mac)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +199,7 @@ class RecordHeader:
         return bool(self.flags & FLAG_DETACHED)
 
     def header_for(self, payload_offset: int) -> bytes:
-        """This data record's header again, for a copy whose payload is at ``payload_offset``."""
+        """This data record's head again, for a copy whose payload is at ``payload_offset``."""
         assert not self.is_tombstone, "tombstones are written anew, not copied"
         return pack_header(self.flags & FLAG_COMPRESSED, self.key, self.parent,
                            self.stored_len, self.raw_len, self.payload_checksum, payload_offset)
@@ -158,15 +207,15 @@ class RecordHeader:
 
 def _pack(flags: int, key: bytes, parent: bytes | None, stored_len: int, raw_len: int,
           payload_checksum: int, aux: int) -> bytes:
-    head = _HEAD.pack(MAGIC, FORMAT_VERSION, flags, 0, key, parent or _NO_PARENT,
+    return _HEAD.pack(MAGIC, FORMAT_VERSION, flags, 0, key, parent or _NO_PARENT,
                       stored_len, raw_len, payload_checksum, aux)
-    return head + _CHECKSUM.pack(checksum(head))
 
 
 def pack_header(flags: int, key: bytes, parent: bytes | None, stored_len: int, raw_len: int,
                 payload_checksum: int, payload_offset: int = 0) -> bytes:
-    """A data record's header; ``payload_offset`` is kept only if it is detached (an inline
-    payload follows its header). A tombstone's is `tombstone_header`'s."""
+    """A data record's head, unsigned (`HeaderMac.sign` makes it a header); ``payload_offset``
+    is kept only if it is detached (an inline payload follows its header). A tombstone's
+    is `tombstone_header`'s."""
     if parent is not None:
         flags |= FLAG_HAS_PARENT
     aux = 0
@@ -177,28 +226,34 @@ def pack_header(flags: int, key: bytes, parent: bytes | None, stored_len: int, r
 
 
 def tombstone_header(key: bytes, deleted_seq: int) -> bytes:
+    """A tombstone's head, unsigned."""
     return _pack(FLAG_TOMBSTONE, key, None, 0, 0, checksum(b""), deleted_seq)
 
 
-def unpack_header(buf: memoryview | bytes, offset: int | None = None) -> RecordHeader | None:
-    """The header at the start of ``buf`` (at least 80 bytes), or None if it is not valid.
+def unpack_header(buf: memoryview | bytes, mac: HeaderMac,
+                  offset: int | None = None) -> RecordHeader | None:
+    """The header at the start of ``buf`` (at least 80 bytes), or None if it is not valid:
+    its MAC is not ``mac``'s (its segment's), or it is not a shape this format writes.
 
     With ``offset`` (where ``buf`` starts in its segment), a detached header whose payload
     is not after its own page is not valid either. A header of another format version whose
-    checksum holds raises `FormatVersionError`.
+    own checksum holds raises `FormatVersionError`.
     """
     if buf[:4] != MAGIC:
         return None
     head = buf[:_HEAD.size]
-    if _CHECKSUM.unpack_from(buf, _HEAD.size)[0] != checksum(head):
-        return None
-    (_, version, flags, _, key, parent, stored_len, raw_len, payload_checksum,
-     aux) = _HEAD.unpack(head)
+    version = buf[4]
     if version != FORMAT_VERSION:
-        raise FormatVersionError(
-            f"an NVMe segment holds records of on-disk format version {version}; this kvstore "
-            f"reads version {FORMAT_VERSION} only (there is no migration: remove the segment "
-            "files or point nvme_path at an empty directory)")
+        if version == 3 and _U64.unpack_from(buf, _HEAD.size)[0] == checksum(head):
+            raise FormatVersionError(
+                f"an NVMe segment holds records of on-disk format version {version}; this "
+                f"kvstore reads version {FORMAT_VERSION} only (there is no migration: remove "
+                "the segment files or point nvme_path at an empty directory)")
+        return None
+    if not mac.verifies(buf):
+        return None
+    (_, _, flags, _, key, parent, stored_len, raw_len, payload_checksum,
+     aux) = _HEAD.unpack(head)
     if flags & ~_KNOWN_FLAGS:
         return None
     if bool(flags & FLAG_DETACHED) != is_detached(stored_len):
@@ -238,8 +293,10 @@ class ScannedRecord:
 class _Window:
     """An aligned buffer over ``[base, base + length)`` of a file, refilled on demand."""
 
-    def __init__(self, read_at: ReadAt, file_bytes: int, window_bytes: int) -> None:
+    def __init__(self, read_at: ReadAt, file_bytes: int, window_bytes: int,
+                 mac: HeaderMac) -> None:
         self.read_at = read_at
+        self.mac = mac
         self.file_bytes = file_bytes
         self._alloc(align_up(max(window_bytes, IO_ALIGN)))
         self.base = 0
@@ -297,16 +354,16 @@ class _Window:
                 pos = align_up(hit, RECORD_ALIGN)
                 continue
             if (self.fill(hit, HEADER_BYTES)
-                    and unpack_header(self.view(hit, HEADER_BYTES), hit)):
+                    and unpack_header(self.view(hit, HEADER_BYTES), self.mac, hit)):
                 return hit
             pos = hit + RECORD_ALIGN
         return None
 
 
-def scan_records(read_at: ReadAt, file_bytes: int, report: ScanReport,
+def scan_records(read_at: ReadAt, file_bytes: int, report: ScanReport, mac: HeaderMac,
                  window_bytes: int = 8 << 20) -> Iterator[ScannedRecord]:
-    """Every record with a valid header in a segment of ``file_bytes``, in log order (the
-    order of their payloads, see the module docstring).
+    """Every record with a valid header (signed by ``mac``, its segment's) in a segment of
+    ``file_bytes``, in log order (the order of their payloads, see the module docstring).
 
     Records whose payload fails its checksum are yielded with ``is_intact=False`` (their
     key is known, which recovery needs) and counted in ``report.num_corrupt``; so is a
@@ -314,7 +371,7 @@ def scan_records(read_at: ReadAt, file_bytes: int, report: ScanReport,
     yielded. Zeros between records are skipped without a count. Raises
     `FormatVersionError` for a segment of another format version.
     """
-    win = _Window(read_at, file_bytes, window_bytes)
+    win = _Window(read_at, file_bytes, window_bytes, mac)
     pending: list[tuple[int, int, RecordHeader]] = []  # detached: (payload offset, n, header)
     pos = 0
     while True:
@@ -327,7 +384,7 @@ def scan_records(read_at: ReadAt, file_bytes: int, report: ScanReport,
         if not win.fill(pos, HEADER_BYTES):
             break
         head = win.view(pos, HEADER_BYTES)
-        header = unpack_header(head, pos)
+        header = unpack_header(head, mac, pos)
         if header is None:
             if head[:8] == _ZEROS8:  # padding, the rest of a header page, or the tail
                 pos = win.skip_zeros(pos)

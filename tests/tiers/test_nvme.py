@@ -26,11 +26,12 @@ from kvstore.errors import (
 from kvstore.tiers.nvme import Compression, NvmeTier, NvmeTierConfig
 from kvstore.tiers.nvme_record import (
     DETACHED_MIN_BYTES,
-    FORMAT_VERSION,
     HEADER_BYTES,
     HEADERS_PER_PAGE,
     IO_ALIGN,
     FormatVersionError,
+    HeaderMac,
+    SegmentKey,
     is_detached,
     pack_header,
     record_disk_bound,
@@ -371,11 +372,18 @@ _MIXED = [(i, n) for i, n in enumerate([DETACHED_MIN_BYTES, 13, 256 * KiB, 4 * K
                                         8 * KiB, 300_001, 10_000, 4 * KiB, 12 * KiB - 8])]
 
 
-def header_of(data: bytes, key: bytes) -> tuple[int, object]:
-    """Where the header of ``key`` is in a segment's bytes, and the header."""
+def segment_mac(segment: Path) -> HeaderMac:
+    """The MAC of a segment's headers, from its directory's KEY (as the tier makes it)."""
+    seq = int(segment.name[4:-4])
+    return SegmentKey((segment.parent / "KEY").read_bytes()).for_segment(seq)
+
+
+def header_of(segment: Path, key: bytes) -> tuple[int, object]:
+    """Where the header of ``key`` is in a segment, and the header."""
+    data = segment.read_bytes()
     at = data.find(key) - 8
     assert at >= 0 and at % 8 == 0, "header not found"
-    header = unpack_header(data[at:at + HEADER_BYTES], at)
+    header = unpack_header(data[at:at + HEADER_BYTES], segment_mac(segment), at)
     assert header is not None
     return at, header
 
@@ -391,7 +399,7 @@ def test_detached_payloads_start_4k_aligned_and_inline_ones_stay_packed(tmp_path
     data = seg.read_bytes()
     end = 0
     for i, n in _MIXED:
-        at, header = header_of(data, make_key(i))
+        at, header = header_of(seg, make_key(i))
         offset = at + HEADER_BYTES
         if is_detached(n):
             offset = header.aux
@@ -425,8 +433,7 @@ def test_one_header_page_serves_many_records(tmp_path):
         tier.flush()
         # Three header pages for n 4 KiB values, not a block of header per value.
         assert disk_bytes(tmp_path) == n * 4 * KiB + 3 * IO_ALIGN + IO_ALIGN
-    data = segment_files(tmp_path)[-1].read_bytes()
-    assert header_of(data, make_key(1))[0] == HEADER_BYTES  # the first page, second slot
+    assert header_of(segment_files(tmp_path)[-1], make_key(1))[0] == HEADER_BYTES  # page 1, slot 2
     with NvmeTier(cfg) as tier:
         assert tier.stats()["corrupt_records_skipped"] == 0
         assert make_key(3) not in tier and len(tier) == n - 1
@@ -507,27 +514,35 @@ def test_flipped_header_byte_of_aligned_record_is_skipped(tmp_path, field_offset
         for i in range(3):
             tier.put(make_key(i), make_value(i, n))
     seg = segment_files(tmp_path)[-1]
-    flip_byte(seg, header_of(seg.read_bytes(), make_key(1))[0] + field_offset)
+    flip_byte(seg, header_of(seg, make_key(1))[0] + field_offset)
     with NvmeTier(cfg) as tier:
         assert [i for i in range(3) if make_key(i) in tier] == [0, 2]
         assert tier.stats()["corrupt_records_skipped"] == 1
         assert tier.get(make_key(2)) == make_value(2, n)
 
 
+def _directory_key(path: Path) -> SegmentKey:
+    """The key of a fresh NVMe directory, as its first open makes it."""
+    NvmeTier(config(path)).close()
+    for segment in segment_files(path):
+        segment.unlink()
+    return SegmentKey((path / "KEY").read_bytes())
+
+
 def test_misplaced_detached_record_is_corrupt(tmp_path):
-    # A large record inline after its header is not one this format writes ...
-    header = bytearray(pack_header(0, make_key("big"), None, 100_000, 100_000, 0))
-    header[5] &= ~8  # not detached
-    head = bytes(header[:72])
-    import xxhash
-    header[72:] = xxhash.xxh3_64_intdigest(head).to_bytes(8, "little")
-    (tmp_path / "seg-0000000001.log").write_bytes(bytes(8) + bytes(header) + bytes(100_000))
+    mac = _directory_key(tmp_path).for_segment(1)
+    # A large record inline after its header is not one this format writes, its MAC right
+    # and all ...
+    head = bytearray(pack_header(0, make_key("big"), None, 100_000, 100_000, 0))
+    head[5] &= ~8  # not detached
+    (tmp_path / "seg-0000000001.log").write_bytes(bytes(8) + mac.sign(bytes(head))
+                                                  + bytes(100_000))
     with NvmeTier(config(tmp_path)) as tier:
         assert len(tier) == 0 and tier.stats()["corrupt_records_skipped"] == 1
     # ... nor a detached one whose payload would lie before its own header page.
     (tmp_path / "seg-0000000001.log").write_bytes(
-        bytes(IO_ALIGN) + pack_header(0, make_key("big"), None, 100_000, 100_000, 0,
-                                      payload_offset=0) + bytes(100_000))
+        bytes(IO_ALIGN) + mac.sign(pack_header(0, make_key("big"), None, 100_000, 100_000, 0,
+                                               payload_offset=0)) + bytes(100_000))
     with NvmeTier(config(tmp_path)) as tier:
         assert len(tier) == 0 and tier.stats()["corrupt_records_skipped"] == 1
 
@@ -538,12 +553,102 @@ def test_segment_of_another_format_version_is_refused(tmp_path):
     import xxhash
     payload_checksum = xxhash.xxh3_64_intdigest(b"hello")
     head = bytearray(pack_header(0, make_key("old"), None, 5, 5, payload_checksum))
-    head[4] = FORMAT_VERSION - 1
-    head[72:80] = struct.pack("<Q", xxhash.xxh3_64_intdigest(bytes(head[:72])))
-    (tmp_path / "seg-0000000001.log").write_bytes(bytes(head) + b"hello" + bytes(3))
-    with pytest.raises(FormatVersionError, match=f"format version {FORMAT_VERSION - 1}"):
+    head[4] = 3  # format 3: the header ended in an unkeyed xxh3 of its first 72 bytes
+    header = bytes(head) + struct.pack("<Q", xxhash.xxh3_64_intdigest(bytes(head)))
+    (tmp_path / "seg-0000000001.log").write_bytes(header + b"hello" + bytes(3))
+    with pytest.raises(FormatVersionError, match="format version 3"):
         NvmeTier(config(tmp_path))
     with pytest.raises(StorageError):  # the same error, for callers that catch StorageError
+        NvmeTier(config(tmp_path))
+
+
+# -- records no client can forge ------------------------------------------------------------------
+
+def _forged_record(key: bytes, value: bytes, mac: HeaderMac | str) -> bytes:
+    """A complete inline record of ``key`` holding ``value``, as a tenant would build one
+    inside a value of its own: magic, format, lengths and payload checksum all right, and
+    for the header's last 8 bytes the best a forger has: ``"xxh3"``, the unkeyed checksum
+    that format 3 took (what the attack of issue 15 used), ``"own-key"``, a MAC under a key
+    of the forger's choosing, or a `HeaderMac` (of another segment, say)."""
+    import struct
+
+    import xxhash
+    head = pack_header(0, key, None, len(value), len(value), xxhash.xxh3_64_intdigest(value))
+    if mac == "xxh3":
+        header = head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head))
+    elif mac == "own-key":
+        header = SegmentKey(bytes(32)).for_segment(1).sign(head)
+    else:
+        header = mac.sign(head)
+    return header + value + bytes(-len(value) % 8)
+
+
+@pytest.mark.parametrize("forged_mac", ["xxh3", "own-key"])
+@pytest.mark.parametrize("damage", ["header", "cut"])
+def test_a_record_forged_inside_a_value_is_never_taken_for_one(tmp_path, damage, forged_mac):
+    """Recovery resynchronises after a damaged header or a segment cut short by looking
+    for the next header: one planted inside another value (finding 2 of issue 15) must not
+    pass, or the victim's key reads the attacker's bytes as a hit."""
+    cfg = config(tmp_path)
+    victim_key, attacker_key = make_key("victim"), make_key("attacker")
+    planted = b"ATTACKER" * 64
+    # The attacker's value: padding, then a whole record of the victim's key, then more.
+    attack = bytes(1000) + _forged_record(victim_key, planted, forged_mac) + bytes(3000)
+    with NvmeTier(cfg) as tier:
+        assert tier.put(make_key("before"), make_value("before", 300))
+        assert tier.put(attacker_key, attack)
+        tier.flush()
+    seg = segment_files(tmp_path)[-1]
+    at, _ = header_of(seg, attacker_key)
+    if damage == "header":
+        flip_byte(seg, at + 40)  # one byte of the attacker's own header
+    else:
+        os.truncate(seg, at + HEADER_BYTES + 2000)  # cut inside the attacker's value
+    with NvmeTier(cfg) as tier:
+        assert victim_key not in tier
+        assert tier.get(victim_key) is None
+        assert tier.get(make_key("before")) == make_value("before", 300)
+        assert attacker_key not in tier
+
+
+def test_a_record_with_a_right_mac_of_another_segment_is_not_one(tmp_path):
+    """Even with the directory's MAC, a record copied from one segment into another does
+    not pass: the MAC covers the segment's seqno."""
+    key = _directory_key(tmp_path)
+    planted = b"copied" * 10
+    attack = bytes(64) + _forged_record(make_key("victim"), planted, key.for_segment(99))
+    with NvmeTier(config(tmp_path)) as tier:
+        assert tier.put(make_key("attacker"), attack)
+        tier.flush()
+    seg = segment_files(tmp_path)[-1]
+    flip_byte(seg, header_of(seg, make_key("attacker"))[0] + 40)
+    with NvmeTier(config(tmp_path)) as tier:
+        assert make_key("victim") not in tier
+
+
+def test_directory_and_files_are_private(tmp_path):
+    path = tmp_path / "nvme"
+    path.mkdir(mode=0o755)
+    (path / "seg-0000000001.log").touch(mode=0o644)  # left by an older kvstore
+    with NvmeTier(config(path)) as tier:
+        assert tier.put(make_key(1), b"secret")
+        tier.flush()
+    assert path.stat().st_mode & 0o777 == 0o700
+    for entry in path.iterdir():
+        assert entry.stat().st_mode & 0o777 == 0o600, entry.name
+
+
+def test_nvme_path_that_is_a_file_is_refused_by_name(tmp_path):
+    path = tmp_path / "not-a-directory"
+    path.write_bytes(b"x")
+    with pytest.raises(StorageError, match="is a file, not a directory"):
+        NvmeTier(config(path))
+
+
+def test_a_damaged_key_file_is_refused(tmp_path):
+    _directory_key(tmp_path)
+    (tmp_path / "KEY").write_bytes(b"short")
+    with pytest.raises(StorageError, match="KEY is damaged"):
         NvmeTier(config(tmp_path))
 
 
