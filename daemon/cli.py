@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", metavar="FILE",
                    help="TOML file of tenants: token -> allowed namespaces (default: no "
                         "auth, one trusted tenant); see daemon/tenants.py")
+    p.add_argument("--key-file", metavar="FILE",
+                   help="the daemon's secret that keeps tenants' keys apart (32 random "
+                        "bytes, made at first start, mode 0600); it must outlive the NVMe "
+                        "tier's blocks (default: kvstored.key in --nvme-path; without "
+                        "NVMe, a fresh secret per start)")
     p.add_argument("--redis", metavar="URL",
                    help="register this node in Redis (redis://host:port/db) with a "
                         "heartbeat; survives Redis being down")
@@ -187,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = {"listen": args.listen, "dram": args.dram, "nvme-path": args.nvme_path,
              "nvme": args.nvme, "hbm": args.hbm, "max-value": args.max_value,
              "metrics": args.metrics, "ucx": args.ucx, "token-file": args.token_file,
+             "key-file": args.key_file,
              "redis": args.redis,
              "node-id": args.node_id, "shared-memory": args.shared_memory,
              "lease": args.lease, "drain": args.drain, "workers": args.workers,

@@ -8,6 +8,7 @@ The TOML file uses the flags' names with dashes or underscores, sizes as in the 
     nvme = "100GiB"
     metrics = "127.0.0.1:9400"
     token-file = "/etc/kvstore/tokens.toml"
+    key-file = "/var/lib/kvstore/kvstored.key"
     redis = "redis://cache:6379/0"
     access-log = "/var/log/kvstore/access.jsonl"
     block-tokens = 16
@@ -46,6 +47,9 @@ class DaemonConfig:
     metrics: str | None = None  # HOST:PORT of /metrics and /healthz
     ucx_listen: str | None = None  # HOST:PORT of the UCX data plane (needs ucxx)
     token_file: str | None = None
+    # The secret that scopes tenants' keys (daemon.scope); default kvstored.key in the
+    # NVMe directory, or a fresh one per start without NVMe.
+    key_file: str | None = None
     redis_url: str | None = None
     node_id: str | None = None  # default: hostname:port
     shared_memory: bool = True  # offer same-host clients the DRAM pool in /dev/shm
@@ -70,6 +74,8 @@ class DaemonConfig:
             parse_address(self.ucx_listen, "--ucx")
         if self.token_file is not None and not Path(self.token_file).is_file():
             raise ConfigError(f"--token-file {self.token_file} is not a readable file")
+        if self.key_file is not None and Path(self.key_file).is_dir():
+            raise ConfigError(f"--key-file {self.key_file} is a directory, not a file")
         if not self.lease_s > 0 or not self.drain_s >= 0:
             raise ConfigError("--lease must be positive and --drain not negative")
         if not self.frame_timeout_s > 0:
@@ -88,6 +94,18 @@ class DaemonConfig:
         if self.log_format not in ("text", "json"):
             raise ConfigError("--log-format must be text or json")
         self.store_config("probe")  # the store's own checks, with flag names
+
+    @property
+    def scope_key_path(self) -> str | None:
+        """Where the scope key lives: ``key_file``, else in the NVMe directory, else nowhere
+        (a daemon without NVMe keeps nothing across restarts)."""
+        if self.key_file is not None:
+            return self.key_file
+        if self.nvme_path is not None:
+            from daemon.scope import DEFAULT_FILE_NAME
+
+            return str(Path(self.nvme_path) / DEFAULT_FILE_NAME)
+        return None
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -116,7 +134,7 @@ class DaemonConfig:
 _FIELD_OF_FLAG = {
     "listen": "listen", "dram": "dram_bytes", "nvme-path": "nvme_path", "nvme": "nvme_bytes",
     "hbm": "hbm_bytes", "max-value": "max_value_bytes", "metrics": "metrics", "ucx": "ucx_listen",
-    "token-file": "token_file", "redis": "redis_url", "node-id": "node_id",
+    "token-file": "token_file", "key-file": "key_file", "redis": "redis_url", "node-id": "node_id",
     "shared-memory": "shared_memory", "lease": "lease_s", "drain": "drain_s",
     "workers": "workers", "log-format": "log_format", "frame-timeout": "frame_timeout_s",
     "access-log": "access_log", "block-tokens": "block_tokens",

@@ -40,6 +40,7 @@ from daemon.access_log import AccessLog
 from daemon.answering import Answer, Request, within
 from daemon.config import DaemonConfig
 from daemon.doorbell import Doorbells
+from daemon.scope import load_scope_key
 from daemon.shm_plane import Connection, SharedMemoryPlane
 from daemon.tcp import FrameProtocol
 from daemon.tenants import (
@@ -77,6 +78,11 @@ class Daemon(SharedMemoryPlane):
                            AccessLog(config.access_log, block_tokens=config.block_tokens))
         self.shm_name = f"kvstored-{os.getpid()}-{secrets.token_hex(4)}"
         self.store = Store(config.store_config(self.shm_name))
+        try:  # after the Store: the default file is in the NVMe directory it makes
+            self.scope_key = load_scope_key(config.scope_key_path)
+        except BaseException:
+            self.store.close()
+            raise
         self.metrics = metrics
         self.registry = registry
         self.boot_id = boot_id()
@@ -371,12 +377,16 @@ class Daemon(SharedMemoryPlane):
         tenant = self.tenants.authenticate(meta["token"])
         if tenant is None:
             raise RequestError(ErrorCode.AUTH_FAILED, "invalid or missing token")
-        namespace = meta["namespace"] or tenant.default_namespace() or DEFAULT_NAMESPACE
-        if not grants(tenant, namespace):
+        namespace = meta["namespace"] or tenant.default_namespace()
+        if namespace is None and self.tenants.is_open:
+            namespace = DEFAULT_NAMESPACE
+        if namespace is not None and not grants(tenant, namespace):
             raise RequestError(ErrorCode.FORBIDDEN,
                                f"the token does not grant namespace {namespace!r}")
+        # A token of several namespaces that names none may still ask for stats; its key
+        # operations are refused (Connection.scope) until it names one.
         conn.tenant, conn.namespace = tenant, namespace
-        conn.secret = namespace_secret(namespace)
+        conn.secret = b"" if namespace is None else namespace_secret(namespace, self.scope_key)
         pool = self.store.host_pool
         conn.shared_memory = bool(meta["shm"] and tenant.can_share_memory and pool is not None
                                   and pool.shm_name)
@@ -391,7 +401,9 @@ class Daemon(SharedMemoryPlane):
             "lease_s": self.config.lease_s,
             "tiers": self.store.config.tier_names,
             "shm": ({"name": pool.shm_name, "nbytes": pool.nbytes, "boot_id": self.boot_id,
-                     "directory": pool.directory.name if pool.directory is not None else None}
+                     "directory": pool.directory.name if pool.directory is not None else None,
+                     # to look its own keys up in the directory: scoped as the daemon does
+                     "scope": conn.secret or None}
                     if conn.shared_memory else None),
         }, []
 

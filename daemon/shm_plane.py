@@ -80,6 +80,11 @@ class Connection:
     doorbell_secret: bytes | None = None  # issued, not yet bound
 
     def scope(self, key: bytes) -> bytes:
+        """``key`` as it is stored for this connection's namespace."""
+        if not self.secret:
+            raise RequestError(ErrorCode.FORBIDDEN, "this connection named no namespace and "
+                               "its token grants several: connect with namespace=... (one of "
+                               f"{sorted(self.tenant.namespaces) if self.tenant else []})")
         return scoped_key(self.secret, key)
 
 

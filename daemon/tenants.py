@@ -8,11 +8,13 @@ The token file (``--token-file``, TOML) lists tenants:
     namespaces = ["llama3-8b", "shared"]
     shared_memory = false               # may this tenant map the DRAM pool? (default false)
 
-Isolation: a client names one namespace at hello, which its token must grant; every key
-it sends is then stored under ``kvstore.keys.scoped_key``, a keyed BLAKE2b of the key
-with the namespace. Tenants granted the same namespace share blocks; a tenant that knows
-another's key bytes still reaches only its own namespaces' scoped keys, so it can neither
-read, overwrite, delete nor probe (contains, match_prefix) the other's blocks.
+Isolation: a client names one namespace at hello, which its token must grant (a token of
+several that names none may only ask for stats); every key it sends is then stored under
+``kvstore.keys.scoped_key``, a keyed BLAKE2b of the key with the namespace's secret, itself
+keyed with the daemon's scope key (`daemon.scope`). Tenants granted the same namespace share
+blocks; a tenant that knows another's key bytes still reaches only its own namespaces'
+scoped keys, so it can neither read, overwrite, delete nor probe (contains, match_prefix)
+the other's blocks, nor compute their stored keys.
 
 Shared memory: a client that maps the DRAM pool can read every byte in it, so only
 tenants with ``shared_memory = true`` (trusted processes of the same host) get it; the

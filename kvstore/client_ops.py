@@ -24,7 +24,7 @@ import numpy as np
 from kvstore import protocol
 from kvstore.buffers import copy_bytes, output_view
 from kvstore.errors import InvalidValueError, ProtocolError
-from kvstore.keys import namespace_secret, scoped_key
+from kvstore.keys import scoped_key
 from kvstore.tiers.dram import boot_id
 
 SHM_MIN_BYTES = 64 * 1024  # smaller puts go in the frame: one round trip instead of two
@@ -60,7 +60,7 @@ class _Session:
     """What one connection learned at hello, and the shared pool it mapped (if any)."""
 
     def __init__(self, hello: dict[str, Any], address: tuple[str, int]) -> None:
-        self.namespace: str = hello["namespace"]
+        self.namespace: str | None = hello["namespace"]  # None: a token of several, none named
         self.max_value_bytes: int = hello["max_value_bytes"]
         self.max_frame_data_bytes: int = hello["max_frame_data_bytes"]
         self.node_id: str = hello["node_id"]
@@ -68,7 +68,7 @@ class _Session:
         self.pool: np.ndarray | None = None
         self.is_pool_registered = False  # page-locked for CUDA: GPUs DMA straight into it
         self.directory: Any = None  # the daemon's shm_directory.Directory, if mapped
-        self.secret = namespace_secret(self.namespace)  # scopes keys as the daemon does
+        self.secret: bytes | None = None  # scopes keys as the daemon does (shared memory)
         self.touched: list[bytes] = []  # read through the directory, not yet reported
         self.num_directory_reads = 0
         self._spare: tuple[int, int, int, float] | None = None  # handle, offset, nbytes, when
@@ -77,7 +77,8 @@ class _Session:
             mapped = _shared_pool(address, shm["name"], shm["nbytes"])
             if mapped is not None:
                 self.pool, self.is_pool_registered = mapped
-                if shm.get("directory"):
+                self.secret = shm.get("scope")
+                if shm.get("directory") and self.secret:
                     self.directory = _shared_directory(shm["directory"])
 
 

@@ -110,12 +110,15 @@ def prefix_hashes(
 
 # -- tenant scoping (the daemon's): a key as stored for a namespace ---------------------------
 
-_TENANT_PERSON = b"kvstore-tenant1"
+_TENANT_PERSON = b"kvstore-tenant2"
 
 
-def namespace_secret(namespace: str) -> bytes:
-    """The BLAKE2b key that scopes a namespace's keys (computed once per connection)."""
-    return hashlib.blake2b(namespace.encode(), digest_size=32, person=_TENANT_PERSON).digest()
+def namespace_secret(namespace: str, scope_key: bytes) -> bytes:
+    """The BLAKE2b key that scopes a namespace's keys in a daemon whose secret is
+    ``scope_key`` (`daemon.scope`); computed once per connection. Without ``scope_key``,
+    knowing the namespace's name does not give it."""
+    return hashlib.blake2b(namespace.encode(), digest_size=32, key=scope_key,
+                           person=_TENANT_PERSON).digest()
 
 
 def scoped_key(secret: bytes, key: bytes) -> bytes:

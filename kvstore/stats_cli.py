@@ -56,6 +56,9 @@ def register(commands: Any) -> None:
                    help="print the figures as JSON (with --watch: one object per line)")
     p.add_argument("--token", default=os.environ.get("KVSTORE_TOKEN"),
                    help="the daemon's auth token (default: $KVSTORE_TOKEN)")
+    p.add_argument("--namespace", default=None,
+                   help="connect in this namespace (default: the token's only one; a token "
+                        "of several needs none for stats)")
     p.set_defaults(run=run)
 
 
@@ -67,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from kvstore.client import connect
 
     try:
-        client = connect(args.url, token=args.token, timeout_s=10.0, shared_memory=False)
+        client = connect(args.url, token=args.token, namespace=args.namespace, timeout_s=10.0,
+                         shared_memory=False)
     except KVStoreError as e:
         return _fail(str(e))
     try:

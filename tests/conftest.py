@@ -57,3 +57,16 @@ def tmpfs(tmp_path):
     yield mount
     for path in reversed(mounted):
         subprocess.run(["umount", "-l", path], check=False)
+
+
+def fill_disk(path: Path) -> None:
+    """Write zeros into the new file ``path`` until its filesystem is full (ENOSPC)."""
+    import errno
+
+    block = bytes(64 * 1024)
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(block)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e

@@ -6,14 +6,11 @@ skip elsewhere), so ENOSPC comes from the kernel, not from a stand-in.
 
 from __future__ import annotations
 
-import errno
-from pathlib import Path
-
 import pytest
 
 import kvstore
 from kvstore import StorageError
-from tests.conftest import make_key, make_value
+from tests.conftest import fill_disk, make_key, make_value
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -43,17 +40,6 @@ def test_compaction_after_a_tombstone_on_a_4k_boundary_keeps_working(tmp_path):
         assert store.get(k) == make_value("k", 64 * KiB)
         for i in kept:
             assert store.get(make_key(i)) in (None, make_value(i, 256 * KiB))
-
-
-def _fill(path: Path) -> None:
-    """Write zeros into ``path`` until the filesystem is full."""
-    block = bytes(64 * KiB)
-    with open(path, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(block)
-        except OSError as e:
-            assert e.errno == errno.ENOSPC, e
 
 
 def test_nvme_larger_than_its_filesystem_is_sized_to_it(tmpfs):
@@ -103,7 +89,7 @@ def test_a_disk_that_fills_up_stops_nvme_writes_and_dram_keeps_serving(tmpfs):
     for i in range(60):  # 15 MiB: half of it demoted to NVMe
         put(i)
     store.flush()
-    _fill(disk / "filler")
+    fill_disk(disk / "filler")
     for i in range(60, 200):
         put(i)
     stats = store.stats()

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from kvstore.buffers import page_aligned_buffer
+from kvstore.durable_file import write_durably
 from kvstore.errors import StorageError
 from kvstore.tiers.nvme_record import (
     HEADER_BYTES,
@@ -160,18 +161,10 @@ class SegmentFiles:
                         "another kvstore and will be read as corrupt and compacted away",
                         self.path)
         key = secrets.token_bytes(KEY_BYTES)
-        temporary = path + ".new"
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _PRIVATE_FILE)
-            try:
-                os.write(fd, key)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(temporary, path)
+            write_durably(path, key)
         except OSError as e:
             raise StorageError(f"cannot write the NVMe directory key {path}: {e}") from e
-        self.sync_dir()
         return key
 
     def list_segments(self) -> list[tuple[int, int]]:

@@ -5,25 +5,14 @@ SIGTERM still exits 0."""
 
 from __future__ import annotations
 
-import errno
 import signal
 import urllib.request
 
 import kvstore
-from tests.conftest import make_key, make_value
+from tests.conftest import fill_disk, make_key, make_value
 from tests.daemon.conftest import free_port
 
 KiB, MiB = 1024, 1024 * 1024
-
-
-def _fill(path) -> None:
-    block = bytes(64 * KiB)
-    with open(path, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(block)
-        except OSError as e:
-            assert e.errno == errno.ENOSPC, e
 
 
 def test_a_full_disk_leaves_the_daemon_serving_and_sigterm_exits_0(start_daemon, tmpfs):
@@ -37,7 +26,7 @@ def test_a_full_disk_leaves_the_daemon_serving_and_sigterm_exits_0(start_daemon,
             values[make_key(i)] = make_value(i, 512 * KiB)
             assert client.put(make_key(i), values[make_key(i)])
         client.flush()
-        _fill(disk / "filler")
+        fill_disk(disk / "filler")
         for i in range(40, 160):
             values[make_key(i)] = make_value(i, 512 * KiB)
             assert client.put(make_key(i), values[make_key(i)]), f"put #{i} refused"

@@ -51,8 +51,15 @@ def test_tokens_are_required_and_checked(tenant_daemon):
         kvstore.connect(url, token="not-a-token-of-anyone")
     with pytest.raises(AuthError, match="namespace"):
         kvstore.connect(url, token=TOKEN_B, namespace="a")
-    with pytest.raises(AuthError, match="namespace"):  # two granted: must choose one
-        kvstore.connect(url, token=TOKEN_A)
+    # Two granted and none named: stats work (issue 15: `kvstore stats` failed with such a
+    # token), every key operation asks for a namespace.
+    with kvstore.connect(url, token=TOKEN_A, shared_memory=False) as client:
+        assert "tiers" in client.stats()
+        for call in (lambda: client.get(make_key(1)), lambda: client.put(make_key(1), b"x"),
+                     lambda: client.match_prefix([make_key(1)]),
+                     lambda: client.contains(make_key(1))):
+            with pytest.raises(AuthError, match=r"named no namespace.*'a', 'shared'"):
+                call()
 
 
 def test_a_tenant_cannot_reach_another_tenants_keys(tenant_daemon):
