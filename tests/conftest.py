@@ -16,6 +16,12 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--reliability-scale", default=None, type=float,
+                     help="run the reliability suite N times longer than CI does "
+                          "(rounds, frames); default $KVSTORE_RELIABILITY_SCALE or 1")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if _cuda_available():
         return
