@@ -17,6 +17,7 @@ in flight (may be either).
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import signal
 import statistics
@@ -241,6 +242,82 @@ class CrashLoop:
             "write_p99_ms": (round(latencies[int(0.99 * (len(latencies) - 1))] * 1e3, 3)
                              if latencies else None),
         }
+
+
+DAMAGE_FLAGS = ("--dram", "4MiB", "--nvme", "96MiB", "--max-value", "256KiB")
+
+
+class DiskDamage:
+    """Rounds of: values written through a daemon and flushed by SIGTERM, then damage to
+    its NVMe segments while it is down (bit flips, or a segment cut short, in turn), then a
+    restart that reads every key back (get_many and get) and judges it: the value written
+    or nothing, and nothing missing unless the daemon counted damage."""
+
+    SIZES = (HEAD_BYTES, 3000, 4 * KiB, 20 * KiB, 64 * KiB, 100 * KiB, 256 * KiB)
+
+    def __init__(self, tmp_path: Path, *, start: Callable[..., DaemonProcess], seed: int,
+                 num_keys: int = 120, flips: int = 40) -> None:
+        self.tmp_path = tmp_path
+        self.start = start
+        self.rng = random.Random(seed)
+        self.num_keys = num_keys
+        self.flips = flips
+        self.verdicts = Verdicts()
+        self.rounds = 0
+        self.unnoticed = 0  # rounds that lost values with no damage counted
+        self.num_missing = 0  # values the damage took (read back as misses)
+
+    def run(self, rounds: int) -> None:
+        for _ in range(rounds):
+            self.round()
+
+    def round(self) -> None:
+        nvme = self.tmp_path / f"damage-{self.rounds}"
+        daemon = self.start(*DAMAGE_FLAGS, "--nvme-path", str(nvme))
+        with kvstore.connect(daemon.url, namespace="disk", shared_memory=False) as client:
+            for i in range(self.num_keys):
+                assert client.put(key_of(i), value_of(i, 1, self.rng.choice(self.SIZES)))
+        assert daemon.signal(signal.SIGTERM) == 0
+        segments = sorted(nvme.glob("seg-*.log"))
+        if self.rounds % 2:
+            segment = max(segments, key=lambda p: p.stat().st_size)
+            os.truncate(segment, self.rng.randrange(segment.stat().st_size))
+        else:
+            for _ in range(self.flips):
+                _flip_bit(self.rng.choice(segments), self.rng)
+        daemon = self.start(*DAMAGE_FLAGS, "--nvme-path", str(nvme))
+        verdicts = Verdicts()
+        with kvstore.connect(daemon.url, namespace="disk", shared_memory=False) as client:
+            ids = range(self.num_keys)
+            values = client.get_many([key_of(i) for i in ids])
+            for i, got in zip(ids, values, strict=True):
+                verdicts.judge(i, got, {1, None}, None)
+            for i in ids:  # and one by one (get's own path)
+                verdicts.judge(i, client.get(key_of(i)), {1, None}, None)
+            stats = client.stats()
+        daemon.stop()
+        noticed = stats["tiers"]["nvme"]["corrupt_records_skipped"] + stats["checksum_failures"]
+        self.num_missing += sum(value is None for value in values)
+        if None in values and not noticed:
+            self.unnoticed += 1
+        self.verdicts.add(verdicts)
+        self.rounds += 1
+
+    def figures(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, **self.verdicts.figures(),
+                "missing_after_damage": self.num_missing, "unnoticed_losses": self.unnoticed}
+
+
+def _flip_bit(segment: Path, rng: random.Random) -> None:
+    size = segment.stat().st_size
+    if not size:
+        return
+    offset = rng.randrange(size)
+    with open(segment, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ (1 << rng.randrange(8))]))
 
 
 def rss_bytes(pid: int) -> int:

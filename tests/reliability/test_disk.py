@@ -5,10 +5,8 @@ written for its key or nothing: never another key's bytes, never bytes nobody wr
 from __future__ import annotations
 
 import os
-import random
 import signal
 import urllib.request
-from pathlib import Path
 
 import pytest
 import xxhash
@@ -18,71 +16,25 @@ from kvstore.keys import namespace_secret, scoped_key
 from kvstore.tiers.nvme_record import pack_header
 from tests.conftest import fill_disk
 from tests.daemon.conftest import free_port
-from tests.reliability.harness import HEAD_BYTES, KiB, Verdicts, key_of, value_of, whose
-
-FLAGS = ("--dram", "4MiB", "--nvme", "96MiB", "--max-value", "256KiB")
-SIZES = (HEAD_BYTES, 3000, 4 * KiB, 20 * KiB, 64 * KiB, 100 * KiB, 256 * KiB)
-
-
-def _write_and_stop(start_daemon, nvme: Path, num_keys: int, seed: int) -> dict[int, int]:
-    """Values for ``num_keys`` keys through a daemon, flushed by a SIGTERM; their sizes."""
-    rng = random.Random(seed)
-    sizes = {i: rng.choice(SIZES) for i in range(num_keys)}
-    daemon = start_daemon(*FLAGS, "--nvme-path", str(nvme))
-    with kvstore.connect(daemon.url, namespace="disk", shared_memory=False) as client:
-        for i, nbytes in sizes.items():
-            assert client.put(key_of(i), value_of(i, 1, nbytes))
-    assert daemon.signal(signal.SIGTERM) == 0
-    return sizes
-
-
-def _read_back(start_daemon, nvme: Path, num_keys: int) -> tuple[Verdicts, dict]:
-    daemon = start_daemon(*FLAGS, "--nvme-path", str(nvme))
-    verdicts = Verdicts()
-    with kvstore.connect(daemon.url, namespace="disk", shared_memory=False) as client:
-        for i, got in enumerate(client.get_many([key_of(i) for i in range(num_keys)])):
-            verdicts.judge(i, got, {1, None}, None)
-        for i in range(num_keys):  # and one by one (get's own path)
-            verdicts.judge(i, client.get(key_of(i)), {1, None}, None)
-        stats = client.stats()
-    daemon.stop()
-    return verdicts, stats
-
-
-def _flip_bits(nvme: Path, rng: random.Random, count: int) -> None:
-    segments = sorted(nvme.glob("seg-*.log"))
-    for _ in range(count):
-        segment = rng.choice(segments)
-        size = segment.stat().st_size
-        if not size:
-            continue
-        offset = rng.randrange(size)
-        with open(segment, "r+b") as f:
-            f.seek(offset)
-            byte = f.read(1)[0]
-            f.seek(offset)
-            f.write(bytes([byte ^ (1 << rng.randrange(8))]))
+from tests.reliability.harness import (
+    DAMAGE_FLAGS,
+    DiskDamage,
+    KiB,
+    Verdicts,
+    key_of,
+    value_of,
+    whose,
+)
 
 
 def test_bit_flips_and_cut_segments_never_serve_wrong_bytes(tmp_path, start_daemon, scale):
-    rounds = max(2, round(4 * scale))
-    rng = random.Random(1515)
-    total = Verdicts()
-    for r in range(rounds):
-        nvme = tmp_path / f"nvme-{r}"
-        _write_and_stop(start_daemon, nvme, 120, seed=r)
-        if r % 2:
-            segment = max(nvme.glob("seg-*.log"), key=lambda p: p.stat().st_size)
-            os.truncate(segment, rng.randrange(segment.stat().st_size))
-        else:
-            _flip_bits(nvme, rng, 40)
-        verdicts, stats = _read_back(start_daemon, nvme, 120)
-        total.add(verdicts)
-        if verdicts.exact < verdicts.checked:  # what was lost was noticed as damage
-            assert (stats["tiers"]["nvme"]["corrupt_records_skipped"]
-                    + stats["checksum_failures"]) > 0
-    assert total.foreign == total.corrupt == total.stale == 0, total.examples
-    assert total.checked == rounds * 240
+    damage = DiskDamage(tmp_path, start=start_daemon, seed=1515)
+    damage.run(max(2, round(4 * scale)))
+    assert damage.verdicts.foreign == damage.verdicts.corrupt == damage.verdicts.stale == 0, \
+        damage.verdicts.examples
+    assert damage.verdicts.checked == damage.rounds * 2 * damage.num_keys
+    assert damage.num_missing > 0, "the damage should have cost some values"
+    assert damage.unnoticed == 0, "values went missing with no damage counted"
 
 
 @pytest.mark.parametrize("damage", ["header", "cut"])
@@ -92,7 +44,7 @@ def test_a_record_forged_inside_a_value_is_not_served(tmp_path, start_daemon, da
     best header B can make. A damaged header of B's own record, or a segment cut inside
     B's value, sends recovery looking for the next record: it must not find B's."""
     nvme = tmp_path / "nvme"
-    daemon = start_daemon(*FLAGS, "--nvme-path", str(nvme))
+    daemon = start_daemon(*DAMAGE_FLAGS, "--nvme-path", str(nvme))
     key, value = key_of(1), value_of(1, 1, 3000)
     with kvstore.connect(daemon.url, namespace="tenant-a", shared_memory=False) as a:
         assert a.put(key, value)
@@ -115,7 +67,7 @@ def test_a_record_forged_inside_a_value_is_not_served(tmp_path, start_daemon, da
             f.write(b"\xff")
     else:
         os.truncate(segment, at + 80 + 2000)
-    daemon = start_daemon(*FLAGS, "--nvme-path", str(nvme))
+    daemon = start_daemon(*DAMAGE_FLAGS, "--nvme-path", str(nvme))
     with kvstore.connect(daemon.url, namespace="tenant-a", shared_memory=False) as a:
         assert a.get(key) in (value, None)
         assert a.get(key) != planted
