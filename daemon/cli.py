@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 import time
 from typing import Any
 
+from daemon import segments
+from daemon.startup import StartupInterrupted, StopSignals
 from kvstore.errors import KVStoreError
 
 log = logging.getLogger("daemon")
@@ -24,7 +25,14 @@ clients map the DRAM pool (POSIX shared memory) and copy values themselves; othe
 stream them over the socket. The wire protocol is in docs/PROTOCOL.md.
 
 SIGTERM or SIGINT: stop accepting, finish requests in flight (up to --drain), flush the
-NVMe tier, exit 0. Restarting with the same --nvme-path brings the NVMe tier back.
+NVMe tier, exit 0. Restarting with the same --nvme-path brings the NVMe tier back. During
+start-up (a large pool takes seconds to allocate, its progress in the log) they stop it
+as cleanly, exit 0.
+
+Shared memory: the pool, its directory and the doorbell socket live in
+/dev/shm/kvstored-PID-START-BOOT-PIDNS-*, named for the process that made them; every exit
+that runs code removes them, and a daemon starting removes those of kvstored processes
+that no longer exist (after a SIGKILL, say), logging what it reclaimed.
 """
 
 
@@ -105,19 +113,19 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level)
 
 
-async def run(config: object) -> int:
+async def run(config: object, signals: StopSignals) -> int:
     from daemon.config import DaemonConfig, parse_address
     from daemon.server import Daemon
 
     assert isinstance(config, DaemonConfig)
     metrics = registry = metrics_server = ucx = None
-    daemon = Daemon(config)
+    signals.check()
+    daemon = Daemon(config, check_stop=signals.check)
     # Handlers first: a SIGTERM that lands while we start (say, just after the registry
     # entry is written) must still run the cleanup below, not kill the process outright.
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon.request_stop)
+    signals.hand_over(asyncio.get_running_loop(), daemon.request_stop)
     try:
+        signals.check()  # one came while the store was built: stop before serving
         if config.metrics is not None:
             from daemon.metrics import DaemonMetrics, MetricsServer
 
@@ -180,7 +188,18 @@ def _run_loop(main: Any) -> int:
     return uvloop.run(main)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, signals: StopSignals | None = None) -> int:
+    """``signals``: installed by the caller before its imports (`python -m daemon` does),
+    else here."""
+    signals = signals if signals is not None else StopSignals()
+    try:
+        return _main(argv, signals)
+    finally:
+        segments.remove_own()  # whatever failed on the way out, nothing of ours stays
+        signals.restore()
+
+
+def _main(argv: list[str] | None, signals: StopSignals) -> int:
     args = build_parser().parse_args(argv)
     from daemon.config import build
 
@@ -195,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build(args.config, flags)
         setup_logging(args.log_level, config.log_format)
-        return _run_loop(run(config))
+        return _run_loop(run(config, signals))
+    except StartupInterrupted as e:
+        log.info("%s; nothing left behind", e)
+        return 0
     except KVStoreError as e:
         print(f"kvstored: {e}", file=sys.stderr)
         return 2

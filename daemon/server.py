@@ -27,8 +27,6 @@ import contextlib
 import functools
 import itertools
 import logging
-import os
-import secrets
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -36,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from daemon import segments
 from daemon.access_log import AccessLog
 from daemon.answering import Answer, Request, within
 from daemon.config import DaemonConfig
@@ -56,6 +55,7 @@ from kvstore.tiers.dram import boot_id
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class _Lookups:
     """Prefix lookups since start (changed on the loop only, so no lock)."""
@@ -69,14 +69,23 @@ class Daemon(SharedMemoryPlane):
     """Serve a Store; `start`, then `serve_until_stopped` (or `stop`)."""
 
     def __init__(self, config: DaemonConfig, *, metrics: Any | None = None,
-                 registry: Any | None = None) -> None:
+                 registry: Any | None = None, check_stop: Callable[[], None] | None = None
+                 ) -> None:
+        """Build the Store, once what dead daemons left in /dev/shm is reclaimed;
+        ``check_stop`` runs between chunks of the pool (what it raises stops it all)."""
         self.config = config
         self.tenants = Tenants.load(config.token_file)
+        segments.reclaim_dead()
         # Opened before the Store, so that a bad path leaves no shared memory behind.
         self.access_log = (None if config.access_log is None else
                            AccessLog(config.access_log, block_tokens=config.block_tokens))
-        self.shm_name = f"kvstored-{os.getpid()}-{secrets.token_hex(4)}"
-        self.store = Store(config.store_config(self.shm_name))
+        self.shm_name = segments.new_pool_name()
+        try:
+            self.store = Store(config.store_config(self.shm_name), check_stop=check_stop)
+        except BaseException:
+            if self.access_log is not None:
+                self.access_log.close_unstarted()
+            raise
         self.metrics = metrics
         self.registry = registry
         self.boot_id = boot_id()
@@ -103,7 +112,7 @@ class Daemon(SharedMemoryPlane):
         self.address = self._server.sockets[0].getsockname()[:2]
         pool = self.store.host_pool
         if pool is not None and pool.shm_name:  # same-host clients commit through these
-            self.doorbells = Doorbells(self)
+            self.doorbells = Doorbells(self, segments.doorbell_directory(pool.shm_name))
             await self.doorbells.start()
         self._sweeper = asyncio.create_task(self._sweep_leases(), name="kvstored-sweeper")
         self._heartbeat = asyncio.create_task(self._keep_directory_alive(),
