@@ -33,6 +33,10 @@ Shared memory: the pool, its directory and the doorbell socket live in
 /dev/shm/kvstored-PID-START-BOOT-PIDNS-*, named for the process that made them; every exit
 that runs code removes them, and a daemon starting removes those of kvstored processes
 that no longer exist (after a SIGKILL, say), logging what it reclaimed.
+
+Before allocating --dram, kvstored checks it against MemAvailable, the free space of
+/dev/shm (for a shared pool) and a memory cgroup limit, and refuses (exit 2) a pool over
+any of them; --force starts anyway, with a warning.
 """
 
 
@@ -84,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per block of the clients' keys (the engines' page size), "
                         "for the token counts of --access-log and of `kvstore stats` "
                         "(default 16)")
+    p.add_argument("--force", action="store_const", const=True,
+                   help="start even when --dram is more than the machine can give "
+                        "(MemAvailable, free space of /dev/shm, memory cgroup limit): a "
+                        "warning instead of the refusal (the OOM killer may follow)")
     p.add_argument("--log-format", choices=["text", "json"], help="log lines (default text)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"],
                    help="default INFO: a line per client connect/disconnect and per error")
@@ -210,7 +218,8 @@ def _main(argv: list[str] | None, signals: StopSignals) -> int:
              "node-id": args.node_id, "shared-memory": args.shared_memory,
              "lease": args.lease, "drain": args.drain, "workers": args.workers,
              "log-format": args.log_format, "frame-timeout": args.frame_timeout,
-             "access-log": args.access_log, "block-tokens": args.block_tokens}
+             "access-log": args.access_log, "block-tokens": args.block_tokens,
+             "force": args.force}
     try:
         config = build(args.config, flags)
         setup_logging(args.log_level, config.log_format)

@@ -39,6 +39,7 @@ from daemon.access_log import AccessLog
 from daemon.answering import Answer, Request, within
 from daemon.config import DaemonConfig
 from daemon.doorbell import Doorbells
+from daemon.host_memory import check_pool_fits
 from daemon.shm_plane import Connection, SharedMemoryPlane
 from daemon.tcp import FrameProtocol
 from daemon.tenants import (
@@ -71,11 +72,14 @@ class Daemon(SharedMemoryPlane):
     def __init__(self, config: DaemonConfig, *, metrics: Any | None = None,
                  registry: Any | None = None, check_stop: Callable[[], None] | None = None
                  ) -> None:
-        """Build the Store, once what dead daemons left in /dev/shm is reclaimed;
+        """Build the Store: first reclaim what dead daemons left in /dev/shm, then check
+        that the DRAM pool fits the machine (`ConfigError` if not, unless ``force``);
         ``check_stop`` runs between chunks of the pool (what it raises stops it all)."""
         self.config = config
         self.tenants = Tenants.load(config.token_file)
         segments.reclaim_dead()
+        if config.dram_bytes:
+            check_pool_fits(config.dram_bytes, shared=config.shared_memory, force=config.force)
         # Opened before the Store, so that a bad path leaves no shared memory behind.
         self.access_log = (None if config.access_log is None else
                            AccessLog(config.access_log, block_tokens=config.block_tokens))
