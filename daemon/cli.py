@@ -123,7 +123,7 @@ def setup_logging(level: str, fmt: str) -> None:
 
 async def run(config: object, signals: StopSignals) -> int:
     from daemon.config import DaemonConfig, parse_address
-    from daemon.server import Daemon
+    from daemon.server import Daemon, bind_error
 
     assert isinstance(config, DaemonConfig)
     metrics = registry = metrics_server = ucx = None
@@ -142,14 +142,20 @@ async def run(config: object, signals: StopSignals) -> int:
         if metrics is not None:
             host, port = config.metrics_address
             metrics_server = MetricsServer(metrics, host, port, health=daemon.health)
-            await metrics_server.start()
+            try:
+                await metrics_server.start()
+            except OSError as e:
+                raise bind_error("--metrics", config.metrics, e) from e
             log.info("metrics on http://%s:%d/metrics", *metrics_server.address)
         if config.ucx_listen is not None:
             from daemon.ucx import UcxListener
 
             host, port = parse_address(config.ucx_listen, "--ucx")
             ucx = UcxListener(daemon, host, port)
-            await ucx.start()
+            try:
+                await ucx.start()
+            except OSError as e:
+                raise bind_error("--ucx", config.ucx_listen, e) from e
         if config.redis_url is not None:
             from daemon.registry import NodeInfo, NodeRegistry, default_node_id
 

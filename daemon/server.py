@@ -25,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import itertools
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -55,6 +57,20 @@ from kvstore.store import Store
 from kvstore.tiers.dram import boot_id
 
 log = logging.getLogger(__name__)
+
+
+def bind_error(flag: str, address: str, error: OSError) -> OSError:
+    """A listener's bind failure as an error that names the flag that chose the address."""
+    reason = (os.strerror(error.errno) if error.errno and error.errno > 0
+              else error.strerror or str(error))
+    return OSError(error.errno, f"{flag} {address}: cannot listen there ({reason})")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -112,8 +128,16 @@ class Daemon(SharedMemoryPlane):
     async def start(self) -> None:
         host, port = self.config.listen_address
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: FrameProtocol(self), host, port)
+        try:
+            self._server = await loop.create_server(lambda: FrameProtocol(self), host, port)
+        except OSError as e:
+            raise bind_error("--listen", self.config.listen, e) from e
         self.address = self._server.sockets[0].getsockname()[:2]
+        if self.config.token_file is None and not all(
+                _is_loopback(sock.getsockname()[0]) for sock in self._server.sockets):
+            log.warning("listening on %s, not a loopback address, with no --token-file: "
+                        "anyone who reaches this port can read and write every block "
+                        "(give --token-file to require tokens)", self.config.listen)
         pool = self.store.host_pool
         if pool is not None and pool.shm_name:  # same-host clients commit through these
             self.doorbells = Doorbells(self, segments.doorbell_directory(pool.shm_name))

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -267,7 +268,7 @@ def test_single_puts_reuse_a_spare_slot_that_goes_back_when_the_client_leaves(st
     watcher.close()
 
 
-# -- start-up checks: memory -------------------------------------------------------------------
+# -- start-up checks: memory, exposure, names in errors -----------------------------------------
 
 def mem_available_bytes() -> int:
     with open("/proc/meminfo") as f:
@@ -322,3 +323,33 @@ def test_a_shared_pool_larger_than_dev_shm_is_refused_and_with_force_fails_clean
     assert forced.returncode == 2, forced.stderr
     assert "no room for the DRAM pool" in forced.stderr, forced.stderr
     assert "Traceback" not in forced.stderr
+
+
+def test_listening_beyond_loopback_without_tokens_warns(start_daemon, tmp_path):
+    port = free_port()
+    exposed = start_daemon("--dram", "16MiB", "--listen", f"0.0.0.0:{port}", port=port)
+    assert "WARNING" in exposed.output() and "no --token-file" in exposed.output()
+    local = start_daemon("--dram", "16MiB")
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[tenant]]\nname = "a"\ntoken = "{TOKEN_A}"\nnamespaces = ["a"]\n')
+    port = free_port()
+    guarded = start_daemon("--dram", "16MiB", "--listen", f"0.0.0.0:{port}", "--token-file",
+                           str(tokens), port=port)
+    for daemon in (local, guarded):
+        assert "no --token-file" not in daemon.output()
+
+
+@pytest.mark.parametrize("flag", ["--metrics", "--listen"])
+def test_a_port_in_use_is_named_by_its_flag(tmp_path, flag):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = subprocess.run(
+            [sys.executable, "-m", "daemon", "--dram", "16MiB",
+             "--listen", address if flag == "--listen" else f"127.0.0.1:{free_port()}",
+             *(["--metrics", address] if flag == "--metrics" else [])],
+            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"kvstored: {flag} {address}: cannot listen there" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
