@@ -84,7 +84,7 @@ class DaemonConfig:
             raise ConfigError(f"--block-tokens must be a positive int, got "
                               f"{self.block_tokens!r}")
         if not isinstance(self.force, bool):
-            raise ConfigError(f"force must be true or false, got {self.force!r}")
+            raise ConfigError(f"--force must be true or false, got {self.force!r}")
         if self.access_log is not None:
             parent = Path(self.access_log).parent
             if not parent.is_dir() or Path(self.access_log).is_dir():

@@ -3,9 +3,9 @@
 A pool larger than that fails late, and takes others with it: the kernel hands out memory
 it does not have, so the daemon's memory climbs while the pool is faulted in until the
 OOM killer picks a process (not always the daemon), or the machine swaps; a shared pool
-that /dev/shm cannot hold stops with an error after filling /dev/shm (it died of SIGBUS
-at some later put before `kvstore.tiers.dram` allocated it up front). Three limits apply,
-and the pool must fit under each that is set:
+that /dev/shm cannot hold stops with an error once it has filled /dev/shm (before
+`kvstore.tiers.dram` allocated it up front, the first touch of a page with no room behind
+it was a SIGBUS). Three limits apply, and the pool must fit under each that is set:
 
 - MemAvailable (/proc/meminfo): what the kernel can give without swapping;
 - the free space of /dev/shm, for a shared pool (it lives there);
