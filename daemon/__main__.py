@@ -1,3 +1,9 @@
-from daemon.cli import main
+from daemon.startup import StopSignals
 
-raise SystemExit(main())
+# First: from here on SIGTERM and SIGINT stop the start-up cleanly (daemon.startup); the
+# imports below take a while.
+signals = StopSignals()
+
+from daemon.cli import main  # noqa: E402
+
+raise SystemExit(main(signals=signals))

@@ -121,6 +121,12 @@ class AccessLog:
         finally:
             self._file.close()
 
+    def close_unstarted(self) -> None:
+        """Close the file of a log that never started (the daemon failed to start)."""
+        assert self._flusher is None, "started: use aclose"
+        self._writer.shutdown(wait=False)
+        self._file.close()
+
     async def aclose(self) -> None:
         """Stop the flusher, write what is pending, close the file; idempotent."""
         if self._flusher is not None:

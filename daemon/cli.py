@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 import time
 from typing import Any
 
+from daemon import segments
+from daemon.startup import StartupInterrupted, StopSignals
 from kvstore.errors import KVStoreError
 
 log = logging.getLogger("daemon")
@@ -24,7 +25,18 @@ clients map the DRAM pool (POSIX shared memory) and copy values themselves; othe
 stream them over the socket. The wire protocol is in docs/PROTOCOL.md.
 
 SIGTERM or SIGINT: stop accepting, finish requests in flight (up to --drain), flush the
-NVMe tier, exit 0. Restarting with the same --nvme-path brings the NVMe tier back.
+NVMe tier, exit 0. Restarting with the same --nvme-path brings the NVMe tier back. During
+start-up (a large pool takes seconds to allocate, its progress in the log) they stop it
+as cleanly, exit 0.
+
+Shared memory: the pool, its directory and the doorbell socket live in
+/dev/shm/kvstored-PID-START-BOOT-PIDNS-*, named for the process that made them; every exit
+that runs code removes them, and a daemon starting removes those of kvstored processes
+that no longer exist (after a SIGKILL, say), logging what it reclaimed.
+
+Before allocating --dram, kvstored checks it against MemAvailable, the free space of
+/dev/shm (for a shared pool) and a memory cgroup limit, and refuses (exit 2) a pool over
+any of them; --force starts anyway, with a warning.
 """
 
 
@@ -81,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per block of the clients' keys (the engines' page size), "
                         "for the token counts of --access-log and of `kvstore stats` "
                         "(default 16)")
+    p.add_argument("--force", action="store_const", const=True,
+                   help="start even when --dram is more than the machine can give "
+                        "(MemAvailable, free space of /dev/shm, memory cgroup limit): a "
+                        "warning instead of the refusal (the OOM killer may follow)")
     p.add_argument("--log-format", choices=["text", "json"], help="log lines (default text)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"],
                    help="default INFO: a line per client connect/disconnect and per error")
@@ -110,19 +126,19 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level)
 
 
-async def run(config: object) -> int:
+async def run(config: object, signals: StopSignals) -> int:
     from daemon.config import DaemonConfig, parse_address
-    from daemon.server import Daemon
+    from daemon.server import Daemon, bind_error
 
     assert isinstance(config, DaemonConfig)
     metrics = registry = metrics_server = ucx = None
-    daemon = Daemon(config)
+    signals.check()
+    daemon = Daemon(config, check_stop=signals.check)
     # Handlers first: a SIGTERM that lands while we start (say, just after the registry
     # entry is written) must still run the cleanup below, not kill the process outright.
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon.request_stop)
+    signals.hand_over(asyncio.get_running_loop(), daemon.request_stop)
     try:
+        signals.check()  # one came while the store was built: stop before serving
         if config.metrics is not None:
             from daemon.metrics import DaemonMetrics, MetricsServer
 
@@ -131,14 +147,20 @@ async def run(config: object) -> int:
         if metrics is not None:
             host, port = config.metrics_address
             metrics_server = MetricsServer(metrics, host, port, health=daemon.health)
-            await metrics_server.start()
+            try:
+                await metrics_server.start()
+            except OSError as e:
+                raise bind_error("--metrics", config.metrics, e) from e
             log.info("metrics on http://%s:%d/metrics", *metrics_server.address)
         if config.ucx_listen is not None:
             from daemon.ucx import UcxListener
 
             host, port = parse_address(config.ucx_listen, "--ucx")
             ucx = UcxListener(daemon, host, port)
-            await ucx.start()
+            try:
+                await ucx.start()
+            except OSError as e:
+                raise bind_error("--ucx", config.ucx_listen, e) from e
         if config.redis_url is not None:
             from daemon.registry import NodeInfo, NodeRegistry, default_node_id
 
@@ -185,7 +207,18 @@ def _run_loop(main: Any) -> int:
     return uvloop.run(main)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, signals: StopSignals | None = None) -> int:
+    """``signals``: installed by the caller before its imports (`python -m daemon` does),
+    else here."""
+    signals = signals if signals is not None else StopSignals()
+    try:
+        return _main(argv, signals)
+    finally:
+        segments.remove_own()  # whatever failed on the way out, nothing of ours stays
+        signals.restore()
+
+
+def _main(argv: list[str] | None, signals: StopSignals) -> int:
     args = build_parser().parse_args(argv)
     from daemon.config import build
 
@@ -197,11 +230,15 @@ def main(argv: list[str] | None = None) -> int:
              "node-id": args.node_id, "shared-memory": args.shared_memory,
              "lease": args.lease, "drain": args.drain, "workers": args.workers,
              "log-format": args.log_format, "frame-timeout": args.frame_timeout,
-             "access-log": args.access_log, "block-tokens": args.block_tokens}
+             "access-log": args.access_log, "block-tokens": args.block_tokens,
+             "force": args.force}
     try:
         config = build(args.config, flags)
         setup_logging(args.log_level, config.log_format)
-        return _run_loop(run(config))
+        return _run_loop(run(config, signals))
+    except StartupInterrupted as e:
+        log.info("%s; nothing left behind", e)
+        return 0
     except KVStoreError as e:
         print(f"kvstored: {e}", file=sys.stderr)
         return 2

@@ -62,6 +62,9 @@ class DaemonConfig:
     # Tokens per block of the clients' keys (the daemon cannot see it): token counts in
     # the access log and in stats are blocks times this.
     block_tokens: int = 16
+    # Start even when dram_bytes is more than the machine can give (daemon.host_memory):
+    # a warning instead of a refusal.
+    force: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -86,6 +89,8 @@ class DaemonConfig:
                 or self.block_tokens <= 0:
             raise ConfigError(f"--block-tokens must be a positive int, got "
                               f"{self.block_tokens!r}")
+        if not isinstance(self.force, bool):
+            raise ConfigError(f"--force must be true or false, got {self.force!r}")
         if self.access_log is not None:
             parent = Path(self.access_log).parent
             if not parent.is_dir() or Path(self.access_log).is_dir():
@@ -137,7 +142,7 @@ _FIELD_OF_FLAG = {
     "token-file": "token_file", "key-file": "key_file", "redis": "redis_url", "node-id": "node_id",
     "shared-memory": "shared_memory", "lease": "lease_s", "drain": "drain_s",
     "workers": "workers", "log-format": "log_format", "frame-timeout": "frame_timeout_s",
-    "access-log": "access_log", "block-tokens": "block_tokens",
+    "access-log": "access_log", "block-tokens": "block_tokens", "force": "force",
 }
 
 

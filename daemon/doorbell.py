@@ -21,7 +21,9 @@ A doorbell belongs to its TCP connection: it serves that connection's reservatio
 closed when the connection ends, and one secret binds one doorbell. A secret that binds
 nothing, or a message after it that is not 32 bytes by the time the socket closes, ends
 the doorbell and changes nothing. The socket lives in a directory only the daemon's user
-can enter, as the pool in /dev/shm is readable by that user only.
+can enter, beside the pool in /dev/shm (`daemon.segments.doorbell_directory`), which is
+readable by that user only; named for the daemon like the pool, it is removed with the
+pool's leftovers when the daemon dies without stopping.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import logging
 import os
 import secrets
 import shutil
-import tempfile
 from typing import Any
 
 from daemon.answering import Request, run_in_place
@@ -48,10 +49,11 @@ SECRET_BYTES = MESSAGE_BYTES = protocol.DOORBELL_MESSAGE_BYTES
 class Doorbells:
     """The Unix socket the doorbells ring on, and the secrets not yet bound."""
 
-    def __init__(self, daemon: Any) -> None:
+    def __init__(self, daemon: Any, directory: str) -> None:
         self.daemon = daemon
-        self._directory = tempfile.mkdtemp(prefix="kvstored-doorbell-")  # mode 0700
-        self.path = os.path.join(self._directory, "commit.sock")
+        os.mkdir(directory, 0o700)
+        self._directory = directory
+        self.path = os.path.join(directory, "commit.sock")
         self._secrets: dict[bytes, Connection] = {}
         self._server: asyncio.base_events.Server | None = None
 

@@ -25,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import itertools
 import logging
 import os
-import secrets
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -36,10 +36,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from daemon import segments
 from daemon.access_log import AccessLog
 from daemon.answering import Answer, Request, within
 from daemon.config import DaemonConfig
 from daemon.doorbell import Doorbells
+from daemon.host_memory import check_pool_fits
 from daemon.scope import load_scope_key
 from daemon.shm_plane import Connection, SharedMemoryPlane
 from daemon.tcp import FrameProtocol
@@ -57,6 +59,21 @@ from kvstore.tiers.dram import boot_id
 
 log = logging.getLogger(__name__)
 
+
+def bind_error(flag: str, address: str, error: OSError) -> OSError:
+    """A listener's bind failure as an error that names the flag that chose the address."""
+    reason = (os.strerror(error.errno) if error.errno and error.errno > 0
+              else error.strerror or str(error))
+    return OSError(error.errno, f"{flag} {address}: cannot listen there ({reason})")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass
 class _Lookups:
     """Prefix lookups since start (changed on the loop only, so no lock)."""
@@ -70,18 +87,32 @@ class Daemon(SharedMemoryPlane):
     """Serve a Store; `start`, then `serve_until_stopped` (or `stop`)."""
 
     def __init__(self, config: DaemonConfig, *, metrics: Any | None = None,
-                 registry: Any | None = None) -> None:
+                 registry: Any | None = None, check_stop: Callable[[], None] | None = None
+                 ) -> None:
+        """Build the Store: first reclaim what dead daemons left in /dev/shm, then check
+        that the DRAM pool fits the machine (`ConfigError` if not, unless ``force``);
+        ``check_stop`` runs between chunks of the pool (what it raises stops it all)."""
         self.config = config
         self.tenants = Tenants.load(config.token_file)
+        segments.reclaim_dead()
+        if config.dram_bytes:
+            check_pool_fits(config.dram_bytes, shared=config.shared_memory, force=config.force)
         # Opened before the Store, so that a bad path leaves no shared memory behind.
         self.access_log = (None if config.access_log is None else
                            AccessLog(config.access_log, block_tokens=config.block_tokens))
-        self.shm_name = f"kvstored-{os.getpid()}-{secrets.token_hex(4)}"
-        self.store = Store(config.store_config(self.shm_name))
+        self.shm_name = segments.new_pool_name()
+        try:
+            self.store = Store(config.store_config(self.shm_name), check_stop=check_stop)
+        except BaseException:
+            if self.access_log is not None:
+                self.access_log.close_unstarted()
+            raise
         try:  # after the Store: the default file is in the NVMe directory it makes
             self.scope_key = load_scope_key(config.scope_key_path)
         except BaseException:
             self.store.close()
+            if self.access_log is not None:
+                self.access_log.close_unstarted()
             raise
         self.metrics = metrics
         self.registry = registry
@@ -105,11 +136,19 @@ class Daemon(SharedMemoryPlane):
     async def start(self) -> None:
         host, port = self.config.listen_address
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: FrameProtocol(self), host, port)
+        try:
+            self._server = await loop.create_server(lambda: FrameProtocol(self), host, port)
+        except OSError as e:
+            raise bind_error("--listen", self.config.listen, e) from e
         self.address = self._server.sockets[0].getsockname()[:2]
+        if self.config.token_file is None and not all(
+                _is_loopback(sock.getsockname()[0]) for sock in self._server.sockets):
+            log.warning("listening on %s, not a loopback address, with no --token-file: "
+                        "anyone who reaches this port can read and write every block "
+                        "(give --token-file to require tokens)", self.config.listen)
         pool = self.store.host_pool
         if pool is not None and pool.shm_name:  # same-host clients commit through these
-            self.doorbells = Doorbells(self)
+            self.doorbells = Doorbells(self, segments.doorbell_directory(pool.shm_name))
             await self.doorbells.start()
         self._sweeper = asyncio.create_task(self._sweep_leases(), name="kvstored-sweeper")
         self._heartbeat = asyncio.create_task(self._keep_directory_alive(),

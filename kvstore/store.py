@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,14 +51,17 @@ def _segment_bytes(config: StoreConfig) -> int:
 class Store(StoreReads, StoreHostPlane):
     """A KV store over HBM, DRAM and NVMe tiers; see the module docstring."""
 
-    def __init__(self, config: StoreConfig | None = None) -> None:
+    def __init__(self, config: StoreConfig | None = None, *,
+                 check_stop: Callable[[], None] | None = None) -> None:
+        """``check_stop`` runs between chunks of the DRAM pool's allocation; what it raises
+        stops the construction, with every tier made so far closed."""
         self.config = config = config if config is not None else StoreConfig()
         self._lock = threading.RLock()
         self._closed = False
         self._tiers: list[Any] = []
         self._kinds: list[TierKind] = []
         try:
-            self._open_tiers(config)
+            self._open_tiers(config, check_stop)
         except BaseException:
             for tier in self._tiers:
                 tier.close()
@@ -89,7 +92,7 @@ class Store(StoreReads, StoreHostPlane):
         if self._nvme is not None:
             self._recover()
 
-    def _open_tiers(self, config: StoreConfig) -> None:
+    def _open_tiers(self, config: StoreConfig, check_stop: Callable[[], None] | None) -> None:
         if config.hbm_bytes:
             import torch
 
@@ -104,7 +107,7 @@ class Store(StoreReads, StoreHostPlane):
             from kvstore.tiers.dram import dram_tier
 
             self._add(TierKind.DRAM, dram_tier(config.dram_bytes, config.max_value_bytes,
-                                                config.dram_shm_name))
+                                                config.dram_shm_name, check_stop=check_stop))
         if config.nvme_bytes:
             from kvstore.tiers.nvme import NvmeTier, NvmeTierConfig
 

@@ -31,12 +31,18 @@ class DaemonProcess:
         self.log_path = tmp_path / f"kvstored-{self.port}-{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 20.0) -> DaemonProcess:
+    def launch(self) -> DaemonProcess:
+        """Start the process and return at once (`start` also waits until it serves)."""
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         self.log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen([sys.executable, "-m", "daemon", *self.flags], cwd=REPO,
                                      env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        return self
+
+    def start(self, timeout_s: float = 20.0) -> DaemonProcess:
+        self.launch()
+        assert self.proc is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -50,6 +56,29 @@ class DaemonProcess:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_output(self, text: str, timeout_s: float = 30.0) -> None:
+        """Until ``text`` is in the log (polled every few ms: a test may have to act while
+        the daemon is still at that point)."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.output():
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kvstored exited {self.proc.returncode} before logging "
+                                   f"{text!r}: {self.output()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kvstored did not log {text!r} in {timeout_s} s: "
+                                   f"{self.output()}")
+            time.sleep(0.005)
+
+    def sigterm_at(self, text: str) -> int:
+        """SIGTERM as soon as ``text`` is in the log; the exit code."""
+        try:
+            self.wait_for_output(text)
+        except BaseException:
+            self.stop()
+            raise
+        return self.signal(signal.SIGTERM)
 
     def signal(self, sig: int) -> int:
         assert self.proc is not None
@@ -66,6 +95,11 @@ class DaemonProcess:
                 self.proc.wait()
         if getattr(self, "log", None) is not None:
             self.log.close()
+
+
+def shm_entries_of(pid: int) -> list[str]:
+    """The /dev/shm entries named for process ``pid`` (``kvstored-<pid>-...``)."""
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"kvstored-{pid}-"))
 
 
 @pytest.fixture

@@ -4,7 +4,10 @@ metrics, the Redis registry, logs. Real daemon subprocesses, real sockets."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +20,7 @@ import redis
 import kvstore
 from kvstore import AuthError, ProtocolError, StoreConnectionError
 from tests.conftest import make_key, make_value
-from tests.daemon.conftest import REPO, free_port
+from tests.daemon.conftest import REPO, DaemonProcess, free_port, shm_entries_of
 from tests.daemon.test_registry import RedisServer
 
 KiB = 1024
@@ -212,7 +215,7 @@ def test_help_explains_every_flag():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     for flag in ("--listen", "--dram", "--nvme-path", "--nvme", "--hbm", "--metrics",
-                 "--token-file", "--config", "--redis", "SIGTERM"):
+                 "--token-file", "--config", "--redis", "--force", "SIGTERM", "/dev/shm"):
         assert flag in result.stdout
 
 
@@ -270,3 +273,90 @@ def test_single_puts_reuse_a_spare_slot_that_goes_back_when_the_client_leaves(st
         assert time.monotonic() < deadline, "the spare slot of a closed client leaked"
         time.sleep(0.05)
     watcher.close()
+
+
+# -- start-up checks: memory, exposure, names in errors -----------------------------------------
+
+def mem_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f
+                    if line.startswith("MemAvailable:"))
+
+
+def test_a_pool_larger_than_the_machine_can_give_is_refused_before_allocating(tmp_path):
+    too_big = (mem_available_bytes() >> 30) + 8  # GiB
+    daemon = DaemonProcess(tmp_path, "--dram", f"{too_big}GiB")
+    with pytest.raises(RuntimeError, match="exited 2"):
+        daemon.start()
+    output = daemon.output()
+    assert f"--dram {too_big}.0 GiB is more than this machine can give" in output, output
+    assert "MemAvailable" in output and "--force" in output
+    assert "Traceback" not in output and "allocating" not in output
+    assert shm_entries_of(daemon.proc.pid) == []
+
+
+def test_force_starts_a_pool_over_the_limit_with_a_warning(tmp_path):
+    """--force turns the refusal into a warning and the daemon goes on to allocate; here it
+    is stopped at once (the pool would take the machine), which it must also survive."""
+    too_big = (mem_available_bytes() >> 30) + 8
+    daemon = DaemonProcess(tmp_path, "--dram", f"{too_big}GiB", "--force").launch()
+    assert daemon.sigterm_at("starting anyway (--force)") == 0, daemon.output()
+    output = daemon.output()
+    assert "WARNING" in output and "is more than this machine can give" in output
+    assert "allocating the DRAM pool" in output, output
+    assert shm_entries_of(daemon.proc.pid) == []
+
+
+def _small_shm(*command: str) -> list[str]:
+    """``command`` in a mount namespace of its own with a 64 MiB /dev/shm (needs root)."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t tmpfs -o size=64m kvstore-test /dev/shm && exec "$@"', "sh", *command]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare(1) for a private /dev/shm")
+def test_a_shared_pool_larger_than_dev_shm_is_refused_and_with_force_fails_cleanly():
+    """A pool /dev/shm cannot hold is a sparse file: it used to start and die of SIGBUS at
+    the first put that touched a page with no room behind it."""
+    daemon = [sys.executable, "-m", "daemon", "--listen", f"127.0.0.1:{free_port()}",
+              "--dram", "96MiB"]
+    refused = subprocess.run(_small_shm(*daemon), cwd=REPO, capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    assert "--dram 96.0 MiB is more than this machine can give" in refused.stderr
+    assert "/dev/shm" in refused.stderr and "Traceback" not in refused.stderr
+    forced = subprocess.run(_small_shm(*daemon, "--force"), cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert forced.returncode == 2, forced.stderr
+    assert "no room for the DRAM pool" in forced.stderr, forced.stderr
+    assert "Traceback" not in forced.stderr
+
+
+def test_listening_beyond_loopback_without_tokens_warns(start_daemon, tmp_path):
+    port = free_port()
+    exposed = start_daemon("--dram", "16MiB", "--listen", f"0.0.0.0:{port}", port=port)
+    assert "WARNING" in exposed.output() and "no --token-file" in exposed.output()
+    local = start_daemon("--dram", "16MiB")
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(f'[[tenant]]\nname = "a"\ntoken = "{TOKEN_A}"\nnamespaces = ["a"]\n')
+    port = free_port()
+    guarded = start_daemon("--dram", "16MiB", "--listen", f"0.0.0.0:{port}", "--token-file",
+                           str(tokens), port=port)
+    for daemon in (local, guarded):
+        assert "no --token-file" not in daemon.output()
+
+
+@pytest.mark.parametrize("flag", ["--metrics", "--listen"])
+def test_a_port_in_use_is_named_by_its_flag(tmp_path, flag):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = subprocess.run(
+            [sys.executable, "-m", "daemon", "--dram", "16MiB",
+             "--listen", address if flag == "--listen" else f"127.0.0.1:{free_port()}",
+             *(["--metrics", address] if flag == "--metrics" else [])],
+            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"kvstored: {flag} {address}: cannot listen there" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
