@@ -40,7 +40,7 @@ from daemon.access_log import AccessLog
 from daemon.answering import Answer, Request, within
 from daemon.config import DaemonConfig
 from daemon.doorbell import Doorbells
-from daemon.shm_plane import Connection, SharedMemoryPlane
+from daemon.shm_plane import Connection, LeaseStats, SharedMemoryPlane
 from daemon.tcp import FrameProtocol
 from daemon.tenants import (
     DEFAULT_NAMESPACE,
@@ -92,6 +92,7 @@ class Daemon(SharedMemoryPlane):
         self.address: tuple[str, int] | None = None
         self.started_at = time.time()
         self._lookups = _Lookups()
+        self.lease_stats = LeaseStats()
         self.doorbells: Doorbells | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -170,8 +171,7 @@ class Daemon(SharedMemoryPlane):
         self._connections.discard(conn)
         if self.doorbells is not None:
             self.doorbells.forget(conn)
-        if conn.reservations or conn.pins:
-            await self._run(self._release_all, conn)
+        await self._release_connection(conn)
         if self.metrics is not None:
             self.metrics.client_disconnected()
         log.info("client disconnected peer=%s tenant=%s reason=%s", conn.peer,
@@ -457,6 +457,7 @@ class Daemon(SharedMemoryPlane):
         stats["started_at"] = self.started_at
         stats["uptime_s"] = time.time() - self.started_at
         stats["prefix"] = self.prefix_stats()
+        stats["leases"] = self.lease_stats.as_dict()
         return {"stats": stats}, []
 
     def prefix_stats(self) -> dict[str, int]:
