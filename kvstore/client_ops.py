@@ -10,6 +10,10 @@ Reads on the same host first look the keys up in the daemon's directory
 request at all; the rest are pinned (one round trip), copied and unpinned. Blocks read
 through the directory are reported to the daemon in batches (``touch``, not waited for),
 so its hit counts and eviction order see them.
+
+Leases (see `daemon.shm_plane`): a copy out of a pinned slot is kept only if it ended
+within half a lease of sending the pin request (the daemon pins after that, so the pin
+still held when the copy ended); a spare slot is used only while it is that young.
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ class _Session:
         self.secret = namespace_secret(self.namespace)  # scopes keys as the daemon does
         self.touched: list[bytes] = []  # read through the directory, not yet reported
         self.num_directory_reads = 0
-        self._spare: tuple[int, int, int, float] | None = None  # handle, offset, nbytes, when
+        # handle, offset, nbytes, and when the commit that reserved it was sent
+        self._spare: tuple[int, int, int, float] | None = None
         shm = hello.get("shm")
         if shm and shm.get("boot_id") == boot_id():
             mapped = _shared_pool(address, shm["name"], shm["nbytes"])
@@ -96,9 +101,11 @@ class _Session:
         spare, self._spare = self._spare, None
         return None if spare is None else spare[0]
 
-    def keep_spare(self, handle: int, offset: int, nbytes: int) -> int | None:
-        """Keep a new spare slot; returns the handle of the one it replaces, if any."""
-        old, self._spare = self._spare, (handle, offset, nbytes, time.monotonic())
+    def keep_spare(self, handle: int, offset: int, nbytes: int, asked_at: float
+                   ) -> int | None:
+        """Keep a new spare slot, asked for at ``asked_at`` (its lease started later);
+        returns the handle of the one it replaces, if any."""
+        old, self._spare = self._spare, (handle, offset, nbytes, asked_at)
         return None if old is None else old[0]
 
 
@@ -226,9 +233,11 @@ class _Operations:
                 commit = {"op": "commit", "handles": handles, "keys": keys}
                 if single:
                     commit["reserve_sizes"] = sizes
+                asked_at = time.monotonic()
                 meta, _ = yield commit, []
                 if single and meta.get("handles"):
-                    old = session.keep_spare(meta["handles"][0], meta["offsets"][0], sizes[0])
+                    old = session.keep_spare(meta["handles"][0], meta["offsets"][0], sizes[0],
+                                             asked_at)
                     if old is not None:  # one spare per connection: the other goes back
                         yield {"op": "abort", "handles": [old], "noreply": True}, []
                 return meta["stored"]
@@ -268,8 +277,10 @@ class _Operations:
                 yield {"op": "touch", "keys": touched, "noreply": True}, []
         if pool is not None and rest:
             asked = [keys[i] for i in rest]
+            # Before the request: the daemon pins after this, so its lease ends after
+            # asked_at + lease_s whenever the answer reaches this process.
+            asked_at = time.monotonic()
             meta, _ = yield {"op": "pin", "keys": asked}, []
-            pinned_at = time.monotonic()
             pinned = [(rest[j], b) for j, b in enumerate(meta["blocks"]) if b is not None]
             copied: list[Any] = []
             try:
@@ -287,7 +298,7 @@ class _Operations:
                     yield {"op": "unpin", "handles": [b[2] for _, b in pinned],
                            "noreply": True}, []
             # A copy that outlasted the lease may have raced a reuse of its slot: redo it.
-            if time.monotonic() - pinned_at < session.lease_s / 2:
+            if time.monotonic() - asked_at < session.lease_s / 2:
                 for (i, _), value in zip(pinned, copied, strict=True):
                     results[i] = value
                 found = {i for i, _ in pinned}

@@ -7,7 +7,8 @@ reader get bytes other than what was committed for its key.
   reads back byte for byte (shared-memory directory, pin, TCP, after demotion to NVMe),
   and the stalled put raises `LeaseExpiredError` once, with no retry;
 - the same for a spare slot committed late through the doorbell;
-- a quarantined slot comes back after its commit, its abort, or its connection's end.
+- a quarantined slot comes back after its commit, its abort, or its connection's end;
+- a reader whose pin ran out before it copied drops that copy and asks again.
 
 The stalls are real: the test pauses a real client (raw frames, or the client's own
 operation driven by hand) until the daemon logs that the lease expired.
@@ -242,3 +243,24 @@ def test_quarantined_slot_comes_back(end, start_daemon):
         assert leases["expired_reservations"] == 1
         writer.close()
         _fill(client, "fill", NUM_SLOTS)  # every slot is usable again
+
+
+def test_reader_whose_pin_expired_drops_its_copy(start_daemon):
+    """A reader paused between its pin answer and its copy, past the lease, while the key
+    is deleted and its slot reused by another value: the copy is dropped, and the read
+    asks again (a miss now), never returning the other value's bytes."""
+    daemon = start_daemon(*LEASE_FLAGS)
+    key = make_key("read")
+    with kvstore.connect(daemon.url) as writer, kvstore.connect(daemon.url) as reader:
+        _fill(writer, "old", NUM_SLOTS - 1)
+        assert writer.put_many([key], [make_value("read", SLOT_BYTES)]) == 1
+        reader._idle[0].session.directory = None  # read through a pin
+
+        def reuse_the_slot() -> None:
+            assert _wait_for_expiry(daemon, 0) == (0, 1)
+            assert writer.delete(key)
+            assert writer.put_many([make_key("reuse")], [make_value("reuse", SLOT_BYTES)])
+
+        got = reader._run(lambda session: _stalled(_Operations.get_many(session, [key]),
+                                                   reuse_the_slot, after="pin"))
+        assert got == [None]
