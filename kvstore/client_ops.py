@@ -11,6 +11,12 @@ request at all; the rest are pinned (one round trip), copied and unpinned. Block
 through the directory are reported to the daemon in batches (``touch``, not waited for),
 so its hit counts and eviction order see them.
 
+Errors meet the transports at one boundary, `transport_errors`: a socket error, an EOF or
+an answer that is not a frame means the connection broke (`StoreConnectionError`, which
+the clients retry on a fresh connection); an error the daemon answered is raised as its
+own class by `_checked` (never retried: it would be answered again, and a refused commit
+did not take effect).
+
 Leases (see `daemon.shm_plane`): a copy out of a pinned slot is kept only if it ended
 within half a lease of sending the pin request (the daemon pins after that, so the pin
 still held when the copy ended); a spare slot is used only while it is that young.
@@ -18,16 +24,23 @@ still held when the copy ended); a spare slot is used only while it is that youn
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import numpy as np
 
 from kvstore import protocol
 from kvstore.buffers import copy_bytes, output_view
-from kvstore.errors import InvalidValueError, ProtocolError
+from kvstore.errors import (
+    DeadlineExceededError,
+    InvalidValueError,
+    KVStoreError,
+    ProtocolError,
+    StoreConnectionError,
+)
 from kvstore.keys import namespace_secret, scoped_key
 from kvstore.tiers.dram import boot_id
 
@@ -344,10 +357,38 @@ def _batches(sizes: list[int], limit: int) -> list[tuple[int, int]]:
     return batches
 
 
+@contextlib.contextmanager
+def transport_errors(url: str, op: str, timeout_s: float) -> Iterator[None]:
+    """Around a transport's sending and receiving of one request: a timeout becomes
+    `DeadlineExceededError`; a socket error, an EOF or a frame that cannot be read becomes
+    `StoreConnectionError` (the connection broke: retried on a fresh one), except a frame
+    of another protocol version (`ProtocolError`: no retry can help). Errors already
+    translated (a `KVStoreError`) pass as they are."""
+    try:
+        yield
+    except KVStoreError as e:
+        if not isinstance(e, protocol.RequestError):
+            raise
+        if e.code is protocol.ErrorCode.UNSUPPORTED_VERSION:
+            raise ProtocolError(f"bad answer from {url}: {e}") from None
+        raise StoreConnectionError(f"{op} to {url}: bad answer ({e}): the connection "
+                                   "cannot be trusted") from e
+    except TimeoutError:
+        raise DeadlineExceededError(f"{op} to {url} did not finish within {timeout_s:g} s"
+                                    ) from None
+    except EOFError as e:
+        raise StoreConnectionError(f"{op} to {url}: the daemon closed the connection"
+                                   ) from e
+    except OSError as e:
+        raise StoreConnectionError(f"{op} to {url}: the connection broke: "
+                                   f"{e or type(e).__name__}") from e
+
+
 def _checked(answer: dict[str, Any], request_id: int, data: memoryview, url: str) -> Response:
+    """The answer's fields and data; the error the daemon answered, as its own class."""
     if answer.get("id") not in (request_id, None):
-        raise ProtocolError(f"answer to request {answer.get('id')} from {url}, expected "
-                            f"{request_id}")
+        raise StoreConnectionError(f"answer to request {answer.get('id')} from {url}, "
+                                   f"expected {request_id}: the connection is out of step")
     if not answer.get("ok"):
         code = str(answer.get("code"))
         raise protocol.error_class(code)(f"{url}: {answer.get('message')} [{code}]")
