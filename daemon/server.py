@@ -178,8 +178,8 @@ class Daemon(SharedMemoryPlane):
                  conn.tenant.name if conn.tenant else "-", reason)
 
     async def _serve(self, reader: Any, writer: Any) -> None:
-        """Serve one connection given as a stream (UCX endpoints; TCP goes through
-        `daemon.tcp.FrameProtocol`, which answers the same way without streams)."""
+        """Serve one connection given as a stream (a UCX endpoint's `UcxStream`; TCP goes
+        through `daemon.tcp.FrameProtocol`, which answers the same way without streams)."""
         task = asyncio.current_task()
         assert task is not None
         peername = writer.get_extra_info("peername")
@@ -198,10 +198,12 @@ class Daemon(SharedMemoryPlane):
                 except asyncio.IncompleteReadError:
                     break
                 conn.busy = True
-                if not await self._answer(conn, raw, reader, writer):
-                    reason = "bad frame"
-                    break
+                keep_open = await self._answer(conn, raw, reader, writer)
                 conn.busy = False
+                if not keep_open:
+                    reason = "bad frame"
+                    await writer.linger(self.config.frame_timeout_s)  # the answer arrives
+                    break
             else:
                 reason = "daemon stopping"
         except asyncio.CancelledError:

@@ -170,6 +170,24 @@ class UcxStream:
             self._broken = True
             raise
 
+    async def linger(self, timeout_s: float) -> None:
+        """Wait until the peer hangs up, at most ``timeout_s``, dropping what it sends.
+
+        For a last answer (a refused hello): UCX may fail the peer's receive of a message
+        whose endpoint was closed right after the send completed here (ucxx fails the
+        receives of an endpoint that errored), so the peer would see a broken connection
+        instead of the answer. Hanging up after the peer does cannot lose it."""
+        if self._broken or self._closing is not None:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    await self._endpoint.recv_multi()
+        except (UCXError, TimeoutError):
+            pass
+        finally:
+            self._broken = True  # a receive may still be posted
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._peername if name == "peername" else default
 
