@@ -188,22 +188,35 @@ class SharedMemoryPlane:
         return {"handles": handles, "offsets": offsets}, []
 
     @staticmethod
-    def _take(tables: tuple[dict[int, Any], ...], handles: list[int]) -> list[Any]:
-        """Take ``handles`` out of whichever of ``tables`` holds each; none taken if one is
-        held by none (or named twice)."""
-        missing = [h for h in handles if not any(h in table for table in tables)]
+    def _take(table: dict[int, Any], handles: list[int]) -> list[Any]:
+        """Take ``handles`` out of ``table``; none taken if one is not there (or named
+        twice)."""
+        missing = [h for h in handles if h not in table]
         if missing or len(set(handles)) != len(handles):
             raise RequestError(ErrorCode.UNKNOWN_HANDLE,
                                f"handles {missing or handles} are not held by this connection "
                                "(given back already, or never given)")
-        return [next(table for table in tables if h in table).pop(h) for h in handles]
+        return [table.pop(h) for h in handles]
+
+    def _take_held(self, conn: Connection, handles: list[int]
+                   ) -> tuple[list[_Reservation], list[_Reservation]]:
+        """Take reservations out of ``conn``, live or quarantined: (all taken, the
+        quarantined ones among them)."""
+        quarantined = conn.quarantined
+        if not quarantined or not any(h in quarantined for h in handles):
+            return self._take(conn.reservations, handles), []  # the usual case: a dict each
+        expired = {h for h in handles if h in quarantined}
+        # Checked in both tables before anything is taken (a copy, on this rare path).
+        taken = self._take({**conn.reservations, **quarantined}, handles)
+        for h in handles:
+            (quarantined if h in expired else conn.reservations).pop(h)
+        return taken, [r for h, r in zip(handles, taken, strict=True) if h in expired]
 
     async def _take_reserved(self, conn: Connection, handles: list[int]) -> list[_Reservation]:
-        """Take reservations out of ``conn`` to commit or abort them; if one had expired
+        """Take reservations out of ``conn`` to commit them; if one had expired
         (quarantined), every slot taken goes back and `lease_expired` is raised: the
         client is past its copy, so no one writes into them any more."""
-        expired = [conn.quarantined[h] for h in handles if h in conn.quarantined]
-        taken = self._take((conn.reservations, conn.quarantined), handles)
+        taken, expired = self._take_held(conn, handles)
         if expired:
             await self._give_back(taken, expired)
             raise RequestError(ErrorCode.LEASE_EXPIRED,
@@ -265,10 +278,7 @@ class SharedMemoryPlane:
     async def _op_abort(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         """Give reserved slots back, expired ones too: an abort does what it asks either
         way (and the client may be aborting after an error it should see, not this)."""
-        handles = meta["handles"]
-        quarantined = [conn.quarantined[h] for h in handles if h in conn.quarantined]
-        await self._give_back(self._take((conn.reservations, conn.quarantined), handles),
-                              quarantined)
+        await self._give_back(*self._take_held(conn, meta["handles"]))
         return {}, []
 
     async def _op_pin(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
@@ -299,7 +309,7 @@ class SharedMemoryPlane:
 
     async def _op_unpin(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         """Release pins; ``intact[i]`` False means that copy may be torn (drop it)."""
-        taken = self._take((conn.pins,), meta["handles"])
+        taken = self._take(conn.pins, meta["handles"])
         intact = await self._run_short(
             lambda: [self.store.unpin_host(p.key, p.pin) for p in taken], shield=True)
         return {"intact": intact}, []

@@ -40,7 +40,7 @@ from kvstore.client_ops import (
     _Session,
     ahello,
     hello,
-    transport_errors,
+    transport_failed,
 )
 from kvstore.errors import (
     AuthError,
@@ -130,7 +130,7 @@ class _Connection:
         request_id = next(self._ids)
         meta = {**meta, "id": request_id, "timeout_ms": max(1, int(timeout_s * 1000))}
         data_bytes = sum(memoryview(p).nbytes for p in parts)
-        with transport_errors(self.client.url, meta["op"], timeout_s):
+        try:
             self.sock.settimeout(timeout_s + 1.0)  # the daemon answers a deadline first
             head = protocol.encode(FrameKind.REQUEST, meta, data_bytes)
             if data_bytes <= 65536:
@@ -151,6 +151,8 @@ class _Connection:
                 if not self._unanswered:
                     break
                 self._unanswered -= 1  # the answer of a request sent with wait=False
+        except Exception as e:
+            transport_failed(e, self.client.url, meta["op"], timeout_s)
         return _checked(answer, request_id, data, self.client.url)
 
     def _ring(self, meta: dict[str, Any], timeout_s: float) -> Response:
@@ -160,10 +162,12 @@ class _Connection:
         message = protocol.DOORBELL_REQUEST.pack(meta["handles"][0], meta["keys"][0], spare[0])
         answer = bytearray(protocol.DOORBELL_MESSAGE_BYTES)
         assert self.doorbell is not None
-        with transport_errors(self.client.url, "commit", timeout_s):
+        try:
             self.doorbell.settimeout(timeout_s)
             self.doorbell.sendall(message)
             _receive_into(self.doorbell, memoryview(answer))
+        except Exception as e:
+            transport_failed(e, self.client.url, "commit", timeout_s)
         status, stored, handle, offset = protocol.DOORBELL_RESPONSE.unpack(answer)
         if status:
             code = protocol.doorbell_code(status).value
@@ -439,7 +443,7 @@ class _AsyncConnection:
         request_id = next(self._ids)
         meta = {**meta, "id": request_id, "timeout_ms": max(1, int(timeout_s * 1000))}
         data_bytes = sum(memoryview(p).nbytes for p in parts)
-        with transport_errors(self.client.url, meta["op"], timeout_s):
+        try:
             async with asyncio.timeout(timeout_s + 1.0):
                 self.writer.write(protocol.encode(FrameKind.REQUEST, meta, data_bytes))
                 for part in parts:
@@ -458,6 +462,8 @@ class _AsyncConnection:
                     if not self._unanswered:
                         break
                     self._unanswered -= 1
+        except Exception as e:
+            transport_failed(e, self.client.url, meta["op"], timeout_s)
         return _checked(answer, request_id, data, self.client.url)
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ request at all; the rest are pinned (one round trip), copied and unpinned. Block
 through the directory are reported to the daemon in batches (``touch``, not waited for),
 so its hit counts and eviction order see them.
 
-Errors meet the transports at one boundary, `transport_errors`: a socket error, an EOF or
+Errors meet the transports at one boundary, `transport_failed`: a socket error, an EOF or
 an answer that is not a frame means the connection broke (`StoreConnectionError`, which
 the clients retry on a fresh connection); an error the daemon answered is raised as its
 own class by `_checked` (never retried: it would be answered again, and a refused commit
@@ -24,11 +24,10 @@ still held when the copy ended); a spare slot is used only while it is that youn
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Generator, Iterator
-from typing import Any
+from collections.abc import Generator
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -357,31 +356,32 @@ def _batches(sizes: list[int], limit: int) -> list[tuple[int, int]]:
     return batches
 
 
-@contextlib.contextmanager
-def transport_errors(url: str, op: str, timeout_s: float) -> Iterator[None]:
-    """Around a transport's sending and receiving of one request: a timeout becomes
-    `DeadlineExceededError`; a socket error, an EOF or a frame that cannot be read becomes
-    `StoreConnectionError` (the connection broke: retried on a fresh one), except a frame
-    of another protocol version (`ProtocolError`: no retry can help). Errors already
-    translated (a `KVStoreError`) pass as they are."""
-    try:
-        yield
-    except KVStoreError as e:
-        if not isinstance(e, protocol.RequestError):
-            raise
-        if e.code is protocol.ErrorCode.UNSUPPORTED_VERSION:
-            raise ProtocolError(f"bad answer from {url}: {e}") from None
-        raise StoreConnectionError(f"{op} to {url}: bad answer ({e}): the connection "
-                                   "cannot be trusted") from e
-    except TimeoutError:
+def transport_failed(error: Exception, url: str, op: str, timeout_s: float) -> NoReturn:
+    """Raise what ``error``, raised while a transport sent a request or received its
+    answer, means to the operations: a timeout is `DeadlineExceededError`; a socket error,
+    an EOF or a frame that cannot be read is `StoreConnectionError` (the connection broke:
+    retried on a fresh one), except a frame of another protocol version (`ProtocolError`:
+    no retry can help). Anything else (a `KVStoreError` already) is raised as it is.
+
+    Each transport calls it from ``except Exception`` around its I/O: a handler costs
+    nothing until something is raised, unlike a context manager per request."""
+    if isinstance(error, protocol.RequestError):
+        if error.code is protocol.ErrorCode.UNSUPPORTED_VERSION:
+            raise ProtocolError(f"bad answer from {url}: {error}") from None
+        raise StoreConnectionError(f"{op} to {url}: bad answer ({error}): the connection "
+                                   "cannot be trusted") from error
+    if isinstance(error, KVStoreError):
+        raise error
+    if isinstance(error, TimeoutError):
         raise DeadlineExceededError(f"{op} to {url} did not finish within {timeout_s:g} s"
                                     ) from None
-    except EOFError as e:
+    if isinstance(error, EOFError):
         raise StoreConnectionError(f"{op} to {url}: the daemon closed the connection"
-                                   ) from e
-    except OSError as e:
+                                   ) from error
+    if isinstance(error, OSError):
         raise StoreConnectionError(f"{op} to {url}: the connection broke: "
-                                   f"{e or type(e).__name__}") from e
+                                   f"{error or type(error).__name__}") from error
+    raise error
 
 
 def _checked(answer: dict[str, Any], request_id: int, data: memoryview, url: str) -> Response:

@@ -39,7 +39,7 @@ from collections import deque
 from typing import Any
 
 from kvstore import protocol
-from kvstore.client_ops import Response, _checked, _Session, ahello, hello, transport_errors
+from kvstore.client_ops import Response, _checked, _Session, ahello, hello, transport_failed
 from kvstore.errors import DeadlineExceededError, KVStoreError, StoreConnectionError
 from kvstore.protocol import FrameKind
 
@@ -276,28 +276,27 @@ class _Channel:
         data_bytes = sum(memoryview(p).nbytes for p in parts)
         stream = self.stream
         try:
-            with transport_errors(self.url, meta["op"], timeout_s):
-                async with asyncio.timeout(timeout_s + 1.0):  # the daemon answers one first
-                    stream.write(protocol.encode(FrameKind.REQUEST, meta, data_bytes))
-                    for part in parts:
-                        stream.write(part)
-                    await stream.drain()
-                    if not wait:
-                        self._unanswered += 1
-                        return None
-                    while True:
-                        header = protocol.decode_header(
-                            await stream.readexactly(protocol.HEADER_BYTES),
-                            max_data_bytes=1 << 40, expect=FrameKind.RESPONSE)
-                        answer = protocol.decode_meta(
-                            await stream.readexactly(header.meta_bytes))
-                        data = memoryview(await stream.readexactly(header.data_bytes))
-                        if not self._unanswered:
-                            break
-                        self._unanswered -= 1
-        except DeadlineExceededError:
-            stream.close()  # a receive may still be posted: the stream is broken
-            raise
+            async with asyncio.timeout(timeout_s + 1.0):  # the daemon answers a deadline first
+                stream.write(protocol.encode(FrameKind.REQUEST, meta, data_bytes))
+                for part in parts:
+                    stream.write(part)
+                await stream.drain()
+                if not wait:
+                    self._unanswered += 1
+                    return None
+                while True:
+                    header = protocol.decode_header(
+                        await stream.readexactly(protocol.HEADER_BYTES),
+                        max_data_bytes=1 << 40, expect=FrameKind.RESPONSE)
+                    answer = protocol.decode_meta(await stream.readexactly(header.meta_bytes))
+                    data = memoryview(await stream.readexactly(header.data_bytes))
+                    if not self._unanswered:
+                        break
+                    self._unanswered -= 1
+        except Exception as e:
+            if isinstance(e, TimeoutError):
+                stream.close()  # a receive may still be posted: the stream is broken
+            transport_failed(e, self.url, meta["op"], timeout_s)
         return _checked(answer, request_id, data, self.url)
 
 
