@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import socket
 import time
+import urllib.request
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -33,7 +34,7 @@ from kvstore.client_ops import _Operations
 from kvstore.protocol import ErrorCode
 from kvstore.tiers.dram import map_shared
 from tests.conftest import make_key, make_value
-from tests.daemon.conftest import DaemonProcess
+from tests.daemon.conftest import DaemonProcess, free_port
 from tests.daemon.test_doorbell import _ring
 from tests.daemon.test_robustness import RawConnection
 
@@ -78,6 +79,13 @@ def _dram_used_bytes(client: kvstore.Client) -> int:
 def _fill(client: kvstore.Client, tag: str, num: int) -> None:
     for i in range(num):  # put_many: a single put would also hold a spare slot
         assert client.put_many([make_key((tag, i))], [make_value((tag, i), SLOT_BYTES)])
+
+
+def _scrape(port: int) -> set[str]:
+    """The sample lines of the daemon's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return {line for line in response.read().decode().splitlines()
+                if not line.startswith("#")}
 
 
 def _stalled(operation: Generator, stall: Callable[[], Any], *, after: str | None = None,
@@ -215,7 +223,10 @@ def test_stalled_put_raises_lease_expired_once(path, start_daemon, monkeypatch):
 
 @pytest.mark.parametrize("end", ["commit", "abort", "close"])
 def test_quarantined_slot_comes_back(end, start_daemon):
-    daemon = start_daemon(*LEASE_FLAGS)
+    """Counted while quarantined (stats and /metrics), in DRAM's used bytes, and back in
+    the pool once its commit (refused), its abort or its connection's end comes."""
+    metrics_port = free_port()
+    daemon = start_daemon(*LEASE_FLAGS, "--metrics", f"127.0.0.1:{metrics_port}")
     with kvstore.connect(daemon.url) as client:
         baseline = _dram_used_bytes(client)
         writer = RawConnection(daemon.port)
@@ -225,6 +236,9 @@ def test_quarantined_slot_comes_back(end, start_daemon):
             _wait_for_expiry(daemon, 0)
             leases = client.stats()["leases"]
             assert (leases["quarantined_slots"], leases["quarantined_bytes"]) == (1, SLOT_BYTES)
+            assert _scrape(metrics_port) >= {'kvstore_quarantined_slots 1.0',
+                                             f'kvstore_quarantined_bytes {SLOT_BYTES:.1f}',
+                                             'kvstore_lease_expiries_total{kind="reservation"} 1.0'}
             assert _dram_used_bytes(client) == baseline + SLOT_BYTES
             if end == "commit":
                 meta = writer.call("commit", handles=reserved["handles"])
@@ -241,8 +255,37 @@ def test_quarantined_slot_comes_back(end, start_daemon):
         leases = client.stats()["leases"]
         assert (leases["quarantined_slots"], leases["quarantined_bytes"]) == (0, 0)
         assert leases["expired_reservations"] == 1
+        assert _scrape(metrics_port) >= {'kvstore_quarantined_slots 0.0',
+                                         'kvstore_quarantined_bytes 0.0'}
         writer.close()
         _fill(client, "fill", NUM_SLOTS)  # every slot is usable again
+
+
+def test_commit_mixing_expired_and_live_handles(start_daemon):
+    """A foreign handle beside an expired one changes nothing (unknown_handle); an expired
+    one beside a live one fails the whole commit, and both slots go back."""
+    daemon = start_daemon(*LEASE_FLAGS)
+    with kvstore.connect(daemon.url) as client:
+        baseline = _dram_used_bytes(client)
+        writer = RawConnection(daemon.port)
+        try:
+            writer.hello(shm=True)
+            [old] = writer.call("reserve", keys=[make_key("old")], sizes=[SLOT_BYTES])["handles"]
+            _wait_for_expiry(daemon, 0)
+            [new] = writer.call("reserve", keys=[make_key("new")], sizes=[SLOT_BYTES])["handles"]
+            for handles in ([old, 10**9], [old, old]):
+                meta = writer.call("commit", handles=handles)
+                assert meta["ok"] is False and meta["code"] == "unknown_handle", meta
+            assert client.stats()["leases"]["quarantined_slots"] == 1
+            assert _dram_used_bytes(client) == baseline + 2 * SLOT_BYTES
+            meta = writer.call("commit", handles=[new, old])
+            assert meta["ok"] is False and meta["code"] == "lease_expired", meta
+            assert _dram_used_bytes(client) == baseline
+            assert client.stats()["leases"]["quarantined_slots"] == 0
+            assert writer.call("abort", handles=[new])["code"] == "unknown_handle"
+            assert not any(client.contains(make_key(k)) for k in ("old", "new"))
+        finally:
+            writer.close()
 
 
 def test_reader_whose_pin_expired_drops_its_copy(start_daemon):
