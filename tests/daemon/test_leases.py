@@ -7,7 +7,9 @@ reader get bytes other than what was committed for its key.
   reads back byte for byte (shared-memory directory, pin, TCP, after demotion to NVMe),
   and the stalled put raises `LeaseExpiredError` once, with no retry;
 - the same for a spare slot committed late through the doorbell;
-- a quarantined slot comes back after its commit, its abort, or its connection's end;
+- a quarantined slot is counted (stats, /metrics) and comes back after its commit, its
+  abort, or its connection's end; a commit mixing an expired handle with a live one fails
+  whole, one naming a foreign handle beside it changes nothing;
 - a reader whose pin ran out before it copied drops that copy and asks again.
 
 The stalls are real: the test pauses a real client (raw frames, or the client's own
