@@ -163,6 +163,17 @@ class DaemonMetrics:
         self._prefix_hit_tokens = Counter(
             "kvstore_prefix_hit_tokens", "Prompt tokens found as cached prefix blocks.",
             ["source"], registry=r)
+        # Shared-memory leases: expired reservations keep their slots quarantined (out of
+        # use) until the client commits, aborts or hangs up (daemon.shm_plane).
+        self._lease_expiries = Counter(
+            "kvstore_lease_expiries", "Reservations and pins held past their lease, by kind.",
+            ["kind"], registry=r)
+        self._quarantined_slots = Gauge(
+            "kvstore_quarantined_slots",
+            "DRAM slots of expired reservations kept out of use now.", registry=r)
+        self._quarantined_bytes = Gauge(
+            "kvstore_quarantined_bytes",
+            "Bytes of DRAM slots of expired reservations kept out of use now.", registry=r)
         # Children cached per label value: labels() re-validates and locks on every call.
         self._op_children: dict[tuple[str, bool], tuple[Any, Any]] = {}
 
@@ -202,6 +213,16 @@ class DaemonMetrics:
                              f"got hit_tokens={hit_tokens}, query_tokens={query_tokens}")
         self._prefix_query_tokens.labels(source).inc(query_tokens)
         self._prefix_hit_tokens.labels(source).inc(hit_tokens)
+
+    def record_leases(self, num_expired_reservations: int, num_expired_pins: int,
+                      num_quarantined_slots: int, quarantined_bytes: int) -> None:
+        """Leases that just ran out, and the slots quarantined now."""
+        if num_expired_reservations:
+            self._lease_expiries.labels("reservation").inc(num_expired_reservations)
+        if num_expired_pins:
+            self._lease_expiries.labels("pin").inc(num_expired_pins)
+        self._quarantined_slots.set(num_quarantined_slots)
+        self._quarantined_bytes.set(quarantined_bytes)
 
     # -- scrape ---------------------------------------------------------------------------
 

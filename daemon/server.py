@@ -43,7 +43,7 @@ from daemon.config import DaemonConfig
 from daemon.doorbell import Doorbells
 from daemon.host_memory import check_pool_fits
 from daemon.scope import load_scope_key
-from daemon.shm_plane import Connection, SharedMemoryPlane
+from daemon.shm_plane import Connection, LeaseStats, SharedMemoryPlane
 from daemon.tcp import FrameProtocol
 from daemon.tenants import (
     DEFAULT_NAMESPACE,
@@ -129,6 +129,7 @@ class Daemon(SharedMemoryPlane):
         self.address: tuple[str, int] | None = None
         self.started_at = time.time()
         self._lookups = _Lookups()
+        self.lease_stats = LeaseStats()
         self.doorbells: Doorbells | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -220,16 +221,15 @@ class Daemon(SharedMemoryPlane):
         self._connections.discard(conn)
         if self.doorbells is not None:
             self.doorbells.forget(conn)
-        if conn.reservations or conn.pins:
-            await self._run(self._release_all, conn)
+        await self._release_connection(conn)
         if self.metrics is not None:
             self.metrics.client_disconnected()
         log.info("client disconnected peer=%s tenant=%s reason=%s", conn.peer,
                  conn.tenant.name if conn.tenant else "-", reason)
 
     async def _serve(self, reader: Any, writer: Any) -> None:
-        """Serve one connection given as a stream (UCX endpoints; TCP goes through
-        `daemon.tcp.FrameProtocol`, which answers the same way without streams)."""
+        """Serve one connection given as a stream (a UCX endpoint's `UcxStream`; TCP goes
+        through `daemon.tcp.FrameProtocol`, which answers the same way without streams)."""
         task = asyncio.current_task()
         assert task is not None
         peername = writer.get_extra_info("peername")
@@ -248,10 +248,12 @@ class Daemon(SharedMemoryPlane):
                 except asyncio.IncompleteReadError:
                     break
                 conn.busy = True
-                if not await self._answer(conn, raw, reader, writer):
-                    reason = "bad frame"
-                    break
+                keep_open = await self._answer(conn, raw, reader, writer)
                 conn.busy = False
+                if not keep_open:
+                    reason = "bad frame"
+                    await writer.linger(self.config.frame_timeout_s)  # the answer arrives
+                    break
             else:
                 reason = "daemon stopping"
         except asyncio.CancelledError:
@@ -513,6 +515,7 @@ class Daemon(SharedMemoryPlane):
         stats["started_at"] = self.started_at
         stats["uptime_s"] = time.time() - self.started_at
         stats["prefix"] = self.prefix_stats()
+        stats["leases"] = self.lease_stats.as_dict()
         return {"stats": stats}, []
 
     def prefix_stats(self) -> dict[str, int]:

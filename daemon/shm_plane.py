@@ -6,9 +6,26 @@ and out of the Store's DRAM pool, which they map from /dev/shm.
 
 Each connection holds its reservations and pins under handles, each with a lease: they go
 when the connection closes (however it closes: a SIGKILLed client's socket is closed by its
-kernel), and a live client that holds one past ``lease_s`` loses it to the sweeper. The
-Store's own pin lease makes an expired pin stop protecting its block, so no slot leaks and
-no eviction waits forever.
+kernel), and a live client that holds one past ``lease_s`` loses it to the sweeper (a pin
+at once, a reservation as below). The Store's own pin lease makes an expired pin stop
+protecting its block, so no eviction waits forever.
+
+Invariants (no reader ever gets bytes other than what was committed for its key):
+
+- A slot is written by the client that reserved it, and by no one else, until that client
+  can no longer write into it. An expired reservation is therefore *quarantined*, not
+  given back: its slot stays out of the allocator (counted in DRAM's used bytes and in
+  `LeaseStats`) until its handle is committed or aborted on its connection, or the
+  connection ends. A client finishes its copy before it commits or aborts (the protocol
+  asks it; the reference client's operation does reserve -> copy -> commit in order on
+  one connection), and a connection that ended has no operation left. A late copy lands
+  in the quarantined slot, which no key owns. The price: a client paused for good keeps
+  what it reserved until its connection ends (it could write into it on waking).
+- A commit naming an expired handle stores nothing and is answered ``lease_expired``
+  (all its slots go back); an abort of one is answered as any abort (its slot goes back).
+- An expired pin is dropped: its block may be evicted and its slot reused. Pins only read;
+  the client keeps a copy only if it finished within half a lease of *sending* the pin
+  request (`kvstore.client_ops`), so before the pin's deadline here.
 
 `SharedMemoryPlane` is a part of `daemon.server.Daemon` (its base class): the operations
 and the lease bookkeeping, on the daemon's event loop.
@@ -20,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,11 +68,32 @@ class _Pin:
 
 
 @dataclass
-class _Expired:
-    """Reservations and pins whose lease ran out (shaped like a Connection's tables)."""
+class LeaseStats:
+    """Leases that ran out since start, and the slots they keep quarantined now (changed on
+    the loop only, so no lock)."""
 
-    reservations: dict[int, _Reservation]
-    pins: dict[int, _Pin]
+    num_expired_reservations: int = 0
+    num_expired_pins: int = 0
+    num_quarantined_slots: int = 0
+    quarantined_bytes: int = 0
+
+    def record(self, *, expired: Sequence[_Reservation] = (), num_expired_pins: int = 0,
+               released: Sequence[_Reservation] = ()) -> None:
+        """Reservations that ``expired`` (now quarantined), pins that expired, and
+        quarantined reservations whose slots were ``released``."""
+        self.num_expired_reservations += len(expired)
+        self.num_expired_pins += num_expired_pins
+        self.num_quarantined_slots += len(expired) - len(released)
+        self.quarantined_bytes += (sum(r.nbytes for r in expired)
+                                   - sum(r.nbytes for r in released))
+        assert self.num_quarantined_slots >= 0 and self.quarantined_bytes >= 0, \
+            "a quarantined slot was released twice"
+
+    def as_dict(self) -> dict[str, int]:
+        return {"expired_reservations": self.num_expired_reservations,
+                "expired_pins": self.num_expired_pins,
+                "quarantined_slots": self.num_quarantined_slots,
+                "quarantined_bytes": self.quarantined_bytes}
 
 
 def _nothing() -> None:
@@ -70,6 +108,7 @@ class Connection:
     secret: bytes = b""
     shared_memory: bool = False
     reservations: dict[int, _Reservation] = field(default_factory=dict)
+    quarantined: dict[int, _Reservation] = field(default_factory=dict)  # expired, slot kept
     pins: dict[int, _Pin] = field(default_factory=dict)
     busy: bool = False  # a request is being answered
     # Set by whoever serves it (daemon.tcp, or Daemon._serve for a stream):
@@ -90,13 +129,15 @@ class Connection:
 
 class SharedMemoryPlane:
     """The reserve/commit/abort and pin/unpin operations, and the leases behind them.
-    Uses the daemon's ``config``, ``store``, ``_handles``, ``_connections`` and its
-    ``_run*`` helpers."""
+    Uses the daemon's ``config``, ``store``, ``metrics``, ``_handles``, ``_connections``
+    and its ``_run*`` helpers."""
 
     config: Any
     store: Any
+    metrics: Any
     _handles: Any
     _connections: set[Connection]
+    lease_stats: LeaseStats
 
     # -- the shared-memory data plane -------------------------------------------------------------
 
@@ -151,13 +192,52 @@ class SharedMemoryPlane:
             handles.append(handle)
         return {"handles": handles, "offsets": offsets}, []
 
-    def _take(self, table: dict[int, Any], handles: list[int]) -> list[Any]:
+    @staticmethod
+    def _take(table: dict[int, Any], handles: list[int]) -> list[Any]:
+        """Take ``handles`` out of ``table``; none taken if one is not there (or named
+        twice)."""
         missing = [h for h in handles if h not in table]
         if missing or len(set(handles)) != len(handles):
             raise RequestError(ErrorCode.UNKNOWN_HANDLE,
                                f"handles {missing or handles} are not held by this connection "
-                               "(expired after the lease, or never given)")
+                               "(given back already, or never given)")
         return [table.pop(h) for h in handles]
+
+    def _take_held(self, conn: Connection, handles: list[int]
+                   ) -> tuple[list[_Reservation], list[_Reservation]]:
+        """Take reservations out of ``conn``, live or quarantined: (all taken, the
+        quarantined ones among them)."""
+        quarantined = conn.quarantined
+        if not quarantined or not any(h in quarantined for h in handles):
+            return self._take(conn.reservations, handles), []  # the usual case: a dict each
+        expired = {h for h in handles if h in quarantined}
+        # Checked in both tables before anything is taken (a copy, on this rare path).
+        taken = self._take({**conn.reservations, **quarantined}, handles)
+        for h in handles:
+            (quarantined if h in expired else conn.reservations).pop(h)
+        return taken, [r for h, r in zip(handles, taken, strict=True) if h in expired]
+
+    async def _take_reserved(self, conn: Connection, handles: list[int]) -> list[_Reservation]:
+        """Take reservations out of ``conn`` to commit them; if one had expired
+        (quarantined), every slot taken goes back and `lease_expired` is raised: the
+        client is past its copy, so no one writes into them any more."""
+        taken, expired = self._take_held(conn, handles)
+        if expired:
+            await self._give_back(taken, expired)
+            raise RequestError(ErrorCode.LEASE_EXPIRED,
+                               f"{len(expired)} of {len(taken)} reservations were held past "
+                               f"the lease ({self.config.lease_s:g} s): nothing was stored, "
+                               "put again")
+        return taken
+
+    async def _give_back(self, taken: list[_Reservation], quarantined: list[_Reservation]
+                         ) -> None:
+        """Release the slots of ``taken``, which were taken out of the tables and so must
+        be released even if the request's deadline passes (shielded); ``quarantined`` are
+        those of them that had expired."""
+        if quarantined:  # counted first: the release below finishes even if cancelled
+            self._record_leases(released=quarantined)
+        await self._run_short(self._release_slots, [r.offset for r in taken], shield=True)
 
     async def _op_commit(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         """Commit reservations in order, as one chain (each the parent of the next), to
@@ -166,7 +246,7 @@ class SharedMemoryPlane:
         keys, spare_sizes = meta.get("keys"), meta.get("reserve_sizes") or []
         if spare_sizes:
             self._check_shm(conn)
-        taken = self._take(conn.reservations, meta["handles"])
+        taken = await self._take_reserved(conn, meta["handles"])
         if keys is not None:
             for r, key in zip(taken, keys, strict=True):
                 r.key = conn.scope(key)
@@ -201,9 +281,9 @@ class SharedMemoryPlane:
         return {"stored": stored, **spares}, []
 
     async def _op_abort(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        taken = self._take(conn.reservations, meta["handles"])
-        await self._run_short(self._release_slots, [r.offset for r in taken],
-                              shield=True)  # shielded as in commit
+        """Give reserved slots back, expired ones too: an abort does what it asks either
+        way (and the client may be aborting after an error it should see, not this)."""
+        await self._give_back(*self._take_held(conn, meta["handles"]))
         return {}, []
 
     async def _op_pin(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
@@ -241,20 +321,38 @@ class SharedMemoryPlane:
 
     # -- leases -----------------------------------------------------------------------------------
 
-    def _release_all(self, conn: Connection | _Expired) -> None:
-        """Give back reservations and drop pins (a closed connection's, or expired ones)."""
-        if not conn.reservations and not conn.pins:
+    async def _release_connection(self, conn: Connection) -> None:
+        """Give back what a connection that ended held: its reservations, quarantined ones
+        included (nobody writes into them any more), and its pins."""
+        if not (conn.reservations or conn.quarantined or conn.pins):
             return
-        for r in conn.reservations.values():
-            self.store.release_host(r.offset)
-        for p in conn.pins.values():
+        quarantined = list(conn.quarantined.values())
+        reserved = [*conn.reservations.values(), *quarantined]
+        pins = list(conn.pins.values())
+        conn.reservations.clear()
+        conn.quarantined.clear()
+        conn.pins.clear()
+        if quarantined:
+            self._record_leases(released=quarantined)
+        await self._run(self._release_held, reserved, pins)
+        log.info("released %d reservations (%d of them quarantined) and %d pins of peer=%s",
+                 len(reserved), len(quarantined), len(pins), conn.peer)
+
+    def _release_held(self, reserved: list[_Reservation], pins: list[_Pin]) -> None:
+        """(worker thread) Release reserved slots and drop pins nobody copies under."""
+        self._release_slots([r.offset for r in reserved])
+        for p in pins:
             with contextlib.suppress(KVStoreError):  # nobody copies from these any more
                 self.store.unpin_host(p.key, p.pin, after_copy=False)
-        if isinstance(conn, Connection):
-            log.info("released %d reservations and %d pins of peer=%s",
-                     len(conn.reservations), len(conn.pins), conn.peer)
-        conn.reservations.clear()
-        conn.pins.clear()
+
+    def _record_leases(self, *, expired: Sequence[_Reservation] = (),
+                       num_expired_pins: int = 0, released: Sequence[_Reservation] = ()
+                       ) -> None:
+        stats = self.lease_stats
+        stats.record(expired=expired, num_expired_pins=num_expired_pins, released=released)
+        if self.metrics is not None:
+            self.metrics.record_leases(len(expired), num_expired_pins,
+                                       stats.num_quarantined_slots, stats.quarantined_bytes)
 
     async def _keep_directory_alive(self) -> None:
         """Stamp the pool directory's heartbeat while the loop runs: clients stop reading
@@ -266,15 +364,22 @@ class SharedMemoryPlane:
             await asyncio.sleep(BEAT_S)
 
     async def _sweep_leases(self) -> None:
+        """Every `SWEEP_INTERVAL_S`: quarantine expired reservations, drop expired pins."""
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             now = time.monotonic()
             for conn in list(self._connections):
-                expired = _Expired(
-                    {h: conn.reservations.pop(h) for h, r in list(conn.reservations.items())
-                     if r.deadline < now},
-                    {h: conn.pins.pop(h) for h, p in list(conn.pins.items()) if p.deadline < now})
-                if expired.reservations or expired.pins:
-                    log.warning("lease expired peer=%s: %d reservations and %d pins released",
-                                conn.peer, len(expired.reservations), len(expired.pins))
-                    await self._run(self._release_all, expired)
+                expired = [h for h, r in conn.reservations.items() if r.deadline < now]
+                quarantined = [conn.reservations.pop(h) for h in expired]
+                conn.quarantined.update(zip(expired, quarantined, strict=True))
+                pins = [conn.pins.pop(h) for h, p in list(conn.pins.items())
+                        if p.deadline < now]
+                if not quarantined and not pins:
+                    continue
+                self._record_leases(expired=quarantined, num_expired_pins=len(pins))
+                log.warning("lease expired peer=%s: %d reservations and %d pins; pins "
+                            "dropped, %d bytes of reservations quarantined until the client "
+                            "commits, aborts or hangs up", conn.peer, len(quarantined),
+                            len(pins), sum(r.nbytes for r in quarantined))
+                if pins:
+                    await self._run(self._release_held, [], pins)

@@ -11,6 +11,7 @@ from kvstore.errors import (
     InvalidKeyError,
     InvalidValueError,
     KVStoreError,
+    LeaseExpiredError,
     ProtocolError,
     StorageError,
     StoreClosedError,
@@ -26,9 +27,9 @@ __version__ = "0.1.0"
 __all__ = [
     "KEY_BYTES", "Admission", "AuthError", "BlockKey", "BufferSizeError", "Compression",
     "ConfigError", "DeadlineExceededError", "EvictionPolicy", "InvalidKeyError",
-    "InvalidValueError", "KVLayout", "KVStoreError", "ProtocolError", "StorageError", "Store",
-    "StoreClosedError", "StoreConfig", "StoreConnectionError", "aconnect", "connect",
-    "prefix_hashes",
+    "InvalidValueError", "KVLayout", "KVStoreError", "LeaseExpiredError", "ProtocolError",
+    "StorageError", "Store", "StoreClosedError", "StoreConfig", "StoreConnectionError",
+    "aconnect", "connect", "prefix_hashes",
 ]
 
 

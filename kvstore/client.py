@@ -8,10 +8,13 @@
 Each operation is written once, as a generator that yields requests and receives
 responses (`_Operations`); the sync and the asyncio client only move frames. An
 operation runs on one connection (shared-memory handles belong to it); if the
-connection breaks, the whole operation is retried on a fresh one with jittered backoff
-(every operation is idempotent in effect: a put of the same value, a delete, reads), so a
-daemon restart is invisible beyond the delay. A call that runs out of time raises
-`DeadlineExceededError` and drops its connection (a late answer could not be matched).
+connection breaks (`StoreConnectionError`: a socket error, an EOF, an answer that is not
+a frame), the whole operation is retried on a fresh one with jittered backoff (every
+operation is idempotent in effect: a put of the same value, a delete, reads), so a
+daemon restart is invisible beyond the delay. An error the daemon answered (`AuthError`,
+`StorageError`, `LeaseExpiredError`, ...) is raised at once, and the connection kept. A
+call that runs out of time raises `DeadlineExceededError` and drops its connection (a
+late answer could not be matched).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from kvstore.client_ops import (
     _Session,
     ahello,
     hello,
+    transport_failed,
 )
 from kvstore.errors import (
     AuthError,
@@ -88,9 +92,13 @@ class _Connection:
         self._start = self._end = 0  # received, not yet taken
         self.session: _Session
         self.doorbell: socket.socket | None = None  # commits of single puts, same host
-        hello(self, client)
+        hello(self, client)  # (closes the socket if it fails)
         if self.session.pool is not None:
-            self.doorbell = self._open_doorbell()
+            try:
+                self.doorbell = self._open_doorbell()
+            except BaseException:
+                self.close()
+                raise
 
     def _open_doorbell(self) -> socket.socket | None:
         """The daemon's commit doorbell for this connection (`daemon.doorbell`), or None:
@@ -122,8 +130,8 @@ class _Connection:
         request_id = next(self._ids)
         meta = {**meta, "id": request_id, "timeout_ms": max(1, int(timeout_s * 1000))}
         data_bytes = sum(memoryview(p).nbytes for p in parts)
-        self.sock.settimeout(timeout_s + 1.0)  # the daemon answers a deadline itself first
         try:
+            self.sock.settimeout(timeout_s + 1.0)  # the daemon answers a deadline first
             head = protocol.encode(FrameKind.REQUEST, meta, data_bytes)
             if data_bytes <= 65536:
                 self.sock.sendall(b"".join([head, *(memoryview(p).cast("B") for p in parts)]))
@@ -143,11 +151,8 @@ class _Connection:
                 if not self._unanswered:
                     break
                 self._unanswered -= 1  # the answer of a request sent with wait=False
-        except TimeoutError:
-            raise DeadlineExceededError(f"{meta['op']} to {self.client.url} did not finish "
-                                        f"within {timeout_s:g} s") from None
-        except protocol.RequestError as e:
-            raise ProtocolError(f"bad answer from {self.client.url}: {e}") from None
+        except Exception as e:
+            transport_failed(e, self.client.url, meta["op"], timeout_s)
         return _checked(answer, request_id, data, self.client.url)
 
     def _ring(self, meta: dict[str, Any], timeout_s: float) -> Response:
@@ -157,13 +162,12 @@ class _Connection:
         message = protocol.DOORBELL_REQUEST.pack(meta["handles"][0], meta["keys"][0], spare[0])
         answer = bytearray(protocol.DOORBELL_MESSAGE_BYTES)
         assert self.doorbell is not None
-        self.doorbell.settimeout(timeout_s)
         try:
+            self.doorbell.settimeout(timeout_s)
             self.doorbell.sendall(message)
             _receive_into(self.doorbell, memoryview(answer))
-        except TimeoutError:
-            raise DeadlineExceededError(f"commit to {self.client.url} did not finish within "
-                                        f"{timeout_s:g} s") from None
+        except Exception as e:
+            transport_failed(e, self.client.url, "commit", timeout_s)
         status, stored, handle, offset = protocol.DOORBELL_RESPONSE.unpack(answer)
         if status:
             code = protocol.doorbell_code(status).value
@@ -218,9 +222,6 @@ def _rings_doorbell(meta: dict[str, Any]) -> bool:
     at most one spare slot to reserve."""
     return (meta["op"] == "commit" and len(meta["handles"]) == 1
             and len(meta.get("keys") or ()) == 1 and len(meta.get("reserve_sizes") or ()) <= 1)
-
-
-_BROKEN = (OSError, EOFError, ProtocolError)  # the connection cannot be trusted any more
 
 
 def _split_keys(keys: Sequence[bytes]) -> list[bytes]:
@@ -302,9 +303,10 @@ class _Settings:
         self.max_connections = max_connections
         self.retry = retry
 
-    def _retry_delay_s(self, attempt: int, deadline: float, error: BaseException) -> float:
+    def _retry_delay_s(self, attempt: int, deadline: float,
+                       error: StoreConnectionError) -> float:
         """How long to wait before retrying on a fresh connection after ``error`` broke
-        one; `StoreConnectionError` when no attempt or time is left."""
+        one (or found none); `StoreConnectionError` when no attempt or time is left."""
         if attempt + 1 >= self.retry.attempts or time.monotonic() >= deadline:
             raise StoreConnectionError(
                 f"lost the connection to kvstored at {self.url}: {error}") from error
@@ -364,7 +366,7 @@ class Client(_Settings, _Api):
                     if conn is not None:
                         conn.close()
                     raise
-                except _BROKEN as e:
+                except StoreConnectionError as e:  # only a broken connection is retried
                     if conn is not None:
                         conn.close()
                     time.sleep(self._retry_delay_s(attempt, deadline, e))
@@ -460,13 +462,8 @@ class _AsyncConnection:
                     if not self._unanswered:
                         break
                     self._unanswered -= 1
-        except TimeoutError:
-            raise DeadlineExceededError(f"{meta['op']} to {self.client.url} did not finish "
-                                        f"within {timeout_s:g} s") from None
-        except asyncio.IncompleteReadError:
-            raise ConnectionResetError("the daemon closed the connection") from None
-        except protocol.RequestError as e:
-            raise ProtocolError(f"bad answer from {self.client.url}: {e}") from None
+        except Exception as e:
+            transport_failed(e, self.client.url, meta["op"], timeout_s)
         return _checked(answer, request_id, data, self.client.url)
 
     def close(self) -> None:
@@ -500,7 +497,7 @@ class AsyncClient(_Settings, _Api):
                     if conn is not None:
                         conn.close()
                     raise
-                except _BROKEN as e:
+                except StoreConnectionError as e:  # only a broken connection is retried
                     if conn is not None:
                         conn.close()
                     await asyncio.sleep(self._retry_delay_s(attempt, deadline, e))

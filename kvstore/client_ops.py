@@ -10,6 +10,16 @@ Reads on the same host first look the keys up in the daemon's directory
 request at all; the rest are pinned (one round trip), copied and unpinned. Blocks read
 through the directory are reported to the daemon in batches (``touch``, not waited for),
 so its hit counts and eviction order see them.
+
+Errors meet the transports at one boundary, `transport_failed`: a socket error, an EOF or
+an answer that is not a frame means the connection broke (`StoreConnectionError`, which
+the clients retry on a fresh connection); an error the daemon answered is raised as its
+own class by `_checked` (never retried: it would be answered again, and a refused commit
+did not take effect).
+
+Leases (see `daemon.shm_plane`): a copy out of a pinned slot is kept only if it ended
+within half a lease of sending the pin request (the daemon pins after that, so the pin
+still held when the copy ended); a spare slot is used only while it is that young.
 """
 
 from __future__ import annotations
@@ -17,13 +27,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Generator
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from kvstore import protocol
 from kvstore.buffers import copy_bytes, output_view
-from kvstore.errors import InvalidValueError, ProtocolError
+from kvstore.errors import (
+    DeadlineExceededError,
+    InvalidValueError,
+    KVStoreError,
+    ProtocolError,
+    StoreConnectionError,
+)
 from kvstore.keys import scoped_key
 from kvstore.tiers.dram import boot_id
 
@@ -71,7 +87,8 @@ class _Session:
         self.secret: bytes | None = None  # scopes keys as the daemon does (shared memory)
         self.touched: list[bytes] = []  # read through the directory, not yet reported
         self.num_directory_reads = 0
-        self._spare: tuple[int, int, int, float] | None = None  # handle, offset, nbytes, when
+        # handle, offset, nbytes, and when the commit that reserved it was sent
+        self._spare: tuple[int, int, int, float] | None = None
         shm = hello.get("shm")
         if shm and shm.get("boot_id") == boot_id():
             mapped = _shared_pool(address, shm["name"], shm["nbytes"])
@@ -97,9 +114,11 @@ class _Session:
         spare, self._spare = self._spare, None
         return None if spare is None else spare[0]
 
-    def keep_spare(self, handle: int, offset: int, nbytes: int) -> int | None:
-        """Keep a new spare slot; returns the handle of the one it replaces, if any."""
-        old, self._spare = self._spare, (handle, offset, nbytes, time.monotonic())
+    def keep_spare(self, handle: int, offset: int, nbytes: int, asked_at: float
+                   ) -> int | None:
+        """Keep a new spare slot, asked for at ``asked_at`` (its lease started later);
+        returns the handle of the one it replaces, if any."""
+        old, self._spare = self._spare, (handle, offset, nbytes, asked_at)
         return None if old is None else old[0]
 
 
@@ -227,9 +246,11 @@ class _Operations:
                 commit = {"op": "commit", "handles": handles, "keys": keys}
                 if single:
                     commit["reserve_sizes"] = sizes
+                asked_at = time.monotonic()
                 meta, _ = yield commit, []
                 if single and meta.get("handles"):
-                    old = session.keep_spare(meta["handles"][0], meta["offsets"][0], sizes[0])
+                    old = session.keep_spare(meta["handles"][0], meta["offsets"][0], sizes[0],
+                                             asked_at)
                     if old is not None:  # one spare per connection: the other goes back
                         yield {"op": "abort", "handles": [old], "noreply": True}, []
                 return meta["stored"]
@@ -269,8 +290,10 @@ class _Operations:
                 yield {"op": "touch", "keys": touched, "noreply": True}, []
         if pool is not None and rest:
             asked = [keys[i] for i in rest]
+            # Before the request: the daemon pins after this, so its lease ends after
+            # asked_at + lease_s whenever the answer reaches this process.
+            asked_at = time.monotonic()
             meta, _ = yield {"op": "pin", "keys": asked}, []
-            pinned_at = time.monotonic()
             pinned = [(rest[j], b) for j, b in enumerate(meta["blocks"]) if b is not None]
             copied: list[Any] = []
             try:
@@ -288,7 +311,7 @@ class _Operations:
                     yield {"op": "unpin", "handles": [b[2] for _, b in pinned],
                            "noreply": True}, []
             # A copy that outlasted the lease may have raced a reuse of its slot: redo it.
-            if time.monotonic() - pinned_at < session.lease_s / 2:
+            if time.monotonic() - asked_at < session.lease_s / 2:
                 for (i, _), value in zip(pinned, copied, strict=True):
                     results[i] = value
                 found = {i for i, _ in pinned}
@@ -334,10 +357,39 @@ def _batches(sizes: list[int], limit: int) -> list[tuple[int, int]]:
     return batches
 
 
+def transport_failed(error: Exception, url: str, op: str, timeout_s: float) -> NoReturn:
+    """Raise what ``error``, raised while a transport sent a request or received its
+    answer, means to the operations: a timeout is `DeadlineExceededError`; a socket error,
+    an EOF or a frame that cannot be read is `StoreConnectionError` (the connection broke:
+    retried on a fresh one), except a frame of another protocol version (`ProtocolError`:
+    no retry can help). Anything else (a `KVStoreError` already) is raised as it is.
+
+    Each transport calls it from ``except Exception`` around its I/O: a handler costs
+    nothing until something is raised, unlike a context manager per request."""
+    if isinstance(error, protocol.RequestError):
+        if error.code is protocol.ErrorCode.UNSUPPORTED_VERSION:
+            raise ProtocolError(f"bad answer from {url}: {error}") from None
+        raise StoreConnectionError(f"{op} to {url}: bad answer ({error}): the connection "
+                                   "cannot be trusted") from error
+    if isinstance(error, KVStoreError):
+        raise error
+    if isinstance(error, TimeoutError):
+        raise DeadlineExceededError(f"{op} to {url} did not finish within {timeout_s:g} s"
+                                    ) from None
+    if isinstance(error, EOFError):
+        raise StoreConnectionError(f"{op} to {url}: the daemon closed the connection"
+                                   ) from error
+    if isinstance(error, OSError):
+        raise StoreConnectionError(f"{op} to {url}: the connection broke: "
+                                   f"{error or type(error).__name__}") from error
+    raise error
+
+
 def _checked(answer: dict[str, Any], request_id: int, data: memoryview, url: str) -> Response:
+    """The answer's fields and data; the error the daemon answered, as its own class."""
     if answer.get("id") not in (request_id, None):
-        raise ProtocolError(f"answer to request {answer.get('id')} from {url}, expected "
-                            f"{request_id}")
+        raise StoreConnectionError(f"answer to request {answer.get('id')} from {url}, "
+                                   f"expected {request_id}: the connection is out of step")
     if not answer.get("ok"):
         code = str(answer.get("code"))
         raise protocol.error_class(code)(f"{url}: {answer.get('message')} [{code}]")

@@ -47,5 +47,11 @@ class ProtocolError(KVStoreError):
     """A peer sent a frame this side cannot accept (bad framing, version mismatch)."""
 
 
+class LeaseExpiredError(KVStoreError):
+    """A shared-memory put held its reserved slot past the daemon's lease (the client was
+    paused, say): the daemon refused the commit and nothing was stored. Not a broken
+    connection: put again."""
+
+
 class DeadlineExceededError(KVStoreError, TimeoutError):
     """A call did not finish within its timeout; it may or may not have taken effect."""

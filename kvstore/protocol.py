@@ -33,6 +33,7 @@ from kvstore.errors import (
     InvalidKeyError,
     InvalidValueError,
     KVStoreError,
+    LeaseExpiredError,
     ProtocolError,
     StorageError,
     StoreClosedError,
@@ -72,6 +73,8 @@ class ErrorCode(enum.Enum):
     STORAGE_ERROR = "storage_error"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
+    # Last, so that the doorbell's status numbers of the codes above stay as they were.
+    LEASE_EXPIRED = "lease_expired"  # a reservation committed after its lease ran out
 
 
 _ERROR_CLASSES: dict[ErrorCode, type[KVStoreError]] = {
@@ -90,6 +93,7 @@ _ERROR_CLASSES: dict[ErrorCode, type[KVStoreError]] = {
     ErrorCode.STORAGE_ERROR: StorageError,
     ErrorCode.SHUTTING_DOWN: StoreClosedError,
     ErrorCode.INTERNAL: KVStoreError,
+    ErrorCode.LEASE_EXPIRED: LeaseExpiredError,
 }
 
 

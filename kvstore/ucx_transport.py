@@ -39,13 +39,8 @@ from collections import deque
 from typing import Any
 
 from kvstore import protocol
-from kvstore.client_ops import Response, _checked, _Session, ahello, hello
-from kvstore.errors import (
-    DeadlineExceededError,
-    KVStoreError,
-    ProtocolError,
-    StoreConnectionError,
-)
+from kvstore.client_ops import Response, _checked, _Session, ahello, hello, transport_failed
+from kvstore.errors import DeadlineExceededError, KVStoreError, StoreConnectionError
 from kvstore.protocol import FrameKind
 
 try:
@@ -175,6 +170,24 @@ class UcxStream:
             self._broken = True
             raise
 
+    async def linger(self, timeout_s: float) -> None:
+        """Wait until the peer hangs up, at most ``timeout_s``, dropping what it sends.
+
+        For a last answer (a refused hello): UCX may fail the peer's receive of a message
+        whose endpoint was closed right after the send completed here (ucxx fails the
+        receives of an endpoint that errored), so the peer would see a broken connection
+        instead of the answer. Hanging up after the peer does cannot lose it."""
+        if self._broken or self._closing is not None:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    await self._endpoint.recv_multi()
+        except (UCXError, TimeoutError):
+            pass
+        finally:
+            self._broken = True  # a receive may still be posted
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._peername if name == "peername" else default
 
@@ -280,14 +293,10 @@ class _Channel:
                     if not self._unanswered:
                         break
                     self._unanswered -= 1
-        except TimeoutError:
-            stream.close()
-            raise DeadlineExceededError(f"{meta['op']} to {self.url} did not finish within "
-                                        f"{timeout_s:g} s") from None
-        except asyncio.IncompleteReadError:
-            raise ConnectionResetError("the daemon closed the UCX connection") from None
-        except protocol.RequestError as e:
-            raise ProtocolError(f"bad answer from {self.url}: {e}") from None
+        except Exception as e:
+            if isinstance(e, TimeoutError):
+                stream.close()  # a receive may still be posted: the stream is broken
+            transport_failed(e, self.url, meta["op"], timeout_s)
         return _checked(answer, request_id, data, self.url)
 
 

@@ -144,6 +144,7 @@ def test_doorbell_status_numbers_are_the_documented_ones():
     """The wire numbers of the error codes (docs/PROTOCOL.md lists them): fixed."""
     numbers = {code.value: protocol.doorbell_status(code) for code in protocol.ErrorCode}
     assert numbers["bad_frame"] == 1 and numbers["unknown_handle"] == 11
-    assert numbers["internal"] == 15 and len(numbers) == 15
+    assert numbers["internal"] == 15 and numbers["lease_expired"] == 16
+    assert len(numbers) == 16
     assert all(protocol.doorbell_code(n) is protocol.ErrorCode(code)
                for code, n in numbers.items())
