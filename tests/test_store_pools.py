@@ -1,5 +1,6 @@
-"""The Store over small memory pools: values of mixed sizes, windows of slabs freed for a
-large value (never a pinned block, never an ancestor a put_many protects)."""
+"""The Store over small tiers: the largest value derived from the tiers' sizes, values of
+mixed sizes in a small pool, windows of slabs freed for a large value (never a pinned
+block, never an ancestor a put_many protects)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import random
 
 import hypothesis.strategies as st
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 
 import kvstore
 from kvstore import Store, StoreConfig
+from kvstore.store import _segment_bytes
+from kvstore.tiers.nvme import NvmeTierConfig
+from kvstore.tiers.slab import pool_holds
 from tests.conftest import make_key, make_value
 
 KiB = 1024
@@ -19,6 +24,82 @@ MiB = 1024 * KiB
 
 def dram(store: Store) -> dict:
     return store.stats()["tiers"]["dram"]
+
+
+# -- max_value_bytes, derived from the tiers when not given ---------------------------------------
+
+
+@pytest.mark.parametrize(("sizes", "derived"), [
+    ({"dram_bytes": "1MiB"}, 256 * KiB),  # refused before: max_value_bytes was 16 MiB
+    ({"dram_bytes": "8MiB"}, 2 * MiB),
+    ({"dram_bytes": "100MiB"}, 16 * MiB),
+    ({"dram_bytes": "1GiB"}, 16 * MiB),  # large tiers: as before
+    ({"dram_bytes": "1GiB", "hbm_bytes": "2MiB"}, 512 * KiB),  # the smallest pool
+    ({"dram_bytes": 0, "nvme_bytes": "8MiB"}, 1 * MiB),
+    ({"dram_bytes": "1GiB", "nvme_bytes": "64MiB"}, 8 * MiB),  # refused before, by NVMe
+    ({"dram_bytes": "1MiB", "nvme_bytes": "100GiB"}, 256 * KiB),
+])
+def test_max_value_bytes_is_derived_from_the_tiers(tmp_path, sizes, derived):
+    if "nvme_bytes" in sizes:
+        sizes = {**sizes, "nvme_path": str(tmp_path / "nvme")}
+    config = StoreConfig(**sizes)
+    assert config.max_value_bytes == derived and config.max_value_is_derived
+    assert config == StoreConfig(**sizes, max_value_bytes=derived)  # the same config
+    if "hbm_bytes" in sizes:
+        return  # no CUDA here
+    with Store(config) as store:
+        assert store.put(make_key("largest"), bytes(derived))
+        assert store.get(make_key("largest")) == bytes(derived)
+        with pytest.raises(kvstore.InvalidValueError, match="max_value_bytes"):
+            store.put(make_key("larger"), bytes(derived + 1))
+
+
+def test_replace_derives_max_value_bytes_again_but_keeps_a_given_one():
+    derived = StoreConfig(dram_bytes="1GiB")
+    assert derived.replace(dram_bytes="1MiB").max_value_bytes == 256 * KiB
+    assert derived.replace(dram_bytes="1MiB").max_value_is_derived
+    given = StoreConfig(dram_bytes="1GiB", max_value_bytes="16MiB")
+    assert not given.max_value_is_derived
+    with pytest.raises(kvstore.ConfigError, match="max_value_bytes"):
+        given.replace(dram_bytes="1MiB")
+    assert given.replace(dram_bytes="2GiB").max_value_bytes == 16 * MiB
+
+
+@pytest.mark.parametrize(("pool", "max_value"), [
+    ("1MiB", "2MiB"),  # larger than the pool
+    ("1MiB", 1 * MiB + 1),  # its slot (1.25 MiB) is larger than the pool
+    (1 * MiB + 100, 1 * MiB + 50),  # a slot of whole slabs: 65 of 16 KiB, the pool has 64
+])
+def test_a_max_value_bytes_the_pool_cannot_hold_is_refused(pool, max_value):
+    for tier in ("dram_bytes", "hbm_bytes"):
+        with pytest.raises(kvstore.ConfigError, match=f"StoreConfig.{tier} .*max_value_bytes"):
+            StoreConfig(**{tier: pool}, max_value_bytes=max_value)
+    assert StoreConfig(dram_bytes=pool).max_value_bytes <= 256 * KiB
+
+
+@settings(max_examples=200, deadline=None)
+@given(dram=st.one_of(st.just(0), st.integers(64, 1 << 40)),  # 64 bytes: the smallest slot
+       hbm=st.one_of(st.just(0), st.integers(64, 1 << 37)),
+       nvme=st.one_of(st.just(0), st.integers(256 * KiB, 1 << 42)))
+def test_a_derived_max_value_bytes_fits_every_tier(dram, hbm, nvme):
+    if not (dram or hbm or nvme):
+        return
+    config = StoreConfig(dram_bytes=dram, hbm_bytes=hbm, nvme_bytes=nvme,
+                         nvme_path="/nowhere" if nvme else None)
+    largest = config.max_value_bytes
+    assert largest <= 16 * MiB and largest & (largest - 1) == 0
+    for pool in (dram, hbm):
+        if pool:
+            assert pool_holds(pool, largest) and largest * 4 <= pool
+    if nvme:  # the NVMe tier's own checks (segments that hold a largest record)
+        NvmeTierConfig(path="/nowhere", capacity_bytes=nvme, max_value_bytes=largest,
+                       segment_bytes=_segment_bytes(config))
+    if largest < 16 * MiB:  # as large as the rule allows: twice as much breaks it
+        assert any(2 * largest * 4 > pool for pool in (dram, hbm) if pool) or (
+            2 * largest * 8 > nvme > 0)
+
+
+# -- mixed sizes in a small pool ------------------------------------------------------------------
 
 
 def test_a_small_pool_keeps_values_of_mixed_sizes():
