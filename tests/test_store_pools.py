@@ -16,6 +16,7 @@ from kvstore import Store, StoreConfig
 from kvstore.store import _segment_bytes
 from kvstore.tiers.nvme import NvmeTierConfig
 from kvstore.tiers.slab import pool_holds
+from kvstore.units import parse_size
 from tests.conftest import make_key, make_value
 
 KiB = 1024
@@ -68,13 +69,14 @@ def test_replace_derives_max_value_bytes_again_but_keeps_a_given_one():
 @pytest.mark.parametrize(("pool", "max_value"), [
     ("1MiB", "2MiB"),  # larger than the pool
     ("1MiB", 1 * MiB + 1),  # its slot (1.25 MiB) is larger than the pool
-    (1 * MiB + 100, 1 * MiB + 50),  # a slot of whole slabs: 65 of 16 KiB, the pool has 64
+    (1 * MiB + 100, 1 * MiB + 50),  # the same; before, accepted with no slab at all
+    (6000, 5000),  # a pool of one 4 KiB slab: the 5 KiB slot needs two
 ])
 def test_a_max_value_bytes_the_pool_cannot_hold_is_refused(pool, max_value):
     for tier in ("dram_bytes", "hbm_bytes"):
         with pytest.raises(kvstore.ConfigError, match=f"StoreConfig.{tier} .*max_value_bytes"):
             StoreConfig(**{tier: pool}, max_value_bytes=max_value)
-    assert StoreConfig(dram_bytes=pool).max_value_bytes <= 256 * KiB
+    assert StoreConfig(dram_bytes=pool).max_value_bytes <= parse_size(pool) // 4
 
 
 @settings(max_examples=200, deadline=None)

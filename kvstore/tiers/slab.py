@@ -117,7 +117,9 @@ class SlabAllocator:
                 span_bytes = num_slabs * self.slab_bytes
                 if span_bytes % slot_bytes * _TAIL_FRACTION <= span_bytes:
                     break
-                num_slabs += 1  # ends by 5 slabs below 4 slabs' slots, at once above
+                # A few rounds at most: slots and slabs are both 2**k times a quarter step
+                # (slots of 4 slabs or more fill whole slabs, 1.25 slabs take 4 for 3).
+                num_slabs += 1
             num_slabs = max(fewest, min(num_slabs, self.num_slabs // _TAIL_FRACTION))
             self._span_slabs[slot_bytes] = num_slabs
         return num_slabs

@@ -119,17 +119,22 @@ def test_slab_bytes_for(pool_bytes: int, max_value_bytes: int, slab_bytes: int) 
 
 
 @settings(max_examples=300, deadline=None)
-@given(pool_bytes=st.integers(0, 1 << 36), max_value_bytes=st.integers(1, 1 << 26))
+@given(pool_bytes=st.one_of(st.integers(0, 1 << 22), st.integers(0, 1 << 36)),
+       max_value_bytes=st.one_of(st.integers(1, 1 << 20), st.integers(1, 1 << 26)))
 def test_slabs_are_aligned_and_many_unless_the_pool_is_tiny(pool_bytes: int,
                                                             max_value_bytes: int) -> None:
     slab = slab_bytes_for(pool_bytes, max_value_bytes)
+    largest = size_class(max_value_bytes)
     assert slab % ALIGN_BYTES == 0
-    assert slab <= size_class(max_value_bytes)
-    if pool_bytes // slab < MIN_SLABS:
-        assert slab == min(MIN_SLAB_BYTES, size_class(max_value_bytes)) or (
-            slab & (slab - 1) == 0 and pool_bytes // (2 * slab) < MIN_SLABS)
+    assert slab <= largest
+    if pool_bytes // largest >= MIN_SLABS:
+        assert slab == largest  # a large pool: one slab per largest value, as before
+    elif pool_bytes // slab < MIN_SLABS:
+        assert slab == min(MIN_SLAB_BYTES, largest)  # a tiny pool
+    else:  # the largest power of two that leaves MIN_SLABS slabs
+        assert slab & (slab - 1) == 0 and pool_bytes // (2 * slab) < MIN_SLABS
     # pool_holds: a value of max_value_bytes gets a slot, exactly when it says so.
-    alloc = SlabAllocator(pool_bytes, max_value_bytes) if pool_bytes < 1 << 28 else None
+    alloc = SlabAllocator(pool_bytes, max_value_bytes) if pool_bytes < 1 << 26 else None
     if alloc is not None:
         offset = alloc.allocate(max_value_bytes)
         assert (offset is not None) == pool_holds(pool_bytes, max_value_bytes)
@@ -138,7 +143,7 @@ def test_slabs_are_aligned_and_many_unless_the_pool_is_tiny(pool_bytes: int,
 
 
 @settings(max_examples=300, deadline=None)
-@given(pool_bytes=st.integers(4 * KiB, 1 << 34), max_value_bytes=st.integers(1, 1 << 25),
+@given(pool_bytes=st.integers(4 * KiB, 1 << 31), max_value_bytes=st.integers(1, 1 << 25),
        data=st.data())
 def test_span_is_the_fewest_slabs_wasting_at_most_an_eighth(pool_bytes: int,
                                                             max_value_bytes: int,
@@ -448,6 +453,17 @@ def test_values_larger_than_a_slab_take_runs_of_slabs() -> None:
     assert alloc.allocate(3 * SLAB) == 60 * SLAB
     alloc.free(run)
     assert alloc.allocate(4 * SLAB) == 0
+
+
+@pytest.mark.parametrize(("pool_bytes", "max_value_bytes", "holds"), [
+    (1 * MiB, 1 * MiB, True), (1 * MiB, 1 * MiB + 1, False),  # a slot of 1.25 MiB
+    (6000, 5000, False), (8192, 5000, True),  # 4 KiB slabs: a 5 KiB slot takes two
+    (64, 1, True), (63, 1, False),  # the smallest slot: 64 bytes
+])
+def test_pool_holds(pool_bytes: int, max_value_bytes: int, holds: bool) -> None:
+    assert pool_holds(pool_bytes, max_value_bytes) is holds
+    offset = SlabAllocator(pool_bytes, max_value_bytes).allocate(max_value_bytes)
+    assert (offset is not None) is holds
 
 
 def test_capacity_is_rounded_down_to_whole_slabs() -> None:
