@@ -152,7 +152,8 @@ def slices(array: np.ndarray, value_bytes: int, num_values: int) -> list[np.ndar
 
 
 def dram_pool_bytes(value_bytes: int, num_values: int, max_value_bytes: int) -> int:
-    """A DRAM tier that holds ``num_values`` values plus two spare slabs."""
+    """A DRAM tier that holds ``num_values`` values in slabs of the largest value's class,
+    plus two of them spare (the allocator cuts a pool of fewer than 64 finer)."""
     slab_bytes = size_class(max_value_bytes)
     per_slab = slab_bytes // size_class(value_bytes)
     return (-(-num_values // per_slab) + 2) * slab_bytes

@@ -34,10 +34,10 @@ def dram(store: Store) -> dict:
     ({"dram_bytes": "1MiB"}, 256 * KiB),  # refused before: max_value_bytes was 16 MiB
     ({"dram_bytes": "8MiB"}, 2 * MiB),
     ({"dram_bytes": "100MiB"}, 16 * MiB),
-    ({"dram_bytes": "1GiB"}, 16 * MiB),  # large tiers: as before
+    ({"dram_bytes": "256MiB"}, 16 * MiB),  # large tiers: as before
     ({"dram_bytes": "1GiB", "hbm_bytes": "2MiB"}, 512 * KiB),  # the smallest pool
     ({"dram_bytes": 0, "nvme_bytes": "8MiB"}, 1 * MiB),
-    ({"dram_bytes": "1GiB", "nvme_bytes": "64MiB"}, 8 * MiB),  # refused before, by NVMe
+    ({"dram_bytes": "256MiB", "nvme_bytes": "64MiB"}, 8 * MiB),  # refused before, by NVMe
     ({"dram_bytes": "1MiB", "nvme_bytes": "100GiB"}, 256 * KiB),
 ])
 def test_max_value_bytes_is_derived_from_the_tiers(tmp_path, sizes, derived):
