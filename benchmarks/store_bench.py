@@ -3,6 +3,8 @@
 
     section     store figure                          raw limit (same run, same bytes)
     dram        put / get / get_into GB/s             np.copyto between preallocated arrays
+    pool_use    share of a pool holding values of a   a byte-exact LRU cache of the pool's
+                seeded mix of sizes, values kept      capacity (the newest values that fit)
     nvme        put+flush, get_into, get GB/s         O_DIRECT pwrite+fsync / pread, same
                 (store reopened, page cache dropped)  value-size chunks; `dd` with 4 MiB
     nvme lz4    same, fp16 KV-like values             lz4.block (de)compress, one thread
@@ -150,7 +152,8 @@ def slices(array: np.ndarray, value_bytes: int, num_values: int) -> list[np.ndar
 
 
 def dram_pool_bytes(value_bytes: int, num_values: int, max_value_bytes: int) -> int:
-    """A DRAM tier that holds ``num_values`` values plus two spare slabs."""
+    """A DRAM tier that holds ``num_values`` values in slabs of the largest value's class,
+    plus two of them spare (the allocator cuts a pool of fewer than 64 finer)."""
     slab_bytes = size_class(max_value_bytes)
     per_slab = slab_bytes // size_class(value_bytes)
     return (-(-num_values // per_slab) + 2) * slab_bytes
@@ -720,6 +723,85 @@ def bench_nvme(data: np.ndarray, sizes: list[int], totals: dict[int, int], repea
     return section
 
 
+# -- pool use with mixed sizes -----------------------------------------------------------------
+
+# (label, dram_bytes, max_value_bytes; None: derived from the pool)
+USE_POOLS = [("1MiB pool, 1MiB max", 1 * MiB, 1 * MiB), ("1MiB pool", 1 * MiB, None),
+             ("8MiB pool", 8 * MiB, None), ("1GiB pool, 16MiB max", 1 * GiB, 16 * MiB)]
+USE_MIXES = {"1-8KiB": "uniform 1 KiB to 8 KiB", "1KiB-256KiB": "log-uniform 1 KiB to 256 KiB"}
+USE_OFFERED = 1.5  # the overfilled pool is offered this many times its capacity
+
+
+def use_sizes(mix: str, max_value_bytes: int, total_bytes: int, seed: int) -> list[int]:
+    """Seeded value sizes of ``mix`` that add up to about ``total_bytes``."""
+    rng = np.random.default_rng(seed)
+    sizes: list[int] = []
+    while sum(sizes) < total_bytes:
+        if mix == "1-8KiB":
+            batch = rng.integers(1 * KiB, 8 * KiB, 4096, endpoint=True)
+        else:
+            batch = np.exp(rng.uniform(np.log(1 * KiB), np.log(256 * KiB), 4096)).astype(int)
+        sizes.extend(int(n) for n in np.minimum(batch, max_value_bytes))
+    total = np.cumsum(sizes)
+    return sizes[:int(np.searchsorted(total, total_bytes)) + 1]
+
+
+def fill_pool(store: kvstore.Store, data: np.ndarray, sizes: list[int], tag: str) -> int:
+    """Put values of ``sizes`` under fresh keys (bytes of ``data``); how many were taken."""
+    put = store.put
+    return sum(put(hashlib.blake2b(f"{tag}{i}".encode(), digest_size=16).digest(), data[:n])
+               for i, n in enumerate(sizes))
+
+
+def bench_pool_use(data: np.ndarray) -> dict[str, Any]:
+    """How much of a pool holds values of a seeded mix of sizes, small pools beside a large
+    one. The limit is a byte-exact LRU cache: the newest values that fit in the capacity.
+
+    ``half``: values adding up to half the pool, into an empty one (all should stay);
+    ``overfilled``: values adding up to ``USE_OFFERED`` times the pool.
+    """
+    section: dict[str, Any] = {"mixes": USE_MIXES, "offered_times_capacity": USE_OFFERED,
+                               "limit": "a byte-exact LRU cache of the pool's capacity: "
+                                        "the newest values that fit"}
+    for label, dram_bytes, max_value_bytes in USE_POOLS:
+        config = kvstore.StoreConfig(dram_bytes=dram_bytes, max_value_bytes=max_value_bytes,
+                                     hbm_bytes=0)
+        entry: dict[str, Any] = {"dram_bytes": dram_bytes,
+                                 "max_value_bytes": config.max_value_bytes}
+        for seed, mix in enumerate(USE_MIXES):
+            log(f"pool use: {label}, {mix}")
+            with kvstore.Store(config) as store:
+                capacity = store.stats()["tiers"]["dram"]["capacity_bytes"]
+                half = use_sizes(mix, config.max_value_bytes, capacity // 2, seed)
+                half_kept = fill_pool(store, data, half, "half")
+                half_held = store.stats()["tiers"]["dram"]["blocks"]
+            with kvstore.Store(config) as store:
+                sizes = use_sizes(mix, config.max_value_bytes, int(USE_OFFERED * capacity),
+                                  seed)
+                fill_pool(store, data, sizes, "full")
+                tier = store.stats()["tiers"]["dram"]
+            lru_bytes = lru_count = 0
+            for n in reversed(sizes):
+                if lru_bytes + n > capacity:
+                    break
+                lru_bytes += n
+                lru_count += 1
+            entry["slab_bytes"] = tier["slab_bytes"]
+            entry[mix] = {
+                "half": {"values_offered": len(half), "values_kept": half_held,
+                         "puts_true": half_kept},
+                "overfilled": {
+                    "values_offered": len(sizes), "values_kept": tier["blocks"],
+                    "value_fraction": tier["value_bytes"] / capacity,
+                    "slot_fraction": tier["used_bytes"] / capacity,
+                    "limit_values_kept": lru_count, "limit_value_fraction": lru_bytes / capacity,
+                    "value_ratio": tier["value_bytes"] / lru_bytes,
+                    "kept_ratio": tier["blocks"] / lru_count},
+            }
+        section[label] = entry
+    return section
+
+
 # -- batch ops and prefix hashing ---------------------------------------------------------------
 
 
@@ -867,7 +949,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "default: /var/tmp or the repo's parent, on the repo's filesystem")
     parser.add_argument("--tiers", default="dram,nvme", help="tiers to bench: dram,nvme")
     parser.add_argument("--skip", default="",
-                        help="comma list of parts to leave out: batch, prefix, lz4, dd")
+                        help="comma list of parts to leave out: batch, prefix, lz4, dd, use "
+                             "(the use of small and large pools with mixed sizes)")
     parser.add_argument("--batch-chains", type=int, default=None,
                         help="chains of 64 keys per batch_ops run (default: 512, quick: 32)")
     parser.add_argument("--prefix-tokens", type=int, default=None,
@@ -885,8 +968,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not args.tiers <= {"dram", "nvme"}:
         parser.error(f"--tiers takes dram and/or nvme, got {sorted(args.tiers)}")
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    if not args.skip <= {"batch", "prefix", "lz4", "dd"}:
-        parser.error(f"--skip takes batch, prefix, lz4, dd; got {sorted(args.skip)}")
+    if not args.skip <= {"batch", "prefix", "lz4", "dd", "use"}:
+        parser.error(f"--skip takes batch, prefix, lz4, dd, use; got {sorted(args.skip)}")
     if args.total_bytes is not None:
         args.total_bytes = parse_size(args.total_bytes, what="--total-bytes")
     if args.repeats is None:
@@ -994,6 +1077,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             doc["nvme"] = bench_nvme(data, args.sizes, nvme_totals, args.repeats, base_dir,
                                      "lz4" not in args.skip, "dd" not in args.skip,
                                      args.profile)
+            gc.collect()
+        if "dram" in args.tiers and "use" not in args.skip:
+            doc["pool_use"] = bench_pool_use(data)
             gc.collect()
         if "batch" not in args.skip:
             doc["batch_ops"] = {}

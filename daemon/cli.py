@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory of the NVMe tier's segment files (recovered at start)")
     p.add_argument("--nvme", metavar="SIZE", help="NVMe tier size (needs --nvme-path)")
     p.add_argument("--hbm", metavar="SIZE", help="GPU HBM tier size (needs CUDA; default 0)")
-    p.add_argument("--max-value", metavar="SIZE", help="largest value (default 16MiB)")
+    p.add_argument("--max-value", metavar="SIZE",
+                   help="largest value (default 16MiB, less for small tiers: at most a "
+                        "quarter of --dram and --hbm, an eighth of --nvme)")
     p.add_argument("--ucx", metavar="HOST:PORT",
                    help="also serve clients over UCX (ucxx; kvstore+ucx://HOST:PORT URLs), "
                         "for other hosts on RDMA-capable networks (default: off)")

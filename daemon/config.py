@@ -43,7 +43,7 @@ class DaemonConfig:
     nvme_path: str | None = None
     nvme_bytes: int | str = 0
     hbm_bytes: int | str = 0
-    max_value_bytes: int | str = "16MiB"
+    max_value_bytes: int | str | None = None  # None: derived from the tiers (StoreConfig)
     metrics: str | None = None  # HOST:PORT of /metrics and /healthz
     ucx_listen: str | None = None  # HOST:PORT of the UCX data plane (needs ucxx)
     token_file: str | None = None
@@ -69,7 +69,8 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         for name in ("dram_bytes", "nvme_bytes", "hbm_bytes", "max_value_bytes"):
-            set_(self, name, parse_size(getattr(self, name), what=f"--{_flag(name)}"))
+            if getattr(self, name) is not None:
+                set_(self, name, parse_size(getattr(self, name), what=f"--{_flag(name)}"))
         parse_address(self.listen, "--listen")
         if self.metrics is not None:
             parse_address(self.metrics, "--metrics")
@@ -129,6 +130,7 @@ class DaemonConfig:
                 dram_shm_name=shm_name if self.shared_memory and self.dram_bytes else None)
         except ConfigError as e:
             message = str(e).replace("StoreConfig.", "--").replace("_bytes", "")
+            message = message.replace("max_value", "max-value")
             raise ConfigError(message.replace("nvme_path", "nvme-path")) from None
 
     def replace(self, **changes: Any) -> DaemonConfig:

@@ -5,14 +5,28 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvstore.errors import ConfigError
 from kvstore.policy import Admission, EvictionPolicy
+from kvstore.tiers.slab import pool_holds
 from kvstore.units import parse_size
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
+MAX_VALUE_BYTES = 16 * MiB  # the largest value where no tier is small
+
+
+def derived_max_value_bytes(*, dram_bytes: int, hbm_bytes: int, nvme_bytes: int) -> int:
+    """``max_value_bytes`` when it is not given: 16 MiB, or the largest power of two that
+    is at most a quarter of the smallest memory pool (DRAM, HBM) and an eighth of the
+    NVMe tier (four segments that each hold a largest record, and room to compact).
+
+    ``dram_bytes="1MiB"`` gives 256 KiB; ``"8MiB"`` 2 MiB; 64 MiB and more, 16 MiB.
+    """
+    limit = min([MAX_VALUE_BYTES, *(n // 4 for n in (dram_bytes, hbm_bytes) if n),
+                 *([nvme_bytes // 8] if nvme_bytes else [])])
+    return 1 << max(limit, 1).bit_length() - 1
 
 
 class Compression(enum.Enum):
@@ -45,13 +59,16 @@ class StoreConfig:
     - ``lease_s``: how long a pin protects a block from a vanished holder.
     - ``dram_shm_name``: put the DRAM pool in POSIX shared memory of that name (the
       daemon does, so same-host clients copy straight into it); private memory if None.
+    - ``max_value_bytes``: the largest value; None derives it from the tiers' sizes
+      (`derived_max_value_bytes`: 16 MiB unless a tier is small), and ``replace`` derives
+      it again for the new sizes. ``max_value_is_derived`` tells which it was.
     """
 
     dram_bytes: int | str = GiB
     nvme_path: str | os.PathLike[str] | None = None
     nvme_bytes: int | str = 0
     hbm_bytes: int | str = 0
-    max_value_bytes: int | str = 16 * MiB
+    max_value_bytes: int | str | None = None
     device: str = "cuda"
     write_tier: str | None = None
     promote_on_hit: bool = True
@@ -62,12 +79,17 @@ class StoreConfig:
     nvme_direct_io: bool = True
     lease_s: float = 30.0
     dram_shm_name: str | None = None
+    max_value_is_derived: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        for name in ("dram_bytes", "nvme_bytes", "hbm_bytes", "max_value_bytes",
-                     "nvme_segment_bytes"):
+        for name in ("dram_bytes", "nvme_bytes", "hbm_bytes", "nvme_segment_bytes"):
             set_(self, name, parse_size(getattr(self, name), what=f"StoreConfig.{name}"))
+        set_(self, "max_value_is_derived", self.max_value_bytes is None)
+        set_(self, "max_value_bytes", derived_max_value_bytes(
+            dram_bytes=self.dram_bytes, hbm_bytes=self.hbm_bytes, nvme_bytes=self.nvme_bytes)
+             if self.max_value_bytes is None
+             else parse_size(self.max_value_bytes, what="StoreConfig.max_value_bytes"))
         set_(self, "eviction_policy",
              _enum(EvictionPolicy, self.eviction_policy, "StoreConfig.eviction_policy"))
         set_(self, "nvme_admission",
@@ -85,11 +107,11 @@ class StoreConfig:
             raise ConfigError("StoreConfig: no tier has any bytes; set dram_bytes, "
                               "nvme_bytes or hbm_bytes")
         for name, nbytes in (("dram_bytes", self.dram_bytes), ("hbm_bytes", self.hbm_bytes)):
-            if 0 < nbytes < self.max_value_bytes:
-                raise ConfigError(f"StoreConfig.{name} ({nbytes}) must be 0 or at least "
-                                  f"max_value_bytes ({self.max_value_bytes}): a pool holds "
-                                  "whole slabs of the largest value; lower max_value_bytes "
-                                  "or grow the tier")
+            if nbytes and not pool_holds(nbytes, self.max_value_bytes):
+                raise ConfigError(f"StoreConfig.{name} ({nbytes}) must be 0 or hold a value "
+                                  f"of StoreConfig.max_value_bytes ({self.max_value_bytes}) "
+                                  "in its slabs: lower that (or leave it out to derive it "
+                                  "from the tiers) or grow the tier")
         if self.write_tier is not None and self.write_tier not in self.tier_names:
             raise ConfigError(f"StoreConfig.write_tier {self.write_tier!r} is not a present "
                               f"tier ({', '.join(self.tier_names)})")
@@ -107,4 +129,7 @@ class StoreConfig:
         return [name for name, nbytes in sizes if nbytes]
 
     def replace(self, **changes: object) -> StoreConfig:
+        """A copy with ``changes``; a derived ``max_value_bytes`` is derived again."""
+        if self.max_value_is_derived:
+            changes.setdefault("max_value_bytes", None)
         return dataclasses.replace(self, **changes)

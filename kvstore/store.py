@@ -490,28 +490,38 @@ class Store(StoreReads, StoreHostPlane):
             offset = tier.reserve(nbytes)
             if offset is not None:
                 return offset
-            if not self._evict_for(t, size_class(nbytes), protect):
+            if not self._evict_for(t, nbytes, protect):
                 return None
 
-    def _evict_for(self, t: int, partition: int, protect: set[bytes] | None = None) -> bool:
-        """Evict one victim of ``partition`` from tier ``t``; False if nothing can go."""
-        victim = self.index.policies[t].victim(partition)
+    def _evict_for(self, t: int, nbytes: int, protect: set[bytes] | None = None) -> bool:
+        """Evict from tier ``t`` for a value of ``nbytes``: one victim of its partition (in
+        a memory tier, its size class, so that a slot of the class comes free); False if
+        nothing can go. A memory tier with no such victim frees the cheapest window of its
+        pool whose values are all unpinned and not in ``protect`` (`reclaim_window`)."""
+        tier = self._tiers[t]
+        is_memory = isinstance(tier, MemoryTier)
+        victim = self.index.policies[t].victim(size_class(nbytes) if is_memory else 0)
         if victim is not None:
             if protect and victim.key in protect:
                 return False
             self._evict(victim, t)
             return True
-        tier = self._tiers[t]
-        if not isinstance(tier, MemoryTier):
+        if not is_memory:
             return False
-        # Nothing of this size class can go: empty the least-used slab of another class.
-        keys = tier.keys_in_slots(tier.allocator.slab_to_reclaim(exclude_class=partition))
-        victims = [self.index.get(k) for k in keys]
-        if not victims or any(v is None or self.index.is_pinned(v) or (protect and v.key in protect)
-                              for v in victims):
+        owners = tier.owners()
+        index = self.index
+
+        def can_free(offset: int) -> bool:
+            key = owners.get(offset)  # None: reserved, or retired while readers copy
+            entry = None if key is None else index.get(key)
+            return (entry is not None and not index.is_pinned(entry)
+                    and not (protect and key in protect))
+
+        offsets = tier.allocator.reclaim_window(nbytes, can_free)
+        if not offsets:
             return False
-        for victim in victims:
-            self._evict(victim, t)
+        for offset in offsets:
+            self._evict(index.get(owners[offset]), t)
         return True
 
     def _evict(self, entry: BlockEntry, t: int) -> None:

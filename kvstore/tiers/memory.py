@@ -1,6 +1,6 @@
 """A tier over one preallocated memory pool: host DRAM or GPU HBM.
 
-    pool  | slab | slab | slab | ...      (see `kvstore.tiers.slab`)
+    pool  | span of slabs | slab | ...   (see `kvstore.tiers.slab`)
     key -> (offset, nbytes)              (committed values only)
 
 Writes go through reserve -> copy -> commit so the Store can copy outside its lock: a
@@ -81,9 +81,10 @@ class MemoryTier:
     def slot_of(self, key: bytes) -> tuple[int, int] | None:
         return self._slots.get(key)
 
-    def keys_in_slots(self, offsets: list[int]) -> list[bytes]:
-        wanted = set(offsets)
-        return [k for k, (off, _) in self._slots.items() if off in wanted]
+    def owners(self) -> dict[int, bytes]:
+        """The key of each committed slot, by offset (reserved and detached slots have
+        none). O(keys): built for an eviction that must free a window of the pool."""
+        return {offset: key for key, (offset, _) in self._slots.items()}
 
     # -- the Tier contract -------------------------------------------------------------------
 

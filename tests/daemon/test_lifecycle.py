@@ -197,6 +197,15 @@ def test_config_file_and_flags_override_it(tmp_path, start_daemon):
         kvstore.connect(daemon.url).put(make_key(1), bytes(1024 * 1024 + 1))
 
 
+def test_a_small_dram_tier_starts_with_a_largest_value_derived_from_it(start_daemon):
+    daemon = start_daemon("--dram", "8MiB")  # refused before: --max-value was 16MiB
+    with kvstore.connect(daemon.url, shared_memory=False) as client:
+        assert client._idle[0].session.max_value_bytes == 2 * 1024 * 1024  # from hello
+        assert client.put(make_key("largest"), bytes(2 * 1024 * 1024))
+        with pytest.raises(kvstore.InvalidValueError):
+            client.put(make_key("larger"), bytes(2 * 1024 * 1024 + 1))
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--dram", "-5"], "dram"),
     (["--token-file", "/nonexistent/tokens.toml"], "token-file"),
