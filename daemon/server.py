@@ -76,11 +76,14 @@ def _is_loopback(host: str) -> bool:
 
 @dataclass
 class _Lookups:
-    """Prefix lookups since start (changed on the loop only, so no lock)."""
+    """Prefix lookups and block reads since start, of the daemon or of one tenant (changed
+    on the loop only, so no lock)."""
 
     num_lookups: int = 0
     num_blocks_queried: int = 0
     num_blocks_hit: int = 0
+    num_gets: int = 0      # blocks asked for: get, get_many, pin, read through the directory
+    num_get_hits: int = 0
 
 
 class Daemon(SharedMemoryPlane):
@@ -129,8 +132,29 @@ class Daemon(SharedMemoryPlane):
         self.address: tuple[str, int] | None = None
         self.started_at = time.time()
         self._lookups = _Lookups()
+        self._tenant_counts: dict[int, _Lookups] = {}  # owner -> its own
+        self._set_quotas()
         self.lease_stats = LeaseStats()
         self.doorbells: Doorbells | None = None
+
+    def _set_quotas(self) -> None:
+        """The token file's quotas, on the tiers this daemon has (others: a warning)."""
+        tiers = self.store.config.tier_names
+        for tenant in self.tenants.all():
+            for tier, nbytes in tenant.quota_bytes:
+                if tier in tiers:
+                    self.store.set_quota(tenant.owner, tier, nbytes)
+                else:
+                    log.warning("tenant %s has a quota for %s, which this daemon does not "
+                                "have; ignored", tenant.name, tier)
+
+    def _count_reads(self, conn: Connection, num_asked: int, num_hit: int) -> None:
+        """Blocks ``conn``'s tenant asked for and found (its own stats)."""
+        counts = self._tenant_counts.get(conn.owner)
+        if counts is None:
+            counts = self._tenant_counts[conn.owner] = _Lookups()
+        counts.num_gets += num_asked
+        counts.num_get_hits += num_hit
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -457,7 +481,8 @@ class Daemon(SharedMemoryPlane):
 
     async def _op_put(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         self._count_in(data)
-        stored = await self._run_put(len(data))(self.store.put, conn.scope(meta["key"]), data)
+        stored = await self._run_put(len(data))(
+            functools.partial(self.store.put, owner=conn.owner), conn.scope(meta["key"]), data)
         return {"stored": stored}, []
 
     async def _op_put_many(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
@@ -467,26 +492,30 @@ class Daemon(SharedMemoryPlane):
             values.append(view[offset:offset + size])
             offset += size
         keys = [conn.scope(k) for k in meta["keys"]]
-        return {"stored": await self._run_put(len(data))(self.store.put_many, keys, values)}, []
+        return {"stored": await self._run_put(len(data))(
+            functools.partial(self.store.put_many, owner=conn.owner), keys, values)}, []
 
     async def _op_get(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         value = await self._run_get()(self.store.get, conn.scope(meta["key"]))
+        self._count_reads(conn, 1, value is not None)
         return {"found": value is not None}, [value] if value is not None else []
 
     async def _op_get_many(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         values = await self._run_get()(self.store.get_many,
                                        [conn.scope(k) for k in meta["keys"]])
-        return ({"sizes": [None if v is None else len(v) for v in values]},
-                [v for v in values if v])
+        sizes = [None if v is None else len(v) for v in values]
+        self._count_reads(conn, len(sizes), len(sizes) - sizes.count(None))
+        return {"sizes": sizes}, [v for v in values if v]
 
     async def _op_match_prefix(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         keys = [conn.scope(k) for k in meta["keys"]]
         count = await self._run_short(self.store.match_prefix, keys)
         if keys and not meta.get("probe"):  # empty lookups and routing probes: no requests
-            lookups = self._lookups
-            lookups.num_lookups += 1
-            lookups.num_blocks_queried += len(keys)
-            lookups.num_blocks_hit += count
+            for lookups in (self._lookups, self._tenant_counts.setdefault(conn.owner,
+                                                                         _Lookups())):
+                lookups.num_lookups += 1
+                lookups.num_blocks_queried += len(keys)
+                lookups.num_blocks_hit += count
             if self.metrics is not None:
                 tokens = self.config.block_tokens
                 self.metrics.record_prefix("local", len(keys) * tokens, count * tokens)
@@ -510,17 +539,49 @@ class Daemon(SharedMemoryPlane):
         return {}, []
 
     async def _op_stats(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        """The whole store's figures for an admin (or without a token file: one trusted
+        tenant); for any other tenant only its own: its blocks and quotas per tier, its
+        reads and prefix lookups."""
+        assert conn.tenant is not None
+        if not conn.tenant.is_admin:
+            usage = await self._run_short(self.store.usage, conn.tenant.owner)
+            return {"stats": self._tenant_stats(conn, usage)}, []
         stats = await self._run_short(self.store.stats)
         stats["clients"] = len(self._connections)
         stats["started_at"] = self.started_at
         stats["uptime_s"] = time.time() - self.started_at
         stats["prefix"] = self.prefix_stats()
         stats["leases"] = self.lease_stats.as_dict()
+        if not self.tenants.is_open:
+            stats["tenants"] = await self._run_short(
+                lambda: {t.name: self.store.usage(t.owner) for t in self.tenants.all()})
         return {"stats": stats}, []
+
+    def _tenant_stats(self, conn: Connection, usage: dict[str, Any]) -> dict[str, Any]:
+        """What one tenant may see (``usage``: its blocks per tier): nothing of another's."""
+        tenant = conn.tenant
+        assert tenant is not None
+        counts = self._tenant_counts.get(tenant.owner, _Lookups())
+        tiers = {name: {"capacity_bytes": (figures["quota_bytes"]
+                                           if figures["quota_bytes"] is not None
+                                           else capacity),
+                        "used_bytes": figures["used_bytes"], "blocks": figures["blocks"],
+                        "quota_bytes": figures["quota_bytes"]}
+                 for (name, figures), capacity in zip(
+                     usage.items(), self.store.capacities().values(), strict=True)}
+        return {"tenant": tenant.name, "namespaces": sorted(tenant.namespaces),
+                "tiers": tiers,
+                "queries": counts.num_gets, "hits": counts.num_get_hits,
+                "hit_rate": counts.num_get_hits / counts.num_gets if counts.num_gets else 0.0,
+                "prefix": self._prefix_figures(counts),
+                "started_at": self.started_at, "uptime_s": time.time() - self.started_at}
 
     def prefix_stats(self) -> dict[str, int]:
         """Prefix lookups since start; tokens are blocks times ``config.block_tokens``."""
-        lookups, block_tokens = self._lookups, self.config.block_tokens
+        return self._prefix_figures(self._lookups)
+
+    def _prefix_figures(self, lookups: _Lookups) -> dict[str, int]:
+        block_tokens = self.config.block_tokens
         return {"lookups": lookups.num_lookups,
                 "blocks_queried": lookups.num_blocks_queried,
                 "blocks_hit": lookups.num_blocks_hit,

@@ -118,6 +118,11 @@ class Connection:
     doorbell: Any = None  # the transport of its commit doorbell (daemon.doorbell), if rung
     doorbell_secret: bytes | None = None  # issued, not yet bound
 
+    @property
+    def owner(self) -> int:
+        """Whose blocks this connection writes (its tenant's number; quotas charge it)."""
+        return 0 if self.tenant is None else self.tenant.owner
+
     def scope(self, key: bytes) -> bytes:
         """``key`` as it is stored for this connection's namespace."""
         if not self.secret:
@@ -129,8 +134,8 @@ class Connection:
 
 class SharedMemoryPlane:
     """The reserve/commit/abort and pin/unpin operations, and the leases behind them.
-    Uses the daemon's ``config``, ``store``, ``metrics``, ``_handles``, ``_connections``
-    and its ``_run*`` helpers."""
+    Uses the daemon's ``config``, ``store``, ``metrics``, ``_handles``, ``_connections``,
+    its ``_run*`` helpers and ``_count_reads`` (a tenant's own read counts)."""
 
     config: Any
     store: Any
@@ -156,18 +161,18 @@ class SharedMemoryPlane:
         # Without an NVMe tier (no demotion I/O), a short one runs on the loop when the
         # lock is free (a long batch would stall every other client meanwhile).
         offsets = await self._run_to_end(
-            lambda: self._reserve_slots(sizes),
+            lambda: self._reserve_slots(sizes, conn.owner),
             inline=not self.store.has_nvme and len(sizes) <= 64, release=self._release_slots)
         return self._reservations(conn, meta["keys"], offsets, sizes)
 
-    def _reserve_slots(self, sizes: list[int], protect: set[bytes] | None = None
-                       ) -> list[int]:
-        """DRAM slots for the leading sizes that find room, evicting no key of ``protect``
-        (worker thread or lock held)."""
+    def _reserve_slots(self, sizes: list[int], owner: int,
+                       protect: set[bytes] | None = None) -> list[int]:
+        """DRAM slots for the leading sizes that find room for ``owner``'s values, evicting
+        no key of ``protect`` (worker thread or lock held)."""
         offsets: list[int] = []
         try:
             for nbytes in sizes:
-                offset = self.store.reserve_host(nbytes, protect)
+                offset = self.store.reserve_host(nbytes, protect, owner)
                 if offset is None:
                     break
                 offsets.append(offset)
@@ -259,7 +264,7 @@ class SharedMemoryPlane:
             parent = None
             for i, r in enumerate(taken):
                 try:
-                    self.store.commit_host(r.key, r.offset, r.nbytes, parent)
+                    self.store.commit_host(r.key, r.offset, r.nbytes, parent, conn.owner)
                 except BaseException:
                     for rest in taken[i:]:
                         self.store.release_host(rest.offset)
@@ -268,7 +273,8 @@ class SharedMemoryPlane:
             # A spare is a guess at the next put: it may evict as that put would, but
             # never what was just stored (in a full pool the spare's room would otherwise
             # come from the value this commit acknowledges).
-            return len(taken), self._reserve_slots(spare_sizes, {r.key for r in taken})
+            return len(taken), self._reserve_slots(spare_sizes, conn.owner,
+                                                   {r.key for r in taken})
 
         # The reservations are no longer in the table, so once taken they must be committed
         # (or released) even if the deadline passes before a worker thread is free: the
@@ -293,6 +299,8 @@ class SharedMemoryPlane:
         deadline = time.monotonic() + self.config.lease_s
         keys = [conn.scope(k) for k in meta["keys"]]
         pinned = await self._run_short(lambda: [self.store.pin_host(k) for k in keys])
+        num_found = len(pinned) - pinned.count(None)  # the others are asked for by get_many
+        self._count_reads(conn, num_found, num_found)
         blocks: list[list[int] | None] = []
         for key, found in zip(keys, pinned, strict=True):
             if found is None:
@@ -310,6 +318,7 @@ class SharedMemoryPlane:
         self._check_shm(conn)
         keys = [conn.scope(k) for k in meta["keys"]]
         await self._run_short(self.store.touch_host, keys)
+        self._count_reads(conn, len(keys), len(keys))
         return {}, []
 
     async def _op_unpin(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:

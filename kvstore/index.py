@@ -12,6 +12,9 @@ Invariants:
 - Pins are ``{pin_id: deadline}``; an expired pin no longer protects its block, and a
   revoked pin (block evicted, deleted or overwritten) tells its holder the copy it made
   may be torn, so the holder must treat it as a miss.
+- ``entry.owner`` is the tenant that wrote the block (0: none; set while it has no copy).
+  ``usage(owner)`` is the sum of ``nbytes`` and the count of that owner's blocks per tier,
+  kept as copies come and go: what per-tenant quotas are checked against.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class BlockEntry:
         "nbytes",
         "num_child_entries",
         "num_uses",
+        "owner",
         "parent",
         "pins",
         "residency",
@@ -47,6 +51,7 @@ class BlockEntry:
         self.num_child_entries = 0
         self.last_access = 0
         self.num_uses = 0
+        self.owner = 0
         self.pins: dict[int, float] | None = None
 
     def is_in(self, tier: int) -> bool:
@@ -62,6 +67,16 @@ class BlockEntry:
                 f"children={self.children}, t={self.last_access})")
 
 
+class Usage:
+    """One owner's blocks per tier: value bytes and counts."""
+
+    __slots__ = ("nbytes", "num_blocks")
+
+    def __init__(self, num_tiers: int) -> None:
+        self.nbytes = [0] * num_tiers
+        self.num_blocks = [0] * num_tiers
+
+
 class BlockIndex:
     """Keys, parents and tier residency of every block; the policies see it through hooks."""
 
@@ -71,6 +86,7 @@ class BlockIndex:
         self.policies: list[TierPolicy] = []
         self.tick = 0
         self._pin_ids = itertools.count(1)
+        self._usage: dict[int, Usage] = {}  # owner (not 0) -> bytes and blocks per tier
 
     def attach(self, policies: list[TierPolicy]) -> None:
         if len(policies) != self.num_tiers:
@@ -99,20 +115,26 @@ class BlockIndex:
 
     # -- structure ----------------------------------------------------------------------------
 
-    def ensure(self, key: bytes, parent: bytes | None, nbytes: int) -> BlockEntry:
-        """The entry of ``key``, created as a ghost if new; links ``parent`` if it had none."""
+    def ensure(self, key: bytes, parent: bytes | None, nbytes: int,
+               owner: int = 0) -> BlockEntry:
+        """The entry of ``key``, created as a ghost if new (of ``owner``); links ``parent``
+        if it had none. A ghost takes the new size and owner."""
         entry = self.entries.get(key)
         if entry is None:
             entry = BlockEntry(key, None, nbytes, self.num_tiers)
+            entry.owner = owner
             self.entries[key] = entry
         elif not entry.residency:
             entry.nbytes = nbytes
+            entry.owner = owner
         if parent is not None and entry.parent is None and parent != key:
             self._link(entry, parent)
         return entry
 
-    def insert(self, key: bytes, parent: bytes | None, nbytes: int, tier: int) -> BlockEntry:
-        """A committed copy of ``key`` now lies in ``tier`` and counts as a use.
+    def insert(self, key: bytes, parent: bytes | None, nbytes: int, tier: int,
+               owner: int = 0) -> BlockEntry:
+        """A committed copy of ``key`` (written by ``owner``) now lies in ``tier`` and
+        counts as a use.
 
         Same effect as ``ensure``, ``touch``, ``add`` in that order (the order the Store
         needs, so ``add`` files the entry under its new tick); the brand-new key, the
@@ -121,11 +143,14 @@ class BlockIndex:
         entries = self.entries
         entry = entries.get(key)
         if entry is not None:
-            entry = self.ensure(key, parent, nbytes)
+            entry = self.ensure(key, parent, nbytes, owner)
             self.touch(entry)
             self.add(entry, tier)
             return entry
         entry = BlockEntry(key, None, nbytes, self.num_tiers)
+        if owner:
+            entry.owner = owner
+            self._charge(entry, tier, 1)
         entries[key] = entry
         self.tick += 1
         entry.last_access = self.tick
@@ -161,6 +186,8 @@ class BlockIndex:
         if entry.residency >> tier & 1:
             return
         entry.residency |= 1 << tier
+        if entry.owner:
+            self._charge(entry, tier, 1)
         if entry.parent is not None:
             self._child_added(self.entries[entry.parent], tier)
         self.policies[tier].on_insert(entry)
@@ -170,6 +197,8 @@ class BlockIndex:
         if not entry.residency >> tier & 1:
             return
         entry.residency &= ~(1 << tier)
+        if entry.owner:
+            self._charge(entry, tier, -1)
         self.policies[tier].on_remove(entry)
         parent = self.entries[entry.parent] if entry.parent is not None else None
         if parent is not None:
@@ -180,6 +209,27 @@ class BlockIndex:
         if not entry.residency:
             entry.pins = None
             self.drop_if_unused(entry)
+
+    def _charge(self, entry: BlockEntry, tier: int, sign: int) -> None:
+        usage = self._usage.get(entry.owner)
+        if usage is None:
+            usage = self._usage[entry.owner] = Usage(self.num_tiers)
+        usage.nbytes[tier] += sign * entry.nbytes
+        usage.num_blocks[tier] += sign
+        assert usage.nbytes[tier] >= 0, f"owner {entry.owner} uses less than nothing"
+
+    def usage(self, owner: int) -> Usage:
+        """What ``owner``'s blocks take in each tier (a copy)."""
+        usage = self._usage.get(owner)
+        copy = Usage(self.num_tiers)
+        if usage is not None:
+            copy.nbytes[:], copy.num_blocks[:] = usage.nbytes, usage.num_blocks
+        return copy
+
+    def used_by(self, owner: int, tier: int) -> int:
+        """Bytes of ``owner``'s values in ``tier`` (0 for owner 0: nobody's, not counted)."""
+        usage = self._usage.get(owner)
+        return 0 if usage is None else usage.nbytes[tier]
 
     def _child_added(self, parent: BlockEntry, tier: int) -> None:
         parent.children[tier] += 1

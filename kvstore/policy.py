@@ -10,9 +10,11 @@ Eviction picks a victim among a tier's unpinned blocks:
 
 A tier may split its blocks into *partitions* (the DRAM tier uses its slab size classes,
 since evicting a 4 KiB block frees no room for a 1 MiB one); victims are chosen within
-the partition that needs room.
+the partition that needs room. Blocks also have an *owner* (the tenant that wrote them, 0
+for none): `victim` can be asked for one owner's blocks only (a tenant over its quota makes
+room from its own blocks), or for any owner's (the least recently used of them all).
 
-Implementation: one lazy min-heap of ``(tick, key)`` per partition. Every candidate has
+Implementation: one lazy min-heap of ``(tick, key)`` per partition and owner. Every candidate has
 at least one item whose tick is at most its ``last_access``, so a use of a block costs
 nothing here: `BlockIndex.touch` only moves its ``last_access`` forward. `victim` pops the
 smallest item; one whose block is gone or no longer a candidate is dropped, one whose tick
@@ -44,6 +46,10 @@ class Admission(enum.Enum):
     SECOND_USE = "second-use"  # only blocks used at least twice: saves SSD wear on one-hit blocks
 
 
+_OWNER_BITS = 16  # a heap's key: partition << _OWNER_BITS | owner
+MAX_OWNER = (1 << _OWNER_BITS) - 1
+
+
 class TierPolicy:
     """LRU over all of a tier's blocks; subclasses narrow the candidates."""
 
@@ -54,60 +60,91 @@ class TierPolicy:
         self.index = index
         self.tier = tier
         self.partition_of = partition_of
-        self._heaps: dict[int, list[tuple[int, bytes]]] = {}
-        self._num_resident: dict[int, int] = {}
+        self._heaps: dict[int, list[tuple[int, bytes]]] = {}  # heap key -> lazy heap
+        self._num_resident: dict[int, int] = {}  # heap key -> blocks resident
+        self._heap_keys: dict[int, list[int]] = {}  # partition -> its heap keys, by owner
 
-    def _partition(self, entry: BlockEntry) -> int:
-        return self.partition_of(entry.nbytes) if self.partition_of is not None else 0
+    def _heap_key(self, entry: BlockEntry) -> int:
+        partition = self.partition_of(entry.nbytes) if self.partition_of is not None else 0
+        return partition << _OWNER_BITS | entry.owner
 
     def is_candidate(self, entry: BlockEntry) -> bool:
         return bool(entry.residency >> self.tier & 1)
 
-    def _push(self, entry: BlockEntry) -> None:
-        partition = self._partition(entry)
-        heap = self._heaps.get(partition)
+    def _heap(self, key: int) -> list[tuple[int, bytes]]:
+        heap = self._heaps.get(key)
         if heap is None:
-            heap = self._heaps[partition] = []
-        heapq.heappush(heap, (entry.last_access, entry.key))
-        if len(heap) > 2 * self._num_resident.get(partition, 0) + 64:
-            self._purge(partition)
+            heap = self._heaps[key] = []
+            self._heap_keys.setdefault(key >> _OWNER_BITS, []).append(key)
+        return heap
 
-    def _purge(self, partition: int) -> None:
+    def _push(self, entry: BlockEntry) -> None:
+        partition_of = self.partition_of  # inlined `_heap_key`: the replay's hottest path
+        key = (partition_of(entry.nbytes) << _OWNER_BITS if partition_of is not None
+               else 0) | entry.owner
+        heap = self._heaps.get(key)
+        if heap is None:
+            heap = self._heap(key)
+        heapq.heappush(heap, (entry.last_access, entry.key))
+        if len(heap) > 2 * self._num_resident.get(key, 0) + 64:
+            self._purge(key)
+
+    def _purge(self, key: int) -> None:
         entries = self.index.entries
         live = {}
-        for _, key in self._heaps[partition]:
-            entry = entries.get(key)
+        for _, block in self._heaps[key]:
+            entry = entries.get(block)
             if entry is not None and self.is_candidate(entry):
-                live[key] = (entry.last_access, key)
+                live[block] = (entry.last_access, block)
         heap = list(live.values())
         heapq.heapify(heap)
-        self._heaps[partition] = heap
+        self._heaps[key] = heap
 
     # -- hooks the index calls ------------------------------------------------------------------
 
     def on_insert(self, entry: BlockEntry) -> None:
-        partition = self._partition(entry)
+        partition_of = self.partition_of
+        key = (partition_of(entry.nbytes) << _OWNER_BITS if partition_of is not None
+               else 0) | entry.owner
         num_resident = self._num_resident
-        num_resident[partition] = num_resident.get(partition, 0) + 1
+        num_resident[key] = num_resident.get(key, 0) + 1
         if self.is_candidate(entry):
-            heap = self._heaps.get(partition)
+            heap = self._heaps.get(key)
             if heap is None:
-                heap = self._heaps[partition] = []
+                heap = self._heap(key)
             heapq.heappush(heap, (entry.last_access, entry.key))
-            if len(heap) > 2 * num_resident[partition] + 64:
-                self._purge(partition)
+            if len(heap) > 2 * num_resident[key] + 64:
+                self._purge(key)
 
     def on_remove(self, entry: BlockEntry) -> None:
-        self._num_resident[self._partition(entry)] -= 1
+        self._num_resident[self._heap_key(entry)] -= 1
 
     def on_leaf(self, entry: BlockEntry) -> None:
         """``entry`` lost its last child in this tier."""
 
     # -- decisions ------------------------------------------------------------------------------
 
-    def victim(self, partition: int = 0) -> BlockEntry | None:
-        """The block to evict next from ``partition``, or None if none can be evicted."""
-        heap = self._heaps.get(partition)
+    def victim(self, partition: int | None = 0, owner: int | None = None
+               ) -> BlockEntry | None:
+        """The block to evict next, or None if none can be evicted: from ``partition``
+        (None: any), of ``owner`` (None: any; then the least recently used of all)."""
+        if partition is None:
+            keys = [k for keys in self._heap_keys.values() for k in keys]
+        else:
+            keys = self._heap_keys.get(partition, ())
+            if owner is None and len(keys) == 1:  # one owner: the common case
+                return self._top(self._heaps[keys[0]])
+        if owner is not None:
+            keys = [k for k in keys if k & MAX_OWNER == owner]
+        best = None
+        for key in keys:
+            found = self._top(self._heaps[key])
+            if found is not None and (best is None or found.last_access < best.last_access):
+                best = found
+        return best
+
+    def _top(self, heap: list[tuple[int, bytes]]) -> BlockEntry | None:
+        """The least recently used candidate of ``heap`` that is not pinned, left in it."""
         if not heap:
             return None
         entries = self.index.entries
@@ -132,7 +169,11 @@ class TierPolicy:
         return found
 
     def partitions(self) -> list[int]:
-        return [p for p, n in self._num_resident.items() if n > 0]
+        """The partitions that hold blocks of this tier."""
+        counts: dict[int, int] = {}
+        for key, n in self._num_resident.items():
+            counts[key >> _OWNER_BITS] = counts.get(key >> _OWNER_BITS, 0) + n
+        return [p for p, n in counts.items() if n > 0]
 
 
 class LeafFirstLRU(TierPolicy):

@@ -165,6 +165,7 @@ def figures(sample: Sample, previous: Sample | None, url: str) -> dict[str, Any]
         interval = {"seconds": sample.taken_s - previous.taken_s, **_hit_rates(delta)}
     prefix = stats.get("prefix") or {}
     return {"url": url, "ts": time.time(), "uptime_s": stats.get("uptime_s"),
+            "tenant": stats.get("tenant"),
             "clients": stats.get("clients"), "blocks": stats.get("blocks"),
             "block_tokens": prefix.get("block_tokens"),
             "evictions": stats.get("evictions"), "demotions": stats.get("demotions"),
@@ -205,10 +206,14 @@ def render(doc: dict[str, Any]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    header = Text(f"kvstored {doc['url']}: up {_duration(doc['uptime_s'])}, "
-                  f"{_count(doc['clients'])} clients, {_count(doc['blocks'])} blocks, "
-                  f"{_count(doc['evictions'])} evictions, {_count(doc['demotions'])} "
-                  "demotions", style="bold")
+    if doc.get("tenant") is not None:  # a tenant's own view: its quota is its capacity
+        header = Text(f"kvstored {doc['url']}: up {_duration(doc['uptime_s'])}, tenant "
+                      f"{doc['tenant']} (its own blocks, quotas and reads)", style="bold")
+    else:
+        header = Text(f"kvstored {doc['url']}: up {_duration(doc['uptime_s'])}, "
+                      f"{_count(doc['clients'])} clients, {_count(doc['blocks'])} blocks, "
+                      f"{_count(doc['evictions'])} evictions, {_count(doc['demotions'])} "
+                      "demotions", style="bold")
     tiers = Table()
     for column in ("tier", "capacity", "used", "use", "blocks", "get hits"):
         tiers.add_column(column, justify="left" if column == "tier" else "right")

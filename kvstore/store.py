@@ -28,6 +28,7 @@ from kvstore.errors import ConfigError, InvalidValueError, StorageError, StoreCl
 from kvstore.index import BlockEntry, BlockIndex
 from kvstore.policy import admits, make_policy
 from kvstore.store_host import StoreHostPlane
+from kvstore.store_quotas import StoreQuotas
 from kvstore.store_reads import StoreReads
 from kvstore.tiers.base import TierKind, check_key
 from kvstore.tiers.memory import MemoryTier
@@ -48,7 +49,7 @@ def _segment_bytes(config: StoreConfig) -> int:
     return max(smallest, min(config.nvme_segment_bytes, config.nvme_bytes // 4))
 
 
-class Store(StoreReads, StoreHostPlane):
+class Store(StoreReads, StoreHostPlane, StoreQuotas):
     """A KV store over HBM, DRAM and NVMe tiers; see the module docstring."""
 
     def __init__(self, config: StoreConfig | None = None, *,
@@ -85,6 +86,7 @@ class Store(StoreReads, StoreHostPlane):
         self._tier_hits = [0] * len(self._tiers)
         self._evictions = self._demotions = self._promotions = 0
         self._torn_reads = 0
+        self._quotas: dict[tuple[int, int], int] = {}  # (owner, tier) -> bytes (StoreQuotas)
         # Slots dropped while readers copied from them: pin id -> (tier, offset), and
         # (tier, offset) -> readers left. Freed when the last reader unpins.
         self._retired: dict[int, tuple[int, int]] = {}
@@ -140,18 +142,20 @@ class Store(StoreReads, StoreHostPlane):
 
     # -- the public API -----------------------------------------------------------------------
 
-    def put(self, key: bytes, value: Any) -> bool:
-        """Store ``value`` under ``key`` (replacing any earlier value). False if no room."""
+    def put(self, key: bytes, value: Any, *, owner: int = 0) -> bool:
+        """Store ``value`` under ``key`` (replacing any earlier value). False if no room.
+        ``owner`` (a tenant's number; 0: nobody) is charged for it (`set_quota`)."""
         key = check_key(key)
         src = self._source(value)
-        return self._put(key, src, None)
+        return self._put(key, src, None, None, owner)
 
-    def put_many(self, keys: Sequence[bytes], values: Sequence[Any]) -> int:
+    def put_many(self, keys: Sequence[bytes], values: Sequence[Any], *,
+                 owner: int = 0) -> int:
         """Store the blocks of one chain, parent first; returns how many leading blocks
         were stored (it stops at the first block that finds no room).
 
         Each key is recorded as the child of the one before it (prefix-aware eviction).
-        Every key and value is checked before anything is stored.
+        Every key and value is checked before anything is stored. ``owner`` as in `put`.
         """
         if len(keys) != len(values):
             raise InvalidValueError(f"put_many got {len(keys)} keys but {len(values)} values")
@@ -168,14 +172,14 @@ class Store(StoreReads, StoreHostPlane):
                     while i < len(checked) and sources[i].shape[0] <= SMALL_VALUE_BYTES:
                         key, src = checked[i], sources[i]
                         if not (host_tier is not None and isinstance(src, np.ndarray)
-                                and self._put_host(host_tier, key, src, parent)):
-                            if not self._put(key, src, parent, chain):
+                                and self._put_host(host_tier, key, src, parent, owner)):
+                            if not self._put(key, src, parent, chain, owner):
                                 return i
                         parent = key
                         chain.add(parent)
                         i += 1
             else:
-                if not self._put(checked[i], sources[i], parent, chain):
+                if not self._put(checked[i], sources[i], parent, chain, owner):
                     return i
                 parent = checked[i]
                 chain.add(parent)
@@ -367,7 +371,7 @@ class Store(StoreReads, StoreHostPlane):
         return src
 
     def _put(self, key: bytes, src: ByteView, parent: bytes | None,
-             protect: set[bytes] | None = None) -> bool:
+             protect: set[bytes] | None = None, owner: int = 0) -> bool:
         """Store into the write tier or, failing that, the tiers below it.
 
         ``protect`` holds the blocks this put_many call already stored (the new block's
@@ -378,13 +382,13 @@ class Store(StoreReads, StoreHostPlane):
         for t in range(self._write_tier, len(self._tiers)):
             tier = self._tiers[t]
             if isinstance(tier, MemoryTier):
-                if self._put_memory(t, tier, key, src, parent, protect):
+                if self._put_memory(t, tier, key, src, parent, protect, owner):
                     return True
                 continue
             with self._lock:
                 self._check_open()
                 self._discard_old(key)
-                entry = self.index.ensure(key, parent, nbytes)
+                entry = self.index.ensure(key, parent, nbytes, owner)
                 self.index.touch(entry)
                 if self._store_in(t, entry, src, protect):
                     return True
@@ -392,10 +396,13 @@ class Store(StoreReads, StoreHostPlane):
         return False
 
     def _put_host(self, tier: MemoryTier, key: bytes, src: np.ndarray,
-                  parent: bytes | None) -> bool:
+                  parent: bytes | None, owner: int) -> bool:
         """put_many's fast path (lock held): a small host value into a free slot of the
-        host write tier. False, with nothing changed, when that needs an eviction."""
+        host write tier. False, with nothing changed, when that needs an eviction (or its
+        owner's quota would)."""
         nbytes = src.shape[0]
+        if owner and not self._fits_quota(self._write_tier, owner, nbytes):
+            return False
         offset = tier.allocator.allocate(nbytes)
         if offset is None:
             return False
@@ -404,24 +411,24 @@ class Store(StoreReads, StoreHostPlane):
             self._forget(entry, durable=True)
         np.copyto(tier.view(offset, nbytes), src)
         tier.commit(key, offset, nbytes, parent)
-        self.index.insert(key, parent, nbytes, self._write_tier)
+        self.index.insert(key, parent, nbytes, self._write_tier, owner)
         return True
 
     def _put_memory(self, t: int, tier: MemoryTier, key: bytes, src: ByteView,
-                    parent: bytes | None, protect: set[bytes] | None) -> bool:
+                    parent: bytes | None, protect: set[bytes] | None, owner: int) -> bool:
         nbytes = int(src.shape[0])
         if nbytes <= SMALL_VALUE_BYTES:
             with self._lock:
                 self._check_open()
-                offset = self._reserve(t, nbytes, protect)
+                offset = self._reserve(t, nbytes, protect, owner)
                 if offset is None:
                     return False
                 copy_bytes(tier.view(offset, nbytes), src)
-                self._commit(t, key, parent, offset, nbytes)
+                self._commit(t, key, parent, offset, nbytes, owner)
             return True
         with self._lock:
             self._check_open()
-            offset = self._reserve(t, nbytes, protect)
+            offset = self._reserve(t, nbytes, protect, owner)
         if offset is None:
             return False
         try:
@@ -433,14 +440,16 @@ class Store(StoreReads, StoreHostPlane):
         with self._lock:
             if self._closed:
                 raise StoreClosedError("the store was closed during put")
-            self._commit(t, key, parent, offset, nbytes)
+            self._commit(t, key, parent, offset, nbytes, owner)
         return True
 
     def _commit(self, t: int, key: bytes, parent: bytes | None, offset: int,
-                nbytes: int) -> None:
+                nbytes: int, owner: int = 0) -> None:
         self._discard_old(key)
         self._tiers[t].commit(key, offset, nbytes, parent)
-        self.index.insert(key, parent, nbytes, t)
+        self.index.insert(key, parent, nbytes, t, owner)
+        if owner:
+            self._enforce_quota(t, owner, keep=key)
 
     def _discard_old(self, key: bytes) -> None:
         """Drop the value being overwritten; its NVMe copy gets a tombstone so that a crash
@@ -483,9 +492,13 @@ class Store(StoreReads, StoreHostPlane):
             return True
         return entry is not None and self.index.unpin(entry, pin)
 
-    def _reserve(self, t: int, nbytes: int, protect: set[bytes] | None = None) -> int | None:
-        """A slot in memory tier ``t``, evicting (and demoting) victims until one is free."""
+    def _reserve(self, t: int, nbytes: int, protect: set[bytes] | None = None,
+                 owner: int = 0) -> int | None:
+        """A slot in memory tier ``t`` for a value of ``owner``, evicting (and demoting)
+        victims until one is free: its own first while it is at its quota (`StoreQuotas`)."""
         tier: MemoryTier = self._tiers[t]
+        if owner and not self._make_quota_room(t, owner, nbytes, protect):
+            return None
         while True:
             offset = tier.reserve(nbytes)
             if offset is not None:
@@ -547,7 +560,7 @@ class Store(StoreReads, StoreHostPlane):
         nbytes = entry.nbytes
         tier = self._tiers[t]
         if isinstance(tier, MemoryTier):
-            offset = self._reserve(t, nbytes, protect)
+            offset = self._reserve(t, nbytes, protect, entry.owner)
             if offset is None:
                 return False
             copy_bytes(tier.view(offset, nbytes), src)
@@ -556,6 +569,8 @@ class Store(StoreReads, StoreHostPlane):
             footprint = tier.footprint_bytes(nbytes)
             if footprint > tier.capacity_bytes or tier.is_read_only:
                 return False  # read only: a failed disk (logged) takes nothing new
+            if entry.owner and not self._make_quota_room(t, entry.owner, nbytes, protect):
+                return False
             while tier.used_bytes + footprint > tier.capacity_bytes:
                 if not self._evict_for(t, 0, protect):
                     return False

@@ -38,9 +38,11 @@ class StoreHostPlane:
         t = self._dram_tier
         return None if t is None else self._tiers[t].pool
 
-    def reserve_host(self, nbytes: int, protect: set[bytes] | None = None) -> int | None:
-        """Reserve a DRAM slot (evicting and demoting as needed, never a key of
-        ``protect``): its offset, or None."""
+    def reserve_host(self, nbytes: int, protect: set[bytes] | None = None,
+                     owner: int = 0) -> int | None:
+        """Reserve a DRAM slot for a value of ``owner`` (evicting and demoting as needed,
+        its own blocks first at its quota, never a key of ``protect``): its offset, or
+        None."""
         if nbytes > self.config.max_value_bytes:
             raise InvalidValueError(f"value of {nbytes} bytes exceeds max_value_bytes "
                                     f"({self.config.max_value_bytes})")
@@ -48,14 +50,16 @@ class StoreHostPlane:
             self._check_open()
             if self._dram_tier is None:
                 return None
-            return self._reserve(self._dram_tier, nbytes, protect)
+            return self._reserve(self._dram_tier, nbytes, protect, owner)
 
-    def commit_host(self, key: bytes, offset: int, nbytes: int, parent: bytes | None) -> None:
-        """Make a reserved DRAM slot, now filled, the value of ``key``."""
+    def commit_host(self, key: bytes, offset: int, nbytes: int, parent: bytes | None,
+                    owner: int = 0) -> None:
+        """Make a reserved DRAM slot, now filled, the value of ``key``, charged to
+        ``owner``."""
         key = check_key(key)
         with self._lock:
             self._check_open()
-            self._commit(self._dram_tier, key, parent, offset, nbytes)
+            self._commit(self._dram_tier, key, parent, offset, nbytes, owner)
 
     def release_host(self, offset: int) -> None:
         """Give back a reserved DRAM slot that will not be committed."""

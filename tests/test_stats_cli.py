@@ -151,6 +151,27 @@ def test_refused_token_exits_2(tmp_path, capsys):
         process.stop()
 
 
+def test_a_token_of_several_namespaces_gets_its_own_figures(tmp_path, capsys):
+    """Issue 15: `kvstore stats` failed with a token granting several namespaces."""
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[[tenant]]\nname = "a"\ntoken = "the-right-token-0123"\n'
+                      'namespaces = ["a", "b"]\nquota = { dram = "4MiB" }\n')
+    process = DaemonProcess(tmp_path, "--dram", "16MiB", "--token-file", str(tokens)).start()
+    try:
+        with kvstore.connect(process.url, token="the-right-token-0123", namespace="b") as client:
+            client.put(b"k" * 16, b"v" * 1000)
+        assert _run(process.url, "--token", "the-right-token-0123", "--json") == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["tenant"] == "a"
+        assert doc["tiers"]["dram"] == {"capacity_bytes": 4 << 20, "used_bytes": 1000,
+                                        "used_fraction": 1000 / (4 << 20), "blocks": 1,
+                                        "get_hits": 0}
+        assert _run(process.url, "--token", "the-right-token-0123", "--namespace", "a") == 0
+        assert "tenant a" in capsys.readouterr().out
+    finally:
+        process.stop()
+
+
 def test_bad_watch_interval_exits_2(daemon, capsys):
     assert _run(daemon.url, "--watch", "0") == 2
     assert "--watch" in capsys.readouterr().err

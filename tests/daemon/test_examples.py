@@ -25,7 +25,7 @@ def test_the_example_config_and_tokens_start_a_daemon(tmp_path, start_daemon):
                           "--token-file", str(EXAMPLES / "tokens.toml"),
                           "--nvme-path", str(tmp_path / "nvme"), "--metrics", metrics,
                           "--dram", "64MiB", "--nvme", "256MiB")
-    first, second = tenants
+    first, second, operator = tenants
     key, value = make_key("example"), make_value("example", 200_000)
     with kvstore.connect(daemon.url, token=first["token"], namespace=first["namespaces"][0],
                          shared_memory=False) as client:
@@ -38,6 +38,14 @@ def test_the_example_config_and_tokens_start_a_daemon(tmp_path, start_daemon):
         assert other.get(key) is None  # another tenant's namespace
     with pytest.raises(AuthError):
         kvstore.connect(daemon.url, token=second["token"], namespace=first["namespaces"][0])
+    with kvstore.connect(daemon.url, token=first["token"], namespace=first["namespaces"][0],
+                         shared_memory=False) as client:
+        own = client.stats()  # a tenant sees its own use and quota only
+        assert own["tenant"] == first["name"] and "tenants" not in own
+        assert own["tiers"]["dram"]["quota_bytes"] == kvstore.StoreConfig(
+            dram_bytes=first["quota"]["dram"]).dram_bytes
+    with kvstore.connect(daemon.url, token=operator["token"], shared_memory=False) as client:
+        assert set(client.stats()["tenants"]) == {t["name"] for t in tenants}
     with urllib.request.urlopen(f"http://{metrics}/healthz", timeout=10) as response:
         assert response.status == 200
     assert (tmp_path / "nvme" / "kvstored.key").exists()

@@ -76,6 +76,12 @@ def test_a_tenant_reaches_nothing_of_another_through_any_operation(tenants):
         assert b.put(keys[0], b"b's own value")  # lands in b's namespace only
         assert b.put_many(keys[1:3], [b"x", b"y"]) == 2
         b.flush()
+        stats = b.stats()  # its own figures only: nothing of a's blocks, names or reads
+        assert stats["tenant"] == "b" and stats["namespaces"] == ["b"]
+        assert stats["tiers"]["dram"]["blocks"] == 3  # (and copies on NVMe: flushed)
+        assert set(stats) == {"tenant", "namespaces", "tiers", "queries", "hits", "hit_rate",
+                              "prefix", "started_at", "uptime_s"}
+        assert stats["prefix"]["blocks_hit"] == 0 and stats["hits"] == 0  # its own misses
     raw = RawConnection(tenants.port)
     try:
         raw.send(frame(hello(token=TOKEN_B)))
