@@ -3,14 +3,10 @@
 - bad input (malformed frames, wrong types, slow senders and readers): the daemon answers
   with the exact error code or drops that connection, stays up, keeps serving a normal
   client, and nothing stored changes (blocks, DRAM bytes in use, values byte for byte);
-- SIGKILL of the daemon during a stream of puts: after a restart on the same NVMe
-  directory, whatever was acknowledged before the last completed flush is served, and
-  nothing else is served unless exactly right;
-- SIGKILL of a client holding reservations and pins, and a live client outliving its
-  lease: the slots come back (an expired reservation's once its commit is refused) and
-  the blocks can be evicted again;
 - several client processes (with and without shared memory) putting and getting the same
   keys at once, each checking every value it reads byte for byte.
+
+Crashes, leases and killed clients are the standing reliability suite's (tests/reliability).
 """
 
 from __future__ import annotations
@@ -19,11 +15,9 @@ import itertools
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -594,95 +588,6 @@ def test_client_that_never_reads_is_dropped(robust_daemon, witness):
     witness.check()
 
 
-# -- SIGKILL of the daemon during a stream of puts ------------------------------------------------
-
-
-CRASH_SIZES = (4 * KiB, 16 * KiB, 60 * KiB, 100 * KiB, 200 * KiB, 256 * KiB)
-
-
-def _crash_value(i: int) -> bytes:
-    return make_value(("crash", i), CRASH_SIZES[i % len(CRASH_SIZES)])
-
-
-def test_sigkill_during_puts_keeps_what_was_flushed(start_daemon, tmp_path):
-    flags = ("--dram", "4MiB", "--nvme-path", str(tmp_path / "nvme"), "--nvme", "64MiB",
-             "--max-value", "256KiB")
-    daemon = start_daemon(*flags)
-    acked: list[int] = []  # indices whose put was acknowledged, in order
-    flushed = [0]  # acked[:flushed[0]] were acknowledged before the last completed flush
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def putter() -> None:
-        client = kvstore.connect(daemon.url, timeout_s=5)
-        try:
-            for i in itertools.count():
-                if stop.is_set():
-                    return
-                assert client.put(make_key(("crash", i)), _crash_value(i))
-                acked.append(i)
-                if i % 40 == 39:
-                    before = len(acked)
-                    client.flush()
-                    flushed[0] = before
-        except kvstore.KVStoreError as e:  # the daemon was killed under it
-            errors.append(e)
-        finally:
-            client.close()
-
-    thread = threading.Thread(target=putter, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while len(acked) < 150 or flushed[0] < 80:
-        assert thread.is_alive(), errors
-        assert time.monotonic() < deadline, f"puts too slow: {len(acked)}"
-        time.sleep(0.002)
-    daemon.signal(signal.SIGKILL)
-    stop.set()
-    thread.join(15)
-    assert not thread.is_alive()
-    num_flushed, num_tried = flushed[0], len(acked) + 1  # + the put in flight
-    assert num_flushed >= 80 and num_tried > num_flushed + 5
-
-    restarted = start_daemon(*flags, port=daemon.port)
-    with kvstore.connect(restarted.url, timeout_s=10) as client:
-        keys = [make_key(("crash", i)) for i in range(num_tried)]
-        values = client.get_many(keys)
-        for i, value in enumerate(values):
-            if i < num_flushed:
-                assert value == _crash_value(i), f"flushed value {i} lost or corrupt"
-            else:
-                assert value is None or value == _crash_value(i), f"value {i} corrupt"
-        for i in range(num_tried):  # one by one too (the shared-memory path for >= 64 KiB)
-            value = client.get(keys[i])
-            assert value == values[i] or (value is None and i >= num_flushed), i
-        stats = client.stats()
-        assert stats["blocks"] >= num_flushed
-        # the restarted daemon takes writes again
-        assert client.put(make_key("after"), make_value("after", 100 * KiB))
-        assert client.get(make_key("after")) == make_value("after", 100 * KiB)
-
-
-# -- SIGKILL of a client holding reservations and pins; leases ------------------------------------
-
-
-SLOT_BYTES = 256 * KiB  # = --max-value: one value per 256 KiB slab, 16 in a 4 MiB DRAM tier
-NUM_SLOTS = 16
-
-_HOLDER = """
-import json, socket, sys, time
-sys.path.insert(0, {repo!r})
-from tests.daemon.test_robustness import RawConnection
-conn = RawConnection({port})
-conn.hello(shm=True)
-reserved = conn.call("reserve", keys={new_keys!r}, sizes={sizes!r})
-pinned = conn.call("pin", keys={pin_keys!r})
-print(json.dumps({{"reserved": len(reserved["handles"]),
-                   "pinned": sum(b is not None for b in pinned["blocks"])}}), flush=True)
-time.sleep(600)
-"""
-
-
 def _dram(client: kvstore.Client) -> dict[str, Any]:
     return client.stats()["tiers"]["dram"]
 
@@ -693,87 +598,6 @@ def _wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> flo
         assert time.monotonic() - started < timeout_s, what
         time.sleep(0.05)
     return time.monotonic() - started
-
-
-def _fill_dram(client: kvstore.Client, tag: str) -> None:
-    """Put a DRAM tier's worth of new values; each must be stored (so every older block,
-    pinned ones included, must be evictable)."""
-    for i in range(NUM_SLOTS):  # put_many: a single put would also hold a spare slot
-        assert client.put_many([make_key((tag, i))], [make_value((tag, i), SLOT_BYTES)]), \
-            f"no room for fill value {i}: a slot or pin leaked"
-
-
-def test_sigkill_of_client_releases_its_reservations_and_pins(start_daemon):
-    daemon = start_daemon("--dram", "4MiB", "--max-value", "256KiB")
-    with kvstore.connect(daemon.url) as client:
-        held = [make_key(("held", i)) for i in range(4)]
-        for i, key in enumerate(held):
-            # put_many: a single put would also keep a spare slot reserved for the next one
-            assert client.put_many([key], [make_value(("held", i), SLOT_BYTES)])
-        baseline = _dram(client)
-        assert baseline["used_bytes"] == 4 * SLOT_BYTES
-        script = _HOLDER.format(repo=str(REPO), port=daemon.port,
-                                new_keys=[make_key(("reserved", i)) for i in range(6)],
-                                sizes=[SLOT_BYTES] * 6, pin_keys=held)
-        holder = subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            line = holder.stdout.readline()
-            assert line, holder.stderr.read().decode()
-            assert json.loads(line) == {"reserved": 6, "pinned": 4}
-            assert _dram(client)["used_bytes"] == 10 * SLOT_BYTES
-        finally:
-            holder.send_signal(signal.SIGKILL)
-            holder.wait(10)
-            holder.stdout.close()
-            holder.stderr.close()
-        _wait_for(lambda: _dram(client)["used_bytes"] == baseline["used_bytes"], 5,
-                  "the killed client's reservations were not released")
-        stats = client.stats()
-        assert stats["blocks"] == 4 and stats["torn_reads"] == 0
-        for i, key in enumerate(held):
-            assert client.get(key) == make_value(("held", i), SLOT_BYTES)
-        _fill_dram(client, "fill")
-        assert not any(client.contains(k) for k in held), "formerly pinned blocks not evicted"
-        assert not any(client.contains(make_key(("reserved", i))) for i in range(6))
-        assert client.stats()["blocks"] == NUM_SLOTS
-
-
-def test_lease_expiry_quarantines_a_live_clients_reservation_and_drops_its_pin(start_daemon):
-    """(tests/daemon/test_leases.py has the late copies into such a slot.)"""
-    daemon = start_daemon("--dram", "4MiB", "--max-value", "256KiB", "--lease", "1")
-    with kvstore.connect(daemon.url) as client:
-        held = make_key("leased")
-        assert client.put_many([held], [make_value("leased", SLOT_BYTES)])  # (no spare)
-        baseline = _dram(client)["used_bytes"]
-        conn = RawConnection(daemon.port)
-        try:
-            conn.hello(shm=True)
-            reserved = conn.call("reserve", keys=[make_key("late")], sizes=[SLOT_BYTES])
-            [[_offset, _nbytes, pin]] = conn.call("pin", keys=[held])["blocks"]
-            assert _dram(client)["used_bytes"] == baseline + SLOT_BYTES
-            waited_s = _wait_for(
-                lambda: client.stats()["leases"]["quarantined_slots"] == 1, 5,
-                "an expired reservation was not quarantined")
-            assert waited_s >= 0.5, "quarantined before the lease ran out"
-            # Kept out of use until the client is done with it: its commit, refused.
-            assert _dram(client)["used_bytes"] == baseline + SLOT_BYTES
-            meta = conn.call("commit", handles=reserved["handles"])
-            assert meta["ok"] is False and meta["code"] == "lease_expired", meta
-            assert _dram(client)["used_bytes"] == baseline
-            meta = conn.call("unpin", handles=[pin])
-            assert meta["ok"] is False and meta["code"] == "unknown_handle", meta
-            assert conn.call("contains", key=make_key("late"))["present"] is False
-            # the connection itself is fine: a fresh reservation commits
-            again = conn.call("reserve", keys=[make_key("late")], sizes=[SLOT_BYTES])
-            assert conn.call("commit", handles=again["handles"])["stored"] == 1
-        finally:
-            conn.close()
-        stats = client.stats()
-        assert stats["torn_reads"] == 0, "a pin taken back by the sweeper is not a torn read"
-        assert stats["tiers"]["dram"]["used_bytes"] == baseline + SLOT_BYTES
-        _fill_dram(client, "fill")
-        assert not client.contains(held)
 
 
 # -- several client processes at once --------------------------------------------------------------
