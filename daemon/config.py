@@ -78,6 +78,9 @@ class DaemonConfig:
             parse_address(self.ucx_listen, "--ucx")
         if self.token_file is not None and not Path(self.token_file).is_file():
             raise ConfigError(f"--token-file {self.token_file} is not a readable file")
+        if self.nvme_path is not None and Path(self.nvme_path).exists() and not Path(
+                self.nvme_path).is_dir():
+            raise ConfigError(f"--nvme-path {self.nvme_path} is a file, not a directory")
         if self.key_file is not None and Path(self.key_file).is_dir():
             raise ConfigError(f"--key-file {self.key_file} is a directory, not a file")
         if not self.lease_s > 0 or not self.drain_s >= 0:

@@ -369,3 +369,15 @@ def test_a_port_in_use_is_named_by_its_flag(tmp_path, flag):
     assert result.returncode == 1
     assert f"kvstored: {flag} {address}: cannot listen there" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_nvme_path_that_is_a_file_is_named_by_its_flag(tmp_path):
+    a_file = tmp_path / "not-a-directory"
+    a_file.write_text("x")
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "--dram", "16MiB", "--nvme-path", str(a_file),
+         "--nvme", "64MiB", "--listen", f"127.0.0.1:{free_port()}"],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"kvstored: --nvme-path {a_file} is a file, not a directory" in result.stderr
+    assert "Traceback" not in result.stderr
