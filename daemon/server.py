@@ -11,6 +11,10 @@ in the callback that received it. Each connection serves its requests in order;
 concurrency comes from many connections. The shared-memory operations and their leases
 are `daemon.shm_plane`'s.
 
+Memory (`daemon.frame_memory`): a request frame carries at most ``max_frame_data_bytes``
+of data; the large bodies of all connections share one budget, and memory goes back to the
+system once a burst of large frames is over.
+
 Shutdown (SIGTERM): stop accepting, let requests in flight finish (up to ``drain_s``),
 write out the access log, close the Store (which flushes NVMe), stop metrics and the
 registry.
@@ -40,8 +44,14 @@ from daemon.access_log import AccessLog
 from daemon.answering import Answer, Request, within
 from daemon.config import DaemonConfig
 from daemon.doorbell import Doorbells
+from daemon.frame_memory import (
+    FrameMemory,
+    Share,
+    default_budget_bytes,
+    max_frame_data_bytes,
+)
 from daemon.shm_plane import Connection, SharedMemoryPlane
-from daemon.tcp import FrameProtocol
+from daemon.tcp import OWN_BUFFER_BYTES, FrameProtocol
 from daemon.tenants import (
     DEFAULT_NAMESPACE,
     Tenants,
@@ -80,8 +90,12 @@ class Daemon(SharedMemoryPlane):
         self.metrics = metrics
         self.registry = registry
         self.boot_id = boot_id()
-        self.max_frame_data_bytes = max(self.store.config.max_value_bytes * 64, 256 << 20)
+        max_value_bytes = self.store.config.max_value_bytes
+        self.max_frame_data_bytes = max_frame_data_bytes(max_value_bytes)
         self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="kvstored")
+        self.frame_memory = FrameMemory(
+            config.frame_memory_bytes or default_budget_bytes(max_value_bytes),
+            executor=self._executor)
         self._handles = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[Connection] = set()
@@ -150,6 +164,7 @@ class Daemon(SharedMemoryPlane):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        self.frame_memory.close()
         if self.access_log is not None:
             await self.access_log.aclose()  # every lookup answered is in it now
         loop = asyncio.get_running_loop()
@@ -221,9 +236,11 @@ class Daemon(SharedMemoryPlane):
         """Read the rest of one request from a stream, run it, write the response; False
         to hang up."""
         started = time.perf_counter()
+        share: Share | None = None
         try:
             header = protocol.decode_header(raw, max_data_bytes=self.max_frame_data_bytes,
                                             expect=FrameKind.REQUEST)
+            share = await self._share_of(conn, header)
             try:
                 raw_meta, data = await self._read_in_time(reader, header.meta_bytes,
                                                           header.data_bytes)
@@ -236,6 +253,9 @@ class Daemon(SharedMemoryPlane):
             answer = self._answer_error(conn, Request(), e)
         else:
             answer = await self._reply(conn, header, raw_meta, data)
+        finally:
+            if share is not None:  # the body lies in ucxx's buffers: nothing to reuse
+                self.frame_memory.give_back(share, reuse=False)
         response, out, keep_open, op = answer
         data_bytes = sum(len(part) for part in out)
         writer.write(protocol.encode(FrameKind.RESPONSE, response, data_bytes))
@@ -245,6 +265,24 @@ class Daemon(SharedMemoryPlane):
             await writer.drain()
         self._observe(op, started, response["ok"], data_bytes)
         return keep_open
+
+    async def _share_of(self, conn: Connection, header: protocol.Header) -> Share | None:
+        """A stream's share of the frame memory for a large body, taken before the body is
+        read (waiting, unread and untimed, while it does not fit); None for a small one.
+
+        Over UCX this bounds what the daemon reads on, not what ucxx received: ucxx takes
+        each message whole, into buffers of the sizes its sender announced, before the
+        daemon sees the frame's header (so a body sent with its header is already here)."""
+        nbytes = header.meta_bytes + header.data_bytes
+        if nbytes <= OWN_BUFFER_BYTES:
+            return None
+        self._check_large_body(conn, nbytes)
+        return await self.frame_memory.take(nbytes, conn.peer)
+
+    @staticmethod
+    def _check_large_body(conn: Connection, nbytes: int) -> None:
+        if conn.tenant is None:  # a hello is small: nothing large before it
+            raise RequestError(ErrorCode.BAD_FRAME, f"a frame of {nbytes} bytes before hello")
 
     def _start(self, conn: Connection, header: protocol.Header, raw_meta: bytes, data: Any,
                request: Request) -> Coroutine[Any, Any, Any]:
@@ -300,6 +338,8 @@ class Daemon(SharedMemoryPlane):
                 [], keep_open, request.op)
 
     def _observe(self, op: str, started: float, ok: bool, data_bytes: int) -> None:
+        if data_bytes > OWN_BUFFER_BYTES:  # its values go back to the heap once written
+            self.frame_memory.note_use()
         if self.metrics is not None:
             self.metrics.observe_request(op, time.perf_counter() - started, ok)
             if data_bytes:
