@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 MIN_FRAME_DATA_BYTES = 64 * MiB  # a round trip per 64 MiB costs under 1% of its transfer
+MIN_ANSWER_DATA_BYTES = 16 * MiB  # values in one get_many answer (the client asks again)
 DEFAULT_BUDGET_BYTES = 256 * MiB
 POOL_BYTES = 64 * MiB  # idle body buffers kept for reuse
 BUFFER_GRAIN_BYTES = 256 * 1024  # buffers (and shares) come in steps of this: sizes recur
@@ -58,6 +59,11 @@ def max_frame_data_bytes(max_value_bytes: int) -> int:
     """The data one request may carry (`hello` reports it; clients split put_many by it):
     a value of the largest size, and at least `MIN_FRAME_DATA_BYTES`."""
     return max(max_value_bytes, MIN_FRAME_DATA_BYTES)
+
+
+def max_answer_data_bytes(max_value_bytes: int) -> int:
+    """The value bytes one get_many answer may carry, duplicates counted each time."""
+    return max(max_value_bytes, MIN_ANSWER_DATA_BYTES)
 
 
 def largest_body_bytes(max_value_bytes: int) -> int:

@@ -12,8 +12,9 @@ concurrency comes from many connections. The shared-memory operations and their 
 are `daemon.shm_plane`'s.
 
 Memory (`daemon.frame_memory`): a request frame carries at most ``max_frame_data_bytes``
-of data; the large bodies of all connections share one budget, and memory goes back to the
-system once a burst of large frames is over.
+of data and a get_many answer at most ``max_answer_data_bytes`` of values (the client asks
+again for the rest); the large bodies of all connections share one budget, and memory goes
+back to the system once a burst of large frames is over.
 
 Shutdown (SIGTERM): stop accepting, let requests in flight finish (up to ``drain_s``),
 write out the access log, close the Store (which flushes NVMe), stop metrics and the
@@ -46,8 +47,10 @@ from daemon.config import DaemonConfig
 from daemon.doorbell import Doorbells
 from daemon.frame_memory import (
     FrameMemory,
+    LogThrottle,
     Share,
     default_budget_bytes,
+    max_answer_data_bytes,
     max_frame_data_bytes,
 )
 from daemon.shm_plane import Connection, SharedMemoryPlane
@@ -92,10 +95,12 @@ class Daemon(SharedMemoryPlane):
         self.boot_id = boot_id()
         max_value_bytes = self.store.config.max_value_bytes
         self.max_frame_data_bytes = max_frame_data_bytes(max_value_bytes)
+        self.max_answer_data_bytes = max_answer_data_bytes(max_value_bytes)
         self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="kvstored")
         self.frame_memory = FrameMemory(
             config.frame_memory_bytes or default_budget_bytes(max_value_bytes),
             executor=self._executor)
+        self._cut_log = LogThrottle()
         self._handles = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[Connection] = set()
@@ -456,10 +461,25 @@ class Daemon(SharedMemoryPlane):
         return {"found": value is not None}, [value] if value is not None else []
 
     async def _op_get_many(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        values = await self._run_get()(self.store.get_many,
-                                       [conn.scope(k) for k in meta["keys"]])
-        return ({"sizes": [None if v is None else len(v) for v in values]},
-                [v for v in values if v])
+        """The values of the leading keys whose values fit in ``max_answer_data_bytes``
+        (at least one key): ``answered`` says how many when that is not all of them, and
+        the others' sizes are nil (the client asks again for those)."""
+        keys = [conn.scope(k) for k in meta["keys"]]
+        values = await self._run_get()(self._get_leading, keys)
+        sizes = [None if v is None else len(v) for v in values]
+        fields: dict[str, Any] = {"sizes": sizes + [None] * (len(keys) - len(values))}
+        if len(values) < len(keys):
+            fields["answered"] = len(values)
+            count = self._cut_log.count()
+            if count:
+                log.info("get_many answer cut at %d of %d keys (%d bytes of values; limit "
+                         "%d) peer=%s; %d answers cut since the last such line", len(values),
+                         len(keys), sum(s or 0 for s in sizes), self.max_answer_data_bytes,
+                         conn.peer, count)
+        return fields, [v for v in values if v]
+
+    def _get_leading(self, keys: list[bytes]) -> list[bytes | None]:
+        return self.store.get_many(keys, max_bytes=self.max_answer_data_bytes)
 
     async def _op_match_prefix(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         keys = [conn.scope(k) for k in meta["keys"]]

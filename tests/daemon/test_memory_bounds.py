@@ -4,6 +4,8 @@ after it (VmRSS). Each peak is bounded by what the daemon's configured limits al
 (`daemon.frame_memory`), plus `SLACK_BYTES` for the interpreter's own churn; after each
 burst, the resident set comes back to within `KEPT_BYTES` of where it was.
 
+- get_many naming one 1 MiB value 1,024 times: answers carry at most
+  ``max_answer_data_bytes`` of values each; the client asks again and gets every value;
 - 48 connections each announcing a 16 MiB put and sending 200 KB: their bodies hold at most
   ``--frame-memory`` (the rest wait, unread); whether the daemon drops them (frame timeout)
   or they close, the memory comes back; a largest frame queued behind them is admitted;
@@ -23,12 +25,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import msgpack
+import pytest
 
 import kvstore
 from daemon import tcp
-from daemon.frame_memory import largest_body_bytes
+from daemon.frame_memory import largest_body_bytes, max_answer_data_bytes
+from kvstore.client import AsyncClient, Client
 from tests.conftest import make_key, make_value
-from tests.daemon.conftest import REPO, DaemonProcess
+from tests.daemon.conftest import REPO, DaemonProcess, free_port
 from tests.daemon.test_robustness import RawConnection, frame, request
 
 KiB, MiB = 1024, 1024 * 1024
@@ -109,6 +113,102 @@ def normal_client(daemon: DaemonProcess) -> Iterator[list[int]]:
     if errors:
         raise errors[0]
     assert not thread.is_alive(), "the normal client hung"
+
+
+# -- one request, a large answer ------------------------------------------------------------------
+
+
+def test_get_many_of_one_value_1024_times_answers_in_bounded_parts(start_daemon):
+    """18 KiB of request naming a 1 MiB value 1,024 times made the daemon build 1 GiB of
+    answer (and keep half of it). Now each answer carries at most the answer limit; the
+    client asks again until it has all 1,024 values, each byte for byte."""
+    daemon = start_daemon("--dram", "32MiB", "--max-value", "1MiB")
+    limit = max_answer_data_bytes(MiB)
+    key, value = make_key("amplified"), make_value("amplified", MiB)
+    with kvstore.connect(daemon.url, shared_memory=False, timeout_s=60) as client:
+        assert client.put(key, value)
+        assert client.get_many([key] * 4) == [value] * 4  # the daemon's first answers
+        start = rss_bytes(daemon)
+        for attempt in range(2):  # a repeat does not grow it further
+            reset_peak(daemon)
+            with normal_client(daemon) as rounds:
+                values = client.get_many([key] * 1024)
+                assert len(values) == 1024
+                assert all(v == value for v in values), "a value came back wrong"
+                del values
+            assert rounds[0] > 0
+            rise = peak_bytes(daemon) - start
+            # The answer's values, and once more while they are written out.
+            assert rise <= 2 * limit + SLACK_BYTES, (attempt, rise // MiB)
+            kept = settled_rss_bytes(daemon, start + KEPT_BYTES) - start
+            assert kept <= KEPT_BYTES, (attempt, kept // MiB)
+    assert "get_many answer cut at 16 of 1024 keys" in daemon.output()
+
+
+def test_a_cut_answer_says_where_and_keeps_one_size_per_key(start_daemon):
+    """On the wire: ``answered`` leading keys are answered; the others' sizes are nil, so a
+    client that does not know ``answered`` sees misses there (still a valid answer)."""
+    daemon = start_daemon("--dram", "32MiB", "--max-value", "1MiB")
+    limit = max_answer_data_bytes(MiB)
+    keys = [make_key(("cut", i)) for i in range(3)]
+    values = [make_value(("cut", i), size) for i, size in enumerate((MiB, 300 * KiB, 0))]
+    with kvstore.connect(daemon.url, shared_memory=False) as client:
+        for k, v in zip(keys, values, strict=True):
+            assert client.put(k, v)
+    asked = [keys[2], make_key("absent"), *[keys[0], keys[1]] * 20]
+    conn = RawConnection(daemon.port, timeout_s=30)
+    try:
+        conn.hello()
+        conn.send(frame(request("get_many", id=9, keys=asked)))
+        response = conn.read_frame()
+    finally:
+        conn.close()
+    assert response is not None
+    meta, data = response
+    sizes = [0, None, *[MiB, 300 * KiB] * 20]
+    answered, total = 0, 0  # the leading values that fit, duplicates counted each time
+    while total + (sizes[answered] or 0) <= limit:
+        total += sizes[answered] or 0
+        answered += 1
+    assert meta["ok"] and meta["answered"] == answered == 26, meta.get("answered")
+    assert meta["sizes"] == sizes[:answered] + [None] * (len(asked) - answered)
+    assert data == b"".join(([values[0], values[1]] * 20)[:answered - 2])
+
+
+@pytest.mark.asyncio
+async def test_every_transport_asks_again_for_the_rest(start_daemon):
+    """Sync and asyncio clients over TCP, and (where ucxx is installed) both over UCX: a
+    get_many of 40 MiB of values, over twice the answer limit, returns every one."""
+    flags = ["--dram", "48MiB", "--max-value", "1MiB"]
+    try:
+        import ucxx  # noqa: F401
+    except ImportError:
+        ucx_port = None
+    else:
+        ucx_port = free_port()
+        flags += ["--ucx", f"127.0.0.1:{ucx_port}"]
+    daemon = start_daemon(*flags)
+    urls = [daemon.url]
+    if ucx_port is not None:
+        deadline = time.monotonic() + 30
+        while "serving UCX on" not in daemon.output():
+            assert time.monotonic() < deadline, daemon.output()
+            time.sleep(0.05)
+        urls.append(f"kvstore+ucx://127.0.0.1:{ucx_port}")
+    keys = [make_key(("every", i)) for i in range(24)]
+    values = [make_value(("every", i), MiB - i) for i in range(24)]
+    asked = keys + keys[:16] + [make_key("missing")]
+    expected = values + values[:16] + [None]
+    with kvstore.connect(daemon.url, shared_memory=False) as client:
+        assert client.put_many(keys, values) == len(keys)
+    for url in urls:
+        with Client(url, shared_memory=False) as client:
+            assert client.get_many(asked) == expected, url
+        aclient = AsyncClient(url, shared_memory=False)
+        try:
+            assert await aclient.get_many(asked) == expected, url
+        finally:
+            await aclient.aclose()
 
 
 # -- many large bodies announced, few bytes sent ---------------------------------------------------
