@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-timeout", type=float, metavar="SECONDS",
                    help="a client that starts a frame must send all of it within this, or "
                         "it is dropped (slow senders; default 30)")
+    p.add_argument("--frame-memory", metavar="SIZE",
+                   help="memory the large bodies of unfinished requests may hold, all "
+                        "connections together (default 256MiB, at least one largest body: "
+                        "--max-value or 64MiB of data, plus 4MiB). A body that does not "
+                        "fit waits, its connection unread, until others are answered")
     p.add_argument("--access-log", metavar="FILE",
                    help="append one JSON line per request (each match_prefix lookup) to "
                         "FILE, created with mode 0600: {\"ts\", \"keys\" (hex, as the "
@@ -233,7 +238,7 @@ def _main(argv: list[str] | None, signals: StopSignals) -> int:
              "lease": args.lease, "drain": args.drain, "workers": args.workers,
              "log-format": args.log_format, "frame-timeout": args.frame_timeout,
              "access-log": args.access_log, "block-tokens": args.block_tokens,
-             "force": args.force}
+             "force": args.force, "frame-memory": args.frame_memory}
     try:
         config = build(args.config, flags)
         setup_logging(args.log_level, config.log_format)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.frame_memory import largest_body_bytes
 from kvstore.config import StoreConfig
 from kvstore.errors import ConfigError
 from kvstore.units import parse_size
@@ -57,6 +58,9 @@ class DaemonConfig:
     drain_s: float = 10.0  # on SIGTERM, how long in-flight requests may take to finish
     workers: int = 8  # threads running store calls (the event loop never blocks on them)
     frame_timeout_s: float = 30.0  # a started frame must arrive whole within this
+    # Bytes the large bodies of unfinished requests may hold, all connections together
+    # (daemon/frame_memory.py); None: 256 MiB, or one largest body if that is more.
+    frame_memory_bytes: int | str | None = None
     log_format: str = "text"  # or "json"
     access_log: str | None = None  # JSONL of prefix lookups (daemon/access_log.py)
     # Tokens per block of the clients' keys (the daemon cannot see it): token counts in
@@ -102,7 +106,16 @@ class DaemonConfig:
                                   "existing directory")
         if self.log_format not in ("text", "json"):
             raise ConfigError("--log-format must be text or json")
-        self.store_config("probe")  # the store's own checks, with flag names
+        max_value_bytes = self.store_config("probe").max_value_bytes  # the store's checks
+        if self.frame_memory_bytes is not None:
+            set_(self, "frame_memory_bytes",
+                 parse_size(self.frame_memory_bytes, what="--frame-memory"))
+            least = largest_body_bytes(max_value_bytes)
+            if self.frame_memory_bytes < least:
+                raise ConfigError(f"--frame-memory must hold one largest request body, "
+                                  f"{least} bytes with --max-value {max_value_bytes} "
+                                  f"(its data, at least 64 MiB, and 4 MiB of meta); got "
+                                  f"{self.frame_memory_bytes}")
 
     @property
     def scope_key_path(self) -> str | None:
@@ -148,6 +161,7 @@ _FIELD_OF_FLAG = {
     "shared-memory": "shared_memory", "lease": "lease_s", "drain": "drain_s",
     "workers": "workers", "log-format": "log_format", "frame-timeout": "frame_timeout_s",
     "access-log": "access_log", "block-tokens": "block_tokens", "force": "force",
+    "frame-memory": "frame_memory_bytes",
 }
 
 

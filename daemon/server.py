@@ -11,6 +11,11 @@ in the callback that received it. Each connection serves its requests in order;
 concurrency comes from many connections. The shared-memory operations and their leases
 are `daemon.shm_plane`'s.
 
+Memory (`daemon.frame_memory`): a request frame carries at most ``max_frame_data_bytes``
+of data and a get_many answer at most ``max_answer_data_bytes`` of values (the client asks
+again for the rest); the large bodies of all connections share one budget, and memory goes
+back to the system once a burst of large frames is over.
+
 Shutdown (SIGTERM): stop accepting, let requests in flight finish (up to ``drain_s``),
 write out the access log, close the Store (which flushes NVMe), stop metrics and the
 registry.
@@ -41,10 +46,18 @@ from daemon.access_log import AccessLog
 from daemon.answering import Answer, Request, within
 from daemon.config import DaemonConfig
 from daemon.doorbell import Doorbells
+from daemon.frame_memory import (
+    FrameMemory,
+    LogThrottle,
+    Share,
+    default_budget_bytes,
+    max_answer_data_bytes,
+    max_frame_data_bytes,
+)
 from daemon.host_memory import check_pool_fits
 from daemon.scope import load_scope_key
 from daemon.shm_plane import Connection, LeaseStats, SharedMemoryPlane
-from daemon.tcp import FrameProtocol
+from daemon.tcp import OWN_BUFFER_BYTES, FrameProtocol
 from daemon.tenants import (
     DEFAULT_NAMESPACE,
     Tenants,
@@ -120,8 +133,14 @@ class Daemon(SharedMemoryPlane):
         self.metrics = metrics
         self.registry = registry
         self.boot_id = boot_id()
-        self.max_frame_data_bytes = max(self.store.config.max_value_bytes * 64, 256 << 20)
+        max_value_bytes = self.store.config.max_value_bytes
+        self.max_frame_data_bytes = max_frame_data_bytes(max_value_bytes)
+        self.max_answer_data_bytes = max_answer_data_bytes(max_value_bytes)
         self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="kvstored")
+        self.frame_memory = FrameMemory(
+            config.frame_memory_bytes or default_budget_bytes(max_value_bytes),
+            executor=self._executor)
+        self._cut_log = LogThrottle()
         self._handles = itertools.count(1)
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[Connection] = set()
@@ -220,6 +239,7 @@ class Daemon(SharedMemoryPlane):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        self.frame_memory.close()
         if self.access_log is not None:
             await self.access_log.aclose()  # every lookup answered is in it now
         loop = asyncio.get_running_loop()
@@ -297,9 +317,11 @@ class Daemon(SharedMemoryPlane):
         """Read the rest of one request from a stream, run it, write the response; False
         to hang up."""
         started = time.perf_counter()
+        share: Share | None = None
         try:
             header = protocol.decode_header(raw, max_data_bytes=self.max_frame_data_bytes,
                                             expect=FrameKind.REQUEST)
+            share = await self._share_of(conn, header)
             try:
                 raw_meta, data = await self._read_in_time(reader, header.meta_bytes,
                                                           header.data_bytes)
@@ -312,6 +334,9 @@ class Daemon(SharedMemoryPlane):
             answer = self._answer_error(conn, Request(), e)
         else:
             answer = await self._reply(conn, header, raw_meta, data)
+        finally:
+            if share is not None:  # the body lies in ucxx's buffers: nothing to reuse
+                self.frame_memory.give_back(share, reuse=False)
         response, out, keep_open, op = answer
         data_bytes = sum(len(part) for part in out)
         writer.write(protocol.encode(FrameKind.RESPONSE, response, data_bytes))
@@ -321,6 +346,24 @@ class Daemon(SharedMemoryPlane):
             await writer.drain()
         self._observe(op, started, response["ok"], data_bytes)
         return keep_open
+
+    async def _share_of(self, conn: Connection, header: protocol.Header) -> Share | None:
+        """A stream's share of the frame memory for a large body, taken before the body is
+        read (waiting, unread and untimed, while it does not fit); None for a small one.
+
+        Over UCX this bounds what the daemon reads on, not what ucxx received: ucxx takes
+        each message whole, into buffers of the sizes its sender announced, before the
+        daemon sees the frame's header (so a body sent with its header is already here)."""
+        nbytes = header.meta_bytes + header.data_bytes
+        if nbytes <= OWN_BUFFER_BYTES:
+            return None
+        self._check_large_body(conn, nbytes)
+        return await self.frame_memory.take(nbytes, conn.peer)
+
+    @staticmethod
+    def _check_large_body(conn: Connection, nbytes: int) -> None:
+        if conn.tenant is None:  # a hello is small: nothing large before it
+            raise RequestError(ErrorCode.BAD_FRAME, f"a frame of {nbytes} bytes before hello")
 
     def _start(self, conn: Connection, header: protocol.Header, raw_meta: bytes, data: Any,
                request: Request) -> Coroutine[Any, Any, Any]:
@@ -376,6 +419,8 @@ class Daemon(SharedMemoryPlane):
                 [], keep_open, request.op)
 
     def _observe(self, op: str, started: float, ok: bool, data_bytes: int) -> None:
+        if data_bytes > OWN_BUFFER_BYTES:  # its values go back to the heap once written
+            self.frame_memory.note_use()
         if self.metrics is not None:
             self.metrics.observe_request(op, time.perf_counter() - started, ok)
             if data_bytes:
@@ -501,11 +546,26 @@ class Daemon(SharedMemoryPlane):
         return {"found": value is not None}, [value] if value is not None else []
 
     async def _op_get_many(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        values = await self._run_get()(self.store.get_many,
-                                       [conn.scope(k) for k in meta["keys"]])
+        """The values of the leading keys whose values fit in ``max_answer_data_bytes``
+        (at least one key): ``answered`` says how many when that is not all of them, and
+        the others' sizes are nil (the client asks again for those)."""
+        keys = [conn.scope(k) for k in meta["keys"]]
+        values = await self._run_get()(self._get_leading, keys)
         sizes = [None if v is None else len(v) for v in values]
         self._count_reads(conn, len(sizes), len(sizes) - sizes.count(None))
-        return {"sizes": sizes}, [v for v in values if v]
+        fields: dict[str, Any] = {"sizes": sizes + [None] * (len(keys) - len(values))}
+        if len(values) < len(keys):
+            fields["answered"] = len(values)
+            count = self._cut_log.count()
+            if count:
+                log.info("get_many answer cut at %d of %d keys (%d bytes of values; limit "
+                         "%d) peer=%s; %d answers cut since the last such line", len(values),
+                         len(keys), sum(s or 0 for s in sizes), self.max_answer_data_bytes,
+                         conn.peer, count)
+        return fields, [v for v in values if v]
+
+    def _get_leading(self, keys: list[bytes]) -> list[bytes | None]:
+        return self.store.get_many(keys, max_bytes=self.max_answer_data_bytes)
 
     async def _op_match_prefix(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         keys = [conn.scope(k) for k in meta["keys"]]

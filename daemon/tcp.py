@@ -10,8 +10,10 @@ is most requests: the shared-memory commit, pin and unpin, `contains`, `match_pr
 Frames on a connection are answered in order: while a request waits, reading is paused
 (the kernel's socket buffer applies backpressure to the client). A started frame must be
 complete within the frame timeout, and a client that does not read its answers is dropped
-after the same time (the write buffer stays bounded). UCX connections use the stream form
-of the same loop (`Daemon._serve`).
+after the same time (the write buffer stays bounded). A large body first takes a share of
+the daemon's frame memory (`daemon.frame_memory`): until it gets one, reading is paused
+too, and the frame is not timed (the daemon is the one not reading). UCX connections use
+the stream form of the same loop (`Daemon._serve`).
 """
 
 from __future__ import annotations
@@ -24,15 +26,19 @@ import time
 from typing import Any
 
 from daemon.answering import Answer, Request, run_in_place
+from daemon.frame_memory import Share, Waiter
 from daemon.shm_plane import Connection
 from kvstore import protocol
-from kvstore.protocol import ErrorCode, FrameKind, RequestError
+from kvstore.protocol import FrameKind, RequestError
 
 log = logging.getLogger(__name__)
 
 BUFFER_BYTES = 256 * 1024  # the receive buffer; frames up to half of it are cut from it
 OWN_BUFFER_BYTES = BUFFER_BYTES // 2  # a frame body larger than this gets its own buffer
-HEAP_BODY_BYTES = 16 * 1024 * 1024  # such a buffer up to this size comes from the heap
+
+
+def _ignore() -> None:
+    return None
 
 
 class FrameProtocol(asyncio.BufferedProtocol):
@@ -49,10 +55,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._buffer = mmap.mmap(-1, BUFFER_BYTES)  # pages committed as bytes arrive
         self._view = memoryview(self._buffer)
         self._start = self._end = 0  # bytes received, not yet cut into frames
-        # A frame whose body is received into its own buffer: header, body, bytes in it.
+        # A frame whose body is received into its own buffer: header, body, bytes in it,
+        # and its share of the frame memory (held until its request is answered).
         self._header: protocol.Header | None = None
         self._body: memoryview | None = None
         self._filled = 0
+        self._share: Share | None = None
+        self._waiter: Waiter | None = None  # waiting for that share
         self._request: asyncio.Task[None] | None = None  # a request's handler that waits
         self._frame_timer: asyncio.TimerHandle | None = None  # a started frame's deadline
         self._write_timer: asyncio.TimerHandle | None = None  # the client must read by then
@@ -78,6 +87,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
         for timer in (self._frame_timer, self._write_timer):
             if timer is not None:
                 timer.cancel()
+        if self._waiter is not None:
+            self.daemon.frame_memory.cancel(self._waiter)
+            self._waiter = None
         self.loop.create_task(self._ended(), name="kvstored-connection-end")
 
     async def _ended(self) -> None:
@@ -85,9 +97,16 @@ class FrameProtocol(asyncio.BufferedProtocol):
         try:
             if self._request is not None:
                 await asyncio.gather(self._request, return_exceptions=True)
+            # A body still held: cut short, or its request cancelled (then a worker thread
+            # may still read it: not reused).
+            self._give_back(reuse=self._request is None)
+            self._header = self._body = None
             await self.daemon._disconnected(self.conn, self.reason)
         finally:
             self.conn.closed.set_result(None)
+            # Nothing refers back to this protocol now, so it goes (with its buffers) at
+            # once, not when the cycle collector next runs (an idle daemon may never).
+            self.conn.stop = self.conn.kill = _ignore
 
     def _stop(self) -> None:
         """The daemon stops: hang up now if idle, else once the request is answered."""
@@ -164,15 +183,18 @@ class FrameProtocol(asyncio.BufferedProtocol):
             if have < body_bytes:
                 if body_bytes <= OWN_BUFFER_BYTES:
                     break  # the rest will fit in this buffer
-                if self.conn.tenant is None:  # a hello is small: nothing large before it
-                    self._refuse(RequestError(
-                        ErrorCode.BAD_FRAME, f"a frame of {body_bytes} bytes before hello"))
+                try:
+                    self.daemon._check_large_body(self.conn, body_bytes)
+                except RequestError as e:
+                    self._refuse(e)
                     return
-                # A large body is received straight into a buffer of its own: from the
-                # heap (whose pages malloc reuses) up to a value's size, beyond that an
-                # anonymous map, committed only as its bytes arrive.
-                body = memoryview(bytearray(body_bytes) if body_bytes <= HEAP_BODY_BYTES
-                                  else mmap.mmap(-1, body_bytes))
+                if not self._take_share(body_bytes):
+                    return  # reading paused until the frame memory has room for it
+                # A large body is received straight into a buffer of its own (reused:
+                # warm pages, no zero-filling; see daemon.frame_memory).
+                assert self._share is not None and self._share.body_bytes == body_bytes, \
+                    "a share granted for another frame"
+                body = self.daemon.frame_memory.buffer(self._share)
                 body[:have] = view[body_start:end]
                 self._header, self._body, self._filled = header, body, have
                 self._start = self._end = 0
@@ -197,6 +219,31 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._respond(self.daemon._answer_error(self.conn, Request(), error),
                       time.perf_counter())
 
+    def _take_share(self, nbytes: int) -> bool:
+        """Hold a share of the frame memory for a body of ``nbytes``: True once held; else
+        the connection waits for it (reading paused, the frame not timed meanwhile)."""
+        if self._share is None:
+            self._share = self.daemon.frame_memory.try_take(nbytes)
+        if self._share is not None:
+            return True
+        self._waiter = self.daemon.frame_memory.wait(nbytes, self._granted, self.conn.peer)
+        self.transport.pause_reading()
+        self._frame_complete()  # not timed while the daemon is the one not reading
+        return False
+
+    def _granted(self, share: Share) -> None:
+        self._waiter = None
+        if self.transport.is_closing():  # ended meanwhile
+            self.daemon.frame_memory.give_back(share)
+            return
+        self._share = share
+        self._go_on()  # the frame is cut again, this time into a buffer of its own
+
+    def _give_back(self, reuse: bool) -> None:
+        share, self._share = self._share, None
+        if share is not None:
+            self.daemon.frame_memory.give_back(share, reuse=reuse)
+
     def _frame_started(self) -> None:
         if self._frame_timer is None:
             self._frame_timer = self.loop.call_later(
@@ -212,17 +259,21 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def _answer(self, header: protocol.Header, raw_meta: bytes, data: Any) -> None:
         """Run one request: answered at once if its handler does not wait, else by a task
-        under the request's deadline (reading pauses until it is answered)."""
+        under the request's deadline (reading pauses until it is answered). A body's share
+        of the frame memory is given back once the request is done with it."""
         started = time.perf_counter()
         self.conn.busy = True
         daemon, request = self.daemon, Request()
         try:
             handler = daemon._start(self.conn, header, raw_meta, data, request)
         except Exception as e:
+            self._give_back(reuse=True)
             self._respond(daemon._answer_error(self.conn, request, e), started)
             return
 
         def settle(result: Any, error: Exception | None) -> None:
+            # Past its deadline a handler's worker thread may still read the body.
+            self._give_back(reuse=not isinstance(error, TimeoutError))
             answer = (daemon._answer_ok(request, result) if error is None
                       else daemon._answer_error(self.conn, request, error))
             if self._request is None:  # answered in place: the caller reads on
@@ -242,7 +293,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def _ready(self) -> bool:
         """Whether the next frame may be answered now."""
-        return (self._request is None and not self._writing_paused
+        return (self._request is None and self._waiter is None and not self._writing_paused
                 and not self.transport.is_closing())
 
     def _go_on(self) -> None:

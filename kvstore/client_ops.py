@@ -316,10 +316,11 @@ class _Operations:
                     results[i] = value
                 found = {i for i, _ in pinned}
                 rest = [i for i in rest if i not in found]
-        if rest:
+        while rest:  # an answer carries a bounded number of bytes: ask again for the rest
             meta, data = yield {"op": "get_many", "keys": [keys[i] for i in rest]}, []
+            answered = _answered(meta, len(rest))
             offset = 0
-            for i, size in zip(rest, meta["sizes"], strict=True):
+            for i, size in zip(rest[:answered], meta["sizes"][:answered], strict=True):
                 if size is None:
                     continue
                 value = data[offset:offset + size]
@@ -329,6 +330,7 @@ class _Operations:
                 else:
                     copy_bytes(output_view(outs[i], size), np.frombuffer(value, np.uint8))
                     results[i] = True
+            rest = rest[answered:]
         return results
 
     @staticmethod
@@ -343,6 +345,15 @@ class _Operations:
             request["probe"] = True
         meta, _ = yield request, []
         return meta.get("count")
+
+
+def _answered(meta: dict[str, Any], asked: int) -> int:
+    """How many leading keys of ``asked`` a get_many answer covers: all of them, or
+    ``answered`` when the daemon cut the answer at its limit (at least one key)."""
+    answered = meta.get("answered", asked)
+    if type(answered) is not int or not 0 < answered <= asked:
+        raise ProtocolError(f"a get_many answer covering {answered!r} of {asked} keys")
+    return answered
 
 
 def _batches(sizes: list[int], limit: int) -> list[tuple[int, int]]:

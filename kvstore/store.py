@@ -16,6 +16,7 @@ index exactly when at least one tier holds a committed copy; victims are never p
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -199,9 +200,15 @@ class Store(StoreReads, StoreHostPlane, StoreQuotas):
         """
         return self._read(check_key(key), out) is not None
 
-    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[bytes], *, max_bytes: int | None = None
+                 ) -> list[bytes | None]:
         """The values of ``keys`` (None for a miss), in order; same effect as `get` on
         each key in turn.
+
+        With ``max_bytes``, the values read add up to at most that (the first one is read
+        whatever its size; a key given twice counts twice): reading stops before the value
+        that would pass it, and the list covers only the leading keys read then, shorter
+        than ``keys`` (a daemon bounds its answers this way).
 
         Runs of misses and of small values whose fastest tier is the host write tier are
         served in one lock hold; any other key takes `get`'s path (pin, copy outside the
@@ -209,37 +216,53 @@ class Store(StoreReads, StoreHostPlane, StoreQuotas):
         """
         checked = [check_key(k) for k in keys]
         results: list[bytes | None] = [None] * len(checked)
-        i = 0
+        limit = math.inf if max_bytes is None else max_bytes
+        i = total = 0
         while i < len(checked):
             with self._lock:
                 self._check_open()
-                i = self._get_run(checked, i, results)
+                i, total, is_full = self._get_run(checked, i, results, total, limit)
+            if is_full:
+                return results[:i]
             if i < len(checked):
-                results[i] = self.get(checked[i])
+                value = self.get(checked[i])
+                if value is not None:
+                    if total and total + len(value) > limit:  # it grew since the run
+                        return results[:i]
+                    total += len(value)
+                results[i] = value
                 i += 1
         return results
 
-    def _get_run(self, keys: list[bytes], i: int, results: list[bytes | None]) -> int:
-        """get_many's batch path (lock held) from key ``i``; returns where it stopped."""
+    def _get_run(self, keys: list[bytes], i: int, results: list[bytes | None], total: int,
+                 limit: float) -> tuple[int, int, bool]:
+        """get_many's batch path (lock held) from key ``i``, with ``total`` bytes read so
+        far: where it stopped, the bytes read by then, and whether the value there would
+        take them past ``limit``."""
         tier, t = self._host_write_tier, self._write_tier
         entries, touch = self.index.entries, self.index.touch
         t_bit, upto_t = 1 << t, (1 << (t + 1)) - 1
         queries = hits = 0
+        is_full = False
         while i < len(keys):
             entry = entries.get(keys[i])
             if entry is not None and entry.residency:
+                if total and total + entry.nbytes > limit:
+                    is_full = True
+                    break
                 if (tier is None or entry.residency & upto_t != t_bit  # t: its fastest tier
                         or entry.nbytes > SMALL_VALUE_BYTES):
                     break
                 touch(entry)
                 results[i] = tier.view(*tier.slot_of(keys[i])).tobytes()
+                total += entry.nbytes
                 hits += 1
             queries += 1
             i += 1
         self._queries += queries
         self._hits += hits
         self._tier_hits[t] += hits
-        return i
+        return i, total, is_full
 
     def match_prefix(self, keys: Sequence[bytes], *, probe: bool = False) -> int:
         """How many leading keys are held in some tier. ``probe`` marks a lookup that is not

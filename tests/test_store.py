@@ -5,9 +5,11 @@ from __future__ import annotations
 import ctypes
 import threading
 
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 
 import kvstore
 from kvstore import (
@@ -480,3 +482,48 @@ def test_borrow_yields_the_slots_pinned_until_released(tmp_path):
         assert store.get(keys[0]) == make_value("new", 64 * KiB)
         with store.borrow([make_key("missing"), *keys]) as borrowed:
             assert borrowed.views == [] and borrowed.addresses == []
+
+
+BOUNDED_SIZES = (0, 4 * KiB, 64 * KiB, 64 * KiB + 1, 100 * KiB, 256 * KiB)
+
+
+@pytest.fixture(scope="module", params=["dram", "nvme"])
+def bounded_store(request, tmp_path_factory):
+    """Values of every size around the batch path's limit (64 KiB), held in DRAM, or on
+    NVMe only (every read takes get's path); and the model of what each key holds."""
+    config = StoreConfig(dram_bytes=4 * MiB if request.param == "dram" else 0,
+                         max_value_bytes=256 * KiB, nvme_bytes=8 * MiB,
+                         nvme_path=str(tmp_path_factory.mktemp("bounded") / "nvme"),
+                         nvme_segment_bytes=1 * MiB)
+    model = {make_key(("bounded", n)): make_value(("bounded", n), n) for n in BOUNDED_SIZES}
+    model[make_key("bounded-miss")] = None
+    with Store(config) as store:
+        for key, value in model.items():
+            if value is not None:
+                assert store.put(key, value)
+        yield store, model
+
+
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(picks=st.lists(st.integers(0, len(BOUNDED_SIZES)), max_size=24),
+       max_bytes=st.sampled_from([0, 1, 4 * KiB, 64 * KiB, 100 * KiB, 300 * KiB, MiB]))
+def test_get_many_with_max_bytes_reads_the_leading_values_that_fit(bounded_store, picks,
+                                                                   max_bytes):
+    """The values of the longest run of leading keys whose values (a key given twice
+    counts twice) add up to at most ``max_bytes``, the first value whatever its size."""
+    store, model = bounded_store
+    keys = [list(model)[i] for i in picks]
+    expected: list[bytes | None] = []
+    total = 0
+    for key in keys:
+        value = model[key]
+        if value is not None and total and total + len(value) > max_bytes:
+            break  # a miss adds no bytes: never the cut
+        expected.append(value)
+        total += 0 if value is None else len(value)
+    got = store.get_many(keys, max_bytes=max_bytes)
+    assert [v if v is None else len(v) for v in got] == [
+        v if v is None else len(v) for v in expected]
+    assert got == expected
+    assert store.get_many(keys) == [model[k] for k in keys]

@@ -35,7 +35,7 @@ from tests.daemon.conftest import REPO, DaemonProcess
 KiB, MiB = 1024, 1024 * 1024
 FRAME_TIMEOUT_S = 1.0
 MAX_VALUE_BYTES = 1 * MiB
-MAX_FRAME_DATA_BYTES = 256 * MiB  # max(64 * max_value_bytes, 256 MiB): what hello reports
+MAX_FRAME_DATA_BYTES = 64 * MiB  # max(max_value_bytes, 64 MiB): what hello reports
 
 
 # -- raw frames -----------------------------------------------------------------------------------

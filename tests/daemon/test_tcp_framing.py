@@ -126,12 +126,12 @@ def test_a_long_stream_of_split_frames_is_not_taken_for_a_stalled_one(start_daem
 
 
 def test_a_large_frame_before_hello_is_refused_without_room_for_it(daemon):
-    """A header announcing a body of 200 MiB (within the frame limit), before any hello:
+    """A header announcing a body of 60 MiB (within the frame limit), before any hello:
     refused (bad_frame) and the connection ends; nothing is set aside for it."""
     conn = RawConnection(daemon.port, timeout_s=10)
     try:
         conn.send(frame(request("put", key=make_key("early")), b"x" * 100,
-                        data_bytes=200 * MiB))
+                        data_bytes=60 * MiB))
         answer = conn.answer()
         assert answer["ok"] is False and answer["code"] == "bad_frame", answer
         assert conn.is_closed()
