@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -274,6 +275,30 @@ def test_daemon_stopped_raises_connection_error_naming_the_url(start_ucx):
     client.close()
     with pytest.raises(StoreConnectionError, match=r"kvstore\+ucx://127\.0\.0\.1:\d+"):
         Client(url, connect_timeout_s=0.5)
+
+
+def test_large_puts_share_the_frame_memory_and_give_it_back(start_ucx):
+    """Six clients put 16 MiB values at once against the least frame memory (four such
+    bodies fit; the others wait for a share before the daemon reads on), then one client
+    puts 20 more (320 MiB, over four times the budget): every share came back, and every
+    value is stored whole."""
+    daemon, url = start_ucx("--dram", "128MiB", "--max-value", "16MiB",
+                            "--frame-memory", "68MiB")
+
+    def put(t: int) -> None:
+        with Client(url, shared_memory=False, timeout_s=60) as client:
+            for i in range(2):
+                key, value = make_key(("share", t, i)), make_value(("share", t), 16 * MiB)
+                assert client.put(key, value) is True
+                assert client.get(key) == value
+
+    with ThreadPoolExecutor(6) as pool:
+        for done in [pool.submit(put, t) for t in range(6)]:
+            done.result(120)
+    with Client(url, shared_memory=False, timeout_s=60) as client:
+        for i in range(20):
+            assert client.put(make_key(("after", i)), make_value("after", 16 * MiB)) is True
+    assert "Traceback" not in daemon.output()
 
 
 def test_without_ucxx_the_client_says_what_to_install(monkeypatch):
