@@ -21,8 +21,10 @@ Spans (`SlabAllocator.span_slabs`): the fewest whole slabs that hold a slot and 
 most an eighth of the span past its last slot (20 KiB slots in 16 KiB slabs: 4 slabs,
 3 slots), but not more than an eighth of the pool's slabs unless one slot needs more
 (a pool of a few slabs keeps one slab per span). A value larger than a slab takes a run
-of contiguous slabs. One-slab spans are taken from the top of the pool and longer ones
-from the bottom, so that free slabs stay contiguous.
+of contiguous slabs. One-slab spans are taken from the bottom of the pool and longer ones
+from the top, so that free slabs stay contiguous; slots are handed out lowest first, so
+the values of a chain put one after another (a fetch's blocks) lie at ascending addresses,
+which a GPU fetch from HBM copies in runs of one DMA each.
 
 A span with no used slot returns its slabs to the free ones, which can serve any class.
 When no span of a class has a free slot and no run of free slabs is long enough, the
@@ -157,8 +159,9 @@ class SlabAllocator:
         num_slabs = self.span_slabs(slot_bytes)
         if num_slabs > self.num_free_slabs:
             return None
-        # One-slab spans from the top, runs from the bottom: free slabs stay together.
-        first = self._free.rfind(1) if num_slabs == 1 else self._free.find(b"\x01" * num_slabs)
+        # One-slab spans from the bottom (ascending: chains put in order lie in order, as
+        # the copy engines' DMA runs want), runs from the top: free slabs stay together.
+        first = self._free.find(1) if num_slabs == 1 else self._free.rfind(b"\x01" * num_slabs)
         if first < 0:
             return None
         self._free[first:first + num_slabs] = bytes(num_slabs)

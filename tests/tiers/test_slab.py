@@ -444,15 +444,15 @@ def test_values_larger_than_a_slab_take_runs_of_slabs() -> None:
     alloc = SlabAllocator(64 * SLAB, 32 * SLAB)
     assert alloc.slab_bytes == SLAB
     run = alloc.allocate(32 * SLAB)
-    assert run is not None and alloc.slot_bytes_of(run) == 32 * SLAB
-    small = alloc.allocate(100)  # one-slab spans come from the top, runs from the bottom
-    assert small == 63 * SLAB
-    assert alloc.allocate(28 * SLAB) == 32 * SLAB  # the lowest run that fits: 32..59
+    assert run == 32 * SLAB and alloc.slot_bytes_of(run) == 32 * SLAB  # runs: from the top
+    small = alloc.allocate(100)  # one-slab spans come from the bottom
+    assert small == 0
+    assert alloc.allocate(28 * SLAB) == 4 * SLAB  # the highest run that fits: 4..31
     assert alloc.stats()["slabs_in_use"] == 61
-    assert alloc.allocate(4 * SLAB) is None  # 3 slabs free (60..62): no run of 4
-    assert alloc.allocate(3 * SLAB) == 60 * SLAB
+    assert alloc.allocate(4 * SLAB) is None  # 3 slabs free (1..3): no run of 4
+    assert alloc.allocate(3 * SLAB) == 1 * SLAB
     alloc.free(run)
-    assert alloc.allocate(4 * SLAB) == 0
+    assert alloc.allocate(4 * SLAB) == 60 * SLAB
 
 
 @pytest.mark.parametrize(("pool_bytes", "max_value_bytes", "holds"), [
@@ -541,16 +541,16 @@ def test_empty_span_serves_another_class() -> None:
 def test_reclaim_window_frees_the_cheapest_evictable_run() -> None:
     alloc = SlabAllocator(32 * SLAB, 4 * SLAB)  # 32 slabs of 4 KiB
     assert alloc.slab_bytes == SLAB
-    # From the top: a 64-byte slot (slab 31), two 1 KiB slots (30), a 4 KiB slot (29);
-    # from the bottom a span of 3 slabs for 3 KiB slots (0..2).
+    # From the bottom: a 64-byte slot (slab 0), two 1 KiB slots (1), a 4 KiB slot (2);
+    # from the top a span of 3 slabs for 3 KiB slots (29..31).
     a = alloc.allocate(64)
     b1, b2 = alloc.allocate(1024), alloc.allocate(1024)
     c = alloc.allocate(4096)
     d = alloc.allocate(3000)
-    assert [o // SLAB for o in (a, b1, b2, c, d)] == [31, 30, 30, 29, 0]
+    assert [o // SLAB for o in (a, b1, b2, c, d)] == [0, 1, 1, 2, 29]
     assert alloc.span_slabs(size_class(3000)) == 3
     assert alloc.reclaim_window(4096, lambda offset: True) == []  # room already
-    fill = [alloc.allocate(4096) for _ in range(26)]  # slabs 28..3: the pool is full
+    fill = [alloc.allocate(4096) for _ in range(26)]  # slabs 3..28: the pool is full
     assert sorted(o // SLAB for o in fill) == list(range(3, 29))
     assert alloc.allocate(4096) is None
     everything = {a, b1, b2, c, d, *fill}
@@ -561,10 +561,10 @@ def test_reclaim_window_frees_the_cheapest_evictable_run() -> None:
     # One slab: the 64-byte slot's is the cheapest, then the two 1 KiB slots'.
     assert alloc.reclaim_window(4096, unless()) == [a]
     assert sorted(alloc.reclaim_window(4096, unless(a))) == sorted([b1, b2])
-    # Two slabs: 30..31 hold 64 + 2048 bytes, the cheapest pair.
+    # Two slabs: 0..1 hold 64 + 2048 bytes, the cheapest pair.
     assert sorted(alloc.reclaim_window(8 * KiB, unless())) == sorted([a, b1, b2])
     # With b2 pinned: the 3 KiB span goes whole for a window over two of its slabs (3 KiB
-    # to free), cheaper than 2..3 (3 KiB + 4 KiB) or any two 4 KiB slabs.
+    # to free), cheaper than 1..2 (3 KiB + 4 KiB) or any two 4 KiB slabs.
     assert alloc.reclaim_window(8 * KiB, unless(b2)) == [d]
     assert alloc.reclaim_window(8 * KiB, unless(b2, d)) is not None
     assert alloc.reclaim_window(4096, unless(*everything)) is None
@@ -596,3 +596,21 @@ def test_stats_fragmentation_small_example() -> None:
     assert stats["slabs_in_use"] == 3
     assert stats["internal_fragmentation"] == pytest.approx(float(1 - Fraction(4200, 4352)))
     assert stats["slab_fragmentation"] == pytest.approx(float(1 - Fraction(4352, 12288)))
+
+
+@pytest.mark.parametrize(("pool_bytes", "value_bytes"), [
+    (64 * MiB, 1 * MiB),   # one slot per slab: a large pool of KV blocks
+    (1 * MiB, 16 * KiB),   # a small pool, several slots per slab
+])
+def test_values_put_one_after_another_lie_at_ascending_contiguous_offsets(pool_bytes,
+                                                                          value_bytes):
+    """A GPU fetch from HBM copies blocks that lie in order in one DMA per run (engines'
+    uva_copy): a chain's blocks, put in order into a fresh pool, must lie in order."""
+    alloc = SlabAllocator(pool_bytes, value_bytes)
+    slot = size_class(value_bytes)
+    offsets = []
+    while (offset := alloc.allocate(value_bytes)) is not None:
+        offsets.append(offset)
+    assert len(offsets) >= 8
+    gaps = sum(1 for a, b in itertools.pairwise(offsets) if b != a + slot)
+    assert offsets == sorted(offsets) and gaps <= len(offsets) // 4, offsets
