@@ -567,12 +567,19 @@ class Store(StoreReads, StoreHostPlane, StoreQuotas):
         lower = t + 1
         if lower < len(self._tiers) and entry.residency >> lower == 0:
             if lower != self._nvme_tier or admits(self.config.nvme_admission, entry):
-                if self._store_in(lower, entry, tier.view(*tier.slot_of(entry.key))):
-                    self._demotions += 1
+                try:
+                    if self._store_in(lower, entry, tier.view(*tier.slot_of(entry.key))):
+                        self._demotions += 1
+                except StorageError as e:  # the disk's trouble: the victim goes all the same
+                    log.warning("eviction: could not demote a block to NVMe: %s", e)
         if t == self._nvme_tier:
             # Durably: an evicted record still on disk must not come back at reopen, where
             # it would count against capacity and push out blocks that were live.
-            tier.delete(entry.key)
+            try:
+                tier.delete(entry.key)
+            except StorageError as e:  # no room for its tombstone: forgotten, not deleted
+                log.warning("eviction: could not delete an NVMe record durably: %s", e)
+                tier.evict(entry.key)
         else:
             tier.evict(entry.key)
         self.index.remove(entry, t)

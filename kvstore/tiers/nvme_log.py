@@ -314,10 +314,20 @@ class SegmentLog:
                 return
             if self._compacting:
                 break
-            self._compact_once(self._disk_capacity_bytes)
+            victim = self._pick_victim(self._disk_capacity_bytes)
+            if victim is None:
+                break
+            try:
+                self._compact(victim, self._disk_capacity_bytes)
+            except StorageError:
+                if self._writer.failure is not None:
+                    raise  # the tier stopped writing: no room will come
+                # that victim is stuck now (`_give_up_on`): another may do
+        stuck = sum(segment.is_stuck for segment in self._segments.values())
         raise StorageError(
             f"NVMe tier: no room for a {footprint}-byte record in {self._files.path} after "
-            "compaction (disk accounting is broken; please report this)")
+            "compaction" + (f" ({stuck} segments could not be compacted: see the log)"
+                            if stuck else " (disk accounting is broken; please report this)"))
 
     def _start_segment(self) -> None:
         self._writer.seal()
@@ -327,14 +337,6 @@ class SegmentLog:
         self._segments[seq] = Segment(seq)
 
     # -- compaction ----------------------------------------------------------------------------
-
-    def _compact_once(self, hard_limit: int) -> None:
-        victim = self._pick_victim(hard_limit)
-        if victim is None:
-            raise StorageError(
-                f"NVMe tier: nothing left to compact in {self._files.path} "
-                "(disk accounting is broken; please report this)")
-        self._compact(victim, hard_limit)
 
     def _pick_victim(self, hard_limit: int) -> Segment | None:
         """The segment with the most reclaimable bytes whose copies fit under the limit."""
@@ -389,14 +391,11 @@ class SegmentLog:
                     self._write_tombstone(key, max(older), hard_limit)
                     self._repin(key)
             self.flush()
-        except BaseException as e:
+        except BaseException:
             for key, _loc, new_seq, _offset in copies:  # records now, but not live ones
                 self._stale_add(key, new_seq)
                 self._repin(key)
-            if not isinstance(e, StorageError):
-                victim.is_stuck = True
-                log.exception("NVMe tier %s: compacting segment %d failed; it is left as it "
-                              "is", self._files.path, seq)
+            self._give_up_on(victim)
             raise
         finally:
             self._compacting = False
@@ -413,10 +412,24 @@ class SegmentLog:
             self._repin(key)
         assert victim.num_live == 0 and victim.num_stale == 0 and victim.pinned_bytes == 0, (
             f"segment {seq} still counts records after its compaction")
-        self._files.remove(seq)
+        try:
+            self._files.remove(seq)
+        except BaseException:
+            self._give_up_on(victim)  # nothing in it counts any more: only its bytes stay
+            raise
         del self._segments[seq]
         self.disk_bytes -= victim.disk_bytes
         self.num_compactions += 1
+
+    def _give_up_on(self, victim: Segment) -> None:
+        """A compaction of ``victim`` failed (a read the disk refused, a bug): it is not
+        picked again, so the next one tries another segment instead of failing the same way
+        forever. A write that failed stopped the tier already (`SegmentWriter.fail`)."""
+        if self._writer.failure is None:
+            victim.is_stuck = True
+            log.exception("NVMe tier %s: compacting segment %d failed; it stays as it is "
+                          "and is not compacted again while the tier is open",
+                          self._files.path, victim.seq)
 
     def _drop_unseen_live(self, victim: Segment, copies: list[tuple[Any, ...]]) -> None:
         """Live records of ``victim`` that the scan did not find (a header that rotted

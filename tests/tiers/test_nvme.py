@@ -874,3 +874,38 @@ def test_matches_a_dict_model(ops):
             target(float(compactions))  # steer the search towards compaction
         finally:
             tier.close()
+
+
+def test_a_segment_the_disk_cannot_read_is_left_and_writes_go_on(tmp_path, monkeypatch):
+    """Compaction of a segment whose reads fail (a bad sector: EIO, injected at the pread
+    boundary since no real disk here can fail on demand) must not wedge the tier: that
+    segment is left as it is and later writes compact others (it failed every write
+    needing room before, the same victim picked again and again)."""
+    from kvstore.tiers.nvme_files import SegmentFiles
+
+    cfg = config(tmp_path, capacity_bytes=16 * MiB, segment_bytes=2 * MiB)
+    read_at = SegmentFiles.read_at
+    bad: set[int] = set()
+
+    def failing_read_at(self, seq, offset, buf):
+        if seq in bad:
+            raise StorageError(f"I/O error on NVMe segment {seq}: [Errno 5] Input/output error")
+        return read_at(self, seq, offset, buf)
+
+    monkeypatch.setattr(SegmentFiles, "read_at", failing_read_at)
+    with NvmeTier(cfg) as tier:
+        for i in range(6):
+            assert tier.put(make_key(i), make_value(i, 256 * KiB))
+        tier.flush()
+        bad.add(1)
+        for i in range(1, 6):
+            tier.delete(make_key(i))  # segment 1 mostly dead: the first victim
+        for i in range(100, 200):
+            assert tier.put(make_key(i), make_value(i, 256 * KiB)), i
+            if i % 4:
+                tier.evict(make_key(i))  # 3 of 4 dead: segment 1 (5 of 6) goes first
+        stats = tier.stats()
+        assert stats["compactions"] > 0 and not stats["read_only"]
+        bad.clear()
+        for i in range(100, 200, 4):
+            assert tier.get(make_key(i)) == make_value(i, 256 * KiB)
