@@ -498,8 +498,9 @@ class Daemon(SharedMemoryPlane):
         conn.tenant, conn.namespace = tenant, namespace
         conn.secret = b"" if namespace is None else namespace_secret(namespace, self.scope_key)
         pool = self.store.host_pool
+        # (no namespace, no keys: nothing to put or get through the pool either)
         conn.shared_memory = bool(meta["shm"] and tenant.can_share_memory and pool is not None
-                                  and pool.shm_name)
+                                  and pool.shm_name and namespace is not None)
         log.info("client hello peer=%s tenant=%s namespace=%s shm=%s", conn.peer, tenant.name,
                  namespace, conn.shared_memory)
         return {

@@ -155,6 +155,7 @@ class SharedMemoryPlane:
         """Reserve DRAM slots for the leading keys that find room."""
         self._check_shm(conn)
         sizes: list[int] = meta["sizes"]
+        keys = [conn.scope(k) for k in meta["keys"]]  # refused before any slot is taken
 
         # One store call, so that a deadline cannot separate a slot from its handle: if the
         # request gives up while the call runs on, the slots it reserves are given back.
@@ -163,7 +164,7 @@ class SharedMemoryPlane:
         offsets = await self._run_to_end(
             lambda: self._reserve_slots(sizes, conn.owner),
             inline=not self.store.has_nvme and len(sizes) <= 64, release=self._release_slots)
-        return self._reservations(conn, meta["keys"], offsets, sizes)
+        return self._reservations(conn, keys, offsets, sizes)
 
     def _reserve_slots(self, sizes: list[int], owner: int,
                        protect: set[bytes] | None = None) -> list[int]:
@@ -187,13 +188,13 @@ class SharedMemoryPlane:
 
     def _reservations(self, conn: Connection, keys: list[bytes | None], offsets: list[int],
                       sizes: list[int]) -> tuple[dict[str, Any], list[Any]]:
-        """File reserved slots under new handles of ``conn``; the reserve answer."""
+        """File reserved slots under new handles of ``conn`` (``keys`` scoped already; None
+        for a spare slot); the reserve answer."""
         deadline = time.monotonic() + self.config.lease_s
         handles = []
         for key, offset, nbytes in zip(keys, offsets, sizes, strict=False):
             handle = next(self._handles)
-            scoped = None if key is None else conn.scope(key)  # None: a spare slot
-            conn.reservations[handle] = _Reservation(scoped, offset, nbytes, deadline)
+            conn.reservations[handle] = _Reservation(key, offset, nbytes, deadline)
             handles.append(handle)
         return {"handles": handles, "offsets": offsets}, []
 

@@ -26,6 +26,7 @@ from tests.daemon.test_registry import RedisServer
 KiB = 1024
 TOKEN_A = "token-of-tenant-a-0123456789"
 TOKEN_B = "token-of-tenant-b-0123456789"
+TOKEN_OPS = "token-of-the-operator-0123"
 
 
 @pytest.fixture
@@ -42,6 +43,12 @@ shared_memory = true
 name = "b"
 token = "{TOKEN_B}"
 namespaces = ["b", "shared"]
+
+[[tenant]]
+name = "ops"
+token = "{TOKEN_OPS}"
+namespaces = ["ops"]
+admin = true
 ''')
     return start_daemon("--dram", "32MiB", "--token-file", str(tokens))
 
@@ -63,6 +70,14 @@ def test_tokens_are_required_and_checked(tenant_daemon):
                      lambda: client.contains(make_key(1))):
             with pytest.raises(AuthError, match=r"named no namespace.*'a', 'shared'"):
                 call()
+    # The same through shared memory (tenant a may map the pool): a refused put takes no slot
+    # (review: it reserved the slots, then failed to scope the key, and they leaked).
+    with kvstore.connect(url, token=TOKEN_A) as client:
+        for i in range(5):
+            with pytest.raises(AuthError, match="named no namespace"):
+                client.put(make_key(i), make_value(i, 200 * KiB))
+    with kvstore.connect(url, token=TOKEN_OPS, shared_memory=False) as ops:
+        assert ops.stats()["tiers"]["dram"]["used_bytes"] == 0  # the whole store's
 
 
 def test_a_tenant_cannot_reach_another_tenants_keys(tenant_daemon):
