@@ -262,20 +262,25 @@ class SharedMemoryPlane:
             raise RequestError(ErrorCode.BAD_REQUEST, "a spare slot is committed with keys")
 
         def commit() -> tuple[int, list[int]]:
-            parent = None
+            parent, stored = None, 0
             for i, r in enumerate(taken):
+                is_stored = False
                 try:
-                    self.store.commit_host(r.key, r.offset, r.nbytes, parent, conn.owner)
-                except BaseException:
-                    for rest in taken[i:]:
-                        self.store.release_host(rest.offset)
-                    raise
+                    is_stored = self.store.commit_host(r.key, r.offset, r.nbytes, parent,
+                                                       conn.owner)
+                finally:
+                    if not is_stored:  # failed or refused: this slot and the rest go back
+                        for rest in taken[i:]:
+                            self.store.release_host(rest.offset)
+                if not is_stored:
+                    break
                 parent = r.key
+                stored += 1
             # A spare is a guess at the next put: it may evict as that put would, but
             # never what was just stored (in a full pool the spare's room would otherwise
             # come from the value this commit acknowledges).
-            return len(taken), self._reserve_slots(spare_sizes, conn.owner,
-                                                   {r.key for r in taken})
+            return stored, self._reserve_slots(spare_sizes, conn.owner,
+                                               {r.key for r in taken[:stored]})
 
         # The reservations are no longer in the table, so once taken they must be committed
         # (or released) even if the deadline passes before a worker thread is free: the

@@ -164,6 +164,13 @@ class Store(StoreReads, StoreHostPlane, StoreQuotas):
         sources = [self._source(v) for v in values]
         parent, i = None, 0
         chain: set[bytes] = set()
+        nvme = self._nvme
+        if nvme is not None and nvme.is_read_only:  # (rare: the NVMe disk failed)
+            for i, key in enumerate(checked):
+                if self._is_pinned_on_disk(key):
+                    checked, sources = checked[:i], sources[:i]  # stored up to there
+                    break
+            i = 0
         while i < len(checked):
             if sources[i].shape[0] <= SMALL_VALUE_BYTES:
                 # A run of small values: one lock hold, copies inside it (cheaper than pins).
@@ -289,10 +296,17 @@ class Store(StoreReads, StoreHostPlane, StoreQuotas):
             return None if entry is None else self._kinds[entry.fastest_tier].value
 
     def delete(self, key: bytes) -> bool:
-        """Remove ``key`` from every tier (durably on NVMe at the next flush)."""
+        """Remove ``key`` from every tier (durably on NVMe at the next flush).
+
+        `StorageError`, changing nothing, if the NVMe tier stopped writing after a disk
+        error and holds a record of ``key``: the delete could not be made durable."""
         key = check_key(key)
         with self._lock:
             self._check_open()
+            if self._is_pinned_on_disk(key):
+                raise StorageError(
+                    "cannot delete this key durably: the NVMe tier stopped writing after a "
+                    "disk error and holds a record of it, which a restart would bring back")
             entry = self.index.get(key)
             if entry is None:
                 if self._nvme is not None:
@@ -402,6 +416,8 @@ class Store(StoreReads, StoreHostPlane, StoreQuotas):
         a chain's head below its tail, so such a block goes one tier down instead.
         """
         nbytes = int(src.shape[0])
+        if self._is_pinned_on_disk(key):
+            return False
         for t in range(self._write_tier, len(self._tiers)):
             tier = self._tiers[t]
             if isinstance(tier, MemoryTier):
@@ -611,6 +627,17 @@ class Store(StoreReads, StoreHostPlane, StoreQuotas):
             except OSError as e:
                 raise StorageError(f"NVMe write failed: {e}") from e
         self.index.add(entry, t)
+        return True
+
+    def _is_pinned_on_disk(self, key: bytes) -> bool:
+        """Whether a new value of ``key`` (or its delete) cannot be acknowledged: the NVMe
+        tier is read only and holds a record of it that a reopen would bring back (a crash
+        may bring back the new value or none, never the old one)."""
+        nvme = self._nvme
+        if nvme is None or not nvme.pins_old_records_of(key):
+            return False
+        log.warning("refused to replace or delete a key whose old record the read-only NVMe "
+                    "tier holds (a restart would bring it back)")
         return True
 
     def _check_open(self) -> None:

@@ -53,13 +53,17 @@ class StoreHostPlane:
             return self._reserve(self._dram_tier, nbytes, protect, owner)
 
     def commit_host(self, key: bytes, offset: int, nbytes: int, parent: bytes | None,
-                    owner: int = 0) -> None:
+                    owner: int = 0) -> bool:
         """Make a reserved DRAM slot, now filled, the value of ``key``, charged to
-        ``owner``."""
+        ``owner``; False, the slot still reserved (release it), if ``key`` cannot take a new
+        value (its old record is on a read-only NVMe disk: `Store.put`)."""
         key = check_key(key)
         with self._lock:
             self._check_open()
+            if self._is_pinned_on_disk(key):
+                return False
             self._commit(self._dram_tier, key, parent, offset, nbytes, owner)
+            return True
 
     def release_host(self, offset: int) -> None:
         """Give back a reserved DRAM slot that will not be committed."""

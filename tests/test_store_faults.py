@@ -112,3 +112,36 @@ def test_a_disk_that_fills_up_stops_nvme_writes_and_dram_keeps_serving(tmpfs):
             assert store.get(key) in (None, value)
         assert store.put(make_key("after"), make_value("after", 256 * KiB))
         store.flush()
+
+
+def test_a_read_only_nvme_tier_refuses_to_replace_what_a_reopen_would_bring_back(tmpfs):
+    """From review: with the NVMe tier read only (its disk full), an overwrite or a delete
+    of a key whose record is on that disk cannot write the tombstone that hides the old
+    record, so a reopen would bring the old value back. Such an overwrite is refused (put
+    returns False, the old value still served) and such a delete raises, changing nothing;
+    keys with nothing on the disk are put and deleted as ever."""
+    disk = tmpfs("48m")
+    config = kvstore.StoreConfig(dram_bytes="4MiB", nvme_path=disk / "kv", nvme_bytes="40MiB",
+                                 max_value_bytes="1MiB")
+    old_key, gone_key = make_key("old"), make_key("gone")
+    store = kvstore.Store(config)
+    assert store.put(old_key, make_value("old", 200 * KiB))
+    assert store.put(gone_key, make_value("gone", 200 * KiB))
+    store.flush()  # both on the disk
+    fill_disk(disk / "filler")
+    for i in range(80):  # demotions hit the full disk: the tier stops writing
+        assert store.put(make_key(i), make_value(i, 256 * KiB))
+    assert store.stats()["tiers"]["nvme"]["read_only"]
+    assert not store.put(old_key, make_value("new", 200 * KiB))
+    assert store.put_many([make_key("chain"), old_key], [b"a", b"b"]) == 1
+    assert store.get(old_key) == make_value("old", 200 * KiB)
+    with pytest.raises(StorageError, match="cannot delete this key durably"):
+        store.delete(gone_key)
+    assert store.get(gone_key) == make_value("gone", 200 * KiB)
+    assert store.put(make_key("fresh"), b"fresh") and store.delete(make_key("fresh"))
+    with pytest.raises(StorageError):
+        store.close()
+    (disk / "filler").unlink()
+    with kvstore.Store(config) as store:
+        assert store.get(old_key) == make_value("old", 200 * KiB)
+        assert store.get(gone_key) == make_value("gone", 200 * KiB)

@@ -264,9 +264,18 @@ class NvmeTier:
     @property
     def is_read_only(self) -> bool:
         """Whether a write error (a full or failing disk) stopped the tier's writes: it
-        serves what it holds, takes nothing new, and `flush` raises `StorageError`."""
+        serves what it holds, takes nothing new, and `flush` raises `StorageError`. (Read
+        without the lock: once true it stays true, and a put or delete checks again.)"""
+        return self._log.is_read_only
+
+    def pins_old_records_of(self, key: bytes) -> bool:
+        """Whether ``key`` has records on a disk that can no longer take its tombstone: a
+        new value or a delete of it would be undone by a reopen, which brings the old record
+        back. Only a read-only tier pins anything."""
+        if not self._log.is_read_only:
+            return False
         with self._lock:
-            return not self._closed and self._log.is_read_only
+            return not self._closed and self._log.has_records_of(key)
 
     def get(self, key: bytes) -> bytes | None:
         """The value, or None if absent or if it fails its checksum (then it is forgotten)."""

@@ -137,6 +137,10 @@ class SegmentLog:
     def __len__(self) -> int:
         return len(self._index)
 
+    def has_records_of(self, key: bytes) -> bool:
+        """Whether any record of ``key`` is on disk (live, stale or a tombstone)."""
+        return key in self._index or key in self._stale
+
     def find(self, key: bytes) -> RecordLoc | None:
         """Where the live record of ``key`` is, or None."""
         return self._index.get(key)

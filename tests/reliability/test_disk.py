@@ -99,6 +99,13 @@ def test_a_filesystem_filling_up_under_load(start_daemon, tmpfs):
             verdicts.judge(i, value, {1, None}, None)
         missing = sum(value is None for value in got)
         assert missing <= stats["evictions"] - stats["demotions"]
+        # a key whose record is on the read-only disk cannot take a new value (a restart
+        # would bring the old one back): refused, over shared memory and over TCP
+        on_disk = next(i for i in range(40) if got[i] is not None)
+        assert not client.put(key_of(on_disk), value_of(on_disk, 2, 512 * KiB))
+        with kvstore.connect(daemon.url, shared_memory=False) as tcp:
+            assert not tcp.put(key_of(on_disk), value_of(on_disk, 2, 512 * KiB))
+        assert client.get(key_of(on_disk)) == value_of(on_disk, 1, 512 * KiB)
     assert verdicts.bad == 0, verdicts.examples
     with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
         assert 'kvstore_tier_read_only{tier="nvme"} 1.0' in response.read().decode()
