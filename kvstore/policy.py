@@ -133,18 +133,19 @@ class TierPolicy:
         else:
             keys = self._heap_keys.get(partition, ())
             if owner is None and len(keys) == 1:  # one owner: the common case
-                return self._top(self._heaps[keys[0]])
+                return self._top(keys[0])
         if owner is not None:
             keys = [k for k in keys if k & MAX_OWNER == owner]
         best = None
         for key in keys:
-            found = self._top(self._heaps[key])
+            found = self._top(key)
             if found is not None and (best is None or found.last_access < best.last_access):
                 best = found
         return best
 
-    def _top(self, heap: list[tuple[int, bytes]]) -> BlockEntry | None:
-        """The least recently used candidate of ``heap`` that is not pinned, left in it."""
+    def _top(self, key: int) -> BlockEntry | None:
+        """The least recently used candidate of heap ``key`` that is not pinned, left in it."""
+        heap = self._heaps[key]
         if not heap:
             return None
         entries = self.index.entries
@@ -155,6 +156,10 @@ class TierPolicy:
             entry = entries.get(item[1])
             if entry is None or not self.is_candidate(entry):
                 continue  # stale
+            if self._heap_key(entry) != key:
+                # It came back with another owner or size since it was filed here: its
+                # items belong in that heap (it was pushed there when it came back).
+                continue
             if entry.last_access != item[0]:  # used since it was filed: file it anew
                 heapq.heappush(heap, (entry.last_access, item[1]))
                 continue

@@ -128,3 +128,19 @@ def test_every_owner_stays_within_its_quotas(tmp_path_factory, ops):
             stats = store.stats()
             for tier in stats["tiers"].values():
                 assert tier["used_bytes"] <= tier["capacity_bytes"]
+
+
+def test_a_block_that_changed_owner_is_not_evicted_for_its_former_owners_quota():
+    """From review: B overwrites A's key (a namespace both are granted); A's quota must not
+    take B's block for one of A's (its heap item, left from when it was A's, named it)."""
+    with kvstore.Store(kvstore.StoreConfig(dram_bytes="8MiB", max_value_bytes="1MiB")) as store:
+        store.set_quota(A, "dram", 128 * KiB)
+        shared = make_key("shared")
+        assert store.put(shared, make_value("a", 64 * KiB), owner=A)
+        assert store.put(shared, make_value("b", 64 * KiB), owner=B)
+        for i in range(3):
+            assert store.put(make_key((A, i)), make_value((A, i), 64 * KiB), owner=A)
+        assert store.get(shared) == make_value("b", 64 * KiB)
+        assert store.usage(B)["dram"]["blocks"] == 1
+        assert store.usage(A)["dram"] == {"used_bytes": 128 * KiB, "blocks": 2,
+                                          "quota_bytes": 128 * KiB}
