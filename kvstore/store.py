@@ -88,6 +88,8 @@ class Store(StoreReads, StoreHostPlane, StoreQuotas):
         self._evictions = self._demotions = self._promotions = 0
         self._torn_reads = 0
         self._quotas: dict[tuple[int, int], int] = {}  # (owner, tier) -> bytes (StoreQuotas)
+        self._held: dict[tuple[int, int], tuple[int, int]] = {}  # reserved for an owner
+        self._held_bytes: dict[tuple[int, int], int] = {}
         # Slots dropped while readers copied from them: pin id -> (tier, offset), and
         # (tier, offset) -> readers left. Freed when the last reader unpins.
         self._retired: dict[int, tuple[int, int]] = {}
@@ -468,12 +470,15 @@ class Store(StoreReads, StoreHostPlane, StoreQuotas):
         with self._lock:
             self._check_open()
             offset = self._reserve(t, nbytes, protect, owner)
+            if offset is not None:
+                self._hold(t, offset, owner, nbytes)  # copied outside the lock
         if offset is None:
             return False
         try:
             copy_bytes(tier.view(offset, nbytes), src)
         except BaseException:
             with self._lock:
+                self._unhold(t, offset)
                 tier.release(offset)
             raise
         with self._lock:
@@ -488,6 +493,7 @@ class Store(StoreReads, StoreHostPlane, StoreQuotas):
         self._tiers[t].commit(key, offset, nbytes, parent)
         self.index.insert(key, parent, nbytes, t, owner)
         if owner:
+            self._unhold(t, offset)
             self._enforce_quota(t, owner, keep=key)
 
     def _discard_old(self, key: bytes) -> None:

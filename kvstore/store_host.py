@@ -48,9 +48,13 @@ class StoreHostPlane:
                                     f"({self.config.max_value_bytes})")
         with self._lock:
             self._check_open()
-            if self._dram_tier is None:
+            t = self._dram_tier
+            if t is None:
                 return None
-            return self._reserve(self._dram_tier, nbytes, protect, owner)
+            offset = self._reserve(t, nbytes, protect, owner)
+            if offset is not None:
+                self._hold(t, offset, owner, nbytes)  # charged to its owner until committed
+            return offset
 
     def commit_host(self, key: bytes, offset: int, nbytes: int, parent: bytes | None,
                     owner: int = 0) -> bool:
@@ -69,6 +73,7 @@ class StoreHostPlane:
         """Give back a reserved DRAM slot that will not be committed."""
         with self._lock:
             if not self._closed:
+                self._unhold(self._dram_tier, offset)
                 self._tiers[self._dram_tier].release(offset)
 
     def pin_host(self, key: bytes) -> tuple[int, int, int] | None:

@@ -12,6 +12,11 @@ quota bounds them:
 - after a commit, the same again: reservations taken before others were committed may
   have left X over its quota.
 
+A slot reserved for X and not committed yet (a shared-memory reservation, a large put
+copying outside the lock) counts against X's quota as well (`_hold`, until `_unhold` at
+its commit or release): a batch of reservations cannot take more than X's quota, and the
+room it takes comes from X's own blocks.
+
 A value larger than its owner's quota in a tier does not go there. Invariant: outside a
 call, every owner's bytes in a tier are within its quota there (unless a quota was lowered
 below what it held: then the owner's next write brings it back within).
@@ -28,6 +33,8 @@ class StoreQuotas:
     """`set_quota`, `usage`, and the checks the write paths make."""
 
     _quotas: dict[tuple[int, int], int]  # (owner, tier) -> bytes
+    _held: dict[tuple[int, int], tuple[int, int]]  # (tier, offset) -> (owner, bytes) reserved
+    _held_bytes: dict[tuple[int, int], int]  # (owner, tier) -> bytes reserved, not committed
 
     def set_quota(self, owner: int, tier: str, nbytes: int | None) -> None:
         """Bound ``owner``'s value bytes in ``tier`` ("hbm", "dram", "nvme") to ``nbytes``
@@ -35,13 +42,14 @@ class StoreQuotas:
         if isinstance(owner, bool) or not isinstance(owner, int) or owner <= 0:
             raise ConfigError(f"a quota's owner is a positive int, got {owner!r}")
         t = self._tier_index(tier)
-        if nbytes is None:
-            self._quotas.pop((owner, t), None)
-            return
-        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int)
+                                   or nbytes < 0):
             raise ConfigError(f"a quota is a byte count >= 0, got {nbytes!r}")
         with self._lock:
-            self._quotas[(owner, t)] = nbytes
+            if nbytes is None:
+                self._quotas.pop((owner, t), None)
+            else:
+                self._quotas[(owner, t)] = nbytes
 
     def usage(self, owner: int) -> dict[str, dict[str, int | None]]:
         """``owner``'s blocks per present tier: used bytes (of values), blocks, quota."""
@@ -66,10 +74,28 @@ class StoreQuotas:
 
     # -- the write paths' checks (lock held) --------------------------------------------------
 
+    def _charged(self, owner: int, t: int) -> int:
+        """``owner``'s bytes in tier ``t``: its blocks' and its reserved slots'."""
+        return self.index.used_by(owner, t) + self._held_bytes.get((owner, t), 0)
+
+    def _hold(self, t: int, offset: int, owner: int, nbytes: int) -> None:
+        """A slot of tier ``t`` reserved for ``owner`` stays uncommitted past this lock hold:
+        charge it until `_unhold`."""
+        if owner:
+            self._held[(t, offset)] = (owner, nbytes)
+            self._held_bytes[(owner, t)] = self._held_bytes.get((owner, t), 0) + nbytes
+
+    def _unhold(self, t: int, offset: int) -> None:
+        """The reserved slot at ``offset`` was committed or given back."""
+        held = self._held.pop((t, offset), None)
+        if held is not None:
+            owner, nbytes = held
+            self._held_bytes[(owner, t)] -= nbytes
+
     def _fits_quota(self, t: int, owner: int, nbytes: int) -> bool:
         """Whether ``nbytes`` more of ``owner`` fit its quota in tier ``t`` as it is now."""
         quota = self._quotas.get((owner, t)) if owner else None
-        return quota is None or self.index.used_by(owner, t) + nbytes <= quota
+        return quota is None or self._charged(owner, t) + nbytes <= quota
 
     def _make_quota_room(self, t: int, owner: int, nbytes: int,
                          protect: set[bytes] | None) -> bool:
@@ -78,11 +104,11 @@ class StoreQuotas:
         quota = self._quotas.get((owner, t)) if owner else None
         if quota is None:
             return True
-        if nbytes > quota:
-            return False
+        if self._held_bytes.get((owner, t), 0) + nbytes > quota:
+            return False  # its reservations alone take the quota: no block of its can help
         policy = self.index.policies[t]
         partition = size_class(nbytes) if isinstance(self._tiers[t], MemoryTier) else 0
-        while self.index.used_by(owner, t) + nbytes > quota:
+        while self._charged(owner, t) + nbytes > quota:
             victim = policy.victim(partition, owner) or policy.victim(None, owner)
             if victim is None or (protect and victim.key in protect):
                 return False
@@ -96,7 +122,7 @@ class StoreQuotas:
         if quota is None:
             return
         policy = self.index.policies[t]
-        while self.index.used_by(owner, t) > quota:
+        while self._charged(owner, t) > quota:
             victim = policy.victim(None, owner)
             if victim is None or victim.key == keep:
                 return

@@ -144,3 +144,23 @@ def test_a_block_that_changed_owner_is_not_evicted_for_its_former_owners_quota()
         assert store.usage(B)["dram"]["blocks"] == 1
         assert store.usage(A)["dram"] == {"used_bytes": 128 * KiB, "blocks": 2,
                                           "quota_bytes": 128 * KiB}
+
+
+def test_reserved_slots_count_against_their_owners_quota():
+    """From review: a shared-memory put_many reserves its whole batch before committing;
+    reservations must count, or B's batch took other tenants' room past B's quota."""
+    with kvstore.Store(kvstore.StoreConfig(dram_bytes="16MiB", max_value_bytes="1MiB")) as store:
+        store.set_quota(A, "dram", 6 * MiB)
+        store.set_quota(B, "dram", 8 * MiB)
+        _flood(store, A, 64)  # 4 MiB
+        offsets = []
+        while (offset := store.reserve_host(128 * KiB, None, B)) is not None:
+            offsets.append(offset)
+        assert len(offsets) == 64  # 8 MiB: B's quota, however much room the pool has
+        assert store.usage(A)["dram"]["blocks"] == 64
+        for i, offset in enumerate(offsets[:32]):  # committed, the rest given back
+            assert store.commit_host(make_key((B, i)), offset, 128 * KiB, None, B)
+        for offset in offsets[32:]:
+            store.release_host(offset)
+        assert store.usage(B)["dram"]["used_bytes"] == 4 * MiB
+        assert store.reserve_host(128 * KiB, None, B) is not None  # its quota has room again

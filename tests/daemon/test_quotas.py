@@ -58,6 +58,10 @@ def test_a_flooding_tenant_evicts_only_its_own_blocks(quota_daemon, b_shared_mem
             # nothing of another tenant, nor of the whole store
             assert not {"tenants", "evictions", "blocks", "clients", "leases"} & set(stats)
             assert b.get(make_key(("b", 399))) == make_value(("b", 399), 128 * KiB)
+            # a batch (through shared memory: all its slots reserved before the commit)
+            batch = [make_key(("batch", i)) for i in range(100)]
+            b.put_many(batch, [make_value(("batch", i), 128 * KiB) for i in range(100)])
+            assert b.stats()["tiers"]["dram"]["used_bytes"] <= 8 * MiB
         assert a.get_many(list(a_values)) == list(a_values.values())
         assert a.stats()["tiers"]["dram"]["blocks"] == 64
     with kvstore.connect(url, token=TOKEN_ADMIN, shared_memory=False) as ops:
