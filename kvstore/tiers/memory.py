@@ -1,7 +1,7 @@
 """A tier over one preallocated memory pool: host DRAM or GPU HBM.
 
     pool  | span of slabs | slab | ...   (see `kvstore.tiers.slab`)
-    key -> (offset, nbytes)              (committed values only)
+    key -> (offset, nbytes)              (committed values only; and offset -> key)
 
 Writes go through reserve -> copy -> commit so the Store can copy outside its lock: a
 reserved slot belongs to no key and cannot be evicted; `commit` makes it visible.
@@ -40,6 +40,7 @@ class MemoryTier:
         self.allocator = SlabAllocator(pool.nbytes, max_value_bytes)
         self.capacity_bytes = self.allocator.capacity_bytes
         self._slots: dict[bytes, tuple[int, int]] = {}
+        self._key_at: dict[int, bytes] = {}  # offset -> key of each committed slot
         self._parents: dict[bytes, bytes | None] = {}
         # A shared pool's directory (`kvstore.tiers.shm_directory`): told of every slot a
         # key gains, and of every slot it loses before that slot is freed.
@@ -74,6 +75,7 @@ class MemoryTier:
         """Make a reserved slot the value of ``key`` (replacing any earlier value)."""
         self.evict(key)
         self._slots[key] = (offset, nbytes)
+        self._key_at[offset] = key
         self._parents[key] = parent
         if self.directory is not None:
             self.directory.insert(key, offset, nbytes)
@@ -83,8 +85,9 @@ class MemoryTier:
 
     def owners(self) -> dict[int, bytes]:
         """The key of each committed slot, by offset (reserved and detached slots have
-        none). O(keys): built for an eviction that must free a window of the pool."""
-        return {offset: key for key, (offset, _) in self._slots.items()}
+        none): the tier's own map, kept as slots are committed and freed (read it, do not
+        change it)."""
+        return self._key_at
 
     # -- the Tier contract -------------------------------------------------------------------
 
@@ -134,6 +137,7 @@ class MemoryTier:
         slot = self._slots.pop(key, None)
         if slot is None:
             return False
+        del self._key_at[slot[0]]
         self._parents.pop(key, None)
         if self.directory is not None:
             self.directory.remove(key)
@@ -147,9 +151,12 @@ class MemoryTier:
         the caller gives the offset back with `release` later."""
         slot = self._slots.pop(key, None)
         self._parents.pop(key, None)
-        if slot is not None and self.directory is not None:
+        if slot is None:
+            return None
+        del self._key_at[slot[0]]
+        if self.directory is not None:
             self.directory.remove(key)
-        return None if slot is None else slot[0]
+        return slot[0]
 
     def __contains__(self, key: object) -> bool:
         return key in self._slots
@@ -164,6 +171,7 @@ class MemoryTier:
         if not self._closed:
             self._closed = True
             self._slots.clear()
+            self._key_at.clear()
             self.pool.close()
 
     def stats(self) -> dict[str, Any]:
