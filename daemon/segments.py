@@ -14,19 +14,25 @@ means nothing in another one (containers that share /dev/shm but not pids).
 A clean stop removes all three; a SIGKILL or the OOM killer cannot, and the memory stays
 taken until someone removes them. So each daemon, as it starts, removes those whose owner
 is certainly gone (`reclaim_dead`): another boot, or this pid namespace with no process
-of that pid and start time. Never touched: entries of another user, names of another form,
-and owners that are alive or cannot be judged from here (another pid namespace, a /proc
-entry that cannot be read).
+of that pid and start time, or, for an owner in another pid namespace (a container
+restarted beside the same /dev/shm: the daemon that died there can never be looked up
+from here), a pool nobody holds locked: its daemon takes a shared flock on it as it
+creates it and holds it while it lives, and the kernel drops that lock when the process
+dies. The -dir and -doorbell entries go with their pool (alone, after a minute). Never
+touched: entries of another user, names of another form, and owners that are alive or
+cannot be judged (a /proc entry that cannot be read, a pool locked or created moments ago).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
 import secrets
 import shutil
 import stat
+import time
 from dataclasses import dataclass
 
 from kvstore.tiers.dram import SHM_DIR, boot_id
@@ -103,7 +109,8 @@ def reclaim_dead(shm_dir: str = SHM_DIR) -> Reclaimed:
             continue
         pid, start, boot, pidns = match.groups()[:4]
         owner = Owner(int(pid), int(start), boot, int(pidns))
-        if not owner.is_gone(me):
+        if not owner.is_gone(me) and not (owner.pidns != me.pidns
+                                          and _is_orphaned(shm_dir, name, match)):
             continue
         nbytes = _remove(os.path.join(shm_dir, name), uid)
         if nbytes is not None:
@@ -143,6 +150,37 @@ def _remove(path: str, uid: int) -> int | None:
     except FileNotFoundError:  # its owner or another daemon removed it meanwhile
         pass
     return None
+
+
+_ORPHAN_AGE_S = 60.0  # an entry without its pool, or a pool this new, may be mid-creation
+
+
+def _is_orphaned(shm_dir: str, name: str, match: re.Match[str]) -> bool:
+    """Whether the entry ``name`` (of an owner in another pid namespace) belongs to a pool
+    no process holds: its daemon locks the pool from its creation until it closes it."""
+    suffix = match.group(5) or ""
+    pool = os.path.join(shm_dir, name[:len(name) - len(suffix)] if suffix else name)
+    try:
+        fd = os.open(pool, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:  # a -dir or -doorbell left alone
+        return _age_s(os.path.join(shm_dir, name)) > _ORPHAN_AGE_S
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False  # held: its daemon lives
+    else:
+        return _age_s(pool) > 1.0  # (not one being created, locked a moment from now)
+    finally:
+        os.close(fd)
+
+
+def _age_s(path: str) -> float:
+    try:
+        return time.time() - os.lstat(path).st_ctime
+    except OSError:
+        return 0.0
 
 
 def _start_ticks(pid: int) -> int | None:

@@ -11,6 +11,7 @@ allocation, and the pool is removed.
 from __future__ import annotations
 
 import errno
+import fcntl
 import importlib.util
 import logging
 import mmap
@@ -87,6 +88,10 @@ def map_shared(name: str, nbytes: int, *, create: bool,
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         mapping = None
         try:
+            # Held while the mapping lives (mmap keeps a dup of the descriptor, which shares
+            # the lock) and dropped by the kernel when the process dies: how a daemon in
+            # another pid namespace tells a dead owner's leftovers (daemon.segments).
+            fcntl.flock(fd, fcntl.LOCK_SH)
             os.ftruncate(fd, nbytes)
             mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
             fault_in(nbytes, _ShmFiller(fd, mapping, nbytes), check_stop=check_stop,

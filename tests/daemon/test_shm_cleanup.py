@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -150,3 +151,72 @@ def test_an_error_at_start_leaves_nothing(tmp_path):
             daemon.start()
         daemon.stop()
     assert shm_entries_of(daemon.proc.pid) == []
+
+
+def _daemon_in_a_pid_namespace(port: int) -> subprocess.Popen[bytes]:
+    """kvstored as pid 1 of a pid namespace of its own (a container restarted beside the
+    same /dev/shm), under unshare(1); its process group is its to kill."""
+    from tests.daemon.conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "daemon",
+         "--dram", "16MiB", "--listen", f"127.0.0.1:{port}"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+
+
+def _entries_of_namespace(unshare: subprocess.Popen[bytes]) -> set[str]:
+    """The /dev/shm entries of the daemon that ``unshare`` started (pid 1 of its
+    namespace, whose inode its names carry)."""
+    with open(f"/proc/{unshare.pid}/task/{unshare.pid}/children") as f:
+        child = int(f.read().split()[0])
+    pidns = os.stat(f"/proc/{child}/ns/pid").st_ino
+    return {n for n in os.listdir(SHM) if n.startswith("kvstored-1-") and f"-{pidns}-" in n}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare(1) for a pid namespace")
+def test_a_dead_daemon_of_another_pid_namespace_is_reclaimed_a_live_one_kept(start_daemon):
+    """From review: a daemon SIGKILLed in another pid namespace (its pid means nothing
+    here) left its pool for good; now a pool no process holds locked is a dead owner's."""
+    ports = [_free_port() for _ in range(2)]
+    dead, live = (_daemon_in_a_pid_namespace(port) for port in ports)
+    try:
+        for port in ports:
+            _wait_for_port(port)
+        dead_entries, live_entries = _entries_of_namespace(dead), _entries_of_namespace(live)
+        assert kinds(sorted(dead_entries)) == kinds(sorted(live_entries)) == [
+            "directory", "doorbell", "pool"]
+        os.killpg(dead.pid, signal.SIGKILL)
+        dead.wait(10)
+        time.sleep(1.2)  # a pool is judged once it is older than a second
+        fresh = start_daemon("--dram", "16MiB")
+        assert not dead_entries & set(os.listdir(SHM)), fresh.output()
+        assert live_entries <= set(os.listdir(SHM))
+        assert "reclaimed 3 shared-memory entries" in fresh.output()
+        with kvstore.connect(f"kvstore://127.0.0.1:{ports[1]}") as client:  # still serving
+            assert client.put(make_key("ns"), make_value("ns", 200 * KiB))
+            assert client.get(make_key("ns")) == make_value("ns", 200 * KiB)
+    finally:
+        for process in (dead, live):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(15)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on {port}"
+            time.sleep(0.05)
