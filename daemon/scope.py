@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import secrets
 
-from kvstore.durable_file import write_durably
+from kvstore.durable_file import DamagedKeyError, key_file
 from kvstore.errors import ConfigError
 
 KEY_BYTES = 32
@@ -30,22 +30,8 @@ def load_scope_key(path: str | None) -> bytes:
     if path is None:
         return secrets.token_bytes(KEY_BYTES)
     try:
-        with open(path, "rb") as f:
-            key = f.read(KEY_BYTES + 1)
-    except FileNotFoundError:
-        return _make(path)
+        return key_file(path, KEY_BYTES)[0]
+    except DamagedKeyError as e:
+        raise ConfigError(f"--key-file {e}: it is damaged or not a kvstored key file") from e
     except OSError as e:
-        raise ConfigError(f"--key-file {path}: cannot read it: {e.strerror}") from e
-    if len(key) != KEY_BYTES:
-        raise ConfigError(f"--key-file {path} holds {len(key)} bytes, not {KEY_BYTES}: it is "
-                          "damaged or not a kvstored key file")
-    return key
-
-
-def _make(path: str) -> bytes:
-    key = secrets.token_bytes(KEY_BYTES)
-    try:
-        write_durably(path, key)
-    except OSError as e:
-        raise ConfigError(f"--key-file {path}: cannot write it: {e.strerror}") from e
-    return key
+        raise ConfigError(f"--key-file {path}: cannot use it: {e.strerror or e}") from e

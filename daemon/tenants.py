@@ -36,12 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvstore.errors import ConfigError
+from kvstore.policy import MAX_OWNER
+from kvstore.tiers.base import TierKind
 from kvstore.units import parse_size
 
 DEFAULT_NAMESPACE = "default"
 
 
-TIER_NAMES = ("hbm", "dram", "nvme")
+TIER_NAMES = tuple(kind.value for kind in TierKind)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,9 @@ class Tenants:
         entries = document.get("tenant")
         if not isinstance(entries, list) or not entries:
             raise ConfigError(f"token file {path} lists no [[tenant]] tables")
+        if len(entries) > MAX_OWNER:
+            raise ConfigError(f"token file {path} lists {len(entries)} tenants; at most "
+                              f"{MAX_OWNER}")
         by_token: dict[str, Tenant] = {}
         for i, entry in enumerate(entries):
             where = f"{path}: tenant #{i + 1}"

@@ -44,7 +44,7 @@ from kvstore.buffers import copy_bytes, output_view, value_view
 from kvstore.config import Compression
 from kvstore.errors import ConfigError, InvalidValueError, StorageError, StoreClosedError
 from kvstore.tiers.base import check_key
-from kvstore.tiers.nvme_files import SegmentFiles, SegmentWriter
+from kvstore.tiers.nvme_files import SEGMENT_NAME, SegmentFiles, SegmentWriter
 from kvstore.tiers.nvme_log import RecordLoc, SegmentLog
 from kvstore.tiers.nvme_record import (
     FLAG_COMPRESSED,
@@ -208,7 +208,7 @@ class NvmeTier:
         try:
             stat = os.statvfs(path)
             used = sum(os.stat(os.path.join(path, name)).st_size for name in os.listdir(path)
-                       if name.startswith("seg-"))
+                       if SEGMENT_NAME.match(name))
         except OSError as e:
             raise StorageError(f"cannot size the NVMe directory {path}: {e}") from e
         return used + stat.f_bavail * stat.f_frsize

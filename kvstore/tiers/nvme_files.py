@@ -47,14 +47,13 @@ import fcntl
 import logging
 import os
 import re
-import secrets
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from kvstore.buffers import page_aligned_buffer
-from kvstore.durable_file import write_durably
+from kvstore.durable_file import DamagedKeyError, key_file
 from kvstore.errors import StorageError
 from kvstore.tiers.nvme_record import (
     HEADER_BYTES,
@@ -70,11 +69,11 @@ from kvstore.tiers.nvme_record import (
     is_detached,
 )
 
-__all__ = ["SegmentFiles", "SegmentWriter"]
+__all__ = ["SEGMENT_NAME", "SegmentFiles", "SegmentWriter"]
 
 log = logging.getLogger(__name__)
 
-_SEGMENT_NAME = re.compile(r"^seg-(\d+)\.log$")
+SEGMENT_NAME = re.compile(r"^seg-(\d+)\.log$")
 _KEY_FILE = "KEY"
 _PRIVATE_FILE = 0o600
 _PRIVATE_DIR = 0o700
@@ -138,33 +137,24 @@ class SegmentFiles:
     def _load_key(self) -> bytes:
         """The directory's key, made now if it has none (under the lock)."""
         path = os.path.join(self.path, _KEY_FILE)
+        had_segments = any(SEGMENT_NAME.match(name) for name in _listdir(self.path))
         try:
+            key, is_new = key_file(path, KEY_BYTES)
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return self._make_key(path)
-        except OSError as e:
-            raise StorageError(f"cannot read the NVMe directory key {path}: {e}") from e
-        try:
-            _make_private(fd, path, _PRIVATE_FILE)
-            key = os.read(fd, KEY_BYTES + 1)
-        finally:
-            os.close(fd)
-        if len(key) != KEY_BYTES:
+            try:
+                _make_private(fd, path, _PRIVATE_FILE)
+            finally:
+                os.close(fd)
+        except DamagedKeyError as e:
             raise StorageError(
-                f"the NVMe directory key {path} is damaged ({len(key)} bytes, not {KEY_BYTES}): "
-                "its segments cannot be read; remove the directory's files to start empty")
-        return key
-
-    def _make_key(self, path: str) -> bytes:
-        if any(_SEGMENT_NAME.match(name) for name in _listdir(self.path)):
+                f"the NVMe directory key {path} is damaged ({e}): its segments cannot be "
+                "read; remove the directory's files to start empty") from e
+        except OSError as e:
+            raise StorageError(f"cannot use the NVMe directory key {path}: {e}") from e
+        if is_new and had_segments:
             log.warning("NVMe directory %s has segments but no KEY: they were written by "
                         "another kvstore and will be read as corrupt and compacted away",
                         self.path)
-        key = secrets.token_bytes(KEY_BYTES)
-        try:
-            write_durably(path, key)
-        except OSError as e:
-            raise StorageError(f"cannot write the NVMe directory key {path}: {e}") from e
         return key
 
     def list_segments(self) -> list[tuple[int, int]]:
@@ -172,7 +162,7 @@ class SegmentFiles:
         last was created just before a crash and holds nothing: it is removed, not listed."""
         try:
             seqs = sorted(int(m.group(1)) for name in os.listdir(self.path)
-                          if (m := _SEGMENT_NAME.match(name)))
+                          if (m := SEGMENT_NAME.match(name)))
             stats = [os.stat(self.path_of(seq)) for seq in seqs]
             for seq, stat in zip(seqs, stats, strict=True):
                 if stat.st_mode & 0o077:
