@@ -251,26 +251,29 @@ class Store(StoreReads, StoreHostPlane, StoreQuotas):
         tier, t = self._host_write_tier, self._write_tier
         entries, touch = self.index.entries, self.index.touch
         t_bit, upto_t = 1 << t, (1 << (t + 1)) - 1
-        queries = hits = 0
-        is_full = False
+        # Values of the run that fit whatever their sizes: counted, not summed, per value.
+        sure_hits = (limit - total) // SMALL_VALUE_BYTES if limit < math.inf else math.inf
+        start, queries, hits = i, 0, 0
+        stop = None
         while i < len(keys):
             entry = entries.get(keys[i])
             if entry is not None and entry.residency:
-                if total and total + entry.nbytes > limit:
-                    is_full = True
-                    break
                 if (tier is None or entry.residency & upto_t != t_bit  # t: its fastest tier
-                        or entry.nbytes > SMALL_VALUE_BYTES):
+                        or entry.nbytes > SMALL_VALUE_BYTES or hits >= sure_hits):
+                    stop = entry  # get's path for this one
                     break
                 touch(entry)
                 results[i] = tier.view(*tier.slot_of(keys[i])).tobytes()
-                total += entry.nbytes
                 hits += 1
             queries += 1
             i += 1
         self._queries += queries
         self._hits += hits
         self._tier_hits[t] += hits
+        if hits and limit < math.inf:
+            total += sum(len(v) for v in results[start:i] if v is not None)
+        # A value that would pass the limit is not read only to be dropped.
+        is_full = stop is not None and total > 0 and total + stop.nbytes > limit
         return i, total, is_full
 
     def match_prefix(self, keys: Sequence[bytes], *, probe: bool = False) -> int:
