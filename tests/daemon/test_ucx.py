@@ -16,8 +16,10 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -277,28 +279,48 @@ def test_daemon_stopped_raises_connection_error_naming_the_url(start_ucx):
         Client(url, connect_timeout_s=0.5)
 
 
-def test_large_puts_share_the_frame_memory_and_give_it_back(start_ucx):
-    """Six clients put 16 MiB values at once against the least frame memory (four such
-    bodies fit; the others wait for a share before the daemon reads on), then one client
-    puts 20 more (320 MiB, over four times the budget): every share came back, and every
-    value is stored whole."""
+def _stall_over_ucx(url: str, tag: str) -> Any:
+    """A UCX connection that says hello, then sends the start of a put whose body is 16 MiB
+    (its header and 200 KB, one message) and nothing more; its stream."""
+    from kvstore import protocol
+    from kvstore.ucx_transport import _open_stream, ucx_loop
+    from tests.daemon.test_robustness import frame, hello, request
+
+    async def stall() -> Any:
+        _, address = protocol.parse_url(url)
+        stream = await _open_stream(SimpleNamespace(address=address, connect_timeout_s=5.0))
+        stream.write(frame(hello()))
+        await stream.drain()
+        header = protocol.HEADER.unpack(await stream.readexactly(protocol.HEADER_BYTES))
+        await stream.readexactly(header[3])  # the hello's answer
+        meta = request("put", key=make_key(("ucx-stalled", tag)))
+        meta_bytes = len(msgpack.packb(meta, use_bin_type=True))
+        head = frame(meta, b"", data_bytes=16 * MiB - meta_bytes)
+        stream.write(head + bytes(200_000 - len(head)))
+        await stream.drain()
+        return stream
+
+    return asyncio.run_coroutine_threadsafe(stall(), ucx_loop()).result(30)
+
+
+def test_a_put_waits_for_the_frame_memory_stalled_senders_hold(start_ucx):
+    """Four UCX senders start 16 MiB bodies and stall: their shares fill the least frame
+    memory (68 MiB), so a client's 16 MiB put waits, unread, until the frame timeout drops
+    them and gives their shares back; then it is stored, and 20 more (320 MiB, over four
+    times the budget) show that every share came back."""
     daemon, url = start_ucx("--dram", "128MiB", "--max-value", "16MiB",
-                            "--frame-memory", "68MiB")
-
-    def put(t: int) -> None:
-        with Client(url, shared_memory=False, timeout_s=60) as client:
-            for i in range(2):
-                key, value = make_key(("share", t, i)), make_value(("share", t), 16 * MiB)
-                assert client.put(key, value) is True
-                assert client.get(key) == value
-
-    with ThreadPoolExecutor(6) as pool:
-        for done in [pool.submit(put, t) for t in range(6)]:
-            done.result(120)
+                            "--frame-memory", "68MiB", "--frame-timeout", "1")
+    stalled = [_stall_over_ucx(url, str(i)) for i in range(4)]
     with Client(url, shared_memory=False, timeout_s=60) as client:
+        key, value = make_key("waited"), make_value("waited", 16 * MiB)
+        assert client.put(key, value) is True
+        assert client.get(key) == value
         for i in range(20):
             assert client.put(make_key(("after", i)), make_value("after", 16 * MiB)) is True
-    assert "Traceback" not in daemon.output()
+    output = daemon.output()
+    assert "waits for frame memory" in output
+    # the frame timeout (its ConnectionError) ended each stalled sender
+    assert output.count("reason=connection lost (ConnectionError)") == len(stalled)
 
 
 def test_without_ucxx_the_client_says_what_to_install(monkeypatch):
