@@ -369,7 +369,7 @@ class Daemon(SharedMemoryPlane):
                request: Request) -> Coroutine[Any, Any, Any]:
         """Check one whole request (filling in ``request``) and return its handler, not
         started; raises what `_answer_error` answers."""
-        meta = protocol.decode_meta(raw_meta)
+        meta = protocol.decode_meta(raw_meta, protocol.MAX_REQUEST_CONTAINERS)
         request.id, request.op, request.timeout_s = protocol.check_request(meta,
                                                                            header.data_bytes)
         if request.op != "hello" and conn.tenant is None:

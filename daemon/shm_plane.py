@@ -50,6 +50,7 @@ from kvstore.tiers.shm_directory import BEAT_S
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 1.0
+MAX_PINS = 65536  # held by one connection at a time
 
 
 @dataclass
@@ -304,19 +305,21 @@ class SharedMemoryPlane:
         self._check_shm(conn)
         deadline = time.monotonic() + self.config.lease_s
         keys = [conn.scope(k) for k in meta["keys"]]
-        pinned = await self._run_short(lambda: [self.store.pin_host(k) for k in keys])
+        # A key asked for twice is pinned once (its places share the handle): 65,536 copies
+        # of one key must not make 65,536 pins live for a lease. Past MAX_PINS held by the
+        # connection, blocks are answered nil (the client asks get_many for those).
+        unique = list(dict.fromkeys(keys))[:max(0, MAX_PINS - len(conn.pins))]
+        pinned = await self._run_short(lambda: [self.store.pin_host(k) for k in unique])
         num_found = len(pinned) - pinned.count(None)  # the others are asked for by get_many
         self._count_reads(conn, num_found, num_found)
-        blocks: list[list[int] | None] = []
-        for key, found in zip(keys, pinned, strict=True):
-            if found is None:
-                blocks.append(None)
-                continue
-            offset, nbytes, pin = found
-            handle = next(self._handles)
-            conn.pins[handle] = _Pin(key, pin, deadline)
-            blocks.append([offset, nbytes, handle])
-        return {"blocks": blocks}, []
+        block_of: dict[bytes, list[int]] = {}
+        for key, found in zip(unique, pinned, strict=True):
+            if found is not None:
+                offset, nbytes, pin = found
+                handle = next(self._handles)
+                conn.pins[handle] = _Pin(key, pin, deadline)
+                block_of[key] = [offset, nbytes, handle]
+        return {"blocks": [block_of.get(key) for key in keys]}, []
 
     async def _op_touch(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         """Blocks the client copied straight from the pool, found through the directory:

@@ -308,7 +308,8 @@ class _Operations:
                 if pinned:
                     # Not waited for: the daemon keeps a pinned slot whole until its pins
                     # go, even if the block is deleted or overwritten meanwhile.
-                    yield {"op": "unpin", "handles": [b[2] for _, b in pinned],
+                    # (a key asked for twice shares its pin: each handle once)
+                    yield {"op": "unpin", "handles": list({b[2]: None for _, b in pinned}),
                            "noreply": True}, []
             # A copy that outlasted the lease may have raced a reuse of its slot: redo it.
             if time.monotonic() - asked_at < session.lease_s / 2:

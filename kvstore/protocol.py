@@ -162,9 +162,26 @@ def decode_header(raw: bytes, *, max_data_bytes: int, expect: FrameKind) -> Head
     return Header(FrameKind(kind), meta_bytes, data_bytes)
 
 
-def decode_meta(raw: bytes) -> dict[str, Any]:
+MAX_REQUEST_CONTAINERS = 16  # a request's meta: one map, a few lists (keys, sizes, handles)
+
+
+def decode_meta(raw: bytes, max_containers: int | None = None) -> dict[str, Any]:
+    """The meta map of a frame. With ``max_containers`` (the daemon's, for requests), a meta
+    of more arrays and maps than that is refused as it is decoded: 4 MiB of nested empty
+    lists would otherwise become some 300 MB of Python objects."""
+    hooks: dict[str, Any] = {}
+    if max_containers is not None:
+        left = [max_containers]
+
+        def count(container: Any) -> Any:
+            left[0] -= 1
+            if left[0] < 0:
+                raise ValueError(f"more than {max_containers} arrays and maps")
+            return container
+
+        hooks = {"list_hook": count, "object_hook": count}
     try:
-        meta = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+        meta = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True, **hooks)
     except Exception as e:  # msgpack raises several unrelated types
         raise RequestError(ErrorCode.BAD_FRAME, f"meta is not valid msgpack: {e}") from None
     if not isinstance(meta, dict):

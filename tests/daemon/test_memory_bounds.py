@@ -344,3 +344,40 @@ def test_a_frame_memory_below_one_largest_body_is_refused():
     assert result.returncode == 2
     assert "--frame-memory must hold one largest request body" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_meta_of_nested_containers_is_refused_as_it_is_decoded(start_daemon):
+    """4 MiB of msgpack holding a list of a million empty lists decodes into some 60 MB
+    of Python objects (300 MB for the largest meta): a request meta is refused once it
+    holds more arrays and maps than any operation needs."""
+    daemon = start_daemon("--dram", "16MiB")
+    before = rss_bytes(daemon)
+    conn = RawConnection(daemon.port)
+    try:
+        conn.hello()
+        meta = request("get_many", id=9, keys=[[] for _ in range(1_000_000)])
+        conn.send(frame(None, packed=msgpack.packb(meta)))
+        answer = conn.answer()
+        assert answer["ok"] is False and answer["code"] == "bad_frame"
+        assert "arrays and maps" in answer["message"]
+    finally:
+        conn.close()
+    assert rss_bytes(daemon) - before < 32 << 20
+
+
+def test_a_key_pinned_many_times_in_one_request_takes_one_pin(start_daemon):
+    """65,536 copies of one key in a pin request made as many pins, each held for a lease;
+    now one pin, its handle at every place the key was asked."""
+    daemon = start_daemon("--dram", "16MiB")
+    key = make_key("pinned")
+    with kvstore.connect(daemon.url) as client:
+        assert client.put_many([key], [make_value("pinned", 100 * KiB)])
+        assert client.get_many([key] * 100) == [make_value("pinned", 100 * KiB)] * 100
+    conn = RawConnection(daemon.port)
+    try:
+        conn.hello(shm=True)
+        blocks = conn.call("pin", keys=[key] * 65536)["blocks"]
+        assert len(blocks) == 65536 and len({tuple(b) for b in blocks}) == 1
+        assert conn.call("unpin", handles=[blocks[0][2]])["ok"]
+    finally:
+        conn.close()
