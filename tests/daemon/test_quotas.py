@@ -71,16 +71,17 @@ def test_a_flooding_tenant_evicts_only_its_own_blocks(quota_daemon, b_shared_mem
         assert stats["evictions"] > 0 and "clients" in stats
 
 
-def test_a_quota_for_a_missing_tier_is_ignored_with_a_warning(tmp_path, start_daemon):
+def _one_tenant(tmp_path, quota: str) -> str:
+    """A token file of tenant a with this ``quota`` line (TOML); its path."""
     tokens = tmp_path / "tokens.toml"
-    tokens.write_text(f'''
-[[tenant]]
-name = "a"
-token = "{TOKEN_A}"
-namespaces = ["a"]
-quota = {{ nvme = "1GiB" }}
-''')
-    daemon = start_daemon("--dram", "16MiB", "--token-file", str(tokens))
+    tokens.write_text(f'[[tenant]]\nname = "a"\ntoken = "{TOKEN_A}"\nnamespaces = ["a"]\n'
+                      f"quota = {quota}\n")
+    return str(tokens)
+
+
+def test_a_quota_for_a_missing_tier_is_ignored_with_a_warning(tmp_path, start_daemon):
+    daemon = start_daemon("--dram", "16MiB", "--token-file",
+                          _one_tenant(tmp_path, '{ nvme = "1GiB" }'))
     with kvstore.connect(daemon.url, token=TOKEN_A) as a:
         assert a.put(make_key(1), b"x")
     assert "has a quota for nvme, which this daemon does not have" in daemon.output()
@@ -92,13 +93,5 @@ quota = {{ nvme = "1GiB" }}
     ('{ dram = "many" }', "quota.dram"),
 ])
 def test_bad_quotas_in_the_token_file_are_refused(tmp_path, start_daemon, quota, message):
-    tokens = tmp_path / "tokens.toml"
-    tokens.write_text(f'''
-[[tenant]]
-name = "a"
-token = "{TOKEN_A}"
-namespaces = ["a"]
-quota = {quota}
-''')
     with pytest.raises(RuntimeError, match=message):
-        start_daemon("--dram", "16MiB", "--token-file", str(tokens))
+        start_daemon("--dram", "16MiB", "--token-file", _one_tenant(tmp_path, quota))
