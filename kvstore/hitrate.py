@@ -1,4 +1,4 @@
-"""Hit-rate simulation: replay a `Trace` through the store's own index and policies.
+"""Hit-rate simulation: replay a `Trace` through the store's own placement core.
 
     request i:  hit = leading blocks held in some tier       (counted before any change)
                 then each block, first first:  held -> touch (+ promote to the write tier)
@@ -10,17 +10,18 @@ Semantics (those of Mooncake's published figures, so results compare with them):
 tokens over input tokens, summed over the trace. Hit tokens are attributed to the
 fastest tier holding each hit block (the last block trimmed to the input length).
 
-Placement mirrors `kvstore.store.Store`: the tiers are `BlockIndex` tiers 0..n-1 (fastest
-first, only those with a capacity), each with the `TierPolicy` the Store would make; new
-blocks go to tier 0, a victim goes one tier down unless a lower tier already holds it,
-the last tier drops it; a hit in a slower tier is copied up to tier 0 (``promote_on_hit``);
-a request's own new blocks are not evicted to make room for their descendants (the
-Store's ``put_many`` rule): such a block goes one tier down, or the rest of the chain is
-not stored. Every block takes ``block_tokens`` tokens of capacity, a trailing partial
-block included (it fills a whole page in a paged KV cache).
+Placement is the Store's: `kvstore.placement.Placement`, the one implementation of the
+placement rules, run with no media (tiers counted in blocks, nothing stored) over the
+present tiers (fastest first, only those with a capacity): new blocks go to tier 0, a
+victim goes one tier down unless a lower tier already holds it, the last tier drops it; a
+hit in a slower tier is copied up to tier 0 (``promote_on_hit``); a request's own new
+blocks are not evicted to make room for their descendants (the Store's ``put_many``
+rule): such a block goes one tier down, or the rest of the chain is not stored. Every
+block takes ``block_tokens`` tokens of capacity, a trailing partial block included (it
+fills a whole page in a paged KV cache). The trace is interned to dense ids once
+(`Trace.interned`) and replayed in compiled code.
 
-Invariants: ``used_blocks[t] <= capacity_blocks[t]`` after every access; ``used_blocks[t]``
-equals the number of index entries resident in tier ``t``.
+Invariants: each tier holds at most its capacity in blocks after every access.
 
 Two references beside the replay: `infinite_bound` (every block ever seen stays) and
 `belady` (one cache of the total capacity that evicts the block whose next use is
@@ -29,18 +30,19 @@ farthest, or does not admit a block used later than everything it holds).
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from kvstore import placement
 from kvstore.errors import ConfigError
-from kvstore.index import BlockEntry, BlockIndex
-from kvstore.policy import EvictionPolicy, make_policy
+from kvstore.placement import EvictionPolicy, Placement
 from kvstore.traces import Trace
 
 # Called now and then with the number of requests replayed so far.
 Progress = Callable[[int], None]
-PROGRESS_EVERY = 512
+PROGRESS_EVERY = 4096
 
 
 @dataclass(frozen=True)
@@ -108,15 +110,6 @@ class ReplayResult:
     def hit_rate(self) -> float:
         return self.hit_tokens / self.input_tokens if self.input_tokens else 0.0
 
-    def record(self, input_tokens: int, hit_tokens: int, num_accesses: int,
-               timestamp_s: float) -> None:
-        """Count one replayed request."""
-        self.input_tokens += input_tokens
-        self.hit_tokens += hit_tokens
-        self.num_accesses += num_accesses
-        if self.windows is not None:
-            self.windows.add(timestamp_s, input_tokens, hit_tokens)
-
     def to_dict(self) -> dict[str, object]:
         doc: dict[str, object] = {
             "hit_rate": self.hit_rate, "hit_tokens": self.hit_tokens,
@@ -129,184 +122,68 @@ class ReplayResult:
         return doc
 
 
-class TieredReplay:
-    """The Store's placement over a `BlockIndex` with no values (see the module docstring)."""
-
-    def __init__(self, config: ReplayConfig, block_tokens: int) -> None:
-        self.config = config
-        self.block_tokens = block_tokens
-        present = [t for t, c in enumerate(config.capacity_blocks) if c > 0]
-        self.tier_names = [config.tier_names[t] for t in present]
-        self.capacity_blocks = [config.capacity_blocks[t] for t in present]
-        self.used_blocks = [0] * len(present)
-        self.index = BlockIndex(len(present))
-        self.index.attach([make_policy(config.policy, self.index, t)
-                           for t in range(len(present))])
-        self.result = ReplayResult(config.policy.value,
-                                   hit_tokens_per_tier=dict.fromkeys(self.tier_names, 0))
-        if config.window_s is not None:
-            self.result.windows = Windows(config.window_s)
-        self._tier_hits = [0] * len(present)
-
-    # -- placement (Store._evict_for / _evict / _store_in / _promote, without bytes) ------------
-
-    def _make_room(self, t: int, protect: set[bytes] | None) -> bool:
-        used, capacity = self.used_blocks, self.capacity_blocks[t]
-        policy = self.index.policies[t]
-        while used[t] >= capacity:
-            victim = policy.victim(0)
-            if victim is None or (protect and victim.key in protect):
-                return False
-            self._evict(victim, t)
-        return True
-
-    def _evict(self, entry: BlockEntry, t: int) -> None:
-        self.result.evictions += 1
-        lower = t + 1
-        if lower < len(self.used_blocks) and entry.residency >> lower == 0:
-            if self._store_in(lower, entry, None):
-                self.result.demotions += 1
-        self.index.remove(entry, t)
-        self.used_blocks[t] -= 1
-
-    def _store_in(self, t: int, entry: BlockEntry, protect: set[bytes] | None) -> bool:
-        if not self._make_room(t, protect):
-            return False
-        self.index.add(entry, t)
-        self.used_blocks[t] += 1
-        return True
-
-    def _put(self, key: bytes, parent: bytes | None, protect: set[bytes]) -> bool:
-        for t in range(len(self.used_blocks)):
-            if self._make_room(t, protect):
-                self.index.insert(key, parent, self.block_tokens, t)
-                self.used_blocks[t] += 1
-                return True
-        return False
-
-    def _get(self, entry: BlockEntry) -> None:
-        t = entry.fastest_tier
-        self.index.touch(entry)
-        if self.config.promote_on_hit and t and self._store_in(0, entry, None):
-            self.result.promotions += 1
-
-    # -- the replay -------------------------------------------------------------------------------
-
-    def request(self, keys: list[bytes], input_tokens: int, timestamp_s: float = 0.0) -> int:
-        """Replay one request; returns its hit tokens."""
-        index, bt = self.index, self.block_tokens
-        hit_blocks = index.match_prefix(keys)
-        hit_tokens = min(hit_blocks * bt, input_tokens)
-        for j in range(hit_blocks):
-            t = index.entries[keys[j]].fastest_tier
-            assert t is not None, "a matched block is resident"
-            self._tier_hits[t] += min(bt, input_tokens - j * bt) if j * bt < input_tokens else 0
-        parent: bytes | None = None
-        protect: set[bytes] = set()
-        for key in keys:
-            entry = index.get(key)
-            if entry is not None:
-                self._get(entry)
-            elif self._put(key, parent, protect):
-                protect.add(key)
-            else:
-                break  # put_many stops at the first block that finds no room
-            parent = key
-        self.result.record(input_tokens, hit_tokens, len(keys), timestamp_s)
-        return hit_tokens
-
-    def run(self, trace: Trace, progress: Progress | None = None) -> ReplayResult:
-        for i, (keys, n, ts) in enumerate(zip(trace.keys, trace.input_tokens,
-                                              trace.timestamps_s, strict=True)):
-            self.request(keys, n, ts)
-            if progress is not None and i % PROGRESS_EVERY == 0:
-                progress(i)
-        self.result.hit_tokens_per_tier = dict(zip(self.tier_names, self._tier_hits,
-                                                   strict=True))
-        return self.result
-
-
 def replay(trace: Trace, config: ReplayConfig, progress: Progress | None = None
            ) -> ReplayResult:
-    return TieredReplay(config, trace.block_tokens).run(trace, progress)
+    """Replay ``trace`` through the placement core with ``config``'s tiers and policy."""
+    interned = trace.interned()
+    present = [t for t, c in enumerate(config.capacity_blocks) if c > 0]
+    names = [config.tier_names[t] for t in present]
+    core = Placement([config.policy] * len(present),
+                     capacity_blocks=[config.capacity_blocks[t] for t in present],
+                     promote_on_hit=config.promote_on_hit, num_ids=interned.num_ids)
+    hits = np.zeros(len(trace), dtype=np.int64)
+    tier_hits = np.zeros(len(present), dtype=np.int64)
+    for first in range(0, len(trace), PROGRESS_EVERY):
+        if progress is not None:
+            progress(first)
+        core.replay(interned.flat, interned.starts, interned.input_tokens, trace.block_tokens,
+                    hits, tier_hits, first, min(first + PROGRESS_EVERY, len(trace)))
+    result = _result(config.policy.value, trace, interned, hits, config.window_s)
+    result.hit_tokens_per_tier = dict(zip(names, tier_hits.tolist(), strict=True))
+    result.evictions, result.demotions = core.evictions, core.demotions
+    result.promotions = core.promotions
+    return result
+
+
+def _result(name: str, trace: Trace, interned: object, hits: np.ndarray,
+            window_s: float | None) -> ReplayResult:
+    """The totals (and windows) of per-request hit tokens."""
+    result = ReplayResult(name, input_tokens=trace.total_input_tokens,
+                          hit_tokens=int(hits.sum()), num_accesses=trace.num_accesses)
+    if window_s:
+        windows = result.windows = Windows(window_s)
+        for ts, n, hit in zip(trace.timestamps_s, trace.input_tokens, hits.tolist(),
+                              strict=True):
+            windows.add(ts, n, hit)
+    return result
 
 
 # -- references -----------------------------------------------------------------------------------
 
 
-def _prefix_hit(keys: list[bytes], held: set[bytes] | dict[bytes, int]) -> int:
-    count = 0
-    for key in keys:
-        if key not in held:
-            break
-        count += 1
-    return count
-
-
 def infinite_bound(trace: Trace, window_s: float | None = None) -> ReplayResult:
     """The hit rate of a cache that never evicts."""
-    result = ReplayResult("infinite", windows=Windows(window_s) if window_s else None)
-    seen: set[bytes] = set()
-    bt = trace.block_tokens
-    for keys, n, ts in zip(trace.keys, trace.input_tokens, trace.timestamps_s, strict=True):
-        hit = min(_prefix_hit(keys, seen) * bt, n)
-        seen.update(keys)
-        result.record(n, hit, len(keys), ts)
-    return result
-
-
-def _next_uses(trace: Trace) -> list[int]:
-    """For each access (flattened), the position of the next access to the same key;
-    ``num_accesses + position`` when there is none (distinct, and later than any use)."""
-    flat = [key for keys in trace.keys for key in keys]
-    n = len(flat)
-    next_use = [0] * n
-    last: dict[bytes, int] = {}
-    for pos in range(n - 1, -1, -1):
-        key = flat[pos]
-        next_use[pos] = last.get(key, n + pos)
-        last[key] = pos
-    return next_use
+    interned = trace.interned()
+    hits = np.zeros(len(trace), dtype=np.int64)
+    placement.infinite_bound(interned.flat, interned.starts, interned.input_tokens,
+                             trace.block_tokens, interned.num_ids, hits)
+    return _result("infinite", trace, interned, hits, window_s)
 
 
 def belady(trace: Trace, capacity_blocks: int, window_s: float | None = None) -> ReplayResult:
-    """Belady's farthest-next-use cache of ``capacity_blocks``, with bypass.
+    """Belady's farthest-next-use cache of ``capacity_blocks``, with bypass: it evicts the
+    block whose next use is farthest, or does not admit a block used later than everything
+    it holds.
 
     A parent is always used before its child, so its next use comes first: the cache
     evicts chains from their tails, as leaf-first LRU does, and stays prefix-closed.
     """
-    result = ReplayResult("belady", windows=Windows(window_s) if window_s else None)
     if capacity_blocks <= 0:
         raise ConfigError(f"belady needs a positive capacity, got {capacity_blocks}")
-    next_use = _next_uses(trace)
-    held: dict[bytes, int] = {}  # key -> its next use
-    heap: list[tuple[int, bytes]] = []  # (-next use, key); lazy: stale when held differs
-    bt = trace.block_tokens
-    pos = 0
-    for keys, n, ts in zip(trace.keys, trace.input_tokens, trace.timestamps_s, strict=True):
-        hit = min(_prefix_hit(keys, held) * bt, n)
-        for key in keys:
-            nxt = next_use[pos]
-            pos += 1
-            if key in held:
-                held[key] = nxt
-                heapq.heappush(heap, (-nxt, key))
-                continue
-            if len(held) >= capacity_blocks:
-                while True:  # the farthest valid entry
-                    neg, victim = heap[0]
-                    if held.get(victim) == -neg:
-                        break
-                    heapq.heappop(heap)
-                if -neg < nxt:
-                    continue  # used later than anything held: do not admit it
-                heapq.heappop(heap)
-                del held[victim]
-                result.evictions += 1
-            held[key] = nxt
-            heapq.heappush(heap, (-nxt, key))
-        if len(heap) > 4 * capacity_blocks + 64:
-            heap = [(-v, k) for k, v in held.items()]
-            heapq.heapify(heap)
-        result.record(n, hit, len(keys), ts)
+    interned = trace.interned()
+    hits = np.zeros(len(trace), dtype=np.int64)
+    evictions = placement.belady(interned.flat, interned.starts, interned.input_tokens,
+                                 trace.block_tokens, interned.num_ids, capacity_blocks, hits)
+    result = _result("belady", trace, interned, hits, window_s)
+    result.evictions = evictions
     return result

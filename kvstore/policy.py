@@ -27,27 +27,13 @@ past twice the tier's blocks.
 
 from __future__ import annotations
 
-import enum
 import heapq
 from collections.abc import Callable
 
 from kvstore.index import BlockEntry, BlockIndex
+from kvstore.placement.rules import MAX_OWNER, OWNER_BITS, Admission, EvictionPolicy
 
-
-class EvictionPolicy(enum.Enum):
-    LEAF_LRU = "leaf-lru"
-    LRU = "lru"
-
-
-class Admission(enum.Enum):
-    """Which demoted blocks a tier (NVMe) accepts."""
-
-    ALWAYS = "always"
-    SECOND_USE = "second-use"  # only blocks used at least twice: saves SSD wear on one-hit blocks
-
-
-_OWNER_BITS = 16  # a heap's key: partition << _OWNER_BITS | owner
-MAX_OWNER = (1 << _OWNER_BITS) - 1
+_OWNER_BITS = OWNER_BITS  # a heap's key: partition << _OWNER_BITS | owner
 
 
 class TierPolicy:

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kvstore.errors import KVStoreError
 from kvstore.keys import prefix_hashes
 
@@ -52,6 +54,17 @@ class TraceFormat(enum.Enum):
 
 class TraceError(KVStoreError, ValueError):
     """A trace cannot be read: unknown format, a malformed line (file and line named)."""
+
+
+@dataclass(frozen=True)
+class Interned:
+    """A trace's keys as dense ids: request r's blocks are ``flat[starts[r]:starts[r + 1]]``
+    (ids ``0 <= id < num_ids``, one per distinct key)."""
+
+    flat: np.ndarray  # int32
+    starts: np.ndarray  # int64, one more than the requests
+    input_tokens: np.ndarray  # int64
+    num_ids: int
 
 
 @dataclass
@@ -74,6 +87,21 @@ class Trace:
     @property
     def total_input_tokens(self) -> int:
         return sum(self.input_tokens)
+
+    def interned(self) -> Interned:
+        """The keys as dense ids (made once, again if ``keys`` is replaced)."""
+        cached = self.__dict__.get("_interned")
+        if cached is not None and cached[0] is self.keys and cached[1] == len(self.keys):
+            return cached[2]
+        ids: dict[bytes, int] = {}
+        flat = np.fromiter((ids.setdefault(k, len(ids)) for keys in self.keys for k in keys),
+                           dtype=np.int32, count=self.num_accesses)
+        starts = np.zeros(len(self.keys) + 1, dtype=np.int64)
+        np.cumsum([len(keys) for keys in self.keys], out=starts[1:])
+        interned = Interned(flat, starts, np.asarray(self.input_tokens, dtype=np.int64),
+                            len(ids))
+        self.__dict__["_interned"] = (self.keys, len(self.keys), interned)
+        return interned
 
 
 def detect_format(obj: Any) -> TraceFormat | None:
