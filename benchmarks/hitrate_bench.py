@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from store_bench import emit, log, machine_info
 
 from kvstore.hitrate import ReplayConfig, belady, replay
-from kvstore.policy import EvictionPolicy
+from kvstore.placement.rules import EvictionPolicy
 from kvstore.traces import Trace, read_traces
 
 TRACE = Path("/work/shared/data/mooncake_conversation_trace.jsonl")

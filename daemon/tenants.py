@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvstore.errors import ConfigError
-from kvstore.policy import MAX_OWNER
+from kvstore.placement.rules import MAX_OWNER
 from kvstore.tiers.base import TierKind
 from kvstore.units import parse_size
 

@@ -19,7 +19,7 @@ from kvstore.errors import (
 )
 from kvstore.keys import KEY_BYTES, BlockKey, prefix_hashes
 from kvstore.layout import KVLayout
-from kvstore.policy import Admission, EvictionPolicy
+from kvstore.placement.rules import Admission, EvictionPolicy
 from kvstore.store import Store
 
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 from kvstore.errors import ConfigError
-from kvstore.policy import Admission, EvictionPolicy
+from kvstore.placement.rules import Admission, EvictionPolicy
 from kvstore.tiers.slab import pool_holds
 from kvstore.units import parse_size
 

@@ -29,7 +29,7 @@ from kvstore.hitrate import (
     replay,
 )
 from kvstore.model_shapes import MODEL_SHAPES, kv_layout
-from kvstore.policy import EvictionPolicy
+from kvstore.placement.rules import EvictionPolicy
 from kvstore.traces import Trace, TraceFormat, read_traces
 from kvstore.units import parse_size
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kvstore.hitrate import ReplayConfig, belady, infinite_bound, replay
-from kvstore.policy import EvictionPolicy
+from kvstore.placement.rules import EvictionPolicy
 from kvstore.traces import Trace, TraceError, TraceFormat, read_traces
 
 REPO = Path(__file__).resolve().parents[1]

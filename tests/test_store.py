@@ -211,7 +211,7 @@ def test_second_use_admission_filter(tmp_path):
         nvme_keys = [k for k in keys if store.tier_of(k) == "nvme"]
         # Only blocks used at least twice were written to NVMe; the rest were dropped.
         assert nvme_keys == [keys[3]] or all(
-            store.index.get(k).num_uses >= 2 for k in nvme_keys)
+            store.placement.uses(store.placement.lookup(k)) >= 2 for k in nvme_keys)
         assert store.stats()["demotions"] == len(nvme_keys)
         assert store.stats()["evictions"] >= 3
 
@@ -241,7 +241,8 @@ def test_reopen_recovers_flushed_blocks_with_their_chain(tmp_path):
         assert all(store.tier_of(k) == "nvme" for k in keys[:5])
         assert store.get_many(keys) == [*values[:5], None]
         # The parent links came back: the chain's tail is the leaf.
-        assert store.index.get(keys[0]).children[store._nvme_tier] == 1
+        core, nvme_tier = store.placement, list(store.capacities()).index("nvme")
+        assert core.children_in(core.lookup(keys[0]), nvme_tier) == 1
 
 
 def test_overwrite_after_flush_never_resurrects_old_value(tmp_path):
@@ -279,10 +280,10 @@ def test_pinned_blocks_are_never_evicted():
         a, b = make_key("a"), make_key("b")
         store.put(a, b"a" * 4096)
         store.put(b, b"b" * 4096)
-        pins = [store.index.pin(store.index.get(k), 30) for k in (a, b)]
+        pins = [store.placement.pin(store.placement.lookup(k), 30) for k in (a, b)]
         assert not store.put(make_key("c"), b"c" * 4096)  # everything is pinned: refused
         assert store.contains(a) and store.contains(b)
-        store.index.unpin(store.index.get(a), pins[0])
+        store.placement.unpin(store.placement.lookup(a), pins[0])
         assert store.put(make_key("c"), b"c" * 4096)
         assert not store.contains(a) and store.contains(b)
 
@@ -352,8 +353,9 @@ def test_reopen_after_heavy_nvme_eviction_recovers_exactly_what_was_flushed(tmp_
         for i in range(1200):
             store.put(make_key(i), make_value(i, 16 * KiB))
         store.flush()
+        nvme_tier = list(store.capacities()).index("nvme")
         on_nvme = {i for i in range(1200) if store.contains(make_key(i))
-                   and store.index.get(make_key(i)).is_in(store._nvme_tier)}
+                   and store.placement.is_in(store.placement.lookup(make_key(i)), nvme_tier)}
         assert store.stats()["evictions"] > 100 and len(on_nvme) > 10
     with Store(config) as store:
         present = {i for i in range(1200) if store.contains(make_key(i))}

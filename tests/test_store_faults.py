@@ -65,7 +65,7 @@ def test_nvme_larger_than_its_filesystem_is_sized_to_it(tmpfs):
         assert len(values) - len(served) <= stats["evictions"] - stats["demotions"]
         tiers = stats["tiers"]
         assert tiers["nvme"]["blocks"] > 8  # the disk's worth beside DRAM's
-        assert len(served) == len(store.index) >= tiers["dram"]["blocks"] + 8
+        assert len(served) == len(store.placement) >= tiers["dram"]["blocks"] + 8
     with kvstore.Store(config) as store:
         assert {k for k in values if store.get(k) == values[k]} == served
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 
 import kvstore
 from kvstore import Store, StoreConfig
-from kvstore.store import _segment_bytes
+from kvstore.store.media import _segment_bytes
 from kvstore.tiers.nvme import NvmeTierConfig
 from kvstore.tiers.slab import pool_holds
 from kvstore.units import parse_size
@@ -127,7 +127,7 @@ def test_a_large_value_frees_a_window_of_unpinned_blocks_only():
             assert store.put(key, make_value(i, 16 * KiB))
         assert dram(store)["used_bytes"] == 1 * MiB
         pinned = keys[::8]  # one slab in every eight
-        pins = [store.index.pin(store.index.get(k), 30) for k in pinned]
+        pins = [store.placement.pin(store.placement.lookup(k), 30) for k in pinned]
         # 112 KiB: a run of 7 slabs fits between two pinned ones, 8 do not.
         assert store.put(make_key("seven"), make_value("seven", 112 * KiB))
         assert not store.put(make_key("eight"), make_value("eight", 128 * KiB))
@@ -135,7 +135,7 @@ def test_a_large_value_frees_a_window_of_unpinned_blocks_only():
         assert store.contains(make_key("seven")) and not store.contains(make_key("eight"))
         assert dram(store)["used_bytes"] <= dram(store)["capacity_bytes"]
         for key, pin in zip(pinned, pins, strict=True):
-            store.index.unpin(store.index.get(key), pin)
+            store.placement.unpin(store.placement.lookup(key), pin)
         assert store.put(make_key("eight"), make_value("eight", 128 * KiB))
 
 
@@ -185,9 +185,9 @@ def test_mixed_sizes_in_a_small_pool_keep_pins_capacity_and_values(ops):
                 else:
                     model.pop(key, None)
             elif op == "pin" and key not in pins and store.contains(key):
-                pins[key] = store.index.pin(store.index.get(key), 30)
+                pins[key] = store.placement.pin(store.placement.lookup(key), 30)
             elif op == "unpin" and key in pins:
-                store.index.unpin(store.index.get(key), pins.pop(key))
+                store.placement.unpin(store.placement.lookup(key), pins.pop(key))
             for pinned in pins:
                 assert store.get(pinned) == model[pinned], "a pinned block was evicted"
             tier = dram(store)

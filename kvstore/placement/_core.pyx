@@ -246,14 +246,16 @@ cdef class Placement:
         self.free_ids = NULL
 
     def __init__(self, policies, *, admissions=None, partition_of=None, media=None,
-                 capacity_blocks=None, write_tier=0, promote_on_hit=True, num_ids=0):
+                 capacity_blocks=None, write_tier=0, promote_on_hit=True, num_ids=0,
+                 keyed=None):
         """``policies``: one `EvictionPolicy` per tier, fastest first. ``admissions``: one
         `Admission` per tier (default ALWAYS). ``partition_of``: per tier, a callable giving
         the partition of a value of n bytes (a memory tier's size class), or None.
 
         ``media`` does the byte work of the Store's tiers (see the package docstring);
-        without it the tiers are counted in blocks of ``capacity_blocks`` each and ids are
-        dense, ``0 <= id < num_ids``, given by the caller (the simulator)."""
+        without it the tiers are counted in blocks of ``capacity_blocks`` each. Blocks are
+        named by key (``keyed``, the default with media) or by dense ids, ``0 <= id <
+        num_ids``, given by the caller (the simulator's default)."""
         cdef int t
         cdef int num_tiers = len(policies)
         if not 0 < num_tiers <= MAX_TIERS:
@@ -269,7 +271,10 @@ cdef class Placement:
             self.used[t] = 0
             self.cap[t] = 0
         self.media = media
-        self.dense = self.counted = media is None
+        self.counted = media is None
+        self.dense = media is None if keyed is None else not keyed
+        if self.dense and not self.counted:
+            raise ValueError("a placement with media names its blocks by key")
         if media is None:
             if capacity_blocks is None or len(capacity_blocks) != num_tiers:
                 raise ValueError("without media, give capacity_blocks: one per tier")

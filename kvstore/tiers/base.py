@@ -1,7 +1,7 @@
 """What every tier is: a place that stores, reads and forgets values under 16-byte keys.
 
 Tiers hold data only. Which key lives where, and which key to evict, is decided by the
-Store with `kvstore.index` and `kvstore.policy`; a tier never evicts on its own.
+Store with the placement core (`kvstore.placement`); a tier never evicts on its own.
 """
 
 from __future__ import annotations

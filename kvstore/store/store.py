@@ -1,0 +1,510 @@
+"""The embedded multi-tier Store: the library API (docs/ARCHITECTURE.md).
+
+    put ──> write tier (fastest present) ──evict──> next tier (demote) ──evict──> dropped
+    get <── fastest tier holding the key  ──hit in a slower tier──> promoted to the write tier
+
+Where blocks go is decided by the placement core (`kvstore.placement`), over the tiers as
+its media (`TierMedia`); this module holds the API and the write paths, `Reads` the read
+paths, `HostPlane` the shared-memory clients' slots, all over one `StoreState` (its lock
+and concurrency rules are there).
+
+Invariants: every present tier keeps ``used_bytes <= capacity_bytes``; a key is held
+exactly when at least one tier holds a committed copy; victims are never pinned.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import numpy as np
+
+from kvstore.buffers import ByteView, copy_bytes, value_view
+from kvstore.config import StoreConfig
+from kvstore.errors import ConfigError, InvalidValueError, StorageError, StoreClosedError
+from kvstore.placement import Admission, Placement
+from kvstore.store.host import HostPlane
+from kvstore.store.media import TierMedia, open_tiers
+from kvstore.store.reads import SMALL_VALUE_BYTES, Borrowed, Reads
+from kvstore.store.state import StoreState
+from kvstore.tiers.base import TierKind, check_key
+from kvstore.tiers.memory import MemoryTier
+from kvstore.tiers.slab import size_class
+
+log = logging.getLogger("kvstore.store")
+
+
+class Store:
+    """A KV store over HBM, DRAM and NVMe tiers; see the module docstring."""
+
+    def __init__(self, config: StoreConfig | None = None, *,
+                 check_stop: Callable[[], None] | None = None) -> None:
+        """``check_stop`` runs between chunks of the DRAM pool's allocation; what it raises
+        stops the construction, with every tier made so far closed."""
+        self.config = config = config if config is not None else StoreConfig()
+        kinds, tiers = open_tiers(config, check_stop)
+        media = TierMedia(kinds, tiers)
+        write_tier = kinds.index(TierKind(config.write_tier)) if config.write_tier else 0
+        self.placement = Placement(
+            [config.eviction_policy] * len(tiers),
+            admissions=[config.nvme_admission if t == media.nvme_tier else Admission.ALWAYS
+                        for t in range(len(tiers))],
+            partition_of=[size_class if memory else None for memory in media.is_memory],
+            media=media, write_tier=write_tier, promote_on_hit=config.promote_on_hit)
+        self._state = state = StoreState(config, media, self.placement)
+        self._media = media
+        self._tiers = tiers
+        dram_tier = media.tier_of_kind(TierKind.DRAM)
+        # The write tier when it is host memory: put_many copies small values straight in.
+        self._host_write_tier = tiers[write_tier] if kinds[write_tier] is TierKind.DRAM else None
+        self._reads = Reads(state, self._host_write_tier)
+        self._host = HostPlane(state, dram_tier, self._commit)
+        self._dram_tier = dram_tier
+        if media.nvme is not None:
+            self._recover()
+
+    def _recover(self) -> None:
+        """Index what the NVMe tier found on disk, oldest first so LRU order survives."""
+        records = self._media.nvme.recovered()
+        for record in records:
+            self.placement.recover(record.key, record.parent, record.nbytes,
+                                   self._media.nvme_tier)
+        if records:
+            log.info("recovered %d blocks from %s", len(records), self.config.nvme_path)
+
+    # -- the public API -----------------------------------------------------------------------
+
+    def put(self, key: bytes, value: Any, *, owner: int = 0) -> bool:
+        """Store ``value`` under ``key`` (replacing any earlier value). False if no room.
+        ``owner`` (a tenant's number; 0: nobody) is charged for it (`set_quota`)."""
+        key = check_key(key)
+        src = self._source(value)
+        return self._put(key, src, None, None, owner)
+
+    def put_many(self, keys: Sequence[bytes], values: Sequence[Any], *,
+                 owner: int = 0) -> int:
+        """Store the blocks of one chain, parent first; returns how many leading blocks
+        were stored (it stops at the first block that finds no room).
+
+        Each key is recorded as the child of the one before it (prefix-aware eviction).
+        Every key and value is checked before anything is stored. ``owner`` as in `put`.
+        """
+        if len(keys) != len(values):
+            raise InvalidValueError(f"put_many got {len(keys)} keys but {len(values)} values")
+        checked = [check_key(k) for k in keys]
+        sources = [self._source(v) for v in values]
+        parent, i = None, 0
+        chain: set[bytes] = set()
+        state = self._state
+        nvme = self._media.nvme
+        if nvme is not None and nvme.is_read_only:  # (rare: the NVMe disk failed)
+            for i, key in enumerate(checked):
+                if self._media.pins_old_record(key):
+                    checked, sources = checked[:i], sources[:i]  # stored up to there
+                    break
+            i = 0
+        while i < len(checked):
+            if sources[i].shape[0] <= SMALL_VALUE_BYTES:
+                # A run of small values: one lock hold, copies inside it (cheaper than pins).
+                with state.lock:
+                    state.check_open()
+                    host_tier = self._host_write_tier
+                    while i < len(checked) and sources[i].shape[0] <= SMALL_VALUE_BYTES:
+                        key, src = checked[i], sources[i]
+                        if not (host_tier is not None and isinstance(src, np.ndarray)
+                                and self._put_host(host_tier, key, src, parent, owner)):
+                            if not self._put(key, src, parent, chain, owner):
+                                return i
+                        parent = key
+                        chain.add(parent)
+                        i += 1
+            else:
+                if not self._put(checked[i], sources[i], parent, chain, owner):
+                    return i
+                parent = checked[i]
+                chain.add(parent)
+                i += 1
+        return i
+
+    def get(self, key: bytes) -> bytes | None:
+        result = self._reads.read(check_key(key), None)
+        assert result is not True, "a read without an output buffer returns bytes"
+        return result
+
+    def get_into(self, key: bytes, out: Any) -> bool:
+        """Copy the value into ``out`` (a tensor on any device or a writable buffer).
+
+        ``out`` must have exactly the value's size (`BufferSizeError` otherwise). On a miss
+        it returns False and the contents of ``out`` are unspecified.
+        """
+        return self._reads.read(check_key(key), out) is not None
+
+    def get_many(self, keys: Sequence[bytes], *, max_bytes: int | None = None
+                 ) -> list[bytes | None]:
+        """The values of ``keys`` (None for a miss), in order; same effect as `get` on
+        each key in turn.
+
+        With ``max_bytes``, the values read add up to at most that (the first one is read
+        whatever its size; a key given twice counts twice): reading stops before the value
+        that would pass it, and the list covers only the leading keys read then, shorter
+        than ``keys`` (a daemon bounds its answers this way).
+
+        Runs of misses and of small values whose fastest tier is the host write tier are
+        served in one lock hold; any other key takes `get`'s path (pin, copy outside the
+        lock, promotion) before the run goes on.
+        """
+        checked = [check_key(k) for k in keys]
+        results: list[bytes | None] = [None] * len(checked)
+        limit = math.inf if max_bytes is None else max_bytes
+        i = total = 0
+        state = self._state
+        while i < len(checked):
+            with state.lock:
+                state.check_open()
+                i, total, is_full = self._reads.get_run(checked, i, results, total, limit)
+            if is_full:
+                return results[:i]
+            if i < len(checked):
+                value = self.get(checked[i])
+                if value is not None:
+                    if total and total + len(value) > limit:  # it grew since the run
+                        return results[:i]
+                    total += len(value)
+                results[i] = value
+                i += 1
+        return results
+
+    def get_many_into(self, keys: Sequence[bytes], outs: Sequence[Any]) -> int:
+        """Copy the values of leading ``keys`` into ``outs`` (one buffer or tensor each,
+        of exactly the value's size); returns how many leading keys were copied, stopping
+        at the first miss. Same effect as `get_into` on each key in turn until one misses.
+        """
+        return self._reads.get_many_into(keys, outs)
+
+    def borrow(self, keys: Sequence[bytes]) -> AbstractContextManager[Borrowed]:
+        """Pin the leading ``keys`` held in memory tiers (stopping at the first that is
+        missing or only on NVMe) and yield their slots (`Borrowed`); unpin on exit."""
+        return self._reads.borrow(keys)
+
+    def match_prefix(self, keys: Sequence[bytes], *, probe: bool = False) -> int:
+        """How many leading keys are held in some tier. ``probe`` marks a lookup that is not
+        a request (a router comparing engines): a daemon keeps it out of its access log and
+        lookup counts; here it changes nothing."""
+        checked = [check_key(k) for k in keys]
+        with self._state.lock:
+            self._state.check_open()
+            return self.placement.match_prefix(checked)
+
+    def contains(self, key: bytes) -> bool:
+        key = check_key(key)
+        with self._state.lock:
+            self._state.check_open()
+            return self.placement.lookup(key) >= 0
+
+    __contains__ = contains
+
+    def tier_of(self, key: bytes) -> str | None:
+        key = check_key(key)
+        with self._state.lock:
+            self._state.check_open()
+            block = self.placement.lookup(key)
+            return None if block < 0 else self._media.kinds[self.placement.fastest(block)].value
+
+    def delete(self, key: bytes) -> bool:
+        """Remove ``key`` from every tier (durably on NVMe at the next flush).
+
+        `StorageError`, changing nothing, if the NVMe tier stopped writing after a disk
+        error and holds a record of ``key``: the delete could not be made durable."""
+        key = check_key(key)
+        with self._state.lock:
+            self._state.check_open()
+            if self._media.pins_old_record(key):
+                raise StorageError(
+                    "cannot delete this key durably: the NVMe tier stopped writing after a "
+                    "disk error and holds a record of it, which a restart would bring back")
+            if self.placement.lookup(key) < 0:
+                if self._media.nvme is not None:
+                    # An evicted copy may still lie in a segment: tombstone it too, so
+                    # that a reopen cannot bring back what was deleted.
+                    self._media.nvme.delete(key)
+                return False
+            self.placement.forget(key, durable=True)
+            return True
+
+    def flush(self) -> None:
+        """Make everything stored so far durable on NVMe (a no-op without an NVMe tier)."""
+        with self._state.lock:
+            self._state.check_open()
+            t_nvme = self._media.nvme_tier
+            if t_nvme is None:
+                return
+            dropped = 0
+            core = self.placement
+            for key in core.missing_from(t_nvme):  # least recently used first
+                block = core.lookup(key)
+                if block < 0 or core.is_in(block, t_nvme):  # written while making room
+                    continue
+                view = self._media.source(core.fastest(block), key)
+                if not core.store_in(t_nvme, key, view):
+                    dropped += 1
+            if dropped:
+                log.warning("flush: %d blocks did not fit in the NVMe tier and are not durable",
+                            dropped)
+            self._media.nvme.flush()
+
+    def stats(self) -> dict[str, Any]:
+        state = self._state
+        with state.lock:
+            tiers = {}
+            closed = state.closed
+            for t, (kind, tier) in enumerate(zip(self._media.kinds, self._tiers, strict=True)):
+                tiers[kind.value] = {
+                    **(tier.stats() if not closed else {}),
+                    "capacity_bytes": tier.capacity_bytes,
+                    "used_bytes": tier.used_bytes if not closed else 0,
+                    "blocks": len(tier) if not closed else 0,
+                    "hits": state.counters.tier_hits[t],
+                }
+            checksum_failures = 0
+            if self._media.nvme is not None and not closed:
+                checksum_failures = self._media.nvme.stats().get("checksum_failures", 0)
+            counters, core = state.counters, self.placement
+            return {
+                "tiers": tiers,
+                "queries": counters.queries,
+                "hits": counters.hits,
+                "hit_rate": counters.hits / counters.queries if counters.queries else 0.0,
+                "evictions": core.evictions,
+                "demotions": core.demotions,
+                "promotions": core.promotions,
+                "checksum_failures": checksum_failures,
+                "torn_reads": counters.torn_reads,
+                "blocks": len(core),
+            }
+
+    def close(self) -> None:
+        """Flush to NVMe (if present) and release every tier. Idempotent.
+
+        If the flush fails (the NVMe tier stopped writing after a disk error), every tier is
+        released all the same and the flush's `StorageError` is raised after."""
+        state = self._state
+        with state.lock:
+            if state.closed:
+                return
+            error: StorageError | None = None
+            try:
+                if self._media.nvme is not None:
+                    self.flush()
+            except StorageError as e:
+                error = e
+            finally:
+                state.closed = self._media.closed = True
+                for tier in self._tiers:
+                    try:
+                        tier.close()
+                    except StorageError as e:  # the NVMe tier's own last flush
+                        error = error or e
+            if error is not None:
+                raise error
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- per-owner quotas (the core enforces them; see kvstore.placement) ---------------------
+
+    def set_quota(self, owner: int, tier: str, nbytes: int | None) -> None:
+        """Bound ``owner``'s value bytes in ``tier`` ("hbm", "dram", "nvme") to ``nbytes``
+        (None: no bound). Blocks already over it go at the owner's next write there.
+
+        Before a block of an owner lands in a tier (a put, a reservation of shared memory,
+        a demotion, a promotion) its own least recently used blocks leave the tier until the
+        new one fits its quota there, so a tenant at its quota makes room from its own blocks
+        instead of evicting others'. A reserved, uncommitted slot counts too."""
+        if isinstance(owner, bool) or not isinstance(owner, int) or owner <= 0:
+            raise ConfigError(f"a quota's owner is a positive int, got {owner!r}")
+        t = self._tier_index(tier)
+        if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int)
+                                   or nbytes < 0):
+            raise ConfigError(f"a quota is a byte count >= 0, got {nbytes!r}")
+        with self._state.lock:
+            self.placement.set_quota(owner, t, nbytes)
+
+    def usage(self, owner: int) -> dict[str, dict[str, int | None]]:
+        """``owner``'s blocks per present tier: used bytes (of values), blocks, quota."""
+        with self._state.lock:
+            nbytes, blocks = self.placement.usage(owner)
+            return {kind.value: {"used_bytes": nbytes[t], "blocks": blocks[t],
+                                 "quota_bytes": self.placement.quota(owner, t)}
+                    for t, kind in enumerate(self._media.kinds)}
+
+    def capacities(self) -> dict[str, int]:
+        """Each present tier's capacity in bytes, fastest first."""
+        return {kind.value: tier.capacity_bytes
+                for kind, tier in zip(self._media.kinds, self._tiers, strict=True)}
+
+    def _tier_index(self, tier: str) -> int:
+        names = [kind.value for kind in self._media.kinds]
+        if tier not in names:
+            raise ConfigError(f"a quota names tier {tier!r}, which this store does not have "
+                              f"(tiers: {', '.join(names)})")
+        return names.index(tier)
+
+    # -- the daemon's host-memory plane (`HostPlane`) -----------------------------------------
+
+    @property
+    def has_nvme(self) -> bool:
+        return self._media.nvme is not None
+
+    def try_lock(self) -> bool:
+        """Take the store lock only if it is free; True if taken (then call `unlock`).
+
+        The daemon's event loop runs short calls inline this way, and hands them to a
+        thread when another thread holds the lock (for NVMe I/O, say)."""
+        return self._state.lock.acquire(blocking=False)
+
+    def unlock(self) -> None:
+        self._state.lock.release()
+
+    @property
+    def host_pool(self) -> Any | None:
+        """The DRAM tier's pool (``.array``, ``.shm_name``), or None without DRAM."""
+        return None if self._dram_tier is None else self._tiers[self._dram_tier].pool
+
+    def reserve_host(self, nbytes: int, protect: set[bytes] | None = None,
+                     owner: int = 0) -> int | None:
+        """Reserve a DRAM slot for a value of ``owner`` (evicting and demoting as needed,
+        its own blocks first at its quota, never a key of ``protect``): its offset, or
+        None."""
+        return self._host.reserve(nbytes, protect, owner)
+
+    def commit_host(self, key: bytes, offset: int, nbytes: int, parent: bytes | None,
+                    owner: int = 0) -> bool:
+        """Make a reserved DRAM slot, now filled, the value of ``key``, charged to
+        ``owner``; False, the slot still reserved (release it), if ``key`` cannot take a new
+        value (its old record is on a read-only NVMe disk: `put`)."""
+        return self._host.commit(key, offset, nbytes, parent, owner)
+
+    def release_host(self, offset: int) -> None:
+        """Give back a reserved DRAM slot that will not be committed."""
+        self._host.release(offset)
+
+    def pin_host(self, key: bytes) -> tuple[int, int, int] | None:
+        """``(offset, nbytes, pin)`` of a block whose fastest tier is DRAM, counted as a
+        hit; None (nothing counted) when it is elsewhere or absent: use `get` for it."""
+        return self._host.pin(key)
+
+    def touch_host(self, keys: list[bytes]) -> None:
+        """Count blocks a client read from the DRAM pool on its own (through the shared
+        directory) as DRAM hits, and make those still stored the most recently used."""
+        self._host.touch(keys)
+
+    def unpin_host(self, key: bytes, pin: int, *, after_copy: bool = True) -> bool:
+        """Release a pin_host pin; False if the block changed meanwhile or the lease ran
+        out (the copy may be torn: treat it as a miss). ``after_copy=False`` drops a pin
+        whose copy nobody will use (its holder went away): no torn read is counted."""
+        return self._host.unpin(key, pin, after_copy=after_copy)
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def _source(self, value: Any) -> ByteView:
+        src = value_view(value)
+        if src.shape[0] > self.config.max_value_bytes:
+            raise InvalidValueError(f"value of {src.shape[0]} bytes exceeds max_value_bytes "
+                                    f"({self.config.max_value_bytes})")
+        return src
+
+    def _put(self, key: bytes, src: ByteView, parent: bytes | None,
+             protect: set[bytes] | None = None, owner: int = 0) -> bool:
+        """Store into the write tier or, failing that, the tiers below it.
+
+        ``protect`` holds the blocks this put_many call already stored (the new block's
+        ancestors): evicting one of them to make room for its own descendant would push
+        a chain's head below its tail, so such a block goes one tier down instead.
+        """
+        nbytes = int(src.shape[0])
+        state = self._state
+        if self._media.pins_old_record(key):
+            return False
+        for t in range(self.placement.write_tier, len(self._tiers)):
+            tier = self._tiers[t]
+            if isinstance(tier, MemoryTier):
+                if self._put_memory(t, tier, key, src, parent, protect, owner):
+                    return True
+                continue
+            with state.lock:
+                state.check_open()
+                if self.placement.put_into(t, key, parent, nbytes, owner, src, protect):
+                    return True
+        return False
+
+    def _put_host(self, tier: MemoryTier, key: bytes, src: np.ndarray,
+                  parent: bytes | None, owner: int) -> bool:
+        """put_many's fast path (lock held): a small host value into a free slot of the
+        host write tier. False, with nothing changed, when that needs an eviction (or its
+        owner's quota would)."""
+        nbytes = src.shape[0]
+        t = self.placement.write_tier
+        if owner and not self.placement.fits_quota(t, owner, nbytes):
+            return False
+        offset = tier.allocator.allocate(nbytes)
+        if offset is None:
+            return False
+        self.placement.forget(key, durable=True)
+        np.copyto(tier.view(offset, nbytes), src)
+        tier.commit(key, offset, nbytes, parent)
+        self.placement.insert(key, parent, nbytes, t, owner)
+        return True
+
+    def _put_memory(self, t: int, tier: MemoryTier, key: bytes, src: ByteView,
+                    parent: bytes | None, protect: set[bytes] | None, owner: int) -> bool:
+        nbytes = int(src.shape[0])
+        state = self._state
+        core = self.placement
+        if nbytes <= SMALL_VALUE_BYTES:
+            with state.lock:
+                state.check_open()
+                offset = core.reserve(t, nbytes, owner, protect)
+                if offset is None:
+                    return False
+                copy_bytes(tier.view(offset, nbytes), src)
+                self._commit(t, key, parent, offset, nbytes, owner)
+            return True
+        with state.lock:
+            state.check_open()
+            offset = core.reserve(t, nbytes, owner, protect)
+            if offset is not None:
+                core.hold(t, offset, owner, nbytes)  # copied outside the lock
+        if offset is None:
+            return False
+        try:
+            copy_bytes(tier.view(offset, nbytes), src)
+        except BaseException:
+            with state.lock:
+                core.unhold(t, offset)
+                tier.release(offset)
+            raise
+        with state.lock:
+            if state.closed:
+                raise StoreClosedError("the store was closed during put")
+            self._commit(t, key, parent, offset, nbytes, owner)
+        return True
+
+    def _commit(self, t: int, key: bytes, parent: bytes | None, offset: int,
+                nbytes: int, owner: int = 0) -> None:
+        """A filled slot becomes ``key``'s value (lock held). The value it replaces gets
+        a tombstone on NVMe, so that a crash can bring back the new value or none, never
+        the old one."""
+        core = self.placement
+        core.forget(key, durable=True)
+        self._tiers[t].commit(key, offset, nbytes, parent)
+        core.insert(key, parent, nbytes, t, owner)
+        if owner:
+            core.unhold(t, offset)
+            core.enforce_quota(t, owner, key)
+
