@@ -4,7 +4,8 @@ Capacities are tokens (``3M``, ``500k``, ``2000000``) or bytes (a unit with a ``
 ``80GiB``, ``512MB``), bytes converted with ``--kv-bytes-per-token`` or ``--model``.
 Every run reports, beside each policy's replay, the infinite-capacity bound and Belady at
 the total capacity. ``--sweep`` replaces ``--hbm`` by each of its values in turn (the
-other tiers stay as given), one process per run where there is more than one core.
+other tiers stay as given), one process per run where there is more than one core;
+``--plot`` draws the sweep (matplotlib, the ``plot`` extra, is checked before the replay).
 
 Exit codes: 0 done; 2 bad arguments or a bad trace (a message names what and where).
 """
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvstore.errors import ConfigError
+from kvstore.errors import ConfigError, KVStoreError
 from kvstore.hitrate import (
     Progress,
     ReplayConfig,
@@ -30,7 +31,7 @@ from kvstore.hitrate import (
 )
 from kvstore.model_shapes import MODEL_SHAPES, kv_layout
 from kvstore.policy import EvictionPolicy
-from kvstore.traces import Trace, TraceFormat, read_traces
+from kvstore.traces import Trace, TraceError, TraceFormat, read_traces
 from kvstore.units import parse_size
 
 TIERS = ("hbm", "dram", "nvme")
@@ -60,7 +61,8 @@ def register(commands: Any) -> None:
                    help="also report the hit rate per window of trace time")
     p.add_argument("--sweep", metavar="SIZES", help="HBM capacities to sweep: 1M,3M,10M")
     p.add_argument("--plot", type=Path, metavar="FILE.png",
-                   help="with --sweep: plot hit rate vs capacity (needs matplotlib)")
+                   help="with --sweep: plot hit rate vs capacity (needs matplotlib: "
+                        "pip install 'kvstore[plot]')")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip (and count) malformed lines instead of stopping")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -191,11 +193,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give a capacity: --hbm, --dram, --nvme (e.g. --hbm 3M) or --sweep")
     if args.window is not None and args.window <= 0:
         raise ConfigError(f"--window must be positive, got {args.window}")
+    if args.plot is not None:
+        require_matplotlib()  # now, not after a replay that may take minutes
     fmt = TraceFormat(args.format) if args.format else None
     trace = read_traces(list(args.traces), fmt=fmt, block_tokens=args.block_tokens,
                         skip_bad=args.skip_bad)
     if not len(trace):
-        raise ConfigError("the trace holds no requests")
+        raise TraceError("the trace holds no requests")
     bt = trace.block_tokens
     show_bar = not args.json and sys.stderr.isatty()
     bound = infinite_bound(trace, args.window).to_dict()
@@ -274,11 +278,18 @@ def print_report(doc: dict[str, Any], kinds: list[EvictionPolicy], is_sweep: boo
             print(f"  {base['start_s']:>9.0f} {rates}")
 
 
-def plot(doc: dict[str, Any], kinds: list[EvictionPolicy], path: Path) -> None:
+def require_matplotlib() -> None:
     try:
-        import matplotlib
-    except ImportError:
-        raise ConfigError("--plot needs matplotlib: pip install matplotlib") from None
+        import matplotlib.figure  # noqa: F401
+    except ImportError as e:
+        raise KVStoreError(f"--plot needs matplotlib, which does not import here ({e}): "
+                           "pip install 'kvstore[plot]' (in a clone: pip install -e "
+                           "'.[plot]')") from None
+
+
+def plot(doc: dict[str, Any], kinds: list[EvictionPolicy], path: Path) -> None:
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
