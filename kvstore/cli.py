@@ -12,26 +12,57 @@ group: each entry is a ``register(subparsers)`` function that adds its parser an
 ``run`` as its default. The library never imports them itself (data flows one way:
 engines -> kvstore), and a missing optional dependency of one plugin leaves the others
 working.
+
+A mistake in a subcommand's arguments (an unknown flag, a value its parser or its `run`
+refuses with `ConfigError`) is answered as argparse answers a single parser: that
+subcommand's usage, then ``kvstore NAME: error: ...``, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from kvstore import __version__, hitrate_cli, size_cli, stats_cli
+from kvstore.errors import ConfigError, KVStoreError
 
 PLUGIN_GROUP = "kvstore.commands"
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
-    """The parser, and the plugins that failed to load (name -> why)."""
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: an argument it does not know is its own error.
+
+    Left to argparse, a subparser hands what it does not know up to the top-level parser,
+    which then prints its own usage (``usage: kvstore [-h] [--version] COMMAND``) instead
+    of the flags the subcommand does take.
+    """
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None,
+                         ) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
+@dataclass(frozen=True)
+class CommandLine:
+    parser: argparse.ArgumentParser
+    commands: dict[str, argparse.ArgumentParser]  # each subcommand's own parser
+    broken: dict[str, str]  # plugins that failed to load: name -> why
+
+
+def build_parser() -> CommandLine:
     parser = argparse.ArgumentParser(
         prog="kvstore",
         description="kvstore: a multi-tier (HBM, DRAM, NVMe) KV-cache store for LLM serving.")
     parser.add_argument("--version", action="version", version=f"kvstore {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                     parser_class=CommandParser)
     commands.required = True
     hitrate_cli.register(commands)
     size_cli.register(commands)
@@ -44,21 +75,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
             broken[entry.name] = str(e)
             failed = commands.add_parser(entry.name, help=f"(unavailable: {e})")
             failed.add_argument("args", nargs="*", help=argparse.SUPPRESS)
-    return parser, broken
+    return CommandLine(parser, dict(commands.choices), broken)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, broken = build_parser()
-    args = parser.parse_args(argv)
-    if args.command in broken:
-        print(f"kvstore {args.command}: cannot load ({broken[args.command]}); install the "
+    cli = build_parser()
+    args = cli.parser.parse_args(argv)
+    if args.command in cli.broken:
+        print(f"kvstore {args.command}: cannot load ({cli.broken[args.command]}); install the "
               "engines with: pip install -e '.[engines]'", file=sys.stderr)
         return 2
-    from kvstore.errors import KVStoreError
-
     try:
         return args.run(args)
-    except (KVStoreError, ValueError) as e:  # bad sizes, unusable paths: a message, no trace
+    except ConfigError as e:  # a bad value: the subcommand's usage, as argparse gives it
+        cli.commands[args.command].error(str(e))
+    except (KVStoreError, ValueError) as e:  # a bad trace, an unusable path: a message
         print(f"kvstore {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -4,7 +4,8 @@ Capacities are tokens (``3M``, ``500k``, ``2000000``) or bytes (a unit with a ``
 ``80GiB``, ``512MB``), bytes converted with ``--kv-bytes-per-token`` or ``--model``.
 Every run reports, beside each policy's replay, the infinite-capacity bound and Belady at
 the total capacity. ``--sweep`` replaces ``--hbm`` by each of its values in turn (the
-other tiers stay as given), one process per run where there is more than one core.
+other tiers stay as given), one process per run where there is more than one core;
+``--plot`` draws the sweep (matplotlib, the ``plot`` extra, is checked before the replay).
 
 Exit codes: 0 done; 2 bad arguments or a bad trace (a message names what and where).
 """
@@ -18,9 +19,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvstore.errors import ConfigError
+from kvstore.errors import ConfigError, KVStoreError
 from kvstore.hitrate import (
     Progress,
     ReplayConfig,
@@ -30,8 +31,11 @@ from kvstore.hitrate import (
 )
 from kvstore.model_shapes import MODEL_SHAPES, kv_layout
 from kvstore.placement.rules import EvictionPolicy
-from kvstore.traces import Trace, TraceFormat, read_traces
+from kvstore.traces import Trace, TraceError, TraceFormat, read_traces
 from kvstore.units import parse_size
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TIERS = ("hbm", "dram", "nvme")
 
@@ -60,7 +64,8 @@ def register(commands: Any) -> None:
                    help="also report the hit rate per window of trace time")
     p.add_argument("--sweep", metavar="SIZES", help="HBM capacities to sweep: 1M,3M,10M")
     p.add_argument("--plot", type=Path, metavar="FILE.png",
-                   help="with --sweep: plot hit rate vs capacity (needs matplotlib)")
+                   help="with --sweep: plot hit rate vs capacity (needs matplotlib: "
+                        "pip install 'kvstore[plot]')")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip (and count) malformed lines instead of stopping")
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -191,11 +196,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give a capacity: --hbm, --dram, --nvme (e.g. --hbm 3M) or --sweep")
     if args.window is not None and args.window <= 0:
         raise ConfigError(f"--window must be positive, got {args.window}")
+    if args.plot is not None:
+        require_matplotlib()  # now, not after a replay that may take minutes
     fmt = TraceFormat(args.format) if args.format else None
     trace = read_traces(list(args.traces), fmt=fmt, block_tokens=args.block_tokens,
                         skip_bad=args.skip_bad)
     if not len(trace):
-        raise ConfigError("the trace holds no requests")
+        raise TraceError("the trace holds no requests")
     bt = trace.block_tokens
     show_bar = not args.json and sys.stderr.isatty()
     bound = infinite_bound(trace, args.window).to_dict()
@@ -233,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_report(doc, kinds, sweep is not None)
     if args.plot is not None:
-        plot(doc, kinds, args.plot)
+        names = ", ".join(path.name for path in args.traces)
+        write_plot(sweep_figure(doc, kinds, names, bpt), args.plot)
     return 0
 
 
@@ -274,31 +282,79 @@ def print_report(doc: dict[str, Any], kinds: list[EvictionPolicy], is_sweep: boo
             print(f"  {base['start_s']:>9.0f} {rates}")
 
 
-def plot(doc: dict[str, Any], kinds: list[EvictionPolicy], path: Path) -> None:
+def require_matplotlib() -> None:
     try:
-        import matplotlib
-    except ImportError:
-        raise ConfigError("--plot needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        import matplotlib.figure  # noqa: F401
+    except ImportError as e:
+        raise KVStoreError(f"--plot needs matplotlib, which does not import here ({e}): "
+                           "pip install 'kvstore[plot]' (in a clone: pip install -e "
+                           "'.[plot]')") from None
 
-    xs = [row["total_capacity_tokens"] for row in doc["runs"]]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k in kinds:
-        ax.plot(xs, [row["policies"][k.value]["hit_rate"] for row in doc["runs"]], "o-",
-                label=k.value)
-    ax.plot(xs, [row["belady"]["hit_rate"] for row in doc["runs"]], "s-", label="belady")
-    ax.axhline(doc["infinite"]["hit_rate"], linestyle="--", color="gray",
+
+# Every line stays visible where others lie on it (leaf-first LRU and LRU often coincide):
+# the first policy is drawn wide and solid, each later one narrower and dashed over it,
+# with its own marker.
+POLICY_STYLES = ({"linestyle": "-", "marker": "o", "linewidth": 3.5, "markersize": 10},
+                 {"linestyle": "--", "marker": "x", "linewidth": 1.5, "markersize": 9,
+                  "markeredgewidth": 2})
+BELADY_STYLE = {"linestyle": "-.", "marker": "^", "linewidth": 1.5, "markersize": 8}
+
+
+def sweep_figure(doc: dict[str, Any], kinds: list[EvictionPolicy], trace_names: str,
+                 kv_bytes_per_token: int | None) -> Figure:
+    """Hit rate against total capacity for a ``--sweep`` document (what ``--json`` prints).
+
+    The x axis is tokens, with the KV's bytes on the top axis when the bytes per token are
+    known (``--model``, ``--kv-bytes-per-token``), else blocks.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter, NullFormatter, PercentFormatter
+
+    runs, bt = doc["runs"], doc["block_tokens"]
+    xs = [row["total_capacity_tokens"] for row in runs]
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
+    for i, k in enumerate(kinds):
+        style = POLICY_STYLES[min(i, len(POLICY_STYLES) - 1)]
+        ax.plot(xs, [row["policies"][k.value]["hit_rate"] for row in runs], label=k.value,
+                zorder=2 + i, **style)
+    ax.plot(xs, [row["belady"]["hit_rate"] for row in runs], label="belady (optimal)",
+            zorder=2 + len(kinds), **BELADY_STYLE)
+    ax.axhline(doc["infinite"]["hit_rate"], linestyle=":", color="gray", linewidth=1.5,
                label="infinite capacity")
     ax.set_xscale("log")
-    ax.set_xlabel("cache capacity (tokens)")
-    ax.set_ylabel("prefix hit rate (tokens)")
+    ax.set_xticks(xs, labels=[EngFormatter(sep="")(x) for x in xs])  # the swept points
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    swept = runs[0]["capacity_tokens"]
+    fixed = ", ".join(f"{t.upper()} {swept[t]:,}" for t in TIERS[1:] if swept[t])
+    ax.set_xlabel("total cache capacity (tokens" + (f"; HBM swept, {fixed} tokens fixed)"
+                                                    if fixed else ")"))
+    # The top axis labels the same points in another unit: the KV's bytes, else blocks.
+    top = ax.secondary_xaxis("top")
+    if kv_bytes_per_token is not None:
+        unit, unit_bytes = (("GiB", 2**30) if max(xs) * kv_bytes_per_token >= 2**30
+                            else ("MiB", 2**20))
+        sizes = [x * kv_bytes_per_token / unit_bytes for x in xs]
+        top.set_xticks(xs, labels=[f"{v:,.0f}" if v >= 10 else f"{v:.2g}" for v in sizes])
+        top.set_xlabel(f"KV bytes ({unit}, at {kv_bytes_per_token:,} bytes per token)")
+    else:
+        blocks = [sum(c // bt for c in row["capacity_tokens"].values()) for row in runs]
+        top.set_xticks(xs, labels=[f"{b:,}" for b in blocks])
+        top.set_xlabel(f"capacity (blocks of {bt} tokens)")
+    top.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylabel("prefix hit rate (% of input tokens)")
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"Hit rate by cache size: {trace_names} ({doc['requests']:,} requests, "
+                 f"{bt}-token blocks)", fontsize=11)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="best")
     fig.tight_layout()
+    return fig
+
+
+def write_plot(figure: Figure, path: Path) -> None:
     try:
-        fig.savefig(path, dpi=120)
+        figure.savefig(path, dpi=120)
     except OSError as e:
         raise ConfigError(f"--plot {path}: cannot write: {e.strerror or e}") from e
-    finally:
-        plt.close(fig)

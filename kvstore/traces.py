@@ -193,14 +193,24 @@ def _logged_block_tokens(path: Path) -> int | None:
     return None
 
 
+def _why(error: Exception) -> str:
+    """What is wrong with a line, the JSON parser's position named as inside the record."""
+    if isinstance(error, json.JSONDecodeError):
+        return (f"not JSON: {error.msg} at line {error.lineno} column {error.colno} "
+                "of the record")
+    if isinstance(error, KeyError):
+        return f"missing field {error}"
+    return str(error)
+
+
 def read_traces(paths: list[Path], *, fmt: TraceFormat | None = None,
                 block_tokens: int | None = None, skip_bad: bool = False) -> Trace:
     """Read and concatenate ``paths`` (see the module docstring).
 
     ``block_tokens`` defaults to the one access logs declare, else 512 (Mooncake's, which
-    that format fixes). A malformed
-    line raises `TraceError` naming file and line, or is counted in ``num_bad_lines`` when
-    ``skip_bad``.
+    that format fixes). A malformed line raises `TraceError` naming file and line (and, for
+    bad JSON, the parser's line and column inside the record), or is counted in
+    ``num_bad_lines`` when ``skip_bad``.
     """
     if block_tokens is not None and block_tokens <= 0:
         raise TraceError(f"--block-tokens must be positive, got {block_tokens}")
@@ -224,9 +234,8 @@ def read_traces(paths: list[Path], *, fmt: TraceFormat | None = None,
                 if skip_bad:
                     trace.num_bad_lines += 1
                     continue
-                what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-                raise TraceError(f"{path}:{number}: not a {file_fmt.value} trace line "
-                                 f"({what}); fix it or pass --skip-bad") from e
+                raise TraceError(f"{path} line {number}: not a {file_fmt.value} trace line "
+                                 f"({_why(e)}); fix it or pass --skip-bad") from e
             if ts is not None:
                 if first_s is None:
                     first_s = ts

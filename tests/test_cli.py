@@ -59,3 +59,21 @@ def test_bad_arguments_exit_2_with_a_message():
     assert result.returncode == 2 and "lots" in result.stderr
     assert "Traceback" not in result.stderr
     assert kvstore("frobnicate").returncode == 2
+
+
+def test_a_bad_flag_of_a_subcommand_shows_that_subcommands_usage():
+    for name, args, flag in (("hitrate", ("t.jsonl", "--hmb", "3M"), "--hmb"),
+                             ("size", ("--bogus",), "--bogus"),
+                             ("stats", ("kvstore://127.0.0.1:1", "--wach", "5"), "--wach")):
+        result = kvstore(name, *args)
+        assert result.returncode == 2, (name, result.stderr)
+        assert result.stderr.startswith(f"usage: kvstore {name} "), (name, result.stderr)
+        assert f"kvstore {name}: error: unrecognized arguments: {flag}" in result.stderr, name
+    # A value the subcommand refuses once parsed reads the same.
+    result = kvstore("hitrate", "t.jsonl", "--hbm=-3M")
+    assert result.returncode == 2 and result.stderr.startswith("usage: kvstore hitrate ")
+    assert "kvstore hitrate: error: --hbm must not be negative" in result.stderr
+    # An unknown flag before the command is still the top-level parser's.
+    result = kvstore("--bogus", "size", "--model", "tiny", "--tokens", "1")
+    assert result.returncode == 2 and result.stderr.startswith("usage: kvstore [-h]")
+    assert "kvstore: error: unrecognized arguments: --bogus" in result.stderr

@@ -212,8 +212,11 @@ def test_cli_bad_input_exits_2_with_a_message(tmp_path):
     trace = tmp_path / "bad.jsonl"
     trace.write_text(f"{good}\n{good}\n{{not json\n{good}\n")
     result = kvstore(str(trace), "--hbm", "3M")
-    assert result.returncode == 2 and f"{trace}:3" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2, result.stderr
+    # The file's line, then the JSON parser's own position inside that line's record.
+    assert f"{trace} line 3: not a mooncake trace line (not JSON: Expecting property name " \
+        "enclosed in double quotes at line 1 column 2 of the record)" in result.stderr
+    assert "Traceback" not in result.stderr and "usage:" not in result.stderr
     result = kvstore(str(trace), "--hbm", "3M", "--skip-bad", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["bad_lines_skipped"] == 1
@@ -229,6 +232,17 @@ def test_cli_bad_input_exits_2_with_a_message(tmp_path):
         result = kvstore(str(trace), *args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+    cut = tmp_path / "cut.jsonl"  # the second record ends early: the parser is on its line 2
+    cut.write_text(f'{good}\n{{"timestamp": 0,\n')
+    result = kvstore(str(cut), "--hbm", "3M")
+    assert result.returncode == 2 and f"{cut} line 2: " in result.stderr
+    assert "at line 2 column 1 of the record" in result.stderr
+    missing = tmp_path / "missing-field.jsonl"  # valid JSON, not a Mooncake record
+    missing.write_text(f'{good}\n{{"timestamp": 0, "hash_ids": [0]}}\n')
+    result = kvstore(str(missing), "--hbm", "3M")
+    assert result.returncode == 2, result.stderr
+    assert f"{missing} line 2: not a mooncake trace line (missing field 'input_length')" \
+        in result.stderr
     unknown = tmp_path / "other.jsonl"
     unknown.write_text('{"prompt": "hello"}\n')
     result = kvstore(str(unknown), "--hbm", "3M")
