@@ -15,7 +15,7 @@ answers.
 
     REQUEST  <Q handle><16s key><Q spare_size>            32 bytes (spare_size 0: none)
     RESPONSE <Q status><Q stored><Q spare_handle><Q spare_offset>   32 bytes
-             status 0: done; else an error code (`kvstore.protocol.doorbell_status`)
+             status 0: done; else an error code (`kvstore.wire.doorbell`)
 
 A doorbell belongs to its TCP connection: it serves that connection's reservations, is
 closed when the connection ends, and one secret binds one doorbell. A secret that binds
@@ -37,13 +37,18 @@ from typing import Any
 
 from daemon.answering import Request, run_in_place
 from daemon.shm_plane import Connection
-from kvstore import protocol
-from kvstore.protocol import ErrorCode
+from kvstore.wire.doorbell import (
+    DOORBELL_MESSAGE_BYTES,
+    DOORBELL_REQUEST,
+    DOORBELL_RESPONSE,
+    doorbell_status,
+)
+from kvstore.wire.error_codes import ErrorCode
 
 log = logging.getLogger(__name__)
 
-REQUEST, RESPONSE = protocol.DOORBELL_REQUEST, protocol.DOORBELL_RESPONSE
-SECRET_BYTES = MESSAGE_BYTES = protocol.DOORBELL_MESSAGE_BYTES
+REQUEST, RESPONSE = DOORBELL_REQUEST, DOORBELL_RESPONSE
+SECRET_BYTES = MESSAGE_BYTES = DOORBELL_MESSAGE_BYTES
 
 
 class Doorbells:
@@ -169,5 +174,5 @@ class DoorbellProtocol(asyncio.BufferedProtocol):
         """Answer a commit that raised as the TCP op would (logged and counted the same)."""
         assert self.conn is not None
         response = self.daemon._answer_error(self.conn, Request(op="commit"), error)[0]
-        status = protocol.doorbell_status(ErrorCode(response["code"]))
+        status = doorbell_status(ErrorCode(response["code"]))
         self.transport.write(RESPONSE.pack(status, 0, 0, 0))

@@ -1,6 +1,6 @@
 """The daemon: one `kvstore.Store` served to many clients over asyncio.
 
-    client ──frames (kvstore.protocol)──> TCP connection (daemon.tcp) ──┐
+    client ──frames (kvstore.wire)──> TCP connection (daemon.tcp) ──┐
                                          UCX endpoint (`_serve`) ─────┴─> `_reply` ──> Store
     same-host client ──maps /dev/shm/NAME──> the Store's DRAM pool (reserve/commit, pin/unpin)
 
@@ -63,12 +63,13 @@ from daemon.tenants import (
     Tenants,
     grants,
 )
-from kvstore import protocol
 from kvstore.errors import KVStoreError, StorageError
 from kvstore.keys import namespace_secret
-from kvstore.protocol import ErrorCode, FrameKind, RequestError
 from kvstore.store import Store
 from kvstore.tiers.dram import boot_id
+from kvstore.wire import error_codes, frames, ops
+from kvstore.wire.error_codes import ErrorCode, RequestError
+from kvstore.wire.frames import FrameKind
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ class Daemon(SharedMemoryPlane):
                 try:
                     # Idle between requests may last; a started frame must finish in time.
                     first = await reader.readexactly(1)
-                    rest, = await self._read_in_time(reader, protocol.HEADER_BYTES - 1)
+                    rest, = await self._read_in_time(reader, frames.HEADER_BYTES - 1)
                     raw = first + rest
                 except asyncio.IncompleteReadError:
                     break
@@ -319,7 +320,7 @@ class Daemon(SharedMemoryPlane):
         started = time.perf_counter()
         share: Share | None = None
         try:
-            header = protocol.decode_header(raw, max_data_bytes=self.max_frame_data_bytes,
+            header = frames.decode_header(raw, max_data_bytes=self.max_frame_data_bytes,
                                             expect=FrameKind.REQUEST)
             share = await self._share_of(conn, header)
             try:
@@ -339,7 +340,7 @@ class Daemon(SharedMemoryPlane):
                 self.frame_memory.give_back(share, reuse=False)
         response, out, keep_open, op = answer
         data_bytes = sum(len(part) for part in out)
-        writer.write(protocol.encode(FrameKind.RESPONSE, response, data_bytes))
+        writer.write(frames.encode(FrameKind.RESPONSE, response, data_bytes))
         for part in out:
             writer.write(part)
         async with asyncio.timeout(self.config.frame_timeout_s):
@@ -347,7 +348,7 @@ class Daemon(SharedMemoryPlane):
         self._observe(op, started, response["ok"], data_bytes)
         return keep_open
 
-    async def _share_of(self, conn: Connection, header: protocol.Header) -> Share | None:
+    async def _share_of(self, conn: Connection, header: frames.Header) -> Share | None:
         """A stream's share of the frame memory for a large body, taken before the body is
         read (waiting, unread and untimed, while it does not fit); None for a small one.
 
@@ -365,18 +366,18 @@ class Daemon(SharedMemoryPlane):
         if conn.tenant is None:  # a hello is small: nothing large before it
             raise RequestError(ErrorCode.BAD_FRAME, f"a frame of {nbytes} bytes before hello")
 
-    def _start(self, conn: Connection, header: protocol.Header, raw_meta: bytes, data: Any,
+    def _start(self, conn: Connection, header: frames.Header, raw_meta: bytes, data: Any,
                request: Request) -> Coroutine[Any, Any, Any]:
         """Check one whole request (filling in ``request``) and return its handler, not
         started; raises what `_answer_error` answers."""
-        meta = protocol.decode_meta(raw_meta, protocol.MAX_REQUEST_CONTAINERS)
-        request.id, request.op, request.timeout_s = protocol.check_request(meta,
+        meta = frames.decode_meta(raw_meta, frames.MAX_REQUEST_CONTAINERS)
+        request.id, request.op, request.timeout_s = ops.check_request(meta,
                                                                            header.data_bytes)
         if request.op != "hello" and conn.tenant is None:
             raise RequestError(ErrorCode.AUTH_REQUIRED, "the first request must be hello")
         return getattr(self, f"_op_{request.op}")(conn, meta, data)
 
-    async def _reply(self, conn: Connection, header: protocol.Header, raw_meta: bytes,
+    async def _reply(self, conn: Connection, header: frames.Header, raw_meta: bytes,
                      data: Any) -> Answer:
         """Run one whole request under its deadline; its answer."""
         request = Request()
@@ -407,7 +408,7 @@ class Daemon(SharedMemoryPlane):
             return ({"id": request.id, "ok": False, "code": ErrorCode.INTERNAL.value,
                      "message": f"internal error: {type(error).__name__}: {error}"}, [], True,
                     request.op)
-        code = protocol.code_of(error)
+        code = error_codes.code_of(error)
         request_id = getattr(error, "request_id", request.id)
         keep_open = code not in (ErrorCode.BAD_FRAME, ErrorCode.UNSUPPORTED_VERSION,
                                  ErrorCode.AUTH_FAILED)
@@ -480,10 +481,10 @@ class Daemon(SharedMemoryPlane):
     # -- operations: each returns (response fields, data parts) ----------------------------------
 
     async def _op_hello(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        if meta["version"] != protocol.PROTOCOL_VERSION:
+        if meta["version"] != frames.PROTOCOL_VERSION:
             raise RequestError(ErrorCode.UNSUPPORTED_VERSION,
                                f"client speaks protocol {meta['version']}, daemon "
-                               f"{protocol.PROTOCOL_VERSION}")
+                               f"{frames.PROTOCOL_VERSION}")
         tenant = self.tenants.authenticate(meta["token"])
         if tenant is None:
             raise RequestError(ErrorCode.AUTH_FAILED, "invalid or missing token")
@@ -504,7 +505,7 @@ class Daemon(SharedMemoryPlane):
         log.info("client hello peer=%s tenant=%s namespace=%s shm=%s", conn.peer, tenant.name,
                  namespace, conn.shared_memory)
         return {
-            "version": protocol.PROTOCOL_VERSION,
+            "version": frames.PROTOCOL_VERSION,
             "node_id": self.config.node_id or f"{socket.gethostname()}:{self.address[1]}",
             "namespace": namespace,
             "max_value_bytes": self.store.config.max_value_bytes,

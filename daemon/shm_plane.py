@@ -25,7 +25,7 @@ Invariants (no reader ever gets bytes other than what was committed for its key)
   (all its slots go back); an abort of one is answered as any abort (its slot goes back).
 - An expired pin is dropped: its block may be evicted and its slot reused. Pins only read;
   the client keeps a copy only if it finished within half a lease of *sending* the pin
-  request (`kvstore.client_ops`), so before the pin's deadline here.
+  request (`kvstore.client.operations`), so before the pin's deadline here.
 
 `SharedMemoryPlane` is a part of `daemon.server.Daemon` (its base class): the operations
 and the lease bookkeeping, on the daemon's event loop.
@@ -44,8 +44,8 @@ from typing import Any
 from daemon.tenants import Tenant
 from kvstore.errors import KVStoreError
 from kvstore.keys import scoped_key
-from kvstore.protocol import ErrorCode, RequestError
 from kvstore.tiers.shm_directory import BEAT_S
+from kvstore.wire.error_codes import ErrorCode, RequestError
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,9 @@ from typing import Any
 from daemon.answering import Answer, Request, run_in_place
 from daemon.frame_memory import Share, Waiter
 from daemon.shm_plane import Connection
-from kvstore import protocol
-from kvstore.protocol import FrameKind, RequestError
+from kvstore.wire import frames
+from kvstore.wire.error_codes import RequestError
+from kvstore.wire.frames import FrameKind
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._start = self._end = 0  # bytes received, not yet cut into frames
         # A frame whose body is received into its own buffer: header, body, bytes in it,
         # and its share of the frame memory (held until its request is answered).
-        self._header: protocol.Header | None = None
+        self._header: frames.Header | None = None
         self._body: memoryview | None = None
         self._filled = 0
         self._share: Share | None = None
@@ -168,17 +169,17 @@ class FrameProtocol(asyncio.BufferedProtocol):
         view = self._view
         while self._ready():
             start, end = self._start, self._end
-            if end - start < protocol.HEADER_BYTES:
+            if end - start < frames.HEADER_BYTES:
                 break
             try:
-                header = protocol.decode_header(
-                    bytes(view[start:start + protocol.HEADER_BYTES]),
+                header = frames.decode_header(
+                    bytes(view[start:start + frames.HEADER_BYTES]),
                     max_data_bytes=self.daemon.max_frame_data_bytes, expect=FrameKind.REQUEST)
             except RequestError as e:
                 self._refuse(e)
                 return
             body_bytes = header.meta_bytes + header.data_bytes
-            body_start = start + protocol.HEADER_BYTES
+            body_start = start + frames.HEADER_BYTES
             have = end - body_start
             if have < body_bytes:
                 if body_bytes <= OWN_BUFFER_BYTES:
@@ -257,7 +258,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     # -- answering ------------------------------------------------------------------------------
 
-    def _answer(self, header: protocol.Header, raw_meta: bytes, data: Any) -> None:
+    def _answer(self, header: frames.Header, raw_meta: bytes, data: Any) -> None:
         """Run one request: answered at once if its handler does not wait, else by a task
         under the request's deadline (reading pauses until it is answered). A body's share
         of the frame memory is given back once the request is done with it."""
@@ -309,7 +310,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if transport.is_closing():  # the client went away meanwhile
             return
         data_bytes = sum(len(part) for part in out)
-        transport.write(protocol.encode(FrameKind.RESPONSE, response, data_bytes))
+        transport.write(frames.encode(FrameKind.RESPONSE, response, data_bytes))
         for part in out:
             transport.write(part)
         self.daemon._observe(op, started, response["ok"], data_bytes)
