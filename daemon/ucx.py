@@ -1,7 +1,7 @@
 """The daemon's UCX listener (``kvstored --ucx HOST:PORT``): clients on other hosts reach
 the store through ucxx, over whatever UCX picks (TCP, RDMA, shared memory).
 
-    ucxx listener ──endpoint──> UcxStream (reader and writer) ──> Daemon._serve
+    ucxx listener ──endpoint──> UcxStream (reader and writer) ──> daemon.streams
 
 Each endpoint is served by the daemon's own connection loop, exactly as a TCP socket is:
 framing, validation, auth, tenants, leases, deadlines and metrics are shared, and the
@@ -19,6 +19,7 @@ import itertools
 import logging
 from typing import Any
 
+from daemon.streams import StreamServer
 from kvstore.wire import ucx as wire_ucx
 from kvstore.wire.ucx import UcxStream
 
@@ -35,6 +36,7 @@ class UcxListener:
         self.address: tuple[str, int] | None = None
         self._listener: Any | None = None
         self._numbers = itertools.count(1)
+        self._streams = StreamServer(daemon)
 
     async def start(self) -> None:
         wire_ucx.init_ucx()  # KVStoreError naming the extra if ucxx is missing
@@ -45,10 +47,10 @@ class UcxListener:
 
     async def _serve_endpoint(self, endpoint: Any) -> None:
         stream = UcxStream(endpoint, ("ucx", next(self._numbers)))
-        if self.daemon._stopping.is_set():  # draining: its store and workers are going away
+        if self.daemon.is_stopping:  # draining: its store and workers are going away
             await stream.wait_closed()
             return
-        await self.daemon._serve(stream, stream)
+        await self._streams.serve(stream, stream)
 
     async def stop(self) -> None:
         """Stop listening. Called after the daemon drained: the listener is kept until then
