@@ -27,11 +27,9 @@ import pytest_asyncio
 import kvstore
 from kvstore import AuthError, KVStoreError, StoreConnectionError
 from kvstore.client import AsyncClient, Client
-from tests.conftest import make_key, make_value
-from tests.daemon.conftest import REPO, DaemonProcess, free_port
 
 # The shared contract suite, run here over UCX (it takes this module's ``api`` fixture).
-from tests.daemon.test_store_contract import (  # noqa: F401
+from tests.client.test_store_contract import (  # noqa: F401
     test_bad_input_raises_and_changes_nothing,
     test_chains_match_prefix_and_batches,
     test_closed_raises,
@@ -44,6 +42,8 @@ from tests.daemon.test_store_contract import (  # noqa: F401
     test_put_get_roundtrip,
     test_value_types,
 )
+from tests.conftest import make_key, make_value
+from tests.daemon.conftest import REPO, DaemonProcess, free_port
 
 KiB = 1024
 MiB = 1024 * KiB
