@@ -117,14 +117,15 @@ class UcxSink:
     the sync client's hop from the calling thread to that loop."""
 
     def __init__(self) -> None:
-        from kvstore import ucx_transport  # ucxx is importable: the caller checked
+        from kvstore.client.ucx import ucx_loop  # ucxx is importable: the caller checked
+        from kvstore.wire import ucx as wire_ucx
 
         self.process = subprocess.Popen([sys.executable, "-c", _UCX_SINK],
                                         stdout=subprocess.PIPE, text=True)
         try:
             port = self._read_port()
-            self._loop = ucx_transport.ucx_loop()
-            self._endpoint = self._run(ucx_transport.ucxx.create_endpoint("127.0.0.1", port))
+            self._loop = ucx_loop()
+            self._endpoint = self._run(wire_ucx.ucxx.create_endpoint("127.0.0.1", port))
         except BaseException:
             self.process.kill()
             self.process.wait()

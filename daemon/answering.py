@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 Answer = tuple[dict[str, Any], list[Any], bool, str]  # response, data parts, keep open, op
+# An operation's handler: (connection, request meta, data) -> (response fields, data parts).
+Handler = Callable[[Any, dict[str, Any], Any],
+                   Coroutine[Any, Any, tuple[dict[str, Any], list[Any]]]]
 
 
 @dataclass

@@ -138,7 +138,7 @@ async def run(config: object, signals: StopSignals) -> int:
     from daemon.server import Daemon, bind_error
 
     assert isinstance(config, DaemonConfig)
-    metrics = registry = metrics_server = ucx = None
+    registry = metrics_server = ucx = None
     signals.check()
     daemon = Daemon(config, check_stop=signals.check)
     # Handlers first: a SIGTERM that lands while we start (say, just after the registry
@@ -146,12 +146,11 @@ async def run(config: object, signals: StopSignals) -> int:
     signals.hand_over(asyncio.get_running_loop(), daemon.request_stop)
     try:
         signals.check()  # one came while the store was built: stop before serving
-        if config.metrics is not None:
-            from daemon.metrics import DaemonMetrics, MetricsServer
-
-            metrics = daemon.metrics = DaemonMetrics(daemon.store.stats)
+        metrics = daemon.metrics  # with --metrics, the daemon made them
         await daemon.start()
         if metrics is not None:
+            from daemon.metrics import MetricsServer
+
             host, port = config.metrics_address
             metrics_server = MetricsServer(metrics, host, port, health=daemon.health)
             try:

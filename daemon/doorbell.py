@@ -6,7 +6,7 @@ once the daemon holds the block, so each put waits for one commit. Over TCP that
 trip (msgpack, validation, two Python event loops and loopback TCP) costs about 170 us on
 a 2-core VM, beside a ~480 us copy of 4 MiB; a 32-byte message over a Unix socket, read on
 the daemon's loop and answered in the same callback, costs a fraction of it. The commit
-itself is the TCP one (`SharedMemoryPlane._op_commit`): the same reservations, leases and
+itself is the TCP one (`SharedMemoryPlane.commit`): the same reservations, leases and
 answers.
 
     client ──TCP: doorbell──> daemon: {path, secret}   (a shared-memory connection only)
@@ -15,7 +15,7 @@ answers.
 
     REQUEST  <Q handle><16s key><Q spare_size>            32 bytes (spare_size 0: none)
     RESPONSE <Q status><Q stored><Q spare_handle><Q spare_offset>   32 bytes
-             status 0: done; else an error code (`kvstore.protocol.doorbell_status`)
+             status 0: done; else an error code (`kvstore.wire.doorbell`)
 
 A doorbell belongs to its TCP connection: it serves that connection's reservations, is
 closed when the connection ends, and one secret binds one doorbell. A secret that binds
@@ -36,14 +36,19 @@ import shutil
 from typing import Any
 
 from daemon.answering import Request, run_in_place
-from daemon.shm_plane import Connection
-from kvstore import protocol
-from kvstore.protocol import ErrorCode
+from daemon.connection import Connection
+from kvstore.wire.doorbell import (
+    DOORBELL_MESSAGE_BYTES,
+    DOORBELL_REQUEST,
+    DOORBELL_RESPONSE,
+    doorbell_status,
+)
+from kvstore.wire.error_codes import ErrorCode
 
 log = logging.getLogger(__name__)
 
-REQUEST, RESPONSE = protocol.DOORBELL_REQUEST, protocol.DOORBELL_RESPONSE
-SECRET_BYTES = MESSAGE_BYTES = protocol.DOORBELL_MESSAGE_BYTES
+REQUEST, RESPONSE = DOORBELL_REQUEST, DOORBELL_RESPONSE
+SECRET_BYTES = MESSAGE_BYTES = DOORBELL_MESSAGE_BYTES
 
 
 class Doorbells:
@@ -145,7 +150,7 @@ class DoorbellProtocol(asyncio.BufferedProtocol):
         handle, key, spare_size = REQUEST.unpack(message)
         meta = {"handles": [handle], "keys": [key],
                 "reserve_sizes": [spare_size] if spare_size else []}
-        self._waiting = run_in_place(self.daemon._op_commit(conn, meta, b""), None,
+        self._waiting = run_in_place(self.daemon.shm.commit(conn, meta, b""), None,
                                      self._settle)
         if self._waiting is not None:
             self.transport.pause_reading()
@@ -168,6 +173,6 @@ class DoorbellProtocol(asyncio.BufferedProtocol):
     def _fail(self, error: Exception) -> None:
         """Answer a commit that raised as the TCP op would (logged and counted the same)."""
         assert self.conn is not None
-        response = self.daemon._answer_error(self.conn, Request(op="commit"), error)[0]
-        status = protocol.doorbell_status(ErrorCode(response["code"]))
+        response = self.daemon.answer_error(self.conn, Request(op="commit"), error)[0]
+        status = doorbell_status(ErrorCode(response["code"]))
         self.transport.write(RESPONSE.pack(status, 0, 0, 0))

@@ -41,7 +41,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-from kvstore.protocol import MAX_META_BYTES
+from kvstore.wire.frames import MAX_META_BYTES
 
 log = logging.getLogger(__name__)
 

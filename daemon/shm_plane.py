@@ -25,47 +25,34 @@ Invariants (no reader ever gets bytes other than what was committed for its key)
   (all its slots go back); an abort of one is answered as any abort (its slot goes back).
 - An expired pin is dropped: its block may be evicted and its slot reused. Pins only read;
   the client keeps a copy only if it finished within half a lease of *sending* the pin
-  request (`kvstore.client_ops`), so before the pin's deadline here.
+  request (`kvstore.client.operations`), so before the pin's deadline here.
 
-`SharedMemoryPlane` is a part of `daemon.server.Daemon` (its base class): the operations
-and the lease bookkeeping, on the daemon's event loop.
+`SharedMemoryPlane` owns the handles and the lease bookkeeping; its operations run on the
+daemon's event loop, which finds them in its dispatch table (`daemon.server`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from daemon.tenants import Tenant
+from daemon.connection import Connection, Pin, Reservation
+from daemon.read_stats import ReadStats
+from daemon.store_calls import StoreCalls
 from kvstore.errors import KVStoreError
-from kvstore.keys import scoped_key
-from kvstore.protocol import ErrorCode, RequestError
 from kvstore.tiers.shm_directory import BEAT_S
+from kvstore.wire.error_codes import ErrorCode, RequestError
 
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 1.0
 MAX_PINS = 65536  # held by one connection at a time
-
-
-@dataclass
-class _Reservation:
-    key: bytes | None  # scoped; None for a spare slot, bound to a key at commit
-    offset: int
-    nbytes: int
-    deadline: float
-
-
-@dataclass
-class _Pin:
-    key: bytes  # scoped
-    pin: int
-    deadline: float
 
 
 @dataclass
@@ -78,8 +65,8 @@ class LeaseStats:
     num_quarantined_slots: int = 0
     quarantined_bytes: int = 0
 
-    def record(self, *, expired: Sequence[_Reservation] = (), num_expired_pins: int = 0,
-               released: Sequence[_Reservation] = ()) -> None:
+    def record(self, *, expired: Sequence[Reservation] = (), num_expired_pins: int = 0,
+               released: Sequence[Reservation] = ()) -> None:
         """Reservations that ``expired`` (now quarantined), pins that expired, and
         quarantined reservations whose slots were ``released``."""
         self.num_expired_reservations += len(expired)
@@ -97,64 +84,25 @@ class LeaseStats:
                 "quarantined_bytes": self.quarantined_bytes}
 
 
-def _nothing() -> None:
-    return None
-
-
-@dataclass(eq=False)
-class Connection:
-    peer: str
-    tenant: Tenant | None = None
-    namespace: str | None = None
-    secret: bytes = b""
-    shared_memory: bool = False
-    reservations: dict[int, _Reservation] = field(default_factory=dict)
-    quarantined: dict[int, _Reservation] = field(default_factory=dict)  # expired, slot kept
-    pins: dict[int, _Pin] = field(default_factory=dict)
-    busy: bool = False  # a request is being answered
-    # Set by whoever serves it (daemon.tcp, or Daemon._serve for a stream):
-    stop: Callable[[], None] = _nothing  # hang up when idle: now, or after the request
-    kill: Callable[[], None] = _nothing  # hang up now
-    closed: Any = None  # awaitable: done once it ended and gave back what it held
-    doorbell: Any = None  # the transport of its commit doorbell (daemon.doorbell), if rung
-    doorbell_secret: bytes | None = None  # issued, not yet bound
-
-    @property
-    def owner(self) -> int:
-        """Whose blocks this connection writes (its tenant's number; quotas charge it)."""
-        return 0 if self.tenant is None else self.tenant.owner
-
-    def scope(self, key: bytes) -> bytes:
-        """``key`` as it is stored for this connection's namespace."""
-        if not self.secret:
-            raise RequestError(ErrorCode.FORBIDDEN, "this connection named no namespace and "
-                               "its token grants several: connect with namespace=... (one of "
-                               f"{sorted(self.tenant.namespaces) if self.tenant else []})")
-        return scoped_key(self.secret, key)
-
-
 class SharedMemoryPlane:
-    """The reserve/commit/abort and pin/unpin operations, and the leases behind them.
-    Uses the daemon's ``config``, ``store``, ``metrics``, ``_handles``, ``_connections``,
-    its ``_run*`` helpers and ``_count_reads`` (a tenant's own read counts)."""
+    """The reserve/commit/abort, pin/unpin and touch operations, and the leases behind
+    them; ``read_stats`` gets a tenant's reads (pins and directory reads)."""
 
-    config: Any
-    store: Any
-    metrics: Any
-    _handles: Any
-    _connections: set[Connection]
-    lease_stats: LeaseStats
+    def __init__(self, calls: StoreCalls, read_stats: ReadStats, *, lease_s: float,
+                 metrics: Any | None) -> None:
+        self.calls = calls
+        self.store = calls.store
+        self.read_stats = read_stats
+        self.lease_s = lease_s
+        self.metrics = metrics
+        self.lease_stats = LeaseStats()
+        self._handles = itertools.count(1)
 
     # -- the shared-memory data plane -------------------------------------------------------------
 
-    def _check_shm(self, conn: Connection) -> None:
-        if not conn.shared_memory:
-            raise RequestError(ErrorCode.FORBIDDEN, "this connection has no shared memory; "
-                                                    "use put/get")
-
-    async def _op_reserve(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+    async def reserve(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         """Reserve DRAM slots for the leading keys that find room."""
-        self._check_shm(conn)
+        conn.check_shared_memory()
         sizes: list[int] = meta["sizes"]
         keys = [conn.scope(k) for k in meta["keys"]]  # refused before any slot is taken
 
@@ -162,7 +110,7 @@ class SharedMemoryPlane:
         # request gives up while the call runs on, the slots it reserves are given back.
         # Without an NVMe tier (no demotion I/O), a short one runs on the loop when the
         # lock is free (a long batch would stall every other client meanwhile).
-        offsets = await self._run_to_end(
+        offsets = await self.calls.run_to_end(
             lambda: self._reserve_slots(sizes, conn.owner),
             inline=not self.store.has_nvme and len(sizes) <= 64, release=self._release_slots)
         return self._reservations(conn, keys, offsets, sizes)
@@ -191,11 +139,11 @@ class SharedMemoryPlane:
                       sizes: list[int]) -> tuple[dict[str, Any], list[Any]]:
         """File reserved slots under new handles of ``conn`` (``keys`` scoped already; None
         for a spare slot); the reserve answer."""
-        deadline = time.monotonic() + self.config.lease_s
+        deadline = time.monotonic() + self.lease_s
         handles = []
         for key, offset, nbytes in zip(keys, offsets, sizes, strict=False):
             handle = next(self._handles)
-            conn.reservations[handle] = _Reservation(key, offset, nbytes, deadline)
+            conn.reservations[handle] = Reservation(key, offset, nbytes, deadline)
             handles.append(handle)
         return {"handles": handles, "offsets": offsets}, []
 
@@ -211,7 +159,7 @@ class SharedMemoryPlane:
         return [table.pop(h) for h in handles]
 
     def _take_held(self, conn: Connection, handles: list[int]
-                   ) -> tuple[list[_Reservation], list[_Reservation]]:
+                   ) -> tuple[list[Reservation], list[Reservation]]:
         """Take reservations out of ``conn``, live or quarantined: (all taken, the
         quarantined ones among them)."""
         quarantined = conn.quarantined
@@ -224,7 +172,7 @@ class SharedMemoryPlane:
             (quarantined if h in expired else conn.reservations).pop(h)
         return taken, [r for h, r in zip(handles, taken, strict=True) if h in expired]
 
-    async def _take_reserved(self, conn: Connection, handles: list[int]) -> list[_Reservation]:
+    async def _take_reserved(self, conn: Connection, handles: list[int]) -> list[Reservation]:
         """Take reservations out of ``conn`` to commit them; if one had expired
         (quarantined), every slot taken goes back and `lease_expired` is raised: the
         client is past its copy, so no one writes into them any more."""
@@ -233,26 +181,26 @@ class SharedMemoryPlane:
             await self._give_back(taken, expired)
             raise RequestError(ErrorCode.LEASE_EXPIRED,
                                f"{len(expired)} of {len(taken)} reservations were held past "
-                               f"the lease ({self.config.lease_s:g} s): nothing was stored, "
+                               f"the lease ({self.lease_s:g} s): nothing was stored, "
                                "put again")
         return taken
 
-    async def _give_back(self, taken: list[_Reservation], quarantined: list[_Reservation]
+    async def _give_back(self, taken: list[Reservation], quarantined: list[Reservation]
                          ) -> None:
         """Release the slots of ``taken``, which were taken out of the tables and so must
         be released even if the request's deadline passes (shielded); ``quarantined`` are
         those of them that had expired."""
         if quarantined:  # counted first: the release below finishes even if cancelled
             self._record_leases(released=quarantined)
-        await self._run_short(self._release_slots, [r.offset for r in taken], shield=True)
+        await self.calls.run_short(self._release_slots, [r.offset for r in taken], shield=True)
 
-    async def _op_commit(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+    async def commit(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         """Commit reservations in order, as one chain (each the parent of the next), to
         their reserved keys or to ``keys``; then reserve spare slots of ``reserve_sizes``
         for the client's next puts (answered as ``handles`` and ``offsets``)."""
         keys, spare_sizes = meta.get("keys"), meta.get("reserve_sizes") or []
         if spare_sizes:
-            self._check_shm(conn)
+            conn.check_shared_memory()
         taken = await self._take_reserved(conn, meta["handles"])
         if keys is not None:
             for r, key in zip(taken, keys, strict=True):
@@ -286,60 +234,62 @@ class SharedMemoryPlane:
         # The reservations are no longer in the table, so once taken they must be committed
         # (or released) even if the deadline passes before a worker thread is free: the
         # store call is shielded, and spares it reserves after a deadline are given back.
-        stored, offsets = await self._run_to_end(
+        stored, offsets = await self.calls.run_to_end(
             commit, inline=not (spare_sizes and self.store.has_nvme),  # NVMe: a thread
             release=lambda result: self._release_slots(result[1]))
-        self._count_in_bytes(sum(r.nbytes for r in taken))
+        nbytes = sum(r.nbytes for r in taken)
+        if self.metrics is not None and nbytes:
+            self.metrics.record_transfer("in", nbytes)
         spares, _ = self._reservations(conn, [None] * len(offsets), offsets, spare_sizes)
         return {"stored": stored, **spares}, []
 
-    async def _op_abort(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+    async def abort(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         """Give reserved slots back, expired ones too: an abort does what it asks either
         way (and the client may be aborting after an error it should see, not this)."""
         await self._give_back(*self._take_held(conn, meta["handles"]))
         return {}, []
 
-    async def _op_pin(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+    async def pin(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         """Pin the blocks held in DRAM: [offset, nbytes, handle] each, nil for the others
         (not in DRAM or absent: the client fetches those with get_many)."""
-        self._check_shm(conn)
-        deadline = time.monotonic() + self.config.lease_s
+        conn.check_shared_memory()
+        deadline = time.monotonic() + self.lease_s
         keys = [conn.scope(k) for k in meta["keys"]]
         # A key asked for twice is pinned once (its places share the handle): 65,536 copies
         # of one key must not make 65,536 pins live for a lease. Past MAX_PINS held by the
         # connection, blocks are answered nil (the client asks get_many for those).
         unique = list(dict.fromkeys(keys))[:max(0, MAX_PINS - len(conn.pins))]
-        pinned = await self._run_short(lambda: [self.store.pin_host(k) for k in unique])
+        pinned = await self.calls.run_short(lambda: [self.store.pin_host(k) for k in unique])
         num_found = len(pinned) - pinned.count(None)  # the others are asked for by get_many
-        self._count_reads(conn, num_found, num_found)
+        self.read_stats.record_reads(conn.owner, num_found, num_found)
         block_of: dict[bytes, list[int]] = {}
         for key, found in zip(unique, pinned, strict=True):
             if found is not None:
                 offset, nbytes, pin = found
                 handle = next(self._handles)
-                conn.pins[handle] = _Pin(key, pin, deadline)
+                conn.pins[handle] = Pin(key, pin, deadline)
                 block_of[key] = [offset, nbytes, handle]
         return {"blocks": [block_of.get(key) for key in keys]}, []
 
-    async def _op_touch(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+    async def touch(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         """Blocks the client copied straight from the pool, found through the directory:
         counted as DRAM hits and made the most recently used, as a pin would have."""
-        self._check_shm(conn)
+        conn.check_shared_memory()
         keys = [conn.scope(k) for k in meta["keys"]]
-        await self._run_short(self.store.touch_host, keys)
-        self._count_reads(conn, len(keys), len(keys))
+        await self.calls.run_short(self.store.touch_host, keys)
+        self.read_stats.record_reads(conn.owner, len(keys), len(keys))
         return {}, []
 
-    async def _op_unpin(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+    async def unpin(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         """Release pins; ``intact[i]`` False means that copy may be torn (drop it)."""
         taken = self._take(conn.pins, meta["handles"])
-        intact = await self._run_short(
+        intact = await self.calls.run_short(
             lambda: [self.store.unpin_host(p.key, p.pin) for p in taken], shield=True)
         return {"intact": intact}, []
 
     # -- leases -----------------------------------------------------------------------------------
 
-    async def _release_connection(self, conn: Connection) -> None:
+    async def release_connection(self, conn: Connection) -> None:
         """Give back what a connection that ended held: its reservations, quarantined ones
         included (nobody writes into them any more), and its pins."""
         if not (conn.reservations or conn.quarantined or conn.pins):
@@ -352,19 +302,19 @@ class SharedMemoryPlane:
         conn.pins.clear()
         if quarantined:
             self._record_leases(released=quarantined)
-        await self._run(self._release_held, reserved, pins)
+        await self.calls.run(self._release_held, reserved, pins)
         log.info("released %d reservations (%d of them quarantined) and %d pins of peer=%s",
                  len(reserved), len(quarantined), len(pins), conn.peer)
 
-    def _release_held(self, reserved: list[_Reservation], pins: list[_Pin]) -> None:
+    def _release_held(self, reserved: list[Reservation], pins: list[Pin]) -> None:
         """(worker thread) Release reserved slots and drop pins nobody copies under."""
         self._release_slots([r.offset for r in reserved])
         for p in pins:
             with contextlib.suppress(KVStoreError):  # nobody copies from these any more
                 self.store.unpin_host(p.key, p.pin, after_copy=False)
 
-    def _record_leases(self, *, expired: Sequence[_Reservation] = (),
-                       num_expired_pins: int = 0, released: Sequence[_Reservation] = ()
+    def _record_leases(self, *, expired: Sequence[Reservation] = (),
+                       num_expired_pins: int = 0, released: Sequence[Reservation] = ()
                        ) -> None:
         stats = self.lease_stats
         stats.record(expired=expired, num_expired_pins=num_expired_pins, released=released)
@@ -372,7 +322,7 @@ class SharedMemoryPlane:
             self.metrics.record_leases(len(expired), num_expired_pins,
                                        stats.num_quarantined_slots, stats.quarantined_bytes)
 
-    async def _keep_directory_alive(self) -> None:
+    async def keep_directory_alive(self) -> None:
         """Stamp the pool directory's heartbeat while the loop runs: clients stop reading
         through a directory whose daemon stopped stamping (`shm_directory`, Liveness)."""
         pool = self.store.host_pool
@@ -381,12 +331,13 @@ class SharedMemoryPlane:
             directory.beat()
             await asyncio.sleep(BEAT_S)
 
-    async def _sweep_leases(self) -> None:
-        """Every `SWEEP_INTERVAL_S`: quarantine expired reservations, drop expired pins."""
+    async def sweep_leases(self, connections: Collection[Connection]) -> None:
+        """Every `SWEEP_INTERVAL_S`: quarantine the expired reservations of
+        ``connections`` (the daemon's, as they come and go), drop their expired pins."""
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             now = time.monotonic()
-            for conn in list(self._connections):
+            for conn in list(connections):
                 expired = [h for h, r in conn.reservations.items() if r.deadline < now]
                 quarantined = [conn.reservations.pop(h) for h in expired]
                 conn.quarantined.update(zip(expired, quarantined, strict=True))
@@ -400,4 +351,4 @@ class SharedMemoryPlane:
                             "commits, aborts or hangs up", conn.peer, len(quarantined),
                             len(pins), sum(r.nbytes for r in quarantined))
                 if pins:
-                    await self._run(self._release_held, [], pins)
+                    await self.calls.run(self._release_held, [], pins)

@@ -3,7 +3,7 @@ buffer as they arrive and a request is answered in the same callback when its ha
 does not wait (the store lock was free), with no task and no extra loop iteration. That
 is most requests: the shared-memory commit, pin and unpin, `contains`, `match_prefix`.
 
-    bytes ──get_buffer/buffer_updated──> receive buffer ──one whole frame──> Daemon._reply
+    bytes ──get_buffer/buffer_updated──> receive buffer ──one whole frame──> Daemon.reply
           (a frame with large data is received straight into its own buffer)     │
     handler done at once: answered here │ handler waits: a task; reading pauses until it ends
 
@@ -13,7 +13,7 @@ complete within the frame timeout, and a client that does not read its answers i
 after the same time (the write buffer stays bounded). A large body first takes a share of
 the daemon's frame memory (`daemon.frame_memory`): until it gets one, reading is paused
 too, and the frame is not timed (the daemon is the one not reading). UCX connections use
-the stream form of the same loop (`Daemon._serve`).
+the stream form of the same loop (`daemon.streams`).
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import time
 from typing import Any
 
 from daemon.answering import Answer, Request, run_in_place
+from daemon.connection import Connection
 from daemon.frame_memory import Share, Waiter
-from daemon.shm_plane import Connection
-from kvstore import protocol
-from kvstore.protocol import FrameKind, RequestError
+from kvstore.wire import frames
+from kvstore.wire.error_codes import RequestError
+from kvstore.wire.frames import FrameKind
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._start = self._end = 0  # bytes received, not yet cut into frames
         # A frame whose body is received into its own buffer: header, body, bytes in it,
         # and its share of the frame memory (held until its request is answered).
-        self._header: protocol.Header | None = None
+        self._header: frames.Header | None = None
         self._body: memoryview | None = None
         self._filled = 0
         self._share: Share | None = None
@@ -77,8 +78,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.conn.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        self.daemon._connected(self.conn)
-        if self.daemon._stopping.is_set():
+        self.daemon.connected(self.conn)
+        if self.daemon.is_stopping:
             self._stop()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -101,7 +102,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
             # may still read it: not reused).
             self._give_back(reuse=self._request is None)
             self._header = self._body = None
-            await self.daemon._disconnected(self.conn, self.reason)
+            await self.daemon.disconnected(self.conn, self.reason)
         finally:
             self.conn.closed.set_result(None)
             # Nothing refers back to this protocol now, so it goes (with its buffers) at
@@ -168,23 +169,23 @@ class FrameProtocol(asyncio.BufferedProtocol):
         view = self._view
         while self._ready():
             start, end = self._start, self._end
-            if end - start < protocol.HEADER_BYTES:
+            if end - start < frames.HEADER_BYTES:
                 break
             try:
-                header = protocol.decode_header(
-                    bytes(view[start:start + protocol.HEADER_BYTES]),
+                header = frames.decode_header(
+                    bytes(view[start:start + frames.HEADER_BYTES]),
                     max_data_bytes=self.daemon.max_frame_data_bytes, expect=FrameKind.REQUEST)
             except RequestError as e:
                 self._refuse(e)
                 return
             body_bytes = header.meta_bytes + header.data_bytes
-            body_start = start + protocol.HEADER_BYTES
+            body_start = start + frames.HEADER_BYTES
             have = end - body_start
             if have < body_bytes:
                 if body_bytes <= OWN_BUFFER_BYTES:
                     break  # the rest will fit in this buffer
                 try:
-                    self.daemon._check_large_body(self.conn, body_bytes)
+                    self.daemon.check_large_body(self.conn, body_bytes)
                 except RequestError as e:
                     self._refuse(e)
                     return
@@ -216,7 +217,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         resynchronised)."""
         self._start = self._end
         self.conn.busy = True
-        self._respond(self.daemon._answer_error(self.conn, Request(), error),
+        self._respond(self.daemon.answer_error(self.conn, Request(), error),
                       time.perf_counter())
 
     def _take_share(self, nbytes: int) -> bool:
@@ -257,7 +258,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     # -- answering ------------------------------------------------------------------------------
 
-    def _answer(self, header: protocol.Header, raw_meta: bytes, data: Any) -> None:
+    def _answer(self, header: frames.Header, raw_meta: bytes, data: Any) -> None:
         """Run one request: answered at once if its handler does not wait, else by a task
         under the request's deadline (reading pauses until it is answered). A body's share
         of the frame memory is given back once the request is done with it."""
@@ -265,17 +266,17 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.conn.busy = True
         daemon, request = self.daemon, Request()
         try:
-            handler = daemon._start(self.conn, header, raw_meta, data, request)
+            handler = daemon.start_request(self.conn, header, raw_meta, data, request)
         except Exception as e:
             self._give_back(reuse=True)
-            self._respond(daemon._answer_error(self.conn, request, e), started)
+            self._respond(daemon.answer_error(self.conn, request, e), started)
             return
 
         def settle(result: Any, error: Exception | None) -> None:
             # Past its deadline a handler's worker thread may still read the body.
             self._give_back(reuse=not isinstance(error, TimeoutError))
-            answer = (daemon._answer_ok(request, result) if error is None
-                      else daemon._answer_error(self.conn, request, error))
+            answer = (daemon.answer_ok(request, result) if error is None
+                      else daemon.answer_error(self.conn, request, error))
             if self._request is None:  # answered in place: the caller reads on
                 self._respond(answer, started)
                 return
@@ -309,10 +310,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if transport.is_closing():  # the client went away meanwhile
             return
         data_bytes = sum(len(part) for part in out)
-        transport.write(protocol.encode(FrameKind.RESPONSE, response, data_bytes))
+        transport.write(frames.encode(FrameKind.RESPONSE, response, data_bytes))
         for part in out:
             transport.write(part)
-        self.daemon._observe(op, started, response["ok"], data_bytes)
+        self.daemon.observe(op, started, response["ok"], data_bytes)
         if not keep_open:
             self._hang_up("bad frame")  # after the answer is written
         elif self._stopping:

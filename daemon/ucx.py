@@ -1,12 +1,12 @@
 """The daemon's UCX listener (``kvstored --ucx HOST:PORT``): clients on other hosts reach
 the store through ucxx, over whatever UCX picks (TCP, RDMA, shared memory).
 
-    ucxx listener ──endpoint──> UcxStream (reader and writer) ──> Daemon._serve
+    ucxx listener ──endpoint──> UcxStream (reader and writer) ──> daemon.streams
 
 Each endpoint is served by the daemon's own connection loop, exactly as a TCP socket is:
 framing, validation, auth, tenants, leases, deadlines and metrics are shared, and the
 connection is one of the daemon's connections (drained on SIGTERM like the others).
-kvstore/ucx_transport.py says how the byte stream travels over UCX.
+kvstore/wire/ucx.py says how the byte stream travels over UCX.
 
 ucxx is initialised on the daemon's loop, which then owns every endpoint. ucxx listens on
 all interfaces (its listener takes a port only): HOST is the address advertised (logs,
@@ -19,8 +19,9 @@ import itertools
 import logging
 from typing import Any
 
-from kvstore import ucx_transport
-from kvstore.ucx_transport import UcxStream
+from daemon.streams import StreamServer
+from kvstore.wire import ucx as wire_ucx
+from kvstore.wire.ucx import UcxStream
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +36,21 @@ class UcxListener:
         self.address: tuple[str, int] | None = None
         self._listener: Any | None = None
         self._numbers = itertools.count(1)
+        self._streams = StreamServer(daemon)
 
     async def start(self) -> None:
-        ucx_transport.init_ucx()  # KVStoreError naming the extra if ucxx is missing
-        self._listener = ucx_transport.ucxx.create_listener(self._serve_endpoint,
-                                                            port=self.port)
+        wire_ucx.init_ucx()  # KVStoreError naming the extra if ucxx is missing
+        self._listener = wire_ucx.ucxx.create_listener(self._serve_endpoint, port=self.port)
         self.address = (self.host, self._listener.port)
         log.info("kvstored serving UCX on %s:%d (ucx %s)", *self.address,
-                 ".".join(map(str, ucx_transport.ucxx.get_ucx_version())))
+                 ".".join(map(str, wire_ucx.ucxx.get_ucx_version())))
 
     async def _serve_endpoint(self, endpoint: Any) -> None:
         stream = UcxStream(endpoint, ("ucx", next(self._numbers)))
-        if self.daemon._stopping.is_set():  # draining: its store and workers are going away
+        if self.daemon.is_stopping:  # draining: its store and workers are going away
             await stream.wait_closed()
             return
-        await self.daemon._serve(stream, stream)
+        await self._streams.serve(stream, stream)
 
     async def stop(self) -> None:
         """Stop listening. Called after the daemon drained: the listener is kept until then
@@ -58,4 +59,4 @@ class UcxListener:
             self._listener.close()
             self._listener = None
         if self.address is not None:  # started: ucxx's notifier thread would outlive us
-            ucx_transport.ucxx.stop_notifier_thread()
+            wire_ucx.ucxx.stop_notifier_thread()

@@ -39,20 +39,16 @@ the lookups in its stats and Prometheus metrics (run it with ``--block-tokens`` 
 vLLM's block size so its token figures are right).
 
 The embedded store lives in the worker process, which holds the KV cache, behind an
-in-process `kvstored` on 127.0.0.1: the worker reaches it by shared memory, and the
-scheduler, in its own process by vLLM's default, over the socket (the address is left in
-a file named after vLLM's ``engine_id``); both see the daemon's one key space. Tensor
-parallelism is not supported yet (each rank would hold its own shard of every block).
+in-process `kvstored` on 127.0.0.1 (`kvstore.integrations.vllm_store`): the worker reaches
+it by shared memory, and the scheduler, in its own process by vLLM's default, over the
+socket; both see the daemon's one key space. Tensor parallelism is not supported yet (each
+rank would hold its own shard of every block).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import tempfile
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +71,7 @@ from kvstore.integrations.pages import (
     store_blocks,
 )
 from kvstore.integrations.settings import ConnectorSettings
+from kvstore.integrations.vllm_store import StoreHandle
 from kvstore.keys import prefix_hashes
 from kvstore.layout import KVLayout
 
@@ -180,139 +177,6 @@ def key_namespace(vllm_config: VllmConfig, settings: ConnectorSettings, layout: 
     return layout.namespace(model_id, salt=salt)
 
 
-# -- the store --------------------------------------------------------------------------------
-
-
-class _EmbeddedStore:
-    """An embedded store served to the scheduler's process by an in-process kvstored."""
-
-    def __init__(self, settings: ConnectorSettings, address_file: Path) -> None:
-        from daemon.config import DaemonConfig
-        from daemon.server import Daemon
-
-        config = DaemonConfig(listen="127.0.0.1:0", dram_bytes=settings.dram_bytes,
-                              nvme_path=settings.nvme_path, nvme_bytes=settings.nvme_bytes,
-                              max_value_bytes=settings.max_value_bytes)
-        self.daemon = Daemon(config)
-        self._loop = asyncio.new_event_loop()
-        started: Future[None] = Future()
-        self._thread = threading.Thread(target=self._serve, args=(started,),
-                                        name="kvstore-vllm-daemon", daemon=True)
-        self._thread.start()
-        started.result(timeout=30)
-        host, port = self.daemon.address
-        self.url = f"kvstore://{host}:{port}"
-        self._address_file = address_file
-        tmp = address_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"url": self.url}))
-        tmp.replace(address_file)
-
-    def _serve(self, started: Future[None]) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            try:
-                self._loop.run_until_complete(self.daemon.start())
-            except BaseException as e:
-                self._loop.run_until_complete(self.daemon.stop())  # frees the store
-                started.set_exception(e)
-                return
-            started.set_result(None)
-            self._loop.run_until_complete(self.daemon.serve_until_stopped())
-        finally:
-            self._loop.close()
-
-    def close(self) -> None:
-        self._address_file.unlink(missing_ok=True)
-        self._loop.call_soon_threadsafe(self.daemon.request_stop)
-        self._thread.join(timeout=30)
-
-
-_EMBEDDED: dict[str, _EmbeddedStore] = {}  # engine_id -> the store this process serves
-_EMBEDDED_LOCK = threading.Lock()
-
-
-def _address_file(engine_id: str) -> Path:
-    return Path(tempfile.gettempdir()) / f"kvstore-vllm-{engine_id}.json"
-
-
-class _StoreHandle:
-    """The store one side of the connector talks to, opened lazily; after a failure it is
-    left alone for ``retry_after_s``."""
-
-    def __init__(self, settings: ConnectorSettings, engine_id: str, *, owner: bool) -> None:
-        self.settings = settings
-        self.engine_id = engine_id
-        self.owner = owner  # the worker owns an embedded store; the scheduler borrows it
-        self._client: Any = None  # a kvstore.Client: every store is reached through one
-        self._down_until = 0.0
-        self._lock = threading.Lock()
-
-    def get(self) -> Any | None:
-        """The store, or None while it is known to be unreachable."""
-        if self._client is not None:
-            return self._client
-        if time.monotonic() < self._down_until:
-            return None
-        with self._lock:
-            if self._client is None:
-                try:
-                    self._client = self._open()
-                except ConfigError:
-                    raise  # a bad setting: say so at startup, not retry it forever
-                except STORE_FAILURES as e:
-                    self.failed(e)
-                    return None
-        return self._client
-
-    def _open(self) -> Any:
-        import kvstore
-
-        s = self.settings
-        if s.url is not None:
-            return kvstore.connect(s.url, token=s.token, timeout_s=s.timeout_s)
-        with _EMBEDDED_LOCK:
-            embedded = _EMBEDDED.get(self.engine_id)
-            if embedded is None and self.owner:
-                embedded = _EMBEDDED[self.engine_id] = _EmbeddedStore(
-                    s, _address_file(self.engine_id))
-                log.info("kvstore: embedded store for engine %s (%s)", self.engine_id,
-                         embedded.url)
-        if embedded is not None:
-            url = embedded.url
-        else:  # the scheduler in its own process: the worker's store, through its daemon
-            try:
-                url = json.loads(_address_file(self.engine_id).read_text())["url"]
-            except (OSError, ValueError, KeyError) as e:
-                raise ConnectionError(f"the worker's embedded kvstore is not up yet "
-                                      f"({e})") from e
-        # Both sides go through the daemon (the worker by shared memory), so that they see
-        # one key space: the daemon scopes every client key to its namespace.
-        return kvstore.connect(url, timeout_s=s.timeout_s)
-
-    def failed(self, error: BaseException) -> None:
-        """The store failed: drop a client and leave it alone for a while."""
-        if self._down_until <= time.monotonic():
-            log.warning("kvstore unreachable (%s); not asked again for %.0f s", error,
-                        self.settings.retry_after_s)
-        self._down_until = time.monotonic() + self.settings.retry_after_s
-        client, self._client = self._client, None
-        if client is not None:
-            try:
-                client.close()
-            except Exception:  # a broken client: nothing left to release
-                pass
-
-    def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
-        if self.owner:
-            with _EMBEDDED_LOCK:
-                embedded = _EMBEDDED.pop(self.engine_id, None)
-            if embedded is not None:
-                embedded.close()
-
-
 # -- scheduler -> worker metadata --------------------------------------------------------------
 
 
@@ -390,8 +254,8 @@ class KVStoreConnector(KVConnectorBase_V1):
         self.does_load = transfer.kv_role in ("kv_consumer", "kv_both")
         self.does_save = transfer.kv_role in ("kv_producer", "kv_both")
         engine_id = str(transfer.engine_id)
-        self.store = _StoreHandle(self.settings, engine_id,
-                                  owner=role == KVConnectorRole.WORKER)
+        self.store = StoreHandle(self.settings, engine_id,
+                                 owner=role == KVConnectorRole.WORKER)
         self.stats = KVStoreConnectorStats()
         # scheduler side
         self._requests: dict[str, _RequestState] = {}

@@ -13,8 +13,8 @@ import socket
 import pytest
 
 import kvstore
-from kvstore import client as client_module
-from kvstore import protocol
+from kvstore.client import sync as sync_client
+from kvstore.wire import doorbell, error_codes
 from tests.conftest import make_key, make_value
 from tests.daemon.conftest import DaemonProcess
 from tests.daemon.test_robustness import RawConnection, frame, request
@@ -45,24 +45,24 @@ def _doorbell(port: int) -> tuple[RawConnection, socket.socket]:
 
 
 def _ring(bell: socket.socket, handle: int, key: bytes, spare: int = 0) -> tuple[int, ...]:
-    bell.sendall(protocol.DOORBELL_REQUEST.pack(handle, key, spare))
+    bell.sendall(doorbell.DOORBELL_REQUEST.pack(handle, key, spare))
     answer = b""
-    while len(answer) < protocol.DOORBELL_MESSAGE_BYTES:
-        chunk = bell.recv(protocol.DOORBELL_MESSAGE_BYTES - len(answer))
+    while len(answer) < doorbell.DOORBELL_MESSAGE_BYTES:
+        chunk = bell.recv(doorbell.DOORBELL_MESSAGE_BYTES - len(answer))
         assert chunk, "the doorbell closed instead of answering"
         answer += chunk
-    return protocol.DOORBELL_RESPONSE.unpack(answer)
+    return doorbell.DOORBELL_RESPONSE.unpack(answer)
 
 
 def test_single_puts_are_committed_through_the_doorbell(daemon, monkeypatch):
     rung = []
-    ring = client_module._Connection._ring
+    ring = sync_client._Connection._ring
 
     def counting_ring(self, meta, timeout_s):
         rung.append(meta["keys"][0])
         return ring(self, meta, timeout_s)
 
-    monkeypatch.setattr(client_module._Connection, "_ring", counting_ring)
+    monkeypatch.setattr(sync_client._Connection, "_ring", counting_ring)
     values = {make_key(("bell", i)): make_value(("bell", i), size)
               for i, size in enumerate([64 * KiB, 300 * KiB, MiB, 4 * MiB, MiB])}
     with kvstore.connect(daemon.url) as client:
@@ -82,7 +82,7 @@ def test_a_commit_of_a_slot_not_held_is_refused_and_stores_nothing(daemon):
     key = make_key("not-held")
     try:
         status, stored, spare, _ = _ring(bell, 987654321, key, spare=64 * KiB)
-        assert protocol.doorbell_code(status) is protocol.ErrorCode.UNKNOWN_HANDLE
+        assert doorbell.doorbell_code(status) is error_codes.ErrorCode.UNKNOWN_HANDLE
         assert (stored, spare) == (0, 0)
         # a real reservation of this connection commits, and its spare comes back
         meta = conn.call("reserve", keys=[key], sizes=[64 * KiB])
@@ -104,7 +104,7 @@ def test_a_doorbell_with_an_unknown_secret_is_closed(daemon):
     stranger.settimeout(10)
     try:
         stranger.connect(path)
-        stranger.sendall(os.urandom(protocol.DOORBELL_MESSAGE_BYTES))
+        stranger.sendall(os.urandom(doorbell.DOORBELL_MESSAGE_BYTES))
         assert stranger.recv(1) == b""
     finally:
         stranger.close()
@@ -138,13 +138,3 @@ def test_no_doorbell_without_shared_memory(tmp_path):
             assert client.get(make_key("tcp-put")) == b"w" * MiB
     finally:
         process.stop()
-
-
-def test_doorbell_status_numbers_are_the_documented_ones():
-    """The wire numbers of the error codes (docs/PROTOCOL.md lists them): fixed."""
-    numbers = {code.value: protocol.doorbell_status(code) for code in protocol.ErrorCode}
-    assert numbers["bad_frame"] == 1 and numbers["unknown_handle"] == 11
-    assert numbers["internal"] == 15 and numbers["lease_expired"] == 16
-    assert len(numbers) == 16
-    assert all(protocol.doorbell_code(n) is protocol.ErrorCode(code)
-               for code, n in numbers.items())

@@ -138,9 +138,9 @@ def test_calls_to_a_stopped_daemon_fail_clearly_naming_the_url(start_daemon):
 
 
 def test_protocol_version_mismatch_is_a_clear_error(shared_daemon, monkeypatch):
-    from kvstore import protocol
+    from kvstore.wire import frames
 
-    monkeypatch.setattr(protocol, "PROTOCOL_VERSION", protocol.PROTOCOL_VERSION + 1)
+    monkeypatch.setattr(frames, "PROTOCOL_VERSION", frames.PROTOCOL_VERSION + 1)
     with pytest.raises(ProtocolError, match="version"):
         kvstore.connect(shared_daemon.url)
 

@@ -27,8 +27,9 @@ import msgpack
 import pytest
 
 import kvstore
-from kvstore import protocol
-from kvstore.protocol import HEADER, MAGIC, MAX_BATCH_KEYS, MAX_META_BYTES, MAX_TIMEOUT_MS
+from kvstore.wire import frames
+from kvstore.wire.frames import HEADER, MAGIC, MAX_META_BYTES
+from kvstore.wire.ops import MAX_BATCH_KEYS, MAX_TIMEOUT_MS
 from tests.conftest import make_key, make_value
 from tests.daemon.conftest import REPO, DaemonProcess
 
@@ -42,7 +43,7 @@ MAX_FRAME_DATA_BYTES = 64 * MiB  # max(max_value_bytes, 64 MiB): what hello repo
 
 
 def frame(meta: Any, data: bytes = b"", *, magic: bytes = MAGIC,
-          version: int = protocol.PROTOCOL_VERSION, kind: int = 1,
+          version: int = frames.PROTOCOL_VERSION, kind: int = 1,
           meta_bytes: int | None = None, data_bytes: int | None = None,
           packed: bytes | None = None) -> bytes:
     """A request frame built by hand; every header field can be forged."""
@@ -58,7 +59,7 @@ def request(op: str, id: int = 7, timeout_ms: int = 5000, **fields: Any) -> dict
 
 
 def hello(shm: bool = False, **changes: Any) -> dict[str, Any]:
-    return {**request("hello", id=1, version=protocol.PROTOCOL_VERSION, token=None,
+    return {**request("hello", id=1, version=frames.PROTOCOL_VERSION, token=None,
                       namespace=None, shm=shm), **changes}
 
 
@@ -93,11 +94,11 @@ class RawConnection:
 
     def read_frame(self) -> tuple[dict[str, Any], bytes] | None:
         """The next response, or None if the daemon closed the connection instead."""
-        raw = self._read(protocol.HEADER_BYTES)
+        raw = self._read(frames.HEADER_BYTES)
         if raw is None:
             return None
         magic, version, kind, meta_bytes, data_bytes = HEADER.unpack(raw)
-        assert (magic, version, kind) == (MAGIC, protocol.PROTOCOL_VERSION, 2), raw
+        assert (magic, version, kind) == (MAGIC, frames.PROTOCOL_VERSION, 2), raw
         meta = msgpack.unpackb(self._read(meta_bytes) or b"", raw=False)
         data = self._read(data_bytes) if data_bytes else b""
         return meta, data or b""
@@ -357,10 +358,10 @@ def test_wrong_version_is_answered_before_anything_else(robust_daemon, witness):
     """Even a first frame: a client of another protocol version learns why, then is dropped."""
     conn = RawConnection(robust_daemon.port)
     try:
-        conn.send(frame(hello(), version=protocol.PROTOCOL_VERSION + 1))
+        conn.send(frame(hello(), version=frames.PROTOCOL_VERSION + 1))
         meta = conn.answer()
         assert_error(meta, "unsupported_version", None)
-        assert str(protocol.PROTOCOL_VERSION) in meta["message"]
+        assert str(frames.PROTOCOL_VERSION) in meta["message"]
         assert conn.is_closed()
     finally:
         conn.close()
@@ -461,8 +462,8 @@ def _put_frame() -> bytes:
 
 TRUNCATIONS = {
     "half_header": lambda: _put_frame()[:8],
-    "header_only": lambda: _put_frame()[:protocol.HEADER_BYTES],
-    "header_and_half_meta": lambda: _put_frame()[:protocol.HEADER_BYTES + 10],
+    "header_only": lambda: _put_frame()[:frames.HEADER_BYTES],
+    "header_and_half_meta": lambda: _put_frame()[:frames.HEADER_BYTES + 10],
     "half_the_data": lambda: _put_frame()[:-32 * KiB],
     "all_but_one_byte": lambda: _put_frame()[:-1],
 }
@@ -520,7 +521,7 @@ def test_slow_loris_is_dropped_after_frame_timeout(name, robust_daemon, witness)
     witness.check()
 
 
-@pytest.mark.parametrize("skip_bytes", [0, protocol.HEADER_BYTES], ids=["header", "meta"])
+@pytest.mark.parametrize("skip_bytes", [0, frames.HEADER_BYTES], ids=["header", "meta"])
 def test_trickling_sender_is_dropped(skip_bytes, robust_daemon, witness):
     """One byte every 0.2 s (in the header, or in the meta after a whole header): never
     silent for long, yet the frame is late as a whole, so the connection is dropped."""

@@ -14,8 +14,9 @@ from typing import Any
 
 import msgpack
 
-from kvstore import protocol
-from kvstore.protocol import HEADER, MAGIC, OPERATIONS
+from kvstore.wire import frames
+from kvstore.wire.frames import HEADER, MAGIC
+from kvstore.wire.ops import OPERATIONS
 from tests.daemon.test_robustness import RawConnection, frame, hello
 
 _LIST_OPS = ("put_many", "get_many", "match_prefix", "reserve", "pin", "touch")
@@ -135,7 +136,7 @@ class Fuzzer:
             whole = frame(meta, data)
             return whole[:rng.randrange(1, len(whole))], False
         if roll < 0.97:  # lengths larger than what follows
-            return HEADER.pack(MAGIC, protocol.PROTOCOL_VERSION, 1, rng.randrange(1, 1 << 22),
+            return HEADER.pack(MAGIC, frames.PROTOCOL_VERSION, 1, rng.randrange(1, 1 << 22),
                                rng.randrange(1 << 30)) + rng.randbytes(50), False
         return rng.randbytes(rng.randrange(1, 400)), False
 

@@ -29,12 +29,13 @@ import numpy as np
 import pytest
 
 import kvstore
-from kvstore import LeaseExpiredError, protocol
-from kvstore import client as client_module
+from kvstore import LeaseExpiredError
 from kvstore.buffers import value_view
-from kvstore.client_ops import _Operations
-from kvstore.protocol import ErrorCode
+from kvstore.client import sync as sync_client
+from kvstore.client.operations import Operations
 from kvstore.tiers.dram import map_shared
+from kvstore.wire import doorbell
+from kvstore.wire.error_codes import ErrorCode
 from tests.conftest import make_key, make_value
 from tests.daemon.conftest import DaemonProcess, free_port
 from tests.daemon.test_doorbell import _ring
@@ -180,7 +181,7 @@ def test_late_spare_commit_through_the_doorbell_is_refused(start_daemon):
             assert bell.recv(1) == b"\x01"
             status, stored, spare_handle, _ = _ring(bell, spare, make_key("late"), SLOT_BYTES)
             assert (status, stored, spare_handle) == (
-                protocol.doorbell_status(ErrorCode.LEASE_EXPIRED), 0, 0)
+                doorbell.doorbell_status(ErrorCode.LEASE_EXPIRED), 0, 0)
             assert not client.contains(make_key("late"))
         finally:
             if bell is not None:
@@ -196,8 +197,8 @@ def test_stalled_put_raises_lease_expired_once(path, start_daemon, monkeypatch):
     attempt), and stores nothing."""
     daemon = start_daemon(*LEASE_FLAGS)
     rung: list[int] = []
-    ring = client_module._Connection._ring
-    monkeypatch.setattr(client_module._Connection, "_ring",
+    ring = sync_client._Connection._ring
+    monkeypatch.setattr(sync_client._Connection, "_ring",
                         lambda self, *a: rung.append(1) or ring(self, *a))
     keys = [make_key(("stalled", i)) for i in range(2)]
     values = [make_value(("stalled", i), SLOT_BYTES) for i in range(2)]
@@ -206,9 +207,9 @@ def test_stalled_put_raises_lease_expired_once(path, start_daemon, monkeypatch):
     def put(session: Any) -> Generator:
         attempts.append(session)
         if path == "reserve":
-            return _stalled(_Operations.put_many(session, keys, [value_view(v) for v in values]),
+            return _stalled(Operations.put_many(session, keys, [value_view(v) for v in values]),
                             _until_expired(daemon, (2, 0)), after="reserve")
-        return _stalled(_Operations.put(session, keys[0], value_view(values[0])),
+        return _stalled(Operations.put(session, keys[0], value_view(values[0])),
                         _until_expired(daemon, (1, 0)), before="commit")
 
     with kvstore.connect(daemon.url) as client:
@@ -306,6 +307,6 @@ def test_reader_whose_pin_expired_drops_its_copy(start_daemon):
             assert writer.delete(key)
             assert writer.put_many([make_key("reuse")], [make_value("reuse", SLOT_BYTES)])
 
-        got = reader._run(lambda session: _stalled(_Operations.get_many(session, [key]),
+        got = reader._run(lambda session: _stalled(Operations.get_many(session, [key]),
                                                    reuse_the_slot, after="pin"))
         assert got == [None]

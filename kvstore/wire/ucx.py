@@ -1,5 +1,5 @@
 """The UCX transport (``kvstore+ucx://HOST:PORT``, through ``ucxx``): the same frames as
-TCP (kvstore.protocol), carried as UCX tag messages.
+TCP (`kvstore.wire.frames`), carried as UCX tag messages.
 
     write(part)... drain() ──ep.send_multi([chunk, ...])──> ep.recv_multi() -> [chunk, ...]
                                                                     │
@@ -22,26 +22,20 @@ Invariants:
 
 Threads: ucxx completes requests through Python futures of the event loop that
 initialised it (its notifier thread wakes that loop, so an idle receive costs no CPU).
-One loop per process therefore owns every UCX endpoint: the daemon's own loop, or, in a
-client process, `ucx_loop()`, a private loop in a daemon thread that the sync client
-(from any thread) and the async client (from any loop) submit coroutines to.
+One loop per process therefore owns every UCX endpoint: the daemon's own loop
+(`daemon.ucx`), or, in a client process, `kvstore.client.ucx.ucx_loop()`, a private loop
+in a daemon thread that the sync client (from any thread) and the async client (from any
+loop) submit coroutines to.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import itertools
 import logging
-import socket
-import threading
 from collections import deque
 from typing import Any
 
-from kvstore import protocol
-from kvstore.client_ops import Response, _checked, _Session, ahello, hello, transport_failed
-from kvstore.errors import DeadlineExceededError, KVStoreError, StoreConnectionError
-from kvstore.protocol import FrameKind
+from kvstore.errors import KVStoreError
 
 try:
     import ucxx
@@ -57,8 +51,6 @@ log = logging.getLogger(__name__)
 
 DIRECT_BYTES = 64 * 1024  # parts this large travel as their own buffer, never copied
 CLOSE_PERIOD_NS = 100_000_000  # how long closing an endpoint may wait for UCX (0.1 s)
-START_TIMEOUT_S = 30.0  # starting UCX (the first connection of a process)
-GRACE_S = 2.0  # past a request's own timeout, before the calling thread gives up on it
 
 
 def require_ucxx() -> None:
@@ -210,158 +202,3 @@ class UcxStream:
             await self._endpoint.close(period=CLOSE_PERIOD_NS)
         except Exception as e:  # closing a broken endpoint: nothing left to save
             log.debug("closing UCX endpoint peer=%s: %s", self._peername, e)
-
-
-# -- the client side: one private loop per process -------------------------------------------------
-
-
-_loop_lock = threading.Lock()
-_loop: asyncio.AbstractEventLoop | None = None
-
-
-def ucx_loop() -> asyncio.AbstractEventLoop:
-    """The loop (in a daemon thread) that owns this process's client endpoints."""
-    global _loop
-    with _loop_lock:
-        if _loop is None:
-            require_ucxx()
-            loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="kvstore-ucx", daemon=True).start()
-
-            async def start() -> None:
-                init_ucx()
-
-            asyncio.run_coroutine_threadsafe(start(), loop).result(START_TIMEOUT_S)
-            # ucxx's notifier thread is not a daemon thread: stop it before the interpreter
-            # joins threads at exit (atexit runs too late for that).
-            threading._register_atexit(_stop_notifier)  # type: ignore[attr-defined]
-            _loop = loop
-    return _loop
-
-
-def _stop_notifier() -> None:
-    if ucxx is not None:
-        ucxx.stop_notifier_thread()
-
-
-async def _open_stream(client: Any) -> UcxStream:
-    host, port = client.address
-    try:
-        async with asyncio.timeout(client.connect_timeout_s + 1.0):
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port,
-                                                                 type=socket.SOCK_STREAM)
-            ip = infos[0][4][0]
-            endpoint = await ucxx.create_endpoint(ip, port,
-                                                  connect_timeout=client.connect_timeout_s)
-    except (OSError, UCXError) as e:  # TimeoutError included: UCX waits out a dead port
-        raise StoreConnectionError(f"cannot reach kvstored at {client.url}: "
-                                   f"{e or type(e).__name__}") from e
-    return UcxStream(endpoint, (ip, port))
-
-
-class _Channel:
-    """Requests and their answers over a UcxStream (the TCP clients' `request`); its
-    coroutines run on the UCX loop."""
-
-    def __init__(self, stream: UcxStream, url: str) -> None:
-        self.stream = stream
-        self.url = url
-        self._ids = itertools.count(1)
-        self._unanswered = 0  # requests sent with wait=False: their answers come first
-
-    async def request(self, meta: dict[str, Any], parts: list[Any], timeout_s: float,
-                      wait: bool) -> Response | None:
-        request_id = next(self._ids)
-        meta = {**meta, "id": request_id, "timeout_ms": max(1, int(timeout_s * 1000))}
-        data_bytes = sum(memoryview(p).nbytes for p in parts)
-        stream = self.stream
-        try:
-            async with asyncio.timeout(timeout_s + 1.0):  # the daemon answers a deadline first
-                stream.write(protocol.encode(FrameKind.REQUEST, meta, data_bytes))
-                for part in parts:
-                    stream.write(part)
-                await stream.drain()
-                if not wait:
-                    self._unanswered += 1
-                    return None
-                while True:
-                    header = protocol.decode_header(
-                        await stream.readexactly(protocol.HEADER_BYTES),
-                        max_data_bytes=1 << 40, expect=FrameKind.RESPONSE)
-                    answer = protocol.decode_meta(await stream.readexactly(header.meta_bytes))
-                    data = memoryview(await stream.readexactly(header.data_bytes))
-                    if not self._unanswered:
-                        break
-                    self._unanswered -= 1
-        except Exception as e:
-            if isinstance(e, TimeoutError):
-                stream.close()  # a receive may still be posted: the stream is broken
-            transport_failed(e, self.url, meta["op"], timeout_s)
-        return _checked(answer, request_id, data, self.url)
-
-
-def _wait(future: concurrent.futures.Future[Any], timeout_s: float, what: str) -> Any:
-    """The result of a coroutine submitted to the UCX loop, waited for from another thread."""
-    try:
-        return future.result(timeout_s)
-    except TimeoutError:
-        if future.done():
-            raise  # the coroutine's own error (a DeadlineExceededError)
-        future.cancel()
-        raise DeadlineExceededError(f"{what}: no answer from the UCX loop within "
-                                    f"{timeout_s:g} s") from None
-
-
-class UcxConnection:
-    """One UCX endpoint to the daemon for the sync `Client`; usable from any thread."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        self._loop = ucx_loop()
-        future = asyncio.run_coroutine_threadsafe(_open_stream(client), self._loop)
-        stream = _wait(future, client.connect_timeout_s + 1.0 + GRACE_S,
-                       f"connecting to {client.url}")
-        self._channel = _Channel(stream, client.url)
-        self.session: _Session
-        hello(self, client)
-
-    def request(self, meta: dict[str, Any], parts: list[Any], timeout_s: float,
-                wait: bool = True) -> Response | None:
-        future = asyncio.run_coroutine_threadsafe(
-            self._channel.request(meta, parts, timeout_s, wait), self._loop)
-        try:
-            return _wait(future, timeout_s + 1.0 + GRACE_S, f"{meta['op']} to {self.client.url}")
-        except DeadlineExceededError:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._channel.stream.close)
-
-
-class AsyncUcxConnection:
-    """One UCX endpoint for the `AsyncClient`; its I/O runs on the UCX loop, whatever loop
-    awaits it (cancelling the awaiting task cancels the I/O there)."""
-
-    def __init__(self, client: Any, loop: asyncio.AbstractEventLoop, stream: UcxStream) -> None:
-        self.client = client
-        self._loop = loop
-        self._channel = _Channel(stream, client.url)
-        self.session: _Session | None = None
-
-    @classmethod
-    async def open(cls, client: Any) -> AsyncUcxConnection:
-        loop = await asyncio.to_thread(ucx_loop)
-        stream = await asyncio.wrap_future(
-            asyncio.run_coroutine_threadsafe(_open_stream(client), loop))
-        conn = cls(client, loop, stream)
-        await ahello(conn, client)
-        return conn
-
-    async def request(self, meta: dict[str, Any], parts: list[Any], timeout_s: float,
-                      wait: bool = True) -> Response | None:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-            self._channel.request(meta, parts, timeout_s, wait), self._loop))
-
-    def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._channel.stream.close)

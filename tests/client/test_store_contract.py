@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import kvstore
-from kvstore import BufferSizeError, InvalidKeyError, InvalidValueError, KVStoreError, client_ops
+from kvstore import BufferSizeError, InvalidKeyError, InvalidValueError, KVStoreError
+from kvstore.client import session as client_session
 from tests.conftest import make_key, make_value
 
 KiB = 1024
@@ -26,7 +27,7 @@ def api(request, tmp_path, shared_daemon, monkeypatch):
             max_value_bytes="4MiB"))
     else:
         if request.param == "shm-pin":  # the pool without its directory: every read pins
-            monkeypatch.setattr(client_ops, "_shared_directory", lambda name: None)
+            monkeypatch.setattr(client_session, "_shared_directory", lambda name: None)
         # A namespace per test: the daemon is shared by the module, the keys are not.
         store = kvstore.connect(shared_daemon.url, namespace=f"contract-{next(_namespaces)}",
                                 shared_memory=request.param != "tcp")

@@ -27,11 +27,9 @@ import pytest_asyncio
 import kvstore
 from kvstore import AuthError, KVStoreError, StoreConnectionError
 from kvstore.client import AsyncClient, Client
-from tests.conftest import make_key, make_value
-from tests.daemon.conftest import REPO, DaemonProcess, free_port
 
 # The shared contract suite, run here over UCX (it takes this module's ``api`` fixture).
-from tests.daemon.test_store_contract import (  # noqa: F401
+from tests.client.test_store_contract import (  # noqa: F401
     test_bad_input_raises_and_changes_nothing,
     test_chains_match_prefix_and_batches,
     test_closed_raises,
@@ -44,6 +42,8 @@ from tests.daemon.test_store_contract import (  # noqa: F401
     test_put_get_roundtrip,
     test_value_types,
 )
+from tests.conftest import make_key, make_value
+from tests.daemon.conftest import REPO, DaemonProcess, free_port
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -282,16 +282,17 @@ def test_daemon_stopped_raises_connection_error_naming_the_url(start_ucx):
 def _stall_over_ucx(url: str, tag: str) -> Any:
     """A UCX connection that says hello, then sends the start of a put whose body is 16 MiB
     (its header and 200 KB, one message) and nothing more; its stream."""
-    from kvstore import protocol
-    from kvstore.ucx_transport import _open_stream, ucx_loop
+    from kvstore.client import settings
+    from kvstore.client.ucx import _open_stream, ucx_loop
+    from kvstore.wire import frames
     from tests.daemon.test_robustness import frame, hello, request
 
     async def stall() -> Any:
-        _, address = protocol.parse_url(url)
+        _, address = settings.parse_url(url)
         stream = await _open_stream(SimpleNamespace(address=address, connect_timeout_s=5.0))
         stream.write(frame(hello()))
         await stream.drain()
-        header = protocol.HEADER.unpack(await stream.readexactly(protocol.HEADER_BYTES))
+        header = frames.HEADER.unpack(await stream.readexactly(frames.HEADER_BYTES))
         await stream.readexactly(header[3])  # the hello's answer
         meta = request("put", key=make_key(("ucx-stalled", tag)))
         meta_bytes = len(msgpack.packb(meta, use_bin_type=True))
@@ -324,10 +325,11 @@ def test_a_put_waits_for_the_frame_memory_stalled_senders_hold(start_ucx):
 
 
 def test_without_ucxx_the_client_says_what_to_install(monkeypatch):
-    from kvstore import ucx_transport
+    from kvstore.client import ucx as client_ucx
+    from kvstore.wire import ucx as wire_ucx
 
-    monkeypatch.setattr(ucx_transport, "ucxx", None)
-    monkeypatch.setattr(ucx_transport, "_loop", None)
+    monkeypatch.setattr(wire_ucx, "ucxx", None)
+    monkeypatch.setattr(client_ucx, "_loop", None)
     with pytest.raises(KVStoreError, match=r"pip install 'kvstore\[ucx\]'"):
         Client(f"kvstore+ucx://127.0.0.1:{free_port()}")
 

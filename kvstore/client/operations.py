@@ -1,21 +1,15 @@
 """The client's operations, written once as generators independent of the transport.
 
 An operation yields requests ``(meta, data parts)`` and receives answers ``(meta, data)``;
-`kvstore.client` drives it over a TCP socket, asyncio streams or UCX. The shared-memory
-data plane lives here: a connection's `_Session` knows the daemon's DRAM pool and its
-directory (each mapped once per process) and its spare slot.
+`kvstore.client.sync`, `kvstore.client.aio` and `kvstore.client.ucx` drive it over a TCP
+socket, asyncio streams or UCX. The shared-memory data plane lives here: values are copied
+straight into and out of the daemon's DRAM pool that the connection's `Session` mapped.
 
 Reads on the same host first look the keys up in the daemon's directory
 (`kvstore.tiers.shm_directory`) and copy what it lists straight from the pool, with no
 request at all; the rest are pinned (one round trip), copied and unpinned. Blocks read
 through the directory are reported to the daemon in batches (``touch``, not waited for),
 so its hit counts and eviction order see them.
-
-Errors meet the transports at one boundary, `transport_failed`: a socket error, an EOF or
-an answer that is not a frame means the connection broke (`StoreConnectionError`, which
-the clients retry on a fresh connection); an error the daemon answered is raised as its
-own class by `_checked` (never retried: it would be answered again, and a refused commit
-did not take effect).
 
 Leases (see `daemon.shm_plane`): a copy out of a pinned slot is kept only if it ended
 within half a lease of sending the pin request (the daemon pins after that, so the pin
@@ -24,155 +18,26 @@ still held when the copy ended); a spare slot is used only while it is that youn
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Generator
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
-from kvstore import protocol
 from kvstore.buffers import copy_bytes, output_view
-from kvstore.errors import (
-    DeadlineExceededError,
-    InvalidValueError,
-    KVStoreError,
-    ProtocolError,
-    StoreConnectionError,
-)
+from kvstore.client.answers import Response
+from kvstore.client.session import Session
+from kvstore.errors import DeadlineExceededError, InvalidValueError, ProtocolError
 from kvstore.keys import scoped_key
-from kvstore.tiers.dram import boot_id
 
 SHM_MIN_BYTES = 64 * 1024  # smaller puts go in the frame: one round trip instead of two
 TOUCH_BATCH = 32  # directory reads reported to the daemon per `touch`
 
 Request = tuple[dict[str, Any], list[Any]]  # meta (op and fields), data parts
-Response = tuple[dict[str, Any], memoryview]  # meta, data
 Operation = Generator[Request, Response, Any]
 
 
-def hello(conn: Any, client: Any) -> None:
-    """The hello exchange on a fresh connection (any transport): sets ``conn.session``;
-    closes the connection if the exchange fails (a refused token, a version mismatch)."""
-    try:
-        meta, _ = conn.request(*client.hello_request(), client.connect_timeout_s)
-    except BaseException:
-        conn.close()
-        raise
-    conn.session = _Session(meta, client.address)
-
-
-async def ahello(conn: Any, client: Any) -> None:
-    """`hello` for the asyncio transports."""
-    try:
-        meta, _ = await conn.request(*client.hello_request(), client.connect_timeout_s)
-    except BaseException:
-        conn.close()
-        raise
-    conn.session = _Session(meta, client.address)
-
-
-class _Session:
-    """What one connection learned at hello, and the shared pool it mapped (if any)."""
-
-    def __init__(self, hello: dict[str, Any], address: tuple[str, int]) -> None:
-        self.namespace: str | None = hello["namespace"]  # None: a token of several, none named
-        self.max_value_bytes: int = hello["max_value_bytes"]
-        self.max_frame_data_bytes: int = hello["max_frame_data_bytes"]
-        self.node_id: str = hello["node_id"]
-        self.lease_s: float = hello["lease_s"]
-        self.pool: np.ndarray | None = None
-        self.is_pool_registered = False  # page-locked for CUDA: GPUs DMA straight into it
-        self.directory: Any = None  # the daemon's shm_directory.Directory, if mapped
-        self.secret: bytes | None = None  # scopes keys as the daemon does (shared memory)
-        self.touched: list[bytes] = []  # read through the directory, not yet reported
-        self.num_directory_reads = 0
-        # handle, offset, nbytes, and when the commit that reserved it was sent
-        self._spare: tuple[int, int, int, float] | None = None
-        shm = hello.get("shm")
-        if shm and shm.get("boot_id") == boot_id():
-            mapped = _shared_pool(address, shm["name"], shm["nbytes"])
-            if mapped is not None:
-                self.pool, self.is_pool_registered = mapped
-                self.secret = shm.get("scope")
-                if shm.get("directory") and self.secret:
-                    self.directory = _shared_directory(shm["directory"])
-
-
-    def take_spare(self, nbytes: int) -> tuple[int, int] | None:
-        """(handle, offset) of this connection's spare slot if it fits ``nbytes`` exactly
-        and is young enough that its lease cannot run out before the commit."""
-        spare = self._spare
-        if (spare is None or spare[2] != nbytes
-                or time.monotonic() - spare[3] > self.lease_s / 2):
-            return None
-        self._spare = None
-        return spare[0], spare[1]
-
-    def drop_spare(self) -> int | None:
-        """Forget the spare slot; returns its handle (to give back), if there was one."""
-        spare, self._spare = self._spare, None
-        return None if spare is None else spare[0]
-
-    def keep_spare(self, handle: int, offset: int, nbytes: int, asked_at: float
-                   ) -> int | None:
-        """Keep a new spare slot, asked for at ``asked_at`` (its lease started later);
-        returns the handle of the one it replaces, if any."""
-        old, self._spare = self._spare, (handle, offset, nbytes, asked_at)
-        return None if old is None else old[0]
-
-
-# Pools mapped by this process, by shared-memory name: a pool is mapped (and registered
-# with CUDA, which refuses a second registration of the same pages) once per process.
-_pools: dict[str, tuple[np.ndarray, bool]] = {}
-_pool_of_address: dict[tuple[str, int], str] = {}
-_pools_lock = threading.Lock()
-
-
-def _shared_pool(address: tuple[str, int], name: str,
-                 nbytes: int) -> tuple[np.ndarray, bool] | None:
-    """The daemon's DRAM pool mapped here; None if it is not reachable from here (another
-    host or container, or no permission): values then travel in the frames. A daemon
-    that restarted has a new pool: the old one's mapping is let go."""
-    from kvstore.tiers.dram import map_shared, register_with_cuda, unregister_with_cuda
-
-    with _pools_lock:
-        old = _pool_of_address.get(address)
-        if old is not None and old != name and old in _pools:
-            array, registered = _pools.pop(old)
-            if registered:
-                unregister_with_cuda(array)
-        _pool_of_address[address] = name
-        if name not in _pools:
-            try:
-                mapping = map_shared(name, nbytes, create=False)
-            except (OSError, ValueError):
-                return None
-            array = np.frombuffer(mapping, dtype=np.uint8)[:nbytes]
-            _pools[name] = (array, register_with_cuda(array))
-        return _pools[name]
-
-
-_directories: dict[str, Any] = {}
-
-
-def _shared_directory(name: str) -> Any:
-    """The daemon's directory mapped (read-only) here, once per process; None if it cannot
-    be (then every read asks the daemon)."""
-    from kvstore.tiers.shm_directory import Directory
-
-    if not Directory.supported:
-        return None
-    with _pools_lock:
-        if name not in _directories:
-            try:
-                _directories[name] = Directory(name, create=False)
-            except (OSError, ValueError):
-                return None
-        return _directories[name]
-
-
-def _read_listed(session: _Session, keys: list[bytes], outs: list[Any] | None,
+def _read_listed(session: Session, keys: list[bytes], outs: list[Any] | None,
                  results: list[Any]) -> list[int]:
     """Copy the values the directory lists straight from the pool into ``results`` (bytes,
     or True once copied into ``outs``); returns the indices of the keys left to ask for."""
@@ -198,19 +63,17 @@ def _read_listed(session: _Session, keys: list[bytes], outs: list[Any] | None,
     return rest
 
 
-# -- the operations, once, independent of the transport ---------------------------------------
-
 
 def _host(src: Any) -> Any:
     """A host byte view of a value view (device tensors are copied to the host)."""
     return src if isinstance(src, np.ndarray) else src.cpu().numpy()
 
 
-class _Operations:
+class Operations:
     """Generators: yield (meta, data parts), receive (meta, data), return the result."""
 
     @staticmethod
-    def put_many(session: _Session, keys: list[bytes], srcs: list[Any],
+    def put_many(session: Session, keys: list[bytes], srcs: list[Any],
                  use_spare: bool = False) -> Operation:
         """``use_spare`` (single puts): keep a spare slot for the next put of this size."""
         if not keys:
@@ -267,9 +130,9 @@ class _Operations:
         return stored
 
     @staticmethod
-    def put(session: _Session, key: bytes, src: Any) -> Operation:
+    def put(session: Session, key: bytes, src: Any) -> Operation:
         if session.pool is not None and src.shape[0] >= SHM_MIN_BYTES:
-            return (yield from _Operations.put_many(session, [key], [src], True)) == 1
+            return (yield from Operations.put_many(session, [key], [src], True)) == 1
         if src.shape[0] > session.max_value_bytes:
             raise InvalidValueError(f"value of {src.shape[0]} bytes exceeds the daemon's "
                                     f"max_value_bytes ({session.max_value_bytes})")
@@ -277,7 +140,7 @@ class _Operations:
         return meta["stored"]
 
     @staticmethod
-    def get_many(session: _Session, keys: list[bytes],
+    def get_many(session: Session, keys: list[bytes],
                  outs: list[Any] | None = None) -> Operation:
         """Values as bytes, or (with ``outs``) copied into them: True/False per key."""
         results: list[Any] = [None if outs is None else False] * len(keys)
@@ -369,40 +232,12 @@ def _batches(sizes: list[int], limit: int) -> list[tuple[int, int]]:
     return batches
 
 
-def transport_failed(error: Exception, url: str, op: str, timeout_s: float) -> NoReturn:
-    """Raise what ``error``, raised while a transport sent a request or received its
-    answer, means to the operations: a timeout is `DeadlineExceededError`; a socket error,
-    an EOF or a frame that cannot be read is `StoreConnectionError` (the connection broke:
-    retried on a fresh one), except a frame of another protocol version (`ProtocolError`:
-    no retry can help). Anything else (a `KVStoreError` already) is raised as it is.
-
-    Each transport calls it from ``except Exception`` around its I/O: a handler costs
-    nothing until something is raised, unlike a context manager per request."""
-    if isinstance(error, protocol.RequestError):
-        if error.code is protocol.ErrorCode.UNSUPPORTED_VERSION:
-            raise ProtocolError(f"bad answer from {url}: {error}") from None
-        raise StoreConnectionError(f"{op} to {url}: bad answer ({error}): the connection "
-                                   "cannot be trusted") from error
-    if isinstance(error, KVStoreError):
-        raise error
-    if isinstance(error, TimeoutError):
-        raise DeadlineExceededError(f"{op} to {url} did not finish within {timeout_s:g} s"
-                                    ) from None
-    if isinstance(error, EOFError):
-        raise StoreConnectionError(f"{op} to {url}: the daemon closed the connection"
-                                   ) from error
-    if isinstance(error, OSError):
-        raise StoreConnectionError(f"{op} to {url}: the connection broke: "
-                                   f"{error or type(error).__name__}") from error
-    raise error
-
-
-def _checked(answer: dict[str, Any], request_id: int, data: memoryview, url: str) -> Response:
-    """The answer's fields and data; the error the daemon answered, as its own class."""
-    if answer.get("id") not in (request_id, None):
-        raise StoreConnectionError(f"answer to request {answer.get('id')} from {url}, "
-                                   f"expected {request_id}: the connection is out of step")
-    if not answer.get("ok"):
-        code = str(answer.get("code"))
-        raise protocol.error_class(code)(f"{url}: {answer.get('message')} [{code}]")
-    return answer, data
+def call_args(request: Request, deadline: float, url: str) -> tuple[Any, ...]:
+    """The arguments of ``conn.request`` for an operation's next request: meta, parts,
+    the time left, and whether to wait for the answer (not for a ``noreply`` request)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceededError(f"call to {url} ran out of time")
+    meta, parts = request
+    wait = not meta.pop("noreply", False)
+    return meta, parts, left, wait

@@ -1,0 +1,113 @@
+"""The Store's own operations as the daemon serves them: put, get and their batches,
+prefix lookups, contains, delete, tier_of, flush. Each handler takes (connection, request
+meta, data) and returns (response fields, data parts); keys are scoped to the
+connection's namespace first.
+
+A get_many answer carries at most ``max_answer_data_bytes`` of values (the leading keys
+whose values fit, at least one): ``answered`` says how many, and the client asks again for
+the rest. Prefix lookups are counted (`daemon.read_stats`), exported as metrics and, with
+``--access-log``, logged (`daemon.access_log`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from daemon.access_log import AccessLog
+from daemon.connection import Connection
+from daemon.frame_memory import LogThrottle
+from daemon.read_stats import ReadStats
+from daemon.store_calls import StoreCalls
+
+log = logging.getLogger(__name__)
+
+
+class StoreOperations:
+    """put, put_many, get, get_many, match_prefix, contains, delete, tier_of, flush."""
+
+    def __init__(self, calls: StoreCalls, read_stats: ReadStats, *, metrics: Any | None,
+                 access_log: AccessLog | None, max_answer_data_bytes: int) -> None:
+        self.calls = calls
+        self.store = calls.store
+        self.read_stats = read_stats
+        self.metrics = metrics
+        self.access_log = access_log
+        self.max_answer_data_bytes = max_answer_data_bytes
+        self._cut_log = LogThrottle()
+
+    def _record_in(self, nbytes: int) -> None:
+        if self.metrics is not None and nbytes:
+            self.metrics.record_transfer("in", nbytes)
+
+    async def put(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        self._record_in(len(data))
+        stored = await self.calls.for_put(len(data))(
+            functools.partial(self.store.put, owner=conn.owner), conn.scope(meta["key"]), data)
+        return {"stored": stored}, []
+
+    async def put_many(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        self._record_in(len(data))
+        view, values, offset = memoryview(data), [], 0
+        for size in meta["sizes"]:
+            values.append(view[offset:offset + size])
+            offset += size
+        keys = [conn.scope(k) for k in meta["keys"]]
+        return {"stored": await self.calls.for_put(len(data))(
+            functools.partial(self.store.put_many, owner=conn.owner), keys, values)}, []
+
+    async def get(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        value = await self.calls.for_get()(self.store.get, conn.scope(meta["key"]))
+        self.read_stats.record_reads(conn.owner, 1, value is not None)
+        return {"found": value is not None}, [value] if value is not None else []
+
+    async def get_many(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        """The values of the leading keys whose values fit in ``max_answer_data_bytes``
+        (at least one key): ``answered`` says how many when that is not all of them, and
+        the others' sizes are nil (the client asks again for those)."""
+        keys = [conn.scope(k) for k in meta["keys"]]
+        values = await self.calls.for_get()(self._get_leading, keys)
+        sizes = [None if v is None else len(v) for v in values]
+        self.read_stats.record_reads(conn.owner, len(sizes), len(sizes) - sizes.count(None))
+        fields: dict[str, Any] = {"sizes": sizes + [None] * (len(keys) - len(values))}
+        if len(values) < len(keys):
+            fields["answered"] = len(values)
+            count = self._cut_log.count()
+            if count:
+                log.info("get_many answer cut at %d of %d keys (%d bytes of values; limit "
+                         "%d) peer=%s; %d answers cut since the last such line", len(values),
+                         len(keys), sum(s or 0 for s in sizes), self.max_answer_data_bytes,
+                         conn.peer, count)
+        return fields, [v for v in values if v]
+
+    def _get_leading(self, keys: list[bytes]) -> list[bytes | None]:
+        return self.store.get_many(keys, max_bytes=self.max_answer_data_bytes)
+
+    async def match_prefix(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        keys = [conn.scope(k) for k in meta["keys"]]
+        count = await self.calls.run_short(self.store.match_prefix, keys)
+        if keys and not meta.get("probe"):  # empty lookups and routing probes: no requests
+            self.read_stats.record_lookup(conn.owner, len(keys), count)
+            if self.metrics is not None:
+                tokens = self.read_stats.block_tokens
+                self.metrics.record_prefix("local", len(keys) * tokens, count * tokens)
+            if self.access_log is not None:
+                self.access_log.record(meta["keys"], hit_blocks=count,
+                                       namespace=conn.namespace)
+        return {"count": count}, []
+
+    async def contains(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        return {"present": await self.calls.run_short(self.store.contains,
+                                                      conn.scope(meta["key"]))}, []
+
+    async def delete(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        return {"deleted": await self.calls.run(self.store.delete, conn.scope(meta["key"]))}, []
+
+    async def tier_of(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        return {"tier": await self.calls.run_short(self.store.tier_of,
+                                                   conn.scope(meta["key"]))}, []
+
+    async def flush(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        await self.calls.run(self.store.flush)
+        return {}, []
