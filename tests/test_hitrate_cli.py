@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kvstore.policy import EvictionPolicy
+from kvstore.placement.rules import EvictionPolicy
 from tests.test_hitrate import REPO, kvstore
 
 
