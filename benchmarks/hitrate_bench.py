@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from store_bench import emit, log, machine_info
 
-from kvstore.hitrate import ReplayConfig, belady, replay
 from kvstore.placement.rules import EvictionPolicy
-from kvstore.traces import Trace, read_traces
+from kvstore.sim.replay import ReplayConfig, belady, replay
+from kvstore.sim.traces import Trace, read_traces
 
 TRACE = Path("/work/shared/data/mooncake_conversation_trace.jsonl")
 TARGET_ACCESSES_PER_S = 1_000_000

@@ -2,7 +2,7 @@
 
 A request, for the daemon, is one prefix lookup (`match_prefix`): an engine asks it once
 per request with all of the request's full-block keys, first block first. Each line is in
-the ``access-log`` trace format of `kvstore.traces`, so ``kvstore hitrate`` replays it:
+the ``access-log`` trace format of `kvstore.sim.traces`, so ``kvstore hitrate`` replays it:
 
     {"ts": 1718000000.123, "keys": ["<32 hex>", ...], "input_tokens": 48,
      "block_tokens": 16, "hit_blocks": 2, "namespace": "default"}

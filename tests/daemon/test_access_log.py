@@ -14,7 +14,7 @@ import pytest
 import kvstore
 from daemon.config import DaemonConfig
 from kvstore.errors import ConfigError
-from kvstore.traces import TraceFormat, read_traces
+from kvstore.sim.traces import TraceFormat, read_traces
 from tests.daemon.conftest import REPO
 
 BLOCK_TOKENS = 16

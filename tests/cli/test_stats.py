@@ -13,12 +13,12 @@ import sys
 import pytest
 
 import kvstore
-from kvstore.stats_cli import register
+from kvstore.cli.stats import register
 from tests.daemon.conftest import REPO, DaemonProcess, free_port
 
 BLOCK_TOKENS = 32
 # `python -m kvstore.cli stats ...` until the lead routes "stats" there.
-STATS = ("import argparse, sys; from kvstore.stats_cli import register; "
+STATS = ("import argparse, sys; from kvstore.cli.stats import register; "
          "p = argparse.ArgumentParser(prog='kvstore'); register(p.add_subparsers()); "
          "a = p.parse_args(sys.argv[1:]); sys.exit(a.run(a))")
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from kvstore.placement.rules import EvictionPolicy
-from tests.test_hitrate import REPO, kvstore
+from tests.sim.test_replay import REPO, kvstore
 
 
 def write_trace(path):
@@ -42,7 +42,7 @@ def test_plot_without_matplotlib_fails_before_the_replay(tmp_path):
 @pytest.mark.parametrize("extra", [(), ("--model", "tiny")])
 def test_sweep_plot_has_a_title_units_and_every_line_visible(tmp_path, extra):
     pytest.importorskip("matplotlib")
-    from kvstore.hitrate_cli import sweep_figure
+    from kvstore.cli.hitrate import sweep_figure
 
     trace, png = write_trace(tmp_path / "t.jsonl"), tmp_path / "sweep.png"
     result = kvstore(str(trace), "--sweep", "1k,2k,3k", "--plot", str(png), *extra)

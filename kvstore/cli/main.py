@@ -3,9 +3,9 @@
 - ``kvstore demo``: multi-turn chat through a prefill and a decode engine around a store
   (it lives in `engines.demo`; see below).
 - ``kvstore hitrate``: replay request traces through the store's index and policies
-  (`kvstore.hitrate_cli`); library code, so registered here, not as a plugin.
-- ``kvstore size``: KV sizing arithmetic (`kvstore.size_cli`).
-- ``kvstore stats URL``: a live view of a running kvstored (`kvstore.stats_cli`).
+  (`kvstore.cli.hitrate`); library code, so registered here, not as a plugin.
+- ``kvstore size``: KV sizing arithmetic (`kvstore.cli.size`).
+- ``kvstore stats URL``: a live view of a running kvstored (`kvstore.cli.stats`).
 
 Subcommands outside the library plug in through the ``kvstore.commands`` entry point
 group: each entry is a ``register(subparsers)`` function that adds its parser and sets
@@ -26,7 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from kvstore import __version__, hitrate_cli, size_cli, stats_cli
+from kvstore import __version__
+from kvstore.cli import hitrate as hitrate_cli
+from kvstore.cli import size as size_cli
+from kvstore.cli import stats as stats_cli
 from kvstore.errors import ConfigError, KVStoreError
 
 PLUGIN_GROUP = "kvstore.commands"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.test_cli import kvstore
+from tests.cli.test_main import kvstore
 
 
 def size(*args: str) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 from kvstore import Store, StoreConfig
 from tests.conftest import make_key, make_value
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KiB = 1024
 MiB = 1024 * KiB
 

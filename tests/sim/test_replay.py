@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.hitrate import ReplayConfig, belady, infinite_bound, replay
 from kvstore.placement.rules import EvictionPolicy
-from kvstore.traces import Trace, TraceError, TraceFormat, read_traces
+from kvstore.sim.replay import ReplayConfig, belady, infinite_bound, replay
+from kvstore.sim.traces import Trace, TraceError, TraceFormat, read_traces
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONVERSATION = Path("/work/shared/data/mooncake_conversation_trace.jsonl")
 needs_trace = pytest.mark.skipif(not CONVERSATION.exists(), reason="conversation trace absent")
 BT = 10  # block tokens of the hand-made traces

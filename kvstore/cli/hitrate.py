@@ -22,16 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvstore.errors import ConfigError, KVStoreError
-from kvstore.hitrate import (
+from kvstore.model_shapes import MODEL_SHAPES, kv_layout
+from kvstore.placement.rules import EvictionPolicy
+from kvstore.sim.replay import (
     Progress,
     ReplayConfig,
     belady,
     infinite_bound,
     replay,
 )
-from kvstore.model_shapes import MODEL_SHAPES, kv_layout
-from kvstore.placement.rules import EvictionPolicy
-from kvstore.traces import Trace, TraceError, TraceFormat, read_traces
+from kvstore.sim.traces import Trace, TraceError, TraceFormat, read_traces
 from kvstore.units import parse_size
 
 if TYPE_CHECKING:

@@ -38,7 +38,7 @@ import numpy as np
 from kvstore import placement
 from kvstore.errors import ConfigError
 from kvstore.placement import EvictionPolicy, Placement
-from kvstore.traces import Trace
+from kvstore.sim.traces import Trace
 
 # Called now and then with the number of requests replayed so far.
 Progress = Callable[[int], None]
