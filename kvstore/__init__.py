@@ -17,10 +17,8 @@ from kvstore.errors import (
     StoreClosedError,
     StoreConnectionError,
 )
-from kvstore.keys import KEY_BYTES, BlockKey, prefix_hashes
 from kvstore.layout import KVLayout
 from kvstore.placement.rules import Admission, EvictionPolicy
-from kvstore.store import Store
 
 __version__ = "0.1.0"
 
@@ -33,10 +31,19 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    # The client (sockets, msgpack) loads only when asked for.
-    if name in ("connect", "aconnect"):
-        from kvstore import client
+# Loaded when first asked for: the Store and the keys bring numpy, the client sockets and
+# msgpack; a command that needs neither (kvstore hitrate) starts without them.
+_LAZY = {"Store": "kvstore.store", "KEY_BYTES": "kvstore.keys", "BlockKey": "kvstore.keys",
+         "prefix_hashes": "kvstore.keys", "connect": "kvstore.client",
+         "aconnect": "kvstore.client"}
 
-        return getattr(client, name)
-    raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvstore' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

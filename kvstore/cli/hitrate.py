@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -130,27 +129,51 @@ def _job(job: tuple[str, tuple[int, ...], bool, float | None]) -> dict[str, Any]
 
 def run_jobs(trace: Trace, jobs: list[tuple[str, tuple[int, ...], bool, float | None]],
              progress: Progress | None) -> list[dict[str, Any]]:
+    """Every job's result, in order: job i runs in worker ``i % workers``, one per core,
+    worker 0 being this process and the others forked from it once the trace is interned
+    (they inherit it; each sends back its results as JSON on a pipe)."""
     global _TRACE
     _TRACE = trace
-    workers = min(len(jobs), os.cpu_count() or 1)
-    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        results = []
-        for i, job in enumerate(jobs):
-            results.append(_job(job))
+    workers = min(len(jobs), os.cpu_count() or 1) if hasattr(os, "fork") else 1
+    trace.interned()  # once, before any fork
+    children = [_fork_worker(jobs, w, workers) for w in range(1, workers)]
+    results: dict[int, dict[str, Any]] = {}
+    try:
+        for i in range(0, len(jobs), workers):
+            results[i] = _job(jobs[i])
             if progress:
-                progress(i + 1)
-        return results
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        results_by_index: dict[int, dict[str, Any]] = {}
-        pending = {i: pool.apply_async(_job, (job,)) for i, job in enumerate(jobs)}
-        while pending:
-            for i in [i for i, r in pending.items() if r.ready()]:
-                results_by_index[i] = pending.pop(i).get()
+                progress(len(results))
+    finally:
+        for pid, pipe in children:
+            with os.fdopen(pipe, "rb") as f:
+                answer = f.read()
+            _, status = os.waitpid(pid, 0)
+            if status != 0 or not answer:
+                raise KVStoreError(f"a replay worker failed: {answer.decode(errors='replace')}")
+            results.update((i, result) for i, result in json.loads(answer))
             if progress:
-                progress(len(results_by_index))
-            if pending:
-                time.sleep(0.05)
-        return [results_by_index[i] for i in range(len(jobs))]
+                progress(len(results))
+    return [results[i] for i in range(len(jobs))]
+
+
+def _fork_worker(jobs: list[tuple[str, tuple[int, ...], bool, float | None]], worker: int,
+                 workers: int) -> tuple[int, int]:
+    """A forked process running jobs ``worker, worker + workers, ...``: (pid, read end)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: results or the error on the pipe, then out without cleanup
+        os.close(read_end)
+        code = 0
+        try:
+            answer = json.dumps([(i, _job(jobs[i]))
+                                 for i in range(worker, len(jobs), workers)]).encode()
+        except BaseException as e:
+            answer, code = f"{type(e).__name__}: {e}".encode(), 1
+        with os.fdopen(write_end, "wb") as f:
+            f.write(answer)
+        os._exit(code)
+    os.close(write_end)
+    return pid, read_end
 
 
 class LazyProgress:

@@ -35,8 +35,9 @@ from kvstore.placement._core import (
     Placement,
     belady,
     infinite_bound,
+    intern,
 )
 from kvstore.placement.rules import MAX_OWNER, Admission, EvictionPolicy
 
 __all__ = ["DROP_DELETED", "DROP_EVICTED", "DROP_FORGOTTEN", "MAX_OWNER", "Admission",
-           "EvictionPolicy", "Placement", "belady", "infinite_bound"]
+           "EvictionPolicy", "Placement", "belady", "infinite_bound", "intern"]

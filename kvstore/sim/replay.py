@@ -30,15 +30,14 @@ farthest, or does not admit a block used later than everything it holds).
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from kvstore import placement
 from kvstore.errors import ConfigError
 from kvstore.placement import EvictionPolicy, Placement
-from kvstore.sim.traces import Trace
+from kvstore.sim.traces import Interned, Trace
 
 # Called now and then with the number of requests replayed so far.
 Progress = Callable[[int], None]
@@ -131,29 +130,32 @@ def replay(trace: Trace, config: ReplayConfig, progress: Progress | None = None
     core = Placement([config.policy] * len(present),
                      capacity_blocks=[config.capacity_blocks[t] for t in present],
                      promote_on_hit=config.promote_on_hit, num_ids=interned.num_ids)
-    hits = np.zeros(len(trace), dtype=np.int64)
-    tier_hits = np.zeros(len(present), dtype=np.int64)
+    hits = _zeros(len(trace))
+    tier_hits = _zeros(len(present))
     for first in range(0, len(trace), PROGRESS_EVERY):
         if progress is not None:
             progress(first)
         core.replay(interned.flat, interned.starts, interned.input_tokens, trace.block_tokens,
                     hits, tier_hits, first, min(first + PROGRESS_EVERY, len(trace)))
     result = _result(config.policy.value, trace, interned, hits, config.window_s)
-    result.hit_tokens_per_tier = dict(zip(names, tier_hits.tolist(), strict=True))
+    result.hit_tokens_per_tier = dict(zip(names, tier_hits, strict=True))
     result.evictions, result.demotions = core.evictions, core.demotions
     result.promotions = core.promotions
     return result
 
 
-def _result(name: str, trace: Trace, interned: object, hits: np.ndarray,
+def _zeros(n: int) -> array:
+    return array("q", bytes(8 * n))
+
+
+def _result(name: str, trace: Trace, interned: Interned, hits: array,
             window_s: float | None) -> ReplayResult:
     """The totals (and windows) of per-request hit tokens."""
-    result = ReplayResult(name, input_tokens=trace.total_input_tokens,
-                          hit_tokens=int(hits.sum()), num_accesses=trace.num_accesses)
+    result = ReplayResult(name, input_tokens=trace.total_input_tokens, hit_tokens=sum(hits),
+                          num_accesses=len(interned.flat))
     if window_s:
         windows = result.windows = Windows(window_s)
-        for ts, n, hit in zip(trace.timestamps_s, trace.input_tokens, hits.tolist(),
-                              strict=True):
+        for ts, n, hit in zip(trace.timestamps_s, trace.input_tokens, hits, strict=True):
             windows.add(ts, n, hit)
     return result
 
@@ -164,7 +166,7 @@ def _result(name: str, trace: Trace, interned: object, hits: np.ndarray,
 def infinite_bound(trace: Trace, window_s: float | None = None) -> ReplayResult:
     """The hit rate of a cache that never evicts."""
     interned = trace.interned()
-    hits = np.zeros(len(trace), dtype=np.int64)
+    hits = _zeros(len(trace))
     placement.infinite_bound(interned.flat, interned.starts, interned.input_tokens,
                              trace.block_tokens, interned.num_ids, hits)
     return _result("infinite", trace, interned, hits, window_s)
@@ -181,7 +183,7 @@ def belady(trace: Trace, capacity_blocks: int, window_s: float | None = None) ->
     if capacity_blocks <= 0:
         raise ConfigError(f"belady needs a positive capacity, got {capacity_blocks}")
     interned = trace.interned()
-    hits = np.zeros(len(trace), dtype=np.int64)
+    hits = _zeros(len(trace))
     evictions = placement.belady(interned.flat, interned.starts, interned.input_tokens,
                                  trace.block_tokens, interned.num_ids, capacity_blocks, hits)
     result = _result("belady", trace, interned, hits, window_s)

@@ -24,23 +24,22 @@ Invariants of a `Trace`:
   before it, so ``keys[i][j - 1]`` is the parent of ``keys[i][j]``.
 - ``input_tokens[i] > 0``, and ``timestamps_s`` never decreases across files: a file's
   timestamps are shifted to start where the previous file ended.
-- Keys are ``bytes`` (Mooncake's integer ids become 8 little-endian bytes), the key type
-  the index holds.
+- Keys are hashable and equal exactly when they name the same block: ``bytes`` (16-byte
+  chained keys) or, for Mooncake's traces, the trace's own integer hash ids (a replay
+  interns them to dense ids, `Trace.interned`, so their type costs nothing there).
 """
 
 from __future__ import annotations
 
 import enum
 import json
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from kvstore.errors import KVStoreError
-from kvstore.keys import prefix_hashes
 
 MOONCAKE_BLOCK_TOKENS = 512
 TOKENS_NAMESPACE = "kvstore-hitrate"
@@ -61,9 +60,9 @@ class Interned:
     """A trace's keys as dense ids: request r's blocks are ``flat[starts[r]:starts[r + 1]]``
     (ids ``0 <= id < num_ids``, one per distinct key)."""
 
-    flat: np.ndarray  # int32
-    starts: np.ndarray  # int64, one more than the requests
-    input_tokens: np.ndarray  # int64
+    flat: array  # 'i'
+    starts: array  # 'q', one more than the requests
+    input_tokens: array  # 'q'
     num_ids: int
 
 
@@ -74,7 +73,7 @@ class Trace:
     block_tokens: int
     timestamps_s: list[float] = field(default_factory=list)
     input_tokens: list[int] = field(default_factory=list)
-    keys: list[list[bytes]] = field(default_factory=list)
+    keys: list[list[bytes | int]] = field(default_factory=list)
     num_bad_lines: int = 0
 
     def __len__(self) -> int:
@@ -93,13 +92,10 @@ class Trace:
         cached = self.__dict__.get("_interned")
         if cached is not None and cached[0] is self.keys and cached[1] == len(self.keys):
             return cached[2]
-        ids: dict[bytes, int] = {}
-        flat = np.fromiter((ids.setdefault(k, len(ids)) for keys in self.keys for k in keys),
-                           dtype=np.int32, count=self.num_accesses)
-        starts = np.zeros(len(self.keys) + 1, dtype=np.int64)
-        np.cumsum([len(keys) for keys in self.keys], out=starts[1:])
-        interned = Interned(flat, starts, np.asarray(self.input_tokens, dtype=np.int64),
-                            len(ids))
+        from kvstore.placement import intern
+
+        flat, starts, num_ids = intern(self.keys)
+        interned = Interned(flat, starts, array("q", self.input_tokens), num_ids)
         self.__dict__["_interned"] = (self.keys, len(self.keys), interned)
         return interned
 
@@ -124,20 +120,18 @@ def _parse_line(fmt: TraceFormat, obj: Any, block_tokens: int
         raise ValueError("not a JSON object")
     if fmt is TraceFormat.MOONCAKE:
         ids, length = obj["hash_ids"], obj["input_length"]
-        if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
+        if not isinstance(ids, list) or (ids and (set(map(type, ids)) != {int}
+                                                  or min(ids) < 0)):
             raise ValueError("hash_ids must be a list of non-negative ints")
-        if type(length) is not int or length <= 0:
+        if type(length) is not int:
             raise ValueError("input_length must be a positive int")
-        if length > len(ids) * block_tokens:
-            raise ValueError(f"input_length {length} exceeds {len(ids)} blocks of "
-                             f"{block_tokens} tokens")
-        ts = obj.get("timestamp")
-        return (None if ts is None else float(ts) / 1000.0, length,
-                [i.to_bytes(8, "little") for i in ids])
+        return _mooncake_request(obj.get("timestamp"), length, ids, block_tokens)
     if fmt is TraceFormat.TOKENS:
         tokens = obj["tokens"]
         if not isinstance(tokens, list) or not tokens:
             raise ValueError("tokens must be a non-empty list of token ids")
+        from kvstore.keys import prefix_hashes  # (numpy: loaded only for this format)
+
         keys = prefix_hashes(tokens, block_tokens=block_tokens, namespace=TOKENS_NAMESPACE)
         ts = obj.get("ts")
         return None if ts is None else float(ts), len(tokens), list(keys)
@@ -154,6 +148,53 @@ def _parse_line(fmt: TraceFormat, obj: Any, block_tokens: int
                          f"{block_tokens}")
     ts = obj.get("ts")
     return None if ts is None else float(ts), length, keys
+
+
+def _mooncake_request(timestamp: Any, length: int, ids: list[int], block_tokens: int
+                      ) -> tuple[float | None, int, list[int]]:
+    """A Mooncake line whose ``hash_ids`` are non-negative ints and ``input_length`` an
+    int, checked further."""
+    if length <= 0:
+        raise ValueError("input_length must be a positive int")
+    if length > len(ids) * block_tokens:
+        raise ValueError(f"input_length {length} exceeds {len(ids)} blocks of "
+                         f"{block_tokens} tokens")
+    return None if timestamp is None else float(timestamp) / 1000.0, length, ids
+
+
+def _requests(path: Path, fmt: TraceFormat, block_tokens: int
+              ) -> Iterator[tuple[int, tuple[float | None, int, list[Any]] | Exception]]:
+    """``(line number, (timestamp_s, input_tokens, keys) or what is wrong with it)`` for
+    each line of ``path`` that is not blank.
+
+    Mooncake files go through a compiled reader of their lines (`kvstore.sim._scan`),
+    which hands back as text, for json and `_parse_line`, any line it does not read
+    itself: the same requests and the same errors as the json path, 3-4x faster."""
+    if fmt is not TraceFormat.MOONCAKE:
+        for number, line in _lines(path):
+            try:
+                yield number, _parse_line(fmt, json.loads(line), block_tokens)
+            except (ValueError, KeyError, TypeError, KVStoreError) as e:
+                yield number, e
+        return
+    from kvstore.sim._scan import scan_mooncake
+
+    try:
+        data = path.read_bytes()
+        data.decode("utf-8")
+    except OSError as e:
+        raise TraceError(f"{path}: cannot read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise TraceError(f"{path}: not a UTF-8 text file") from e
+    for number, row in scan_mooncake(data, block_tokens):
+        if type(row) is tuple:
+            yield number, row
+            continue
+        try:
+            if row.strip():
+                yield number, _parse_line(fmt, json.loads(row), block_tokens)
+        except (ValueError, KeyError, TypeError, KVStoreError) as e:
+            yield number, e
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -227,15 +268,14 @@ def read_traces(paths: list[Path], *, fmt: TraceFormat | None = None,
     for path, file_fmt in zip(paths, formats, strict=True):
         first_s: float | None = None
         last_s = offset_s
-        for number, line in _lines(path):
-            try:
-                ts, length, keys = _parse_line(file_fmt, json.loads(line), block_tokens)
-            except (ValueError, KeyError, TypeError, KVStoreError) as e:
+        for number, request in _requests(path, file_fmt, block_tokens):
+            if isinstance(request, Exception):
                 if skip_bad:
                     trace.num_bad_lines += 1
                     continue
                 raise TraceError(f"{path} line {number}: not a {file_fmt.value} trace line "
-                                 f"({_why(e)}); fix it or pass --skip-bad") from e
+                                 f"({_why(request)}); fix it or pass --skip-bad") from request
+            ts, length, keys = request
             if ts is not None:
                 if first_s is None:
                     first_s = ts
