@@ -67,8 +67,8 @@ from kvstore import protocol
 from kvstore.errors import KVStoreError, StorageError
 from kvstore.keys import namespace_secret
 from kvstore.protocol import ErrorCode, FrameKind, RequestError
+from kvstore.shm.mapping import boot_id
 from kvstore.store import Store
-from kvstore.tiers.dram import boot_id
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from daemon.tenants import Tenant
 from kvstore.errors import KVStoreError
 from kvstore.keys import scoped_key
 from kvstore.protocol import ErrorCode, RequestError
-from kvstore.tiers.shm_directory import BEAT_S
+from kvstore.shm.directory import BEAT_S
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,7 @@ class SharedMemoryPlane:
 
     async def _keep_directory_alive(self) -> None:
         """Stamp the pool directory's heartbeat while the loop runs: clients stop reading
-        through a directory whose daemon stopped stamping (`shm_directory`, Liveness)."""
+        through a directory whose daemon stopped stamping (`kvstore.shm.directory`, Liveness)."""
         pool = self.store.host_pool
         directory = None if pool is None else pool.directory
         while directory is not None:

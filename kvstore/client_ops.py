@@ -6,7 +6,7 @@ data plane lives here: a connection's `_Session` knows the daemon's DRAM pool an
 directory (each mapped once per process) and its spare slot.
 
 Reads on the same host first look the keys up in the daemon's directory
-(`kvstore.tiers.shm_directory`) and copy what it lists straight from the pool, with no
+(`kvstore.shm.directory`) and copy what it lists straight from the pool, with no
 request at all; the rest are pinned (one round trip), copied and unpinned. Blocks read
 through the directory are reported to the daemon in batches (``touch``, not waited for),
 so its hit counts and eviction order see them.
@@ -41,7 +41,7 @@ from kvstore.errors import (
     StoreConnectionError,
 )
 from kvstore.keys import scoped_key
-from kvstore.tiers.dram import boot_id
+from kvstore.shm.mapping import boot_id
 
 SHM_MIN_BYTES = 64 * 1024  # smaller puts go in the frame: one round trip instead of two
 TOUCH_BATCH = 32  # directory reads reported to the daemon per `touch`
@@ -83,7 +83,7 @@ class _Session:
         self.lease_s: float = hello["lease_s"]
         self.pool: np.ndarray | None = None
         self.is_pool_registered = False  # page-locked for CUDA: GPUs DMA straight into it
-        self.directory: Any = None  # the daemon's shm_directory.Directory, if mapped
+        self.directory: Any = None  # the daemon's kvstore.shm.directory.Directory, if mapped
         self.secret: bytes | None = None  # scopes keys as the daemon does (shared memory)
         self.touched: list[bytes] = []  # read through the directory, not yet reported
         self.num_directory_reads = 0
@@ -134,7 +134,8 @@ def _shared_pool(address: tuple[str, int], name: str,
     """The daemon's DRAM pool mapped here; None if it is not reachable from here (another
     host or container, or no permission): values then travel in the frames. A daemon
     that restarted has a new pool: the old one's mapping is let go."""
-    from kvstore.tiers.dram import map_shared, register_with_cuda, unregister_with_cuda
+    from kvstore.shm.mapping import map_shared
+    from kvstore.shm.page_lock import register_with_cuda, unregister_with_cuda
 
     with _pools_lock:
         old = _pool_of_address.get(address)
@@ -159,7 +160,7 @@ _directories: dict[str, Any] = {}
 def _shared_directory(name: str) -> Any:
     """The daemon's directory mapped (read-only) here, once per process; None if it cannot
     be (then every read asks the daemon)."""
-    from kvstore.tiers.shm_directory import Directory
+    from kvstore.shm.directory import Directory
 
     if not Directory.supported:
         return None

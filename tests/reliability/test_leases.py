@@ -34,7 +34,7 @@ from kvstore import client as client_module
 from kvstore.buffers import value_view
 from kvstore.client_ops import _Operations
 from kvstore.protocol import ErrorCode
-from kvstore.tiers.dram import map_shared
+from kvstore.shm.mapping import map_shared
 from tests.conftest import make_key, make_value
 from tests.daemon.conftest import DaemonProcess, free_port
 from tests.daemon.test_doorbell import _ring
