@@ -1,8 +1,8 @@
 """The NVMe tier's log: which segment holds which record, appends, compaction, replay.
 
 `SegmentLog` keeps the in-memory index of the segment files (I/O in
-`kvstore.tiers.nvme_files`, record format in `kvstore.tiers.nvme_record`). It knows
-records, not values: compression and the Tier contract are `kvstore.tiers.nvme`'s.
+`kvstore.tiers.nvme.files`, record format in `kvstore.tiers.nvme.record`). It knows
+records, not values: compression and the Tier contract are `kvstore.tiers.nvme.tier`'s.
 Not thread-safe: the tier's lock guards it.
 
 Invariants
@@ -34,8 +34,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from kvstore.errors import StorageError
-from kvstore.tiers.nvme_files import SegmentFiles, SegmentWriter
-from kvstore.tiers.nvme_record import (
+from kvstore.tiers.nvme.files import SegmentFiles, SegmentWriter
+from kvstore.tiers.nvme.record import (
     IO_ALIGN,
     TOMBSTONE_FOOTPRINT,
     HeaderFor,

@@ -24,7 +24,7 @@ from kvstore.errors import (
     StoreClosedError,
 )
 from kvstore.tiers.nvme import Compression, NvmeTier, NvmeTierConfig
-from kvstore.tiers.nvme_record import (
+from kvstore.tiers.nvme.record import (
     DETACHED_MIN_BYTES,
     HEADER_BYTES,
     HEADERS_PER_PAGE,
@@ -881,7 +881,7 @@ def test_a_segment_the_disk_cannot_read_is_left_and_writes_go_on(tmp_path, monke
     boundary since no real disk here can fail on demand) must not wedge the tier: that
     segment is left as it is and later writes compact others (it failed every write
     needing room before, the same victim picked again and again)."""
-    from kvstore.tiers.nvme_files import SegmentFiles
+    from kvstore.tiers.nvme.files import SegmentFiles
 
     cfg = config(tmp_path, capacity_bytes=16 * MiB, segment_bytes=2 * MiB)
     read_at = SegmentFiles.read_at

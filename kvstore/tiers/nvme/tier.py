@@ -7,9 +7,9 @@
 `NvmeTier` implements the Tier contract: it checks keys and values, compresses, checks
 each value it reads, and keeps `used_bytes` within `capacity_bytes`. The rest is split:
 
-    kvstore.tiers.nvme_record   the record format and the segment scanner
-    kvstore.tiers.nvme_files    the directory, its lock, O_DIRECT I/O, the write buffer
-    kvstore.tiers.nvme_log      the index of records, appends, compaction, replay at open
+    kvstore.tiers.nvme.record   the record format and the segment scanner
+    kvstore.tiers.nvme.files    the directory, its lock, O_DIRECT I/O, the write buffer
+    kvstore.tiers.nvme.log      the index of records, appends, compaction, replay at open
 
 Records are copied into a write buffer and written with one aligned `pwrite` of
 `write_buffer_bytes` when it fills, through an O_DIRECT descriptor where the filesystem
@@ -18,7 +18,7 @@ unfinished last block, which the next flush rewrites, so flushing often wastes n
 
 Invariants
 - One lock guards every call; the helpers above are not thread-safe on their own.
-- `used_bytes` (live footprint + one tombstone per pinned key, see `nvme_log`) is at most
+- `used_bytes` (live footprint + one tombstone per pinned key, see `log`) is at most
   `capacity_bytes` after every call.
 - The segment files never exceed `config.capacity_bytes`. Plain writes stay one segment
   (plus slack) below it: that is where compaction copies a victim's live records before it
@@ -44,9 +44,9 @@ from kvstore.buffers import copy_bytes, output_view, value_view
 from kvstore.config import Compression
 from kvstore.errors import ConfigError, InvalidValueError, StorageError, StoreClosedError
 from kvstore.tiers.base import check_key
-from kvstore.tiers.nvme_files import SEGMENT_NAME, SegmentFiles, SegmentWriter
-from kvstore.tiers.nvme_log import RecordLoc, SegmentLog
-from kvstore.tiers.nvme_record import (
+from kvstore.tiers.nvme.files import SEGMENT_NAME, SegmentFiles, SegmentWriter
+from kvstore.tiers.nvme.log import RecordLoc, SegmentLog
+from kvstore.tiers.nvme.record import (
     FLAG_COMPRESSED,
     IO_ALIGN,
     align_down,

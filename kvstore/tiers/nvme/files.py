@@ -1,7 +1,7 @@
 """The NVMe tier's segment files: the directory and its lock, aligned I/O, the write buffer.
 
     <path>/LOCK                   flock'd by the one tier that has the directory open
-    <path>/KEY                    the key of the record headers' MACs (`nvme_record.HeaderMac`)
+    <path>/KEY                    the key of the record headers' MACs (`record.HeaderMac`)
     <path>/seg-0000000003.log     segment 3 (`SegmentFiles.path_of(3)`)
 
     active segment   [ on disk ................ | write buffer (aligned mmap) ]
@@ -34,7 +34,7 @@ Invariants
   zeros to 4 KiB and keeps its unfinished last block, which the next write rewrites (same
   bytes, plus new ones). So once the buffer is written the file is ``align_up(end)`` bytes
   and all of them past ``end`` are zeros.
-- The open header page (where detached records put their headers, see `nvme_record`) is in
+- The open header page (where detached records put their headers, see `record`) is in
   the buffer: once a buffer write takes it to disk it is sealed and never written again.
 """
 
@@ -55,7 +55,7 @@ import numpy as np
 from kvstore.buffers import page_aligned_buffer
 from kvstore.durable_file import DamagedKeyError, key_file
 from kvstore.errors import StorageError
-from kvstore.tiers.nvme_record import (
+from kvstore.tiers.nvme.record import (
     HEADER_BYTES,
     HEADERS_PER_PAGE,
     IO_ALIGN,
@@ -423,7 +423,7 @@ class SegmentWriter:
     def append(self, header_for: HeaderFor, payload: Any, stored_bytes: int) -> int:
         """Append one record: ``payload`` (``stored_bytes``) and its header,
         ``header_for(payload offset)`` signed for the active segment, inline or detached as
-        `nvme_record` says, padded with zeros to 8 bytes; returns the offset of its payload."""
+        `record` says, padded with zeros to 8 bytes; returns the offset of its payload."""
         mac = self._mac
         assert self._seq is not None and mac is not None, "no active segment to append to"
         self._check_writable()
