@@ -35,8 +35,8 @@ def cuda_torch() -> Any:
 
 def register_with_cuda(array: np.ndarray) -> bool:
     """Page-lock host memory we allocated (cudaHostRegister) so GPUs DMA straight to it."""
-    torch = _torch_if_cuda()
-    if torch is None or not torch.cuda.is_available() or not array.nbytes:
+    torch = cuda_torch()
+    if torch is None or not array.nbytes:
         return False
     cudart = torch.cuda.cudart()
     # Portable (every context) and mapped: kernels read it in place through unified

@@ -104,7 +104,7 @@ class SegmentLog:
 
     def write(self, header_for: HeaderFor, payload: memoryview) -> tuple[int, int]:
         """Append a record whose header is ``header_for(payload offset)``; returns (segment
-        seqno, payload offset). Call `make_live` next."""
+        seqno, payload offset). Make it live next (`RecordIndex.make_live`)."""
         return self._append(header_for, payload, len(payload), self._write_limit)
 
     def forget_corrupt(self, key: bytes) -> None:

@@ -1,7 +1,7 @@
 """The NVMe tier's record index: which record of each key is live, which are stale, and what
 each segment holds. In memory only: the log (`kvstore.tiers.nvme.log`) rebuilds it at open
-and changes it as it writes, compacts and forgets. Not thread-safe: the tier's lock guards
-it.
+and keeps it true as it writes and compacts; the tier makes a record it wrote live, and
+forgets keys. Not thread-safe: the tier's lock guards it.
 
 Invariants
 - A key has at most one *live* record. Every other record of a key still on disk
