@@ -48,6 +48,11 @@ LAYERS: list[tuple[str, str, str]] = [
     ("kvstore.shm", "kvstore.client", "shared memory is below the client"),
     ("kvstore.shm", "kvstore.wire", "shared memory knows no wire format"),
     ("kvstore.shm", "kvstore.protocol", "shared memory knows no wire format"),
+    ("kvstore.placement", "kvstore.tiers", "placement decides; it moves no bytes"),
+    ("kvstore.placement", "kvstore.store", "the store calls placement, not the reverse"),
+    ("kvstore.placement", "kvstore.client", "placement knows no client"),
+    ("kvstore.wire", "kvstore.store", "the wire format is shared by client and daemon"),
+    ("kvstore.wire", "kvstore.client", "the wire format is shared by client and daemon"),
 ]
 
 # Import edges (importer, imported) that close a known cycle outside the reshaped parts,
