@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvstore.errors import ConfigError
-from kvstore.tiers.dram import SHM_DIR
+from kvstore.shm.mapping import SHM_DIR
 from kvstore.units import format_bytes
 
 log = logging.getLogger(__name__)

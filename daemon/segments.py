@@ -35,8 +35,8 @@ import stat
 import time
 from dataclasses import dataclass
 
-from kvstore.tiers.dram import SHM_DIR, boot_id
-from kvstore.tiers.shm_directory import directory_name
+from kvstore.shm.directory import directory_name
+from kvstore.shm.mapping import SHM_DIR, boot_id
 from kvstore.units import format_bytes
 
 log = logging.getLogger(__name__)

@@ -69,8 +69,8 @@ from daemon.tenants import (
 )
 from kvstore.errors import KVStoreError, StorageError
 from kvstore.keys import namespace_secret
+from kvstore.shm.mapping import boot_id
 from kvstore.store import Store
-from kvstore.tiers.dram import boot_id
 from kvstore.wire import error_codes, frames, ops
 from kvstore.wire.error_codes import ErrorCode, RequestError
 

@@ -46,7 +46,7 @@ from daemon.connection import Connection, Pin, Reservation
 from daemon.read_stats import ReadStats
 from daemon.store_calls import StoreCalls
 from kvstore.errors import KVStoreError
-from kvstore.tiers.shm_directory import BEAT_S
+from kvstore.shm.directory import BEAT_S
 from kvstore.wire.error_codes import ErrorCode, RequestError
 
 log = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ class SharedMemoryPlane:
 
     async def keep_directory_alive(self) -> None:
         """Stamp the pool directory's heartbeat while the loop runs: clients stop reading
-        through a directory whose daemon stopped stamping (`shm_directory`, Liveness)."""
+        through a directory whose daemon stopped stamping (`kvstore.shm.directory`, Liveness)."""
         pool = self.store.host_pool
         directory = None if pool is None else pool.directory
         while directory is not None:

@@ -30,7 +30,8 @@ never overlap (they run on one stream, one at a time).
 
 Only a cache built with ``cuda_graphs=True`` on a CUDA device gets graphs (the engines'
 caches); a forward of more tokens than the largest bucket is compute-bound and runs
-eagerly, as does everything on the CPU.
+eagerly, as does everything on the CPU. The model owns the graphs of its forwards over
+each cache (`LlamaModel.graphs`); what they capture of it is `GraphedModel`.
 """
 
 from __future__ import annotations
@@ -40,19 +41,39 @@ import gc
 import logging
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from engines.model import LlamaModel
-    from engines.paged_cache import PagedKVCache
+from engines.config import ModelConfig
+from engines.paged_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 
 # Powers of two up to 128 (decode steps, short tails), then steps of 64: a forward of a
 # few hundred tokens is near compute-bound, where padding to twice the rows would cost.
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
+
+
+class GraphedModel(Protocol):
+    """The pieces of a model's forward that the graphs capture (`engines.model.LlamaModel`
+    has them): the embedding and rotary tables (P), and each layer's work before (A_i) and
+    after (B_i) its attention."""
+
+    config: ModelConfig
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def layer_in(self, cache: PagedKVCache, layer: int, h: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor, slots: torch.Tensor) -> torch.Tensor: ...
+
+    def layer_out(self, layer: int, h: torch.Tensor, attention: torch.Tensor
+                  ) -> torch.Tensor: ...
 
 
 def bucket_for(num_tokens: int) -> int | None:
@@ -64,12 +85,13 @@ def bucket_for(num_tokens: int) -> int | None:
 class ForwardGraphs:
     """The graphs of one model over one cache, per bucket, captured on first use."""
 
-    def __init__(self, model: LlamaModel, cache: PagedKVCache) -> None:
+    def __init__(self, model: GraphedModel, cache: PagedKVCache) -> None:
         if cache.pad_slot is None:
             raise ValueError("CUDA graphs need a cache with a pad page (cuda_graphs=True)")
-        self.model = model
-        # Weak: the cache holds these graphs, and a cycle would leave both to the garbage
-        # collector, which may run in the middle of another cache's capture.
+        # Weak: the model holds these graphs (and they go with the cache), and a cycle would
+        # leave them to the garbage collector, which may run in the middle of another
+        # cache's capture.
+        self._model = weakref.ref(model)
         self._cache = weakref.ref(cache)
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = torch.cuda.Stream(device=cache.device)
@@ -89,8 +111,8 @@ class ForwardGraphs:
         self._capture([bucket for bucket in BUCKETS if bucket not in self._buckets])
 
     def _capture(self, buckets: list[int]) -> None:
-        cache = self._cache()
-        assert cache is not None, "a cache's graphs outlived it"
+        model, cache = self._model(), self._cache()
+        assert model is not None and cache is not None, "graphs outlived their model or cache"
         # Garbage collected now, and not during the captures: a finalizer freeing CUDA
         # memory (pinned pages, another cache's graphs) would invalidate one.
         gc.collect()
@@ -99,8 +121,8 @@ class ForwardGraphs:
         try:
             for bucket in buckets:
                 try:
-                    self._buckets[bucket] = BucketGraphs(self.model, cache, bucket,
-                                                         self._pool, self._stream)
+                    self._buckets[bucket] = BucketGraphs(model, cache, bucket, self._pool,
+                                                         self._stream)
                 except RuntimeError as e:  # out of memory, or an op the capture refused
                     log.warning("capturing the forward of %d tokens failed (%s); it runs "
                                 "eagerly", bucket, e)
@@ -121,7 +143,7 @@ class ForwardGraphs:
 class BucketGraphs:
     """One bucket's graphs (P, then A_i and B_i of each layer) and their static buffers."""
 
-    def __init__(self, model: LlamaModel, cache: PagedKVCache, num_tokens: int,
+    def __init__(self, model: GraphedModel, cache: PagedKVCache, num_tokens: int,
                  pool: tuple[int, int], stream: torch.cuda.Stream) -> None:
         config, device = model.config, cache.device
         self.num_tokens = num_tokens
@@ -141,7 +163,7 @@ class BucketGraphs:
         slots.fill_(cache.pad_slot)  # the warm-up and captures write the pad page only
 
         def embed() -> None:
-            self._h.copy_(model.model.embed_tokens(tokens))
+            self._h.copy_(model.embed(tokens))
             cos, sin = model.rope_tables(positions)
             self._cos.copy_(cos)
             self._sin.copy_(sin)

@@ -98,8 +98,8 @@ class DecodeEngine:
         self._running: list[DecodeRequest] = []
 
     def capture_graphs(self) -> None:
-        """Capture the forward's CUDA graphs now (`PagedKVCache.capture_graphs`)."""
-        self.cache.capture_graphs(self.model)
+        """Capture the forward's CUDA graphs now (`LlamaModel.capture_graphs`)."""
+        self.model.capture_graphs(self.cache)
 
     def close(self) -> None:
         for request in self._running:

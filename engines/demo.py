@@ -30,7 +30,7 @@ import torch
 from engines.conductor import Conductor, RequestResult
 from engines.cost_model import calibrate
 from engines.decode import DecodeEngine
-from engines.demo_command import add_arguments
+from engines.demo_args import add_arguments
 from engines.paged_cache import SequenceKV
 from engines.prefill import PrefillEngine
 from engines.presets import load_model

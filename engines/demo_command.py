@@ -1,21 +1,12 @@
-"""The ``kvstore demo`` subcommand's arguments, light enough to import for ``--help``
-(torch and the engines load only when the demo runs: `engines.demo`)."""
+"""The ``kvstore demo`` subcommand, plugged into the `kvstore` CLI, light enough to import
+for ``--help`` (torch and the engines load only when the demo runs: `engines.demo`)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from engines.config import PRESET_NAMES
-
-DESCRIPTION = (
-    "Multi-turn chat served by a prefill and a decode engine around a KV store. A "
-    "conductor routes each request (colocated on the decode engine, or prefill -> store "
-    "-> decode) by where its KV is and what its cost model measured; the workload is a "
-    "shared system prompt, several users and follow-up turns. Prints each reply with its "
-    "TTFT, inter-token latency, cached tokens and route, then a summary: hit rate, TTFT "
-    "with and without the cache, and whether every disaggregated reply equals the "
-    "reference generation.")
+from engines.demo_args import DESCRIPTION, add_arguments
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -32,28 +23,3 @@ def register(commands: Any) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(demo)
     demo.set_defaults(run=_run)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="smollm2-135m",
-                        help=f"model: a preset ({', '.join(PRESET_NAMES)}), a checkpoint "
-                             "directory or a .gguf file")
-    parser.add_argument("--device", default="cpu", help="torch device for the engines")
-    parser.add_argument("--url", default=None,
-                        help="use this kvstored daemon (kvstore://HOST:PORT) instead of an "
-                             "embedded store")
-    parser.add_argument("--dram", default="256MiB", help="embedded store: DRAM tier size")
-    parser.add_argument("--nvme", default="1GiB", help="embedded store: NVMe tier size (0: none)")
-    parser.add_argument("--nvme-path", default=None,
-                        help="embedded store: NVMe directory (default: a temporary one)")
-    parser.add_argument("--users", type=int, default=3, choices=range(1, 5), metavar="1-4",
-                        help="concurrent conversations")
-    parser.add_argument("--turns", type=int, default=3, choices=range(1, 5), metavar="1-4",
-                        help="turns per conversation")
-    parser.add_argument("--max-new-tokens", type=int, default=24, help="reply length cap")
-    parser.add_argument("--interval", type=float, default=0.3,
-                        help="seconds between the users' arrivals within a turn")
-    parser.add_argument("--seed", type=int, default=0, help="seed of random presets")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-
-

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from engines.config import ModelConfig, ModelLoadError
+from engines.cuda_graphs import ForwardGraphs
 from engines.paged_cache import PagedKVCache, SequenceKV, to_device
 from engines.sampling import SamplingParams, sample
 
@@ -153,6 +155,10 @@ class LlamaModel(nn.Module):
             config.hidden_size, config.vocab_size, bias=False)
         self.model_id = config.name  # completed by the builders with a weights digest
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # The CUDA graphs of this model's forwards over each cache, made on first use: the
+        # runner owns them and the cache stays plain tensors. They go with their cache.
+        self._graphs: weakref.WeakKeyDictionary[PagedKVCache, ForwardGraphs] = (
+            weakref.WeakKeyDictionary())
 
     # -- building --------------------------------------------------------------------------
 
@@ -226,6 +232,21 @@ class LlamaModel(nn.Module):
         return PagedKVCache(self.config, num_pages=num_pages, page_tokens=page_tokens,
                             dtype=self.dtype, device=self.device, cuda_graphs=cuda_graphs)
 
+    def graphs(self, cache: PagedKVCache) -> ForwardGraphs:
+        """The CUDA graphs of this model's forward over ``cache`` (made on first use)."""
+        if not cache.has_graphs:
+            raise ValueError("this cache was built without cuda_graphs=True on a GPU")
+        graphs = self._graphs.get(cache)
+        if graphs is None:
+            graphs = self._graphs[cache] = ForwardGraphs(self, cache)
+        return graphs
+
+    def capture_graphs(self, cache: PagedKVCache) -> None:
+        """Capture the forward's graphs over ``cache`` for every bucket now, so that no
+        request pays for it (`engines.cuda_graphs`); nothing for a cache without graphs."""
+        if cache.has_graphs:
+            self.graphs(cache).capture_all()
+
     # -- running ---------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -258,13 +279,13 @@ class LlamaModel(nn.Module):
                  for (seq, _), n in zip(batch, lengths, strict=True)]
         masks = [causal_mask(seq.num_tokens, n)
                  for (seq, _), n in zip(batch, lengths, strict=True)]
-        graphs = cache.graphs(self).for_tokens(num_new) if cache.has_graphs else None
+        graphs = self.graphs(cache).for_tokens(num_new) if cache.has_graphs else None
         if graphs is not None:
             graphs.start(tokens, positions, slots)
             out = graphs.attention[:num_new]
         else:
             slots = to_device(slots, device)
-            h = self.model.embed_tokens(to_device(tokens, device))
+            h = self.embed(to_device(tokens, device))
             cos, sin = self.rope_tables(to_device(positions, device))
             out = torch.empty(num_new, self.config.num_heads, self.config.head_dim,
                               dtype=self.dtype, device=device)
@@ -296,6 +317,9 @@ class LlamaModel(nn.Module):
         return self._logits(self.model.norm(h))
 
     # The pieces of a layer, shared by the eager forward and its CUDA graphs.
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(tokens)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin of ``positions`` (``[tokens, 1, head_dim]``): rotating x

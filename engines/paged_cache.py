@@ -19,15 +19,10 @@ that is not owned is a bug and raises.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from engines.config import ModelConfig
-
-if TYPE_CHECKING:
-    from engines.cuda_graphs import ForwardGraphs
-    from engines.model import LlamaModel
 
 
 def to_device(values: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -68,10 +63,10 @@ class PagedKVCache:
         self.dtype = dtype
         self.device = torch.device(device)
         # With CUDA graphs, one more page that no sequence gets: the padding rows of a
-        # graph's bucket write their K and V there (`engines.cuda_graphs`).
+        # graph's bucket write their K and V there (`engines.cuda_graphs`). The graphs
+        # themselves are the model's (`LlamaModel.graphs`): the cache stays plain tensors.
         self.has_graphs = cuda_graphs and self.device.type == "cuda"
         self.pad_slot = num_pages * page_tokens if self.has_graphs else None
-        self._graphs: ForwardGraphs | None = None
         num_pad_pages = 1 if self.has_graphs else 0
         shape = (2, num_pages + num_pad_pages, page_tokens, config.num_kv_heads,
                  config.head_dim)
@@ -141,24 +136,6 @@ class PagedKVCache:
         self.free(seq.pages)
         seq.pages = []
         seq.num_tokens = 0
-
-    def graphs(self, model: LlamaModel) -> ForwardGraphs:
-        """The CUDA graphs of ``model``'s forward over this cache (made on first use)."""
-        if not self.has_graphs:
-            raise ValueError("this cache was built without cuda_graphs=True on a GPU")
-        if self._graphs is None:
-            from engines.cuda_graphs import ForwardGraphs
-
-            self._graphs = ForwardGraphs(model, self)
-        elif self._graphs.model is not model:
-            raise ValueError("a cache's CUDA graphs belong to the model that made them")
-        return self._graphs
-
-    def capture_graphs(self, model: LlamaModel) -> None:
-        """Capture ``model``'s forward graphs for every bucket now, so that no request pays
-        for it (`engines.cuda_graphs`); nothing for a cache without graphs."""
-        if self.has_graphs:
-            self.graphs(model).capture_all()
 
     def write(self, layer: int, slots: torch.Tensor, kv: torch.Tensor) -> None:
         """Store K and V of ``layer`` at flat ``slots``: ``kv`` is ``[tokens, 2 * kv_heads,

@@ -48,8 +48,8 @@ class PrefillEngine:
         self.block_tokens = block_tokens
 
     def capture_graphs(self) -> None:
-        """Capture the forward's CUDA graphs now (`PagedKVCache.capture_graphs`)."""
-        self.cache.capture_graphs(self.model)
+        """Capture the forward's CUDA graphs now (`LlamaModel.capture_graphs`)."""
+        self.model.capture_graphs(self.cache)
 
     def close(self) -> None:
         self.io.close()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from kvstore.errors import ConfigError
 from kvstore.placement.rules import Admission, EvictionPolicy
+from kvstore.tiers.nvme.config import Compression
 from kvstore.tiers.slab import pool_holds
 from kvstore.units import parse_size
 
@@ -27,13 +28,6 @@ def derived_max_value_bytes(*, dram_bytes: int, hbm_bytes: int, nvme_bytes: int)
     limit = min([MAX_VALUE_BYTES, *(n // 4 for n in (dram_bytes, hbm_bytes) if n),
                  *([nvme_bytes // 8] if nvme_bytes else [])])
     return 1 << max(limit, 1).bit_length() - 1
-
-
-class Compression(enum.Enum):
-    """Record compression in the NVMe tier."""
-
-    NONE = "none"
-    LZ4 = "lz4"
 
 
 def _enum(enum_type: type[enum.Enum], value: object, what: str) -> enum.Enum:

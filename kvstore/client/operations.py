@@ -6,7 +6,7 @@ socket, asyncio streams or UCX. The shared-memory data plane lives here: values 
 straight into and out of the daemon's DRAM pool that the connection's `Session` mapped.
 
 Reads on the same host first look the keys up in the daemon's directory
-(`kvstore.tiers.shm_directory`) and copy what it lists straight from the pool, with no
+(`kvstore.shm.directory`) and copy what it lists straight from the pool, with no
 request at all; the rest are pinned (one round trip), copied and unpinned. Blocks read
 through the directory are reported to the daemon in batches (``touch``, not waited for),
 so its hit counts and eviction order see them.

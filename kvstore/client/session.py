@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kvstore.client.settings import ClientSettings
-from kvstore.tiers.dram import boot_id
+from kvstore.shm.mapping import boot_id
 
 
 def hello(conn: Any, settings: ClientSettings) -> None:
@@ -102,7 +102,8 @@ def _shared_pool(address: tuple[str, int], name: str,
     """The daemon's DRAM pool mapped here; None if it is not reachable from here (another
     host or container, or no permission): values then travel in the frames. A daemon
     that restarted has a new pool: the old one's mapping is let go."""
-    from kvstore.tiers.dram import map_shared, register_with_cuda, unregister_with_cuda
+    from kvstore.shm.mapping import map_shared
+    from kvstore.shm.page_lock import register_with_cuda, unregister_with_cuda
 
     with _pools_lock:
         old = _pool_of_address.get(address)
@@ -127,7 +128,7 @@ _directories: dict[str, Any] = {}
 def _shared_directory(name: str) -> Any:
     """The daemon's directory mapped (read-only) here, once per process; None if it cannot
     be (then every read asks the daemon)."""
-    from kvstore.tiers.shm_directory import Directory
+    from kvstore.shm.directory import Directory
 
     if not Directory.supported:
         return None

@@ -33,7 +33,7 @@ log = logging.getLogger("kvstore.store")
 def _segment_bytes(config: StoreConfig) -> int:
     """The configured segment size, shrunk for small tiers (4+ segments) but never below
     one record of ``max_value_bytes``; too small a tier then gets NvmeTierConfig's error."""
-    from kvstore.tiers.nvme_record import IO_ALIGN, align_up, record_disk_bound
+    from kvstore.tiers.nvme.record import IO_ALIGN, align_up, record_disk_bound
 
     smallest = align_up(record_disk_bound(config.max_value_bytes), IO_ALIGN)
     return max(smallest, min(config.nvme_segment_bytes, config.nvme_bytes // 4))

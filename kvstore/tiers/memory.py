@@ -42,7 +42,7 @@ class MemoryTier:
         self._slots: dict[bytes, tuple[int, int]] = {}
         self._key_at: dict[int, bytes] = {}  # offset -> key of each committed slot
         self._parents: dict[bytes, bytes | None] = {}
-        # A shared pool's directory (`kvstore.tiers.shm_directory`): told of every slot a
+        # A shared pool's directory (`kvstore.shm.directory`): told of every slot a
         # key gains, and of every slot it loses before that slot is freed.
         self.directory = getattr(pool, "directory", None)
         self._closed = False

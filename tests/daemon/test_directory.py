@@ -15,11 +15,11 @@ import pytest
 
 import kvstore
 from kvstore import StoreConnectionError
-from kvstore.tiers import shm_directory
+from kvstore.shm import directory as shm_directory
 from tests.conftest import make_key, make_value
 
 pytestmark = pytest.mark.skipif(not shm_directory.Directory.supported,
-                                reason="x86-64 only (see kvstore.tiers.shm_directory)")
+                                reason="x86-64 only (see kvstore.shm.directory)")
 KiB = 1024
 REPO = Path(__file__).resolve().parents[2]
 

@@ -23,7 +23,7 @@ def test_a_cpu_cache_has_no_graphs_and_no_pad_page():
     assert not cache.has_graphs and cache.pad_slot is None
     assert cache.kv[0].shape[1] == 4
     with pytest.raises(ValueError, match="cuda_graphs"):
-        cache.graphs(model)
+        model.graphs(cache)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_graphs_give_the_eager_logits_and_cache_for_tails_over_a_cached_prefix(m
         at += n
     (eager, eager_seqs, eager_logits, eager_calls), (graph, seqs, logits, calls) = run_both(
         model, steps)
-    assert graph.graphs(model).captured == {192: True, 1: True, 4: True, 16: True,
+    assert model.graphs(graph).captured == {192: True, 1: True, 4: True, 16: True,
                                             32: True}
     for got, want in zip(logits, eager_logits, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -96,7 +96,7 @@ def test_graphs_give_the_eager_logits_for_a_ragged_batch(model):
     (_, _, eager_logits, _), (graph, _, logits, _) = run_both(model, steps)
     for got, want in zip(logits, eager_logits, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert graph.graphs(model).captured == {32: True, 64: True, 4: True}
+    assert model.graphs(graph).captured == {32: True, 64: True, 4: True}
 
 
 @pytest.mark.gpu
@@ -131,7 +131,7 @@ def test_layer_i_of_the_graphs_runs_after_before_layer_i_on_the_gpu(model):
 
     assert not torch.allclose(tail()[0], want[-1], atol=1e-3)  # zeroed prefix: other logits
     torch.testing.assert_close(tail(arrive)[0], want[-1], rtol=1e-5, atol=1e-5)
-    assert cache.graphs(model).captured == {64: True, 16: True}
+    assert model.graphs(cache).captured == {64: True, 16: True}
 
 
 @pytest.mark.gpu
@@ -142,17 +142,18 @@ def test_capture_all_captures_every_bucket(model):
     with kvstore.Store(kvstore.StoreConfig(dram_bytes="16MiB", hbm_bytes=0)) as store, \
             PrefillEngine(model, store, num_pages=8) as engine:
         engine.capture_graphs()
-        assert engine.cache.graphs(model).captured == {b: True for b in BUCKETS}
+        assert model.graphs(engine.cache).captured == {b: True for b in BUCKETS}
 
 
 @pytest.mark.gpu
-def test_graphs_belong_to_the_model_that_made_them(model):
+def test_each_model_keeps_its_own_graphs_of_a_cache_while_the_cache_lives(model):
     cache = model.new_cache(num_pages=4, cuda_graphs=True)
     assert cache.kv[0].shape[1] == 5 and cache.pad_slot == 4 * 16
     other = load_model("tiny", device="cuda", dtype=torch.float32, seed=1).model
-    cache.graphs(model)
-    with pytest.raises(ValueError, match="belong"):
-        cache.graphs(other)
+    graphs = model.graphs(cache)
+    assert model.graphs(cache) is graphs and other.graphs(cache) is not graphs
+    del graphs, cache
+    assert not model._graphs and not other._graphs  # they went with the cache
     plain = PagedKVCache(model.config, num_pages=4, page_tokens=16, dtype=torch.float32,
                          device="cuda")
     assert not plain.has_graphs and plain.kv[0].shape[1] == 4
@@ -179,4 +180,4 @@ def test_a_forward_whose_capture_fails_runs_eagerly(model, monkeypatch, caplog):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert "capturing the forward of 32 tokens failed" in caplog.text
     assert "runs eagerly" in caplog.text
-    assert cache.graphs(model).captured == {32: False}
+    assert model.graphs(cache).captured == {32: False}

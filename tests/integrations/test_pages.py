@@ -9,7 +9,7 @@ import torch
 
 import kvstore
 from kvstore.integrations.pages import KVPageCodec, PageLayout, fetch_blocks, store_blocks
-from kvstore.tiers.shm_directory import STALE_S
+from kvstore.shm.directory import STALE_S
 
 NUM_BLOCKS, HEADS, BLOCK, HEAD2 = 12, 2, 32, 16  # vLLM CPU: [blocks, heads, block, 2*hs]
 

@@ -13,7 +13,7 @@ import xxhash
 
 import kvstore
 from kvstore.keys import namespace_secret, scoped_key
-from kvstore.tiers.nvme_record import pack_header
+from kvstore.tiers.nvme.record import pack_header
 from tests.conftest import fill_disk
 from tests.daemon.conftest import free_port
 from tests.reliability.harness import (

@@ -33,7 +33,7 @@ from kvstore import LeaseExpiredError
 from kvstore.buffers import value_view
 from kvstore.client import sync as sync_client
 from kvstore.client.operations import Operations
-from kvstore.tiers.dram import map_shared
+from kvstore.shm.mapping import map_shared
 from kvstore.wire import doorbell
 from kvstore.wire.error_codes import ErrorCode
 from tests.conftest import make_key, make_value

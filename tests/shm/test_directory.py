@@ -1,4 +1,4 @@
-"""The shared directory of a DRAM pool (`kvstore.tiers.shm_directory`): real POSIX shared
+"""The shared directory of a DRAM pool (`kvstore.shm.directory`): real POSIX shared
 memory, a writer and readers that map it, also from another process."""
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ import sys
 
 import pytest
 
-from kvstore.tiers import shm_directory
-from kvstore.tiers.base import TierKind
-from kvstore.tiers.dram import HostPool, shm_path
-from kvstore.tiers.memory import MemoryTier
-from kvstore.tiers.shm_directory import PROBES, Directory, rows_for
+from kvstore.shm import directory as shm_directory
+from kvstore.shm.directory import PROBES, Directory, rows_for
+from kvstore.shm.mapping import shm_path
 from tests.conftest import make_key
 
 pytestmark = pytest.mark.skipif(not Directory.supported, reason="x86-64 only (see module)")
@@ -82,7 +80,7 @@ def test_closed_or_stale_directory_is_not_read(directory, monkeypatch):
 def test_another_process_reads_what_the_writer_lists(directory):
     writer, _ = directory
     writer.insert(make_key("x"), 123 * 4096, 777)
-    code = ("from kvstore.tiers.shm_directory import Directory\n"
+    code = ("from kvstore.shm.directory import Directory\n"
             "from tests.conftest import make_key\n"
             f"d = Directory({writer.name!r}, create=False)\n"
             "print(d.lookup(make_key('x'))[2:], d.lookup(make_key('y')))\n")
@@ -109,22 +107,3 @@ def test_rows_scale_with_the_pool_and_stay_a_power_of_two():
     assert rows_for(1 << 40) == 1 << 22
     assert all(r & (r - 1) == 0 for r in (rows_for(n) for n in (1, 5 << 20, 3 << 30)))
 
-
-def test_a_shared_pool_lists_every_slot_a_key_holds_and_nothing_else():
-    pool = HostPool(1 << 20, shm_name=f"kvstore-test-{secrets.token_hex(4)}")
-    tier = MemoryTier(TierKind.DRAM, pool, 64 * 1024)
-    reader = Directory(pool.directory.name, create=False)
-    try:
-        assert tier.put(make_key("a"), b"a" * 5000)
-        offset, nbytes = tier.slot_of(make_key("a"))
-        assert reader.lookup(make_key("a"))[2:] == (offset, nbytes)
-        assert tier.put(make_key("a"), b"b" * 3000)  # overwrite: the new slot
-        assert reader.lookup(make_key("a"))[2:] == tier.slot_of(make_key("a"))
-        tier.put(make_key("c"), b"c")
-        tier.detach(make_key("c"))  # kept allocated for readers, but no longer listed
-        assert reader.lookup(make_key("c")) is None
-        tier.evict(make_key("a"))
-        assert reader.lookup(make_key("a")) is None
-    finally:
-        reader.close()
-        tier.close()

@@ -38,14 +38,13 @@ every byte of the pool anyway; the directory only tells it where its own blocks 
 
 from __future__ import annotations
 
-import mmap
 import os
 import platform
 import time
 
 import numpy as np
 
-from kvstore.tiers.dram import map_shared, shm_path
+from kvstore.shm.mapping import map_read_only, map_shared, shm_path
 
 __all__ = ["Directory"]
 
@@ -95,7 +94,7 @@ class Directory:
             words[_HEARTBEAT] = time.monotonic_ns()
             words[0] = MAGIC  # last: a reader that sees the magic sees the rest
         else:
-            self._mmap = _map_read_only(name)
+            self._mmap = map_read_only(name)
             words = np.frombuffer(self._mmap, dtype=np.uint64)
             header = words[:HEADER_WORDS].tolist()
             if len(header) < HEADER_WORDS or header[:2] != [MAGIC, VERSION]:
@@ -209,10 +208,3 @@ class Directory:
             except FileNotFoundError:
                 pass
 
-
-def _map_read_only(name: str) -> mmap.mmap:
-    fd = os.open(shm_path(name), os.O_RDONLY)
-    try:
-        return mmap.mmap(fd, os.fstat(fd).st_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-    finally:
-        os.close(fd)

@@ -5,11 +5,8 @@
     <path>/seg-0000000003.log     active: records are appended here
 
 `NvmeTier` implements the Tier contract: it checks keys and values, compresses, checks
-each value it reads, and keeps `used_bytes` within `capacity_bytes`. The rest is split:
-
-    kvstore.tiers.nvme_record   the record format and the segment scanner
-    kvstore.tiers.nvme_files    the directory, its lock, O_DIRECT I/O, the write buffer
-    kvstore.tiers.nvme_log      the index of records, appends, compaction, replay at open
+each value it reads, and keeps `used_bytes` within `capacity_bytes`. The rest is split
+over the package's other modules (`kvstore.tiers.nvme` lists them).
 
 Records are copied into a write buffer and written with one aligned `pwrite` of
 `write_buffer_bytes` when it fills, through an O_DIRECT descriptor where the filesystem
@@ -18,7 +15,7 @@ unfinished last block, which the next flush rewrites, so flushing often wastes n
 
 Invariants
 - One lock guards every call; the helpers above are not thread-safe on their own.
-- `used_bytes` (live footprint + one tombstone per pinned key, see `nvme_log`) is at most
+- `used_bytes` (live footprint + one tombstone per pinned key, see `log`) is at most
   `capacity_bytes` after every call.
 - The segment files never exceed `config.capacity_bytes`. Plain writes stay one segment
   (plus slack) below it: that is where compaction copies a victim's live records before it
@@ -35,127 +32,28 @@ import functools
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from kvstore.buffers import copy_bytes, output_view, value_view
-from kvstore.config import Compression
-from kvstore.errors import ConfigError, InvalidValueError, StorageError, StoreClosedError
+from kvstore.errors import InvalidValueError, StorageError, StoreClosedError
 from kvstore.tiers.base import check_key
-from kvstore.tiers.nvme_files import SEGMENT_NAME, SegmentFiles, SegmentWriter
-from kvstore.tiers.nvme_log import RecordLoc, SegmentLog
-from kvstore.tiers.nvme_record import (
+from kvstore.tiers.nvme.config import Compression, NvmeLayout, NvmeTierConfig, lz4_block
+from kvstore.tiers.nvme.files import SEGMENT_NAME, SegmentFiles
+from kvstore.tiers.nvme.log import RecordLoc, SegmentLog
+from kvstore.tiers.nvme.record import (
     FLAG_COMPRESSED,
     IO_ALIGN,
-    align_down,
-    align_up,
     checksum,
     pack_header,
-    record_disk_bound,
     record_footprint,
 )
+from kvstore.tiers.nvme.writer import SegmentWriter
 
-__all__ = ["Compression", "NvmeTier", "NvmeTierConfig", "RecoveredRecord"]
+__all__ = ["NvmeTier", "RecoveredRecord"]
 
 log = logging.getLogger(__name__)
-
-MiB = 1024 * 1024
-
-
-def _lz4() -> Any:
-    try:
-        import lz4.block
-    except ImportError as e:
-        raise ConfigError("NVMe compression LZ4 needs the lz4 package "
-                          "(pip install 'kvstore[lz4]')") from e
-    return lz4.block
-
-
-@dataclass(frozen=True)
-class NvmeTierConfig:
-    """Where and how big the NVMe tier is.
-
-    ``capacity_bytes`` bounds the segment files on disk; the tier offers less than that to
-    live records (see `NvmeTier.capacity_bytes`). Sizes that O_DIRECT needs aligned are
-    rounded to 4 KiB: ``segment_bytes`` down, ``write_buffer_bytes`` up.
-    """
-
-    path: str
-    capacity_bytes: int
-    max_value_bytes: int = 16 * MiB
-    segment_bytes: int = 64 * MiB
-    write_buffer_bytes: int = 4 * MiB
-    compression: Compression = Compression.NONE
-    direct_io: bool = True
-
-    def __post_init__(self) -> None:
-        if isinstance(self.path, os.PathLike):
-            object.__setattr__(self, "path", os.fspath(self.path))
-        if not isinstance(self.path, str) or not self.path:
-            raise ConfigError(f"NvmeTierConfig.path must be a directory path, got {self.path!r}")
-        for name in ("capacity_bytes", "max_value_bytes", "segment_bytes", "write_buffer_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"NvmeTierConfig.{name} must be a positive int, got {value!r}")
-        if not isinstance(self.compression, Compression):
-            try:
-                object.__setattr__(self, "compression", Compression(self.compression))
-            except ValueError:
-                raise ConfigError("NvmeTierConfig.compression must be a Compression, "
-                                  f"got {self.compression!r}") from None
-        if self.compression is Compression.LZ4:
-            _lz4()
-        if not isinstance(self.direct_io, bool):
-            raise ConfigError(f"NvmeTierConfig.direct_io must be a bool, got {self.direct_io!r}")
-        _Layout.of(self)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Sizes derived from a config: what the tier computes once and lives by."""
-
-    segment_bytes: int
-    write_buffer_bytes: int
-    max_footprint: int
-    write_limit: int      # disk bytes plain writes may reach
-    capacity_bytes: int   # logical capacity offered to live records
-    disk_capacity_bytes: int  # what the segment files may reach: the config's, or less
-
-    @classmethod
-    def of(cls, config: NvmeTierConfig, room_bytes: int | None = None) -> _Layout:
-        """The layout of ``config``; with ``room_bytes`` (what the filesystem can hold for
-        the tier: its segments plus the free space), within that, segments made smaller if
-        four of the configured size would not fit."""
-        capacity = config.capacity_bytes
-        segment_bytes = align_down(config.segment_bytes)
-        max_footprint = record_disk_bound(config.max_value_bytes)
-        if room_bytes is not None and room_bytes < capacity:
-            capacity = align_down(room_bytes)
-            segment_bytes = max(align_up(max_footprint), min(segment_bytes,
-                                                             align_down(capacity // 4)))
-        if max_footprint > segment_bytes:
-            raise ConfigError(
-                f"NvmeTierConfig.segment_bytes ({config.segment_bytes}) must hold one record of "
-                f"max_value_bytes: use at least {align_up(max_footprint)}")
-        num_slots = capacity // segment_bytes
-        if num_slots < 4:
-            raise ConfigError(
-                f"NvmeTierConfig.capacity_bytes ({capacity}) must hold at least 4 "
-                f"segments of {segment_bytes} bytes: grow it or lower segment_bytes")
-        # One segment of headroom for compaction copies (+ the alignment of two files) ...
-        write_limit = capacity - segment_bytes - 2 * IO_ALIGN
-        # ... and one more kept from live data so that a full disk is at least a segment dead.
-        # Each file's last block may be part empty: never count on that slack as room.
-        slack_bytes = 2 * IO_ALIGN * (num_slots + 4)
-        capacity_bytes = write_limit - IO_ALIGN - max(segment_bytes, slack_bytes)
-        if capacity_bytes < max_footprint:
-            raise ConfigError(
-                f"NvmeTierConfig.capacity_bytes ({capacity}) leaves no room for a "
-                f"value of max_value_bytes after the compaction reserve: grow it")
-        return cls(segment_bytes, align_up(config.write_buffer_bytes), max_footprint,
-                   write_limit, capacity_bytes, capacity)
 
 
 class RecoveredRecord(NamedTuple):
@@ -181,7 +79,7 @@ class NvmeTier:
         self._num_dropped_at_open = 0
         try:
             self._files.open()
-            layout = _Layout.of(config, self._room_bytes())
+            layout = NvmeLayout.of(config, self._room_bytes())
             if layout.disk_capacity_bytes < config.capacity_bytes:
                 log.warning("NVMe tier %s: the filesystem holds %d MiB for it, not the %d MiB "
                             "configured; using %d MiB", config.path,
@@ -195,6 +93,7 @@ class NvmeTier:
                                    write_limit=layout.write_limit,
                                    capacity_bytes=layout.capacity_bytes,
                                    disk_capacity_bytes=layout.disk_capacity_bytes)
+            self._records = self._log.records
             live, self._num_dropped_at_open = self._log.recover()
             self._recovered = [RecoveredRecord(key, loc.parent, loc.raw_len)
                                for key, loc in live]
@@ -217,7 +116,7 @@ class NvmeTier:
 
     @property
     def used_bytes(self) -> int:
-        return self._log.used_bytes
+        return self._records.used_bytes
 
     def footprint_bytes(self, nbytes: int) -> int:
         """The most a value of ``nbytes`` adds to ``used_bytes`` (compression only shrinks it)."""
@@ -240,7 +139,7 @@ class NvmeTier:
         payload: memoryview = memoryview(src)
         flags = 0
         if self.config.compression is Compression.LZ4 and nbytes:
-            packed = _lz4().compress(payload, store_size=False)
+            packed = lz4_block().compress(payload, store_size=False)
             if len(packed) < nbytes:
                 payload, flags = memoryview(packed), FLAG_COMPRESSED
         payload_checksum = checksum(payload)
@@ -257,7 +156,7 @@ class NvmeTier:
                 if self._log.is_read_only:  # the disk failed just now (logged): no room
                     return False
                 raise
-            self._log.make_live(key, RecordLoc(seq, offset, len(payload), nbytes, flags, parent,
+            self._records.make_live(key, RecordLoc(seq, offset, len(payload), nbytes, flags, parent,
                                                payload_checksum))
             return True
 
@@ -275,7 +174,7 @@ class NvmeTier:
         if not self._log.is_read_only:
             return False
         with self._lock:
-            return not self._closed and self._log.has_records_of(key)
+            return not self._closed and self._records.has_records_of(key)
 
     def get(self, key: bytes) -> bytes | None:
         """The value, or None if absent or if it fails its checksum (then it is forgotten)."""
@@ -286,7 +185,7 @@ class NvmeTier:
         ~0.5 us shows)."""
         with self._lock:
             self._check_open()
-            loc = self._log.find(key)
+            loc = self._records.find(key)
             if loc is None:
                 return None
             if not (loc.flags & FLAG_COMPRESSED or (loc.offset | loc.stored_len) % IO_ALIGN):
@@ -302,7 +201,7 @@ class NvmeTier:
         key = check_key(key)
         with self._lock:
             self._check_open()
-            loc = self._log.find(key)
+            loc = self._records.find(key)
             if loc is None:
                 return False
             return self._read_checked(key, loc, output_view(out, loc.raw_len))
@@ -313,7 +212,7 @@ class NvmeTier:
         whose size is not ``len(dst)`` (it changed since the caller looked) is a miss."""
         with self._lock:
             self._check_open()
-            loc = self._log.find(key)
+            loc = self._records.find(key)
             if loc is None or loc.raw_len != dst.shape[0]:
                 return False
             return self._read_checked(key, loc, dst)
@@ -338,25 +237,25 @@ class NvmeTier:
     def nbytes_of(self, key: bytes) -> int | None:
         with self._lock:
             self._check_open()
-            loc = self._log.find(check_key(key))
+            loc = self._records.find(check_key(key))
             return None if loc is None else loc.raw_len
 
     def parent_of(self, key: bytes) -> bytes | None:
         with self._lock:
             self._check_open()
-            loc = self._log.find(check_key(key))
+            loc = self._records.find(check_key(key))
             return None if loc is None else loc.parent
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
             self._check_open()
             return (isinstance(key, bytes | bytearray | memoryview)
-                    and self._log.find(bytes(key)) is not None)
+                    and self._records.find(bytes(key)) is not None)
 
     def __len__(self) -> int:
         with self._lock:
             self._check_open()
-            return len(self._log)
+            return len(self._records)
 
     def evict(self, key: bytes) -> bool:
         """Forget ``key``; its record stays on disk until compacted and may be found again
@@ -364,9 +263,9 @@ class NvmeTier:
         key = check_key(key)
         with self._lock:
             self._check_open()
-            if self._log.find(key) is None:
+            if self._records.find(key) is None:
                 return False
-            self._log.forget(key)
+            self._records.forget(key)
             return True
 
     def delete(self, key: bytes) -> bool:
@@ -405,24 +304,25 @@ class NvmeTier:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
+            records = self._records
             return {
                 "capacity_bytes": self.capacity_bytes,
-                "used_bytes": self._log.used_bytes,
-                "live_bytes": self._log.live_bytes,
-                "tombstone_bytes": self._log.pinned_bytes,
-                "dead_bytes": self._log.disk_bytes - self._log.used_bytes,
-                "disk_bytes": self._log.disk_bytes,
+                "used_bytes": records.used_bytes,
+                "live_bytes": records.live_bytes,
+                "tombstone_bytes": records.pinned_bytes,
+                "dead_bytes": records.disk_bytes - records.used_bytes,
+                "disk_bytes": records.disk_bytes,
                 "disk_capacity_bytes": self.config.capacity_bytes,
-                "segments": self._log.num_segments,
-                "blocks": len(self._log),
+                "segments": len(records.segments),
+                "blocks": len(records),
                 "compactions": self._log.num_compactions,
                 "read_only": self._log.is_read_only,
                 "read_errors": self._log.num_read_errors,
                 "checksum_failures": self._log.num_checksum_failures,
                 "corrupt_records_skipped": self._log.num_corrupt_skipped,
                 "records_dropped_at_open": self._num_dropped_at_open,
-                "compression_ratio": (self._log.live_raw_bytes / self._log.live_stored_bytes
-                                      if self._log.live_stored_bytes else 1.0),
+                "compression_ratio": (records.live_raw_bytes / records.live_stored_bytes
+                                      if records.live_stored_bytes else 1.0),
                 "bytes_written": self._files.num_bytes_written,
                 "bytes_read": self._files.num_bytes_read,
                 "direct_io": self._files.is_direct,
@@ -437,7 +337,7 @@ class NvmeTier:
             if not loc.flags & FLAG_COMPRESSED:
                 return data
             try:
-                raw = _lz4().decompress(data, uncompressed_size=loc.raw_len)
+                raw = lz4_block().decompress(data, uncompressed_size=loc.raw_len)
             except Exception:
                 raw = None
             if raw is not None and len(raw) == loc.raw_len:

@@ -1,23 +1,20 @@
-"""The NVMe tier's log: which segment holds which record, appends, compaction, replay.
+"""The NVMe tier's log: appends, deletes, compaction, replay at open.
 
-`SegmentLog` keeps the in-memory index of the segment files (I/O in
-`kvstore.tiers.nvme_files`, record format in `kvstore.tiers.nvme_record`). It knows
-records, not values: compression and the Tier contract are `kvstore.tiers.nvme`'s.
-Not thread-safe: the tier's lock guards it.
+`SegmentLog` writes records through the writer (`kvstore.tiers.nvme.writer`) and keeps the
+record index (`kvstore.tiers.nvme.record_index`: live, stale and pinned records, what each
+segment holds) true to what the files hold. It knows records, not values: compression and
+the Tier contract are `kvstore.tiers.nvme.tier`'s. Not thread-safe: the tier's lock guards
+it.
 
 Invariants
-- `_index` maps a key to its one *live* record. Every other record of a key still on disk
-  (overwritten, evicted, corrupt, tombstones) is *stale*; `_stale[key]` lists the segments
-  that hold them (one entry per record).
 - Log order is (segment seqno, offset). Every write, compaction copies included, goes to
   the active segment, the one with the highest seqno, so a key's newest record is in the
   highest segment among its records. `recover()` replays the log in order: the newest
   record wins, a tombstone or a rotted record hides the older ones.
-- A key that is not live but has records in two or more segments is *pinned*: dropping its
-  newest record would let an older one win at the next open, so compaction writes a
-  tombstone in its place. `used_bytes` = live footprint + one tombstone per pinned key.
-- Each `Segment` counts the live records, stale records and owed tombstones above that sit
-  in it; compaction deletes a segment's file only once all three are zero.
+- A key that is not live but has records in two or more segments is *pinned* (see the
+  record index): compaction writes a tombstone in place of its newest record.
+- Compaction deletes a segment's file only once its live records, stale records and owed
+  tombstones are all zero.
 - `disk_bytes`, the sum of the segment file sizes once the buffer is written, never exceeds
   `disk_capacity_bytes`. Plain writes stay within `write_limit`, a segment (plus slack)
   below it: that is where compaction copies a victim's live records before it unlinks the
@@ -34,72 +31,26 @@ from collections.abc import Iterator
 from typing import Any
 
 from kvstore.errors import StorageError
-from kvstore.tiers.nvme_files import SegmentFiles, SegmentWriter
-from kvstore.tiers.nvme_record import (
+from kvstore.tiers.nvme.files import SegmentFiles
+from kvstore.tiers.nvme.record import (
     IO_ALIGN,
     TOMBSTONE_FOOTPRINT,
     HeaderFor,
     ScannedRecord,
     ScanReport,
     align_up,
-    is_detached,
     record_disk_bound,
-    record_footprint,
     scan_records,
     tombstone_header,
 )
+from kvstore.tiers.nvme.record_index import RecordIndex, RecordLoc, Segment
+from kvstore.tiers.nvme.writer import SegmentWriter
 
-__all__ = ["RecordLoc", "Segment", "SegmentLog"]
+__all__ = ["RecordLoc", "SegmentLog"]
 
 log = logging.getLogger(__name__)
 
 _SCAN_WINDOW_BYTES = 8 * 1024 * 1024
-
-
-class Segment:
-    __slots__ = ("disk_bytes", "is_stuck", "live_bytes", "num_live", "num_stale", "pinned_bytes",
-                 "seq")
-
-    def __init__(self, seq: int, disk_bytes: int = 0) -> None:
-        self.seq = seq
-        self.disk_bytes = disk_bytes   # file size (for the active one: once its buffer is written)
-        self.live_bytes = 0
-        self.num_live = 0
-        self.num_stale = 0
-        self.pinned_bytes = 0          # tombstones owed for pinned keys whose newest record is here
-        self.is_stuck = False          # its compaction failed for a reason other than I/O
-
-    @property
-    def reclaimable_bytes(self) -> int:
-        return self.disk_bytes - self.live_bytes - self.pinned_bytes
-
-
-class RecordLoc:
-    """Where a live record's payload is, and what its header said."""
-
-    __slots__ = ("flags", "offset", "parent", "payload_checksum", "raw_len", "seq", "stored_len")
-
-    def __init__(self, seq: int, offset: int, stored_len: int, raw_len: int, flags: int,
-                 parent: bytes | None, payload_checksum: int) -> None:
-        self.seq = seq
-        self.offset = offset
-        self.stored_len = stored_len
-        self.raw_len = raw_len
-        self.flags = flags
-        self.parent = parent
-        self.payload_checksum = payload_checksum
-
-    @property
-    def footprint(self) -> int:
-        return record_footprint(self.stored_len)
-
-    def is_record(self, record: ScannedRecord) -> bool:
-        """Whether ``record``, scanned from this loc's segment, is this loc's record: a data
-        record of the same shape at the same payload offset. The payload offset alone does
-        not tell: an empty inline record (a tombstone, say) whose header ends on a 4 KiB
-        boundary has the payload offset of the detached record written next."""
-        return (record.offset == self.offset and not record.header.is_tombstone
-                and record.header.is_detached == is_detached(self.stored_len))
 
 
 class SegmentLog:
@@ -113,37 +64,13 @@ class SegmentLog:
         self._write_limit = write_limit        # disk bytes plain writes may reach
         self._capacity_bytes = capacity_bytes  # what `used_bytes` may reach
         self._disk_capacity_bytes = disk_capacity_bytes
-        self._segments: dict[int, Segment] = {}
-        self._index: dict[bytes, RecordLoc] = {}
-        self._stale: dict[bytes, list[int]] = {}
-        self._pinned: dict[bytes, int] = {}  # key -> segment of its newest record
-        self.live_bytes = self.pinned_bytes = self.disk_bytes = 0
-        self.live_raw_bytes = self.live_stored_bytes = 0
+        self.records = RecordIndex()
         self.num_compactions = self.num_checksum_failures = self.num_corrupt_skipped = 0
         self.num_read_errors = 0
         self._next_seq = 1
         self._compacting = False
 
     # -- what the tier asks ------------------------------------------------------------------
-
-    @property
-    def used_bytes(self) -> int:
-        return self.live_bytes + self.pinned_bytes
-
-    @property
-    def num_segments(self) -> int:
-        return len(self._segments)
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def has_records_of(self, key: bytes) -> bool:
-        """Whether any record of ``key`` is on disk (live, stale or a tombstone)."""
-        return key in self._index or key in self._stale
-
-    def find(self, key: bytes) -> RecordLoc | None:
-        """Where the live record of ``key`` is, or None."""
-        return self._index.get(key)
 
     @property
     def is_read_only(self) -> bool:
@@ -177,54 +104,40 @@ class SegmentLog:
 
     def write(self, header_for: HeaderFor, payload: memoryview) -> tuple[int, int]:
         """Append a record whose header is ``header_for(payload offset)``; returns (segment
-        seqno, payload offset). Call `make_live` next."""
+        seqno, payload offset). Make it live next (`RecordIndex.make_live`)."""
         return self._append(header_for, payload, len(payload), self._write_limit)
-
-    def make_live(self, key: bytes, loc: RecordLoc) -> None:
-        """Make the record just written at ``loc`` the live one of ``key``."""
-        if key in self._index:
-            old = self._take_live(key)
-            self._stale_add(key, old.seq)
-        self._put_live(key, loc)
-        if key in self._pinned:
-            self._repin(key)
-
-    def forget(self, key: bytes) -> None:
-        """Make the live record of ``key`` stale."""
-        loc = self._take_live(key)
-        self._stale_add(key, loc.seq)
-        self._repin(key)
 
     def forget_corrupt(self, key: bytes) -> None:
         """Forget ``key`` whose record failed its checksum: the record now hides older ones
         at reopen, and compaction keeps it so."""
         self.num_checksum_failures += 1
-        self.forget(key)
+        self.records.forget(key)
 
     def delete(self, key: bytes) -> bool:
         """Forget ``key`` and write a tombstone so no record of it comes back at reopen
         (none if the tier is read only: it may come back then). True if it was live."""
-        was_live = key in self._index
+        records = self.records
+        was_live = records.find(key) is not None
         if was_live:
-            self.forget(key)
-        if key not in self._stale or self.is_read_only:
+            records.forget(key)
+        if records.stale_segments(key) is None or self.is_read_only:
             return was_live
         self._make_room(TOMBSTONE_FOOTPRINT, self._write_limit)
-        stale = self._stale.get(key)
+        stale = records.stale_segments(key)
         if not stale:
             return was_live
         active_seq = self._writer.seq
         assert active_seq is not None
-        if (key not in self._pinned and min(stale) < active_seq
-                and self.used_bytes + TOMBSTONE_FOOTPRINT > self._capacity_bytes):
+        if (not records.is_pinned(key) and min(stale) < active_seq
+                and records.used_bytes + TOMBSTONE_FOOTPRINT > self._capacity_bytes):
             # The tombstone would pin bytes the tier does not have: compact the key's
             # old records away instead (the key has records in one segment only).
             for seq in sorted(set(stale)):
-                self._compact(self._segments[seq], self._disk_capacity_bytes)
-            stale = self._stale.get(key)
+                self._compact(records.segments[seq], self._disk_capacity_bytes)
+            stale = records.stale_segments(key)
         if stale:
             self._write_tombstone(key, max(stale), self._write_limit)
-            self._repin(key)
+            records.repin(key)
         return was_live
 
     def flush(self) -> None:
@@ -236,53 +149,6 @@ class SegmentLog:
         except StorageError as e:
             raise self._writer.fail(e) from e.__cause__
 
-    # -- live and stale bookkeeping ------------------------------------------------------------
-
-    def _put_live(self, key: bytes, loc: RecordLoc) -> None:
-        self._index[key] = loc
-        segment = self._segments[loc.seq]
-        segment.live_bytes += loc.footprint
-        segment.num_live += 1
-        self.live_bytes += loc.footprint
-        self.live_raw_bytes += loc.raw_len
-        self.live_stored_bytes += loc.stored_len
-
-    def _take_live(self, key: bytes) -> RecordLoc:
-        loc = self._index.pop(key)
-        segment = self._segments[loc.seq]
-        segment.live_bytes -= loc.footprint
-        segment.num_live -= 1
-        self.live_bytes -= loc.footprint
-        self.live_raw_bytes -= loc.raw_len
-        self.live_stored_bytes -= loc.stored_len
-        return loc
-
-    def _stale_add(self, key: bytes, seq: int) -> None:
-        self._stale.setdefault(key, []).append(seq)
-        self._segments[seq].num_stale += 1
-
-    def _stale_remove(self, key: bytes, seq: int) -> None:
-        stale = self._stale[key]
-        stale.remove(seq)
-        self._segments[seq].num_stale -= 1
-        if not stale:
-            del self._stale[key]
-
-    def _repin(self, key: bytes) -> None:
-        """Recompute whether ``key`` is pinned (see the module docstring)."""
-        old = self._pinned.pop(key, None)
-        if old is not None:
-            self._segments[old].pinned_bytes -= TOMBSTONE_FOOTPRINT
-            self.pinned_bytes -= TOMBSTONE_FOOTPRINT
-        stale = self._stale.get(key)
-        if key in self._index or not stale:
-            return
-        newest = max(stale)
-        if min(stale) != newest:
-            self._pinned[key] = newest
-            self._segments[newest].pinned_bytes += TOMBSTONE_FOOTPRINT
-            self.pinned_bytes += TOMBSTONE_FOOTPRINT
-
     # -- writing -------------------------------------------------------------------------------
 
     def _append(self, header_for: HeaderFor, payload: Any, stored_bytes: int,
@@ -292,28 +158,27 @@ class SegmentLog:
         self._make_room(record_disk_bound(stored_bytes), limit)
         seq = self._writer.seq
         assert seq is not None
-        segment = self._segments[seq]
+        segment = self.records.segments[seq]
         offset = self._writer.append(header_for, payload, stored_bytes)
-        disk_bytes = align_up(self._writer.end)
-        self.disk_bytes += disk_bytes - segment.disk_bytes
-        segment.disk_bytes = disk_bytes
+        self.records.resize_segment(segment, align_up(self._writer.end))
         return seq, offset
 
     def _write_tombstone(self, key: bytes, deleted_seq: int, limit: int) -> None:
         header = tombstone_header(key, deleted_seq)
         seq, _ = self._append(lambda _offset: header, b"", 0, limit)
-        self._stale_add(key, seq)
+        self.records.stale_add(key, seq)
 
     def _make_room(self, footprint: int, limit: int) -> None:
         """Make the active segment able to take ``footprint`` bytes with the files' total
         staying within ``limit``, compacting as needed."""
-        for _ in range(4 * len(self._segments) + 16):
+        records = self.records
+        for _ in range(4 * len(records.segments) + 16):
             end = self._writer.end
             if self._writer.seq is not None and end + footprint <= self._segment_bytes:
                 grow = align_up(end + footprint) - align_up(end)
-                if self.disk_bytes + grow <= limit:
+                if records.disk_bytes + grow <= limit:
                     return
-            elif self.disk_bytes + align_up(footprint) <= limit:
+            elif records.disk_bytes + align_up(footprint) <= limit:
                 self._start_segment()
                 return
             if self._compacting:
@@ -327,7 +192,7 @@ class SegmentLog:
                 if self._writer.failure is not None:
                     raise  # the tier stopped writing: no room will come
                 # that victim is stuck now (`_give_up_on`): another may do
-        stuck = sum(segment.is_stuck for segment in self._segments.values())
+        stuck = sum(segment.is_stuck for segment in records.segments.values())
         raise StorageError(
             f"NVMe tier: no room for a {footprint}-byte record in {self._files.path} after "
             "compaction" + (f" ({stuck} segments could not be compacted: see the log)"
@@ -338,18 +203,19 @@ class SegmentLog:
         seq = self._next_seq
         self._next_seq += 1
         self._writer.start(seq)
-        self._segments[seq] = Segment(seq)
+        self.records.add_segment(seq)
 
     # -- compaction ----------------------------------------------------------------------------
 
     def _pick_victim(self, hard_limit: int) -> Segment | None:
         """The segment with the most reclaimable bytes whose copies fit under the limit."""
         best: Segment | None = None
-        for segment in self._segments.values():
+        disk_bytes = self.records.disk_bytes
+        for segment in self.records.segments.values():
             gain = segment.reclaimable_bytes
             copies = segment.disk_bytes - gain
             if (gain <= 0 or segment.is_stuck
-                    or self.disk_bytes + copies + 2 * IO_ALIGN > hard_limit):
+                    or disk_bytes + copies + 2 * IO_ALIGN > hard_limit):
                 continue
             if best is None or gain > best.reclaimable_bytes:
                 best = segment
@@ -364,6 +230,7 @@ class SegmentLog:
         so far as stale records of their keys, so the tier stays consistent and usable; a
         victim that failed for any reason but I/O is not picked again."""
         self._compacting = True
+        records = self.records
         seq = victim.seq
         copies: list[tuple[bytes, RecordLoc, int, int]] = []  # key, its loc, new seq, offset
         try:
@@ -372,7 +239,7 @@ class SegmentLog:
             stale_seen: dict[bytes, int] = {}  # key -> its stale records the scan met
             for record in self._scan(seq, victim.disk_bytes, ScanReport()):
                 key = record.header.key
-                loc = self._index.get(key)
+                loc = records.find(key)
                 if loc is not None and loc.seq == seq and loc.is_record(record):
                     if record.is_intact:
                         copies.append((key, loc, *self._append(
@@ -380,40 +247,36 @@ class SegmentLog:
                             hard_limit)))
                         continue
                     self.num_checksum_failures += 1  # rotted since written: it is stale now
-                    self._take_live(key)
-                    self._stale_add(key, seq)
-                stale = self._stale.get(key)
+                    records.take_live(key)
+                    records.stale_add(key, seq)
+                stale = records.stale_segments(key)
                 if stale is not None and seq in stale:
                     stale_seen[key] = stale_seen.get(key, 0) + 1
             self._drop_unseen_live(victim, copies)
             owed = self._stale_in(victim, stale_seen)
             for key in owed:
-                stale = self._stale[key]
+                stale = records.stale_segments(key)
+                assert stale is not None, "an owed key has stale records"
                 older = [s for s in stale if s != seq]
-                if max(stale) == seq and older and key not in self._index:
+                if max(stale) == seq and older and records.find(key) is None:
                     # The victim held the key's newest record and older ones remain elsewhere.
                     self._write_tombstone(key, max(older), hard_limit)
-                    self._repin(key)
+                    records.repin(key)
             self.flush()
         except BaseException:
             for key, _loc, new_seq, _offset in copies:  # records now, but not live ones
-                self._stale_add(key, new_seq)
-                self._repin(key)
+                records.stale_add(key, new_seq)
+                records.repin(key)
             self._give_up_on(victim)
             raise
         finally:
             self._compacting = False
         for _key, loc, new_seq, offset in copies:
-            old, new = self._segments[seq], self._segments[new_seq]
-            old.live_bytes -= loc.footprint
-            old.num_live -= 1
-            new.live_bytes += loc.footprint
-            new.num_live += 1
-            loc.seq, loc.offset = new_seq, offset
+            records.move_live(loc, new_seq, offset)
         for key in owed:
-            while seq in self._stale.get(key, ()):
-                self._stale_remove(key, seq)
-            self._repin(key)
+            while seq in (records.stale_segments(key) or ()):
+                records.stale_remove(key, seq)
+            records.repin(key)
         assert victim.num_live == 0 and victim.num_stale == 0 and victim.pinned_bytes == 0, (
             f"segment {seq} still counts records after its compaction")
         try:
@@ -421,8 +284,7 @@ class SegmentLog:
         except BaseException:
             self._give_up_on(victim)  # nothing in it counts any more: only its bytes stay
             raise
-        del self._segments[seq]
-        self.disk_bytes -= victim.disk_bytes
+        records.remove_segment(victim)
         self.num_compactions += 1
 
     def _give_up_on(self, victim: Segment) -> None:
@@ -442,17 +304,18 @@ class SegmentLog:
             return
         copied = {key for key, *_ in copies}
         seq = victim.seq
-        for key in [k for k, loc in self._index.items() if loc.seq == seq and k not in copied]:
+        records = self.records
+        for key in [k for k, loc in records.live_items() if loc.seq == seq and k not in copied]:
             self.num_checksum_failures += 1
-            self._take_live(key)
-            self._stale_add(key, seq)
+            records.take_live(key)
+            records.stale_add(key, seq)
 
     def _stale_in(self, victim: Segment, seen: dict[bytes, int]) -> list[bytes]:
         """The keys with stale records in ``victim``: those the scan met and, only when it
         did not meet them all (a rotted header), every other key whose records name it."""
         if sum(seen.values()) >= victim.num_stale:
             return list(seen)
-        return [key for key, stale in self._stale.items() if victim.seq in stale]
+        return self.records.keys_with_stale_in(victim.seq)
 
     def _scan(self, seq: int, file_bytes: int, report: ScanReport) -> Iterator[ScannedRecord]:
         """The records of segment ``seq``, checked with its MAC (`scan_records`)."""
@@ -466,37 +329,37 @@ class SegmentLog:
         live records while `used_bytes` is over capacity, append to the last segment if it
         ended cleanly, and compact while the files are over `write_limit`. Returns the live
         records left after forgetting, oldest first, and how many were forgotten."""
+        records = self.records
         segment_sizes = self._files.list_segments()
         last_report: ScanReport | None = None
         for seq, file_bytes in segment_sizes:
-            self._segments[seq] = Segment(seq, file_bytes)
-            self.disk_bytes += file_bytes
+            records.add_segment(seq, file_bytes)
             last_report = ScanReport()
             for record in self._scan(seq, file_bytes, last_report):
                 self._replay(seq, record)
             self.num_corrupt_skipped += last_report.num_corrupt
             self._next_seq = seq + 1
-        for key in list(self._stale):
-            self._repin(key)
-        by_age = sorted(self._index.items(), key=lambda item: (item[1].seq, item[1].offset))
+        for key in records.keys_with_stale():
+            records.repin(key)
+        by_age = sorted(records.live_items(), key=lambda item: (item[1].seq, item[1].offset))
         dropped = 0
-        while self.used_bytes > self._capacity_bytes and dropped < len(by_age):
-            self.forget(by_age[dropped][0])  # the capacity shrank: the oldest go first
+        while records.used_bytes > self._capacity_bytes and dropped < len(by_age):
+            records.forget(by_age[dropped][0])  # the capacity shrank: the oldest go first
             dropped += 1
         if segment_sizes and last_report is not None and last_report.num_corrupt == 0:
             self._resume_segment(segment_sizes[-1][0], last_report.end_offset)
-        for _ in range(4 * len(self._segments) + 16):
-            if self.disk_bytes <= self._write_limit:
+        for _ in range(4 * len(records.segments) + 16):
+            if records.disk_bytes <= self._write_limit:
                 break
             # Over the limit: a smaller capacity than before, or a crash mid-compaction.
-            victim = self._pick_victim(max(self._disk_capacity_bytes, self.disk_bytes
+            victim = self._pick_victim(max(self._disk_capacity_bytes, records.disk_bytes
                                            + self._segment_bytes + 2 * IO_ALIGN))
             if victim is None:
                 log.warning("NVMe tier %s: %d bytes of segments exceed capacity and cannot be "
-                            "compacted now", self._files.path, self.disk_bytes)
+                            "compacted now", self._files.path, records.disk_bytes)
                 break
             try:
-                self._compact(victim, self.disk_bytes + self._segment_bytes + 2 * IO_ALIGN)
+                self._compact(victim, records.disk_bytes + self._segment_bytes + 2 * IO_ALIGN)
             except StorageError as e:  # the tier opens all the same, read only if it must
                 log.warning("NVMe tier %s: compaction at open failed: %s", self._files.path, e)
                 break
@@ -506,25 +369,25 @@ class SegmentLog:
         return by_age[dropped:], dropped
 
     def _replay(self, seq: int, record: ScannedRecord) -> None:
-        header = record.header
+        records, header = self.records, record.header
         key = header.key
-        if key in self._index:
-            old = self._take_live(key)
-            self._stale_add(key, old.seq)
+        if records.find(key) is not None:
+            old = records.take_live(key)
+            records.stale_add(key, old.seq)
         if header.is_tombstone or not record.is_intact:
             # A tombstone, or a record that rotted: older records of the key must not win.
-            self._stale_add(key, seq)
+            records.stale_add(key, seq)
             return
-        self._put_live(key, RecordLoc(seq, record.offset, header.stored_len, header.raw_len,
-                                      header.flags, header.parent, header.payload_checksum))
+        records.put_live(key, RecordLoc(seq, record.offset, header.stored_len,
+                                        header.raw_len, header.flags, header.parent,
+                                        header.payload_checksum))
 
     def _resume_segment(self, seq: int, end: int) -> None:
         """Append to the last segment, which ended cleanly, instead of starting a new one."""
         if not self._writer.resume(seq, end):
             return
-        segment = self._segments[seq]
+        segment = self.records.segments[seq]
         disk_bytes = align_up(end)
         if segment.disk_bytes != disk_bytes:  # only zeros lie past the last record
             self._files.truncate(seq, disk_bytes)
-            self.disk_bytes += disk_bytes - segment.disk_bytes
-            segment.disk_bytes = disk_bytes
+            self.records.resize_segment(segment, disk_bytes)

@@ -1,0 +1,54 @@
+"""Page-locking host memory with CUDA (cudaHostRegister), so that GPUs DMA straight to it:
+the DRAM tier's pool, and a same-host client's mapping of the daemon's pool."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+
+def _torch_if_cuda() -> Any:
+    """torch if a CUDA device may be there, else None.
+
+    torch is not imported on a machine with no NVIDIA driver: importing it costs seconds
+    and adds some 175,000 objects that every full garbage collection then walks.
+    """
+    if "torch" in sys.modules:
+        return sys.modules["torch"]
+    has_driver = os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl")
+    if not has_driver or importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    return torch
+
+
+def cuda_torch() -> Any:
+    """torch if a CUDA device is usable here, else None (see `_torch_if_cuda`)."""
+    torch = _torch_if_cuda()
+    return torch if torch is not None and torch.cuda.is_available() else None
+
+
+def register_with_cuda(array: np.ndarray) -> bool:
+    """Page-lock host memory we allocated (cudaHostRegister) so GPUs DMA straight to it."""
+    torch = cuda_torch()
+    if torch is None or not array.nbytes:
+        return False
+    cudart = torch.cuda.cudart()
+    # Portable (every context) and mapped: kernels read it in place through unified
+    # virtual addressing, at the host pointer (engines' layer-wise KV loads do).
+    portable_mapped = 1 | 2
+    if int(cudart.cudaHostRegister(array.ctypes.data, array.nbytes, portable_mapped)) == 0:
+        return True
+    cudart.cudaGetLastError()  # clear it, or the next kernel launch check raises it
+    return False
+
+
+def unregister_with_cuda(array: np.ndarray) -> None:
+    torch = _torch_if_cuda()
+    if torch is not None:
+        torch.cuda.cudart().cudaHostUnregister(array.ctypes.data)
