@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from kvstore.errors import ConfigError
 from kvstore.placement.rules import Admission, EvictionPolicy
-from kvstore.tiers.nvme.config import Compression
+from kvstore.tiers.nvme.compression import Compression
 from kvstore.tiers.slab import pool_holds
 from kvstore.units import parse_size
 

@@ -35,9 +35,8 @@ from kvstore.placement._core import (
     Placement,
     belady,
     infinite_bound,
-    intern,
 )
 from kvstore.placement.rules import MAX_OWNER, Admission, EvictionPolicy
 
 __all__ = ["DROP_DELETED", "DROP_EVICTED", "DROP_FORGOTTEN", "MAX_OWNER", "Admission",
-           "EvictionPolicy", "Placement", "belady", "infinite_bound", "intern"]
+           "EvictionPolicy", "Placement", "belady", "infinite_bound"]

@@ -16,12 +16,10 @@ first unpinned block from a head. Invariant: a block is linked in tier t's list 
 when it is a candidate of t.
 """
 
-from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t
 from libc.string cimport memset
 
-import array
 import logging
 import time
 
@@ -1199,94 +1197,6 @@ cdef class Placement:
                     if not placed:
                         break  # put_many stops at the first block that finds no room
                 parent = i
-
-
-cdef class _IntIds:
-    """Dense ids of non-negative int keys: an open-addressing table (linear probing) of
-    (key + 1, id) pairs, 0 marking a free slot."""
-
-    cdef int64_t* keys
-    cdef int32_t* ids
-    cdef Py_ssize_t mask
-    cdef Py_ssize_t size
-
-    def __cinit__(self, Py_ssize_t expected):
-        cdef Py_ssize_t cap = 1024
-        while cap < 2 * expected:
-            cap *= 2
-        self.keys = <int64_t*> PyMem_Malloc(cap * sizeof(int64_t))
-        self.ids = <int32_t*> PyMem_Malloc(cap * sizeof(int32_t))
-        if self.keys == NULL or self.ids == NULL:
-            raise MemoryError()
-        memset(self.keys, 0, cap * sizeof(int64_t))
-        self.mask = cap - 1
-        self.size = 0
-
-    def __dealloc__(self):
-        PyMem_Free(self.keys)
-        PyMem_Free(self.ids)
-
-    cdef int32_t get_or_add(self, int64_t key, int32_t new_id) noexcept:
-        """The id of ``key``, or -1 after filing it under ``new_id`` (never full: sized for
-        every key of the trace)."""
-        cdef uint64_t h = <uint64_t> key * 0x9E3779B97F4A7C15ULL
-        cdef Py_ssize_t slot = (h >> 20) & self.mask
-        while self.keys[slot]:
-            if self.keys[slot] == key + 1:
-                return self.ids[slot]
-            slot = (slot + 1) & self.mask
-        self.keys[slot] = key + 1
-        self.ids[slot] = new_id
-        self.size += 1
-        return -1
-
-
-def intern(list requests):
-    """Dense ids for the keys of ``requests`` (lists of hashable keys), in order of first
-    appearance: ``(flat ids (array 'i'), starts (array 'q', one more than the requests),
-    the number of distinct keys)``; request r's ids are ``flat[starts[r]:starts[r + 1]]``.
-    Small non-negative ints (a Mooncake trace's hash ids) go through a C table, other keys
-    through a dict; an int and a bytes key are never equal, so the two never mix."""
-    cdef dict ids = {}
-    cdef Py_ssize_t r, j, n = 0, total = 0, num_ids = 0
-    cdef list keys
-    cdef int32_t found_id
-    cdef int64_t value
-    for r in range(len(requests)):
-        total += len(<list> requests[r])
-    flat = array.array("i", bytes(4 * total))
-    starts = array.array("q", bytes(8 * (len(requests) + 1)))
-    cdef int32_t[::1] out = flat
-    cdef int64_t[::1] begin = starts
-    cdef _IntIds table = _IntIds(total)
-    cdef object found, key
-    cdef int overflow
-    for r in range(len(requests)):
-        keys = <list> requests[r]
-        begin[r] = n
-        for j in range(len(keys)):
-            key = keys[j]
-            value = -1
-            if PyLong_CheckExact(key):
-                value = PyLong_AsLongLongAndOverflow(key, &overflow)
-                if overflow or value >= (1LL << 62):
-                    value = -1
-            if value >= 0:
-                found_id = table.get_or_add(value, <int32_t> num_ids)
-                if found_id < 0:
-                    found_id = <int32_t> num_ids
-                    num_ids += 1
-                out[n] = found_id
-            else:
-                found = ids.get(key)
-                if found is None:
-                    found = num_ids
-                    ids[key] = found
-                    num_ids += 1
-                out[n] = found
-            n += 1
-    begin[len(requests)] = n
-    return flat, starts, num_ids
 
 
 def infinite_bound(const int32_t[::1] flat, const int64_t[::1] starts,

@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""A fast reader of Mooncake trace lines (``{"timestamp": ms, "input_length": n,
-"hash_ids": [int, ...]}``), for `kvstore.sim.traces`.
+"""Compiled parts of `kvstore.sim.traces`: dense ids for a trace's keys (`Interner`), and
+a fast reader of Mooncake trace lines (``{"timestamp": ms, "input_length": n,
+"hash_ids": [int, ...]}``).
 
 It understands a strict subset of JSON, line by line: an object whose members are
 strings without escapes, numbers, ``null``/``true``/``false`` or arrays of integers, with
@@ -13,10 +14,140 @@ Lines end at ``\\n``, ``\\r`` or ``\\r\\n`` (Python's universal newlines, as the
 reader it replaces numbers them).
 """
 
-from libc.stdint cimport int64_t
+import array
+
+from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_CheckExact
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.string cimport memset
 
 cdef enum:
     MAX_DIGITS = 18  # a longer integer is left to json (it may not fit in 64 bits)
+
+
+cdef class Interner:
+    """Dense ids for trace keys, in order of first appearance: non-negative ints below
+    2**62 (a Mooncake trace's hash ids) through an open-addressing C table, other keys
+    (bytes) through a dict. An int and a bytes key are never equal, so the two never mix."""
+
+    cdef int64_t* table_keys  # key + 1 per slot, 0: free
+    cdef int32_t* table_ids
+    cdef Py_ssize_t mask
+    cdef Py_ssize_t num_ints
+    cdef dict others  # key -> id
+    cdef readonly Py_ssize_t num_ids
+    cdef object raw  # array 'q': id -> its int key (-1: a key in ``others``)
+
+    def __cinit__(self):
+        self.mask = 1023
+        self.table_keys = <int64_t*> PyMem_Malloc((self.mask + 1) * sizeof(int64_t))
+        self.table_ids = <int32_t*> PyMem_Malloc((self.mask + 1) * sizeof(int32_t))
+        if self.table_keys == NULL or self.table_ids == NULL:
+            raise MemoryError()
+        memset(self.table_keys, 0, (self.mask + 1) * sizeof(int64_t))
+        self.others = {}
+        self.raw = array.array("q")
+
+    def __dealloc__(self):
+        PyMem_Free(self.table_keys)
+        PyMem_Free(self.table_ids)
+
+    cdef int _grow(self) except -1:
+        cdef Py_ssize_t old = self.mask + 1, k, slot
+        cdef int64_t* keys = self.table_keys
+        cdef int32_t* ids = self.table_ids
+        cdef int64_t* new_keys = <int64_t*> PyMem_Malloc(2 * old * sizeof(int64_t))
+        cdef int32_t* new_ids = <int32_t*> PyMem_Malloc(2 * old * sizeof(int32_t))
+        if new_keys == NULL or new_ids == NULL:
+            PyMem_Free(new_keys)
+            PyMem_Free(new_ids)
+            raise MemoryError()
+        memset(new_keys, 0, 2 * old * sizeof(int64_t))
+        self.table_keys, self.table_ids, self.mask = new_keys, new_ids, 2 * old - 1
+        for k in range(old):
+            if keys[k]:
+                slot = self._slot(keys[k] - 1)
+                new_keys[slot] = keys[k]
+                new_ids[slot] = ids[k]
+        PyMem_Free(keys)
+        PyMem_Free(ids)
+        return 0
+
+    cdef inline Py_ssize_t _slot(self, int64_t key) noexcept:
+        """The slot of ``key``, or the free slot where it would go."""
+        cdef Py_ssize_t slot = ((<uint64_t> key * 0x9E3779B97F4A7C15ULL) >> 20) & self.mask
+        while self.table_keys[slot] and self.table_keys[slot] != key + 1:
+            slot = (slot + 1) & self.mask
+        return slot
+
+    cdef int32_t int_id(self, int64_t key) except -1:
+        """The id of non-negative int ``key`` (< 2**62), made if new."""
+        cdef Py_ssize_t slot = self._slot(key)
+        if self.table_keys[slot]:
+            return self.table_ids[slot]
+        if 2 * (self.num_ints + 1) > self.mask + 1:
+            self._grow()
+            slot = self._slot(key)
+        self.table_keys[slot] = key + 1
+        self.table_ids[slot] = <int32_t> self.num_ids
+        self.num_ints += 1
+        self.raw.append(key)
+        self.num_ids += 1
+        return self.num_ids - 1
+
+    cdef int32_t key_id(self, object key) except -1:
+        """The id of any key, made if new."""
+        cdef int overflow = 0
+        cdef int64_t value = -1
+        if PyLong_CheckExact(key):
+            value = PyLong_AsLongLongAndOverflow(key, &overflow)
+            if overflow or value >= (1LL << 62):
+                value = -1
+        if value >= 0:
+            return self.int_id(value)
+        found = self.others.get(key)
+        if found is not None:
+            return found
+        self.others[key] = self.num_ids
+        self.raw.append(-1)
+        self.num_ids += 1
+        return self.num_ids - 1
+
+    def extend(self, flat, list keys):
+        """Append the ids of ``keys`` to ``flat`` (an array 'i')."""
+        for key in keys:
+            flat.append(self.key_id(key))
+
+    def keys_of(self, const int32_t[::1] flat, Py_ssize_t a, Py_ssize_t b):
+        """The keys whose ids are flat[a:b]."""
+        cdef const int64_t[::1] raw = self.raw
+        cdef Py_ssize_t k
+        cdef dict by_id = None
+        out = []
+        for k in range(a, b):
+            if raw[flat[k]] >= 0:
+                out.append(raw[flat[k]])
+            else:
+                if by_id is None:
+                    by_id = {i: key for key, i in self.others.items()}
+                out.append(by_id[flat[k]])
+        return out
+
+
+def intern(list requests, Interner interner=None):
+    """Dense ids for the keys of ``requests`` (lists of keys): ``(flat ids (array 'i'),
+    starts (array 'q', one more than the requests), the number of distinct keys)``;
+    request r's ids are ``flat[starts[r]:starts[r + 1]]``."""
+    cdef Py_ssize_t r, n = 0
+    if interner is None:
+        interner = Interner()
+    flat = array.array("i")
+    starts = array.array("q", [0])
+    for r in range(len(requests)):
+        interner.extend(flat, <list> requests[r])
+        n += len(<list> requests[r])
+        starts.append(n)
+    return flat, starts, interner.num_ids
 
 
 cdef inline Py_ssize_t _skip_ws(const unsigned char[::1] s, Py_ssize_t i, Py_ssize_t end) noexcept:
@@ -84,13 +215,33 @@ cdef inline bint _is(const unsigned char[::1] s, Py_ssize_t a, Py_ssize_t b,
     return word[k] == 0
 
 
-cdef object _line(const unsigned char[::1] s, Py_ssize_t i, Py_ssize_t end, bytes data):
-    """One line s[i:end]: ``(timestamp or None, input_length, hash_ids)`` (the timestamp
-    as json would give it: an int or a float), or None to leave it to json."""
-    cdef Py_ssize_t key_start, key_end, j, k
+cdef struct IdBuffer:
+    int32_t* ids
+    Py_ssize_t n
+    Py_ssize_t cap
+
+
+cdef int buffer_push(IdBuffer* buf, int32_t value) except -1:
+    cdef int32_t* grown
+    if buf.n == buf.cap:
+        grown = <int32_t*> PyMem_Realloc(buf.ids, 2 * buf.cap * sizeof(int32_t))
+        if grown == NULL:
+            raise MemoryError()
+        buf.ids = grown
+        buf.cap *= 2
+    buf.ids[buf.n] = value
+    buf.n += 1
+    return 0
+
+
+cdef object _line(const unsigned char[::1] s, Py_ssize_t i, Py_ssize_t end, bytes data,
+                  Interner interner, IdBuffer* buf):
+    """One line s[i:end]: ``(timestamp or None, input_length)`` (the timestamp as json
+    would give it: an int or a float), its hash ids' dense ids pushed on ``buf``; or None
+    to leave it to json (then ``buf`` may hold some of its ids: the caller drops them)."""
+    cdef Py_ssize_t key_start, key_end, j, k, ids_start = -1
     cdef bint is_int
     cdef int64_t value
-    cdef list ids = None
     cdef object length = None, timestamp = None
     cdef bint has_length = False
     i = _skip_ws(s, i, end)
@@ -114,9 +265,9 @@ cdef object _line(const unsigned char[::1] s, Py_ssize_t i, Py_ssize_t end, byte
         if i >= end:
             return None
         if s[i] == 91:  # [ : only arrays of integers
-            if not _is(s, key_start, key_end, b"hash_ids"):
-                return None
-            ids = []
+            if not _is(s, key_start, key_end, b"hash_ids") or ids_start >= 0:
+                return None  # (a second hash_ids: json keeps the last; left to it)
+            ids_start = buf.n
             i = _skip_ws(s, i + 1, end)
             if i < end and s[i] == 93:  # ]
                 i += 1
@@ -129,7 +280,7 @@ cdef object _line(const unsigned char[::1] s, Py_ssize_t i, Py_ssize_t end, byte
                         i += 1
                     if i == j or i - j > MAX_DIGITS or (s[j] == 48 and i - j > 1):
                         return None  # not a plain non-negative integer: json decides
-                    ids.append(value)
+                    buffer_push(buf, interner.int_id(value))
                     i = _skip_ws(s, i, end)
                     if i < end and s[i] == 44:  # ,
                         i = _skip_ws(s, i + 1, end)
@@ -178,44 +329,66 @@ cdef object _line(const unsigned char[::1] s, Py_ssize_t i, Py_ssize_t end, byte
             i = _skip_ws(s, i + 1, end)
             break
         return None
-    if i != end or ids is None or not has_length:
+    if i != end or ids_start < 0 or not has_length:
         return None
-    return timestamp, length, ids
+    return timestamp, length
 
 
-def scan_mooncake(bytes data, int64_t block_tokens):
-    """The lines of a Mooncake JSONL file: ``[(line number, row)]`` for every line that
-    is not empty or spaces and tabs only, where row is ``(timestamp in seconds or None,
-    input_length, hash_ids)`` of a valid request (``0 < input_length <= len(hash_ids) *
-    block_tokens``), or the line's text (ending in ``\\n`` where the line ended in a
-    newline) when it is left to json and the format's checks."""
+def scan_mooncake(bytes data, int64_t block_tokens, Interner interner):
+    """Read a Mooncake JSONL file. Returns ``(timestamps, lengths, counts, flat,
+    left)`` with one entry per line that is not empty or spaces and tabs only:
+    ``timestamps[k]`` (seconds, None where the line has none), ``lengths[k]`` and
+    ``counts[k]`` (its blocks, whose dense ids follow one another in ``flat``, an array
+    'i') for a valid request (``0 < input_length <= len(hash_ids) * block_tokens``); and
+    ``left``: ``(k, line number, text)`` for each line left to json and the format's
+    checks (its text ending in a newline where the line did), whose entries are None, 0, 0.
+    """
     cdef const unsigned char[::1] s = data
-    cdef Py_ssize_t n = len(data), i = 0, end, k
+    cdef Py_ssize_t n = len(data), i = 0, end, k, mark
     cdef Py_ssize_t number = 0
     cdef bint blank
-    rows = []
-    while i < n:
-        end = i
-        while end < n and s[end] != 10 and s[end] != 13:
-            end += 1
-        number += 1
-        blank = True
-        for k in range(i, end):
-            if s[k] != 32 and s[k] != 9:
-                blank = False
-                break
-        if not blank:
-            row = _line(s, i, end, data)
-            if row is not None:
-                timestamp, length, ids = row
-                if not 0 < length <= len(ids) * block_tokens:
+    cdef IdBuffer buf
+    buf.cap = 1 << 16
+    buf.n = 0
+    buf.ids = <int32_t*> PyMem_Malloc(buf.cap * sizeof(int32_t))
+    if buf.ids == NULL:
+        raise MemoryError()
+    timestamps, lengths, counts, left = [], [], [], []
+    try:
+        while i < n:
+            end = i
+            while end < n and s[end] != 10 and s[end] != 13:
+                end += 1
+            number += 1
+            blank = True
+            for k in range(i, end):
+                if s[k] != 32 and s[k] != 9:
+                    blank = False
+                    break
+            if not blank:
+                mark = buf.n
+                row = _line(s, i, end, data, interner, &buf)
+                if row is not None and not 0 < row[1] <= (buf.n - mark) * block_tokens:
                     row = None  # json's path words the error
-                elif timestamp is not None:
-                    row = (float(timestamp) / 1000.0, length, ids)
-            if row is None:  # the text as a text-mode reader gives it, newline and all
-                row = data[i:end].decode("utf-8") + ("\n" if end < n else "")
-            rows.append((number, row))
-        if end < n and s[end] == 13 and end + 1 < n and s[end + 1] == 10:
-            end += 1
-        i = end + 1
-    return rows
+                if row is None:
+                    buf.n = mark
+                    # The text as a text-mode reader gives it, newline and all.
+                    left.append((len(lengths), number,
+                                 data[i:end].decode("utf-8") + ("\n" if end < n else "")))
+                    timestamps.append(None)
+                    lengths.append(0)
+                    counts.append(0)
+                else:
+                    timestamp, length = row
+                    timestamps.append(None if timestamp is None
+                                      else float(timestamp) / 1000.0)
+                    lengths.append(length)
+                    counts.append(buf.n - mark)
+            if end < n and s[end] == 13 and end + 1 < n and s[end + 1] == 10:
+                end += 1
+            i = end + 1
+        flat = array.array("i")
+        flat.frombytes((<char*> buf.ids)[:buf.n * sizeof(int32_t)])
+        return timestamps, lengths, counts, flat, left
+    finally:
+        PyMem_Free(buf.ids)

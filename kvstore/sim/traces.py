@@ -32,10 +32,11 @@ Invariants of a `Trace`:
 from __future__ import annotations
 
 import enum
+import itertools
 import json
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,38 +67,77 @@ class Interned:
     num_ids: int
 
 
-@dataclass
 class Trace:
-    """Requests in replay order; see the module docstring for the invariants."""
+    """Requests in replay order; see the module docstring for the invariants.
 
-    block_tokens: int
-    timestamps_s: list[float] = field(default_factory=list)
-    input_tokens: list[int] = field(default_factory=list)
-    keys: list[list[bytes | int]] = field(default_factory=list)
-    num_bad_lines: int = 0
+    A trace read from files is held as dense ids (`interned`); ``keys`` is made from them
+    when first asked for. A trace built by hand sets ``keys`` (and may append to it)."""
+
+    def __init__(self, block_tokens: int, timestamps_s: list[float] | None = None,
+                 input_tokens: list[int] | None = None,
+                 keys: list[list[bytes | int]] | None = None, num_bad_lines: int = 0) -> None:
+        self.block_tokens = block_tokens
+        self.timestamps_s = [] if timestamps_s is None else timestamps_s
+        self.input_tokens = [] if input_tokens is None else input_tokens
+        self._keys: list[list[bytes | int]] | None = [] if keys is None else keys
+        self.num_bad_lines = num_bad_lines
+        # (the ids, the keys list they were made from or None, its length then)
+        self._interned: tuple[Interned, list | None, int] | None = None
+        self._interner: Any = None
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.input_tokens)
+
+    def __repr__(self) -> str:
+        return (f"Trace({len(self)} requests, {self.num_accesses} accesses of "
+                f"{self.block_tokens} tokens)")
+
+    @property
+    def keys(self) -> list[list[bytes | int]]:
+        if self._keys is None:
+            interned = self.interned()
+            flat, starts, keys_of = interned.flat, interned.starts, self._interner.keys_of
+            self._keys = [keys_of(flat, starts[r], starts[r + 1]) for r in range(len(self))]
+            self._interned = (interned, self._keys, len(self._keys))
+        return self._keys
+
+    @keys.setter
+    def keys(self, keys: list[list[bytes | int]]) -> None:
+        self._keys = keys
 
     @property
     def num_accesses(self) -> int:
-        return sum(len(k) for k in self.keys)
+        if self._keys is None:
+            return len(self.interned().flat)
+        return sum(len(k) for k in self._keys)
 
     @property
     def total_input_tokens(self) -> int:
         return sum(self.input_tokens)
 
     def interned(self) -> Interned:
-        """The keys as dense ids (made once, again if ``keys`` is replaced)."""
-        cached = self.__dict__.get("_interned")
-        if cached is not None and cached[0] is self.keys and cached[1] == len(self.keys):
-            return cached[2]
-        from kvstore.placement import intern
+        """The keys as dense ids (made once, again if ``keys`` was replaced or grew)."""
+        cached = self._interned
+        if cached is not None and ((cached[1] is None and self._keys is None) or (
+                cached[1] is self._keys and cached[2] == len(self._keys))):
+            return cached[0]
+        from kvstore.sim._scan import Interner, intern
 
-        flat, starts, num_ids = intern(self.keys)
+        self._interner = Interner()
+        flat, starts, num_ids = intern(self.keys, self._interner)
         interned = Interned(flat, starts, array("q", self.input_tokens), num_ids)
-        self.__dict__["_interned"] = (self.keys, len(self.keys), interned)
+        self._interned = (interned, self._keys, len(self._keys))
         return interned
+
+    def _set_interned(self, flat: array, counts: list[int], interner: Any) -> None:
+        """Hold the requests' keys as these ids (``counts``: blocks per request, in order),
+        ``keys`` to be made from them when asked for."""
+        starts = array("q", [0])
+        starts.extend(itertools.accumulate(counts))
+        self._interner = interner
+        self._keys = None
+        self._interned = (Interned(flat, starts, array("q", self.input_tokens),
+                                   interner.num_ids), None, 0)
 
 
 def detect_format(obj: Any) -> TraceFormat | None:
@@ -165,18 +205,22 @@ def _mooncake_request(timestamp: Any, length: int, ids: list[int], block_tokens:
 def _requests(path: Path, fmt: TraceFormat, block_tokens: int
               ) -> Iterator[tuple[int, tuple[float | None, int, list[Any]] | Exception]]:
     """``(line number, (timestamp_s, input_tokens, keys) or what is wrong with it)`` for
-    each line of ``path`` that is not blank.
+    each line of ``path`` that is not blank, through json."""
+    for number, line in _lines(path):
+        try:
+            yield number, _parse_line(fmt, json.loads(line), block_tokens)
+        except (ValueError, KeyError, TypeError, KVStoreError) as e:
+            yield number, e
 
-    Mooncake files go through a compiled reader of their lines (`kvstore.sim._scan`),
-    which hands back as text, for json and `_parse_line`, any line it does not read
-    itself: the same requests and the same errors as the json path, 3-4x faster."""
-    if fmt is not TraceFormat.MOONCAKE:
-        for number, line in _lines(path):
-            try:
-                yield number, _parse_line(fmt, json.loads(line), block_tokens)
-            except (ValueError, KeyError, TypeError, KVStoreError) as e:
-                yield number, e
-        return
+
+def _scanned(path: Path, block_tokens: int, interner: Any
+             ) -> tuple[list[float | None], list[int], list[int], array,
+                        list[tuple[int, int, tuple[float | None, int, list[Any]] | Exception]]]:
+    """A Mooncake file through the compiled reader (`kvstore.sim._scan`): per request
+    (blank lines aside) its timestamp, input tokens, blocks, their ids one after another,
+    and ``(index, line number, request or what is wrong)`` for the lines that reader left
+    to json and `_parse_line` (their entries: None, 0, 0): the same requests and errors
+    as the json path, 3-4x faster."""
     from kvstore.sim._scan import scan_mooncake
 
     try:
@@ -186,15 +230,18 @@ def _requests(path: Path, fmt: TraceFormat, block_tokens: int
         raise TraceError(f"{path}: cannot read: {e.strerror or e}") from e
     except UnicodeDecodeError as e:
         raise TraceError(f"{path}: not a UTF-8 text file") from e
-    for number, row in scan_mooncake(data, block_tokens):
-        if type(row) is tuple:
-            yield number, row
+    timestamps, lengths, counts, flat, left = scan_mooncake(data, block_tokens, interner)
+    parsed = []
+    for index, number, text in left:
+        if not text.strip():
+            parsed.append((index, number, None))
             continue
         try:
-            if row.strip():
-                yield number, _parse_line(fmt, json.loads(row), block_tokens)
+            request: Any = _parse_line(TraceFormat.MOONCAKE, json.loads(text), block_tokens)
         except (ValueError, KeyError, TypeError, KVStoreError) as e:
-            yield number, e
+            request = e
+        parsed.append((index, number, request))
+    return timestamps, lengths, counts, flat, parsed
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -234,6 +281,52 @@ def _logged_block_tokens(path: Path) -> int | None:
     return None
 
 
+def _file_requests(path: Path, fmt: TraceFormat, block_tokens: int, interner: Any,
+                   flat: array, trace: Trace, skip_bad: bool
+                   ) -> Iterator[tuple[float | None, int, int]]:
+    """``(timestamp_s, input_tokens, blocks)`` of each request of ``path``, its blocks' ids
+    appended to ``flat``; a bad line raises `TraceError` or, with ``skip_bad``, is counted
+    in ``trace.num_bad_lines``."""
+
+    def bad(number: int, error: Exception) -> None:
+        if not skip_bad:
+            raise TraceError(f"{path} line {number}: not a {fmt.value} trace line "
+                             f"({_why(error)}); fix it or pass --skip-bad") from error
+        trace.num_bad_lines += 1
+
+    def taken(number: int, request: Any) -> tuple[float | None, int, int] | None:
+        """A line json read: its request with its ids appended to ``flat``, or None."""
+        if isinstance(request, Exception):
+            bad(number, request)
+            return None
+        ts, length, keys = request
+        interner.extend(flat, keys)
+        return ts, length, len(keys)
+
+    if fmt is not TraceFormat.MOONCAKE:
+        for number, request in _requests(path, fmt, block_tokens):
+            if (row := taken(number, request)) is not None:
+                yield row
+        return
+    timestamps, lengths, counts, scanned, left = _scanned(path, block_tokens, interner)
+    if not left:  # the usual case: every line read by the compiled reader
+        flat.extend(scanned)
+        yield from zip(timestamps, lengths, counts, strict=True)
+        return
+    fixed = {index: (number, request) for index, number, request in left}
+    offset = 0
+    for index, count in enumerate(counts):
+        if index not in fixed:
+            flat.extend(scanned[offset:offset + count])
+            offset += count
+            yield timestamps[index], lengths[index], count
+            continue
+        number, request = fixed[index]
+        # (None: a line blank to str.strip, not to the compiled reader)
+        if request is not None and (row := taken(number, request)) is not None:
+            yield row
+
+
 def _why(error: Exception) -> str:
     """What is wrong with a line, the JSON parser's position named as inside the record."""
     if isinstance(error, json.JSONDecodeError):
@@ -263,25 +356,24 @@ def read_traces(paths: list[Path], *, fmt: TraceFormat | None = None,
     if block_tokens is None and formats and all(f is TraceFormat.ACCESS_LOG for f in formats):
         block_tokens = _logged_block_tokens(paths[0])
     block_tokens = block_tokens or MOONCAKE_BLOCK_TOKENS
+    from kvstore.sim._scan import Interner
+
+    interner = Interner()
     trace = Trace(block_tokens)
+    flat, counts = array("i"), []
     offset_s = 0.0
     for path, file_fmt in zip(paths, formats, strict=True):
         first_s: float | None = None
         last_s = offset_s
-        for number, request in _requests(path, file_fmt, block_tokens):
-            if isinstance(request, Exception):
-                if skip_bad:
-                    trace.num_bad_lines += 1
-                    continue
-                raise TraceError(f"{path} line {number}: not a {file_fmt.value} trace line "
-                                 f"({_why(request)}); fix it or pass --skip-bad") from request
-            ts, length, keys = request
+        for ts, length, count in _file_requests(path, file_fmt, block_tokens, interner,
+                                                flat, trace, skip_bad):
             if ts is not None:
                 if first_s is None:
                     first_s = ts
                 last_s = max(last_s, offset_s + ts - first_s)  # never goes back in time
             trace.timestamps_s.append(last_s)
             trace.input_tokens.append(length)
-            trace.keys.append(keys)
+            counts.append(count)
         offset_s = last_s
+    trace._set_interned(flat, counts, interner)
     return trace

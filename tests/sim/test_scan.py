@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kvstore.sim._scan import Interner, scan_mooncake
 
 from kvstore.sim import traces
 from kvstore.sim.traces import TraceFormat
@@ -16,20 +17,38 @@ MOONCAKE = TraceFormat.MOONCAKE
 BT = 512
 
 
-def by_json(path: Path) -> list[tuple[int, object]]:
-    """What the text reader and json make of each line (the reference)."""
-    out: list[tuple[int, object]] = []
+def by_json(path: Path) -> list[tuple[int | None, object]]:
+    """What the text reader and json make of each line (the reference): (line number,
+    request or error), the number None where the line is well formed (the compiled
+    reader does not number those)."""
+    out: list[tuple[int | None, object]] = []
     for number, line in traces._lines(path):
         try:
-            out.append((number, traces._parse_line(MOONCAKE, json.loads(line), BT)))
+            out.append((None, traces._parse_line(MOONCAKE, json.loads(line), BT)))
         except (ValueError, KeyError, TypeError) as e:
             out.append((number, (type(e).__name__, str(e))))
     return out
 
 
-def by_scanner(path: Path) -> list[tuple[int, object]]:
-    return [(number, (type(r).__name__, str(r)) if isinstance(r, Exception) else r)
-            for number, r in traces._requests(path, MOONCAKE, BT)]
+def by_scanner(path: Path) -> list[tuple[int | None, object]]:
+    """The same through the compiled reader (`traces._scanned`)."""
+    interner = Interner()
+    timestamps, lengths, counts, flat, left = traces._scanned(path, BT, interner)
+    fixed = {index: (number, request) for index, number, request in left}
+    out: list[tuple[int | None, object]] = []
+    offset = 0
+    for index, count in enumerate(counts):
+        if index in fixed:
+            number, request = fixed[index]
+            if isinstance(request, Exception):
+                out.append((number, (type(request).__name__, str(request))))
+            elif request is not None:
+                out.append((None, request))
+            continue
+        keys = interner.keys_of(flat, offset, offset + count)
+        offset += count
+        out.append((None, (timestamps[index], lengths[index], keys)))
+    return out
 
 
 spaces = st.sampled_from(["", " ", "  ", "\t", " \t "])
@@ -91,10 +110,11 @@ def test_the_conversation_shape_takes_the_compiled_path(tmp_path: Path) -> None:
             {"timestamp": 30535, "input_length": 513, "hash_ids": [0, 15]}]
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from kvstore.sim._scan import scan_mooncake
-
-    scanned = scan_mooncake(path.read_bytes(), BT)
-    assert scanned == [(1, (27.482, 6955, list(range(14)))), (2, (30.535, 513, [0, 15]))]
+    interner = Interner()
+    timestamps, lengths, counts, flat, left = scan_mooncake(path.read_bytes(), BT, interner)
+    assert (timestamps, lengths, counts, left) == ([27.482, 30.535], [6955, 513], [14, 2], [])
+    assert list(flat) == [*range(14), 0, 14]  # dense ids in order of first appearance
+    assert interner.keys_of(flat, 14, 16) == [0, 15]
     assert by_scanner(path) == by_json(path)
 
 

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import enum
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from kvstore.errors import ConfigError
+from kvstore.tiers.nvme.compression import Compression
 from kvstore.tiers.nvme.record import IO_ALIGN, align_down, align_up, record_disk_bound
 
 __all__ = ["Compression", "NvmeLayout", "NvmeTierConfig", "lz4_block"]
-
-
-class Compression(enum.Enum):
-    """Record compression in the NVMe tier."""
-
-    NONE = "none"
-    LZ4 = "lz4"
 
 
 MiB = 1024 * 1024
