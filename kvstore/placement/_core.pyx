@@ -50,6 +50,7 @@ cdef struct Entry:
     int32_t uses
     int32_t owner
     int32_t npins  # pins held (their deadlines are in ``pins``)
+    int32_t busy  # copies of it being made (`_store_in`): never a victim nor forgotten
     uint8_t res  # residency: bit t set when tier t holds a committed copy
     uint8_t linked  # bit t set when it is in tier t's list of candidates
     uint8_t heaped  # bit t set when it is a candidate of tier t filed in its list's heap
@@ -179,7 +180,8 @@ cdef class Lru:
 
 
 cdef class _CanFree:
-    """``can_free(key)`` for a media's reclaim: the block is held, unpinned, unprotected."""
+    """``can_free(key)`` for a media's reclaim: the block is held, not held back (pinned or
+    being copied), unprotected."""
 
     cdef Placement core
     cdef int64_t protect
@@ -190,7 +192,7 @@ cdef class _CanFree:
         if id is None:
             return False
         cdef int32_t i = id
-        if not core.e[i].res or (core.e[i].npins and core._is_pinned(i)):
+        if not core.e[i].res or core._held_back(i):
             return False
         return not (self.protect and core.e[i].mark == self.protect)
 
@@ -355,6 +357,7 @@ cdef class Placement:
         x.uses = 0
         x.owner = owner
         x.npins = 0
+        x.busy = 0
         x.res = 0
         x.linked = 0
         x.heaped = 0
@@ -412,7 +415,8 @@ cdef class Placement:
     cdef int _drop_if_unused(self, int32_t i) except -1:
         """Forget ``i`` (and ghost ancestors) if no tier holds it and no child names it."""
         cdef int32_t parent
-        while i >= 0 and self.e[i].live and not self.e[i].res and not self.e[i].nchild:
+        while (i >= 0 and self.e[i].live and not self.e[i].res and not self.e[i].nchild
+               and not self.e[i].busy):
             parent = self.e[i].parent
             self._free(i)
             if parent < 0:
@@ -643,13 +647,14 @@ cdef class Placement:
         return 0
 
     cdef int32_t _top(self, CList* lru, int t) except -2:
-        """The least recently used candidate of ``lru`` that is not pinned, or -1: the
-        first of the linked ones or the top of the heap, whichever was used less lately."""
+        """The least recently used candidate of ``lru`` that is neither pinned nor being
+        copied (`_held_back`), or -1: the first of the linked ones or the top of the heap,
+        whichever was used less lately."""
         cdef int32_t i = lru.head, filed = -1
         cdef CHeap* heap = &lru.heap
         cdef list pinned = None
         while i >= 0:
-            if not (self.e[i].npins and self._is_pinned(i)):
+            if not self._held_back(i):
                 break
             i = self.nxt[i * self.num_tiers + t]
         while heap.n:
@@ -658,7 +663,7 @@ cdef class Placement:
                 heap_pop(heap)  # stale
                 filed = -1
                 continue
-            if self.e[filed].npins and self._is_pinned(filed):
+            if self._held_back(filed):
                 if pinned is None:
                     pinned = []
                 pinned.append(filed)
@@ -672,6 +677,10 @@ cdef class Placement:
         if filed >= 0 and (i < 0 or self.e[filed].last < self.e[i].last):
             return filed
         return i
+
+    cdef inline bint _held_back(self, int32_t i) except -1:
+        """Whether ``i`` may not be evicted now: pinned, or a copy of it is being made."""
+        return self.e[i].busy or (self.e[i].npins and self._is_pinned(i))
 
     cdef int32_t _victim(self, int t, int64_t partition, int64_t owner) except -2:
         """The block to evict next from tier ``t``, or -1: from ``partition`` (-1: any),
@@ -779,20 +788,30 @@ cdef class Placement:
         return 0
 
     cdef bint _store_in(self, int t, int32_t i, object src, int64_t protect) except -1:
-        """Write a copy of ``i`` into tier ``t`` (making room); False if it cannot fit."""
+        """Write a copy of ``i`` into tier ``t`` (making room); False if it cannot fit.
+
+        Meanwhile ``i`` is *busy*: making room may push blocks down through the tiers
+        that hold ``i`` (a promotion's), and none of them may evict ``i``, whose copy there
+        ``src`` may be (nor forget ``i``, a ghost whose last child goes: a put of it)."""
         cdef int64_t nbytes = self.e[i].nbytes
         cdef int64_t slot
+        cdef bint stored = False
         if not self.counted and not self.media.fits(t, nbytes):
             return False
-        slot = self._reserve(t, nbytes, self.e[i].owner, protect)
-        if slot < 0:
-            return False
-        if not self.counted:
-            parent = self.keys[self.e[i].parent] if self.e[i].parent >= 0 else None
-            if not self.media.write(t, slot, self.keys[i], parent, nbytes, src):
-                return False
-        self._add(i, t)
-        return True
+        self.e[i].busy += 1
+        try:
+            slot = self._reserve(t, nbytes, self.e[i].owner, protect)
+            if slot >= 0:
+                if self.counted:
+                    stored = True
+                else:
+                    parent = self.keys[self.e[i].parent] if self.e[i].parent >= 0 else None
+                    stored = self.media.write(t, slot, self.keys[i], parent, nbytes, src)
+        finally:
+            self.e[i].busy -= 1
+        if stored:
+            self._add(i, t)
+        return stored
 
     # -- quotas -------------------------------------------------------------------------------
 

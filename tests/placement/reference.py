@@ -39,11 +39,10 @@ simulator; tiers numbered fastest first, ``w`` the write tier, ``last`` the slow
 Capacities are in the same unit as the blocks' sizes: bytes, or blocks with every block
 of size 1 (the simulator's counted tiers).
 
-Known defects of the core (``defects``): when making room for a block evicts the block's
-own source copy (a promotion whose cascade of demotions reaches the tier it is copied
-from) or the last child of a ghost being put into a whole tier, the core goes wrong (see
-tests/placement/test_known_defects.py). The model records the event in ``defects`` and
-carries on as the rules say; the tests run the core no further.
+- A block being copied into a tier (a put, a demotion, a promotion, a flush) is *busy*
+  while room is made for it: never a victim (a promotion's cascade of demotions may reach
+  the tier it is copied from), and never forgotten as a ghost (a put of a ghost whose last
+  child is evicted to make room). tests/placement/test_copies.py has the cases.
 """
 
 from __future__ import annotations
@@ -54,11 +53,6 @@ from dataclasses import dataclass, field
 from kvstore.placement import Admission, EvictionPolicy
 
 Key = bytes
-
-# The known core defects, as `Reference.defects` names them.
-PUT_FREED_GHOST = "a put into a whole tier evicted the last child of the ghost it stores"
-COPY_LOST_SOURCE = "a promotion evicted the copy it reads from"
-
 
 def put_chain(put: Callable[[Key, int, Key | None, set[Key]], bool], keys: list[Key],
               sizes: list[int]) -> int:
@@ -114,10 +108,9 @@ class Reference:
         self.evictions = self.demotions = self.promotions = 0
         self.hits = self.misses = 0
         self.tier_hits = [0] * self.num_tiers
-        self.defects: list[str] = []
         self._next_pin = 0
         self._next_seq = 0
-        self._keep: Key | None = None  # a block being put: not collected meanwhile
+        self._busy: set[Key] = set()  # blocks being copied: no victims, not collected
 
     # -- what the tests compare ---------------------------------------------------------------
 
@@ -137,7 +130,7 @@ class Reference:
         candidates = [b for b in self.blocks.values() if t in b.tiers
                       and (self.policies[t] is EvictionPolicy.LRU
                            or self.children_in(b.key, t) == 0)
-                      and not any(b.pins.values())]
+                      and not any(b.pins.values()) and b.key not in self._busy]
         return min(candidates, key=lambda b: b.last).key if candidates else None
 
     def used(self, t: int) -> int:
@@ -278,14 +271,7 @@ class Reference:
         self.forget(key)
         block = self._ensure(key, parent, nbytes)
         self._use(block)
-        had_children = self._has_children(key)
-        self._keep = key
-        try:
-            stored = self._store_in(t, block, protect)
-        finally:
-            self._keep = None
-        if had_children and not self._has_children(key):
-            self.defects.append(f"{PUT_FREED_GHOST}: {key.hex()} into tier {t}")
+        stored = self._store_in(t, block, protect)
         if not stored:
             self._collect()
         return stored
@@ -294,23 +280,21 @@ class Reference:
         w = self.write_tier
         if not (self.promote_on_hit and t > w):
             return
-        stored = self._store_in(w, block, (), source=t)
-        if stored:
+        if self._store_in(w, block, ()):
             self.promotions += 1
 
-    def _store_in(self, t: int, block: Block, protect: Collection[Key] = (),
-                  source: int | None = None) -> bool:
-        """A copy of ``block`` into tier ``t``, making room; False if it finds none.
-        ``source``: the tier the copy is read from."""
+    def _store_in(self, t: int, block: Block, protect: Collection[Key] = ()) -> bool:
+        """A copy of ``block`` into tier ``t``, making room (``block`` busy meanwhile);
+        False if it finds none."""
         if block.nbytes > self.capacity[t]:
             return False
-        if not self._make_room(t, block.nbytes, protect):
-            return False
-        if source is not None and source not in block.tiers:
-            self.defects.append(f"{COPY_LOST_SOURCE}: {block.key.hex()} from tier {source} "
-                                f"to tier {t}")
-        if self.blocks.get(block.key) is not block:
-            self.blocks[block.key] = block  # (a defect: it was forgotten meanwhile)
+        self._busy.add(block.key)
+        try:
+            if not self._make_room(t, block.nbytes, protect):
+                return False
+        finally:
+            self._busy.discard(block.key)
+        assert self.blocks.get(block.key) is block, "a busy block was forgotten"
         self._add(block, t)
         return True
 
@@ -354,7 +338,8 @@ class Reference:
         """Forget blocks held nowhere that no known block names as parent."""
         while True:
             unused = [key for key, b in self.blocks.items()
-                      if not b.tiers and key != self._keep and not self._has_children(key)]
+                      if not b.tiers and key not in self._busy
+                      and not self._has_children(key)]
             if not unused:
                 return
             for key in unused:

@@ -1,22 +1,18 @@
-"""Core defects the reference model found, each as its smallest reproduction (strict
-xfail: a fix turns them into passes, and then the marks go, as does the cut-off in
-tests/placement/test_reference.py that stops a sequence at them).
+"""A block being copied into a tier is *busy* while room is made for it: never a victim,
+never forgotten. Two defects the reference model found, each as its smallest case:
 
-1. *A promotion evicts the copy it reads from.* Copying a hit block up to the write
-   tier makes room there; the victims it demotes make room in the tiers below, and the
-   victim there can be the promoted block itself (the only candidate of its tier). Its
-   copy is dropped before it is read: in a memory tier the slot is given to the block
-   demoted into it, and the promoted copy holds that block's bytes (a wrong value served
-   on HBM + DRAM); if it was the block's last copy and no child names it, the entry is
-   freed and the core then adds a tier to a dead id: the block is lost, the media keeps
-   a copy under key None, and later evictions trip over it (InvalidKeyError on the
-   Store, a miss in the simulator for a block it had just promoted).
-2. *A put into a whole tier (NVMe) of a ghost evicts the ghost's last child.* The put
-   makes the ghost's entry, then makes room; the victim can be the last child naming
-   it, which frees the entry under the put: the value is written under key None.
+1. *A promotion evicted the copy it read from.* Copying a hit block up to the write tier
+   makes room there; the victims it demotes make room in the tiers below, and the victim
+   there could be the promoted block itself. Its copy was dropped before it was read: in
+   a memory tier the slot went to the block demoted into it, so the promoted copy would
+   have held that block's bytes (a wrong value served on HBM + DRAM); with no child naming
+   it, the entry was freed and the block lost (InvalidKeyError on the Store, a miss in
+   the simulator for a block it had just promoted).
+2. *A put of a ghost into a whole tier (NVMe) evicted the ghost's last child*, which freed
+   the entry under the put: the value was written under key None.
 
 Both were there before the compiled core (the Python BlockIndex lost the entry the same
-way, without the crash).
+way, without the crash); tests/placement/test_reference.py checks the rule at large.
 """
 
 from __future__ import annotations
@@ -26,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from kvstore import Store, StoreConfig
-from kvstore.hitrate import ReplayConfig, replay
 from kvstore.placement import EvictionPolicy, Placement
-from kvstore.traces import Trace
+from kvstore.sim.replay import ReplayConfig, replay
+from kvstore.sim.traces import Trace
 from tests.conftest import make_key, make_value
 from tests.placement.media import MemoryMedia, Value
 
@@ -36,10 +32,6 @@ LRU = EvictionPolicy.LRU
 LEAF = EvictionPolicy.LEAF_LRU
 KiB = 1024
 
-promotion_defect = pytest.mark.xfail(strict=True, reason="core defect 1: a promotion "
-                                     "evicts the copy it reads from")
-ghost_put_defect = pytest.mark.xfail(strict=True, reason="core defect 2: a put of a ghost "
-                                     "into a whole tier evicts its last child")
 
 
 def test_a_promotion_with_room_copies_the_block_up() -> None:
@@ -56,10 +48,10 @@ def test_a_promotion_with_room_copies_the_block_up() -> None:
     assert core.held_keys(1) == [b"A" * 16]
 
 
-@promotion_defect
 def test_a_promoted_block_stays_held() -> None:
-    # Tiers of one block each: A below, B above. A hit on A promotes it: B is demoted,
-    # which evicts A's copy below (the only block there) before A is copied up.
+    # Tiers of one block each: A below, B above. A hit on A promotes it: B is demoted
+    # towards tier 1, whose only block is A, busy being copied up: B is dropped, A is
+    # held in both tiers.
     core = Placement([LRU, LRU], capacity_blocks=[1, 1], keyed=True)
     core.reserve(0, 1)
     core.insert(b"A" * 16, None, 1, 0)
@@ -70,10 +62,10 @@ def test_a_promoted_block_stays_held() -> None:
     assert core.promote(a, core.generation(a), 1, None)
     assert core.lookup(b"A" * 16) >= 0, "the promoted block is held nowhere"
     assert core.held_keys(0) == [b"A" * 16]
-    assert core.held_keys(1) == [b"B" * 16]
+    assert core.held_keys(1) == [b"A" * 16]
+    assert core.lookup(b"B" * 16) < 0 and (core.evictions, core.demotions) == (2, 1)
 
 
-@promotion_defect
 def test_a_promotion_reads_a_copy_that_is_still_there() -> None:
     # As above, but A has a child entry (C), so its entry lives on as a ghost and the
     # index looks right: the copy written to tier 0 was read from a dropped slot.
@@ -94,7 +86,6 @@ def test_a_promotion_reads_a_copy_that_is_still_there() -> None:
     assert media.torn == [], "the promoted copy was read from a dropped slot"
 
 
-@promotion_defect
 def test_replay_hits_a_block_it_has_just_promoted() -> None:
     a, b = make_key("A"), make_key("B")
     trace = Trace(block_tokens=1, timestamps_s=[0.0, 1.0, 2.0, 3.0], input_tokens=[1] * 4,
@@ -105,7 +96,6 @@ def test_replay_hits_a_block_it_has_just_promoted() -> None:
     assert [row["hit_tokens"] for row in result.windows.rows()] == [0, 0, 1, 1]
 
 
-@promotion_defect
 def test_store_keeps_a_block_it_promotes_from_nvme(tmp_path: Path) -> None:
     # One DRAM slot, NVMe full of one chain whose tail is its only leaf. Reading the tail
     # promotes it to DRAM, which demotes the chain's head to NVMe, which evicts the tail.
@@ -123,7 +113,6 @@ def test_store_keeps_a_block_it_promotes_from_nvme(tmp_path: Path) -> None:
         assert store.put(make_key("next"), make_value("next", 16 * KiB))
 
 
-@ghost_put_defect
 def test_a_put_of_a_ghost_into_a_whole_tier_stores_it() -> None:
     media = MemoryMedia([200])
     core = Placement([LEAF], media=media)
@@ -155,7 +144,6 @@ def _ghost_beside_fillers(directory: Path, num_fillers: int) -> Store:
     return store
 
 
-@ghost_put_defect
 def test_store_put_of_a_deleted_parent_on_nvme(tmp_path: Path) -> None:
     # An NVMe-only store filled up to the last block that leaves C on it; C is the
     # oldest leaf, so putting its parent P again evicts C.
@@ -172,12 +160,10 @@ def test_store_put_of_a_deleted_parent_on_nvme(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=False, reason="core defect 1, on HBM + DRAM (not yet run on a GPU: "
-                   "make it strict once it has failed there)")
 def test_hbm_store_serves_the_value_it_promoted() -> None:
     # HBM of two blocks over DRAM of one, LRU. A goes down to DRAM; reading A promotes
-    # it: C is demoted from HBM into DRAM, which evicts A's DRAM copy (A lives on as C's
-    # parent) and gives its slot to C before A is copied up from that slot.
+    # it: C is demoted from HBM towards DRAM, where the only block is A, busy: C is
+    # dropped, not A (before the fix, A's DRAM slot went to C before A was copied up).
     config = StoreConfig(hbm_bytes=2 * 4 * KiB, dram_bytes=4 * KiB, max_value_bytes=4 * KiB,
                          eviction_policy=LRU)
     a, c, b = make_key("A"), make_key("C"), make_key("B")
