@@ -1,11 +1,13 @@
-"""Builds the compiled parts (Cython): the placement core and the trace reader; everything
+"""Builds the compiled parts (Cython): the placement core (its index and its
+decisions), the trace reader and the simulator's references; everything
 else is in pyproject.toml."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 setup(ext_modules=cythonize(
-    [Extension("kvstore.placement._core", ["kvstore/placement/_core.pyx"],
-               extra_compile_args=["-O3"]),
-     Extension("kvstore.sim._scan", ["kvstore/sim/_scan.pyx"], extra_compile_args=["-O3"])],
+    [Extension(name, [name.replace(".", "/") + ".pyx"], extra_compile_args=["-O3"])
+     for name in ("kvstore.placement.index", "kvstore.placement.keyed",
+                  "kvstore.placement._core", "kvstore.sim._scan",
+                  "kvstore.sim._bounds")],
     compiler_directives={"language_level": 3}))

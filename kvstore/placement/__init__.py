@@ -28,15 +28,8 @@ or a child names it (a *ghost*); ``children_in(i, t)`` counts i's children held 
 (a *leaf* of t has none); victims are never pinned nor protected.
 """
 
-from kvstore.placement._core import (
-    DROP_DELETED,
-    DROP_EVICTED,
-    DROP_FORGOTTEN,
-    Placement,
-    belady,
-    infinite_bound,
-)
+from kvstore.placement._core import DROP_DELETED, DROP_EVICTED, DROP_FORGOTTEN, Placement
 from kvstore.placement.rules import MAX_OWNER, Admission, EvictionPolicy
 
 __all__ = ["DROP_DELETED", "DROP_EVICTED", "DROP_FORGOTTEN", "MAX_OWNER", "Admission",
-           "EvictionPolicy", "Placement", "belady", "infinite_bound"]
+           "EvictionPolicy", "Placement"]

@@ -34,9 +34,9 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvstore import placement
 from kvstore.errors import ConfigError
 from kvstore.placement import EvictionPolicy, Placement
+from kvstore.sim import _bounds
 from kvstore.sim.traces import Interned, Trace
 
 # Called now and then with the number of requests replayed so far.
@@ -167,7 +167,7 @@ def infinite_bound(trace: Trace, window_s: float | None = None) -> ReplayResult:
     """The hit rate of a cache that never evicts."""
     interned = trace.interned()
     hits = _zeros(len(trace))
-    placement.infinite_bound(interned.flat, interned.starts, interned.input_tokens,
+    _bounds.infinite_bound(interned.flat, interned.starts, interned.input_tokens,
                              trace.block_tokens, interned.num_ids, hits)
     return _result("infinite", trace, interned, hits, window_s)
 
@@ -184,7 +184,7 @@ def belady(trace: Trace, capacity_blocks: int, window_s: float | None = None) ->
         raise ConfigError(f"belady needs a positive capacity, got {capacity_blocks}")
     interned = trace.interned()
     hits = _zeros(len(trace))
-    evictions = placement.belady(interned.flat, interned.starts, interned.input_tokens,
+    evictions = _bounds.belady(interned.flat, interned.starts, interned.input_tokens,
                                  trace.block_tokens, interned.num_ids, capacity_blocks, hits)
     result = _result("belady", trace, interned, hits, window_s)
     result.evictions = evictions

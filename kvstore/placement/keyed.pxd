@@ -1,0 +1,5 @@
+from kvstore.placement.index cimport BlockIndex
+
+
+cdef class KeyedIndex(BlockIndex):
+    pass
