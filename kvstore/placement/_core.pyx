@@ -53,6 +53,9 @@ cdef class Placement(KeyedIndex):
     cdef readonly int write_tier
     cdef readonly bint promote_on_hit
     cdef int64_t epoch
+    cdef object protect_list  # the list `_protect` marked last (a put_many's chain)
+    cdef Py_ssize_t protect_marked  # how many of its keys
+    cdef readonly int64_t protect_marks  # keys marked so far (the work `_protect` did)
     cdef public int64_t evictions
     cdef public int64_t demotions
     cdef public int64_t promotions
@@ -230,6 +233,7 @@ cdef class Placement(KeyedIndex):
         """A new value of ``key`` into tier ``t`` through the media's ``write`` (a tier that
         takes a value whole: NVMe), replacing any older value. False if it found no room."""
         cdef int32_t i
+        self._keyed_only()
         self.forget(key, durable=True)
         i = self.ids.get(key, -1)
         if i < 0:
@@ -251,8 +255,11 @@ cdef class Placement(KeyedIndex):
         """After a hit on block ``i`` (of generation ``gen``) in tier ``t``: copy it up to
         the write tier if the rules say so; True if it was."""
         cdef int w = self.write_tier
+        self._check_id(i)
+        # The same block (``gen``), still in tier t (the copy ``src`` was read from: its
+        # slot may have gone to another block since), and not in the write tier yet.
         if (self.promote_on_hit and t > w and self.e[i].gen == gen and self.e[i].live
-                and self.e[i].res and not self.e[i].res >> w & 1):
+                and self.e[i].res >> t & 1 and not self.e[i].res >> w & 1):
             if self._store_in(w, i, src, 0):
                 self.promotions += 1
                 return True
@@ -260,8 +267,9 @@ cdef class Placement(KeyedIndex):
 
     def forget(self, key, *, bint durable):
         """Drop every copy of ``key`` (a delete or an overwrite). Live pins are handed to
-        the media's ``retire`` with the first copy (it may keep that slot for them); the
-        others are revoked: those reads become misses."""
+        the media's ``retire`` with every copy (a memory tier keeps the slot for them: a
+        reader copies from the tier that was fastest when it pinned, which a promotion
+        since may have changed); expired ones are revoked: those reads become misses."""
         cdef int32_t i = self._held_id(key)
         cdef int t
         if i < 0:
@@ -273,23 +281,31 @@ cdef class Placement(KeyedIndex):
         how = DROP_DELETED if durable else DROP_FORGOTTEN
         for t in range(self.num_tiers):
             if self.e[i].res >> t & 1:
-                if not (live and self.media.retire(t, key, live)):
+                if self.counted:
+                    self.used[t] -= 1
+                elif not (live and self.media.retire(t, key, live)):
                     self.media.drop(t, key, how)
-                else:
-                    live = None  # readers copy the fastest copy: only that one is in use
                 self._remove(i, t)
 
     cdef int64_t _protect(self, object keys) except -1:
-        """Mark ``keys`` with a new epoch (0 if none)."""
+        """The epoch marking ``keys`` (0 if none). A put_many passes the same list each
+        time, its chain so far, grown at the end: only the keys added since are marked."""
         cdef int32_t i
+        cdef Py_ssize_t start = 0
         if not keys:
             return 0
-        self.epoch += 1
-        for key in keys:
+        if keys is self.protect_list and len(keys) >= self.protect_marked:
+            start = self.protect_marked
+        else:
+            self.epoch += 1
+        self.protect_list = keys if type(keys) is list else None
+        self.protect_marked = len(keys)
+        for key in (keys[start:] if start else keys):
             found = self.ids.get(key)
             if found is not None:
                 i = found
                 self.e[i].mark = self.epoch
+                self.protect_marks += 1
         return self.epoch
 
     def evict_one(self, int t, int64_t nbytes=0):

@@ -20,7 +20,7 @@ cdef struct Entry:
     int64_t mark  # the protect epoch that marked it (see `_reserve`)
     int32_t parent  # -1: none
     int32_t nchild  # child entries that name it as parent (any tier, ghosts included)
-    int32_t uses
+    int64_t uses
     int32_t owner
     int32_t npins  # pins held (their deadlines are in ``pins``)
     int32_t busy  # copies of it being made (`_store_in`): never a victim nor forgotten
@@ -82,6 +82,7 @@ cdef class BlockIndex:
     cdef int _touch(self, int32_t i) except -1
     cdef int _ensure(self, int32_t i, int32_t parent, int64_t nbytes, int32_t owner) except -1
     cdef int _add(self, int32_t i, int t) except -1
+    cdef int _check_id(self, int32_t i) except -1
     cdef int _child_added(self, int32_t parent, int t) except -1
     cdef int _remove(self, int32_t i, int t) except -1
     cdef int _insert(self, int32_t i, int32_t parent, int64_t nbytes, int t, int32_t owner) except -1

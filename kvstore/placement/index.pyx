@@ -257,6 +257,9 @@ cdef class BlockIndex:
         cdef int32_t parent
         if self.e[i].res >> t & 1:
             return 0
+        if not self.e[i].res:  # a new block, or a ghost given a value again: a new serial
+            self.gen_counter += 1
+            self.e[i].gen = self.gen_counter
         self.e[i].res |= 1 << t
         if self.e[i].owner:
             self._charge(i, t, 1)
@@ -265,6 +268,13 @@ cdef class BlockIndex:
             self._child_added(parent, t)
         if self.kind[t] == KIND_LRU or self.children[i * self.num_tiers + t] == 0:
             self._link_sorted(i, t, self._lru_of(i, t))
+        return 0
+
+    cdef int _check_id(self, int32_t i) except -1:
+        """`IndexError` unless ``i`` is an id this index handed out (or was given)."""
+        if not 0 <= i < self.num_ids:
+            raise IndexError(f"block id {i} is not one of this placement's "
+                             f"{self.num_ids} ids")
         return 0
 
     cdef int _child_added(self, int32_t parent, int t) except -1:

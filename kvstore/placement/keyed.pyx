@@ -15,6 +15,10 @@ import time
 cdef class KeyedIndex(BlockIndex):
     """See the module docstring."""
 
+    def _keyed_only(self):
+        if self.dense:
+            raise ValueError("this placement names its blocks by dense ids, not keys")
+
     def id_of(self, key):
         """The id of ``key``'s entry, held or a ghost, or -1."""
         return self.ids.get(key, -1)
@@ -24,50 +28,64 @@ cdef class KeyedIndex(BlockIndex):
         return self._held_id(key)
 
     def fastest(self, int32_t i):
-        """The fastest tier holding block ``i`` (which must be held)."""
+        """The fastest tier holding block ``i``, or None if none holds it."""
+        self._check_id(i)
         cdef uint8_t res = self.e[i].res
         cdef int t = 0
+        if not res or not self.e[i].live:
+            return None
         while not res >> t & 1:
             t += 1
         return t
 
     def residency(self, int32_t i):
+        self._check_id(i)
         return self.e[i].res
 
     def is_in(self, int32_t i, int t):
+        self._check_id(i)
         return bool(self.e[i].res >> t & 1)
 
     def nbytes(self, int32_t i):
+        self._check_id(i)
         return self.e[i].nbytes
 
     def owner(self, int32_t i):
+        self._check_id(i)
         return self.e[i].owner
 
     def uses(self, int32_t i):
+        self._check_id(i)
         return self.e[i].uses
 
     def last_access(self, int32_t i):
+        self._check_id(i)
         return self.e[i].last
 
     def generation(self, int32_t i):
         """A serial of the block that holds id ``i`` now (0: none): an id and its
         generation name one block across releases of the store lock."""
+        self._check_id(i)
         return self.e[i].gen
 
     def key_of(self, int32_t i):
+        self._check_id(i)
         return self.keys[i]
 
     def parent_of(self, int32_t i):
         """The key of block ``i``'s parent, or None."""
+        self._check_id(i)
         parent = self.e[i].parent
         return None if parent < 0 else self.keys[parent]
 
     def children_in(self, int32_t i, int t):
         """How many child blocks of ``i`` tier ``t`` holds."""
+        self._check_id(i)
         return self.children[i * self.num_tiers + t]
 
     def touch(self, int32_t i):
         """Record a use of block ``i``: the most recently used in every tier holding it."""
+        self._check_id(i)
         self._touch(i)
 
     def touch_key(self, key):
@@ -115,6 +133,7 @@ cdef class KeyedIndex(BlockIndex):
     def recover(self, key, parent, int64_t nbytes, int t):
         """Index a block found in tier ``t`` at start (call oldest first, so that LRU order
         survives): held there, not counted as a use."""
+        self._keyed_only()
         cdef int32_t i = self.ids.get(key, -1)
         if i < 0:
             i = self._new(key, nbytes, 0)
@@ -126,6 +145,7 @@ cdef class KeyedIndex(BlockIndex):
     def insert(self, key, parent, int64_t nbytes, int t, int32_t owner=0):
         """A committed copy of ``key`` (written by ``owner``) now lies in tier ``t`` and
         counts as a use. Returns its id."""
+        self._keyed_only()
         cdef int32_t i = self.ids.get(key, -1)
         if i < 0:
             i = self._new(key, nbytes, owner)
@@ -134,6 +154,7 @@ cdef class KeyedIndex(BlockIndex):
 
     def remove(self, int32_t i, int t):
         """Block ``i`` no longer has a copy in tier ``t`` (the media dropped it)."""
+        self._check_id(i)
         self._remove(i, t)
 
     def victim(self, int t, partition=0, owner=None):
@@ -148,6 +169,7 @@ cdef class KeyedIndex(BlockIndex):
     def pin(self, int32_t i, double lease_s):
         """Pin block ``i`` for ``lease_s`` seconds: it is not evicted meanwhile. Returns
         the pin's id."""
+        self._check_id(i)
         pin = self.next_pin
         self.next_pin += 1
         pins = self.pins.get(i)
@@ -160,6 +182,7 @@ cdef class KeyedIndex(BlockIndex):
     def unpin(self, int32_t i, pin):
         """Release a pin; False if it had been revoked or had expired (the copy is
         suspect)."""
+        self._check_id(i)
         pins = self.pins.get(i)
         if not pins or pin not in pins:
             return False
@@ -170,10 +193,12 @@ cdef class KeyedIndex(BlockIndex):
         return deadline >= time.monotonic()
 
     def is_pinned(self, int32_t i):
+        self._check_id(i)
         return bool(self.e[i].npins) and self._is_pinned(i)
 
     def live_pins(self, int32_t i):
         """Ids of the pins on ``i`` whose lease has not run out."""
+        self._check_id(i)
         if not self.e[i].npins or not self._is_pinned(i):
             return []
         return list(self.pins[i])

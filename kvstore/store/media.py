@@ -93,9 +93,10 @@ class TierMedia:
         self.nvme_tier = len(tiers) - 1 if kinds[-1] is TierKind.NVME else None
         self.nvme = tiers[-1] if self.nvme_tier is not None else None
         self.closed = False
-        # Slots dropped while readers copied from them: pin id -> (tier, offset), and
-        # (tier, offset) -> readers left. Freed when the last reader unpins.
-        self._retired: dict[int, tuple[int, int]] = {}
+        # Slots dropped while readers copied from them: pin id -> [(tier, offset)] (every
+        # copy the block had: a reader copies from the one that was fastest when it
+        # pinned), and (tier, offset) -> readers left. Freed when the last reader unpins.
+        self._retired: dict[int, list[tuple[int, int]]] = {}
         self._retired_readers: dict[tuple[int, int], int] = {}
 
     def tier_of_kind(self, kind: TierKind) -> int | None:
@@ -157,7 +158,7 @@ class TierMedia:
         offset = self.tiers[t].detach(key)
         self._retired_readers[(t, offset)] = len(pins)
         for pin in pins:
-            self._retired[pin] = (t, offset)
+            self._retired.setdefault(pin, []).append((t, offset))
         return True
 
     def reclaim(self, t: int, nbytes: int, can_free: Callable[[bytes], bool]
@@ -177,18 +178,19 @@ class TierMedia:
     # -- retired slots ------------------------------------------------------------------------
 
     def release_retired(self, pin: int) -> bool:
-        """If ``pin`` reads a retired slot: one reader fewer (the slot is freed after the
-        last), and True: the copy under it is whole. False if it reads no retired slot."""
-        slot = self._retired.pop(pin, None)
-        if slot is None:
+        """If ``pin`` reads retired slots: one reader fewer on each (a slot is freed after
+        its last), and True: the copy under it is whole. False if it reads none."""
+        slots = self._retired.pop(pin, None)
+        if slots is None:
             return False
-        readers = self._retired_readers[slot] - 1
-        if readers:
-            self._retired_readers[slot] = readers
-        else:
-            del self._retired_readers[slot]
-            if not self.closed:
-                self.tiers[slot[0]].release(slot[1])
+        for slot in slots:
+            readers = self._retired_readers[slot] - 1
+            if readers:
+                self._retired_readers[slot] = readers
+            else:
+                del self._retired_readers[slot]
+                if not self.closed:
+                    self.tiers[slot[0]].release(slot[1])
         return True
 
     def pins_old_record(self, key: bytes) -> bool:

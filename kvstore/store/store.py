@@ -97,7 +97,7 @@ class Store:
         checked = [check_key(k) for k in keys]
         sources = [self._source(v) for v in values]
         parent, i = None, 0
-        chain: set[bytes] = set()
+        chain: list[bytes] = []  # the blocks stored so far, never evicted for the next
         state = self._state
         nvme = self._media.nvme
         if nvme is not None and nvme.is_read_only:  # (rare: the NVMe disk failed)
@@ -119,13 +119,13 @@ class Store:
                             if not self._put(key, src, parent, chain, owner):
                                 return i
                         parent = key
-                        chain.add(parent)
+                        chain.append(parent)
                         i += 1
             else:
                 if not self._put(checked[i], sources[i], parent, chain, owner):
                     return i
                 parent = checked[i]
-                chain.add(parent)
+                chain.append(parent)
                 i += 1
         return i
 
@@ -420,7 +420,7 @@ class Store:
         return src
 
     def _put(self, key: bytes, src: ByteView, parent: bytes | None,
-             protect: set[bytes] | None = None, owner: int = 0) -> bool:
+             protect: list[bytes] | None = None, owner: int = 0) -> bool:
         """Store into the write tier or, failing that, the tiers below it.
 
         ``protect`` holds the blocks this put_many call already stored (the new block's
@@ -462,7 +462,7 @@ class Store:
         return True
 
     def _put_memory(self, t: int, tier: MemoryTier, key: bytes, src: ByteView,
-                    parent: bytes | None, protect: set[bytes] | None, owner: int) -> bool:
+                    parent: bytes | None, protect: list[bytes] | None, owner: int) -> bool:
         nbytes = int(src.shape[0])
         state = self._state
         core = self.placement
