@@ -61,6 +61,8 @@ LAYERS: list[tuple[str, str, str]] = [
     ("kvstore.client", "kvstore.store", "the client talks to a daemon, not to a Store"),
     ("kvstore.client", "kvstore.placement", "the client talks to a daemon"),
     ("kvstore.client", "kvstore.sim", "the client knows no simulator"),
+    ("kvstore.cluster", "kvstore.store", "the pool's index is read and written over Redis"),
+    ("kvstore.cluster", "kvstore.placement", "the pool's index is read and written over Redis"),
 ]
 
 # Import edges (importer, imported) that close a known cycle, each to be deleted with the
