@@ -26,7 +26,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,51 +41,45 @@ TRACE = Path("/work/shared/data/mooncake_conversation_trace.jsonl")
 TARGET_ACCESSES_PER_S = 5_000_000
 SWEEP = "100k,300k,1M,2M,3M,5M,10M,30M"
 
-# The bare script a whole `kvstore hitrate` command is held against (module docstring).
-BARE_SCRIPT = textwrap.dedent("""
-    import json, sys
+# The OrderedDict LRU every figure is held against, as source: the in-process floor
+# (`raw_lru`) and the bare script a whole `kvstore hitrate` command races run this code.
+LRU_SOURCE = textwrap.dedent("""
     from collections import OrderedDict
-    capacity, cache, hit, total = int(sys.argv[2]) // 512, OrderedDict(), 0, 0
-    with open(sys.argv[1]) as f:
-        for line in f:
-            row = json.loads(line)
-            ids, n = row["hash_ids"], row["input_length"]
+
+    def lru_hit_tokens(requests, capacity, block_tokens):
+        cache, hit = OrderedDict(), 0
+        for keys, n in requests:
             count = 0
-            for key in ids:
+            for key in keys:
                 if key not in cache:
                     break
                 count += 1
-            hit, total = hit + min(count * 512, n), total + n
-            for key in ids:
+            hit += min(count * block_tokens, n)
+            for key in keys:
                 if key in cache:
                     cache.move_to_end(key)
                 else:
                     if len(cache) >= capacity:
                         cache.popitem(last=False)
                     cache[key] = None
-    print(hit / total)
+        return hit
+""")
+# The bare script: parse the file with json, replay it through the LRU (module docstring).
+BARE_SCRIPT = LRU_SOURCE + textwrap.dedent("""
+    import json, sys
+    with open(sys.argv[1]) as f:
+        requests = [(row["hash_ids"], row["input_length"]) for row in map(json.loads, f)]
+    hit = lru_hit_tokens(requests, int(sys.argv[2]) // 512, 512)
+    print(hit / sum(n for _, n in requests))
 """)
 
 
 def raw_lru(trace: Trace, capacity_blocks: int) -> int:
-    """Hit tokens of a plain OrderedDict LRU: the floor of any Python replay."""
-    cache: OrderedDict[object, None] = OrderedDict()
-    bt, hit = trace.block_tokens, 0
-    for keys, n in zip(trace.keys, trace.input_tokens, strict=True):
-        count = 0
-        for key in keys:
-            if key not in cache:
-                break
-            count += 1
-        hit += min(count * bt, n)
-        for key in keys:
-            if key in cache:
-                cache.move_to_end(key)
-            else:
-                if len(cache) >= capacity_blocks:
-                    cache.popitem(last=False)
-                cache[key] = None
-    return hit
+    """Hit tokens of a plain OrderedDict LRU (`LRU_SOURCE`): the floor of any Python replay."""
+    namespace: dict = {}
+    exec(LRU_SOURCE, namespace)
+    return namespace["lru_hit_tokens"](zip(trace.keys, trace.input_tokens, strict=True),
+                                       capacity_blocks, trace.block_tokens)
 
 
 def timed(fn) -> float:

@@ -6,17 +6,14 @@ quotas, and the simulator's replay loop, for the Store and for the hit-rate simu
 (see ``kvstore/placement/__init__.py``).
 """
 
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t
 
 from kvstore.placement.index cimport MAX_TIERS, BlockIndex
 from kvstore.placement.keyed cimport KeyedIndex
 
-import logging
-
 from kvstore.errors import StorageError
 from kvstore.placement.rules import Admission
 
-log = logging.getLogger("kvstore.placement")
 
 # How a tier gives up a block's copy (``media.drop``'s ``how``).
 DROP_EVICTED = 0  # an eviction: gone from this tier (durably where it is durable)
@@ -159,7 +156,10 @@ cdef class Placement(KeyedIndex):
                     if self._store_in(lower, i, self.media.source(t, self.keys[i]), 0):
                         self.demotions += 1
                 except StorageError as e:  # the disk's trouble: the victim goes all the same
-                    log.warning("eviction: could not demote a block to tier %d: %s", lower, e)
+                    import logging  # (rare: not loaded at start)
+
+                    logging.getLogger("kvstore.placement").warning(
+                        "eviction: could not demote a block to tier %d: %s", lower, e)
         if self.counted:
             self.used[t] -= 1
         else:

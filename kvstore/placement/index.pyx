@@ -23,11 +23,11 @@ back (pinned, or being copied). Invariant: a block is a candidate of tier t (lin
 heaped in its list) exactly when it is one.
 """
 
-from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.stdint cimport int32_t, int64_t, uint8_t
 from libc.string cimport memset
 
-from kvstore.placement.heap cimport heap_init, heap_pop, heap_push, heap_sift_down, heapify
+from kvstore.placement.heap cimport heap_init, heap_pop, heap_push, heapify
 
 import time
 

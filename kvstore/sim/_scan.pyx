@@ -215,6 +215,15 @@ cdef inline bint _is(const unsigned char[::1] s, Py_ssize_t a, Py_ssize_t b,
     return word[k] == 0
 
 
+cdef inline int64_t _digits(const unsigned char[::1] s, Py_ssize_t a, Py_ssize_t b) noexcept:
+    """The value of the decimal digits s[a:b] (at most MAX_DIGITS of them)."""
+    cdef int64_t value = 0
+    while a < b:
+        value = value * 10 + (s[a] - 48)
+        a += 1
+    return value
+
+
 cdef struct IdBuffer:
     int32_t* ids
     Py_ssize_t n
@@ -315,10 +324,13 @@ cdef object _line(const unsigned char[::1] s, Py_ssize_t i, Py_ssize_t end, byte
             if _is(s, key_start, key_end, b"input_length"):
                 if not is_int or s[j] == 45 or i - j > MAX_DIGITS:
                     return None
-                length = int(data[j:i])
+                length = _digits(s, j, i)
                 has_length = True
             elif _is(s, key_start, key_end, b"timestamp"):
-                timestamp = int(data[j:i]) if is_int else float(data[j:i])
+                if is_int and i - j <= MAX_DIGITS:
+                    timestamp = (-_digits(s, j + 1, i) if s[j] == 45 else _digits(s, j, i))
+                else:
+                    timestamp = int(data[j:i]) if is_int else float(data[j:i])
             elif _is(s, key_start, key_end, b"hash_ids"):
                 return None
         i = _skip_ws(s, i, end)
