@@ -70,8 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "tier's blocks (default: kvstored.key in --nvme-path; without "
                         "NVMe, a fresh secret per start)")
     p.add_argument("--redis", metavar="URL",
-                   help="register this node in Redis (redis://host:port/db) with a "
-                        "heartbeat; survives Redis being down")
+                   help="join the pool in this Redis (redis://host:port/db): register "
+                        "with a heartbeat, publish the blocks held here to the pool's "
+                        "index, serve them to the other nodes and read theirs for this "
+                        "node's clients (docs/CLUSTER.md); keeps serving its own blocks "
+                        "while Redis is down")
+    p.add_argument("--cluster", metavar="NAME",
+                   help="with --redis: the pool to join (default 'default'); nodes of one "
+                        "name share their blocks")
+    p.add_argument("--cluster-secret", metavar="FILE",
+                   help="with --redis: the secret the pool's nodes share (32 bytes, made "
+                        "here if absent: copy it to every node); it authenticates peer "
+                        "traffic and scopes tenants' keys. Required with --token-file; "
+                        "without it the nodes share a secret kept in Redis")
+    p.add_argument("--redis-ttl", type=float, metavar="SECONDS",
+                   help="with --redis: a node that stops heartbeating (killed, cut off) "
+                        "leaves the registry and the pool's lookups after this (default "
+                        "10; a heartbeat every third of it)")
     p.add_argument("--node-id", help="this node's id in Redis (default hostname:port)")
     p.add_argument("--no-shared-memory", dest="shared_memory", action="store_const",
                    const=False, help="do not offer same-host clients the DRAM pool")
@@ -138,7 +153,7 @@ async def run(config: object, signals: StopSignals) -> int:
     from daemon.server import Daemon, bind_error
 
     assert isinstance(config, DaemonConfig)
-    registry = metrics_server = ucx = None
+    registry = metrics_server = ucx = cluster = None
     signals.check()
     daemon = Daemon(config, check_stop=signals.check)
     # Handlers first: a SIGTERM that lands while we start (say, just after the registry
@@ -168,7 +183,9 @@ async def run(config: object, signals: StopSignals) -> int:
             except OSError as e:
                 raise bind_error("--ucx", config.ucx_listen, e) from e
         if config.redis_url is not None:
+            from daemon.cluster import ClusterMember
             from daemon.registry import NodeInfo, NodeRegistry, default_node_id
+            from kvstore.cluster.peers import registry_prefix
 
             host, port = daemon.address
             addresses = {"control": f"{host}:{port}"}
@@ -182,10 +199,21 @@ async def run(config: object, signals: StopSignals) -> int:
                 tiers={t["name"]: t["capacity_bytes"] for t in _tiers(daemon)},
                 started_at=time.time())
             registry = NodeRegistry(config.redis_url, node, status=lambda: {
-                t["name"]: t["used_bytes"] for t in _tiers(daemon)})
+                t["name"]: t["used_bytes"] for t in _tiers(daemon)},
+                key_prefix=registry_prefix(config.cluster), ttl_s=config.redis_ttl_s)
             await registry.start()
+            cluster = ClusterMember(
+                daemon.store, redis_url=config.redis_url, cluster=config.cluster,
+                node_id=node.node_id, secret=daemon.cluster_secret,
+                secret_in_redis=config.cluster_secret is None,
+                max_answer_data_bytes=daemon.store_ops.max_answer_data_bytes,
+                ttl_s=config.redis_ttl_s)
+            daemon.join_cluster(cluster)
+            await cluster.start()
         await daemon.serve_until_stopped()
     finally:
+        if cluster is not None:
+            await cluster.stop()
         if registry is not None:
             await registry.stop()
         if metrics_server is not None:
@@ -232,7 +260,8 @@ def _main(argv: list[str] | None, signals: StopSignals) -> int:
              "nvme": args.nvme, "hbm": args.hbm, "max-value": args.max_value,
              "metrics": args.metrics, "ucx": args.ucx, "token-file": args.token_file,
              "key-file": args.key_file,
-             "redis": args.redis,
+             "redis": args.redis, "cluster": args.cluster,
+             "cluster-secret": args.cluster_secret, "redis-ttl": args.redis_ttl,
              "node-id": args.node_id, "shared-memory": args.shared_memory,
              "lease": args.lease, "drain": args.drain, "workers": args.workers,
              "log-format": args.log_format, "frame-timeout": args.frame_timeout,

@@ -10,6 +10,8 @@ The TOML file uses the flags' names with dashes or underscores, sizes as in the 
     token-file = "/etc/kvstore/tokens.toml"
     key-file = "/var/lib/kvstore/kvstored.key"
     redis = "redis://cache:6379/0"
+    cluster = "prod"
+    cluster-secret = "/etc/kvstore/cluster.key"
     access-log = "/var/log/kvstore/access.jsonl"
     block-tokens = 16
 """
@@ -17,6 +19,7 @@ The TOML file uses the flags' names with dashes or underscores, sizes as in the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,13 @@ class DaemonConfig:
     key_file: str | None = None
     redis_url: str | None = None
     node_id: str | None = None  # default: hostname:port
+    # With redis_url: the pool this node joins (docs/CLUSTER.md), and the file of the
+    # secret its nodes share (peer authentication and the scope key; made if absent).
+    # Without a file, the secret is the one the cluster's first node left in Redis.
+    cluster: str = "default"
+    cluster_secret: str | None = None
+    # A node that stops heartbeating leaves the registry (and the pool's lookups) after this.
+    redis_ttl_s: float = 10.0
     shared_memory: bool = True  # offer same-host clients the DRAM pool in /dev/shm
     lease_s: float = 30.0  # pins and reservations of a silent client expire after this
     drain_s: float = 10.0  # on SIGTERM, how long in-flight requests may take to finish
@@ -85,6 +95,29 @@ class DaemonConfig:
         if self.nvme_path is not None and Path(self.nvme_path).exists() and not Path(
                 self.nvme_path).is_dir():
             raise ConfigError(f"--nvme-path {self.nvme_path} is a file, not a directory")
+        if not isinstance(self.cluster, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}",
+                                                                 self.cluster):
+            raise ConfigError(f"--cluster must be a name of letters, digits, '.', '_' or "
+                              f"'-' (at most 64), got {self.cluster!r}")
+        if isinstance(self.redis_ttl_s, bool) or not isinstance(self.redis_ttl_s, (int, float)) \
+                or not 0.5 <= self.redis_ttl_s <= 3600:
+            raise ConfigError(f"--redis-ttl must be in 0.5..3600 seconds, got "
+                              f"{self.redis_ttl_s!r}")
+        if self.redis_url is None and (self.cluster_secret is not None
+                                       or self.cluster != "default"):
+            raise ConfigError("--cluster and --cluster-secret need --redis (the pool lives "
+                              "in Redis)")
+        if self.redis_url is not None and self.key_file is not None:
+            raise ConfigError("--key-file with --redis: a node of a pool scopes keys with "
+                              "the cluster's secret; give --cluster-secret FILE instead")
+        if self.redis_url is not None and self.token_file is not None \
+                and self.cluster_secret is None:
+            raise ConfigError("--redis with --token-file needs --cluster-secret FILE: the "
+                              "secret that authenticates the nodes to each other must not "
+                              "come from Redis when tenants are kept apart")
+        if self.cluster_secret is not None and Path(self.cluster_secret).is_dir():
+            raise ConfigError(f"--cluster-secret {self.cluster_secret} is a directory, not "
+                              "a file")
         if self.key_file is not None and Path(self.key_file).is_dir():
             raise ConfigError(f"--key-file {self.key_file} is a directory, not a file")
         if not self.lease_s > 0 or not self.drain_s >= 0:
@@ -158,6 +191,7 @@ _FIELD_OF_FLAG = {
     "listen": "listen", "dram": "dram_bytes", "nvme-path": "nvme_path", "nvme": "nvme_bytes",
     "hbm": "hbm_bytes", "max-value": "max_value_bytes", "metrics": "metrics", "ucx": "ucx_listen",
     "token-file": "token_file", "key-file": "key_file", "redis": "redis_url", "node-id": "node_id",
+    "cluster": "cluster", "cluster-secret": "cluster_secret", "redis-ttl": "redis_ttl_s",
     "shared-memory": "shared_memory", "lease": "lease_s", "drain": "drain_s",
     "workers": "workers", "log-format": "log_format", "frame-timeout": "frame_timeout_s",
     "access-log": "access_log", "block-tokens": "block_tokens", "force": "force",

@@ -48,6 +48,7 @@ class Connection:
     namespace: str | None = None
     secret: bytes = b""
     shared_memory: bool = False
+    is_peer: bool = False  # another node of the cluster (daemon.cluster): peer ops only
     reservations: dict[int, Reservation] = field(default_factory=dict)
     quarantined: dict[int, Reservation] = field(default_factory=dict)  # expired, slot kept
     pins: dict[int, Pin] = field(default_factory=dict)
@@ -66,6 +67,9 @@ class Connection:
 
     def scope(self, key: bytes) -> bytes:
         """``key`` as it is stored for this connection's namespace."""
+        if self.is_peer:
+            raise RequestError(ErrorCode.FORBIDDEN, "a peer connection sends peer "
+                               "operations only")
         if not self.secret:
             raise RequestError(ErrorCode.FORBIDDEN, "this connection named no namespace and "
                                "its token grants several: connect with namespace=... (one of "

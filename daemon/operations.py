@@ -20,6 +20,7 @@ from daemon.connection import Connection
 from daemon.frame_memory import LogThrottle
 from daemon.read_stats import ReadStats
 from daemon.store_calls import StoreCalls
+from kvstore.cluster.peers import value_sum
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class StoreOperations:
         self.access_log = access_log
         self.max_answer_data_bytes = max_answer_data_bytes
         self._cut_log = LogThrottle()
+        self.cluster: Any | None = None  # the pool (daemon.cluster.ClusterMember), if any
 
     def _record_in(self, nbytes: int) -> None:
         if self.metrics is not None and nbytes:
@@ -43,8 +45,11 @@ class StoreOperations:
 
     async def put(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         self._record_in(len(data))
+        key = conn.scope(meta["key"])
         stored = await self.calls.for_put(len(data))(
-            functools.partial(self.store.put, owner=conn.owner), conn.scope(meta["key"]), data)
+            functools.partial(self.store.put, owner=conn.owner), key, data)
+        if stored and self.cluster is not None:  # no other node may keep an older value
+            await self.calls.run(self.cluster.drop_elsewhere, [key], [value_sum(data)])
         return {"stored": stored}, []
 
     async def put_many(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
@@ -54,11 +59,18 @@ class StoreOperations:
             values.append(view[offset:offset + size])
             offset += size
         keys = [conn.scope(k) for k in meta["keys"]]
-        return {"stored": await self.calls.for_put(len(data))(
-            functools.partial(self.store.put_many, owner=conn.owner), keys, values)}, []
+        stored = await self.calls.for_put(len(data))(
+            functools.partial(self.store.put_many, owner=conn.owner), keys, values)
+        if stored and self.cluster is not None:  # no other node may keep an older value
+            await self.calls.run(self.cluster.drop_elsewhere, keys[:stored],
+                                 [value_sum(v) for v in values[:stored]])
+        return {"stored": stored}, []
 
     async def get(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        value = await self.calls.for_get()(self.store.get, conn.scope(meta["key"]))
+        key = conn.scope(meta["key"])
+        value = await self.calls.for_get()(self.store.get, key)
+        if value is None and self.cluster is not None:
+            value = (await self.calls.run(self.cluster.fetch, [key], conn.owner))[0]
         self.read_stats.record_reads(conn.owner, 1, value is not None)
         return {"found": value is not None}, [value] if value is not None else []
 
@@ -68,6 +80,8 @@ class StoreOperations:
         the others' sizes are nil (the client asks again for those)."""
         keys = [conn.scope(k) for k in meta["keys"]]
         values = await self.calls.for_get()(self._get_leading, keys)
+        if self.cluster is not None and None in values:
+            values = await self.calls.run(self._with_pool, keys, values, conn.owner)
         sizes = [None if v is None else len(v) for v in values]
         self.read_stats.record_reads(conn.owner, len(sizes), len(sizes) - sizes.count(None))
         fields: dict[str, Any] = {"sizes": sizes + [None] * (len(keys) - len(values))}
@@ -84,9 +98,26 @@ class StoreOperations:
     def _get_leading(self, keys: list[bytes]) -> list[bytes | None]:
         return self.store.get_many(keys, max_bytes=self.max_answer_data_bytes)
 
+    def _with_pool(self, keys: list[bytes], values: list[bytes | None], owner: int
+                   ) -> list[bytes | None]:
+        """``values`` (the leading ones answered here) with the misses fetched from the
+        pool, cut again to ``max_answer_data_bytes`` (at least one)."""
+        missing = [i for i, v in enumerate(values) if v is None]
+        for i, value in zip(missing, self.cluster.fetch([keys[i] for i in missing], owner),
+                            strict=True):
+            values[i] = value
+        total = 0
+        for n, value in enumerate(values):
+            total += 0 if value is None else len(value)
+            if n and total > self.max_answer_data_bytes:
+                return values[:n]
+        return values
+
     async def match_prefix(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         keys = [conn.scope(k) for k in meta["keys"]]
         count = await self.calls.run_short(self.store.match_prefix, keys)
+        if self.cluster is not None and count < len(keys):
+            count += await self.calls.run(self.cluster.leading, keys[count:])
         if keys and not meta.get("probe"):  # empty lookups and routing probes: no requests
             self.read_stats.record_lookup(conn.owner, len(keys), count)
             if self.metrics is not None:
@@ -98,11 +129,18 @@ class StoreOperations:
         return {"count": count}, []
 
     async def contains(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        return {"present": await self.calls.run_short(self.store.contains,
-                                                      conn.scope(meta["key"]))}, []
+        key = conn.scope(meta["key"])
+        present = await self.calls.run_short(self.store.contains, key)
+        if not present and self.cluster is not None:
+            present = await self.calls.run(self.cluster.contains, key)
+        return {"present": present}, []
 
     async def delete(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        return {"deleted": await self.calls.run(self.store.delete, conn.scope(meta["key"]))}, []
+        key = conn.scope(meta["key"])
+        deleted = await self.calls.run(self.store.delete, key)
+        if self.cluster is not None:  # from every node of the pool
+            await self.calls.run(self.cluster.drop_elsewhere, [key], None)
+        return {"deleted": deleted}, []
 
     async def tier_of(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         return {"tier": await self.calls.run_short(self.store.tier_of,

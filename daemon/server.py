@@ -64,6 +64,7 @@ from daemon.store_calls import StoreCalls
 from daemon.tcp import OWN_BUFFER_BYTES, FrameProtocol
 from daemon.tenants import (
     DEFAULT_NAMESPACE,
+    PEER_TENANT,
     Tenants,
     grants,
 )
@@ -121,8 +122,16 @@ class Daemon:
             if self.access_log is not None:
                 self.access_log.close_unstarted()
             raise
+        self.cluster_secret: bytes | None = None
         try:  # after the Store: the default file is in the NVMe directory it makes
-            self.scope_key = load_scope_key(config.scope_key_path)
+            if config.redis_url is not None:  # a node of a pool: the pool's scope key
+                from daemon.cluster import load_cluster_secret
+                from kvstore.cluster.peers import scope_key_of
+
+                self.cluster_secret = load_cluster_secret(config)
+                self.scope_key = scope_key_of(self.cluster_secret)
+            else:
+                self.scope_key = load_scope_key(config.scope_key_path)
         except BaseException:
             self.store.close()
             if self.access_log is not None:
@@ -141,6 +150,7 @@ class Daemon:
             max_answer_data_bytes=max_answer_data_bytes(max_value_bytes))
         self.shm = SharedMemoryPlane(self.calls, self.read_stats, lease_s=config.lease_s,
                                      metrics=self.metrics)
+        self.cluster: Any | None = None  # the pool, once joined (`join_cluster`)
         self.handlers = self._dispatch_table()
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[Connection] = set()
@@ -164,11 +174,28 @@ class Daemon:
             "flush": store.flush,
             "reserve": shm.reserve, "commit": shm.commit, "abort": shm.abort,
             "pin": shm.pin, "unpin": shm.unpin, "touch": shm.touch,
+            "peer_get": self._peer_op("peer_get"), "peer_held": self._peer_op("peer_held"),
+            "peer_drop": self._peer_op("peer_drop"),
         }
         assert handlers.keys() == ops.OPERATIONS, \
             f"no handler for {ops.OPERATIONS - handlers.keys()} or no operation for " \
             f"{handlers.keys() - ops.OPERATIONS}"
         return handlers
+
+    def _peer_op(self, name: str) -> Handler:
+        """The handler of a peer operation: the pool's (`daemon.cluster`), once this
+        daemon has joined one."""
+        async def handler(conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+            if self.cluster is None:
+                raise RequestError(ErrorCode.FORBIDDEN, "this daemon is in no cluster")
+            return await getattr(self.cluster, name)(self.calls, conn, meta)
+        return handler
+
+    def join_cluster(self, member: Any) -> None:
+        """Serve the pool (`daemon.cluster.ClusterMember`): peers' operations, and the
+        remote tier for this daemon's clients."""
+        self.cluster = member
+        self.store_ops.cluster = member
 
     def _set_quotas(self) -> None:
         """The token file's quotas, on the tiers this daemon has (others: a warning)."""
@@ -361,6 +388,14 @@ class Daemon:
             raise RequestError(ErrorCode.UNSUPPORTED_VERSION,
                                f"client speaks protocol {meta['version']}, daemon "
                                f"{frames.PROTOCOL_VERSION}")
+        if self.cluster is not None and self.cluster.is_peer_token(meta["token"]):
+            conn.tenant, conn.is_peer = PEER_TENANT, True
+            log.info("peer hello peer=%s", conn.peer)
+            return {"version": frames.PROTOCOL_VERSION, "node_id": self.cluster.node_id,
+                    "namespace": None, "max_value_bytes": self.store.config.max_value_bytes,
+                    "max_frame_data_bytes": self.max_frame_data_bytes,
+                    "lease_s": self.config.lease_s, "tiers": self.store.config.tier_names,
+                    "shm": None}, []
         tenant = self.tenants.authenticate(meta["token"])
         if tenant is None:
             raise RequestError(ErrorCode.AUTH_FAILED, "invalid or missing token")
@@ -416,6 +451,8 @@ class Daemon:
         stats["uptime_s"] = time.time() - self.started_at
         stats["prefix"] = self.read_stats.prefix_figures(self.read_stats.total)
         stats["leases"] = self.shm.lease_stats.as_dict()
+        if self.cluster is not None:
+            stats["cluster"] = self.cluster.stats()
         if not self.tenants.is_open:
             stats["tenants"] = await self.calls.run_short(
                 lambda: {t.name: self.store.usage(t.owner) for t in self.tenants.all()})

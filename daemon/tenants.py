@@ -62,6 +62,8 @@ class Tenant:
 
 OPEN_TENANT = Tenant("anonymous", frozenset(), can_share_memory=True,
                      is_admin=True)  # no token file: one trusted tenant
+# Another node of the cluster (daemon.cluster): no namespace, peer operations only.
+PEER_TENANT = Tenant("peer", frozenset(), can_share_memory=False)
 
 
 class Tenants:

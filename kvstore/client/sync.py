@@ -293,3 +293,6 @@ def connect(url: str, token: str | None = None, *, namespace: str | None = None,
     return Client(url, token=token, namespace=namespace, timeout_s=timeout_s,
                   shared_memory=shared_memory)
 
+
+
+RawConnection = _Connection  # one connection, requests as meta dicts (kvstore.cluster.peers)

@@ -11,7 +11,7 @@ Redis layout (``P`` is ``kvstore:<cluster>``)::
 
     P:blocks:{<node>}   HASH  16-byte block key -> its tiers on that node, as residency bits
                               in decimal (1: hbm, 2: dram, 4: nvme; "6": DRAM and NVMe)
-    P:events            STREAM  one entry per published batch (`EVENT_FIELDS`)
+    P:block-events      STREAM  one entry per published batch (`EVENT_FIELDS`)
 
 The hash tag ``{<node>}`` puts all of one node's keys in one Redis Cluster slot: a node's
 batch is one pipeline to one shard, and a lookup is one HMGET per node, grouped by shard.
@@ -56,6 +56,25 @@ for i, hash in ipairs(KEYS) do
 end
 return out
 """
+# Each hash's (KEYS) tier bits for every block of ARGV as one byte each (0: not held),
+# the run cut after its last held block ("" when it holds none of them).
+HOLDERS = """
+local out = {}
+for i, hash in ipairs(KEYS) do
+  local values = redis.call('HMGET', hash, unpack(ARGV))
+  local bytes, last = {}, 0
+  for j = 1, #values do
+    if values[j] then
+      bytes[j] = string.char(tonumber(values[j]))
+      last = j
+    else
+      bytes[j] = '\\0'
+    end
+  end
+  out[i] = table.concat(bytes, '', 1, last)
+end
+return out
+"""
 SCRIPT_KEYS = 4000  # block keys per script call (Lua's unpack takes about 8,000 at most)
 
 
@@ -68,7 +87,7 @@ def blocks_key(prefix: str, node_id: str) -> str:
 
 
 def events_key(prefix: str) -> str:
-    return f"{prefix}:events"
+    return f"{prefix}:block-events"
 
 
 @dataclass(frozen=True)
@@ -132,7 +151,7 @@ class ClusterIndex:
         self.client = client
         self.prefix = index_prefix(cluster, key_prefix)
         self._is_cluster = type(client).__name__ == "RedisCluster"
-        self._script: Any = None
+        self._scripts: dict[str, Any] = {}  # script source -> its callable or SHA
 
     def publish(self, node_id: str, changes: Iterable[tuple[bytes, int]]) -> int:
         """Publish ``changes`` of ``node_id`` (see `batch_commands`) in one round trip;
@@ -181,19 +200,47 @@ class ClusterIndex:
         found.sort(key=lambda location: -location.leading)
         return found
 
+    def holders(self, keys: Sequence[bytes], nodes: Iterable[str]) -> dict[str, bytes]:
+        """For each of ``keys`` (any keys, not only a chain), the tier bits each of
+        ``nodes`` holds it in: node -> one byte per key (0: not held), for the nodes that
+        hold any of them. One round trip, as `locate`."""
+        nodes = list(nodes)
+        keys = list(keys)
+        found: dict[str, bytes] = {}
+        if not keys or not nodes:
+            return found
+        hashes = [blocks_key(self.prefix, node_id) for node_id in nodes]
+        parts: list[list[bytes]] = [[] for _ in nodes]
+        for at in range(0, len(keys), SCRIPT_KEYS):
+            part = keys[at:at + SCRIPT_KEYS]
+            for n, run in enumerate(self._run_script(HOLDERS, hashes, part)):
+                run = run.encode("latin-1") if isinstance(run, str) else run
+                parts[n].append(run.ljust(len(part), b"\0"))
+        for node_id, runs in zip(nodes, parts, strict=True):
+            bits = b"".join(runs)
+            if bits.strip(b"\0"):
+                found[node_id] = bits
+        return found
+
     def _leading(self, hashes: list[str], keys: list[bytes]) -> list[bytes | str]:
         """Each hash's leading run over ``keys``: its values up to the first missing one,
         comma-separated (one round trip)."""
+        return self._run_script(LEADING, hashes, keys)
+
+    def _run_script(self, script: str, hashes: list[str], keys: list[bytes]
+                    ) -> list[bytes | str]:
+        """``script`` over each of ``hashes`` with ``keys`` as its arguments: its answer
+        per hash, in one round trip (one per shard on Redis Cluster)."""
         if not self._is_cluster:
-            if self._script is None:
-                self._script = self.client.register_script(LEADING)  # reloads if missing
-            return self._script(keys=hashes, args=keys)
+            if script not in self._scripts:
+                self._scripts[script] = self.client.register_script(script)  # reloads
+            return self._scripts[script](keys=hashes, args=keys)
         for attempt in range(2):
-            if self._script is None or attempt:  # a cluster pipeline does not reload it
-                self._script = self.client.script_load(LEADING)  # on every primary
+            if script not in self._scripts or attempt:  # a cluster pipeline won't reload
+                self._scripts[script] = self.client.script_load(script)  # every primary
             pipe = self.client.pipeline(transaction=False)
             for hash_key in hashes:
-                pipe.evalsha(self._script, 1, hash_key, *keys)
+                pipe.evalsha(self._scripts[script], 1, hash_key, *keys)
             try:
                 return [runs[0] for runs in pipe.execute()]  # one hash per call
             except NoScriptError:  # a primary restarted since (scripts are not kept)

@@ -70,6 +70,9 @@ cdef class BlockIndex:
     cdef dict pins  # id -> {pin id: deadline (time.monotonic)}
     cdef int64_t next_pin
     cdef dict usage_of  # owner -> [bytes per tier, blocks per tier]
+    # Keyed mode: None, or a list every key whose residency changes is appended to (the
+    # feed a cluster node publishes from; see `KeyedIndex.track_changes`).
+    cdef public object changed
 
     cdef int _grow(self, Py_ssize_t want) except -1
     cdef void _create(self, int32_t i, int64_t nbytes, int32_t owner) noexcept

@@ -261,6 +261,8 @@ cdef class BlockIndex:
             self.gen_counter += 1
             self.e[i].gen = self.gen_counter
         self.e[i].res |= 1 << t
+        if self.changed is not None:
+            self.changed.append(self.keys[i])
         if self.e[i].owner:
             self._charge(i, t, 1)
         parent = self.e[i].parent
@@ -292,6 +294,8 @@ cdef class BlockIndex:
         if not self.e[i].res >> t & 1:
             return 0
         self.e[i].res &= ~(1 << t)
+        if self.changed is not None:
+            self.changed.append(self.keys[i])
         if self.e[i].owner:
             self._charge(i, t, -1)
         if (self.e[i].linked | self.e[i].heaped) >> t & 1:

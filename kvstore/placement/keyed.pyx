@@ -119,6 +119,34 @@ cdef class KeyedIndex(BlockIndex):
         found.sort()
         return [self.keys[i] for _, i in found]
 
+    def residencies(self):
+        """``[(key, residency bits)]`` of every held block (bit t: tier t holds a copy)."""
+        cdef Py_ssize_t i
+        return [(self.keys[i], self.e[i].res) for i in range(self.num_ids)
+                if self.e[i].live and self.e[i].res]
+
+    # -- the change feed (a cluster node publishes what it holds from it) --------------------
+
+    def track_changes(self, bint on):
+        """Start (or stop) recording the keys whose residency changes; starting drops
+        what was recorded."""
+        self._keyed_only()
+        self.changed = [] if on else None
+
+    def take_changes(self):
+        """``[(key, residency bits now; 0: no longer held)]`` of every key whose
+        residency changed since tracking started or the last call, each once."""
+        cdef int32_t i
+        if self.changed is None:
+            raise RuntimeError("take_changes() needs track_changes(True) first")
+        changed, self.changed = self.changed, []
+        now = {}
+        for key in changed:
+            if key not in now:
+                i = self.ids.get(key, -1)
+                now[key] = self.e[i].res if i >= 0 and self.e[i].live else 0
+        return list(now.items())
+
     def missing_from(self, int t):
         """Keys of the blocks held in some tier but not in ``t``, least recently used first
         (what a flush to ``t`` writes)."""

@@ -30,7 +30,7 @@ from kvstore.store.host import HostPlane
 from kvstore.store.media import TierMedia, open_tiers
 from kvstore.store.reads import SMALL_VALUE_BYTES, Borrowed, Reads
 from kvstore.store.state import StoreState
-from kvstore.tiers.base import TierKind, check_key
+from kvstore.tiers.base import TIER_BIT, TierKind, check_key
 from kvstore.tiers.memory import MemoryTier
 from kvstore.tiers.slab import size_class
 
@@ -63,6 +63,10 @@ class Store:
         self._reads = Reads(state, self._host_write_tier)
         self._host = HostPlane(state, dram_tier, self._commit)
         self._dram_tier = dram_tier
+        # The core's residency bits (bit t: tier t) as bits by tier kind (`TIER_BIT`).
+        kind_bits = [TIER_BIT[kind] for kind in kinds]
+        self._res_bits = [sum(b for t, b in enumerate(kind_bits) if res >> t & 1)
+                          for res in range(256)]
         if media.nvme is not None:
             self._recover()
 
@@ -354,6 +358,37 @@ class Store:
             raise ConfigError(f"a quota names tier {tier!r}, which this store does not have "
                               f"(tiers: {', '.join(names)})")
         return names.index(tier)
+
+    # -- what the store holds, for a cluster node to publish (`kvstore.cluster`) ---------------
+
+    def inventory(self, *, track: bool = False) -> list[tuple[bytes, int]]:
+        """``(key, tier bits)`` of every held block (bits: 1 HBM, 2 DRAM, 4 NVMe). With
+        ``track``, in the same instant, start recording what changes from here on
+        (`take_changes`), dropping anything recorded before."""
+        with self._state.lock:
+            self._state.check_open()
+            bits = self._res_bits
+            held = [(key, bits[res]) for key, res in self.placement.residencies()]
+            if track:
+                self.placement.track_changes(True)
+            return held
+
+    def tier_bits(self, keys: Sequence[bytes]) -> list[int]:
+        """Each key's tier bits now (0: not held)."""
+        checked = [check_key(k) for k in keys]
+        with self._state.lock:
+            self._state.check_open()
+            core, bits = self.placement, self._res_bits
+            return [bits[core.residency(i)] if (i := core.lookup(k)) >= 0 else 0
+                    for k in checked]
+
+    def take_changes(self) -> list[tuple[bytes, int]]:
+        """``(key, tier bits now; 0: gone)`` of each key whose tiers changed since
+        `inventory` (``track=True``) or the last call, each once."""
+        with self._state.lock:
+            self._state.check_open()
+            bits = self._res_bits
+            return [(key, bits[res]) for key, res in self.placement.take_changes()]
 
     # -- the daemon's host-memory plane (`HostPlane`) -----------------------------------------
 

@@ -21,6 +21,10 @@ class TierKind(enum.Enum):
     NVME = "nvme"
 
 
+# A tier's bit in a block's residency as the pool's index publishes it (docs/CLUSTER.md).
+TIER_BIT = {TierKind.HBM: 1, TierKind.DRAM: 2, TierKind.NVME: 4}
+
+
 class Tier(Protocol):
     """The contract every tier passes (`tests/tiers/test_contract.py`)."""
 

@@ -93,6 +93,11 @@ _FIELDS: dict[str, dict[str, Any]] = {
     "touch": {"keys": _keys},
     # where to commit single puts over a Unix socket (daemon/doorbell.py)
     "doorbell": {},
+    # between the nodes of a cluster, on keys as stored (docs/CLUSTER.md): only a
+    # connection that said hello with the cluster's peer token may send these
+    "peer_get": {"keys": _keys},
+    "peer_held": {"keys": _keys},
+    "peer_drop": {"keys": _keys},
 }
 
 OPERATIONS = frozenset(_FIELDS)
@@ -105,6 +110,13 @@ def _bound_keys(value: object, field: str, request: dict[str, Any]) -> list[byte
     if len(keys) != len(request["handles"]):
         raise RequestError(ErrorCode.BAD_REQUEST, f"{field} must have one key per handle")
     return keys
+
+
+def _sums(value: object, field: str, request: dict[str, Any]) -> list[int]:
+    sums = _uints(value, field)
+    if len(sums) != len(request["keys"]):
+        raise RequestError(ErrorCode.BAD_REQUEST, f"{field} must have one entry per key")
+    return sums
 
 
 def _spare_sizes(value: object, field: str, request: dict[str, Any]) -> list[int]:
@@ -121,6 +133,9 @@ _OPTIONAL_FIELDS: dict[str, dict[str, Any]] = {
     "commit": {"keys": _bound_keys, "reserve_sizes": _spare_sizes},
     # match_prefix: a routing probe, not a request (kept out of the access log and stats).
     "match_prefix": {"probe": _bool},
+    # peer_drop: drop only the keys whose value's checksum is not this one (an overwrite
+    # elsewhere with other bytes); without it, drop them all (a delete).
+    "peer_drop": {"sums": _sums},
 }
 
 

@@ -190,14 +190,14 @@ def test_registers_in_redis(tmp_path, start_daemon):
         daemon = start_daemon("--dram", "16MiB", "--redis", server.url, "--node-id", "node-7")
         r = redis.Redis(port=server.port)
         deadline = time.monotonic() + 10
-        while r.get("kvstore:node:node-7") is None and time.monotonic() < deadline:
+        while r.get("kvstore:default:node:node-7") is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        entry = json.loads(r.get("kvstore:node:node-7"))
+        entry = json.loads(r.get("kvstore:default:node:node-7"))
         assert entry["addresses"]["control"] == f"127.0.0.1:{daemon.port}"
         assert entry["tiers"]["dram"] == 16 * 1024 * 1024
-        assert 0 < r.pttl("kvstore:node:node-7") <= 10_000
+        assert 0 < r.pttl("kvstore:default:node:node-7") <= 10_000
         daemon.stop()
-        assert r.get("kvstore:node:node-7") is None  # a clean stop leaves the registry
+        assert r.get("kvstore:default:node:node-7") is None  # a clean stop leaves the registry
     finally:
         server.kill()
 

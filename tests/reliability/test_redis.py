@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None,
 def _registered(server: RedisServer, node_id: str) -> bool:
     client = redis.Redis(port=server.port, socket_connect_timeout=0.5)
     try:
-        return client.exists(f"kvstore:node:{node_id}") == 1
+        return client.exists(f"kvstore:default:node:{node_id}") == 1
     except redis.ConnectionError:
         return False
     finally:

@@ -1,0 +1,395 @@
+"""This daemon as a node of a pool (docs/CLUSTER.md): it publishes what it holds to the
+pool's index in Redis, serves its blocks to peers, and reads the pool's blocks for its
+own clients (the remote tier).
+
+    Store ──change feed──> publisher task ──pipelined batches──> Redis (index, events)
+    client get, miss here ──> index.holders (one round trip) ──> peer_get to the holder
+                              (checksum checked) ──> a copy kept here ──> the answer
+    client put/delete ──> peer_drop to the other holders (an overwrite with other bytes,
+                          or a delete, leaves no old value in the pool)
+
+What it publishes: on start, and again whenever Redis may have lost it (a failed call, or
+a Redis whose run id changed: restarted), the whole inventory (`Store.inventory`, which
+starts the change feed in the same instant: nothing falls between the two); then every
+``publish_interval_s`` the keys whose tiers changed since (`Store.take_changes`), and
+keys a peer asked for that this node does not hold (a stale entry: published as gone, so
+the index heals).
+
+Failures are misses, never errors: Redis down, a peer dead, hung or answering corrupt
+bytes, a stale entry. Every peer call is bounded by ``peer_timeout_s``; a peer that failed
+one is skipped for a while (`kvstore.cluster.peers.Membership.suspect`).
+
+A connection that says hello with the cluster's peer token (`kvstore.cluster.peers`) is a
+peer: it may send the peer operations, on keys as stored, and nothing else; no tenant's
+connection may send them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import random
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from daemon.connection import Connection
+from daemon.frame_memory import LogThrottle
+from daemon.registry import Backoff, redact_url
+from kvstore.cluster.index import ClusterIndex
+from kvstore.cluster.peers import (
+    SECRET_BYTES,
+    Membership,
+    PeerLinks,
+    peer_token_of,
+    registry_prefix,
+    value_sum,
+)
+from kvstore.durable_file import DamagedKeyError, key_file
+from kvstore.errors import ConfigError, KVStoreError, StoreClosedError
+from kvstore.store import Store
+from kvstore.wire.error_codes import ErrorCode, RequestError
+
+log = logging.getLogger(__name__)
+
+PUBLISH_BATCH = 10_000  # block changes per pipelined batch
+_REDIS_FAILURES = (RedisError, OSError)
+_RNG = random.Random()  # the publisher's backoff jitter
+
+
+def load_cluster_secret(config: Any) -> bytes:
+    """The pool's secret: from ``--cluster-secret`` (made there, 32 random bytes, if the
+    file does not exist: copy it to every node), else the one the cluster's first node
+    left in Redis (`ConfigError` if Redis cannot be read: the node cannot join)."""
+    if config.cluster_secret is not None:
+        try:
+            secret, made = key_file(config.cluster_secret, SECRET_BYTES)
+        except DamagedKeyError as e:
+            raise ConfigError(f"--cluster-secret {e}: it is damaged or not a secret file "
+                              f"({SECRET_BYTES} bytes)") from e
+        except OSError as e:
+            raise ConfigError(f"--cluster-secret {config.cluster_secret}: cannot use it: "
+                              f"{e.strerror or e}") from e
+        if made:
+            log.info("made a new cluster secret in %s: give every node of cluster %s a copy",
+                     config.cluster_secret, config.cluster)
+        return secret
+    key = f"{registry_prefix(config.cluster)}:secret"
+    client = redis.Redis.from_url(config.redis_url, socket_timeout=5.0,
+                                  socket_connect_timeout=5.0)
+    try:
+        client.set(key, secrets.token_bytes(SECRET_BYTES), nx=True)
+        secret = client.get(key)
+    except _REDIS_FAILURES as e:
+        raise ConfigError(f"--redis {redact_url(config.redis_url)}: cannot read the secret "
+                          f"of cluster {config.cluster!r} ({e}); start when Redis is up, or "
+                          "give every node the same --cluster-secret FILE") from e
+    finally:
+        client.close()
+    if not isinstance(secret, bytes) or len(secret) != SECRET_BYTES:
+        raise ConfigError(f"Redis key {key} does not hold a {SECRET_BYTES}-byte secret")
+    return secret
+
+
+class ClusterMember:
+    """One node's part in the pool; `start` on the daemon's loop, `stop` at shutdown."""
+
+    def __init__(self, store: Store, *, redis_url: str, cluster: str, node_id: str,
+                 secret: bytes, max_answer_data_bytes: int, secret_in_redis: bool = False,
+                 ttl_s: float = 10.0,
+                 publish_interval_s: float = 0.05, peer_timeout_s: float = 2.0,
+                 redis_timeout_s: float = 2.0) -> None:
+        self.store = store
+        self.cluster = cluster
+        self.node_id = node_id
+        self.peer_token = peer_token_of(secret)
+        # The secret kept in Redis (no --cluster-secret file), put back after a restart.
+        self.shared_secret = secret if secret_in_redis else None
+        self.max_answer_data_bytes = max_answer_data_bytes
+        self.publish_interval_s = publish_interval_s
+        self.refresh_s = min(1.0, ttl_s / 4)
+        # No retries inside redis-py: a failed call is a miss here, at once.
+        self.redis = redis.Redis.from_url(
+            redis_url, socket_timeout=redis_timeout_s, socket_connect_timeout=redis_timeout_s,
+            retry=Retry(NoBackoff(), 0))
+        self.index = ClusterIndex(self.redis, cluster)
+        self.membership = Membership(self.redis, cluster, node_id, suspect_s=ttl_s)
+        self.links = PeerLinks(self.peer_token, timeout_s=peer_timeout_s)
+        # One thread for the publisher's Redis work: batches go out in order.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvstored-cluster")
+        self._recheck: list[bytes] = []  # keys peers asked for that this node lacks
+        self._lock = threading.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._is_down = False
+        self._redis_log = LogThrottle()
+        self.counts = {"remote_hits": 0, "remote_misses": 0, "peer_failures": 0,
+                       "published": 0, "republished": 0, "dropped_elsewhere": 0}
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="kvstored-cluster")
+
+    async def stop(self) -> None:
+        """Stop publishing and take this node's entries out of the index (bounded by the
+        Redis timeout; if Redis is down they stay until this node is found dead)."""
+        self._stopping.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self.index.forget_node, self.node_id)
+        except _REDIS_FAILURES as e:
+            log.info("could not take node %s out of the pool's index (%s); peers skip it "
+                     "once its registry entry expires", self.node_id, e)
+        self._executor.shutdown(wait=True)
+        self.links.close()
+        self.redis.close()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        backoff, failures = Backoff(), 0
+        needs_all, run_id, next_refresh = True, None, 0.0
+        while not self._stopping.is_set():
+            delay_s = self.publish_interval_s
+            try:
+                if time.monotonic() >= next_refresh:
+                    new_run_id = await loop.run_in_executor(self._executor, self._refresh)
+                    if run_id is not None and new_run_id != run_id:
+                        log.info("Redis restarted (run id changed); node %s re-publishes "
+                                 "what it holds", self.node_id)
+                        needs_all = True
+                    run_id, next_refresh = new_run_id, time.monotonic() + self.refresh_s
+                if needs_all:
+                    await loop.run_in_executor(self._executor, self._publish_all)
+                    needs_all = False
+                else:
+                    await loop.run_in_executor(self._executor, self._publish_changes)
+                if self._is_down:
+                    log.info("Redis is back for the pool; node %s published its inventory "
+                             "again", self.node_id)
+                self._is_down, failures = False, 0
+            except StoreClosedError:
+                return
+            except _REDIS_FAILURES as e:
+                failures += 1
+                needs_all = True  # what was taken from the change feed is lost with it
+                if not self._is_down:
+                    log.warning("Redis unreachable for the pool (%s); node %s serves its own "
+                                "blocks and re-publishes them when Redis is back",
+                                e, self.node_id)
+                self._is_down = True
+                delay_s = backoff.delay_s(failures, _RNG)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay_s)
+            except TimeoutError:
+                pass
+
+    def _refresh(self) -> str:
+        """Read the live nodes; Redis's run id (it changes when Redis restarts)."""
+        self.membership.refresh()
+        return str(self.redis.info("server").get("run_id"))
+
+    def _publish_all(self) -> None:
+        if self.shared_secret is not None:  # a Redis restarted empty: the secret goes back
+            self.redis.set(f"{registry_prefix(self.cluster)}:secret", self.shared_secret,
+                           nx=True)
+        held = self.store.inventory(track=True)
+        with self._lock:
+            self._recheck.clear()
+        self.index.forget_node(self.node_id)
+        for at in range(0, len(held), PUBLISH_BATCH):
+            self.index.publish(self.node_id, held[at:at + PUBLISH_BATCH])
+        self._count("republished", 1)
+        self._count("published", len(held))
+        log.info("node %s published its inventory to the pool: %d blocks", self.node_id,
+                 len(held))
+
+    def _publish_changes(self) -> None:
+        changes = self.store.take_changes()
+        with self._lock:
+            recheck, self._recheck = self._recheck, []
+        if recheck:
+            recheck = list(dict.fromkeys(recheck))
+            changes += zip(recheck, self.store.tier_bits(recheck), strict=True)
+        for at in range(0, len(changes), PUBLISH_BATCH):
+            self.index.publish(self.node_id, changes[at:at + PUBLISH_BATCH])
+        self._count("published", len(changes))
+
+    def _count(self, name: str, n: int) -> None:
+        with self._lock:
+            self.counts[name] += n
+
+    def recheck(self, keys: Sequence[bytes]) -> None:
+        """Publish the tiers of ``keys`` as they are now (a peer found them missing here)."""
+        with self._lock:
+            self._recheck.extend(keys)
+
+    # -- the remote tier: the pool, for this node's clients (worker threads) ---------------
+
+    def _holders(self, keys: Sequence[bytes]) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """The live peers, and which of them hold each key (node -> a tier byte per key)."""
+        peers = self.membership.live()
+        if not peers or not keys:
+            return peers, {}
+        try:
+            return peers, self.index.holders(keys, peers)
+        except _REDIS_FAILURES as e:
+            count = self._redis_log.count()
+            if count:
+                log.warning("pool lookups fail (%s): remote blocks are misses; %d since the "
+                            "last such line", e, count)
+            return peers, {}
+
+    def fetch(self, keys: Sequence[bytes], owner: int = 0) -> list[bytes | None]:
+        """The values of ``keys`` from the peers that hold them (None: no live peer has
+        it, or every holder asked failed), each kept here too, as ``owner``'s."""
+        out: list[bytes | None] = [None] * len(keys)
+        peers, holders = self._holders(keys)
+        if not holders:
+            self._count("remote_misses", len(keys))
+            return out
+        # Each key's holders, fastest copy first (the lowest tier bit: HBM, DRAM, NVMe).
+        choices = [sorted((bits[i] & -bits[i], node) for node, bits in holders.items()
+                          if bits[i]) for i in range(len(keys))]
+        for attempt in range(2):  # a stale holder: the next one
+            plan: dict[str, list[int]] = {}
+            for i, options in enumerate(choices):
+                if out[i] is None and len(options) > attempt:
+                    plan.setdefault(options[attempt][1], []).append(i)
+            for node, wanted in plan.items():
+                self._fetch_from(peers[node], [keys[i] for i in wanted], wanted, out)
+        fetched = [(keys[i], v) for i, v in enumerate(out) if v is not None]
+        for key, value in fetched:
+            try:
+                self.store.put(key, value, owner=owner)
+            except KVStoreError as e:  # the copy is a cache: the answer stands
+                log.debug("no local copy of a remote block: %s", e)
+        self._count("remote_hits", len(fetched))
+        self._count("remote_misses", len(keys) - len(fetched))
+        return out
+
+    def _fetch_from(self, peer: Any, keys: list[bytes], where: list[int],
+                    out: list[bytes | None]) -> None:
+        done = 0
+        while done < len(keys):
+            try:
+                values = self.links.get(peer.address, keys[done:])
+            except KVStoreError as e:
+                self._peer_failed(peer, e)
+                return
+            if not values:
+                return
+            for i, value in zip(where[done:done + len(values)], values, strict=True):
+                out[i] = value
+            done += len(values)
+
+    def _peer_failed(self, peer: Any, error: Exception) -> None:
+        self._count("peer_failures", 1)
+        self.membership.suspect(peer.node_id)
+        log.warning("peer %s at %s failed (%s); its blocks are misses for now",
+                    peer.node_id, peer.address, error)
+
+    def leading(self, keys: Sequence[bytes]) -> int:
+        """How many leading ``keys`` some live peer holds (each by any one of them)."""
+        _, holders = self._holders(keys)
+        count = 0
+        for i in range(len(keys)):
+            if not any(bits[i] for bits in holders.values()):
+                break
+            count += 1
+        return count
+
+    def contains(self, key: bytes) -> bool:
+        """Whether a live peer holds ``key``, as that peer says (the index may be stale)."""
+        peers, holders = self._holders([key])
+        for node in sorted(holders, key=lambda n: holders[n][0] & -holders[n][0]):
+            try:
+                if self.links.held(peers[node].address, [key])[0]:
+                    return True
+            except KVStoreError as e:
+                self._peer_failed(peers[node], e)
+        return False
+
+    def drop_elsewhere(self, keys: Sequence[bytes], sums: Sequence[int] | None) -> None:
+        """Have every other holder of ``keys`` drop them (``sums``: those whose value has
+        other bytes than these): after an overwrite or a delete here, no node serves the
+        old value."""
+        peers, holders = self._holders(keys)
+        for node, bits in holders.items():
+            held = [i for i in range(len(keys)) if bits[i]]
+            try:
+                self._count("dropped_elsewhere", self.links.drop(
+                    peers[node].address, [keys[i] for i in held],
+                    None if sums is None else [sums[i] for i in held]))
+            except KVStoreError as e:
+                self._peer_failed(peers[node], e)
+
+    def stats(self) -> dict[str, Any]:
+        return {"name": self.cluster, "node_id": self.node_id,
+                "peers": sorted(self.membership.live()), "redis_ok": not self._is_down,
+                **dict(self.counts)}
+
+    # -- the peer operations: what this node serves to its peers (on the loop) --------------
+
+    def is_peer_token(self, token: str | None) -> bool:
+        return token is not None and hmac.compare_digest(token.encode(),
+                                                         self.peer_token.encode())
+
+    @staticmethod
+    def _check_peer(conn: Connection) -> None:
+        if not conn.is_peer:
+            raise RequestError(ErrorCode.FORBIDDEN, "peer operations are for the nodes of "
+                               "the cluster (hello with the cluster's peer token)")
+
+    def _peer_get(self, keys: list[bytes]) -> list[bytes | None]:
+        values = self.store.get_many(keys, max_bytes=self.max_answer_data_bytes)
+        missing = [k for k, v in zip(keys, values, strict=False) if v is None]
+        if missing:
+            self.recheck(missing)
+        return values
+
+    async def peer_get(self, calls: Any, conn: Connection, meta: dict[str, Any]) -> Any:
+        self._check_peer(conn)
+        keys = meta["keys"]
+        values = await calls.run(self._peer_get, keys)
+        fields: dict[str, Any] = {
+            "sizes": [None if v is None else len(v) for v in values],
+            "sums": [0 if v is None else value_sum(v) for v in values]}
+        if len(values) < len(keys):
+            fields["answered"] = len(values)
+        return fields, [v for v in values if v]
+
+    async def peer_held(self, calls: Any, conn: Connection, meta: dict[str, Any]) -> Any:
+        self._check_peer(conn)
+        bits = await calls.run_short(self.store.tier_bits, meta["keys"])
+        missing = [k for k, b in zip(meta["keys"], bits, strict=True) if not b]
+        if missing:
+            self.recheck(missing)
+        return {"held": bits}, []
+
+    def _peer_drop(self, keys: list[bytes], sums: list[int] | None) -> int:
+        dropped = 0
+        for i, key in enumerate(keys):
+            if sums is not None:
+                value = self.store.get(key)
+                if value is None or value_sum(value) == sums[i]:
+                    continue
+            dropped += self.store.delete(key)
+        return dropped
+
+    async def peer_drop(self, calls: Any, conn: Connection, meta: dict[str, Any]) -> Any:
+        self._check_peer(conn)
+        return {"dropped": await calls.run(self._peer_drop, meta["keys"],
+                                           meta.get("sums"))}, []

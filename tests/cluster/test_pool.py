@@ -1,0 +1,304 @@
+"""Nodes of one pool: any node serves the whole pool, and every failure of a peer or of
+Redis is a miss, never an error or wrong bytes. Real redis-server, real kvstored
+processes, real sockets (docs/CLUSTER.md)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+import kvstore
+from kvstore.errors import AuthError
+from tests.cluster.conftest import CLUSTER, TTL_S, Pool, wait_until
+
+VALUE_BYTES = 64 * 1024
+
+
+def chain(tag: int, n: int) -> list[bytes]:
+    return [bytes([tag, i]) * 8 for i in range(n)]
+
+
+def value(key: bytes) -> bytes:
+    return key * (VALUE_BYTES // len(key))
+
+
+def connect(daemon, **kwargs):
+    return kvstore.connect(daemon.url, shared_memory=kwargs.pop("shared_memory", False),
+                           timeout_s=kwargs.pop("timeout_s", 10.0), **kwargs)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["tcp", "shm"])
+def test_any_node_serves_the_blocks_another_holds(pool: Pool, shared_memory: bool) -> None:
+    a = pool.start("n0", "--dram", "64MiB")
+    b = pool.start("n1", "--dram", "64MiB")
+    keys = chain(1, 12)
+    with connect(a) as ca, connect(b, shared_memory=shared_memory) as cb:
+        assert ca.put_many(keys, [value(k) for k in keys]) == len(keys)
+        pool.wait_published("n0", keys)
+        pool.wait_peers("n1", {"n0"}, cb)
+        assert cb.match_prefix(keys + chain(2, 3)) == len(keys)
+        assert cb.contains(keys[5]) and not cb.contains(chain(3, 1)[0])
+        assert cb.get(keys[0]) == value(keys[0])
+        assert cb.get_many(keys) == [value(k) for k in keys]
+        out = bytearray(VALUE_BYTES)
+        assert cb.get_into(keys[7], out) and bytes(out) == value(keys[7])
+        # B kept copies by its own placement: now its own blocks, published as its own.
+        pool.wait_published("n1", keys)
+        stats = cb.stats()["cluster"]
+        assert stats["remote_hits"] >= len(keys) and stats["peers"] == ["n0"]
+
+
+@pytest.mark.timeout(120)
+def test_an_overwrite_or_a_delete_through_one_node_leaves_no_old_value_in_the_pool(
+        pool: Pool) -> None:
+    a = pool.start("n0", "--dram", "64MiB")
+    b = pool.start("n1", "--dram", "64MiB")
+    keys = chain(4, 3)
+    with connect(a) as ca, connect(b) as cb:
+        ca.put_many(keys, [value(k) for k in keys])
+        pool.wait_published("n0", keys)
+        pool.wait_peers("n1", {"n0"}, cb)
+        cb.put(keys[0], b"new bytes")
+        assert ca.get(keys[0]) in (None, b"new bytes")  # A dropped its old value
+        assert cb.get(keys[0]) == b"new bytes"
+        assert cb.delete(keys[1]) is False  # (B never held it)
+        assert ca.get(keys[1]) is None and cb.get(keys[1]) is None
+        ca.put(keys[2], value(keys[2]))  # the same bytes again: nothing is dropped
+        assert cb.get(keys[2]) == value(keys[2])
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_node_is_a_miss_at_once_and_leaves_lookups_within_its_ttl(pool: Pool) -> None:
+    a = pool.start("n0", "--dram", "64MiB")
+    b = pool.start("n1", "--dram", "64MiB")
+    c = pool.start("n2", "--dram", "64MiB")
+    keys = chain(5, 4)
+    with connect(a) as ca, connect(b) as cb, connect(c) as cc:
+        ca.put_many(keys, [value(k) for k in keys])
+        pool.wait_published("n0", keys)
+        pool.wait_peers("n1", {"n0", "n2"}, cb)
+        pool.wait_peers("n2", {"n0", "n1"}, cc)
+        a.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        assert cb.get(keys[0]) is None  # refused at once: a miss, not an error
+        assert cb.get_many(keys[1:]) == [None] * 3
+        assert time.monotonic() - killed < 5.0  # (the client's deadline is 10 s)
+        assert cb.match_prefix(keys) == 0  # n1 skips it once it failed
+        # n2 never called it: n0 leaves its lookups when n0's registry entry expires,
+        # within the TTL of n0's last heartbeat.
+        pool.wait_peers("n2", {"n1"}, cc)
+        assert time.monotonic() - killed < TTL_S + 0.5
+        assert cc.match_prefix(keys) == 0 and cc.get(keys[0]) is None
+
+
+@pytest.mark.timeout(120)
+def test_a_stale_entry_is_a_miss_and_is_cleaned(pool: Pool) -> None:
+    pool.start("n0", "--dram", "64MiB")
+    b = pool.start("n1", "--dram", "64MiB")
+    ghost = chain(6, 1)[0]
+    with connect(b) as cb:
+        pool.wait_peers("n1", {"n0"}, cb)
+        stored = pool.stored([ghost])[0]
+        pool.index.publish("n0", [(stored, 2)])  # the index says n0 holds it; n0 does not
+        assert cb.get(ghost) is None
+        wait_until(lambda: stored not in pool.index.holdings("n0"),
+                   what="n0 published the stale entry as gone")
+        pool.index.publish("n0", [(stored, 2)])
+        assert not cb.contains(ghost)
+        wait_until(lambda: stored not in pool.index.holdings("n0"), what="cleaned again")
+
+
+class CorruptingProxy:
+    """A TCP proxy to ``target`` that flips the last byte of every chunk of over 1 KiB
+    the target sends back (a hello's answer is smaller): a peer whose blocks arrive
+    damaged."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.flipped = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._pump, args=(client, upstream, False),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True),
+                             daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, corrupt: bool) -> None:
+        try:
+            while chunk := src.recv(1 << 16):
+                if corrupt and len(chunk) > 1024:
+                    chunk = chunk[:-1] + bytes([chunk[-1] ^ 0xFF])
+                    self.flipped += 1
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_block_that_arrives_corrupt_is_a_miss_never_wrong_bytes(pool: Pool) -> None:
+    a = pool.start("n0", "--dram", "64MiB")
+    b = pool.start("n1", "--dram", "64MiB")
+    keys = chain(7, 4)
+    proxy = CorruptingProxy(("127.0.0.1", a.port))
+    try:
+        # "evil": a node whose address is the proxy to n0, and the only listed holder.
+        entry = {"v": 1, "node_id": "evil", "addresses": {"control": proxy.address},
+                 "tiers": {}, "started_at": time.time()}
+        pool.redis.set(f"kvstore:{CLUSTER}:node:evil", json.dumps(entry), px=60_000)
+        pool.redis.sadd(f"kvstore:{CLUSTER}:nodes", "evil")
+        with connect(a) as ca, connect(b) as cb:
+            # The peer token is the pool's: scoped keys are what peers exchange. Reach
+            # n0's stored keys through a put via n0, then list them under evil only.
+            ca.put_many(keys, [value(k) for k in keys])
+            pool.wait_published("n0", keys)
+            stored = pool.stored(keys)
+            pool.index.publish("evil", [(k, 2) for k in stored])
+            pool.index.publish("n0", [(k, 0) for k in stored])
+            pool.wait_peers("n1", {"n0", "evil"}, cb)
+            got = cb.get_many(keys)
+            assert all(v is None or v == value(k) for k, v in zip(keys, got, strict=True))
+            assert proxy.flipped > 0 and None in got
+            assert "failed its checksum" in b.output()
+            for k, v in zip(keys, got, strict=True):  # and nothing corrupt was kept
+                assert cb.get(k) in (None, value(k)) if v is None else cb.get(k) == value(k)
+    finally:
+        proxy.close()
+
+
+@pytest.mark.timeout(180)
+def test_redis_restart_keeps_nodes_serving_and_they_re_publish(pool: Pool) -> None:
+    a = pool.start("n0", "--dram", "64MiB")
+    b = pool.start("n1", "--dram", "64MiB")
+    keys = chain(8, 6)
+    with connect(a) as ca, connect(b) as cb:
+        ca.put_many(keys, [value(k) for k in keys])
+        pool.wait_published("n0", keys)
+        pool.wait_peers("n1", {"n0"}, cb)
+        secret = pool.redis.get(f"kvstore:{CLUSTER}:secret")
+        stored = set(pool.stored(keys))
+        pool.redis_server.kill()
+        assert ca.get_many(keys) == [value(k) for k in keys]  # its own: served
+        other = chain(9, 2)
+        assert cb.get(other[0]) is None  # the pool: misses meanwhile, no error
+        assert cb.put(other[1], b"written while Redis is down")
+        pool.redis_server.start()  # empty: it kept nothing
+        wait_until(lambda: stored <= set(pool.index.holdings("n0")),
+                   what="n0 saw the new run id and re-published")
+        assert pool.redis.get(f"kvstore:{CLUSTER}:secret") == secret  # put back first
+        wait_until(lambda: len(pool.index.holdings("n1")) >= 1, what="n1 re-published")
+        pool.wait_peers("n1", {"n0"}, cb)
+        assert cb.get(keys[3]) == value(keys[3])
+        assert "re-publishes what it holds" in a.output()
+
+
+@pytest.mark.timeout(120)
+def test_a_node_restarted_on_its_nvme_path_re_publishes_what_it_recovered(
+        pool: Pool, tmp_path) -> None:
+    nvme = ["--dram", "16MiB", "--nvme-path", str(tmp_path / "nvme0"), "--nvme", "64MiB"]
+    a = pool.start("n0", *nvme)
+    port = a.port
+    b = pool.start("n1", "--dram", "64MiB")
+    keys = chain(10, 5)
+    with connect(a) as ca:
+        ca.put_many(keys, [value(k) for k in keys])
+    pool.wait_published("n0", keys)
+    stored = set(pool.stored(keys))
+    a.stop()  # a clean stop takes its entries out of the index
+    wait_until(lambda: not pool.index.holdings("n0"), what="n0 left the index")
+    pool.start("n0", *nvme, port=port)
+    wait_until(lambda: stored <= set(pool.index.holdings("n0")), what="n0 re-published")
+    assert all(bits & 4 for bits in pool.index.holdings("n0").values())  # on NVMe
+    with connect(b) as cb:
+        pool.wait_peers("n1", {"n0"}, cb)
+        assert cb.get_many(keys) == [value(k) for k in keys]
+
+
+TOKENS = """
+[[tenant]]
+name = "alice"
+token = "alice-token-0123456789"
+namespaces = ["a"]
+
+[[tenant]]
+name = "bob"
+token = "bob-token-0123456789ab"
+namespaces = ["b"]
+
+[[tenant]]
+name = "ops"
+token = "ops-token-0123456789ab"
+namespaces = ["a"]
+admin = true
+"""
+
+
+@pytest.mark.timeout(120)
+def test_tenants_reach_only_their_namespaces_across_the_pool(pool: Pool, tmp_path) -> None:
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(TOKENS)
+    secret = tmp_path / "cluster.key"
+    flags = ["--dram", "64MiB", "--token-file", str(tokens), "--cluster-secret", str(secret)]
+    a = pool.start("n0", *flags)
+    b = pool.start("n1", *flags)
+    assert secret.stat().st_mode & 0o777 == 0o600
+    keys = chain(11, 3)
+    with connect(a, token="alice-token-0123456789") as alice_a, \
+            connect(b, token="alice-token-0123456789") as alice_b, \
+            connect(b, token="bob-token-0123456789ab") as bob_b, \
+            connect(b, token="ops-token-0123456789ab") as ops_b:
+        alice_a.put_many(keys, [value(k) for k in keys])
+        pool.wait_published("n0", keys, namespace="a", secret_file=secret)
+        pool.wait_peers("n1", {"n0"}, ops_b)
+        assert alice_b.get_many(keys) == [value(k) for k in keys]  # her namespace, via n1
+        assert bob_b.get_many(keys) == [None] * 3  # same key bytes, his namespace: none
+        assert bob_b.match_prefix(keys) == 0 and not bob_b.contains(keys[0])
+        # A tenant's connection cannot send peer operations, with any keys.
+        stored = pool.stored(keys, namespace="a", secret_file=secret)
+        conn = kvstore.client.sync.RawConnection(kvstore.client.settings.ClientSettings(
+            a.url, token="bob-token-0123456789ab", shared_memory=False))
+        try:
+            with pytest.raises(AuthError, match="peer operations"):
+                conn.request({"op": "peer_get", "keys": stored}, [], 5.0)
+        finally:
+            conn.close()
+    # Nor can a token that is not the pool's pass for a peer's.
+    with pytest.raises(AuthError):
+        kvstore.client.sync.RawConnection(kvstore.client.settings.ClientSettings(
+            a.url, token="0" * 64, shared_memory=False))
+
+
+def test_a_node_refuses_a_pool_without_a_file_secret_when_tenants_are_kept_apart(
+        tmp_path) -> None:
+    from daemon.config import DaemonConfig
+    from kvstore.errors import ConfigError
+
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(TOKENS)
+    with pytest.raises(ConfigError, match="--cluster-secret"):
+        DaemonConfig(redis_url="redis://127.0.0.1:1/0", token_file=str(tokens))
+    with pytest.raises(ConfigError, match="--cluster"):
+        DaemonConfig(cluster="x y", redis_url="redis://127.0.0.1:1/0")
+    with pytest.raises(ConfigError, match="need --redis"):
+        DaemonConfig(cluster="prod")
+    with pytest.raises(ConfigError, match="--key-file"):
+        DaemonConfig(redis_url="redis://127.0.0.1:1/0", key_file=str(tmp_path / "k"))
