@@ -62,6 +62,8 @@ from kvstore.wire.error_codes import ErrorCode, RequestError
 log = logging.getLogger(__name__)
 
 PUBLISH_BATCH = 10_000  # block changes per pipelined batch
+SPILL_QUEUE_BYTES = 256 << 20  # evicted blocks waiting for a peer; past it they are dropped
+SPILL_BATCH_BYTES = 16 << 20  # per peer_put
 _REDIS_FAILURES = (RedisError, OSError)
 _RNG = random.Random()  # the publisher's backoff jitter
 
@@ -127,18 +129,32 @@ class ClusterMember:
         # One thread for the publisher's Redis work: batches go out in order.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvstored-cluster")
         self._recheck: list[bytes] = []  # keys peers asked for that this node lacks
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # never held while calling the Store
+        # Pooled capacity: blocks an eviction dropped here, on their way to a peer with
+        # room (served from here meanwhile), and those a peer_put is carrying now.
+        self._spilling: dict[bytes, bytes] = {}
+        self._spilling_bytes = 0
+        self._sending: set[bytes] = set()
+        self._spill_cv = threading.Condition(self._lock)
+        self._spill_stop = False
+        self._spill_thread: threading.Thread | None = None
+        self._sent_bytes: dict[str, int] = {}  # to each peer since the last refresh
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._is_down = False
         self._redis_log = LogThrottle()
         self.counts = {"remote_hits": 0, "remote_misses": 0, "peer_failures": 0,
-                       "published": 0, "republished": 0, "dropped_elsewhere": 0}
+                       "published": 0, "republished": 0, "dropped_elsewhere": 0,
+                       "spilled": 0, "spill_dropped": 0, "received": 0}
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="kvstored-cluster")
+        self._spill_thread = threading.Thread(target=self._spill_loop,
+                                              name="kvstored-spill", daemon=True)
+        self._spill_thread.start()
+        self.store.spill_to(self.spill)
 
     async def stop(self) -> None:
         """Stop publishing and take this node's entries out of the index (bounded by the
@@ -148,6 +164,15 @@ class ClusterMember:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         loop = asyncio.get_running_loop()
+        with self._lock:
+            self._spill_stop = True
+            self._spill_cv.notify_all()
+        if self._spill_thread is not None:
+            await loop.run_in_executor(None, self._spill_thread.join)
+        try:
+            self.store.spill_to(None)
+        except StoreClosedError:
+            pass
         try:
             await loop.run_in_executor(self._executor, self.index.forget_node, self.node_id)
         except _REDIS_FAILURES as e:
@@ -199,6 +224,8 @@ class ClusterMember:
     def _refresh(self) -> str:
         """Read the live nodes; Redis's run id (it changes when Redis restarts)."""
         self.membership.refresh()
+        with self._lock:
+            self._sent_bytes.clear()  # their room is as of their last heartbeat again
         return str(self.redis.info("server").get("run_id"))
 
     def _publish_all(self) -> None:
@@ -256,28 +283,32 @@ class ClusterMember:
         """The values of ``keys`` from the peers that hold them (None: no live peer has
         it, or every holder asked failed), each kept here too, as ``owner``'s."""
         out: list[bytes | None] = [None] * len(keys)
-        peers, holders = self._holders(keys)
+        with self._lock:  # evicted here, not yet at a peer
+            for i, key in enumerate(keys):
+                out[i] = self._spilling.get(key)
+        asked = [i for i, v in enumerate(out) if v is None]
+        peers, holders = self._holders([keys[i] for i in asked])
         if not holders:
-            self._count("remote_misses", len(keys))
+            self._count("remote_misses", len(asked))
             return out
         # Each key's holders, fastest copy first (the lowest tier bit: HBM, DRAM, NVMe).
-        choices = [sorted((bits[i] & -bits[i], node) for node, bits in holders.items()
-                          if bits[i]) for i in range(len(keys))]
+        choices = {i: sorted((bits[n] & -bits[n], node) for node, bits in holders.items()
+                             if bits[n]) for n, i in enumerate(asked)}
         for attempt in range(2):  # a stale holder: the next one
             plan: dict[str, list[int]] = {}
-            for i, options in enumerate(choices):
+            for i, options in choices.items():
                 if out[i] is None and len(options) > attempt:
                     plan.setdefault(options[attempt][1], []).append(i)
             for node, wanted in plan.items():
                 self._fetch_from(peers[node], [keys[i] for i in wanted], wanted, out)
-        fetched = [(keys[i], v) for i, v in enumerate(out) if v is not None]
+        fetched = [(keys[i], out[i]) for i in asked if out[i] is not None]
         for key, value in fetched:
             try:
                 self.store.put(key, value, owner=owner)
             except KVStoreError as e:  # the copy is a cache: the answer stands
                 log.debug("no local copy of a remote block: %s", e)
         self._count("remote_hits", len(fetched))
-        self._count("remote_misses", len(keys) - len(fetched))
+        self._count("remote_misses", len(asked) - len(fetched))
         return out
 
     def _fetch_from(self, peer: Any, keys: list[bytes], where: list[int],
@@ -325,7 +356,16 @@ class ClusterMember:
     def drop_elsewhere(self, keys: Sequence[bytes], sums: Sequence[int] | None) -> None:
         """Have every other holder of ``keys`` drop them (``sums``: those whose value has
         other bytes than these): after an overwrite or a delete here, no node serves the
-        old value."""
+        old value. An older value on its way to a peer (spilled) goes first; one a
+        peer_put carries now is waited for (it is in the index when that returns)."""
+        with self._lock:
+            for key in keys:
+                old = self._spilling.pop(key, None)
+                if old is not None:
+                    self._spilling_bytes -= len(old)
+            deadline = time.monotonic() + 2 * self.links.timeout_s
+            while any(key in self._sending for key in keys) and time.monotonic() < deadline:
+                self._spill_cv.wait(deadline - time.monotonic())
         peers, holders = self._holders(keys)
         for node, bits in holders.items():
             held = [i for i in range(len(keys)) if bits[i]]
@@ -380,14 +420,125 @@ class ClusterMember:
         return {"held": bits}, []
 
     def _peer_drop(self, keys: list[bytes], sums: list[int] | None) -> int:
-        dropped = 0
+        dropped: list[bytes] = []
         for i, key in enumerate(keys):
             if sums is not None:
                 value = self.store.get(key)
                 if value is None or value_sum(value) == sums[i]:
                     continue
-            dropped += self.store.delete(key)
-        return dropped
+            if self.store.delete(key):
+                dropped.append(key)
+        self._publish_now(dropped)
+        return len(dropped)
+
+    def _publish_now(self, keys: list[bytes]) -> None:
+        """Publish ``keys``' tiers now, not at the next batch: the peer that asked sees
+        the index changed when its call returns (the change feed publishes them again)."""
+        if not keys:
+            return
+        try:
+            self.index.publish(self.node_id, list(zip(keys, self.store.tier_bits(keys),
+                                                      strict=True)))
+        except _REDIS_FAILURES as e:
+            log.debug("publishing at once failed (%s); the next batch carries it", e)
+
+    def _peer_put(self, keys: list[bytes], values: list[Any]) -> list[bool]:
+        stored = [self.store.put(key, value) for key, value in zip(keys, values, strict=True)]
+        self._publish_now([k for k, ok in zip(keys, stored, strict=True) if ok])
+        self._count("received", sum(stored))
+        return stored
+
+    async def peer_put(self, calls: Any, conn: Connection, meta: dict[str, Any],
+                       data: Any) -> Any:
+        self._check_peer(conn)
+        view, values, offset = memoryview(data), [], 0
+        for size in meta["sizes"]:
+            values.append(view[offset:offset + size])
+            offset += size
+        return {"stored": await calls.run(self._peer_put, meta["keys"], values)}, []
+
+    # -- pooled capacity: what leaves this node goes to a peer with room -------------------
+
+    def spill(self, key: bytes, value: bytes) -> None:
+        """An eviction drops the last copy of ``key`` here: queue it for a peer with room
+        (called with the store lock held: it only queues)."""
+        with self._lock:
+            old = self._spilling.pop(key, None)
+            if old is not None:
+                self._spilling_bytes -= len(old)
+            if self._spill_stop or self._spilling_bytes + len(value) > SPILL_QUEUE_BYTES:
+                self.counts["spill_dropped"] += 1
+                return
+            self._spilling[key] = value
+            self._spilling_bytes += len(value)
+            self._spill_cv.notify_all()
+
+    def _spill_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._spilling and not self._spill_stop:
+                    self._spill_cv.wait()
+                if self._spill_stop:
+                    return
+                batch: list[tuple[bytes, bytes]] = []
+                nbytes = 0
+                for key, value in self._spilling.items():  # oldest eviction first
+                    if batch and nbytes + len(value) > SPILL_BATCH_BYTES:
+                        break
+                    batch.append((key, value))
+                    nbytes += len(value)
+                self._sending.update(key for key, _ in batch)
+            placed = [False] * len(batch)
+            try:
+                placed = self._place([k for k, _ in batch], [v for _, v in batch])
+            except Exception as e:  # the spiller must outlive anything a peer does
+                log.warning("handing evicted blocks to peers failed: %s", e, exc_info=e)
+            finally:
+                with self._lock:
+                    for (key, value), ok in zip(batch, placed, strict=True):
+                        self._sending.discard(key)
+                        if self._spilling.get(key) is value:  # not replaced nor deleted
+                            del self._spilling[key]
+                            self._spilling_bytes -= len(value)
+                            self.counts["spilled" if ok else "spill_dropped"] += 1
+                    self._spill_cv.notify_all()
+
+    def _place(self, keys: list[bytes], values: list[Any]) -> list[bool]:
+        """Store ``keys`` on the live peers with the most room (as of their heartbeats,
+        less what was sent to them since); whether each was stored somewhere."""
+        placed = [False] * len(keys)
+        peers = self.membership.live()
+        with self._lock:
+            sent = dict(self._sent_bytes)
+        for peer in sorted(peers.values(),
+                           key=lambda p: sent.get(p.node_id, 0) - p.free_bytes):
+            left = [i for i, ok in enumerate(placed) if not ok]
+            if not left:
+                break
+            need = sum(len(values[i]) for i in left)
+            if peer.free_bytes - sent.get(peer.node_id, 0) < need:
+                continue
+            try:
+                stored = self.links.put(peer.address, [keys[i] for i in left],
+                                        [values[i] for i in left])
+            except KVStoreError as e:
+                self._peer_failed(peer, e)
+                continue
+            for i, ok in zip(left, stored, strict=True):
+                placed[i] = ok
+            with self._lock:
+                self._sent_bytes[peer.node_id] = self._sent_bytes.get(peer.node_id, 0) + need
+        return placed
+
+    def put_elsewhere(self, keys: list[bytes], values: list[Any]) -> int:
+        """Blocks a client wrote that found no room here: stored on peers with room; how
+        many leading ones were."""
+        if not keys:
+            return 0
+        placed = self._place(keys, [bytes(v) for v in values])
+        count = next((i for i, ok in enumerate(placed) if not ok), len(placed))
+        self._count("spilled", sum(placed))
+        return count
 
     async def peer_drop(self, calls: Any, conn: Connection, meta: dict[str, Any]) -> Any:
         self._check_peer(conn)

@@ -48,8 +48,11 @@ class StoreOperations:
         key = conn.scope(meta["key"])
         stored = await self.calls.for_put(len(data))(
             functools.partial(self.store.put, owner=conn.owner), key, data)
-        if stored and self.cluster is not None:  # no other node may keep an older value
-            await self.calls.run(self.cluster.drop_elsewhere, [key], [value_sum(data)])
+        if self.cluster is not None:
+            if stored:  # no other node may keep an older value
+                await self.calls.run(self.cluster.drop_elsewhere, [key], [value_sum(data)])
+            else:  # no room here: a peer with room
+                stored = await self.calls.run(self.cluster.put_elsewhere, [key], [data]) == 1
         return {"stored": stored}, []
 
     async def put_many(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
@@ -61,9 +64,13 @@ class StoreOperations:
         keys = [conn.scope(k) for k in meta["keys"]]
         stored = await self.calls.for_put(len(data))(
             functools.partial(self.store.put_many, owner=conn.owner), keys, values)
-        if stored and self.cluster is not None:  # no other node may keep an older value
-            await self.calls.run(self.cluster.drop_elsewhere, keys[:stored],
-                                 [value_sum(v) for v in values[:stored]])
+        if self.cluster is not None:
+            if stored:  # no other node may keep an older value
+                await self.calls.run(self.cluster.drop_elsewhere, keys[:stored],
+                                     [value_sum(v) for v in values[:stored]])
+            if stored < len(keys):  # no room here: peers with room
+                stored += await self.calls.run(self.cluster.put_elsewhere, keys[stored:],
+                                               values[stored:])
         return {"stored": stored}, []
 
     async def get(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:

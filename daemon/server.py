@@ -175,7 +175,7 @@ class Daemon:
             "reserve": shm.reserve, "commit": shm.commit, "abort": shm.abort,
             "pin": shm.pin, "unpin": shm.unpin, "touch": shm.touch,
             "peer_get": self._peer_op("peer_get"), "peer_held": self._peer_op("peer_held"),
-            "peer_drop": self._peer_op("peer_drop"),
+            "peer_drop": self._peer_op("peer_drop"), "peer_put": self._peer_op("peer_put"),
         }
         assert handlers.keys() == ops.OPERATIONS, \
             f"no handler for {ops.OPERATIONS - handlers.keys()} or no operation for " \
@@ -188,6 +188,8 @@ class Daemon:
         async def handler(conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
             if self.cluster is None:
                 raise RequestError(ErrorCode.FORBIDDEN, "this daemon is in no cluster")
+            if name == "peer_put":
+                return await self.cluster.peer_put(self.calls, conn, meta, data)
             return await getattr(self.cluster, name)(self.calls, conn, meta)
         return handler
 

@@ -61,6 +61,7 @@ class Peer:
     node_id: str
     address: str  # HOST:PORT of its control (TCP) listener
     expires_at: float  # time.monotonic() at which its registry entry expires
+    free_bytes: int = 0  # its tiers' room as of its last heartbeat (capacity - used)
 
 
 class Membership:
@@ -93,11 +94,15 @@ class Membership:
             if raw is None or ttl_ms is None or ttl_ms < 0:
                 continue
             try:
-                address = json.loads(raw)["addresses"]["control"]
-            except (ValueError, KeyError, TypeError):
+                entry = json.loads(raw)
+                address = entry["addresses"]["control"]
+                used = entry.get("status") or {}
+                free_bytes = sum(max(0, int(capacity) - int(used.get(tier, 0)))
+                                 for tier, capacity in (entry.get("tiers") or {}).items())
+            except (ValueError, KeyError, TypeError, AttributeError):
                 log.warning("skipping a malformed registry entry of node %s", node_id)
                 continue
-            peers[node_id] = Peer(node_id, address, read_at + ttl_ms / 1000)
+            peers[node_id] = Peer(node_id, address, read_at + ttl_ms / 1000, free_bytes)
         with self._lock:
             self._peers = peers
 
@@ -128,7 +133,8 @@ class PeerLinks:
         self._lock = threading.Lock()
         self._closed = False
 
-    def _request(self, address: str, meta: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    def _request(self, address: str, meta: dict[str, Any], parts: Sequence[Any] = ()
+                 ) -> tuple[dict[str, Any], Any]:
         with self._lock:
             if self._closed:
                 raise KVStoreError("peer links are closed")
@@ -139,7 +145,7 @@ class PeerLinks:
                 f"kvstore://{address}", token=self.token, timeout_s=self.timeout_s,
                 connect_timeout_s=self.timeout_s, shared_memory=False))
         try:
-            answer = conn.request(meta, [], self.timeout_s)
+            answer = conn.request(meta, list(parts), self.timeout_s)
         except BaseException:
             conn.close()
             raise
@@ -187,6 +193,13 @@ class PeerLinks:
             meta["sums"] = list(sums)
         answer, _ = self._request(address, meta)
         return int(answer["dropped"])
+
+    def put(self, address: str, keys: Sequence[bytes], values: Sequence[bytes]) -> list[bool]:
+        """Have ``address`` store ``keys`` (blocks this node has no room for); whether
+        each was stored (and published to the pool's index) there."""
+        meta, _ = self._request(address, {"op": "peer_put", "keys": list(keys),
+                                          "sizes": [len(v) for v in values]}, values)
+        return [bool(s) for s in meta["stored"]]
 
     def close(self) -> None:
         with self._lock:

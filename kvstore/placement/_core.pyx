@@ -59,6 +59,9 @@ cdef class Placement(KeyedIndex):
     cdef dict quotas  # (owner, tier) -> bytes
     cdef dict held  # (tier, slot) -> (owner, bytes): reserved for an owner, not committed
     cdef dict held_bytes  # (owner, tier) -> bytes
+    # media.spill(t, key) gets each block whose last copy an eviction is about to drop
+    # (a cluster node hands it to a peer with room: `daemon.cluster`).
+    cdef public bint spills
 
     def __init__(self, policies, *, admissions=None, partition_of=None, media=None,
                  capacity_blocks=None, write_tier=0, promote_on_hit=True, num_ids=0,
@@ -163,6 +166,8 @@ cdef class Placement(KeyedIndex):
         if self.counted:
             self.used[t] -= 1
         else:
+            if self.spills and self.e[i].res == (1 << t):  # its last copy leaves
+                self.media.spill(t, self.keys[i])
             self.media.drop(t, self.keys[i], DROP_EVICTED)
         self._remove(i, t)
         return 0

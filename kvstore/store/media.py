@@ -98,6 +98,9 @@ class TierMedia:
         # pinned), and (tier, offset) -> readers left. Freed when the last reader unpins.
         self._retired: dict[int, list[tuple[int, int]]] = {}
         self._retired_readers: dict[tuple[int, int], int] = {}
+        # Gets (key, value bytes) of each block whose last copy an eviction drops (set by
+        # `Store.spill_to`); called with the store lock held: it must only queue them.
+        self.on_spill: Callable[[bytes, bytes], None] | None = None
 
     def tier_of_kind(self, kind: TierKind) -> int | None:
         return self.kinds.index(kind) if kind in self.kinds else None
@@ -151,6 +154,25 @@ class TierMedia:
             tier.delete(key)
         else:
             tier.evict(key)
+
+    def spill(self, t: int, key: bytes) -> None:
+        """Hand ``on_spill`` a copy of the block an eviction is about to drop from ``t``,
+        its last tier; a copy that cannot be read (a failed disk) is not handed on."""
+        if self.on_spill is None:
+            return
+        tier = self.tiers[t]
+        try:
+            if self.is_memory[t]:
+                view = tier.view(*tier.slot_of(key))
+                value = (view.tobytes() if isinstance(view, np.ndarray)
+                         else view.cpu().numpy().tobytes())
+            else:
+                value = tier.get(key)
+        except (StorageError, OSError) as e:
+            log.warning("eviction: could not read a block to hand to a peer: %s", e)
+            return
+        if value is not None:
+            self.on_spill(key, value)
 
     def retire(self, t: int, key: bytes, pins: list[int]) -> bool:
         if not self.is_memory[t]:

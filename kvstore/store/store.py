@@ -373,6 +373,14 @@ class Store:
                 self.placement.track_changes(True)
             return held
 
+    def spill_to(self, on_spill: Callable[[bytes, bytes], None] | None) -> None:
+        """Hand ``on_spill(key, value)`` every block whose last copy an eviction drops,
+        before it is dropped (None: stop). It is called with the store's lock held, from
+        whichever thread evicts: it must only queue the block."""
+        with self._state.lock:
+            self._media.on_spill = on_spill
+            self.placement.spills = on_spill is not None
+
     def tier_bits(self, keys: Sequence[bytes]) -> list[int]:
         """Each key's tier bits now (0: not held)."""
         checked = [check_key(k) for k in keys]

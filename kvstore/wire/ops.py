@@ -98,6 +98,7 @@ _FIELDS: dict[str, dict[str, Any]] = {
     "peer_get": {"keys": _keys},
     "peer_held": {"keys": _keys},
     "peer_drop": {"keys": _keys},
+    "peer_put": {"keys": _keys, "sizes": _sizes},  # blocks a node has no room for
 }
 
 OPERATIONS = frozenset(_FIELDS)
@@ -163,14 +164,14 @@ def check_request(meta: dict[str, Any], data_bytes: int) -> tuple[int, str, floa
         for field, check in _OPTIONAL_FIELDS.get(op, {}).items():
             if meta.get(field) is not None:
                 meta[field] = check(meta[field], field, meta)
-        expected = sum(meta["sizes"]) if op == "put_many" else None
+        expected = sum(meta["sizes"]) if op in ("put_many", "peer_put") else None
         if op == "put":
             expected = data_bytes  # one value: whatever the frame carries
         if expected is not None and expected != data_bytes:
             raise RequestError(ErrorCode.INVALID_VALUE,
                                f"sizes add up to {expected} bytes but the frame carries "
                                f"{data_bytes}")
-        if op not in ("put", "put_many") and data_bytes:
+        if op not in ("put", "put_many", "peer_put") and data_bytes:
             raise RequestError(ErrorCode.BAD_REQUEST, f"{op} carries no data")
     except RequestError as e:
         e.request_id = request_id  # type: ignore[attr-defined]

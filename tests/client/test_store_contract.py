@@ -1,5 +1,7 @@
 """The Store API contract, passed by the embedded Store and by clients of a real daemon
-subprocess: over shared memory, over TCP, and (in test_async_client) asyncio."""
+subprocess: over shared memory, over TCP, and (in test_async_client) asyncio; and by a
+client of one node of a 3-node pool that has room for little, its blocks living on the
+other two (pooled capacity: `daemon.cluster`)."""
 
 from __future__ import annotations
 
@@ -19,8 +21,36 @@ MiB = 1024 * KiB
 _namespaces = itertools.count()
 
 
-@pytest.fixture(params=["embedded", "shm", "shm-pin", "tcp"])
+@pytest.fixture(scope="module")
+def pool_node(tmp_path_factory):
+    """Node n1 of a 3-node pool, with 8 MiB of DRAM beside its peers' 64 MiB each."""
+    from tests.cluster.conftest import Pool
+
+    pool = Pool(tmp_path_factory.mktemp("pool"))
+    try:
+        pool.start("n0", "--dram", "64MiB", "--max-value", "4MiB")
+        node = pool.start("n1", "--dram", "8MiB", "--max-value", "4MiB")
+        pool.start("n2", "--dram", "64MiB", "--max-value", "4MiB")
+        with kvstore.connect(node.url, shared_memory=False) as admin:
+            pool.wait_peers("n1", {"n0", "n2"}, admin)
+            yield node
+            assert admin.stats()["cluster"]["spilled"] > 0  # blocks went to the peers
+    finally:
+        pool.close()
+
+
+@pytest.fixture(params=["embedded", "shm", "shm-pin", "tcp", "pool"])
 def api(request, tmp_path, shared_daemon, monkeypatch):
+    if request.param == "pool":
+        # Fill the node first, so that what the test writes pushes blocks to the peers.
+        node = request.getfixturevalue("pool_node")
+        store = kvstore.connect(node.url, namespace=f"contract-{next(_namespaces)}",
+                                shared_memory=False)
+        filler = chain(12, f"fill-{next(_namespaces)}")
+        store.put_many(filler, [make_value(("fill", i), 1 * MiB) for i in range(12)])
+        yield store
+        store.close()
+        return
     if request.param == "embedded":
         store = kvstore.Store(kvstore.StoreConfig(
             dram_bytes="64MiB", nvme_path=str(tmp_path / "nvme"), nvme_bytes="64MiB",

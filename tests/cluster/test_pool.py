@@ -302,3 +302,35 @@ def test_a_node_refuses_a_pool_without_a_file_secret_when_tenants_are_kept_apart
         DaemonConfig(cluster="prod")
     with pytest.raises(ConfigError, match="--key-file"):
         DaemonConfig(redis_url="redis://127.0.0.1:1/0", key_file=str(tmp_path / "k"))
+
+
+@pytest.mark.timeout(120)
+def test_pooled_capacity_what_one_node_has_no_room_for_lives_on_its_peers(pool: Pool) -> None:
+    pool.start("n0", "--dram", "64MiB")
+    b = pool.start("n1", "--dram", "8MiB", "--max-value", "1MiB")
+    pool.start("n2", "--dram", "64MiB")
+    keys = chain(12, 96)  # 24 MiB of 256 KiB blocks through a node of 8 MiB
+    values = [value(k) * 4 for k in keys]
+    with connect(b) as cb:
+        pool.wait_peers("n1", {"n0", "n2"}, cb)
+        wait_until(lambda: all(p.free_bytes > 0 for p in _peers(pool, "n1")),
+                   what="the peers' room is in the registry")
+        for at in range(0, len(keys), 8):
+            assert cb.put_many(keys[at:at + 8], values[at:at + 8]) == 8
+        stats = cb.stats()
+        assert stats["tiers"]["dram"]["used_bytes"] <= 8 << 20
+        wait_until(lambda: cb.stats()["cluster"]["spilled"] >= 60,
+                   what="n1 handed its victims to its peers")
+        assert cb.stats()["cluster"]["spill_dropped"] == 0
+        elsewhere = set(pool.index.holdings("n0")) | set(pool.index.holdings("n2"))
+        assert len(elsewhere & set(pool.stored(keys))) >= 60
+        for k, v in zip(keys, values, strict=True):  # every block, through n1
+            assert cb.get(k) == v
+
+
+def _peers(pool: Pool, node_id: str) -> list:
+    from kvstore.cluster.peers import Membership
+
+    membership = Membership(pool.redis, CLUSTER, node_id)
+    membership.refresh()
+    return list(membership.live().values())
