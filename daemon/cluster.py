@@ -33,6 +33,7 @@ import random
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 PUBLISH_BATCH = 10_000  # block changes per pipelined batch
 SPILL_QUEUE_BYTES = 256 << 20  # evicted blocks waiting for a peer; past it they are dropped
 SPILL_BATCH_BYTES = 16 << 20  # per peer_put
+SPILLED_TO_S = 30.0  # how long a node forwards drops of a block it spilled to where it went
+SPILLED_TO_KEYS = 1 << 18
 _REDIS_FAILURES = (RedisError, OSError)
 _RNG = random.Random()  # the publisher's backoff jitter
 
@@ -135,6 +138,12 @@ class ClusterMember:
         self._spilling: dict[bytes, bytes] = {}
         self._spilling_bytes = 0
         self._sending: set[bytes] = set()
+        # Where blocks spilled lately went (key -> node, when): a drop that reaches this
+        # node for one (it was listed here until it arrived there) is forwarded there.
+        self._spilled_to: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
+        # Blocks held here that are not this node's to hand on: received from a peer. An
+        # eviction drops them (no spill on: no ping-pong).
+        self._foreign: set[bytes] = set()
         self._spill_cv = threading.Condition(self._lock)
         self._spill_stop = False
         self._spill_thread: threading.Thread | None = None
@@ -247,6 +256,14 @@ class ClusterMember:
         changes = self.store.take_changes()
         with self._lock:
             recheck, self._recheck = self._recheck, []
+            # A block on its way to a peer stays listed here (served from the queue, and
+            # a drop must reach this node) until it is there: its removal is published
+            # then (`_spill_loop` rechecks it).
+            changes = [(k, b) for k, b in changes
+                       if b or (k not in self._spilling and k not in self._sending)]
+            for key, bits in changes:
+                if not bits:
+                    self._foreign.discard(key)
         if recheck:
             recheck = list(dict.fromkeys(recheck))
             changes += zip(recheck, self.store.tier_bits(recheck), strict=True)
@@ -279,9 +296,11 @@ class ClusterMember:
                             "last such line", e, count)
             return peers, {}
 
-    def fetch(self, keys: Sequence[bytes], owner: int = 0) -> list[bytes | None]:
+    def fetch(self, keys: Sequence[bytes]) -> list[bytes | None]:
         """The values of ``keys`` from the peers that hold them (None: no live peer has
-        it, or every holder asked failed), each kept here too, as ``owner``'s."""
+        it, or every holder asked failed). No copy is kept here: a copy would push out a
+        block of this node's own, which has no other home (requests for a prefix are
+        routed to where it lives instead: `locate`)."""
         out: list[bytes | None] = [None] * len(keys)
         with self._lock:  # evicted here, not yet at a peer
             for i, key in enumerate(keys):
@@ -301,12 +320,7 @@ class ClusterMember:
                     plan.setdefault(options[attempt][1], []).append(i)
             for node, wanted in plan.items():
                 self._fetch_from(peers[node], [keys[i] for i in wanted], wanted, out)
-        fetched = [(keys[i], out[i]) for i in asked if out[i] is not None]
-        for key, value in fetched:
-            try:
-                self.store.put(key, value, owner=owner)
-            except KVStoreError as e:  # the copy is a cache: the answer stands
-                log.debug("no local copy of a remote block: %s", e)
+        fetched = [i for i in asked if out[i] is not None]
         self._count("remote_hits", len(fetched))
         self._count("remote_misses", len(asked) - len(fetched))
         return out
@@ -335,9 +349,11 @@ class ClusterMember:
     def leading(self, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` some live peer holds (each by any one of them)."""
         _, holders = self._holders(keys)
+        with self._lock:
+            spilling = [key in self._spilling for key in keys]
         count = 0
         for i in range(len(keys)):
-            if not any(bits[i] for bits in holders.values()):
+            if not spilling[i] and not any(bits[i] for bits in holders.values()):
                 break
             count += 1
         return count
@@ -358,14 +374,7 @@ class ClusterMember:
         other bytes than these): after an overwrite or a delete here, no node serves the
         old value. An older value on its way to a peer (spilled) goes first; one a
         peer_put carries now is waited for (it is in the index when that returns)."""
-        with self._lock:
-            for key in keys:
-                old = self._spilling.pop(key, None)
-                if old is not None:
-                    self._spilling_bytes -= len(old)
-            deadline = time.monotonic() + 2 * self.links.timeout_s
-            while any(key in self._sending for key in keys) and time.monotonic() < deadline:
-                self._spill_cv.wait(deadline - time.monotonic())
+        self._cancel_spills(keys, sums)
         peers, holders = self._holders(keys)
         for node, bits in holders.items():
             held = [i for i in range(len(keys)) if bits[i]]
@@ -373,6 +382,38 @@ class ClusterMember:
                 self._count("dropped_elsewhere", self.links.drop(
                     peers[node].address, [keys[i] for i in held],
                     None if sums is None else [sums[i] for i in held]))
+            except KVStoreError as e:
+                self._peer_failed(peers[node], e)
+
+    def _cancel_spills(self, keys: Sequence[bytes], sums: Sequence[int] | None) -> None:
+        """Before ``keys`` are dropped (``sums``: where their value has other bytes): a
+        queued spill of one goes; one in flight is waited for; one spilled lately is
+        dropped where it went (it was listed here until it got there)."""
+        forward: dict[str, list[int]] = {}
+        with self._lock:
+            for i, key in enumerate(keys):
+                queued = self._spilling.get(key)
+                if queued is not None and (sums is None or value_sum(queued) != sums[i]):
+                    del self._spilling[key]
+                    self._spilling_bytes -= len(queued)
+            deadline = time.monotonic() + 2 * self.links.timeout_s
+            while any(key in self._sending for key in keys) and time.monotonic() < deadline:
+                self._spill_cv.wait(deadline - time.monotonic())
+            now = time.monotonic()
+            for i, key in enumerate(keys):
+                sent = self._spilled_to.get(key)
+                if sent is not None and now - sent[1] < SPILLED_TO_S:
+                    forward.setdefault(sent[0], []).append(i)
+        if not forward:
+            return
+        peers = self.membership.live()
+        for node, wanted in forward.items():
+            if node not in peers:  # gone: its blocks are misses
+                continue
+            try:
+                self._count("dropped_elsewhere", self.links.drop(
+                    peers[node].address, [keys[i] for i in wanted],
+                    None if sums is None else [sums[i] for i in wanted]))
             except KVStoreError as e:
                 self._peer_failed(peers[node], e)
 
@@ -395,6 +436,10 @@ class ClusterMember:
 
     def _peer_get(self, keys: list[bytes]) -> list[bytes | None]:
         values = self.store.get_many(keys, max_bytes=self.max_answer_data_bytes)
+        if None in values:  # listed here while on its way to a peer
+            with self._lock:
+                values = [self._spilling.get(k) if v is None else v
+                          for k, v in zip(keys, values, strict=False)]
         missing = [k for k, v in zip(keys, values, strict=False) if v is None]
         if missing:
             self.recheck(missing)
@@ -428,6 +473,7 @@ class ClusterMember:
                     continue
             if self.store.delete(key):
                 dropped.append(key)
+        self._cancel_spills(keys, sums)
         self._publish_now(dropped)
         return len(dropped)
 
@@ -443,10 +489,17 @@ class ClusterMember:
             log.debug("publishing at once failed (%s); the next batch carries it", e)
 
     def _peer_put(self, keys: list[bytes], values: list[Any]) -> list[bool]:
-        stored = [self.store.put(key, value) for key, value in zip(keys, values, strict=True)]
-        self._publish_now([k for k, ok in zip(keys, stored, strict=True) if ok])
-        self._count("received", sum(stored))
-        return stored
+        """Store blocks a peer has no room for; never in place of a value held here (a
+        client's, written meanwhile). Whether the pool now holds each here."""
+        stored = [self.store.put(key, value, replace=False)
+                  for key, value in zip(keys, values, strict=True)]
+        received = [k for k, ok in zip(keys, stored, strict=True) if ok]
+        with self._lock:
+            self._foreign.update(received)
+        self._publish_now(received)
+        self._count("received", len(received))
+        held = self.store.tier_bits(keys)
+        return [bool(bits) for bits in held]
 
     async def peer_put(self, calls: Any, conn: Connection, meta: dict[str, Any],
                        data: Any) -> Any:
@@ -463,6 +516,9 @@ class ClusterMember:
         """An eviction drops the last copy of ``key`` here: queue it for a peer with room
         (called with the store lock held: it only queues)."""
         with self._lock:
+            if key in self._foreign:  # a peer's block: not this node's to hand on
+                self._foreign.discard(key)
+                return
             old = self._spilling.pop(key, None)
             if old is not None:
                 self._spilling_bytes -= len(old)
@@ -488,35 +544,47 @@ class ClusterMember:
                     batch.append((key, value))
                     nbytes += len(value)
                 self._sending.update(key for key, _ in batch)
-            placed = [False] * len(batch)
+            placed: list[str | None] = [None] * len(batch)
             try:
-                placed = self._place([k for k, _ in batch], [v for _, v in batch])
+                placed = self._place([k for k, _ in batch], [v for _, v in batch],
+                                     need_room=True)
             except Exception as e:  # the spiller must outlive anything a peer does
                 log.warning("handing evicted blocks to peers failed: %s", e, exc_info=e)
             finally:
+                now = time.monotonic()
                 with self._lock:
-                    for (key, value), ok in zip(batch, placed, strict=True):
+                    for (key, value), node in zip(batch, placed, strict=True):
                         self._sending.discard(key)
+                        if node is not None:
+                            self._spilled_to[key] = (node, now)
+                            self._spilled_to.move_to_end(key)
                         if self._spilling.get(key) is value:  # not replaced nor deleted
                             del self._spilling[key]
                             self._spilling_bytes -= len(value)
-                            self.counts["spilled" if ok else "spill_dropped"] += 1
+                            self.counts["spilled" if node else "spill_dropped"] += 1
+                        self._recheck.append(key)  # listed here until now
+                    while len(self._spilled_to) > SPILLED_TO_KEYS:
+                        self._spilled_to.popitem(last=False)
                     self._spill_cv.notify_all()
 
-    def _place(self, keys: list[bytes], values: list[Any]) -> list[bool]:
+    def _place(self, keys: list[bytes], values: list[Any], *, need_room: bool
+               ) -> list[str | None]:
         """Store ``keys`` on the live peers with the most room (as of their heartbeats,
-        less what was sent to them since); whether each was stored somewhere."""
-        placed = [False] * len(keys)
+        less what was sent to them since); the node each went to (None: none). With
+        ``need_room`` (victims of evictions) only where that room is free: a full pool
+        drops its victims as one node does, rather than push out its peers' newer
+        blocks; without (a client's new blocks), the peer makes room."""
+        placed: list[str | None] = [None] * len(keys)
         peers = self.membership.live()
         with self._lock:
             sent = dict(self._sent_bytes)
         for peer in sorted(peers.values(),
                            key=lambda p: sent.get(p.node_id, 0) - p.free_bytes):
-            left = [i for i, ok in enumerate(placed) if not ok]
+            left = [i for i, node in enumerate(placed) if node is None]
             if not left:
                 break
             need = sum(len(values[i]) for i in left)
-            if peer.free_bytes - sent.get(peer.node_id, 0) < need:
+            if need_room and peer.free_bytes - sent.get(peer.node_id, 0) < need:
                 continue
             try:
                 stored = self.links.put(peer.address, [keys[i] for i in left],
@@ -525,20 +593,30 @@ class ClusterMember:
                 self._peer_failed(peer, e)
                 continue
             for i, ok in zip(left, stored, strict=True):
-                placed[i] = ok
+                placed[i] = peer.node_id if ok else None
             with self._lock:
                 self._sent_bytes[peer.node_id] = self._sent_bytes.get(peer.node_id, 0) + need
         return placed
 
-    def put_elsewhere(self, keys: list[bytes], values: list[Any]) -> int:
-        """Blocks a client wrote that found no room here: stored on peers with room; how
-        many leading ones were."""
-        if not keys:
-            return 0
-        placed = self._place(keys, [bytes(v) for v in values])
-        count = next((i for i, ok in enumerate(placed) if not ok), len(placed))
-        self._count("spilled", sum(placed))
-        return count
+    def after_put(self, keys: list[bytes], values: list[Any], stored: int) -> int:
+        """A client's put of ``keys`` stored the leading ``stored`` of them here: no other
+        node may keep an older value of those; the others found no room here and go to
+        peers with room (and an older value of them here goes). How many leading keys the
+        pool now holds."""
+        sums = [value_sum(v) for v in values]
+        with self._lock:
+            self._foreign.difference_update(keys[:stored])  # a client's now: this node's
+        if stored < len(keys):
+            rest = [bytes(v) for v in values[stored:]]
+            placed = self._place(keys[stored:], rest, need_room=False)
+            count = next((i for i, node in enumerate(placed) if node is None), len(placed))
+            self._count("spilled", count)
+            for key in keys[stored:stored + count]:
+                self.store.delete(key)
+            stored += count
+        if stored:
+            self.drop_elsewhere(keys[:stored], sums[:stored])
+        return stored
 
     async def peer_drop(self, calls: Any, conn: Connection, meta: dict[str, Any]) -> Any:
         self._check_peer(conn)

@@ -20,7 +20,6 @@ from daemon.connection import Connection
 from daemon.frame_memory import LogThrottle
 from daemon.read_stats import ReadStats
 from daemon.store_calls import StoreCalls
-from kvstore.cluster.peers import value_sum
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +48,7 @@ class StoreOperations:
         stored = await self.calls.for_put(len(data))(
             functools.partial(self.store.put, owner=conn.owner), key, data)
         if self.cluster is not None:
-            if stored:  # no other node may keep an older value
-                await self.calls.run(self.cluster.drop_elsewhere, [key], [value_sum(data)])
-            else:  # no room here: a peer with room
-                stored = await self.calls.run(self.cluster.put_elsewhere, [key], [data]) == 1
+            stored = await self.calls.run(self.cluster.after_put, [key], [data], int(stored)) == 1
         return {"stored": stored}, []
 
     async def put_many(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
@@ -65,19 +61,14 @@ class StoreOperations:
         stored = await self.calls.for_put(len(data))(
             functools.partial(self.store.put_many, owner=conn.owner), keys, values)
         if self.cluster is not None:
-            if stored:  # no other node may keep an older value
-                await self.calls.run(self.cluster.drop_elsewhere, keys[:stored],
-                                     [value_sum(v) for v in values[:stored]])
-            if stored < len(keys):  # no room here: peers with room
-                stored += await self.calls.run(self.cluster.put_elsewhere, keys[stored:],
-                                               values[stored:])
+            stored = await self.calls.run(self.cluster.after_put, keys, values, stored)
         return {"stored": stored}, []
 
     async def get(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         key = conn.scope(meta["key"])
         value = await self.calls.for_get()(self.store.get, key)
         if value is None and self.cluster is not None:
-            value = (await self.calls.run(self.cluster.fetch, [key], conn.owner))[0]
+            value = (await self.calls.run(self.cluster.fetch, [key]))[0]
         self.read_stats.record_reads(conn.owner, 1, value is not None)
         return {"found": value is not None}, [value] if value is not None else []
 
@@ -88,7 +79,7 @@ class StoreOperations:
         keys = [conn.scope(k) for k in meta["keys"]]
         values = await self.calls.for_get()(self._get_leading, keys)
         if self.cluster is not None and None in values:
-            values = await self.calls.run(self._with_pool, keys, values, conn.owner)
+            values = await self.calls.run(self._with_pool, keys, values)
         sizes = [None if v is None else len(v) for v in values]
         self.read_stats.record_reads(conn.owner, len(sizes), len(sizes) - sizes.count(None))
         fields: dict[str, Any] = {"sizes": sizes + [None] * (len(keys) - len(values))}
@@ -105,12 +96,12 @@ class StoreOperations:
     def _get_leading(self, keys: list[bytes]) -> list[bytes | None]:
         return self.store.get_many(keys, max_bytes=self.max_answer_data_bytes)
 
-    def _with_pool(self, keys: list[bytes], values: list[bytes | None], owner: int
+    def _with_pool(self, keys: list[bytes], values: list[bytes | None]
                    ) -> list[bytes | None]:
         """``values`` (the leading ones answered here) with the misses fetched from the
         pool, cut again to ``max_answer_data_bytes`` (at least one)."""
         missing = [i for i, v in enumerate(values) if v is None]
-        for i, value in zip(missing, self.cluster.fetch([keys[i] for i in missing], owner),
+        for i, value in zip(missing, self.cluster.fetch([keys[i] for i in missing]),
                             strict=True):
             values[i] = value
         total = 0

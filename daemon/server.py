@@ -419,6 +419,10 @@ class Daemon:
                  namespace, conn.shared_memory)
         return {
             "version": frames.PROTOCOL_VERSION,
+            # A node of a pool tells a client its namespace's secret (as it does a
+            # shared-memory client's): a cluster-aware client looks its keys up in the
+            # pool's index, where they are stored scoped (kvstore.cluster.client).
+            **({"scope": conn.secret} if self.cluster is not None and conn.secret else {}),
             "node_id": self.config.node_id or f"{socket.gethostname()}:{self.address[1]}",
             "namespace": namespace,
             "max_value_bytes": self.store.config.max_value_bytes,

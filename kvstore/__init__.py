@@ -34,7 +34,7 @@ __all__ = [
 # Loaded when first asked for: the Store and the keys bring numpy, the client sockets and
 # msgpack; a command that needs neither (kvstore hitrate) starts without them.
 _LAZY = {"Store": "kvstore.store", "KEY_BYTES": "kvstore.keys", "BlockKey": "kvstore.keys",
-         "prefix_hashes": "kvstore.keys", "connect": "kvstore.client",
+         "prefix_hashes": "kvstore.keys", "connect": "kvstore.connecting",
          "aconnect": "kvstore.client"}
 
 

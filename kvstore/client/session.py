@@ -53,6 +53,8 @@ class Session:
         self.is_pool_registered = False  # page-locked for CUDA: GPUs DMA straight into it
         self.directory: Any = None  # the daemon's shm_directory.Directory, if mapped
         self.secret: bytes | None = None  # scopes keys as the daemon does (shared memory)
+        # The same, told by a node of a pool to any client (kvstore.cluster.client).
+        self.scope: bytes | None = hello.get("scope")
         self.touched: list[bytes] = []  # read through the directory, not yet reported
         self.num_directory_reads = 0
         # handle, offset, nbytes, and when the commit that reserved it was sent

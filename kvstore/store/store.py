@@ -81,12 +81,15 @@ class Store:
 
     # -- the public API -----------------------------------------------------------------------
 
-    def put(self, key: bytes, value: Any, *, owner: int = 0) -> bool:
+    def put(self, key: bytes, value: Any, *, owner: int = 0, replace: bool = True) -> bool:
         """Store ``value`` under ``key`` (replacing any earlier value). False if no room.
-        ``owner`` (a tenant's number; 0: nobody) is charged for it (`set_quota`)."""
+        ``owner`` (a tenant's number; 0: nobody) is charged for it (`set_quota`).
+        ``replace=False``: store it only if ``key`` is not held (False if it is), decided
+        at the instant it would be committed (a block arriving from a peer never replaces
+        what a client wrote here meanwhile)."""
         key = check_key(key)
         src = self._source(value)
-        return self._put(key, src, None, None, owner)
+        return self._put(key, src, None, None, owner, replace)
 
     def put_many(self, keys: Sequence[bytes], values: Sequence[Any], *,
                  owner: int = 0) -> int:
@@ -463,7 +466,8 @@ class Store:
         return src
 
     def _put(self, key: bytes, src: ByteView, parent: bytes | None,
-             protect: list[bytes] | None = None, owner: int = 0) -> bool:
+             protect: list[bytes] | None = None, owner: int = 0, replace: bool = True
+             ) -> bool:
         """Store into the write tier or, failing that, the tiers below it.
 
         ``protect`` holds the blocks this put_many call already stored (the new block's
@@ -477,11 +481,14 @@ class Store:
         for t in range(self.placement.write_tier, len(self._tiers)):
             tier = self._tiers[t]
             if isinstance(tier, MemoryTier):
-                if self._put_memory(t, tier, key, src, parent, protect, owner):
-                    return True
+                stored = self._put_memory(t, tier, key, src, parent, protect, owner, replace)
+                if stored is not None:
+                    return stored
                 continue
             with state.lock:
                 state.check_open()
+                if not replace and self.placement.lookup(key) >= 0:
+                    return False
                 if self.placement.put_into(t, key, parent, nbytes, owner, src, protect):
                     return True
         return False
@@ -505,16 +512,21 @@ class Store:
         return True
 
     def _put_memory(self, t: int, tier: MemoryTier, key: bytes, src: ByteView,
-                    parent: bytes | None, protect: list[bytes] | None, owner: int) -> bool:
+                    parent: bytes | None, protect: list[bytes] | None, owner: int,
+                    replace: bool = True) -> bool | None:
+        """True: stored in tier ``t``; None: no room there; False: ``key`` is held and
+        ``replace`` is False."""
         nbytes = int(src.shape[0])
         state = self._state
         core = self.placement
         if nbytes <= SMALL_VALUE_BYTES:
             with state.lock:
                 state.check_open()
+                if not replace and core.lookup(key) >= 0:
+                    return False
                 offset = core.reserve(t, nbytes, owner, protect)
                 if offset is None:
-                    return False
+                    return None
                 copy_bytes(tier.view(offset, nbytes), src)
                 self._commit(t, key, parent, offset, nbytes, owner)
             return True
@@ -524,7 +536,7 @@ class Store:
             if offset is not None:
                 core.hold(t, offset, owner, nbytes)  # copied outside the lock
         if offset is None:
-            return False
+            return None
         try:
             copy_bytes(tier.view(offset, nbytes), src)
         except BaseException:
@@ -535,6 +547,10 @@ class Store:
         with state.lock:
             if state.closed:
                 raise StoreClosedError("the store was closed during put")
+            if not replace and core.lookup(key) >= 0:  # (held: decided at the commit)
+                core.unhold(t, offset)
+                tier.release(offset)
+                return False
             self._commit(t, key, parent, offset, nbytes, owner)
         return True
 

@@ -22,8 +22,8 @@ _namespaces = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def pool_node(tmp_path_factory):
-    """Node n1 of a 3-node pool, with 8 MiB of DRAM beside its peers' 64 MiB each."""
+def pool3(tmp_path_factory):
+    """A 3-node pool: n1 with 8 MiB of DRAM beside its peers' 64 MiB each."""
     from tests.cluster.conftest import Pool
 
     pool = Pool(tmp_path_factory.mktemp("pool"))
@@ -33,21 +33,26 @@ def pool_node(tmp_path_factory):
         pool.start("n2", "--dram", "64MiB", "--max-value", "4MiB")
         with kvstore.connect(node.url, shared_memory=False) as admin:
             pool.wait_peers("n1", {"n0", "n2"}, admin)
-            yield node
+            yield pool
             assert admin.stats()["cluster"]["spilled"] > 0  # blocks went to the peers
     finally:
         pool.close()
 
 
-@pytest.fixture(params=["embedded", "shm", "shm-pin", "tcp", "pool"])
+@pytest.fixture(params=["embedded", "shm", "shm-pin", "tcp", "pool", "cluster-client"])
 def api(request, tmp_path, shared_daemon, monkeypatch):
-    if request.param == "pool":
-        # Fill the node first, so that what the test writes pushes blocks to the peers.
-        node = request.getfixturevalue("pool_node")
-        store = kvstore.connect(node.url, namespace=f"contract-{next(_namespaces)}",
-                                shared_memory=False)
-        filler = chain(12, f"fill-{next(_namespaces)}")
-        store.put_many(filler, [make_value(("fill", i), 1 * MiB) for i in range(12)])
+    if request.param in ("pool", "cluster-client"):
+        pool = request.getfixturevalue("pool3")
+        namespace = f"contract-{next(_namespaces)}"
+        if request.param == "pool":  # a client of n1; what it writes pushes n1's out
+            store = kvstore.connect(pool.nodes["n1"].url, namespace=namespace,
+                                    shared_memory=False)
+            filler = chain(12, f"fill-{next(_namespaces)}")
+            store.put_many(filler, [make_value(("fill", i), 1 * MiB) for i in range(12)])
+        else:  # the pool itself, each block read from the node that holds it
+            store = kvstore.connect(
+                f"kvstore+cluster://127.0.0.1:{pool.redis_server.port}/0?cluster=test",
+                namespace=namespace)
         yield store
         store.close()
         return
