@@ -1,19 +1,21 @@
 """This daemon as a node of a pool (docs/CLUSTER.md): it publishes what it holds to the
-pool's index in Redis, serves its blocks to peers, and reads the pool's blocks for its
-own clients (the remote tier).
+pool's index in Redis, serves its blocks to peers, reads the pool's blocks for its own
+clients (the remote tier), and hands what it evicts to peers with room (`daemon.spill`).
 
     Store ──change feed──> publisher task ──pipelined batches──> Redis (index, events)
     client get, miss here ──> index.holders (one round trip) ──> peer_get to the holder
-                              (checksum checked) ──> a copy kept here ──> the answer
+                              (checksum checked) ──> the answer (no copy kept here)
     client put/delete ──> peer_drop to the other holders (an overwrite with other bytes,
                           or a delete, leaves no old value in the pool)
+    eviction of a last copy ──> the spiller ──> peer_put to a peer with room
 
 What it publishes: on start, and again whenever Redis may have lost it (a failed call, or
 a Redis whose run id changed: restarted), the whole inventory (`Store.inventory`, which
 starts the change feed in the same instant: nothing falls between the two); then every
 ``publish_interval_s`` the keys whose tiers changed since (`Store.take_changes`), and
 keys a peer asked for that this node does not hold (a stale entry: published as gone, so
-the index heals).
+the index heals). What a peer stored or dropped at another's request is published before
+the answer, so the asker sees the index changed when its call returns.
 
 Failures are misses, never errors: Redis down, a peer dead, hung or answering corrupt
 bytes, a stale entry. Every peer call is bounded by ``peer_timeout_s``; a peer that failed
@@ -23,7 +25,6 @@ A connection that says hello with the cluster's peer token (`kvstore.cluster.pee
 peer: it may send the peer operations, on keys as stored, and nothing else; no tenant's
 connection may send them.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -33,7 +34,6 @@ import random
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -46,6 +46,7 @@ from redis.retry import Retry
 from daemon.connection import Connection
 from daemon.frame_memory import LogThrottle
 from daemon.registry import Backoff, redact_url
+from daemon.spill import Spiller
 from kvstore.cluster.index import ClusterIndex
 from kvstore.cluster.peers import (
     SECRET_BYTES,
@@ -63,10 +64,6 @@ from kvstore.wire.error_codes import ErrorCode, RequestError
 log = logging.getLogger(__name__)
 
 PUBLISH_BATCH = 10_000  # block changes per pipelined batch
-SPILL_QUEUE_BYTES = 256 << 20  # evicted blocks waiting for a peer; past it they are dropped
-SPILL_BATCH_BYTES = 16 << 20  # per peer_put
-SPILLED_TO_S = 30.0  # how long a node forwards drops of a block it spilled to where it went
-SPILLED_TO_KEYS = 1 << 18
 _REDIS_FAILURES = (RedisError, OSError)
 _RNG = random.Random()  # the publisher's backoff jitter
 
@@ -131,23 +128,10 @@ class ClusterMember:
         self.links = PeerLinks(self.peer_token, timeout_s=peer_timeout_s)
         # One thread for the publisher's Redis work: batches go out in order.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvstored-cluster")
-        self._recheck: list[bytes] = []  # keys peers asked for that this node lacks
+        self._recheck: list[bytes] = []  # keys whose tiers to publish as they are now
         self._lock = threading.Lock()  # never held while calling the Store
-        # Pooled capacity: blocks an eviction dropped here, on their way to a peer with
-        # room (served from here meanwhile), and those a peer_put is carrying now.
-        self._spilling: dict[bytes, bytes] = {}
-        self._spilling_bytes = 0
-        self._sending: set[bytes] = set()
-        # Where blocks spilled lately went (key -> node, when): a drop that reaches this
-        # node for one (it was listed here until it arrived there) is forwarded there.
-        self._spilled_to: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
-        # Blocks held here that are not this node's to hand on: received from a peer. An
-        # eviction drops them (no spill on: no ping-pong).
-        self._foreign: set[bytes] = set()
-        self._spill_cv = threading.Condition(self._lock)
-        self._spill_stop = False
-        self._spill_thread: threading.Thread | None = None
-        self._sent_bytes: dict[str, int] = {}  # to each peer since the last refresh
+        self.spiller = Spiller(self.membership, self.links, count=self._count,
+                               arrived=self.recheck, peer_failed=self._peer_failed)
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._is_down = False
@@ -160,10 +144,8 @@ class ClusterMember:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="kvstored-cluster")
-        self._spill_thread = threading.Thread(target=self._spill_loop,
-                                              name="kvstored-spill", daemon=True)
-        self._spill_thread.start()
-        self.store.spill_to(self.spill)
+        self.spiller.start()
+        self.store.spill_to(self.spiller.spill)
 
     async def stop(self) -> None:
         """Stop publishing and take this node's entries out of the index (bounded by the
@@ -173,11 +155,7 @@ class ClusterMember:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         loop = asyncio.get_running_loop()
-        with self._lock:
-            self._spill_stop = True
-            self._spill_cv.notify_all()
-        if self._spill_thread is not None:
-            await loop.run_in_executor(None, self._spill_thread.join)
+        await loop.run_in_executor(None, self.spiller.stop)
         try:
             self.store.spill_to(None)
         except StoreClosedError:
@@ -233,8 +211,7 @@ class ClusterMember:
     def _refresh(self) -> str:
         """Read the live nodes; Redis's run id (it changes when Redis restarts)."""
         self.membership.refresh()
-        with self._lock:
-            self._sent_bytes.clear()  # their room is as of their last heartbeat again
+        self.spiller.room_read()
         return str(self.redis.info("server").get("run_id"))
 
     def _publish_all(self) -> None:
@@ -256,14 +233,11 @@ class ClusterMember:
         changes = self.store.take_changes()
         with self._lock:
             recheck, self._recheck = self._recheck, []
-            # A block on its way to a peer stays listed here (served from the queue, and
-            # a drop must reach this node) until it is there: its removal is published
-            # then (`_spill_loop` rechecks it).
-            changes = [(k, b) for k, b in changes
-                       if b or (k not in self._spilling and k not in self._sending)]
-            for key, bits in changes:
-                if not bits:
-                    self._foreign.discard(key)
+        # A block on its way to a peer stays listed here (served from the queue, and a
+        # drop must reach this node) until it is there: its removal is published then
+        # (the spiller's ``arrived``).
+        changes = [(k, b) for k, b in changes if b or not self.spiller.is_listed(k)]
+        self.spiller.owned([k for k, b in changes if not b])  # gone from here
         if recheck:
             recheck = list(dict.fromkeys(recheck))
             changes += zip(recheck, self.store.tier_bits(recheck), strict=True)
@@ -301,10 +275,7 @@ class ClusterMember:
         it, or every holder asked failed). No copy is kept here: a copy would push out a
         block of this node's own, which has no other home (requests for a prefix are
         routed to where it lives instead: `locate`)."""
-        out: list[bytes | None] = [None] * len(keys)
-        with self._lock:  # evicted here, not yet at a peer
-            for i, key in enumerate(keys):
-                out[i] = self._spilling.get(key)
+        out = self.spiller.queued(keys)  # evicted here, not yet at a peer
         asked = [i for i, v in enumerate(out) if v is None]
         peers, holders = self._holders([keys[i] for i in asked])
         if not holders:
@@ -349,8 +320,7 @@ class ClusterMember:
     def leading(self, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` some live peer holds (each by any one of them)."""
         _, holders = self._holders(keys)
-        with self._lock:
-            spilling = [key in self._spilling for key in keys]
+        spilling = [value is not None for value in self.spiller.queued(keys)]
         count = 0
         for i in range(len(keys)):
             if not spilling[i] and not any(bits[i] for bits in holders.values()):
@@ -374,7 +344,7 @@ class ClusterMember:
         other bytes than these): after an overwrite or a delete here, no node serves the
         old value. An older value on its way to a peer (spilled) goes first; one a
         peer_put carries now is waited for (it is in the index when that returns)."""
-        self._cancel_spills(keys, sums)
+        self.spiller.cancel(keys, sums)
         peers, holders = self._holders(keys)
         for node, bits in holders.items():
             held = [i for i in range(len(keys)) if bits[i]]
@@ -382,38 +352,6 @@ class ClusterMember:
                 self._count("dropped_elsewhere", self.links.drop(
                     peers[node].address, [keys[i] for i in held],
                     None if sums is None else [sums[i] for i in held]))
-            except KVStoreError as e:
-                self._peer_failed(peers[node], e)
-
-    def _cancel_spills(self, keys: Sequence[bytes], sums: Sequence[int] | None) -> None:
-        """Before ``keys`` are dropped (``sums``: where their value has other bytes): a
-        queued spill of one goes; one in flight is waited for; one spilled lately is
-        dropped where it went (it was listed here until it got there)."""
-        forward: dict[str, list[int]] = {}
-        with self._lock:
-            for i, key in enumerate(keys):
-                queued = self._spilling.get(key)
-                if queued is not None and (sums is None or value_sum(queued) != sums[i]):
-                    del self._spilling[key]
-                    self._spilling_bytes -= len(queued)
-            deadline = time.monotonic() + 2 * self.links.timeout_s
-            while any(key in self._sending for key in keys) and time.monotonic() < deadline:
-                self._spill_cv.wait(deadline - time.monotonic())
-            now = time.monotonic()
-            for i, key in enumerate(keys):
-                sent = self._spilled_to.get(key)
-                if sent is not None and now - sent[1] < SPILLED_TO_S:
-                    forward.setdefault(sent[0], []).append(i)
-        if not forward:
-            return
-        peers = self.membership.live()
-        for node, wanted in forward.items():
-            if node not in peers:  # gone: its blocks are misses
-                continue
-            try:
-                self._count("dropped_elsewhere", self.links.drop(
-                    peers[node].address, [keys[i] for i in wanted],
-                    None if sums is None else [sums[i] for i in wanted]))
             except KVStoreError as e:
                 self._peer_failed(peers[node], e)
 
@@ -437,9 +375,8 @@ class ClusterMember:
     def _peer_get(self, keys: list[bytes]) -> list[bytes | None]:
         values = self.store.get_many(keys, max_bytes=self.max_answer_data_bytes)
         if None in values:  # listed here while on its way to a peer
-            with self._lock:
-                values = [self._spilling.get(k) if v is None else v
-                          for k, v in zip(keys, values, strict=False)]
+            queued = self.spiller.queued(keys[:len(values)])
+            values = [q if v is None else v for v, q in zip(values, queued, strict=True)]
         missing = [k for k, v in zip(keys, values, strict=False) if v is None]
         if missing:
             self.recheck(missing)
@@ -473,7 +410,7 @@ class ClusterMember:
                     continue
             if self.store.delete(key):
                 dropped.append(key)
-        self._cancel_spills(keys, sums)
+        self.spiller.cancel(keys, sums)
         self._publish_now(dropped)
         return len(dropped)
 
@@ -494,8 +431,7 @@ class ClusterMember:
         stored = [self.store.put(key, value, replace=False)
                   for key, value in zip(keys, values, strict=True)]
         received = [k for k, ok in zip(keys, stored, strict=True) if ok]
-        with self._lock:
-            self._foreign.update(received)
+        self.spiller.received(received)
         self._publish_now(received)
         self._count("received", len(received))
         held = self.store.tier_bits(keys)
@@ -510,105 +446,16 @@ class ClusterMember:
             offset += size
         return {"stored": await calls.run(self._peer_put, meta["keys"], values)}, []
 
-    # -- pooled capacity: what leaves this node goes to a peer with room -------------------
-
-    def spill(self, key: bytes, value: bytes) -> None:
-        """An eviction drops the last copy of ``key`` here: queue it for a peer with room
-        (called with the store lock held: it only queues)."""
-        with self._lock:
-            if key in self._foreign:  # a peer's block: not this node's to hand on
-                self._foreign.discard(key)
-                return
-            old = self._spilling.pop(key, None)
-            if old is not None:
-                self._spilling_bytes -= len(old)
-            if self._spill_stop or self._spilling_bytes + len(value) > SPILL_QUEUE_BYTES:
-                self.counts["spill_dropped"] += 1
-                return
-            self._spilling[key] = value
-            self._spilling_bytes += len(value)
-            self._spill_cv.notify_all()
-
-    def _spill_loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._spilling and not self._spill_stop:
-                    self._spill_cv.wait()
-                if self._spill_stop:
-                    return
-                batch: list[tuple[bytes, bytes]] = []
-                nbytes = 0
-                for key, value in self._spilling.items():  # oldest eviction first
-                    if batch and nbytes + len(value) > SPILL_BATCH_BYTES:
-                        break
-                    batch.append((key, value))
-                    nbytes += len(value)
-                self._sending.update(key for key, _ in batch)
-            placed: list[str | None] = [None] * len(batch)
-            try:
-                placed = self._place([k for k, _ in batch], [v for _, v in batch],
-                                     need_room=True)
-            except Exception as e:  # the spiller must outlive anything a peer does
-                log.warning("handing evicted blocks to peers failed: %s", e, exc_info=e)
-            finally:
-                now = time.monotonic()
-                with self._lock:
-                    for (key, value), node in zip(batch, placed, strict=True):
-                        self._sending.discard(key)
-                        if node is not None:
-                            self._spilled_to[key] = (node, now)
-                            self._spilled_to.move_to_end(key)
-                        if self._spilling.get(key) is value:  # not replaced nor deleted
-                            del self._spilling[key]
-                            self._spilling_bytes -= len(value)
-                            self.counts["spilled" if node else "spill_dropped"] += 1
-                        self._recheck.append(key)  # listed here until now
-                    while len(self._spilled_to) > SPILLED_TO_KEYS:
-                        self._spilled_to.popitem(last=False)
-                    self._spill_cv.notify_all()
-
-    def _place(self, keys: list[bytes], values: list[Any], *, need_room: bool
-               ) -> list[str | None]:
-        """Store ``keys`` on the live peers with the most room (as of their heartbeats,
-        less what was sent to them since); the node each went to (None: none). With
-        ``need_room`` (victims of evictions) only where that room is free: a full pool
-        drops its victims as one node does, rather than push out its peers' newer
-        blocks; without (a client's new blocks), the peer makes room."""
-        placed: list[str | None] = [None] * len(keys)
-        peers = self.membership.live()
-        with self._lock:
-            sent = dict(self._sent_bytes)
-        for peer in sorted(peers.values(),
-                           key=lambda p: sent.get(p.node_id, 0) - p.free_bytes):
-            left = [i for i, node in enumerate(placed) if node is None]
-            if not left:
-                break
-            need = sum(len(values[i]) for i in left)
-            if need_room and peer.free_bytes - sent.get(peer.node_id, 0) < need:
-                continue
-            try:
-                stored = self.links.put(peer.address, [keys[i] for i in left],
-                                        [values[i] for i in left])
-            except KVStoreError as e:
-                self._peer_failed(peer, e)
-                continue
-            for i, ok in zip(left, stored, strict=True):
-                placed[i] = peer.node_id if ok else None
-            with self._lock:
-                self._sent_bytes[peer.node_id] = self._sent_bytes.get(peer.node_id, 0) + need
-        return placed
-
     def after_put(self, keys: list[bytes], values: list[Any], stored: int) -> int:
         """A client's put of ``keys`` stored the leading ``stored`` of them here: no other
         node may keep an older value of those; the others found no room here and go to
         peers with room (and an older value of them here goes). How many leading keys the
         pool now holds."""
         sums = [value_sum(v) for v in values]
-        with self._lock:
-            self._foreign.difference_update(keys[:stored])  # a client's now: this node's
+        self.spiller.owned(keys[:stored])  # a client's now: this node's to hand on
         if stored < len(keys):
             rest = [bytes(v) for v in values[stored:]]
-            placed = self._place(keys[stored:], rest, need_room=False)
+            placed = self.spiller.place(keys[stored:], rest, need_room=False)
             count = next((i for i, node in enumerate(placed) if node is None), len(placed))
             self._count("spilled", count)
             for key in keys[stored:stored + count]:

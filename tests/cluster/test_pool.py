@@ -334,3 +334,28 @@ def _peers(pool: Pool, node_id: str) -> list:
     membership = Membership(pool.redis, CLUSTER, node_id)
     membership.refresh()
     return list(membership.live().values())
+
+
+@pytest.mark.timeout(120)
+def test_an_overwrite_is_never_undone_by_an_older_value_on_its_way_to_a_peer(
+        pool: Pool) -> None:
+    """A block evicted from a small node travels to a peer; overwriting it through the
+    small node while it travels, or after it arrived, leaves only the new value."""
+    pool.start("n0", "--dram", "64MiB")
+    b = pool.start("n1", "--dram", "8MiB", "--max-value", "1MiB")
+    with connect(b) as cb:
+        pool.wait_peers("n1", {"n0"}, cb)
+        wait_until(lambda: all(p.free_bytes > 0 for p in _peers(pool, "n1")),
+                   what="the peers' room is in the registry")
+        for round_ in range(6):
+            key = chain(50 + round_, 1)[0]
+            cb.put(key, b"old" * 1000)
+            filler = chain(60 + round_, 12)  # pushes the old value out of n1
+            cb.put_many(filler, [value(k) * 4 for k in filler])
+            if round_ % 2:
+                time.sleep(0.3)  # (arrived at n0 by now; else it may be on its way)
+            cb.put(key, b"new" * 1000)
+            for _ in range(5):
+                assert cb.get(key) == b"new" * 1000
+                time.sleep(0.05)
+            assert cb.get(key) == b"new" * 1000
