@@ -23,6 +23,14 @@ and takes the cheaper. A short prompt costs little to compute but a publish and 
 to ship; a prompt whose KV is already in the decode engine's store costs only its fetch
 there: both run colocated. A long uncached prompt next to a busy decode batch is
 disaggregated. Every decision is logged with its numbers.
+
+Engines on the nodes of a pool (`pool`: anything with `locate(keys)`, such as the
+cluster-aware client): any node serves the whole pool, so every engine could fetch the
+whole cached prefix; the conductor asks the pool's index once per request (one Redis
+round trip, no question to each engine) where the prefix lives, costs each engine with
+the prefix the pool holds, and among equal costs takes the engine whose own node holds
+the most of it (its fetch stays on its host). The log line gives each engine's local
+blocks and their tiers.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from engines.cost_model import CostModel, calibrate
 from engines.decode import DecodeEngine, DecodeRequest, FinishReason
@@ -42,6 +51,7 @@ from engines.kv_io import CacheFullError, usable_prefix_blocks
 from engines.prefill import PrefillEngine, PrefillResult
 from engines.sampling import SamplingParams
 from engines.workers import DecodeWorker, PrefillWorker
+from kvstore.errors import KVStoreError
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +68,28 @@ class Route:
     cached_blocks_prefill: int
     cached_blocks_decode: int
     num_blocks: int
+    # With a pool: each engine's node's own leading blocks ("d0": (tier bits, ...)).
+    local_blocks: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def describe(self) -> str:
         where = (f"prefill p{self.prefill} -> decode d{self.decode}" if self.is_disaggregated
                  else f"colocated on d{self.decode}")
+        local = "".join(f"; local {name}={len(tiers)}" + (f" (tiers {_tiers(tiers)})"
+                                                          if tiers else "")
+                        for name, tiers in self.local_blocks.items())
         return (f"{where}: est colocated {self.colocated_cost_s * 1e3:.0f} ms vs "
                 f"disaggregated {self.disaggregated_cost_s * 1e3:.0f} ms; cached blocks "
                 f"p={self.cached_blocks_prefill} d={self.cached_blocks_decode} "
-                f"of {self.num_blocks}")
+                f"of {self.num_blocks}{local}")
+
+
+def _tiers(bits: tuple[int, ...]) -> str:
+    """How many of the blocks are in each tier, by their fastest copy: hbm 3, dram 5."""
+    counts: dict[str, int] = {}
+    for b in bits:
+        name = "hbm" if b & 1 else "dram" if b & 2 else "nvme"
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{name} {n}" for name, n in counts.items())
 
 
 @dataclass
@@ -85,7 +109,9 @@ class RequestResult:
 class Conductor:
     def __init__(self, prefill_engines: Sequence[PrefillEngine],
                  decode_engines: Sequence[DecodeEngine], *,
-                 cost: CostModel | None = None) -> None:
+                 cost: CostModel | None = None, pool: Any | None = None) -> None:
+        """``pool``: the pool the engines' stores are nodes of (``locate(keys)``), to
+        route by where prefixes live without asking each engine."""
         if not decode_engines:
             raise ValueError("the conductor needs at least one decode engine")
         engines = [*prefill_engines, *decode_engines]
@@ -95,6 +121,10 @@ class Conductor:
         self.cost = cost or calibrate(decode_engines[0].model, decode_engines[0].io)
         self.prefill = [PrefillWorker(e, f"p{i}") for i, e in enumerate(prefill_engines)]
         self.decode = [DecodeWorker(e, f"d{i}") for i, e in enumerate(decode_engines)]
+        self.pool = pool
+        # Each engine's node in the pool (its store's daemon), by worker name.
+        self._node_of = ({w.name: getattr(w.engine.io.store, "node_id", None)
+                          for w in [*self.prefill, *self.decode]} if pool is not None else {})
         self._lock = threading.Lock()  # routing reads and bumps load figures together
 
     def close(self) -> None:
@@ -114,11 +144,12 @@ class Conductor:
         request_id = request_id or uuid.uuid4().hex[:12]
         cost, n, block = self.cost, len(prompt), self.block_tokens
         keys = self.decode[0].engine.io.keys(prompt)
+        cached_of, local = self._where(keys)
 
         def usable(blocks: int) -> int:
             return usable_prefix_blocks(blocks, n, block)
 
-        decode_index, cached_d = self._pick_decode(prompt, sampling, keys)
+        decode_index, cached_d = self._pick_decode(prompt, sampling, cached_of, local)
         running = self.decode[decode_index].num_running
         wait_d = cost.decode_step_s if running else 0.0  # joins at the next step
         compute_d = cost.prefill_s(n - usable(cached_d) * block, n)
@@ -126,16 +157,17 @@ class Conductor:
         # Both costs run to the second token, plus what the request stalls the others by.
         colocated = ttft_colocated + cost.decode_step_s + running * compute_d
 
-        best: tuple[float, int, int] | None = None  # (ttft, index, cached blocks)
+        best: tuple[float, int, int, int] | None = None  # (ttft, -local, index, cached)
         for i, p in enumerate(self.prefill):
-            cached_p = usable(p.engine.io.cached_blocks(keys, probe=True))
+            cached_p = usable(cached_of(p))
             ttft_p = (p.queued_s + cost.fetch_s(cached_p)
                       + cost.prefill_s(n - cached_p * block, n))
-            if best is None or ttft_p < best[0]:
-                best = (ttft_p, i, cached_p)
+            option = (ttft_p, -len(local.get(p.name, ())), i, cached_p)
+            if best is None or option < best:
+                best = option
         disaggregated = float("inf")
         if best is not None:
-            ttft_p, _, cached_p = best
+            ttft_p, _, _, cached_p = best
             full = n // block
             tail_s = cost.prefill_s(n - full * block + 1, n)  # decode runs tail + 1st token
             disaggregated = (ttft_p + cost.publish_s(full - cached_p) + wait_d
@@ -143,26 +175,43 @@ class Conductor:
         split = best is not None and disaggregated < colocated
         route = Route(
             request_id=request_id, is_disaggregated=split,
-            prefill=best[1] if split and best is not None else None, decode=decode_index,
+            prefill=best[2] if split and best is not None else None, decode=decode_index,
             colocated_cost_s=colocated, disaggregated_cost_s=disaggregated,
             estimated_ttft_s=best[0] if split and best is not None else ttft_colocated,
-            cached_blocks_prefill=best[2] if best is not None else 0,
-            cached_blocks_decode=usable(cached_d), num_blocks=len(keys))
+            cached_blocks_prefill=best[3] if best is not None else 0,
+            cached_blocks_decode=usable(cached_d), num_blocks=len(keys), local_blocks=local)
         log.info("route %s (%d tokens): %s", request_id, n, route.describe())
         return route
 
+    def _where(self, keys: list[bytes]) -> tuple[Callable[[Any], int],
+                                                  dict[str, tuple[int, ...]]]:
+        """How to count an engine's cached leading blocks, and (with a pool) each
+        engine's node's own leading blocks' tiers, by worker name."""
+        if self.pool is None:
+            return lambda w: w.engine.io.cached_blocks(keys, probe=True), {}
+        try:
+            found = {loc.node_id: loc.tiers for loc in self.pool.locate(keys)}
+        except KVStoreError as e:  # the index cannot be read: ask the engines
+            log.warning("locate failed (%s); asking each engine", e)
+            return lambda w: w.engine.io.cached_blocks(keys, probe=True), {}
+        pooled = max((len(t) for t in found.values()), default=0)  # any node serves it
+        local = {name: found.get(node, ()) for name, node in self._node_of.items()}
+        return lambda w: pooled, local
+
     def _pick_decode(self, prompt: Sequence[int], sampling: SamplingParams,
-                     keys: list[bytes]) -> tuple[int, int]:
+                     cached_of: Callable[[Any], int], local: dict[str, tuple[int, ...]]
+                     ) -> tuple[int, int]:
         """(index, cached blocks) of the decode engine to use: room first, then load, then
-        the longest cached prefix."""
+        the longest cached prefix, then the most of it on the engine's own node."""
         candidates = []
         for i, worker in enumerate(self.decode):
             need = worker.engine.pages_needed(len(prompt), sampling)
             if need > worker.engine.cache.num_pages:
                 continue
-            cached = worker.engine.io.cached_blocks(keys, probe=True)
+            cached = cached_of(worker)
             has_room = worker.num_free_pages >= need
-            candidates.append((not has_room, worker.num_active, -cached, i, cached))
+            candidates.append((not has_room, worker.num_active, -cached,
+                               -len(local.get(worker.name, ())), i, cached))
         if not candidates:
             raise CacheFullError(f"no decode engine can hold a request of {len(prompt)} "
                                  f"+ {sampling.max_new_tokens} tokens")

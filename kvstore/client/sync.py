@@ -259,6 +259,16 @@ class Client(StoreApi):
                 self._release(conn)
                 return result
 
+    @property
+    def node_id(self) -> str:
+        """The id of the daemon this client talks to, as its hello said (a pool's node
+        id: `kvstore.cluster`)."""
+        conn = self._acquire()
+        try:
+            return conn.session.node_id
+        finally:
+            self._release(conn)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

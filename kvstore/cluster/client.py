@@ -188,7 +188,12 @@ class ClusterClient:
     def locate(self, keys: Sequence[bytes]) -> list[Location]:
         """For the chain ``keys``, each live node that holds its first block: how many
         leading blocks it holds and in which tiers, most first; one round trip to Redis."""
-        return self.index.locate(self._scoped(keys), self._peers())
+        peers = self._peers()
+        try:
+            return self.index.locate(self._scoped(check_keys(keys)), peers)
+        except _REDIS_FAILURES as e:
+            raise StoreConnectionError(f"cannot read the pool's index of cluster "
+                                       f"{self.cluster!r}: {e}") from e
 
     def _wrote(self, keys: Sequence[bytes], node_id: str) -> None:
         now = time.monotonic()
