@@ -38,10 +38,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import redis
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from daemon.connection import Connection
 from daemon.frame_memory import LogThrottle
@@ -56,6 +53,7 @@ from kvstore.cluster.peers import (
     registry_prefix,
     value_sum,
 )
+from kvstore.cluster.redis_client import run_id, sync_client
 from kvstore.durable_file import DamagedKeyError, key_file
 from kvstore.errors import ConfigError, KVStoreError, StoreClosedError
 from kvstore.store import Store
@@ -86,8 +84,7 @@ def load_cluster_secret(config: Any) -> bytes:
                      config.cluster_secret, config.cluster)
         return secret
     key = f"{registry_prefix(config.cluster)}:secret"
-    client = redis.Redis.from_url(config.redis_url, socket_timeout=5.0,
-                                  socket_connect_timeout=5.0)
+    client = sync_client(config.redis_url, timeout_s=5.0)
     try:
         client.set(key, secrets.token_bytes(SECRET_BYTES), nx=True)
         secret = client.get(key)
@@ -120,9 +117,7 @@ class ClusterMember:
         self.publish_interval_s = publish_interval_s
         self.refresh_s = min(1.0, ttl_s / 4)
         # No retries inside redis-py: a failed call is a miss here, at once.
-        self.redis = redis.Redis.from_url(
-            redis_url, socket_timeout=redis_timeout_s, socket_connect_timeout=redis_timeout_s,
-            retry=Retry(NoBackoff(), 0))
+        self.redis = sync_client(redis_url, timeout_s=redis_timeout_s)
         self.index = ClusterIndex(self.redis, cluster)
         self.membership = Membership(self.redis, cluster, node_id, suspect_s=ttl_s)
         self.links = PeerLinks(self.peer_token, timeout_s=peer_timeout_s)
@@ -212,7 +207,7 @@ class ClusterMember:
         """Read the live nodes; Redis's run id (it changes when Redis restarts)."""
         self.membership.refresh()
         self.spiller.room_read()
-        return str(self.redis.info("server").get("run_id"))
+        return run_id(self.redis)
 
     def _publish_all(self) -> None:
         if self.shared_secret is not None:  # a Redis restarted empty: the secret goes back

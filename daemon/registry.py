@@ -55,10 +55,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from kvstore.cluster.redis_client import async_client, plain_url
 from kvstore.errors import ConfigError, KVStoreError
 
 logger = logging.getLogger(__name__)
@@ -199,8 +198,8 @@ def _check_url(url: str) -> None:
         raise ConfigError(f"Redis URL must be a non-empty string like redis://HOST:6379/0, "
                           f"got {url!r}")
     try:
-        parse_url(url)
-        parts = urlsplit(url)
+        parse_url(plain_url(url))
+        parts = urlsplit(plain_url(url))
         port = parts.port  # raises ValueError on a non-numeric or out-of-range port
     except ValueError as e:
         raise ConfigError(f"bad Redis URL {redact_url(url)!r}: {e} "
@@ -290,11 +289,9 @@ class NodeRegistry:
         """
         if self._state is not RegistryState.NEW:
             raise RuntimeError(f"NodeRegistry.start() called twice (state {self._state.value})")
-        self._client = aioredis.Redis.from_url(
-            self._url, socket_timeout=self._timeout_s, socket_connect_timeout=self._timeout_s,
-            # We retry ourselves, with our backoff and one warning per outage; redis-py's own
-            # retries would stall each heartbeat for seconds and log nothing.
-            retry=Retry(NoBackoff(), 0))
+        # We retry ourselves, with our backoff and one warning per outage; redis-py's own
+        # retries would stall each heartbeat for seconds and log nothing.
+        self._client = async_client(self._url, timeout_s=self._timeout_s)
         self._state = RegistryState.RUNNING
         first_delay_s = await self._beat_once()
         if self._state is not RegistryState.RUNNING:  # stop() ran while we registered

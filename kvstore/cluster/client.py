@@ -25,16 +25,14 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-import redis
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from kvstore.client.api import check_keys
 from kvstore.client.settings import ClientSettings
 from kvstore.client.sync import Client, RawConnection
 from kvstore.cluster.index import ClusterIndex, Location
 from kvstore.cluster.peers import Membership, Peer
+from kvstore.cluster.redis_client import detected_client
 from kvstore.errors import KVStoreError, StoreConnectionError
 from kvstore.keys import scoped_key
 from kvstore.tiers.base import check_key
@@ -81,9 +79,7 @@ class ClusterClient:
         self.namespace = namespace
         self.timeout_s = timeout_s
         self.shared_memory = shared_memory
-        self.redis = redis.Redis.from_url(redis_url, socket_timeout=min(timeout_s, 5.0),
-                                          socket_connect_timeout=min(timeout_s, 5.0),
-                                          retry=Retry(NoBackoff(), 0))
+        self.redis = detected_client(redis_url, timeout_s=min(timeout_s, 5.0))
         self.index = ClusterIndex(self.redis, self.cluster)
         self.membership = Membership(self.redis, self.cluster, None)
         self._refreshed_at = 0.0

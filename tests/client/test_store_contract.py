@@ -51,7 +51,7 @@ def api(request, tmp_path, shared_daemon, monkeypatch):
             store.put_many(filler, [make_value(("fill", i), 1 * MiB) for i in range(12)])
         else:  # the pool itself, each block read from the node that holds it
             store = kvstore.connect(
-                f"kvstore+cluster://127.0.0.1:{pool.redis_server.port}/0?cluster=test",
+                f"kvstore+cluster://127.0.0.1:{pool.redis_port}/0?cluster=test",
                 namespace=namespace)
         yield store
         store.close()

@@ -1,14 +1,19 @@
-"""A pool for a test: a real redis-server and real `kvstored` processes on free ports,
-all in one cluster."""
+"""A pool for a test: a real redis-server (or a real 3-master Redis Cluster) and real
+`kvstored` processes on free ports, all in one cluster."""
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from kvstore.cluster.index import ClusterIndex
 from kvstore.cluster.peers import scope_key_of
@@ -20,20 +25,103 @@ CLUSTER = "test"
 TTL_S = 2.0
 
 
-class Pool:
-    """Nodes n0, n1, ... of cluster `CLUSTER` on one redis-server."""
+def _free_ports(n: int) -> list[int]:
+    """``n`` free loopback ports whose cluster bus ports (port + 10000) are free too."""
+    ports: list[int] = []
+    while len(ports) < n:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port + 10000 > 65535 or port in ports:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+class RedisClusterServers:
+    """A real 3-master Redis Cluster (redis-server --cluster-enabled, redis-cli --cluster
+    create) on free ports; ``client`` is a `RedisCluster` of it."""
 
     def __init__(self, tmp_path: Path) -> None:
+        if shutil.which("redis-cli") is None:
+            pytest.skip("redis-cli is not on PATH: cannot create a Redis Cluster")
+        self.ports = _free_ports(3)
+        self.url = f"redis+cluster://127.0.0.1:{self.ports[0]}/0"
+        self._procs: list[subprocess.Popen[bytes]] = []
+        try:
+            self._start(tmp_path)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _start(self, tmp_path: Path) -> None:
+        for port in self.ports:
+            work = tmp_path / f"redis-{port}"
+            work.mkdir()
+            self._procs.append(subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                 "--save", "", "--appendonly", "no", "--dir", str(work)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in self.ports:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    redis.Redis(port=port, socket_connect_timeout=0.2).ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *[f"127.0.0.1:{p}" for p in self.ports], "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 20
+        while b"cluster_state:ok" not in redis.Redis(port=self.ports[0]).execute_command(
+                "CLUSTER", "INFO"):
+            if time.monotonic() > deadline:
+                pytest.fail("the Redis Cluster did not come up")
+            time.sleep(0.1)
+        self.client = RedisCluster(host="127.0.0.1", port=self.ports[0])
+
+    def kill(self) -> None:
+        if getattr(self, "client", None) is not None:
+            self.client.close()
+        for proc in self._procs:
+            proc.kill()
+            proc.wait()
+
+
+class Pool:
+    """Nodes n0, n1, ... of cluster `CLUSTER` on one redis-server, or (``redis_cluster``)
+    on a 3-master Redis Cluster."""
+
+    def __init__(self, tmp_path: Path, *, redis_cluster: bool = False) -> None:
         self.tmp_path = tmp_path
-        self.redis_server = RedisServer(tmp_path)
-        self.redis_server.start()
-        self.redis = redis.Redis(port=self.redis_server.port)
+        self.redis_server: RedisServer | None = None
+        self.redis_cluster: RedisClusterServers | None = None
+        if redis_cluster:
+            self.redis_cluster = RedisClusterServers(tmp_path)
+            self.redis: Any = self.redis_cluster.client
+            self.redis_url = self.redis_cluster.url
+            self.redis_port = self.redis_cluster.ports[0]
+        else:
+            self.redis_server = RedisServer(tmp_path)
+            self.redis_server.start()
+            self.redis = redis.Redis(port=self.redis_server.port)
+            self.redis_url = self.redis_server.url
+            self.redis_port = self.redis_server.port
         self.index = ClusterIndex(self.redis, CLUSTER)
         self.nodes: dict[str, DaemonProcess] = {}
 
     def start(self, node_id: str, *flags: str, port: int | None = None) -> DaemonProcess:
         daemon = DaemonProcess(
-            self.tmp_path, "--redis", self.redis_server.url, "--cluster", CLUSTER,
+            self.tmp_path, "--redis", self.redis_url, "--cluster", CLUSTER,
             "--node-id", node_id, "--redis-ttl", str(TTL_S), *flags, port=port).start()
         self.nodes[node_id] = daemon
         wait_until(lambda: self.redis.exists(f"kvstore:{CLUSTER}:node:{node_id}"),
@@ -64,8 +152,12 @@ class Pool:
     def close(self) -> None:
         for daemon in self.nodes.values():
             daemon.stop()
-        self.redis.close()
-        self.redis_server.kill()
+        if self.redis_cluster is not None:
+            self.redis_cluster.kill()
+        else:
+            assert self.redis_server is not None
+            self.redis.close()
+            self.redis_server.kill()
 
 
 def wait_until(predicate: Callable[[], object], *, what: str, timeout_s: float = 15.0

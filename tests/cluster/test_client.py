@@ -16,7 +16,7 @@ from tests.cluster.test_pool import chain, connect, value
 
 
 def cluster_url(pool: Pool) -> str:
-    return f"kvstore+cluster://127.0.0.1:{pool.redis_server.port}/0?cluster={CLUSTER}"
+    return f"kvstore+cluster://127.0.0.1:{pool.redis_port}/0?cluster={CLUSTER}"
 
 
 def test_cluster_urls_parse_or_say_what_is_expected() -> None:

@@ -3,10 +3,6 @@ started by the test on free ports."""
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +11,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from kvstore.cluster.index import ClusterIndex, Location, batch_commands
+from tests.cluster.conftest import RedisClusterServers
 from tests.daemon.test_registry import RedisServer
 
 
@@ -94,65 +91,13 @@ def test_a_thousand_block_lookup_is_one_round_trip(index) -> None:
     assert len(sent) == 1
 
 
-def _free_ports(n: int) -> list[int]:
-    """``n`` free loopback ports whose cluster bus ports (port + 10000) are free too."""
-    ports: list[int] = []
-    while len(ports) < n:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port + 10000 > 65535 or port in ports:
-            continue
-        with socket.socket() as bus:
-            try:
-                bus.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        ports.append(port)
-    return ports
-
-
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
-    if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli is not on PATH: cannot create a Redis Cluster")
-    ports = _free_ports(3)
-    procs = []
+    servers = RedisClusterServers(tmp_path)
     try:
-        for port in ports:
-            work = tmp_path / str(port)
-            work.mkdir()
-            procs.append(subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                 "--save", "", "--appendonly", "no", "--dir", str(work)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for port in ports:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    redis.Redis(port=port, socket_connect_timeout=0.2).ping()
-                    break
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-        subprocess.run(["redis-cli", "--cluster", "create",
-                        *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", "0",
-                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
-        deadline = time.monotonic() + 20
-        while b"cluster_state:ok" not in redis.Redis(port=ports[0]).execute_command(
-                "CLUSTER", "INFO"):
-            if time.monotonic() > deadline:
-                pytest.fail("the Redis Cluster did not come up")
-            time.sleep(0.1)
-        client = RedisCluster(host="127.0.0.1", port=ports[0])
-        yield client
-        client.close()
+        yield servers.client
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
+        servers.kill()
 
 
 def test_the_index_on_a_three_master_redis_cluster(redis_cluster) -> None:

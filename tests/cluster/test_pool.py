@@ -359,3 +359,35 @@ def test_an_overwrite_is_never_undone_by_an_older_value_on_its_way_to_a_peer(
                 assert cb.get(key) == b"new" * 1000
                 time.sleep(0.05)
             assert cb.get(key) == b"new" * 1000
+
+
+@pytest.mark.timeout(180)
+def test_a_pool_on_a_three_master_redis_cluster(tmp_path) -> None:
+    """The same pool with its registry, index and secret spread over a real Redis Cluster
+    (``--redis redis+cluster://``); the cluster-aware client finds out by itself."""
+    pool = Pool(tmp_path, redis_cluster=True)
+    try:
+        a = pool.start("n0", "--dram", "64MiB")
+        b = pool.start("n1", "--dram", "8MiB", "--max-value", "1MiB")
+        keys = chain(70, 6)
+        with connect(a) as ca, connect(b) as cb:
+            ca.put_many(keys, [value(k) for k in keys])
+            pool.wait_published("n0", keys)
+            pool.wait_peers("n1", {"n0"}, cb)
+            assert cb.get_many(keys) == [value(k) for k in keys]
+            assert cb.match_prefix(keys) == 6
+            more = chain(71, 48)  # 12 MiB through a node of 8 MiB: its victims go to n0
+            for at in range(0, len(more), 8):
+                assert cb.put_many(more[at:at + 8], [value(k) * 4 for k in more[at:at + 8]]) == 8
+            wait_until(lambda: cb.stats()["cluster"]["spilled"] > 0, what="n1 spilled")
+            url = f"kvstore+cluster://127.0.0.1:{pool.redis_port}/0?cluster={CLUSTER}"
+            with kvstore.connect(url, shared_memory=False) as cc:
+                assert cc.get_many(keys) == [value(k) for k in keys]
+                assert [loc.node_id for loc in cc.locate(keys)] == ["n0"]
+                assert cc.get_many(more) == [value(k) * 4 for k in more]
+        slots = {pool.redis.keyslot(k) for k in (f"kvstore:{CLUSTER}:blocks:{{n0}}",
+                                                 f"kvstore:{CLUSTER}:blocks:{{n1}}",
+                                                 f"kvstore:{CLUSTER}:node:n0")}
+        assert len(slots) > 1  # spread over the shards, and it all still works
+    finally:
+        pool.close()
