@@ -7,6 +7,12 @@ the total capacity. ``--sweep`` replaces ``--hbm`` by each of its values in turn
 other tiers stay as given), one process per run where there is more than one core;
 ``--plot`` draws the sweep (matplotlib, the ``plot`` extra, is checked before the replay).
 
+``--nodes N`` replays the trace over a pool of N cache nodes instead, the capacities given
+being the pool's total (1/N per node), and reports per policy: one node of all the
+capacity; the N nodes each on its own cache, routed by ``--routing``; the same nodes
+pooled (a block another node holds is a remote hit, and the request's node keeps a copy);
+and pooled with prefix routing. Hit tokens are split into local and remote.
+
 Exit codes: 0 done; 2 bad arguments or a bad trace (a message names what and where).
 """
 
@@ -20,12 +26,13 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvstore.cli.jobs import Job, LazyProgress, run_jobs
+from kvstore.cli import hitrate_pool
+from kvstore.cli.jobs import Job, LazyProgress, belady_job, policy_job, run_jobs
 from kvstore.errors import ConfigError, KVStoreError
 from kvstore.model_shapes import MODEL_SHAPES, kv_layout
 from kvstore.placement.rules import EvictionPolicy
-from kvstore.sim.replay import ReplayConfig, belady, infinite_bound, replay
-from kvstore.sim.traces import Trace, TraceError, TraceFormat, read_traces
+from kvstore.sim.replay import ReplayConfig, infinite_bound
+from kvstore.sim.traces import TraceError, TraceFormat, read_traces
 from kvstore.units import parse_size
 
 if TYPE_CHECKING:
@@ -63,6 +70,7 @@ def register(commands: Any) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip (and count) malformed lines instead of stopping")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    hitrate_pool.add_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -106,17 +114,6 @@ def policies(text: str) -> list[EvictionPolicy]:
     return out
 
 
-# -- jobs (see kvstore.cli.jobs) ------------------------------------------------------------
-
-
-def policy_job(config: ReplayConfig, trace: Trace) -> dict[str, Any]:
-    return replay(trace, config).to_dict()
-
-
-def belady_job(capacity_blocks: int, window_s: float | None, trace: Trace) -> dict[str, Any]:
-    return belady(trace, capacity_blocks, window_s).to_dict()
-
-
 # -- the command ------------------------------------------------------------------------------
 
 
@@ -132,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give a capacity: --hbm, --dram, --nvme (e.g. --hbm 3M) or --sweep")
     if args.window is not None and args.window <= 0:
         raise ConfigError(f"--window must be positive, got {args.window}")
+    hitrate_pool.check_arguments(args)
     if args.plot is not None:
         require_matplotlib()  # now, not after a replay that may take minutes
     fmt = TraceFormat(args.format) if args.format else None
@@ -145,6 +143,14 @@ def run(args: argparse.Namespace) -> int:
     header = {"requests": len(trace), "accesses": trace.num_accesses,
               "input_tokens": trace.total_input_tokens, "block_tokens": bt,
               "bad_lines_skipped": trace.num_bad_lines, "infinite": bound}
+    if args.nodes is not None:
+        doc = {**header, **hitrate_pool.run_pool(trace, args, capacities, kinds, show_bar)}
+        if args.json:
+            print(json.dumps(doc, indent=1))
+        else:
+            print_header(doc)
+            hitrate_pool.print_pool_report(doc)
+        return 0
     points = sweep if sweep is not None else [capacities["hbm"]]
     jobs: list[Job] = []
     for hbm in points:
@@ -182,12 +188,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_report(doc: dict[str, Any], kinds: list[EvictionPolicy], is_sweep: bool) -> None:
+def print_header(doc: dict[str, Any]) -> None:
     print(f"{doc['requests']} requests, {doc['accesses']} block accesses of "
           f"{doc['block_tokens']} tokens, {doc['input_tokens']} input tokens"
           + (f", {doc['bad_lines_skipped']} bad lines skipped" if doc["bad_lines_skipped"]
              else ""))
     print(f"infinite-capacity bound: {doc['infinite']['hit_rate']:.2%}")
+
+
+def print_report(doc: dict[str, Any], kinds: list[EvictionPolicy], is_sweep: bool) -> None:
+    print_header(doc)
     if is_sweep:
         names = [k.value for k in kinds] + ["belady"]
         print(f"{'capacity (tokens)':>18}" + "".join(f"{n:>10}" for n in names)

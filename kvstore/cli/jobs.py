@@ -1,7 +1,8 @@
 """The replays of one ``kvstore hitrate`` command, spread over the cores, and their
 progress bar.
 
-A job is a callable that takes the trace and returns its result as a JSON-ready dict.
+A job is a callable that takes the trace and returns its result as a JSON-ready dict
+(`policy_job`, `belady_job`, `pool_job` with their configuration bound first).
 Job i runs in worker ``i % workers``, one worker per core: worker 0 is this process, the
 others are forked from it once the trace is interned (they inherit the trace and the
 jobs; each sends back its results as JSON on a pipe). Results come back in job order.
@@ -16,10 +17,24 @@ from collections.abc import Callable
 from typing import Any
 
 from kvstore.errors import KVStoreError
-from kvstore.sim.replay import Progress
+from kvstore.sim.pool import PoolConfig, replay_pool
+from kvstore.sim.replay import Progress, ReplayConfig, belady, replay
 from kvstore.sim.traces import Trace
 
 Job = Callable[[Trace], dict[str, Any]]
+
+
+def policy_job(config: ReplayConfig, trace: Trace) -> dict[str, Any]:
+    return replay(trace, config).to_dict()
+
+
+def belady_job(capacity_blocks: int, window_s: float | None, trace: Trace) -> dict[str, Any]:
+    return belady(trace, capacity_blocks, window_s).to_dict()
+
+
+def pool_job(config: PoolConfig, trace: Trace) -> dict[str, Any]:
+    return {"configuration": "pooled" if config.is_pooled else "per-node",
+            **replay_pool(trace, config).to_dict()}
 
 
 def run_jobs(trace: Trace, jobs: list[Job], progress: Progress | None) -> list[dict[str, Any]]:
