@@ -7,6 +7,12 @@ the total capacity. ``--sweep`` replaces ``--hbm`` by each of its values in turn
 other tiers stay as given), one process per run where there is more than one core;
 ``--plot`` draws the sweep (matplotlib, the ``plot`` extra, is checked before the replay).
 
+``--nodes N`` replays the trace over a pool of N cache nodes instead, the capacities given
+being the pool's total (1/N per node), and reports per policy: one node of all the
+capacity; the N nodes each on its own cache, routed by ``--routing``; the same nodes
+pooled (a block another node holds is a remote hit, and the request's node keeps a copy);
+and pooled with prefix routing. Hit tokens are split into local and remote.
+
 Exit codes: 0 done; 2 bad arguments or a bad trace (a message names what and where).
 """
 
@@ -14,23 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kvstore.cli import hitrate_pool
+from kvstore.cli.jobs import Job, LazyProgress, belady_job, policy_job, run_jobs
 from kvstore.errors import ConfigError, KVStoreError
 from kvstore.model_shapes import MODEL_SHAPES, kv_layout
 from kvstore.placement.rules import EvictionPolicy
-from kvstore.sim.replay import (
-    Progress,
-    ReplayConfig,
-    belady,
-    infinite_bound,
-    replay,
-)
-from kvstore.sim.traces import Trace, TraceError, TraceFormat, read_traces
+from kvstore.sim.replay import ReplayConfig, infinite_bound
+from kvstore.sim.traces import TraceError, TraceFormat, read_traces
 from kvstore.units import parse_size
 
 if TYPE_CHECKING:
@@ -68,6 +70,7 @@ def register(commands: Any) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip (and count) malformed lines instead of stopping")
     p.add_argument("--json", action="store_true", help="print one JSON document")
+    hitrate_pool.add_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -111,99 +114,6 @@ def policies(text: str) -> list[EvictionPolicy]:
     return out
 
 
-# -- runs (module level so that worker processes can run them) -----------------------------------
-
-_TRACE: Trace | None = None  # set before forking workers, inherited by them
-
-
-def _job(job: tuple[str, tuple[int, ...], bool, float | None]) -> dict[str, Any]:
-    name, capacity_blocks, promote, window_s = job
-    assert _TRACE is not None, "the trace is set before the jobs run"
-    if name == "belady":
-        result = belady(_TRACE, sum(capacity_blocks), window_s)
-    else:
-        config = ReplayConfig(capacity_blocks, TIERS, EvictionPolicy(name), promote, window_s)
-        result = replay(_TRACE, config)
-    return result.to_dict()
-
-
-def run_jobs(trace: Trace, jobs: list[tuple[str, tuple[int, ...], bool, float | None]],
-             progress: Progress | None) -> list[dict[str, Any]]:
-    """Every job's result, in order: job i runs in worker ``i % workers``, one per core,
-    worker 0 being this process and the others forked from it once the trace is interned
-    (they inherit it; each sends back its results as JSON on a pipe)."""
-    global _TRACE
-    _TRACE = trace
-    workers = min(len(jobs), os.cpu_count() or 1) if hasattr(os, "fork") else 1
-    trace.interned()  # once, before any fork
-    children = [_fork_worker(jobs, w, workers) for w in range(1, workers)]
-    results: dict[int, dict[str, Any]] = {}
-    try:
-        for i in range(0, len(jobs), workers):
-            results[i] = _job(jobs[i])
-            if progress:
-                progress(len(results))
-    finally:
-        for pid, pipe in children:
-            with os.fdopen(pipe, "rb") as f:
-                answer = f.read()
-            _, status = os.waitpid(pid, 0)
-            if status != 0 or not answer:
-                raise KVStoreError(f"a replay worker failed: {answer.decode(errors='replace')}")
-            results.update((i, result) for i, result in json.loads(answer))
-            if progress:
-                progress(len(results))
-    return [results[i] for i in range(len(jobs))]
-
-
-def _fork_worker(jobs: list[tuple[str, tuple[int, ...], bool, float | None]], worker: int,
-                 workers: int) -> tuple[int, int]:
-    """A forked process running jobs ``worker, worker + workers, ...``: (pid, read end)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the worker: results or the error on the pipe, then out without cleanup
-        os.close(read_end)
-        code = 0
-        try:
-            answer = json.dumps([(i, _job(jobs[i]))
-                                 for i in range(worker, len(jobs), workers)]).encode()
-        except BaseException as e:
-            answer, code = f"{type(e).__name__}: {e}".encode(), 1
-        with os.fdopen(write_end, "wb") as f:
-            f.write(answer)
-        os._exit(code)
-    os.close(write_end)
-    return pid, read_end
-
-
-class LazyProgress:
-    """A rich progress bar on stderr that appears only once a run passes a second."""
-
-    def __init__(self, total: int, what: str, enabled: bool) -> None:
-        self.total, self.what, self.enabled = total, what, enabled
-        self.started_s = time.monotonic()
-        self._bar: Any = None
-        self._task: Any = None
-
-    def __call__(self, done: int) -> None:
-        if not self.enabled:
-            return
-        if self._bar is None:
-            if time.monotonic() - self.started_s < 1.0:
-                return
-            from rich.console import Console
-            from rich.progress import Progress as Bar
-
-            self._bar = Bar(console=Console(stderr=True), transient=True)
-            self._bar.start()
-            self._task = self._bar.add_task(self.what, total=self.total)
-        self._bar.update(self._task, completed=done)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
 # -- the command ------------------------------------------------------------------------------
 
 
@@ -219,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give a capacity: --hbm, --dram, --nvme (e.g. --hbm 3M) or --sweep")
     if args.window is not None and args.window <= 0:
         raise ConfigError(f"--window must be positive, got {args.window}")
+    hitrate_pool.check_arguments(args)
     if args.plot is not None:
         require_matplotlib()  # now, not after a replay that may take minutes
     fmt = TraceFormat(args.format) if args.format else None
@@ -232,14 +143,23 @@ def run(args: argparse.Namespace) -> int:
     header = {"requests": len(trace), "accesses": trace.num_accesses,
               "input_tokens": trace.total_input_tokens, "block_tokens": bt,
               "bad_lines_skipped": trace.num_bad_lines, "infinite": bound}
+    if args.nodes is not None:
+        doc = {**header, **hitrate_pool.run_pool(trace, args, capacities, kinds, show_bar)}
+        if args.json:
+            print(json.dumps(doc, indent=1))
+        else:
+            print_header(doc)
+            hitrate_pool.print_pool_report(doc)
+        return 0
     points = sweep if sweep is not None else [capacities["hbm"]]
-    jobs = []
+    jobs: list[Job] = []
     for hbm in points:
         blocks = tuple(c // bt for c in (hbm, capacities["dram"], capacities["nvme"]))
         if not any(blocks):
             raise ConfigError(f"a capacity of {hbm} tokens holds no {bt}-token block")
-        jobs += [(k.value, blocks, not args.no_promote, args.window) for k in kinds]
-        jobs.append(("belady", blocks, True, args.window))
+        jobs += [partial(policy_job, ReplayConfig(blocks, TIERS, k, not args.no_promote,
+                                                  args.window)) for k in kinds]
+        jobs.append(partial(belady_job, sum(blocks), args.window))
     started = time.perf_counter()
     bar = LazyProgress(len(jobs), "replaying", show_bar)
     try:
@@ -268,12 +188,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_report(doc: dict[str, Any], kinds: list[EvictionPolicy], is_sweep: bool) -> None:
+def print_header(doc: dict[str, Any]) -> None:
     print(f"{doc['requests']} requests, {doc['accesses']} block accesses of "
           f"{doc['block_tokens']} tokens, {doc['input_tokens']} input tokens"
           + (f", {doc['bad_lines_skipped']} bad lines skipped" if doc["bad_lines_skipped"]
              else ""))
     print(f"infinite-capacity bound: {doc['infinite']['hit_rate']:.2%}")
+
+
+def print_report(doc: dict[str, Any], kinds: list[EvictionPolicy], is_sweep: bool) -> None:
+    print_header(doc)
     if is_sweep:
         names = [k.value for k in kinds] + ["belady"]
         print(f"{'capacity (tokens)':>18}" + "".join(f"{n:>10}" for n in names)

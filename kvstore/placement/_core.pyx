@@ -8,7 +8,7 @@ quotas, and the simulator's replay loop, for the Store and for the hit-rate simu
 
 from libc.stdint cimport int32_t, int64_t
 
-from kvstore.placement.index cimport MAX_TIERS, BlockIndex
+from kvstore.placement.index cimport BlockIndex
 from kvstore.placement.keyed cimport KeyedIndex
 
 from kvstore.errors import StorageError
@@ -41,27 +41,6 @@ cdef class _CanFree:
 
 cdef class Placement(KeyedIndex):
     """See the module docstring and ``kvstore/placement/__init__.py``."""
-
-    cdef bint second_use[MAX_TIERS]
-    cdef bint counted  # no media: tiers counted in blocks (the simulator)
-    cdef readonly object media  # None: the simulator's counted tiers
-    cdef int64_t used[MAX_TIERS]  # counted mode: blocks held per tier
-    cdef int64_t cap[MAX_TIERS]  # counted mode: capacity in blocks
-    cdef readonly int write_tier
-    cdef readonly bint promote_on_hit
-    cdef int64_t epoch
-    cdef object protect_list  # the list `_protect` marked last (a put_many's chain)
-    cdef Py_ssize_t protect_marked  # how many of its keys
-    cdef readonly int64_t protect_marks  # keys marked so far (the work `_protect` did)
-    cdef public int64_t evictions
-    cdef public int64_t demotions
-    cdef public int64_t promotions
-    cdef dict quotas  # (owner, tier) -> bytes
-    cdef dict held  # (tier, slot) -> (owner, bytes): reserved for an owner, not committed
-    cdef dict held_bytes  # (owner, tier) -> bytes
-    # media.spill(t, key) gets each block whose last copy an eviction is about to drop
-    # (a cluster node hands it to a peer with room: `daemon.cluster`).
-    cdef public bint spills
 
     def __init__(self, policies, *, admissions=None, partition_of=None, media=None,
                  capacity_blocks=None, write_tier=0, promote_on_hit=True, num_ids=0,
@@ -379,58 +358,83 @@ cdef class Placement(KeyedIndex):
                                                    request's own new blocks never go to
                                                    make room for their descendants
         """
-        cdef Py_ssize_t r, j, a, b, h
-        cdef int32_t i, parent
-        cdef int64_t n, hit, pos, epoch
-        cdef int t, w = self.write_tier
-        cdef bint placed
+        cdef Py_ssize_t r, j, a, h
+        cdef int64_t n, pos
+        cdef const int32_t* ids
         if not self.dense:
             raise ValueError("replay runs on a placement made without media (dense ids)")
         if last < 0:
             last = starts.shape[0] - 1
         for r in range(first, last):
             a = starts[r]
-            b = starts[r + 1]
+            ids = &flat[0] + a
             n = input_tokens[r]
-            h = 0
-            while a + h < b and self.e[flat[a + h]].live and self.e[flat[a + h]].res:
-                h += 1
-            hit = h * block_tokens
-            hit_out[r] = hit if hit < n else n
+            h = self._leading(ids, starts[r + 1] - a)
+            hit_out[r] = h * block_tokens if h * block_tokens < n else n
             for j in range(h):
                 pos = j * block_tokens
                 if pos < n:
-                    i = flat[a + j]
-                    t = 0
-                    while not self.e[i].res >> t & 1:
-                        t += 1
-                    tier_hits[t] += block_tokens if n - pos > block_tokens else n - pos
-            parent = -1
-            self.epoch += 1
-            epoch = self.epoch
-            for j in range(a, b):
-                i = flat[j]
-                if self.e[i].live and self.e[i].res:
-                    t = 0
-                    while not self.e[i].res >> t & 1:
-                        t += 1
-                    self._touch(i)
-                    if self.promote_on_hit and t > w and self._store_in(w, i, None, 0):
-                        self.promotions += 1
-                else:
-                    placed = False
-                    for t in range(w, self.num_tiers):
-                        if self._reserve(t, block_tokens, 0, epoch) >= 0:
-                            if not self.e[i].live:
-                                self._create(i, block_tokens, 0)
-                            if parent == i or self.e[i].parent >= 0:
-                                parent = -1  # nothing to link
-                            elif parent >= 0 and not self.e[parent].live:
-                                self._create(parent, 0, 0)
-                            self._insert(i, parent, block_tokens, t, 0)
-                            self.e[i].mark = epoch
-                            placed = True
-                            break
-                    if not placed:
-                        break  # put_many stops at the first block that finds no room
-                parent = i
+                    tier_hits[self._fastest_tier(ids[j])] += (
+                        block_tokens if n - pos > block_tokens else n - pos)
+            self._put_chain(ids, starts[r + 1] - a, block_tokens)
+
+    cdef Py_ssize_t _leading(self, const int32_t* ids, Py_ssize_t n) noexcept:
+        """How many of a chain's ``n`` blocks some tier holds, from the first on."""
+        cdef Py_ssize_t h = 0
+        while h < n and self.e[ids[h]].live and self.e[ids[h]].res:
+            h += 1
+        return h
+
+    cdef int _fastest_tier(self, int32_t i) noexcept:
+        """The fastest tier holding ``i``, or -1."""
+        cdef int t = 0
+        if not (self.e[i].live and self.e[i].res):
+            return -1
+        while not self.e[i].res >> t & 1:
+            t += 1
+        return t
+
+    cdef int _use(self, int32_t i, int t) except -1:
+        """A hit on ``i``, held in tier ``t`` at the fastest: a use, and a promotion to the
+        write tier if the rules say so."""
+        self._touch(i)
+        if self.promote_on_hit and t > self.write_tier and self._store_in(
+                self.write_tier, i, None, 0):
+            self.promotions += 1
+        return 0
+
+    cdef int _put_chain(self, const int32_t* ids, Py_ssize_t n, int64_t block_tokens) except -1:
+        """A request's ``n`` blocks after its hit is counted, first first: a held block is
+        used (`_use`), a new one goes into the first tier with room from the write tier,
+        each a child of the one before; the chain stops at the first that finds no room
+        (a put_many's rule: its own new blocks are never evicted for their descendants)."""
+        cdef Py_ssize_t j
+        cdef int32_t i, parent = -1
+        cdef int64_t epoch
+        cdef int t
+        cdef bint placed
+        self.epoch += 1
+        epoch = self.epoch
+        for j in range(n):
+            i = ids[j]
+            t = self._fastest_tier(i)
+            if t >= 0:
+                self._use(i, t)
+            else:
+                placed = False
+                for t in range(self.write_tier, self.num_tiers):
+                    if self._reserve(t, block_tokens, 0, epoch) >= 0:
+                        if not self.e[i].live:
+                            self._create(i, block_tokens, 0)
+                        if parent == i or self.e[i].parent >= 0:
+                            parent = -1  # nothing to link
+                        elif parent >= 0 and not self.e[parent].live:
+                            self._create(parent, 0, 0)
+                        self._insert(i, parent, block_tokens, t, 0)
+                        self.e[i].mark = epoch
+                        placed = True
+                        break
+                if not placed:
+                    break
+            parent = i
+        return 0

@@ -23,7 +23,8 @@ fills a whole page in a paged KV cache). The trace is interned to dense ids once
 
 Invariants: each tier holds at most its capacity in blocks after every access.
 
-Two references beside the replay: `infinite_bound` (every block ever seen stays) and
+`kvstore.sim.pool` runs the same core over N nodes (a pool, per node or pooled). Two
+references beside the replay: `infinite_bound` (every block ever seen stays) and
 `belady` (one cache of the total capacity that evicts the block whose next use is
 farthest, or does not admit a block used later than everything it holds).
 """
@@ -130,26 +131,27 @@ def replay(trace: Trace, config: ReplayConfig, progress: Progress | None = None
     core = Placement([config.policy] * len(present),
                      capacity_blocks=[config.capacity_blocks[t] for t in present],
                      promote_on_hit=config.promote_on_hit, num_ids=interned.num_ids)
-    hits = _zeros(len(trace))
-    tier_hits = _zeros(len(present))
+    hits = zero_counts(len(trace))
+    tier_hits = zero_counts(len(present))
     for first in range(0, len(trace), PROGRESS_EVERY):
         if progress is not None:
             progress(first)
         core.replay(interned.flat, interned.starts, interned.input_tokens, trace.block_tokens,
                     hits, tier_hits, first, min(first + PROGRESS_EVERY, len(trace)))
-    result = _result(config.policy.value, trace, interned, hits, config.window_s)
+    result = result_from_hits(config.policy.value, trace, interned, hits, config.window_s)
     result.hit_tokens_per_tier = dict(zip(names, tier_hits, strict=True))
     result.evictions, result.demotions = core.evictions, core.demotions
     result.promotions = core.promotions
     return result
 
 
-def _zeros(n: int) -> array:
+def zero_counts(n: int) -> array:
+    """``n`` 64-bit counters at zero: what the compiled loops write into."""
     return array("q", bytes(8 * n))
 
 
-def _result(name: str, trace: Trace, interned: Interned, hits: array,
-            window_s: float | None) -> ReplayResult:
+def result_from_hits(name: str, trace: Trace, interned: Interned, hits: array,
+                     window_s: float | None) -> ReplayResult:
     """The totals (and windows) of per-request hit tokens."""
     result = ReplayResult(name, input_tokens=trace.total_input_tokens, hit_tokens=sum(hits),
                           num_accesses=len(interned.flat))
@@ -166,10 +168,10 @@ def _result(name: str, trace: Trace, interned: Interned, hits: array,
 def infinite_bound(trace: Trace, window_s: float | None = None) -> ReplayResult:
     """The hit rate of a cache that never evicts."""
     interned = trace.interned()
-    hits = _zeros(len(trace))
+    hits = zero_counts(len(trace))
     _bounds.infinite_bound(interned.flat, interned.starts, interned.input_tokens,
                              trace.block_tokens, interned.num_ids, hits)
-    return _result("infinite", trace, interned, hits, window_s)
+    return result_from_hits("infinite", trace, interned, hits, window_s)
 
 
 def belady(trace: Trace, capacity_blocks: int, window_s: float | None = None) -> ReplayResult:
@@ -183,9 +185,9 @@ def belady(trace: Trace, capacity_blocks: int, window_s: float | None = None) ->
     if capacity_blocks <= 0:
         raise ConfigError(f"belady needs a positive capacity, got {capacity_blocks}")
     interned = trace.interned()
-    hits = _zeros(len(trace))
+    hits = zero_counts(len(trace))
     evictions = _bounds.belady(interned.flat, interned.starts, interned.input_tokens,
                                  trace.block_tokens, interned.num_ids, capacity_blocks, hits)
-    result = _result("belady", trace, interned, hits, window_s)
+    result = result_from_hits("belady", trace, interned, hits, window_s)
     result.evictions = evictions
     return result
