@@ -42,4 +42,5 @@ cdef class Placement(KeyedIndex):
     cdef Py_ssize_t _leading(self, const int32_t* ids, Py_ssize_t n) noexcept
     cdef int _fastest_tier(self, int32_t i) noexcept
     cdef int _use(self, int32_t i, int t) except -1
-    cdef int _put_chain(self, const int32_t* ids, Py_ssize_t n, int64_t block_tokens) except -1
+    cdef int _put_chain(self, const int32_t* ids, Py_ssize_t n, int64_t block_tokens,
+                        const int32_t* remote=*) except -1

@@ -403,11 +403,14 @@ cdef class Placement(KeyedIndex):
             self.promotions += 1
         return 0
 
-    cdef int _put_chain(self, const int32_t* ids, Py_ssize_t n, int64_t block_tokens) except -1:
+    cdef int _put_chain(self, const int32_t* ids, Py_ssize_t n, int64_t block_tokens,
+                        const int32_t* remote=NULL) except -1:
         """A request's ``n`` blocks after its hit is counted, first first: a held block is
         used (`_use`), a new one goes into the first tier with room from the write tier,
         each a child of the one before; the chain stops at the first that finds no room
-        (a put_many's rule: its own new blocks are never evicted for their descendants)."""
+        (a put_many's rule: its own new blocks are never evicted for their descendants).
+        ``remote[j] >= 0``: block j was read from another node of a pool, which keeps it
+        (this node keeps no copy, as a pool's node does not)."""
         cdef Py_ssize_t j
         cdef int32_t i, parent = -1
         cdef int64_t epoch
@@ -420,6 +423,8 @@ cdef class Placement(KeyedIndex):
             t = self._fastest_tier(i)
             if t >= 0:
                 self._use(i, t)
+            elif remote != NULL and remote[j] >= 0:
+                pass
             else:
                 placed = False
                 for t in range(self.write_tier, self.num_tiers):

@@ -7,8 +7,9 @@ single node's `Placement.replay`.
     request r -> its node (given, or the longest leading run held locally: prefix routing)
     hit = leading blocks held on its node or, pooled, by any node   (before any change)
     then the serving nodes: a use of each remote-hit block (+ promotion), as a peer's get
-         the request's node: `_put_chain` as a single node's replay (a remote hit is kept
-                             as a local copy, a miss is stored there)
+         the request's node: `_put_chain` as a single node's replay, but a remote hit
+                             is not kept as a copy (as a pool's node keeps none: the
+                             holder keeps it); a miss is stored there
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
@@ -36,7 +37,8 @@ def replay_pool(list nodes, const int32_t[::1] flat, const int64_t[::1] starts,
     into ``remote_out[r]``; adds the local hit tokens per fastest tier into ``tier_hits``.
     Without ``pooled`` a block its node does not hold is a miss. With it, such a block is
     served by the node holding it in the fastest tier (ties: the lowest number; as a
-    node's fetch picks), which counts a use of it (a peer's get), and kept by r's node.
+    node's fetch picks), which counts a use of it (a peer's get); r's node keeps no copy
+    (`daemon.cluster`: a copy would push out a block with no other home).
     """
     cdef Py_ssize_t num_nodes = len(nodes)
     cdef Py_ssize_t num_requests = starts.shape[0] - 1
@@ -131,7 +133,9 @@ def replay_pool(list nodes, const int32_t[::1] flat, const int64_t[::1] starts,
             for j in range(h):
                 if holder_of[j] >= 0:
                     (<Placement> nodes[holder_of[j]])._use(ids[j], tier_of[j])
-            local._put_chain(ids, m, block_tokens)
+            for j in range(h, m):
+                holder_of[j] = -1
+            local._put_chain(ids, m, block_tokens, holder_of)
     finally:
         PyMem_Free(load)
         PyMem_Free(holder_of)

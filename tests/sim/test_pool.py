@@ -32,20 +32,22 @@ def pool(trace: Trace, replay_config: ReplayConfig, num_nodes: int, routing: Rou
 # -- hand-made traces -----------------------------------------------------------------------
 
 
-def test_a_remote_hit_is_counted_and_kept_as_a_local_copy():
+def test_a_remote_hit_is_counted_and_not_kept_as_a_copy():
     # Two nodes of 4 blocks, prefix routing (a run counts from half the input on).
     # [S a] -> node 0 (no node holds anything: the least loaded, then the lowest number).
     # [S a b c d e] (60 tokens): node 0's run of 20 is under half, so it counts as none:
-    #   the least loaded, node 1. Pooled, S and a are read from node 0 (20 remote tokens)
-    #   and kept on node 1 with b and c (d finds no room: the chain's own blocks stay).
-    # [S a b c] (40): node 1 holds all of it: 40 local tokens, in both modes (per node,
-    #   node 1 computed S and a itself).
+    #   the least loaded, node 1. Pooled, S and a are read from node 0 (20 remote tokens),
+    #   which keeps them; node 1 stores what it computed, b c d e (4 blocks: all fit).
+    # [S a b c] (40): node 0's run of 20 is half: it counts; node 1 holds no leading run.
+    #   Node 0: S and a local (20), b and c read from node 1 (20 remote).
+    # Per node, node 1 computes S a b c itself (d finds no room: the chain's own blocks
+    # stay), and the last request goes there: 40 local tokens.
     trace = make_trace(("S a", 20), ("S a b c d e", 60), ("S a b c", 40))
     config = ReplayConfig((8, 0, 0))  # the total
     pooled = pool(trace, config, 2, Routing.PREFIX, True)
-    assert (pooled.hit_tokens, pooled.remote_hit_tokens, pooled.local_hit_tokens) == (60, 20, 40)
-    assert pooled.requests_per_node == [1, 2]
-    assert pooled.hit_tokens_per_tier == {"hbm": 40}
+    assert (pooled.hit_tokens, pooled.remote_hit_tokens, pooled.local_hit_tokens) == (60, 40, 20)
+    assert pooled.requests_per_node == [2, 1]
+    assert pooled.hit_tokens_per_tier == {"hbm": 20}
     alone = pool(trace, config, 2, Routing.PREFIX, False)
     assert (alone.hit_tokens, alone.remote_hit_tokens) == (40, 0)
     assert alone.requests_per_node == [1, 2]
@@ -133,13 +135,16 @@ def test_per_node_random_routing_is_each_nodes_share_replayed_alone(conversation
 def test_pooling_hits_at_least_what_the_nodes_hit_alone(conversation, num_nodes, routing):
     # Each request hits at least its own node's run, and more where other nodes hold the
     # blocks that follow. Not guaranteed by construction over a whole trace: a remote read
-    # is a use on the node serving it, which then evicts other blocks than it would have
-    # (and prefix routing follows what the nodes hold). On this trace pooling adds 0.4 to
-    # 7 points.
+    # is a use on the node serving it, which then evicts other blocks than it would have,
+    # and prefix routing follows what the nodes hold, which differs once they keep no
+    # copies of what they read. Under random routing pooling adds 4.6 to 7.9 points on
+    # this trace; under prefix routing it moves the hit rate by -0.04 to +0.4 points,
+    # so there only the accounting is checked.
     config = ReplayConfig((TOKENS_3M, 0, 0))
     alone = pool(conversation, config, num_nodes, routing, False)
     pooled = pool(conversation, config, num_nodes, routing, True)
-    assert pooled.hit_tokens > alone.hit_tokens
+    if routing is Routing.RANDOM:
+        assert pooled.hit_tokens > alone.hit_tokens
     assert pooled.remote_hit_tokens > 0 == alone.remote_hit_tokens
     # The local hits are counted per tier, apart from the remote ones.
     assert sum(pooled.hit_tokens_per_tier.values()) == pooled.local_hit_tokens
