@@ -57,6 +57,7 @@ from kvstore.cluster.redis_client import run_id, sync_client
 from kvstore.durable_file import DamagedKeyError, key_file
 from kvstore.errors import ConfigError, KVStoreError, StoreClosedError
 from kvstore.store import Store
+from kvstore.tiers.base import TIER_BIT, TierKind
 from kvstore.wire.error_codes import ErrorCode, RequestError
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,8 @@ class ClusterMember:
             self.redis.set(f"{registry_prefix(self.cluster)}:secret", self.shared_secret,
                            nx=True)
         held = self.store.inventory(track=True)
+        on_the_way = set(self.spiller.listed()) - {key for key, _ in held}
+        held += [(key, TIER_BIT[TierKind.DRAM]) for key in on_the_way]  # (in its queue)
         with self._lock:
             self._recheck.clear()
         self.index.forget_node(self.node_id)
@@ -353,6 +356,7 @@ class ClusterMember:
     def stats(self) -> dict[str, Any]:
         return {"name": self.cluster, "node_id": self.node_id,
                 "peers": sorted(self.membership.live()), "redis_ok": not self._is_down,
+                "spill_queued": len(self.spiller.listed()),
                 **dict(self.counts)}
 
     # -- the peer operations: what this node serves to its peers (on the loop) --------------

@@ -107,6 +107,11 @@ class Spiller:
         with self._lock:
             return key in self._queued or key in self._sending
 
+    def listed(self) -> list[bytes]:
+        """Every key on its way to a peer (listed as this node's until it arrives)."""
+        with self._lock:
+            return [*self._queued, *(k for k in self._sending if k not in self._queued)]
+
     def received(self, keys: Sequence[bytes]) -> None:
         """``keys`` were stored here for a peer: never handed on again."""
         with self._lock:

@@ -391,3 +391,26 @@ def test_a_pool_on_a_three_master_redis_cluster(tmp_path) -> None:
         assert len(slots) > 1  # spread over the shards, and it all still works
     finally:
         pool.close()
+
+
+@pytest.mark.timeout(180)
+def test_written_through_one_node_a_pool_of_three_keeps_about_three_nodes_worth(
+        pool: Pool) -> None:
+    """Three nodes of 16 MiB each, everything written through one: the pool keeps about
+    three times what that node alone could (room-gated spills fill the others first)."""
+    for n in ("n0", "n1", "n2"):
+        pool.start(n, "--dram", "16MiB", "--max-value", "1MiB")
+    keys = chain(80, 240)  # 60 MiB of 256 KiB blocks
+    values = [value(k) * 4 for k in keys]
+    with connect(pool.nodes["n1"]) as cb:
+        pool.wait_peers("n1", {"n0", "n2"}, cb)
+        wait_until(lambda: all(p.free_bytes > 0 for p in _peers(pool, "n1")),
+                   what="the peers' room is in the registry")
+        for at in range(0, len(keys), 8):
+            cb.put_many(keys[at:at + 8], values[at:at + 8])
+            time.sleep(0.02)  # (a steady writer: the spill thread keeps up)
+        wait_until(lambda: cb.stats()["cluster"]["spill_queued"] == 0,
+                   what="n1's victims reached the peers")
+        kept = sum(v == want for v, want in zip(cb.get_many(keys), values, strict=True))
+    one_node = (16 << 20) // (256 << 10)  # 64 blocks: what n1 alone could keep
+    assert kept >= 2.5 * one_node, f"kept {kept} blocks of 256 KiB; one node keeps {one_node}"
