@@ -124,6 +124,8 @@ class ClusterMember:
         self.links = PeerLinks(self.peer_token, timeout_s=peer_timeout_s)
         # One thread for the publisher's Redis work: batches go out in order.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvstored-cluster")
+        # And one for what follows shared-memory commits (`after_commit`).
+        self._commit_executor = ThreadPoolExecutor(1, thread_name_prefix="kvstored-commits")
         self._recheck: list[bytes] = []  # keys whose tiers to publish as they are now
         self._lock = threading.Lock()  # never held while calling the Store
         self.spiller = Spiller(self.membership, self.links, count=self._count,
@@ -162,6 +164,7 @@ class ClusterMember:
             log.info("could not take node %s out of the pool's index (%s); peers skip it "
                      "once its registry entry expires", self.node_id, e)
         self._executor.shutdown(wait=True)
+        await loop.run_in_executor(None, self._commit_executor.shutdown)
         self.links.close()
         self.redis.close()
 
@@ -463,6 +466,25 @@ class ClusterMember:
         if stored:
             self.drop_elsewhere(keys[:stored], sums[:stored])
         return stored
+
+    def after_commit(self, keys: list[bytes]) -> None:
+        """A same-host client committed ``keys`` through the shared pool (its commit is
+        answered at once, a doorbell's in microseconds): the other holders' copies of
+        them are dropped right after, off the answer's path, as `after_put` does before
+        it. Runs on a thread; never raises."""
+        def drop() -> None:
+            try:
+                values = [self.store.get(key) for key in keys]
+                held = [(k, v) for k, v in zip(keys, values, strict=True) if v is not None]
+                self.spiller.owned([k for k, _ in held])
+                if held:
+                    self.drop_elsewhere([k for k, _ in held], [value_sum(v) for _, v in held])
+            except StoreClosedError:
+                pass
+            except Exception as e:  # (a background step: logged, never raised)
+                log.warning("dropping other copies after a commit failed: %s", e, exc_info=e)
+
+        self._commit_executor.submit(drop)
 
     async def peer_drop(self, calls: Any, conn: Connection, meta: dict[str, Any]) -> Any:
         self._check_peer(conn)

@@ -198,6 +198,7 @@ class Daemon:
         remote tier for this daemon's clients."""
         self.cluster = member
         self.store_ops.cluster = member
+        self.shm.cluster = member
 
     def _set_quotas(self) -> None:
         """The token file's quotas, on the tiers this daemon has (others: a warning)."""

@@ -97,6 +97,7 @@ class SharedMemoryPlane:
         self.metrics = metrics
         self.lease_stats = LeaseStats()
         self._handles = itertools.count(1)
+        self.cluster: Any | None = None  # the pool (daemon.cluster.ClusterMember), if any
 
     # -- the shared-memory data plane -------------------------------------------------------------
 
@@ -240,6 +241,8 @@ class SharedMemoryPlane:
         nbytes = sum(r.nbytes for r in taken)
         if self.metrics is not None and nbytes:
             self.metrics.record_transfer("in", nbytes)
+        if stored and self.cluster is not None:  # other nodes' older copies go, after
+            self.cluster.after_commit([r.key for r in taken[:stored]])
         spares, _ = self._reservations(conn, [None] * len(offsets), offsets, spare_sizes)
         return {"stored": stored, **spares}, []
 

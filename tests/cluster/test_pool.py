@@ -414,3 +414,18 @@ def test_written_through_one_node_a_pool_of_three_keeps_about_three_nodes_worth(
         kept = sum(v == want for v, want in zip(cb.get_many(keys), values, strict=True))
     one_node = (16 << 20) // (256 << 10)  # 64 blocks: what n1 alone could keep
     assert kept >= 2.5 * one_node, f"kept {kept} blocks of 256 KiB; one node keeps {one_node}"
+
+
+@pytest.mark.timeout(120)
+def test_an_overwrite_through_shared_memory_drops_the_other_nodes_copies(pool: Pool) -> None:
+    a = pool.start("n0", "--dram", "64MiB")
+    b = pool.start("n1", "--dram", "64MiB")
+    key = chain(90, 1)[0]
+    with connect(a) as ca, connect(b, shared_memory=True) as cb:
+        ca.put(key, b"old" * 1000)
+        pool.wait_published("n0", [key])
+        assert cb.put(key, b"new" * 1000)  # a same-host client: reserve, copy, commit
+        assert cb._idle[0].session.pool is not None  # (the shared pool was the path)
+        wait_until(lambda: ca.get(key) in (None, b"new" * 1000),
+                   what="n0's old copy dropped after the commit")
+        assert cb.get(key) == b"new" * 1000
