@@ -124,8 +124,8 @@ class ClusterMember:
         self.links = PeerLinks(self.peer_token, timeout_s=peer_timeout_s)
         # One thread for the publisher's Redis work: batches go out in order.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="kvstored-cluster")
-        # And one for what follows shared-memory commits (`after_commit`).
-        self._commit_executor = ThreadPoolExecutor(1, thread_name_prefix="kvstored-commits")
+        # And one for what follows clients' writes (`_drop_soon`), in order.
+        self._drops = ThreadPoolExecutor(1, thread_name_prefix="kvstored-drops")
         self._recheck: list[bytes] = []  # keys whose tiers to publish as they are now
         self._lock = threading.Lock()  # never held while calling the Store
         self.spiller = Spiller(self.membership, self.links, count=self._count,
@@ -164,7 +164,7 @@ class ClusterMember:
             log.info("could not take node %s out of the pool's index (%s); peers skip it "
                      "once its registry entry expires", self.node_id, e)
         self._executor.shutdown(wait=True)
-        await loop.run_in_executor(None, self._commit_executor.shutdown)
+        await loop.run_in_executor(None, self._drops.shutdown)
         self.links.close()
         self.redis.close()
 
@@ -449,10 +449,11 @@ class ClusterMember:
         return {"stored": await calls.run(self._peer_put, meta["keys"], values)}, []
 
     def after_put(self, keys: list[bytes], values: list[Any], stored: int) -> int:
-        """A client's put of ``keys`` stored the leading ``stored`` of them here: no other
-        node may keep an older value of those; the others found no room here and go to
-        peers with room (and an older value of them here goes). How many leading keys the
-        pool now holds."""
+        """A client's put of ``keys`` stored the leading ``stored`` of them here; the
+        others found no room here and go to peers with room now (and an older value of
+        them here goes). How many leading keys the pool now holds. Other nodes' older
+        copies of them are dropped right after the answer (`_drop_soon`), as after a
+        shared-memory commit: a lookup in Redis on every put would double its time."""
         sums = [value_sum(v) for v in values]
         self.spiller.owned(keys[:stored])  # a client's now: this node's to hand on
         if stored < len(keys):
@@ -464,27 +465,39 @@ class ClusterMember:
                 self.store.delete(key)
             stored += count
         if stored:
-            self.drop_elsewhere(keys[:stored], sums[:stored])
+            self._drop_soon(keys[:stored], sums[:stored])
         return stored
 
     def after_commit(self, keys: list[bytes]) -> None:
-        """A same-host client committed ``keys`` through the shared pool (its commit is
-        answered at once, a doorbell's in microseconds): the other holders' copies of
-        them are dropped right after, off the answer's path, as `after_put` does before
-        it. Runs on a thread; never raises."""
+        """A same-host client committed ``keys`` through the shared pool: as `after_put`,
+        other nodes' older copies of them are dropped right after the answer."""
+        def sums() -> tuple[list[bytes], list[int]]:
+            values = [self.store.get(key) for key in keys]
+            held = [(k, v) for k, v in zip(keys, values, strict=True) if v is not None]
+            self.spiller.owned([k for k, _ in held])
+            return [k for k, _ in held], [value_sum(v) for _, v in held]
+
+        self._drop_soon(keys, None, sums)
+
+    def _drop_soon(self, keys: list[bytes], sums: list[int] | None,
+                   read_sums: Any = None) -> None:
+        """`drop_elsewhere` on a thread of its own, in the order asked (``read_sums``:
+        reads the keys and sums there first). Never raises."""
         def drop() -> None:
             try:
-                values = [self.store.get(key) for key in keys]
-                held = [(k, v) for k, v in zip(keys, values, strict=True) if v is not None]
-                self.spiller.owned([k for k, _ in held])
+                held, checks = (keys, sums) if read_sums is None else read_sums()
                 if held:
-                    self.drop_elsewhere([k for k, _ in held], [value_sum(v) for _, v in held])
+                    self.drop_elsewhere(held, checks)
             except StoreClosedError:
                 pass
             except Exception as e:  # (a background step: logged, never raised)
-                log.warning("dropping other copies after a commit failed: %s", e, exc_info=e)
+                log.warning("dropping other nodes' copies after a write failed: %s", e,
+                            exc_info=e)
 
-        self._commit_executor.submit(drop)
+        try:
+            self._drops.submit(drop)
+        except RuntimeError:  # stopping: the node's entries leave the index anyway
+            pass
 
     async def peer_drop(self, calls: Any, conn: Connection, meta: dict[str, Any]) -> Any:
         self._check_peer(conn)

@@ -65,7 +65,8 @@ def test_an_overwrite_or_a_delete_through_one_node_leaves_no_old_value_in_the_po
         pool.wait_published("n0", keys)
         pool.wait_peers("n1", {"n0"}, cb)
         cb.put(keys[0], b"new bytes")
-        assert ca.get(keys[0]) in (None, b"new bytes")  # A dropped its old value
+        wait_until(lambda: ca.get(keys[0]) in (None, b"new bytes"),
+                   what="A dropped its old value (right after the put's answer)")
         assert cb.get(keys[0]) == b"new bytes"
         assert cb.delete(keys[1]) is False  # (B never held it)
         assert ca.get(keys[1]) is None and cb.get(keys[1]) is None
