@@ -33,7 +33,7 @@ from kvstore.client.sync import Client, RawConnection
 from kvstore.cluster.index import ClusterIndex, Location
 from kvstore.cluster.peers import Membership, Peer
 from kvstore.cluster.redis_client import detected_client
-from kvstore.errors import KVStoreError, StoreConnectionError
+from kvstore.errors import DeadlineExceededError, KVStoreError, StoreConnectionError
 from kvstore.keys import scoped_key
 from kvstore.tiers.base import check_key
 
@@ -143,16 +143,19 @@ class ClusterClient:
         return client
 
     def _call(self, node_id: str, peers: dict[str, Peer], method: str, *args: Any) -> Any:
-        """``method(*args)`` on ``node_id``'s client; a node that cannot be reached is
-        suspected and `StoreConnectionError` raised."""
+        """``method(*args)`` on ``node_id``'s client; a node that cannot be reached, or
+        does not answer within the deadline, is suspected and `StoreConnectionError`
+        raised (the callers count it a miss, or try the next node)."""
         try:
             return getattr(self._node(node_id, peers), method)(*args)
-        except StoreConnectionError:
+        except (StoreConnectionError, DeadlineExceededError) as e:
             self.membership.suspect(node_id)
             client = self._clients.pop(node_id, None)
             if client is not None:
                 client.close()
-            raise
+            if isinstance(e, StoreConnectionError):
+                raise
+            raise StoreConnectionError(f"node {node_id}: {e}") from e
 
     # -- where blocks are -----------------------------------------------------------------------
 

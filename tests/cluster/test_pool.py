@@ -430,3 +430,29 @@ def test_an_overwrite_through_shared_memory_drops_the_other_nodes_copies(pool: P
         wait_until(lambda: ca.get(key) in (None, b"new" * 1000),
                    what="n0's old copy dropped after the commit")
         assert cb.get(key) == b"new" * 1000
+
+
+@pytest.mark.timeout(120)
+def test_a_hung_holder_is_a_miss_within_the_peer_timeout(pool: Pool) -> None:
+    """SIGSTOP: the holder's socket stays open and silent. Reads through another node,
+    and through the cluster-aware client, come back as misses within their deadlines."""
+    a = pool.start("n0", "--dram", "64MiB")
+    b = pool.start("n1", "--dram", "64MiB")
+    keys = chain(95, 2)
+    with connect(a) as ca, connect(b) as cb:
+        ca.put_many(keys, [value(k) for k in keys])
+        pool.wait_published("n0", keys)
+        pool.wait_peers("n1", {"n0"}, cb)
+        url = f"kvstore+cluster://127.0.0.1:{pool.redis_port}/0?cluster={CLUSTER}"
+        with kvstore.connect(url, shared_memory=False, timeout_s=3.0) as cc:
+            assert cc.get(keys[0]) == value(keys[0])
+            a.proc.send_signal(signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                assert cb.get(keys[1]) is None  # n1's peer call times out: a miss
+                assert time.monotonic() - started < 4.0  # (peer timeout 2 s)
+                started = time.monotonic()
+                assert cc.get(keys[1]) is None  # the client's own deadline: a miss
+                assert time.monotonic() - started < 8.0  # (3 s deadline, and a retry)
+            finally:
+                a.proc.send_signal(signal.SIGCONT)
