@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -13,6 +14,7 @@ import redis
 from kvstore.cluster.index import ClusterIndex
 from kvstore.cluster.peers import scope_key_of
 from kvstore.keys import namespace_secret, scoped_key
+from tests.cluster.netns import NODE_PORT, Host, HubRedis, Network
 from tests.daemon.conftest import DaemonProcess
 from tests.daemon.test_registry import RedisServer
 
@@ -21,24 +23,39 @@ TTL_S = 2.0
 
 
 class Pool:
-    """Nodes n0, n1, ... of cluster `CLUSTER` on one redis-server."""
+    """Nodes n0, n1, ... of cluster `CLUSTER` on one redis-server: ``redis_server``
+    (started; ``url`` for the nodes, ``client()`` for the test, ``kill()``), else a fresh
+    one on loopback."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, redis_server: Any = None) -> None:
         self.tmp_path = tmp_path
-        self.redis_server = RedisServer(tmp_path)
-        self.redis_server.start()
-        self.redis = redis.Redis(port=self.redis_server.port)
+        if redis_server is None:
+            redis_server = RedisServer(tmp_path)
+            redis_server.start()
+        self.redis_server = redis_server
+        self.redis: redis.Redis = redis_server.client()
         self.index = ClusterIndex(self.redis, CLUSTER)
         self.nodes: dict[str, DaemonProcess] = {}
 
     def start(self, node_id: str, *flags: str, port: int | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(
-            self.tmp_path, "--redis", self.redis_server.url, "--cluster", CLUSTER,
-            "--node-id", node_id, "--redis-ttl", str(TTL_S), *flags, port=port).start()
+        daemon = self._launch(node_id, ["--redis", self.redis_server.url, "--cluster", CLUSTER,
+                                        "--node-id", node_id, "--redis-ttl", str(TTL_S),
+                                        *flags], port)
         self.nodes[node_id] = daemon
-        wait_until(lambda: self.redis.exists(f"kvstore:{CLUSTER}:node:{node_id}"),
-                   what=f"{node_id} registered")
+
+        def registered() -> bool:
+            assert daemon.proc is not None
+            if daemon.proc.poll() is not None:
+                raise RuntimeError(f"{node_id} exited {daemon.proc.returncode}: "
+                                   f"{daemon.output()}")
+            return bool(self.redis.exists(f"kvstore:{CLUSTER}:node:{node_id}"))
+
+        wait_until(registered, what=f"{node_id} registered")
         return daemon
+
+    def _launch(self, node_id: str, flags: list[str], port: int | None) -> DaemonProcess:
+        """The node's process, started (it serves once it has registered)."""
+        return DaemonProcess(self.tmp_path, *flags, port=port).start()
 
     def stored(self, keys: list[bytes], namespace: str = "default",
                secret_file: Path | None = None) -> list[bytes]:
@@ -66,6 +83,23 @@ class Pool:
             daemon.stop()
         self.redis.close()
         self.redis_server.kill()
+
+
+class NetPool(Pool):
+    """A `Pool` across hosts of ``network`` (`tests.cluster.netns`): each node on a host
+    of its own, named as the node, listening on its address there; Redis in the hub."""
+
+    def __init__(self, tmp_path: Path, network: Network) -> None:
+        self.network = network
+        super().__init__(tmp_path, HubRedis(network).start())
+
+    def host(self, node_id: str) -> Host:
+        return self.network.hosts[node_id]
+
+    def _launch(self, node_id: str, flags: list[str], port: int | None) -> DaemonProcess:
+        host = self.network.hosts.get(node_id) or self.network.add_host(node_id)
+        return DaemonProcess(self.tmp_path, *flags, port=port or NODE_PORT, host=host.ip,
+                             netns=host.netns).launch()
 
 
 def wait_until(predicate: Callable[[], object], *, what: str, timeout_s: float = 15.0
