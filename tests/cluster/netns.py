@@ -46,7 +46,7 @@ HUB_IP = f"{SUBNET}.1"
 HUB_MAC = "02:6b:76:00:00:01"  # locally administered
 REDIS_PORT = 6379
 NODE_PORT = 7400  # every host has the whole port range to itself
-_NAME = re.compile(r"kvt-(\d+)-[0-9a-f]+-[a-z0-9]+")
+_NAME = re.compile(r"kvt-(\d+)-[0-9a-f]+(-[a-z0-9]+)?")  # a network's tag, or a host's
 _LENGTH = struct.Struct("<Q")
 
 
@@ -156,20 +156,31 @@ def _remove_netns(name: str) -> None:
 
 
 def _remove_stale() -> None:
-    """Remove the namespaces of runs whose process is gone (killed before cleaning up)."""
+    """Remove the namespaces and Redis directories of runs whose process is gone (killed
+    before cleaning up)."""
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                             timeout=30).stdout
     for line in listed.splitlines():
         name = line.split(" ", 1)[0]
-        match = _NAME.fullmatch(name)
-        if match is None or int(match[1]) == os.getpid():
-            continue
-        try:
-            os.kill(int(match[1]), 0)
-        except ProcessLookupError:
+        if _is_stale(name):
             _remove_netns(name)
-        except PermissionError:  # alive, another user's
-            pass
+    for path in Path(tempfile.gettempdir()).glob("kvt-*-redis-*"):
+        if _is_stale(path.name.partition("-redis-")[0]):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_stale(name: str) -> bool:
+    """Whether ``name`` is one of this harness's, made by a process that is gone."""
+    match = _NAME.fullmatch(name)
+    if match is None or int(match[1]) == os.getpid():
+        return False
+    try:
+        os.kill(int(match[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    return False
 
 
 class HubRedis:
@@ -194,7 +205,8 @@ class HubRedis:
         import redis
 
         assert self._proc is None, "already running"
-        self._dir = tempfile.mkdtemp(prefix="kvt-redis-")  # short: a socket path is < 108 B
+        # Short (a socket's path is under 108 bytes), named for the network: see _remove_stale.
+        self._dir = tempfile.mkdtemp(prefix=f"{self.network.tag}-redis-")
         self._proc = subprocess.Popen(
             ["ip", "netns", "exec", self.network.hub, "redis-server", "--bind", HUB_IP,
              "--port", str(REDIS_PORT), "--unixsocket", self.socket_path,
