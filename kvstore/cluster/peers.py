@@ -157,21 +157,23 @@ class PeerLinks:
                 self._idle.setdefault(address, []).append(conn)
         return answer
 
-    def get(self, address: str, keys: Sequence[bytes]) -> list[bytes | None]:
+    def get(self, address: str, keys: Sequence[bytes]) -> list[memoryview | None]:
         """The values ``address`` holds of the leading ``keys`` it answered (a peer cuts
         a long answer as `get_many` does: fewer values than keys; ask again for the rest).
         None: not held there, or a value that failed the checksum the peer sent beside it
-        (logged)."""
+        (logged). Values are read-only views of the answer as received, not copies (the
+        buffer is the answer's own: the connection does not reuse it)."""
         meta, data = self._request(address, {"op": "peer_get", "keys": list(keys)})
         answered = meta.get("answered", len(keys))
-        values: list[bytes | None] = []
+        values: list[memoryview | None] = []
+        received = memoryview(data).toreadonly()
         offset = 0
         for size, expected in zip(meta["sizes"][:answered], meta["sums"][:answered],
                                   strict=True):
             if size is None:
                 values.append(None)
                 continue
-            value = bytes(data[offset:offset + size])
+            value: memoryview | None = received[offset:offset + size]
             offset += size
             if value_sum(value) != expected:
                 log.warning("a block from peer %s failed its checksum; counted a miss",

@@ -18,6 +18,7 @@ from redis.cluster import RedisCluster
 from kvstore.cluster.index import ClusterIndex
 from kvstore.cluster.peers import scope_key_of
 from kvstore.keys import namespace_secret, scoped_key
+from tests.cluster.netns import NODE_PORT, Host, HubRedis, Network
 from tests.daemon.conftest import DaemonProcess
 from tests.daemon.test_registry import RedisServer
 
@@ -98,35 +99,50 @@ class RedisClusterServers:
 
 
 class Pool:
-    """Nodes n0, n1, ... of cluster `CLUSTER` on one redis-server, or (``redis_cluster``)
-    on a 3-master Redis Cluster."""
+    """Nodes n0, n1, ... of cluster `CLUSTER` on one redis-server: ``redis_server``
+    (started; ``url`` for the nodes, ``client()`` for the test, ``kill()``), else a fresh
+    one on loopback; or (``redis_cluster``) on a 3-master Redis Cluster."""
 
-    def __init__(self, tmp_path: Path, *, redis_cluster: bool = False) -> None:
+    def __init__(self, tmp_path: Path, redis_server: Any = None, *,
+                 redis_cluster: bool = False) -> None:
         self.tmp_path = tmp_path
-        self.redis_server: RedisServer | None = None
         self.redis_cluster: RedisClusterServers | None = None
         if redis_cluster:
+            self.redis_server = None
             self.redis_cluster = RedisClusterServers(tmp_path)
             self.redis: Any = self.redis_cluster.client
             self.redis_url = self.redis_cluster.url
             self.redis_port = self.redis_cluster.ports[0]
         else:
-            self.redis_server = RedisServer(tmp_path)
-            self.redis_server.start()
-            self.redis = redis.Redis(port=self.redis_server.port)
-            self.redis_url = self.redis_server.url
-            self.redis_port = self.redis_server.port
+            if redis_server is None:
+                redis_server = RedisServer(tmp_path)
+                redis_server.start()
+            self.redis_server = redis_server
+            self.redis = redis_server.client()
+            self.redis_url = redis_server.url
+            self.redis_port = getattr(redis_server, "port", None)
         self.index = ClusterIndex(self.redis, CLUSTER)
         self.nodes: dict[str, DaemonProcess] = {}
 
     def start(self, node_id: str, *flags: str, port: int | None = None) -> DaemonProcess:
-        daemon = DaemonProcess(
-            self.tmp_path, "--redis", self.redis_url, "--cluster", CLUSTER,
-            "--node-id", node_id, "--redis-ttl", str(TTL_S), *flags, port=port).start()
+        daemon = self._launch(node_id, ["--redis", self.redis_url, "--cluster", CLUSTER,
+                                        "--node-id", node_id, "--redis-ttl", str(TTL_S),
+                                        *flags], port)
         self.nodes[node_id] = daemon
-        wait_until(lambda: self.redis.exists(f"kvstore:{CLUSTER}:node:{node_id}"),
-                   what=f"{node_id} registered")
+
+        def registered() -> bool:
+            assert daemon.proc is not None
+            if daemon.proc.poll() is not None:
+                raise RuntimeError(f"{node_id} exited {daemon.proc.returncode}: "
+                                   f"{daemon.output()}")
+            return bool(self.redis.exists(f"kvstore:{CLUSTER}:node:{node_id}"))
+
+        wait_until(registered, what=f"{node_id} registered")
         return daemon
+
+    def _launch(self, node_id: str, flags: list[str], port: int | None) -> DaemonProcess:
+        """The node's process, started (it serves once it has registered)."""
+        return DaemonProcess(self.tmp_path, *flags, port=port).start()
 
     def stored(self, keys: list[bytes], namespace: str = "default",
                secret_file: Path | None = None) -> list[bytes]:
@@ -158,6 +174,23 @@ class Pool:
             assert self.redis_server is not None
             self.redis.close()
             self.redis_server.kill()
+
+
+class NetPool(Pool):
+    """A `Pool` across hosts of ``network`` (`tests.cluster.netns`): each node on a host
+    of its own, named as the node, listening on its address there; Redis in the hub."""
+
+    def __init__(self, tmp_path: Path, network: Network) -> None:
+        self.network = network
+        super().__init__(tmp_path, HubRedis(network).start())
+
+    def host(self, node_id: str) -> Host:
+        return self.network.hosts[node_id]
+
+    def _launch(self, node_id: str, flags: list[str], port: int | None) -> DaemonProcess:
+        host = self.network.hosts.get(node_id) or self.network.add_host(node_id)
+        return DaemonProcess(self.tmp_path, *flags, port=port or NODE_PORT, host=host.ip,
+                             netns=host.netns).launch()
 
 
 def wait_until(predicate: Callable[[], object], *, what: str, timeout_s: float = 15.0

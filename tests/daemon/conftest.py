@@ -22,12 +22,16 @@ def free_port() -> int:
 
 
 class DaemonProcess:
-    """``python -m daemon`` with the given flags; ``url`` once it accepts connections."""
+    """``python -m daemon`` with the given flags; ``url`` once it accepts connections.
+    With ``netns``, it runs in that network namespace, listening on ``host`` there
+    (`start` cannot reach it from here: `launch` it and wait for what it does)."""
 
-    def __init__(self, tmp_path: Path, *flags: str, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"kvstore://127.0.0.1:{self.port}"
-        self.flags = ["--listen", f"127.0.0.1:{self.port}", *flags]
+    def __init__(self, tmp_path: Path, *flags: str, port: int | None = None,
+                 host: str = "127.0.0.1", netns: str | None = None) -> None:
+        self.host, self.port = host, port or free_port()
+        self.url = f"kvstore://{host}:{self.port}"
+        self.flags = ["--listen", f"{host}:{self.port}", *flags]
+        self.netns = netns
         self.log_path = tmp_path / f"kvstored-{self.port}-{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -36,11 +40,15 @@ class DaemonProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         self.log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", *self.flags], cwd=REPO,
-                                     env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        # `ip netns exec` execs the command: the process is the daemon (signals reach it).
+        where = [] if self.netns is None else ["ip", "netns", "exec", self.netns]
+        self.proc = subprocess.Popen([*where, sys.executable, "-m", "daemon", *self.flags],
+                                     cwd=REPO, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
         return self
 
     def start(self, timeout_s: float = 20.0) -> DaemonProcess:
+        assert self.netns is None, "a daemon in another namespace: launch it"
         self.launch()
         assert self.proc is not None
         deadline = time.monotonic() + timeout_s
@@ -48,7 +56,7 @@ class DaemonProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"kvstored exited {self.proc.returncode}: {self.output()}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                socket.create_connection((self.host, self.port), 0.2).close()
                 return self
             except OSError:
                 time.sleep(0.05)

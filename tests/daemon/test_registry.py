@@ -73,6 +73,9 @@ class RedisServer:
             finally:
                 client.close()
 
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
     def kill(self) -> None:
         if self._proc is not None:
             self._proc.kill()
