@@ -234,10 +234,12 @@ class ClusterMember:
         changes = self.store.take_changes()
         with self._lock:
             recheck, self._recheck = self._recheck, []
-        # A block on its way to a peer stays listed here (served from the queue, and a
-        # drop must reach this node) until it is there: its removal is published then
-        # (the spiller's ``arrived``).
-        changes = [(k, b) for k, b in changes if b or not self.spiller.is_listed(k)]
+        # A block on its way to a peer is listed here (served from the queue, and a drop
+        # must reach this node) until it is there, even one evicted before it was ever
+        # published: its removal is published then (the spiller's ``arrived``).
+        queued = TIER_BIT[TierKind.DRAM]
+        changes = [(k, b) if b or not self.spiller.is_listed(k) else (k, queued)
+                   for k, b in changes]
         self.spiller.owned([k for k, b in changes if not b])  # gone from here
         if recheck:
             recheck = list(dict.fromkeys(recheck))

@@ -479,8 +479,10 @@ class NodeRegistry:
         async with client.pipeline(transaction=False) as pipe:
             pipe.delete(self.node_key)
             pipe.srem(self.nodes_key, self._node.node_id)
-            pipe.publish(self.events_channel, self._event(RegistryEvent.LEAVE))
             await self._bounded(pipe.execute())
+        # (not in the pipeline: a Redis Cluster's pipelines refuse PUBLISH)
+        await self._bounded(client.publish(self.events_channel,
+                                           self._event(RegistryEvent.LEAVE)))
         logger.info("node %s left the registry", self._node.node_id)
 
     def _event(self, event: RegistryEvent) -> str:

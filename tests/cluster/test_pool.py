@@ -385,6 +385,8 @@ def test_a_pool_on_a_three_master_redis_cluster(tmp_path) -> None:
             with kvstore.connect(url, shared_memory=False) as cc:
                 assert cc.get_many(keys) == [value(k) for k in keys]
                 assert [loc.node_id for loc in cc.locate(keys)] == ["n0"]
+                # (written through n1: the index lists them once n1 has published them)
+                wait_until(lambda: cc.match_prefix(more) == len(more), what="published")
                 assert cc.get_many(more) == [value(k) * 4 for k in more]
         slots = {pool.redis.keyslot(k) for k in (f"kvstore:{CLUSTER}:blocks:{{n0}}",
                                                  f"kvstore:{CLUSTER}:blocks:{{n1}}",
