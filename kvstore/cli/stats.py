@@ -170,7 +170,8 @@ def figures(sample: Sample, previous: Sample | None, url: str) -> dict[str, Any]
             "block_tokens": prefix.get("block_tokens"),
             "evictions": stats.get("evictions"), "demotions": stats.get("demotions"),
             "promotions": stats.get("promotions"), "tiers": tiers,
-            "since_start": _hit_rates(since_start), "interval": interval}
+            "since_start": _hit_rates(since_start), "interval": interval,
+            "cluster": stats.get("cluster")}  # a node of a pool: its peers and counts
 
 
 def _same_run(before: dict[str, Any], after: dict[str, Any]) -> bool:
@@ -239,7 +240,18 @@ def render(doc: dict[str, Any]) -> Any:
     for label, key, fmt in rows:
         cells = [fmt(since[key])] + ([fmt(interval[key])] if interval is not None else [])
         rates.add_row(label, *cells)
-    return Group(header, tiers, rates)
+    parts = [header, tiers, rates]
+    pool = doc.get("cluster")
+    if pool:
+        parts.append(Text(
+            f"pool {pool['name']!r} as node {pool['node_id']}: peers "
+            f"{', '.join(pool['peers']) or 'none'}; blocks read from peers "
+            f"{_count(pool.get('remote_hits'))} (misses {_count(pool.get('remote_misses'))}), "
+            f"handed to peers {_count(pool.get('spilled'))} (dropped "
+            f"{_count(pool.get('spill_dropped'))}), held for peers "
+            f"{_count(pool.get('received'))}"
+            + ("" if pool.get("redis_ok", True) else "; Redis unreachable")))
+    return Group(*parts)
 
 
 def _print(renderable: Any) -> None:

@@ -175,3 +175,27 @@ def test_a_token_of_several_namespaces_gets_its_own_figures(tmp_path, capsys):
 def test_bad_watch_interval_exits_2(daemon, capsys):
     assert _run(daemon.url, "--watch", "0") == 2
     assert "--watch" in capsys.readouterr().err
+
+
+def test_a_node_of_a_pool_shows_its_peers_and_what_it_read_from_them(tmp_path, capsys):
+    from tests.cluster.conftest import Pool
+    from tests.cluster.test_pool import chain, value
+
+    pool = Pool(tmp_path)
+    try:
+        a = pool.start("n0", "--dram", "16MiB")
+        b = pool.start("n1", "--dram", "16MiB")
+        keys = chain(3, 2)
+        with kvstore.connect(a.url) as ca, kvstore.connect(b.url, shared_memory=False) as cb:
+            ca.put_many(keys, [value(k) for k in keys])
+            pool.wait_published("n0", keys)
+            pool.wait_peers("n1", {"n0"}, cb)
+            assert cb.get_many(keys) == [value(k) for k in keys]
+        assert _run(b.url, "--json") == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["cluster"]["peers"] == ["n0"] and doc["cluster"]["remote_hits"] == 2
+        assert _run(b.url) == 0
+        out = capsys.readouterr().out
+        assert "pool 'test' as node n1: peers n0; blocks read from peers 2" in out
+    finally:
+        pool.close()
