@@ -42,15 +42,27 @@ KEY_BYTES = 16
 
 
 # The leading run of each hash (KEYS) over a chain (ARGV): its values up to the first
-# missing one, comma-separated. The lookups stay in Redis; only the runs come back.
+# missing one, comma-separated. The lookups stay in Redis; only the runs come back. Each
+# hash is read in growing pieces (1, 4, 16, 64, then 256 blocks) up to its first missing
+# block, so a node holding none of the chain costs one field, not the chain's length.
 LEADING = """
 local out = {}
+local n = #ARGV
 for i, hash in ipairs(KEYS) do
-  local values = redis.call('HMGET', hash, unpack(ARGV))
   local run = {}
-  for j = 1, #values do
-    if not values[j] then break end
-    run[j] = values[j]
+  local at, piece, done = 1, 1, false
+  while at <= n and not done do
+    local last = math.min(n, at + piece - 1)
+    local values = redis.call('HMGET', hash, unpack(ARGV, at, last))
+    for j = 1, #values do
+      if not values[j] then
+        done = true
+        break
+      end
+      run[#run + 1] = values[j]
+    end
+    at = last + 1
+    piece = math.min(piece * 4, 256)
   end
   out[i] = table.concat(run, ',')
 end
