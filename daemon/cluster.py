@@ -273,12 +273,13 @@ class ClusterMember:
                             "last such line", e, count)
             return peers, {}
 
-    def fetch(self, keys: Sequence[bytes]) -> list[bytes | None]:
+    def fetch(self, keys: Sequence[bytes]) -> list[bytes | memoryview | None]:
         """The values of ``keys`` from the peers that hold them (None: no live peer has
-        it, or every holder asked failed). No copy is kept here: a copy would push out a
+        it, or every holder asked failed): bytes from this node's spill queue, read-only
+        views of a peer's answer otherwise. No copy is kept here: a copy would push out a
         block of this node's own, which has no other home (requests for a prefix are
         routed to where it lives instead: `locate`)."""
-        out = self.spiller.queued(keys)  # evicted here, not yet at a peer
+        out: list[Any] = list(self.spiller.queued(keys))  # evicted here, not at a peer yet
         asked = [i for i, v in enumerate(out) if v is None]
         peers, holders = self._holders([keys[i] for i in asked])
         if not holders:
@@ -300,7 +301,7 @@ class ClusterMember:
         return out
 
     def _fetch_from(self, peer: Any, keys: list[bytes], where: list[int],
-                    out: list[bytes | None]) -> None:
+                    out: list[Any]) -> None:
         done = 0
         while done < len(keys):
             try:
