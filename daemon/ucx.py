@@ -15,8 +15,10 @@ Redis), and tokens, not the bind address, keep other hosts out.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
+import os
 from typing import Any
 
 from daemon.streams import StreamServer
@@ -40,7 +42,14 @@ class UcxListener:
 
     async def start(self) -> None:
         wire_ucx.init_ucx()  # KVStoreError naming the extra if ucxx is missing
-        self._listener = wire_ucx.ucxx.create_listener(self._serve_endpoint, port=self.port)
+        try:
+            self._listener = wire_ucx.ucxx.create_listener(self._serve_endpoint,
+                                                           port=self.port)
+        except Exception as e:
+            if type(e).__name__ != "UCXXBusyError":
+                raise
+            # ucxx's own error for a port in use: the OSError the caller names the flag in
+            raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)) from e
         self.address = (self.host, self._listener.port)
         log.info("kvstored serving UCX on %s:%d (ucx %s)", *self.address,
                  ".".join(map(str, wire_ucx.ucxx.get_ucx_version())))

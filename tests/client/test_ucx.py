@@ -9,6 +9,7 @@ ones about a missing ucxx run either way, hiding it where it is installed.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
 import signal
@@ -351,3 +352,25 @@ def test_without_ucxx_the_daemon_refuses_ucx(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert "pip install 'kvstore[ucx]'" in done.stderr
+
+
+def test_a_ucx_port_in_use_is_an_oserror_kvstored_names_the_flag_of(monkeypatch):
+    """ucxx reports a port in use as its busy error ("Device is busy"), seen once when a
+    test's free port was taken meanwhile; the listener turns it into the OSError that
+    kvstored reports as "--ucx HOST:PORT: cannot listen there" (exit 1), not a traceback.
+    The busy error is ucxx's own class, raised where ucxx raised it."""
+    ucxx = pytest.importorskip("ucxx")
+    from ucxx.exceptions import UCXBusyError
+
+    from daemon.ucx import UcxListener
+    from kvstore.wire import ucx as wire_ucx
+
+    wire_ucx.init_ucx()
+
+    def busy(*args: Any, **kwargs: Any) -> None:
+        raise UCXBusyError("Device is busy")
+
+    monkeypatch.setattr(ucxx, "create_listener", busy)
+    with pytest.raises(OSError) as raised:
+        asyncio.run(UcxListener(SimpleNamespace(), "127.0.0.1", 1).start())
+    assert raised.value.errno == errno.EADDRINUSE
