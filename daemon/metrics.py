@@ -68,6 +68,27 @@ _STORE_COUNTERS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# A node of a pool (`daemon.cluster`): (name without _total, key in its stats, help).
+_POOL_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("kvstore_pool_remote_hits", "remote_hits", "Blocks this node's clients read from peers."),
+    ("kvstore_pool_remote_misses", "remote_misses",
+     "Blocks missing here that no live peer served."),
+    ("kvstore_pool_peer_failures", "peer_failures",
+     "Peer calls that failed (the peer is skipped for a while)."),
+    ("kvstore_pool_spilled", "spilled", "Blocks this node handed to a peer with room."),
+    ("kvstore_pool_spill_dropped", "spill_dropped",
+     "Evicted blocks no peer had room for (dropped, as without a pool)."),
+    ("kvstore_pool_received", "received", "Blocks peers handed to this node."),
+)
+_POOL_GAUGES: tuple[tuple[str, str, Callable[[Mapping[str, Any]], float]], ...] = (
+    ("kvstore_pool_peers", "Live peers this node sees.", lambda pool: len(pool["peers"])),
+    ("kvstore_pool_spill_queued", "Evicted blocks on their way to a peer.",
+     lambda pool: pool["spill_queued"]),
+    ("kvstore_pool_redis_up", "1 while this node reaches the pool's Redis.",
+     lambda pool: 1.0 if pool["redis_ok"] else 0.0),
+)
+
+
 class _StoreCollector:
     """Turns one ``stats()`` call per scrape into the store's metric families."""
 
@@ -125,6 +146,13 @@ class _StoreCollector:
         for name, key, help_text in _STORE_COUNTERS:
             value = None if stats is None else float(stats[key])
             yield CounterMetricFamily(name, help_text, value=value)
+        pool = None if stats is None else stats.get("cluster")  # a node of a pool
+        for name, key, help_text in _POOL_COUNTERS:
+            yield CounterMetricFamily(name, help_text,
+                                      value=None if pool is None else float(pool[key]))
+        for name, help_text, value_of in _POOL_GAUGES:
+            yield GaugeMetricFamily(name, help_text,
+                                    value=None if pool is None else float(value_of(pool)))
 
 
 class DaemonMetrics:

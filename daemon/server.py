@@ -108,7 +108,7 @@ class Daemon:
         if config.metrics is not None:
             from daemon.metrics import DaemonMetrics
 
-            self.metrics = DaemonMetrics(lambda: self.store.stats())
+            self.metrics = DaemonMetrics(self._metrics_stats)
         segments.reclaim_dead()
         if config.dram_bytes:
             check_pool_fits(config.dram_bytes, shared=config.shared_memory, force=config.force)
@@ -192,6 +192,13 @@ class Daemon:
                 return await self.cluster.peer_put(self.calls, conn, meta, data)
             return await getattr(self.cluster, name)(self.calls, conn, meta)
         return handler
+
+    def _metrics_stats(self) -> dict[str, Any]:
+        """What a metrics scrape reads: the store's figures, and the pool's if any."""
+        stats = self.store.stats()
+        if self.cluster is not None:
+            stats["cluster"] = self.cluster.stats()
+        return stats
 
     def join_cluster(self, member: Any) -> None:
         """Serve the pool (`daemon.cluster.ClusterMember`): peers' operations, and the

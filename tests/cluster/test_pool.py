@@ -458,3 +458,24 @@ def test_a_hung_holder_is_a_miss_within_the_peer_timeout(pool: Pool) -> None:
                 assert time.monotonic() - started < 8.0  # (3 s deadline, and a retry)
             finally:
                 a.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.timeout(120)
+def test_a_pool_node_exports_its_pool_figures_to_prometheus(pool: Pool) -> None:
+    import urllib.request
+
+    from tests.daemon.conftest import free_port
+
+    pool.start("n0", "--dram", "64MiB")
+    metrics = f"127.0.0.1:{free_port()}"
+    b = pool.start("n1", "--dram", "64MiB", "--metrics", metrics)
+    keys = chain(96, 3)
+    with connect(pool.nodes["n0"]) as ca, connect(b) as cb:
+        ca.put_many(keys, [value(k) for k in keys])
+        pool.wait_published("n0", keys)
+        pool.wait_peers("n1", {"n0"}, cb)
+        assert cb.get_many(keys) == [value(k) for k in keys]
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    assert "kvstore_pool_remote_hits_total 3.0" in text
+    assert "kvstore_pool_peers 1.0" in text and "kvstore_pool_redis_up 1.0" in text
