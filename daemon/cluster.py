@@ -237,9 +237,9 @@ class ClusterMember:
         # A block on its way to a peer is listed here (served from the queue, and a drop
         # must reach this node) until it is there, even one evicted before it was ever
         # published: its removal is published then (the spiller's ``arrived``).
+        listed = set(self.spiller.listed()) if any(not b for _, b in changes) else set()
         queued = TIER_BIT[TierKind.DRAM]
-        changes = [(k, b) if b or not self.spiller.is_listed(k) else (k, queued)
-                   for k, b in changes]
+        changes = [(k, queued) if not b and k in listed else (k, b) for k, b in changes]
         self.spiller.owned([k for k, b in changes if not b])  # gone from here
         if recheck:
             recheck = list(dict.fromkeys(recheck))

@@ -91,7 +91,7 @@ class Spiller:
             if old is not None:
                 self._queued_bytes -= len(old)
             if self._stopped or self._queued_bytes + len(value) > QUEUE_BYTES:
-                self._count_locked("spill_dropped")
+                self._count("spill_dropped", 1)  # (its own lock: never waits on ours)
                 return
             self._queued[key] = value
             self._queued_bytes += len(value)
@@ -101,11 +101,6 @@ class Spiller:
         """The values of ``keys`` waiting here for a peer (None: not waiting)."""
         with self._lock:
             return [self._queued.get(key) for key in keys]
-
-    def is_listed(self, key: bytes) -> bool:
-        """Whether ``key`` is on its way to a peer (so still listed as this node's)."""
-        with self._lock:
-            return key in self._queued or key in self._sending
 
     def listed(self) -> list[bytes]:
         """Every key on its way to a peer (listed as this node's until it arrives)."""
@@ -189,10 +184,6 @@ class Spiller:
         return placed
 
     # -- the spill thread -------------------------------------------------------------------
-
-    def _count_locked(self, name: str) -> None:
-        # (the counts have their own lock: taking it under ours never waits on us)
-        self._count(name, 1)
 
     def _run(self) -> None:
         while True:
