@@ -9,8 +9,9 @@ batch is also an event on one stream, so that an external router can follow the 
 
 Redis layout (``P`` is ``kvstore:<cluster>``)::
 
-    P:blocks:{<node>}   HASH  16-byte block key -> its tiers on that node, as residency bits
-                              in decimal (1: hbm, 2: dram, 4: nvme; "6": DRAM and NVMe)
+    P:blocks:{<node>}   HASH  16-byte block key -> its tiers on that node, as one byte of
+                              residency bits (1: hbm, 2: dram, 4: nvme; 6: DRAM and NVMe);
+                              plus the field `ENCODING_FIELD` (see there)
     P:block-events      STREAM  one entry per published batch (`EVENT_FIELDS`)
 
 The hash tag ``{<node>}`` puts all of one node's keys in one Redis Cluster slot: a node's
@@ -39,51 +40,71 @@ EVENT_VERSION = 1
 EVENT_FIELDS = ("v", "node", "at", "stored", "removed")
 STREAM_MAXLEN = 100_000  # entries kept (approximately): a follower far behind re-reads
 KEY_BYTES = 16
+# Every batch also sets this field, whose value is longer than any listpack value (Redis
+# keeps at most 64 bytes by default): the hash is then a hash table from its first batch
+# on, whatever its size. A small hash is otherwise a listpack, whose lookups scan it:
+# with 512 entries (a common `hash-max-listpack-entries`) a lookup of 4,500 blocks over 8
+# such hashes took 8.4 ms, as hash tables 3.2 ms. A lookup never asks for this field (a
+# block key is 16 bytes).
+ENCODING_FIELD, ENCODING_VALUE = b"~encoding", b"hashtable " * 8  # 80 bytes
 
 
-# The leading run of each hash (KEYS) over a chain (ARGV): its values up to the first
-# missing one, comma-separated. The lookups stay in Redis; only the runs come back. Each
-# hash is read in growing pieces (1, 4, 16, 64, then 256 blocks) up to its first missing
-# block, so a node holding none of the chain costs one field, not the chain's length.
-LEADING = """
+# The chain arrives as one argument, its 16-byte keys concatenated (packing 1,000 arguments
+# cost the client more than the lookups cost Redis), and is split here once for all hashes.
+SPLIT_CHAIN = """
+local chain = ARGV[1]
+local keys = {}
+for j = 1, #chain / 16 do
+  keys[j] = string.sub(chain, 16 * j - 15, 16 * j)
+end
+"""
+# The leading run of each hash (KEYS) over the chain: its tier bytes up to the first
+# missing block. The lookups stay in Redis; only the runs come back. Each hash is read in
+# growing pieces (1, 4, 16, 64, then 256 blocks) up to its first missing block, so a node
+# holding none of the chain costs one field, not the chain's length; a piece's bytes are
+# joined by table.concat, not one by one in Lua.
+LEADING = SPLIT_CHAIN + """
 local out = {}
-local n = #ARGV
+local n = #keys
 for i, hash in ipairs(KEYS) do
-  local run = {}
-  local at, piece, done = 1, 1, false
-  while at <= n and not done do
+  local parts = {}
+  local at, piece = 1, 1
+  while at <= n do
     local last = math.min(n, at + piece - 1)
-    local values = redis.call('HMGET', hash, unpack(ARGV, at, last))
-    for j = 1, #values do
+    local values = redis.call('HMGET', hash, unpack(keys, at, last))
+    local held = #values
+    for j = 1, held do
       if not values[j] then
-        done = true
+        held = j - 1
         break
       end
-      run[#run + 1] = values[j]
+    end
+    parts[#parts + 1] = table.concat(values, '', 1, held)
+    if held < #values then
+      break
     end
     at = last + 1
     piece = math.min(piece * 4, 256)
   end
-  out[i] = table.concat(run, ',')
+  out[i] = table.concat(parts)
 end
 return out
 """
-# Each hash's (KEYS) tier bits for every block of ARGV as one byte each (0: not held),
-# the run cut after its last held block ("" when it holds none of them).
-HOLDERS = """
+# Each hash's (KEYS) tier byte for every block of the chain (a zero byte: not held), the
+# run cut after its last held block ("" when it holds none of them).
+HOLDERS = SPLIT_CHAIN + """
 local out = {}
 for i, hash in ipairs(KEYS) do
-  local values = redis.call('HMGET', hash, unpack(ARGV))
-  local bytes, last = {}, 0
+  local values = redis.call('HMGET', hash, unpack(keys))
+  local last = 0
   for j = 1, #values do
     if values[j] then
-      bytes[j] = string.char(tonumber(values[j]))
       last = j
     else
-      bytes[j] = '\\0'
+      values[j] = '\\0'
     end
   end
-  out[i] = table.concat(bytes, '', 1, last)
+  out[i] = table.concat(values, '', 1, last)
 end
 return out
 """
@@ -133,7 +154,8 @@ def batch_commands(prefix: str, node_id: str, changes: Iterable[tuple[bytes, int
     hash_key = blocks_key(prefix, node_id)
     commands: list[tuple[Any, ...]] = []
     if stored:
-        commands.append(("HSET", hash_key, *[x for k, b in stored.items() for x in (k, b)]))
+        commands.append(("HSET", hash_key, ENCODING_FIELD, ENCODING_VALUE,
+                         *[x for k, b in stored.items() for x in (k, bytes((b,)))]))
     if removed:
         commands.append(("HDEL", hash_key, *removed))
     commands.append((
@@ -194,21 +216,20 @@ class ClusterIndex:
             return []
         keys = list(keys)
         hashes = [blocks_key(self.prefix, node_id) for node_id in nodes]
-        runs: list[str] = [""] * len(nodes)
+        runs: list[bytes] = [b""] * len(nodes)
         done = [False] * len(nodes)
         for at in range(0, len(keys), SCRIPT_KEYS):  # (a script takes so many arguments)
             part = keys[at:at + SCRIPT_KEYS]
             asked = [n for n in range(len(nodes)) if not done[n]]
             if not asked:
                 break
-            for n, run in zip(asked, self._leading([hashes[n] for n in asked], part),
-                              strict=True):
-                tiers = run.decode() if isinstance(run, bytes) else run
-                count = tiers.count(",") + 1 if tiers else 0
-                runs[n] += ("," if runs[n] and tiers else "") + tiers
-                done[n] = count < len(part)
-        found = [Location(node_id, tuple(int(t) for t in run.split(",")))
-                 for node_id, run in zip(nodes, runs, strict=True) if run]
+            for n, run in zip(asked, self._run_script(LEADING, [hashes[n] for n in asked],
+                                                      part), strict=True):
+                run = _as_bytes(run)
+                runs[n] += run
+                done[n] = len(run) < len(part)
+        found = [Location(node_id, tuple(run)) for node_id, run in zip(nodes, runs, strict=True)
+                 if run]
         found.sort(key=lambda location: -location.leading)
         return found
 
@@ -226,33 +247,31 @@ class ClusterIndex:
         for at in range(0, len(keys), SCRIPT_KEYS):
             part = keys[at:at + SCRIPT_KEYS]
             for n, run in enumerate(self._run_script(HOLDERS, hashes, part)):
-                run = run.encode("latin-1") if isinstance(run, str) else run
-                parts[n].append(run.ljust(len(part), b"\0"))
+                parts[n].append(_as_bytes(run).ljust(len(part), b"\0"))
         for node_id, runs in zip(nodes, parts, strict=True):
             bits = b"".join(runs)
             if bits.strip(b"\0"):
                 found[node_id] = bits
         return found
 
-    def _leading(self, hashes: list[str], keys: list[bytes]) -> list[bytes | str]:
-        """Each hash's leading run over ``keys``: its values up to the first missing one,
-        comma-separated (one round trip)."""
-        return self._run_script(LEADING, hashes, keys)
-
     def _run_script(self, script: str, hashes: list[str], keys: list[bytes]
                     ) -> list[bytes | str]:
-        """``script`` over each of ``hashes`` with ``keys`` as its arguments: its answer
-        per hash, in one round trip (one per shard on Redis Cluster)."""
+        """``script`` over each of ``hashes`` with ``keys`` as its one argument (the keys
+        concatenated): its answer per hash, in one round trip (one per shard on Redis
+        Cluster)."""
+        chain = b"".join(keys)
+        if len(chain) != KEY_BYTES * len(keys):
+            raise ValueError(f"a block key is {KEY_BYTES} bytes")
         if not self._is_cluster:
             if script not in self._scripts:
                 self._scripts[script] = self.client.register_script(script)  # reloads
-            return self._scripts[script](keys=hashes, args=keys)
+            return self._scripts[script](keys=hashes, args=[chain])
         for attempt in range(2):
             if script not in self._scripts or attempt:  # a cluster pipeline won't reload
                 self._scripts[script] = self.client.script_load(script)  # every primary
             pipe = self.client.pipeline(transaction=False)
             for hash_key in hashes:
-                pipe.evalsha(self._scripts[script], 1, hash_key, *keys)
+                pipe.evalsha(self._scripts[script], 1, hash_key, chain)
             try:
                 return [runs[0] for runs in pipe.execute()]  # one hash per call
             except NoScriptError:  # a primary restarted since (scripts are not kept)
@@ -262,8 +281,8 @@ class ClusterIndex:
 
     def holdings(self, node_id: str) -> dict[bytes, int]:
         """Everything ``node_id`` has published as held: key -> tier bits."""
-        return {k: int(v) for k, v in self.client.hgetall(blocks_key(self.prefix,
-                                                                      node_id)).items()}
+        entries = self.client.hgetall(blocks_key(self.prefix, node_id))
+        return {k: _as_bytes(v)[0] for k, v in entries.items() if len(k) == KEY_BYTES}
 
     def events(self, after: str = "0-0", count: int = 1000
                ) -> list[tuple[str, str, list[tuple[bytes, int]], list[bytes]]]:
@@ -276,3 +295,8 @@ class ClusterIndex:
             out.append((entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
                         node, stored, removed))
         return out
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    """A script's answer as bytes (a client that decodes answers gives them as str)."""
+    return value.encode("latin-1") if isinstance(value, str) else value
