@@ -10,12 +10,19 @@ store, never constants. The conductor routes with it.
         timed through the engine's own store handle (embedded store or daemon client), with
         scratch keys that are deleted after
     decode_step_s       one batched decode step of the running batch
+
+and, for the fetch planner (`engines.fetch_plan`), each tier's fetch cost
+(`measure_tier_costs`): blocks timed through a scratch store of that tier alone, by the
+engine's own fetch path, so that a tier the engine's store holds few blocks in has a cost
+too.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+import kvstore
+from engines.fetch_plan import TierCost, TierCosts
 from engines.kv_io import KVBlockIO
 from engines.model import LlamaModel
 from engines.paged_cache import SequenceKV
@@ -176,3 +185,81 @@ def calibrate(model: LlamaModel, io: KVBlockIO, *, lengths: list[int] | None = N
     log.info("cost model for %s: %s", model.model_id,
              {k: f"{v:.3g}" for k, v in cost.as_dict().items()})
     return cost
+
+
+def scratch_tier_config(tier: str, block_bytes: int, num_blocks: int, *,
+                        device: str = "cuda", nvme_dir: str | None = None
+                        ) -> kvstore.StoreConfig:
+    """A store holding ``num_blocks`` blocks in ``tier`` alone."""
+    room = (num_blocks + 8) * block_bytes
+    if tier == "hbm":
+        return kvstore.StoreConfig(hbm_bytes=room, dram_bytes=0, device=device,
+                                   max_value_bytes=block_bytes)
+    if tier == "dram":
+        return kvstore.StoreConfig(dram_bytes=room, max_value_bytes=block_bytes)
+    if tier == "nvme":
+        if nvme_dir is None:
+            raise ValueError("an NVMe tier's cost needs a directory on its disk")
+        return kvstore.StoreConfig(dram_bytes=0, nvme_path=nvme_dir, nvme_bytes=2 * room,
+                                   max_value_bytes=block_bytes)
+    raise ValueError(f"unknown tier {tier!r}")
+
+
+def measure_tier_cost(io: KVBlockIO, tier: str, *, num_blocks: int = 16, repeats: int = 3,
+                      nvme_dir: str | None = None) -> TierCost:
+    """The cost of fetching blocks from ``tier`` into ``io``'s cache: ``num_blocks`` blocks
+    put into a scratch store of that tier alone (flushed, so NVMe reads go to the disk),
+    then fetched by ``io``'s fetch path, 1 and ``num_blocks`` at a time; the line through
+    the medians. ``nvme_dir``: a directory on the NVMe tier's disk (a scratch directory is
+    made in it and removed after)."""
+    scratch = tempfile.mkdtemp(prefix="kvstore-cost-", dir=nvme_dir) if tier == "nvme" else None
+    config = scratch_tier_config(tier, io.layout.block_bytes, num_blocks,
+                                 device=str(io.cache.device), nvme_dir=scratch)
+    seq = SequenceKV()
+    if not io.cache.reserve(seq, num_blocks * io.block_tokens):
+        raise ValueError(f"the engine's cache cannot hold {num_blocks} calibration blocks")
+    try:
+        with kvstore.Store(config) as store:
+            probe = KVBlockIO(io.model, io.cache, store)
+            try:
+                tokens = torch.randint(0, io.model.config.vocab_size,
+                                       (num_blocks * io.block_tokens,),
+                                       generator=torch.Generator().manual_seed(1)).tolist()
+                keys = probe.keys(tokens)
+                block = probe._blocks(1)[0].fill_(1)
+                if store.put_many(keys, [block] * len(keys)) != len(keys):
+                    raise RuntimeError(f"the scratch {tier} store took too few blocks")
+                store.flush()
+                samples: list[list[float]] = []
+                times: list[float] = []
+                for n in sorted({1, num_blocks}):
+                    runs = []
+                    for _ in range(repeats + 1):  # the first warms up
+                        start = time.perf_counter()
+                        load = probe.fetch(keys[:n], seq)
+                        load.wait_all()
+                        if torch.cuda.is_available():
+                            torch.cuda.synchronize()
+                        runs.append(time.perf_counter() - start)
+                        if load.num_blocks != n:
+                            raise RuntimeError(f"fetched {load.num_blocks} of {n} blocks "
+                                               f"from the scratch {tier} store")
+                    samples.append([1.0, n])
+                    times.append(float(np.median(runs[1:])))
+                latency, per_block = fit_line(samples, times)
+            finally:
+                probe.close()
+    finally:
+        io.cache.release(seq)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    cost = TierCost(latency_s=latency, per_block_s=per_block)
+    log.info("fetch cost from %s: %.3g s + %.3g s a block", tier, latency, per_block)
+    return cost
+
+
+def measure_tier_costs(io: KVBlockIO, tiers: list[str], *, nvme_dir: str | None = None,
+                       num_blocks: int = 16) -> TierCosts:
+    """`measure_tier_cost` of each of ``tiers`` (say, those the engine's store has)."""
+    return TierCosts({tier: measure_tier_cost(io, tier, nvme_dir=nvme_dir,
+                                              num_blocks=num_blocks) for tier in tiers})

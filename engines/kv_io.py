@@ -45,10 +45,11 @@ and the store verified its checksum.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -57,6 +58,9 @@ from engines.model import LlamaModel
 from engines.paged_cache import PagedKVCache, SequenceKV, to_device
 from kvstore.errors import KVStoreError
 from kvstore.keys import prefix_hashes
+
+if TYPE_CHECKING:
+    from engines.fetch_plan import FetchPlan, FetchPlanner
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,10 @@ class PrefixFetch:
     keys: list[bytes]  # one per full block of the tokens
     num_stored_blocks: int  # leading keys held in some tier of the store
     load: LayerLoad  # the first load.num_blocks of them, on their way into the pages
+    # With a planner: its plan, and the load of blocks [plan.compute_end, plan.load_end)
+    # running in the background while the blocks before them are computed (None: none).
+    plan: FetchPlan | None = None
+    middle: LayerLoad | None = None
 
 
 class KVBlockIO:
@@ -120,6 +128,8 @@ class KVBlockIO:
         self.layout = model.config.kv_layout(cache.page_tokens, cache.dtype)
         self.namespace = self.layout.namespace(model.model_id)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-io")
+        # Planned loads that run while the blocks before them are computed.
+        self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-fetch")
 
     def keys(self, tokens: Sequence[int]) -> list[bytes]:
         return prefix_hashes(list(tokens), block_tokens=self.block_tokens,
@@ -136,7 +146,20 @@ class KVBlockIO:
             log.warning("match_prefix failed (%s); computing without the store", e)
             return 0
 
+    def tier_bits(self, keys: Sequence[bytes]) -> list[int] | None:
+        """Each key's residency bits in the store (`kvstore.tiers.base.TIER_BIT`; 0: not
+        held), or None where the store cannot tell (a daemon client) or fails."""
+        ask = getattr(self.store, "tier_bits", None)
+        if ask is None:
+            return None
+        try:
+            return ask(keys)
+        except KVStoreError as e:
+            log.warning("tier_bits failed (%s); fetching without a plan", e)
+            return None
+
     def close(self) -> None:
+        self._fetcher.shutdown(wait=True)
         self._worker.shutdown(wait=True)
 
     # -- staging ---------------------------------------------------------------------------
@@ -156,12 +179,18 @@ class KVBlockIO:
     # -- fetch -----------------------------------------------------------------------------
 
     def fetch_prefix(self, tokens: Sequence[int], seq: SequenceKV, *, max_blocks: int,
-                     probe: bool = False) -> PrefixFetch:
+                     probe: bool = False, planner: FetchPlanner | None = None
+                     ) -> PrefixFetch:
         """Key ``tokens``' full blocks, find how many leading ones the store holds, and start
         loading at most ``max_blocks`` of those into ``seq``'s first pages (the load as in
         `fetch`). ``probe`` as in `cached_blocks`. Where the store lends blocks in place,
         each part (`part_ends`) is hashed, looked up and launched before the next is
-        hashed; otherwise the whole prompt is hashed and looked up at once."""
+        hashed; otherwise the whole prompt is hashed and looked up at once.
+
+        With a ``planner``, the blocks the store could not lend (those in a slower tier,
+        or all of them where it lends none) are planned (`engines.fetch_plan`): the
+        returned fetch's ``load`` holds the head to load first, and its ``middle`` the
+        blocks to load in the background while the caller computes those between."""
         tokens = list(tokens)
         keys: list[bytes] = []
         num_stored = 0
@@ -180,11 +209,36 @@ class KVBlockIO:
             rest = self._extend_keys(keys, tokens, None)
             if num_stored == num_looked_up:  # no miss yet: look up the rest
                 num_stored += self.cached_blocks(rest, probe=probe)
-            load.stage(keys[load.num_blocks:min(num_stored, max_blocks)])
+            end = min(num_stored, max_blocks)
+            plan = self._plan(planner, len(tokens), keys, load.num_blocks, end)
+            if plan is None:
+                load.stage(keys[load.num_blocks:end])
+                return PrefixFetch(keys, num_stored, load)
+            load.stage(keys[load.num_blocks:plan.head_load_end])
+            if load.num_blocks < plan.head_load_end:  # the head came up short: no middle
+                return PrefixFetch(keys, num_stored, load, plan)
+            middle = None
+            if plan.load_end > plan.compute_end:
+                middle = LayerLoad(self, seq, first_page=plan.compute_end)
+                middle.stage_in_background(keys[plan.compute_end:plan.load_end],
+                                           observe=planner.observer(plan))
+            return PrefixFetch(keys, num_stored, load, plan, middle)
         except BaseException:
             load.release()
             raise
-        return PrefixFetch(keys, num_stored, load)
+
+    def _plan(self, planner: FetchPlanner | None, num_tokens: int, keys: list[bytes],
+              num_loading: int, end: int) -> FetchPlan | None:
+        """The plan for blocks ``[num_loading, end)`` (those before are loading already),
+        or None: no planner, nothing to plan, or a store that cannot tell tiers."""
+        if planner is None or end <= num_loading:
+            return None
+        bits = self.tier_bits(keys[num_loading:end])
+        if bits is None:
+            return None
+        plan = planner.plan(num_tokens, bits, lent=num_loading)
+        log.debug("fetch plan: %s", plan.describe())
+        return plan
 
     def fetch(self, keys: Sequence[bytes], seq: SequenceKV) -> LayerLoad:
         """Start moving ``keys`` (leading blocks of ``seq``) from the store into ``seq``'s
@@ -233,10 +287,13 @@ class LayerLoad:
     copied by the UVA kernel (GPU), then blocks staged by `get_many_into` and copied by
     the worker."""
 
-    def __init__(self, io: KVBlockIO, seq: SequenceKV) -> None:
+    def __init__(self, io: KVBlockIO, seq: SequenceKV, *, first_page: int = 0) -> None:
         self.io = io
         self.seq = seq
+        self.first_page = first_page  # the load fills seq.pages[first_page:]
         self.num_blocks = 0
+        self._background: Future[None] | None = None  # `stage_in_background`
+        self.staged_s = 0.0  # how long `stage`'s reads took
         self._stream: torch.cuda.Stream | None = None  # every part's copies, in order
         self._copiers: list[uva_copy.LayerCopier] = []
         self._borrows: list[tuple[Any, Any]] = []  # (the store's context, what it lent)
@@ -273,7 +330,7 @@ class LayerLoad:
             return False
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=io.cache.device)
-        first = self.num_blocks
+        first = self.first_page + self.num_blocks
         try:
             copier = uva_copy.LayerCopier(
                 io.cache, addresses, self.seq.pages[first:first + len(addresses)],
@@ -294,9 +351,10 @@ class LayerLoad:
         pages layer by layer on the worker."""
         if not keys:
             return
-        io, first = self.io, self.num_blocks
+        io, first = self.io, self.first_page + self.num_blocks
         staging = io._blocks(len(keys))
         num_staged = 0
+        started = time.perf_counter()
         batch = getattr(io.store, "get_many_into", None)
         try:
             if batch is not None:  # one pin-copy-unpin pass, copies in flight together
@@ -311,14 +369,44 @@ class LayerLoad:
                         first + len(keys), first + num_staged, e)
         if not num_staged:
             return
+        self.staged_s = time.perf_counter() - started
         cache = io.cache
+        if staging.is_cuda:  # (staged on a side stream, copied on the worker's default one)
+            staging.record_stream(torch.cuda.default_stream(cache.device))
         index = to_device(self.seq.pages[first:first + num_staged], cache.device)
         blocks = staging[:num_staged]
         self._staged = [io._worker.submit(_load_layer, cache, layer, index, blocks)
                         for layer in range(len(cache.kv))]
         self.num_blocks += num_staged
 
+    def stage_in_background(self, keys: Sequence[bytes], *,
+                            observe: Callable[[int, float], None] | None = None) -> None:
+        """`stage` ``keys`` on the io's fetch thread, so that the caller computes
+        meanwhile; `settle` waits for the blocks to be read (then ``num_blocks`` is how
+        many came). ``observe(num_blocks, seconds)`` is told how long the reads took (a
+        planner keeps its costs fresh with it)."""
+        def run() -> None:
+            if self.io.cache.device.type == "cuda":
+                # Its own stream: the store's copies into staging must not queue behind
+                # the forward running meanwhile on the compute stream.
+                with torch.cuda.stream(torch.cuda.Stream(device=self.io.cache.device)):
+                    self.stage(keys)
+            else:
+                self.stage(keys)
+            if observe is not None and self.num_blocks:
+                observe(self.num_blocks, self.staged_s)
+
+        self._background = self.io._fetcher.submit(run)
+
+    def settle(self) -> int:
+        """Wait for a background `stage` to have read its blocks; how many it got."""
+        if self._background is not None:
+            self._background.result()
+        return self.num_blocks
+
     def wait(self, layer: int) -> None:
+        if self._background is not None:
+            self._background.result()
         if self._copiers:
             # One stream: the last part's layer copy comes after every earlier part's.
             self._copiers[-1].wait(layer)
@@ -337,6 +425,8 @@ class LayerLoad:
     def release(self) -> None:
         """Wait for every copy, then give back what was borrowed (also after an error)."""
         try:
+            if self._background is not None:
+                self._background.result()
             for done in self._staged:
                 done.result()
         finally:

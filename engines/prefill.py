@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engines.fetch_plan import FetchPlan, FetchPlanner
 from engines.kv_io import CacheFullError, KVBlockIO, fetchable_blocks
 from engines.model import LlamaModel
 from engines.paged_cache import SequenceKV
@@ -34,12 +35,17 @@ class PrefillResult:
     compute_s: float
     publish_s: float  # the part of publishing not hidden behind compute
     ttft_s: float
+    plan: FetchPlan | None = None  # with a planner: what it chose for the cached prefix
 
 
 class PrefillEngine:
     def __init__(self, model: LlamaModel, store: Any, *, num_pages: int | None = None,
-                 block_tokens: int = 16, cuda_graphs: bool = True) -> None:
+                 block_tokens: int = 16, cuda_graphs: bool = True,
+                 planner: FetchPlanner | None = None) -> None:
+        """``planner``: decide per request which cached blocks to load and which to
+        compute again (`engines.fetch_plan`); without one every cached block is loaded."""
         self.model = model
+        self.planner = planner
         if num_pages is None:
             num_pages = -(-model.config.max_position_tokens // block_tokens)
         self.cache = model.new_cache(num_pages=num_pages, page_tokens=block_tokens,
@@ -77,33 +83,55 @@ class PrefillEngine:
             raise CacheFullError(f"no room for {len(prompt)} tokens in the prefill cache")
         try:
             fetch = self.io.fetch_prefix(
-                prompt, seq, max_blocks=fetchable_blocks(len(prompt), self.block_tokens))
+                prompt, seq, max_blocks=fetchable_blocks(len(prompt), self.block_tokens),
+                planner=self.planner)
             keys, num_stored, load = fetch.keys, fetch.num_stored_blocks, fetch.load
-            seq.num_tokens = load.num_blocks * self.block_tokens
+            middle, bt = fetch.middle, self.block_tokens
+            seq.num_tokens = load.num_blocks * bt
             fetched_s = time.perf_counter()
-            # Publish from the last stored block on (see the module docstring); nothing when
-            # every block is stored and only the last one, which must run, was not fetched.
-            first_new = min(load.num_blocks, num_stored)
-            anchor = max(first_new - 1, 0)
-            publish = publish and not (num_stored == len(keys)
-                                       and load.num_blocks >= len(keys) - 1)
             try:
+                if middle is not None:
+                    # Compute up to the middle blocks while they load, then go on from
+                    # wherever their load ended (a block it could not get is computed).
+                    head_end = middle.first_page * bt
+                    if head_end > seq.num_tokens:
+                        self.model.forward(self.cache, [(seq, prompt[seq.num_tokens:head_end])],
+                                           before_layer=load.wait)
+                    seq.num_tokens = (middle.first_page + middle.settle()) * bt
+                loaded = seq.num_tokens // bt  # the leading blocks in the pages now
+                # Publish from the last stored block on (see the module docstring);
+                # nothing when every block is stored and only the last one, which must
+                # run, was not fetched.
+                first_new = min(loaded, num_stored)
+                anchor = max(first_new - 1, 0)
+                publish = publish and not (num_stored == len(keys) and loaded >= len(keys) - 1)
                 publisher = self.io.publisher(keys if publish else keys[:0], seq, anchor)
+
+                def before_layer(layer: int) -> None:
+                    load.wait(layer)
+                    if middle is not None:
+                        middle.wait(layer)
+
                 logits = self.model.forward(self.cache, [(seq, prompt[seq.num_tokens:])],
-                                            before_layer=load.wait,
+                                            before_layer=before_layer,
                                             after_layer=publisher.after_layer)
             finally:
-                load.wait_all()  # gives back what the fetch borrowed from the store
+                try:
+                    load.wait_all()  # gives back what the fetch borrowed from the store
+                finally:
+                    if middle is not None:
+                        middle.wait_all()
             first_token = sample(logits[0], sampling, 0)
             computed_s = time.perf_counter()
             published = max(publisher.finish() - (first_new - anchor), 0)
             done_s = time.perf_counter()
         finally:
             self.cache.release(seq)
+        num_loaded = load.num_blocks + (middle.num_blocks if middle is not None else 0)
         return PrefillResult(
             request_id=request_id or uuid.uuid4().hex[:12], first_token=first_token,
             num_prompt_tokens=len(prompt),
-            num_cached_tokens=load.num_blocks * self.block_tokens,
+            num_cached_tokens=num_loaded * self.block_tokens,
             num_published_blocks=published, fetch_s=fetched_s - start_s,
             compute_s=computed_s - fetched_s, publish_s=done_s - computed_s,
-            ttft_s=computed_s - start_s)
+            ttft_s=computed_s - start_s, plan=fetch.plan)

@@ -59,3 +59,22 @@ def assert_fetched_kv_equals_recomputed(model, store, prompt: list[int], *,
             want = reference.gather(layer, reference.plan(ref, cached), cached)
             assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), layer
     return fetch.load.num_blocks
+
+
+def flip_on_disk(path, block: bytes) -> None:
+    """Flip one bit of ``block``'s payload in the NVMe tier's files under ``path`` (under
+    the open store, fsynced): its next read from disk fails the checksum."""
+    import os
+    from pathlib import Path
+
+    flipped = 0
+    for segment in Path(path).rglob("*"):
+        data = segment.read_bytes() if segment.is_file() else b""
+        at = data.find(block[:256])
+        if at >= 0:
+            with open(segment, "r+b") as f:
+                f.seek(at + 1000)
+                f.write(bytes([data[at + 1000] ^ 0x10]))
+                os.fsync(f.fileno())
+            flipped += 1
+    assert flipped == 1

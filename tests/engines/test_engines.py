@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from engines.prefill import PrefillEngine
 from engines.presets import load_model
 from engines.sampling import SamplingParams
 from tests.daemon.conftest import REPO, DaemonProcess
-from tests.engines.conftest import assert_fetched_kv_equals_recomputed
+from tests.engines.conftest import assert_fetched_kv_equals_recomputed, flip_on_disk
 
 BLOCK = 16
 
@@ -130,18 +129,7 @@ def test_corrupt_nvme_block_is_recomputed(model, tmp_path):
             DecodeEngine(model, store, num_pages=64) as decode:
         first = prefill.prefill(prompt, sampling)
         store.flush()
-        block = store.get(prefill.io.keys(prompt)[3])
-        flipped = 0  # one bit of block 3's payload, on disk under the open store
-        for segment in Path(tmp_path / "nvme").rglob("*"):
-            data = segment.read_bytes() if segment.is_file() else b""
-            at = data.find(block[:256])
-            if at >= 0:
-                with open(segment, "r+b") as f:
-                    f.seek(at + 1000)
-                    f.write(bytes([data[at + 1000] ^ 0x10]))
-                    os.fsync(f.fileno())
-                flipped += 1
-        assert flipped == 1
+        flip_on_disk(tmp_path / "nvme", store.get(prefill.io.keys(prompt)[3]))  # block 3
         done = decode.generate(prompt, sampling, first_token=first.first_token)
         assert store.stats()["checksum_failures"] == 1
     assert done.num_cached_tokens == 3 * BLOCK
