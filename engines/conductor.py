@@ -47,6 +47,7 @@ from typing import Any
 
 from engines.cost_model import CostModel, calibrate
 from engines.decode import DecodeEngine, DecodeRequest, FinishReason
+from engines.fetch_plan import FetchPlan
 from engines.kv_io import CacheFullError, usable_prefix_blocks
 from engines.prefill import PrefillEngine, PrefillResult
 from engines.sampling import SamplingParams
@@ -152,16 +153,17 @@ class Conductor:
         decode_index, cached_d = self._pick_decode(prompt, sampling, cached_of, local)
         running = self.decode[decode_index].num_running
         wait_d = cost.decode_step_s if running else 0.0  # joins at the next step
-        compute_d = cost.prefill_s(n - usable(cached_d) * block, n)
-        ttft_colocated = wait_d + cost.fetch_s(usable(cached_d)) + compute_d
+        fetch_d, loaded_d = self._fetch_cost(self.decode[decode_index], keys, n,
+                                             usable(cached_d), overlap=False)
+        compute_d = cost.prefill_s(n - loaded_d * block, n)
+        ttft_colocated = wait_d + fetch_d + compute_d
         # Both costs run to the second token, plus what the request stalls the others by.
         colocated = ttft_colocated + cost.decode_step_s + running * compute_d
 
         best: tuple[float, int, int, int] | None = None  # (ttft, -local, index, cached)
         for i, p in enumerate(self.prefill):
             cached_p = usable(cached_of(p))
-            ttft_p = (p.queued_s + cost.fetch_s(cached_p)
-                      + cost.prefill_s(n - cached_p * block, n))
+            ttft_p = p.queued_s + self._prefill_cost(p, keys, n, cached_p)
             option = (ttft_p, -len(local.get(p.name, ())), i, cached_p)
             if best is None or option < best:
                 best = option
@@ -182,6 +184,38 @@ class Conductor:
             cached_blocks_decode=usable(cached_d), num_blocks=len(keys), local_blocks=local)
         log.info("route %s (%d tokens): %s", request_id, n, route.describe())
         return route
+
+    def _fetch_cost(self, worker: Any, keys: list[bytes], n: int, cached: int, *,
+                    overlap: bool) -> tuple[float, int]:
+        """(seconds, blocks loaded) of fetching what ``worker``'s engine would load of
+        ``cached`` leading blocks: by its planner's plan where it has one and its store
+        tells tiers (the plan may load fewer), else the cost model's fetch of them all."""
+        plan = self._plan(worker, keys, n, cached, overlap=overlap)
+        if plan is None:
+            return self.cost.fetch_s(cached), cached
+        compute = self.cost.prefill_s(n - plan.head_load_end * self.block_tokens, n)
+        return max(plan.estimate_s - compute, 0.0), plan.head_load_end
+
+    def _prefill_cost(self, worker: Any, keys: list[bytes], n: int, cached: int) -> float:
+        """A prefill engine's time to first token for the request (its planner's estimate,
+        which may overlap loads with compute, where it has one)."""
+        plan = self._plan(worker, keys, n, cached, overlap=True)
+        if plan is None:
+            return self.cost.fetch_s(cached) + self.cost.prefill_s(
+                n - cached * self.block_tokens, n)
+        return plan.estimate_s
+
+    def _plan(self, worker: Any, keys: list[bytes], n: int, cached: int, *, overlap: bool
+              ) -> FetchPlan | None:
+        planner = getattr(worker.engine, "planner", None)
+        if planner is None or not cached or self.pool is not None:
+            return None
+        bits = worker.engine.io.tier_bits(keys[:cached])
+        if bits is None:
+            return None
+        plan = planner.estimate(n, bits, overlap=overlap)
+        log.debug("plan for %s: %s", worker.name, plan.describe())
+        return plan
 
     def _where(self, keys: list[bytes]) -> tuple[Callable[[Any], int],
                                                   dict[str, tuple[int, ...]]]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import kvstore
-from engines.fetch_plan import TierCost, TierCosts
+from engines.fetch_plan import FetchPlanner, TierCost, TierCosts
 from engines.kv_io import KVBlockIO
 from engines.model import LlamaModel
 from engines.paged_cache import SequenceKV
@@ -263,3 +263,19 @@ def measure_tier_costs(io: KVBlockIO, tiers: list[str], *, nvme_dir: str | None 
     """`measure_tier_cost` of each of ``tiers`` (say, those the engine's store has)."""
     return TierCosts({tier: measure_tier_cost(io, tier, nvme_dir=nvme_dir,
                                               num_blocks=num_blocks) for tier in tiers})
+
+
+def planner_for(io: KVBlockIO, cost: CostModel) -> FetchPlanner | None:
+    """A fetch planner for an engine whose store is ``io.store``: each of the store's tiers
+    measured (`measure_tier_costs`; an NVMe tier's scratch directory beside the store's),
+    or None where the store cannot say which tier holds a block (a daemon client)."""
+    store = io.store
+    if not hasattr(store, "tier_bits") or not hasattr(store, "capacities"):
+        return None
+    tiers = [t for t in store.capacities() if t != "hbm" or io.cache.device.type == "cuda"]
+    nvme_path = getattr(getattr(store, "config", None), "nvme_path", None)
+    nvme_dir = os.path.dirname(os.path.abspath(nvme_path)) if nvme_path else None
+    if nvme_dir is None:
+        tiers = [t for t in tiers if t != "nvme"]
+    costs = measure_tier_costs(io, tiers, nvme_dir=nvme_dir, num_blocks=8)
+    return FetchPlanner(cost, costs, block_tokens=io.block_tokens)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from engines.fetch_plan import FetchPlanner
 from engines.kv_io import CacheFullError, KVBlockIO, LayerLoad, Publisher, fetchable_blocks
 from engines.model import LlamaModel
 from engines.paged_cache import SequenceKV
@@ -82,7 +83,10 @@ class DecodeRequest:
 class DecodeEngine:
     def __init__(self, model: LlamaModel, store: Any, *, num_pages: int | None = None,
                  block_tokens: int = 16, max_batch: int = 8, publish: bool = True,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, planner: FetchPlanner | None = None) -> None:
+        """``planner``: decide per request how many cached blocks to load, the rest
+        computed in the request's first step (`engines.fetch_plan`, without overlap: a
+        step is one forward); without one every cached block is loaded."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
@@ -94,6 +98,7 @@ class DecodeEngine:
         self.block_tokens = block_tokens
         self.max_batch = max_batch
         self.publish = publish
+        self.planner = planner
         self._waiting: deque[DecodeRequest] = deque()
         self._running: list[DecodeRequest] = []
 
@@ -258,7 +263,7 @@ class DecodeEngine:
         fetch = self.io.fetch_prefix(
             request.prompt, request.seq,
             max_blocks=fetchable_blocks(len(tokens), self.block_tokens),
-            probe=request.first_token is not None)
+            probe=request.first_token is not None, planner=self.planner, overlap=False)
         request.keys, load = fetch.keys, fetch.load
         request.seq.num_tokens = request.num_cached_tokens = load.num_blocks * self.block_tokens
         request.state = RequestState.RUNNING

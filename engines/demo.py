@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from engines.conductor import Conductor, RequestResult
-from engines.cost_model import calibrate
+from engines.cost_model import calibrate, planner_for
 from engines.decode import DecodeEngine
 from engines.demo_args import add_arguments
 from engines.paged_cache import SequenceKV
@@ -161,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         with (console.status("measuring the cost model ...") if not args.json
               else _Quiet()):
             cost = calibrate(model, decode.io, lengths=[16, 128, 320], num_blocks=8)
+            # which cached blocks pay to load, tier by tier (engines.fetch_plan)
+            prefill.planner = decode.planner = planner_for(decode.io, cost)
         with Conductor([prefill], [decode], cost=cost) as conductor:
             turns = serve(conductor, model, tokenizer, args, sampling, console)
         stats = store.stats()
@@ -168,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         cleanup()
     report = build_report(args, model, cost, turns, stats)
+    if prefill.planner is not None:
+        report["fetch_planner"] = prefill.planner.stats()
     if args.json:
         print(json.dumps(report, indent=2))
     else:

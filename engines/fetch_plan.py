@@ -142,12 +142,15 @@ def _candidates(n: int, boundaries: Sequence[int]) -> np.ndarray:
 
 
 def plan_fetch(num_tokens: int, tier_bits: Sequence[int], cost: CostModel,
-               tiers: TierCosts, *, block_tokens: int, lent: int = 0) -> FetchPlan:
+               tiers: TierCosts, *, block_tokens: int, lent: int = 0,
+               overlap: bool = True) -> FetchPlan:
     """The cheapest plan for a prompt of ``num_tokens`` tokens whose leading cached blocks
     are ``lent`` blocks already loading (lent in place by the store: they cost nothing
     more and are always kept) followed by blocks of residency bits ``tier_bits`` (one
     entry per block; the first 0 ends the cached prefix). A block whose tier has no known
-    cost counts as not cached."""
+    cost counts as not cached. Without ``overlap`` (an engine that computes a request in
+    one forward: the decode engine's batched step) the plan only chooses how many leading
+    blocks to load, ``T = load(0, a) + compute(a..L)``."""
     if num_tokens <= 0:
         raise ValueError("a prompt has at least one token")
     costs = {**tiers.tiers, LENT: TierCost(0.0, 0.0)}
@@ -185,6 +188,13 @@ def plan_fetch(num_tokens: int, tier_bits: Sequence[int], cost: CostModel,
 
     cold = float(compute_s(np.array(0), np.array(num_tokens)))
     grid = _candidates(n, [*boundaries, fast])
+    if not overlap:
+        heads = grid[grid >= lent]
+        totals = np.array([float(load_s(np.array(0), np.array(a))) for a in heads.tolist()])
+        totals = totals + compute_s(heads * block_tokens, np.full_like(heads, num_tokens))
+        a = int(heads[int(np.argmin(totals))])
+        return _plan_of(num_tokens, names, a, a, a, float(totals.min()), cold,
+                        float(totals[-1]) if heads[-1] == n else np.inf)
     best = (cold, 0, 0, 0) if not lent else (np.inf, lent, lent, lent)
     for a in sorted({lent, fast}):
         ks = grid[grid >= a]
@@ -206,11 +216,16 @@ def plan_fetch(num_tokens: int, tier_bits: Sequence[int], cost: CostModel,
         if n else cold
     if everything <= estimate:  # ties go to the simplest plan: one load, one forward
         estimate, a, k, m = everything, n, n, n
+    return _plan_of(num_tokens, names, a, k, m, estimate, cold, everything)
+
+
+def _plan_of(num_tokens: int, names: list[str], a: int, k: int, m: int, estimate: float,
+             cold: float, everything: float) -> FetchPlan:
     loaded: dict[str, int] = {}
     for i in [*range(0, a), *range(k, m)]:
         loaded[names[i]] = loaded.get(names[i], 0) + 1
     middle = set(names[k:m])
-    return FetchPlan(num_tokens=num_tokens, cached_blocks=n, head_load_end=a,
+    return FetchPlan(num_tokens=num_tokens, cached_blocks=len(names), head_load_end=a,
                      compute_end=k, load_end=m, loaded_per_tier=loaded,
                      estimate_s=estimate, cold_s=cold, load_all_s=everything,
                      middle_tier=middle.pop() if len(middle) == 1 else None)
@@ -245,16 +260,24 @@ class FetchPlanner:
         self.recomputed_cached_blocks = 0
         self.plans = 0
 
-    def plan(self, num_tokens: int, tier_bits: Sequence[int], *, lent: int = 0
-             ) -> FetchPlan:
+    def plan(self, num_tokens: int, tier_bits: Sequence[int], *, lent: int = 0,
+             overlap: bool = True) -> FetchPlan:
+        """The plan for a request (`plan_fetch`), counted in `stats`."""
         with self._lock:
             plan = plan_fetch(num_tokens, tier_bits, self.cost, self.tiers,
-                              block_tokens=self.block_tokens, lent=lent)
+                              block_tokens=self.block_tokens, lent=lent, overlap=overlap)
             self.plans += 1
             for tier, count in plan.loaded_per_tier.items():
                 self.loaded_blocks[tier] = self.loaded_blocks.get(tier, 0) + count
             self.recomputed_cached_blocks += plan.recomputed_cached_blocks
         return plan
+
+    def estimate(self, num_tokens: int, tier_bits: Sequence[int], *, overlap: bool = True
+                 ) -> FetchPlan:
+        """The plan a request would get, not counted (a router's question)."""
+        with self._lock:
+            return plan_fetch(num_tokens, tier_bits, self.cost, self.tiers,
+                              block_tokens=self.block_tokens, overlap=overlap)
 
     def observer(self, plan: FetchPlan) -> Callable[[int, float], None] | None:
         """What the load of ``plan``'s middle blocks reports its time to (None: blocks of

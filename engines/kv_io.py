@@ -179,8 +179,8 @@ class KVBlockIO:
     # -- fetch -----------------------------------------------------------------------------
 
     def fetch_prefix(self, tokens: Sequence[int], seq: SequenceKV, *, max_blocks: int,
-                     probe: bool = False, planner: FetchPlanner | None = None
-                     ) -> PrefixFetch:
+                     probe: bool = False, planner: FetchPlanner | None = None,
+                     overlap: bool = True) -> PrefixFetch:
         """Key ``tokens``' full blocks, find how many leading ones the store holds, and start
         loading at most ``max_blocks`` of those into ``seq``'s first pages (the load as in
         `fetch`). ``probe`` as in `cached_blocks`. Where the store lends blocks in place,
@@ -190,7 +190,8 @@ class KVBlockIO:
         With a ``planner``, the blocks the store could not lend (those in a slower tier,
         or all of them where it lends none) are planned (`engines.fetch_plan`): the
         returned fetch's ``load`` holds the head to load first, and its ``middle`` the
-        blocks to load in the background while the caller computes those between."""
+        blocks to load in the background while the caller computes those between (never,
+        without ``overlap``: then the plan only says how many leading blocks to load)."""
         tokens = list(tokens)
         keys: list[bytes] = []
         num_stored = 0
@@ -210,7 +211,7 @@ class KVBlockIO:
             if num_stored == num_looked_up:  # no miss yet: look up the rest
                 num_stored += self.cached_blocks(rest, probe=probe)
             end = min(num_stored, max_blocks)
-            plan = self._plan(planner, len(tokens), keys, load.num_blocks, end)
+            plan = self._plan(planner, len(tokens), keys, load.num_blocks, end, overlap)
             if plan is None:
                 load.stage(keys[load.num_blocks:end])
                 return PrefixFetch(keys, num_stored, load)
@@ -228,7 +229,7 @@ class KVBlockIO:
             raise
 
     def _plan(self, planner: FetchPlanner | None, num_tokens: int, keys: list[bytes],
-              num_loading: int, end: int) -> FetchPlan | None:
+              num_loading: int, end: int, overlap: bool) -> FetchPlan | None:
         """The plan for blocks ``[num_loading, end)`` (those before are loading already),
         or None: no planner, nothing to plan, or a store that cannot tell tiers."""
         if planner is None or end <= num_loading:
@@ -236,7 +237,7 @@ class KVBlockIO:
         bits = self.tier_bits(keys[num_loading:end])
         if bits is None:
             return None
-        plan = planner.plan(num_tokens, bits, lent=num_loading)
+        plan = planner.plan(num_tokens, bits, lent=num_loading, overlap=overlap)
         log.debug("fetch plan: %s", plan.describe())
         return plan
 

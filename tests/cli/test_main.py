@@ -30,6 +30,9 @@ def test_demo_json_serves_every_turn_and_matches_the_reference(tmp_path):
     assert 0 < summary["cached_tokens"] < summary["prompt_tokens"]
     assert all(r["output_tokens"] == 6 and r["ttft_s"] > 0 for r in report["requests"])
     assert report["store_stats"]["checksum_failures"] == 0
+    # The engines plan their fetches with each tier's measured cost (engines.fetch_plan).
+    planner = report["fetch_planner"]
+    assert planner["plans"] > 0 and set(planner["tier_costs"]) == {"dram", "nvme"}
 
 
 def test_demo_through_a_daemon(tmp_path):
@@ -46,6 +49,7 @@ def test_demo_through_a_daemon(tmp_path):
     assert report["store"] == daemon.url and report["summary"]["requests"] == 4
     assert report["summary"]["all_disaggregated_matched"]
     assert report["summary"]["cached_tokens"] > 0
+    assert "fetch_planner" not in report  # a daemon client does not tell tiers
 
 
 def test_every_subcommand_has_help():

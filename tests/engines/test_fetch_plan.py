@@ -250,3 +250,67 @@ def test_a_planner_with_measured_costs_loads_a_dram_prefix_whole(model, tmp_path
         again = engine.prefill(prompt)
     assert again.plan is None or again.plan.loads_everything  # (a GPU: all lent, no plan)
     assert again.num_cached_tokens == 12 * BLOCK and again.first_token == first.first_token
+
+
+def test_without_overlap_the_plan_only_chooses_how_many_blocks_to_load() -> None:
+    """One forward computes whatever is not loaded: a block from disk at 3 against 1 to
+    compute is never loaded; at 0.5 all are (30 + 1); a DRAM head (0.01 a block) is
+    loaded and a slow disk after it is not (0.3 + 31)."""
+    def plan(bits: list[int], nvme: float):
+        tiers = TierCosts({"dram": TierCost(0.0, 0.01), "nvme": TierCost(0.0, nvme)})
+        return plan_fetch(61, bits, compute_cost(), tiers, block_tokens=1, overlap=False)
+
+    slow = plan([NVME] * 60, 3.0)
+    assert slow.loaded_blocks == 0 and slow.estimate_s == pytest.approx(61.0)
+    fast = plan([NVME] * 60, 0.5)
+    assert fast.head_load_end == 60 and fast.estimate_s == pytest.approx(31.0)
+    mixed = plan([DRAM] * 30 + [NVME] * 30, 3.0)
+    assert (mixed.head_load_end, mixed.compute_end, mixed.load_end) == (30, 30, 30)
+    assert mixed.estimate_s == pytest.approx(31.3)
+
+
+def test_a_decode_engine_with_a_planner_loads_only_what_pays(model, tmp_path) -> None:
+    """Blocks on a disk that a planner measured slower than computing them are computed
+    in the request's first step instead; the reply equals the reference either way."""
+    prompt = prompt_of(200, seed=6)
+    sampling = SamplingParams(max_new_tokens=6)
+    with nvme_store(tmp_path / "nvme") as store:
+        with PrefillEngine(model, store, num_pages=64) as prefill:
+            prefill.prefill(prompt)
+        store.flush()
+        for per_block, cached in ((100.0, 0), (0.001, 12 * BLOCK)):
+            planner = FetchPlanner(compute_cost(per_token=1.0),
+                                   TierCosts({"nvme": TierCost(0.0, per_block)}),
+                                   block_tokens=BLOCK)
+            with DecodeEngine(model, store, num_pages=64, planner=planner) as decode:
+                request = decode.add_request(prompt, sampling)
+                while decode.has_work:
+                    decode.step()
+            assert request.num_cached_tokens == cached
+            assert request.output == model.generate(prompt, sampling=sampling)
+
+
+def test_the_conductor_costs_a_request_with_the_engines_planners(model, tmp_path) -> None:
+    """With a planner on the decode engine, the colocated estimate is its plan's: a cached
+    prefix on a disk too slow to read costs what computing it does, not the cost model's
+    fetch of every block."""
+    from engines.conductor import Conductor
+
+    prompt = prompt_of(200, seed=7)
+    cost = compute_cost(per_token=0.001, fixed=0.002)
+    cost = CostModel(**{**cost.as_dict(), "fetch_per_block_s": 1e-6, "decode_step_s": 0.01})
+    with nvme_store(tmp_path / "nvme") as store:
+        with PrefillEngine(model, store, num_pages=64) as prefill:
+            prefill.prefill(prompt)
+        store.flush()
+        slow = FetchPlanner(cost, TierCosts({"nvme": TierCost(0.0, 1.0)}), block_tokens=BLOCK)
+        with DecodeEngine(model, store, num_pages=64) as plain, \
+                DecodeEngine(model, store, num_pages=64, planner=slow) as planned:
+            with Conductor([], [plain], cost=cost) as conductor:
+                without = conductor.route(prompt, SamplingParams(max_new_tokens=2))
+            with Conductor([], [planned], cost=cost) as conductor:
+                with_plan = conductor.route(prompt, SamplingParams(max_new_tokens=2))
+    assert without.colocated_cost_s == pytest.approx(
+        cost.fetch_s(12) + cost.prefill_s(200 - 12 * BLOCK, 200) + cost.decode_step_s)
+    assert with_plan.colocated_cost_s == pytest.approx(cost.prefill_s(200, 200)
+                                                       + cost.decode_step_s)
