@@ -49,6 +49,7 @@ from engines.fetch_plan import FetchPlanner  # noqa: E402
 from engines.model import LlamaModel  # noqa: E402
 from engines.prefill import PrefillEngine  # noqa: E402
 from engines.presets import load_model  # noqa: E402
+from kvstore.codec import codec_for  # noqa: E402
 
 GiB = 1 << 30
 TARGET_RATIO_8K_DRAM = 10.0
@@ -125,13 +126,20 @@ def store_config(tier: str, kv_bytes: int, block_bytes: int, nvme_dir: str
                                nvme_bytes=2 * room, max_value_bytes=block_bytes)
 
 
+def stored_block_bytes(model: LlamaModel, codec: str | None) -> int:
+    layout = model.config.kv_layout(BLOCK_TOKENS, model.dtype)
+    found = codec_for(codec, layout)
+    return found.block_bytes if found is not None else layout.block_bytes
+
+
 def bench_length(model: LlamaModel, length: int, tiers: list[str], arms: list[str],
-                 repeats: int, nvme_dir: str, planner: FetchPlanner | None
-                 ) -> dict[str, Any]:
+                 repeats: int, nvme_dir: str, planner: FetchPlanner | None,
+                 codec: str | None = None) -> dict[str, Any]:
     layout = model.config.kv_layout(BLOCK_TOKENS, model.dtype)
     num_pages = length // BLOCK_TOKENS + 2
     cached_blocks = (length - 1) // BLOCK_TOKENS
-    kv_bytes = cached_blocks * layout.block_bytes
+    block_bytes = stored_block_bytes(model, codec)  # as the store holds them
+    kv_bytes = cached_blocks * block_bytes
     entry: dict[str, Any] = {"prompt_tokens": length, "cached_tokens":
                              cached_blocks * BLOCK_TOKENS, "kv_bytes": kv_bytes}
     # Cold: an empty store, a fresh prompt each run (run 0 warms up).
@@ -147,7 +155,7 @@ def bench_length(model: LlamaModel, length: int, tiers: list[str], arms: list[st
     entry["raw_copy_gbps"] = raw_copy_gbps(kv_bytes, repeats)
     if any(t in ("nvme", "mixed") for t in tiers):
         entry["raw_disk_gbps"] = raw_disk_gbps(nvme_dir, min(kv_bytes, 2 * GiB),
-                                               layout.block_bytes, repeats)
+                                               block_bytes, repeats)
     for tier in tiers:
         for arm in arms:
             if arm == "plan" and planner is None:
@@ -155,8 +163,8 @@ def bench_length(model: LlamaModel, length: int, tiers: list[str], arms: list[st
             log(f"  {length} tokens from {tier} ({arm})")
             name = tier if arm == "load" else f"{tier}_planned"
             entry[name] = bench_tier(model, length, tier, repeats, nvme_dir, num_pages,
-                                     cached_blocks, kv_bytes, layout.block_bytes,
-                                     planner if arm == "plan" else None)
+                                     cached_blocks, kv_bytes, block_bytes,
+                                     planner if arm == "plan" else None, codec)
             entry[name]["cold_over_cached"] = entry["cold_ttft_s"] / entry[name]["cached_ttft_s"]
             entry[name]["cached_over_cold"] = entry[name]["cached_ttft_s"] / entry["cold_ttft_s"]
             if arm == "load":
@@ -180,7 +188,7 @@ def bench_length(model: LlamaModel, length: int, tiers: list[str], arms: list[st
 
 def bench_tier(model: LlamaModel, length: int, tier: str, repeats: int, nvme_dir: str,
                num_pages: int, cached_blocks: int, kv_bytes: int, block_bytes: int,
-               planner: FetchPlanner | None) -> dict[str, Any]:
+               planner: FetchPlanner | None, codec: str | None) -> dict[str, Any]:
     runs: dict[str, list[float]] = {"ttft": [], "fetch": [], "compute": []}
     prompt = prompt_of(model, length, 20_000 + length)
     config = store_config(tier, kv_bytes, block_bytes, nvme_dir)
@@ -190,14 +198,15 @@ def bench_tier(model: LlamaModel, length: int, tier: str, repeats: int, nvme_dir
     # can flip (the bitwise checks of fetched KV are the fp32 tests' job: tests/engines).
     mismatches = 0
     with kvstore.Store(config) as store:
-        with PrefillEngine(model, store, num_pages=num_pages) as engine:
+        with PrefillEngine(model, store, num_pages=num_pages, kv_codec=codec) as engine:
             first = engine.prefill(prompt)  # publishes every full block
         store.flush()
         keys = engine.io.keys(prompt)[:cached_blocks]
         bits = store.tier_bits(keys)
         residency = {name: sum(1 for b in bits if b & bit)
                      for name, bit in (("hbm", 1), ("dram", 2), ("nvme", 4))}
-        with PrefillEngine(model, store, num_pages=num_pages, planner=planner) as engine:
+        with PrefillEngine(model, store, num_pages=num_pages, planner=planner,
+                           kv_codec=codec) as engine:
             for _ in range(repeats + 1):
                 result = engine.prefill(prompt)
                 mismatches += result.first_token != first.first_token
@@ -228,16 +237,17 @@ def bench_tier(model: LlamaModel, length: int, tier: str, repeats: int, nvme_dir
     return out
 
 
-def calibrated_planner(model: LlamaModel, tiers: list[str], nvme_dir: str, longest: int
-                       ) -> FetchPlanner:
+def calibrated_planner(model: LlamaModel, tiers: list[str], nvme_dir: str, longest: int,
+                       codec: str | None = None) -> FetchPlanner:
     """A planner with this GPU's compute costs (timed forwards up to 8K tokens: the
     attention term needs long ones) and each tier's fetch cost, timed through scratch
     stores of that tier by the engine's fetch path."""
-    layout = model.config.kv_layout(BLOCK_TOKENS, model.dtype)
+    block_bytes = stored_block_bytes(model, codec)
     lengths = [n for n in (256, 2048, 8192) if n <= max(longest, 256)]
-    with kvstore.Store(kvstore.StoreConfig(dram_bytes=64 * layout.block_bytes,
-                                           max_value_bytes=layout.block_bytes)) as store, \
-            PrefillEngine(model, store, num_pages=max(lengths) // BLOCK_TOKENS + 2) as engine:
+    with kvstore.Store(kvstore.StoreConfig(dram_bytes=64 * block_bytes,
+                                           max_value_bytes=block_bytes)) as store, \
+            PrefillEngine(model, store, num_pages=max(lengths) // BLOCK_TOKENS + 2,
+                          kv_codec=codec) as engine:
         cost = calibrate(model, engine.io, lengths=lengths, num_blocks=16)
         costs = measure_tier_costs(engine.io, tiers, nvme_dir=nvme_dir, num_blocks=32)
     return FetchPlanner(cost, costs, block_tokens=BLOCK_TOKENS)
@@ -249,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="llama3-8b")
     parser.add_argument("--lengths", default="2048,8192,32768")
     parser.add_argument("--tiers", default="hbm,dram,nvme,mixed")
+    parser.add_argument("--codec", default="none", choices=("none", "fp8"),
+                        help="how the cached blocks are stored (kvstore.codec)")
     parser.add_argument("--arms", default="load,plan",
                         help="load: every cached block loaded; plan: the fetch planner")
     parser.add_argument("--repeats", type=int, default=3)
@@ -262,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"loading {args.model}")
     model = load_model(args.model, device="cuda").model
     doc: dict[str, Any] = {"benchmark": "ttft_bench", "model": model.model_id,
+                           "codec": args.codec,
                            "dtype": str(model.dtype), "gpu": torch.cuda.get_device_name(),
                            "machine": machine_info(args.nvme_dir),
                            # how a fetch from host memory runs, to compare figures by
@@ -276,13 +289,14 @@ def main(argv: list[str] | None = None) -> int:
         log("calibrating the planner's costs")
         planner = calibrated_planner(model, [t for t in ("hbm", "dram", "nvme")
                                              if t in tiers or (t != "hbm" and "mixed" in tiers)],
-                                     args.nvme_dir, max(map(int, args.lengths.split(","))))
+                                     args.nvme_dir, max(map(int, args.lengths.split(","))),
+                                     args.codec)
         doc["planner_costs"] = planner.stats()["tier_costs"]
         doc["planner_compute"] = planner.cost.as_dict()
     for length in map(int, args.lengths.split(",")):
         log(f"{length} tokens")
         doc["lengths"].append(bench_length(model, length, tiers, arms, args.repeats,
-                                           args.nvme_dir, planner))
+                                           args.nvme_dir, planner, args.codec))
         torch.cuda.empty_cache()
     emit(doc, started, args.json_out)
     return 0

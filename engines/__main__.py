@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-pages", type=int, default=None,
                         help="pages in the engine's KV cache (default: fits the longest prompt)")
+    parser.add_argument("--kv-codec", default="none", choices=("none", "fp8"),
+                        help="store KV blocks as computed (none) or as fp8 (half the bytes, "
+                             "lossy); prefill and decode engines must agree")
     args = parser.parse_args(argv)
 
     import kvstore
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.model, device=args.device).model
     client = kvstore.connect(args.url, token=args.token)
     engine_class = PrefillEngine if args.role == "prefill" else DecodeEngine
-    with client, engine_class(model, client, num_pages=args.num_pages) as engine:
+    with client, engine_class(model, client, num_pages=args.num_pages,
+                              kv_codec=args.kv_codec) as engine:
         print(json.dumps({"ready": args.role, "model": model.model_id}), flush=True)
         for line in sys.stdin:
             if not line.strip():

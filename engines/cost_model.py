@@ -213,20 +213,22 @@ def measure_tier_cost(io: KVBlockIO, tier: str, *, num_blocks: int = 16, repeats
     the medians. ``nvme_dir``: a directory on the NVMe tier's disk (a scratch directory is
     made in it and removed after)."""
     scratch = tempfile.mkdtemp(prefix="kvstore-cost-", dir=nvme_dir) if tier == "nvme" else None
-    config = scratch_tier_config(tier, io.layout.block_bytes, num_blocks,
+    config = scratch_tier_config(tier, io.stored_block_bytes, num_blocks,
                                  device=str(io.cache.device), nvme_dir=scratch)
     seq = SequenceKV()
     if not io.cache.reserve(seq, num_blocks * io.block_tokens):
         raise ValueError(f"the engine's cache cannot hold {num_blocks} calibration blocks")
     try:
         with kvstore.Store(config) as store:
-            probe = KVBlockIO(io.model, io.cache, store)
+            probe = KVBlockIO(io.model, io.cache, store,
+                              codec=io.codec.name if io.codec is not None else None)
             try:
                 tokens = torch.randint(0, io.model.config.vocab_size,
                                        (num_blocks * io.block_tokens,),
                                        generator=torch.Generator().manual_seed(1)).tolist()
                 keys = probe.keys(tokens)
-                block = probe._blocks(1)[0].fill_(1)
+                block = probe._blocks(1).fill_(1)
+                block = (probe.codec.encode(block) if probe.codec is not None else block)[0]
                 if store.put_many(keys, [block] * len(keys)) != len(keys):
                     raise RuntimeError(f"the scratch {tier} store took too few blocks")
                 store.flush()

@@ -83,10 +83,12 @@ class DecodeRequest:
 class DecodeEngine:
     def __init__(self, model: LlamaModel, store: Any, *, num_pages: int | None = None,
                  block_tokens: int = 16, max_batch: int = 8, publish: bool = True,
-                 cuda_graphs: bool = True, planner: FetchPlanner | None = None) -> None:
+                 cuda_graphs: bool = True, planner: FetchPlanner | None = None,
+                 kv_codec: str | None = None) -> None:
         """``planner``: decide per request how many cached blocks to load, the rest
         computed in the request's first step (`engines.fetch_plan`, without overlap: a
-        step is one forward); without one every cached block is loaded."""
+        step is one forward); without one every cached block is loaded. ``kv_codec``:
+        as `PrefillEngine`'s (engines sharing blocks must use the same)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model = model
@@ -94,7 +96,7 @@ class DecodeEngine:
             num_pages = 2 * -(-model.config.max_position_tokens // block_tokens)
         self.cache = model.new_cache(num_pages=num_pages, page_tokens=block_tokens,
                                      cuda_graphs=cuda_graphs)
-        self.io = KVBlockIO(model, self.cache, store)
+        self.io = KVBlockIO(model, self.cache, store, codec=kv_codec)
         self.block_tokens = block_tokens
         self.max_batch = max_batch
         self.publish = publish

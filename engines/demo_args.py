@@ -36,5 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24, help="reply length cap")
     parser.add_argument("--interval", type=float, default=0.3,
                         help="seconds between the users' arrivals within a turn")
+    parser.add_argument("--kv-codec", default="none", choices=("none", "fp8"),
+                        help="how the engines store KV blocks: none (as computed, lossless) "
+                             "or fp8 (e4m3 with per-head scales: half the bytes, lossy; a "
+                             "namespace of its own)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random presets")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -56,6 +56,7 @@ import torch
 from engines import uva_copy
 from engines.model import LlamaModel
 from engines.paged_cache import PagedKVCache, SequenceKV, to_device
+from kvstore.codec import codec_for
 from kvstore.errors import KVStoreError
 from kvstore.keys import prefix_hashes
 
@@ -120,13 +121,21 @@ class PrefixFetch:
 class KVBlockIO:
     """The store side of one engine: keys, fetches into its cache, publishes from it."""
 
-    def __init__(self, model: LlamaModel, cache: PagedKVCache, store: Any) -> None:
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, store: Any, *,
+                 codec: str | None = None) -> None:
+        """``codec``: store blocks compressed (`kvstore.codec`: ``"fp8"``), in a namespace
+        of their own; None or ``"none"``: as the pages hold them."""
         self.model = model
         self.cache = cache
         self.store = store
         self.block_tokens = cache.page_tokens
         self.layout = model.config.kv_layout(cache.page_tokens, cache.dtype)
-        self.namespace = self.layout.namespace(model.model_id)
+        self.codec = codec_for(codec, self.layout)
+        self.namespace = self.layout.namespace(
+            model.model_id, codec=self.codec.name if self.codec is not None else None)
+        # What one block takes in the store.
+        self.stored_block_bytes = (self.codec.block_bytes if self.codec is not None
+                                   else self.layout.block_bytes)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-io")
         # Planned loads that run while the blocks before them are computed.
         self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-fetch")
@@ -260,9 +269,10 @@ class KVBlockIO:
 
     def _can_borrow(self) -> bool:
         """Whether fetched blocks can be read in place: an embedded store (which lends its
-        slots) and a GPU cache the copy kernel runs on."""
+        slots), a GPU cache the copy kernel runs on, and blocks stored as the pages hold
+        them (compressed ones are staged, then decoded on the cache's device)."""
         return (self.cache.device.type == "cuda" and hasattr(self.store, "borrow")
-                and uva_copy.available())
+                and self.codec is None and uva_copy.available())
 
     def _extend_keys(self, keys: list[bytes], tokens: list[int], num_blocks: int | None
                      ) -> list[bytes]:
@@ -353,7 +363,8 @@ class LayerLoad:
         if not keys:
             return
         io, first = self.io, self.first_page + self.num_blocks
-        staging = io._blocks(len(keys))
+        staging = io._blocks(len(keys)) if io.codec is None else torch.empty(
+            (len(keys), io.stored_block_bytes), dtype=torch.uint8, device=io.cache.device)
         num_staged = 0
         started = time.perf_counter()
         batch = getattr(io.store, "get_many_into", None)
@@ -372,6 +383,8 @@ class LayerLoad:
             return
         self.staged_s = time.perf_counter() - started
         cache = io.cache
+        if io.codec is not None:
+            staging = io.codec.decode(staging[:num_staged], cache.dtype)
         if staging.is_cuda:  # (staged on a side stream, copied on the worker's default one)
             staging.record_stream(torch.cuda.default_stream(cache.device))
         index = to_device(self.seq.pages[first:first + num_staged], cache.device)
@@ -477,8 +490,11 @@ class Publisher:
             torch.cuda.current_stream(self.io.cache.device).synchronize()
         else:
             assert len(self._copies) == len(self.io.cache.kv), "publish before every layer ran"
+        blocks = self._staging
+        if self.io.codec is not None:  # quantized where the pages are, then stored
+            blocks = self.io.codec.encode(blocks)
         try:
-            return self.io.store.put_many(self.keys, list(self._staging))
+            return self.io.store.put_many(self.keys, list(blocks))
         except KVStoreError as e:
             log.warning("publishing %d blocks failed: %s", len(self.keys), e)
             return 0

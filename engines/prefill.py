@@ -41,16 +41,18 @@ class PrefillResult:
 class PrefillEngine:
     def __init__(self, model: LlamaModel, store: Any, *, num_pages: int | None = None,
                  block_tokens: int = 16, cuda_graphs: bool = True,
-                 planner: FetchPlanner | None = None) -> None:
+                 planner: FetchPlanner | None = None, kv_codec: str | None = None) -> None:
         """``planner``: decide per request which cached blocks to load and which to
-        compute again (`engines.fetch_plan`); without one every cached block is loaded."""
+        compute again (`engines.fetch_plan`); without one every cached block is loaded.
+        ``kv_codec``: store blocks compressed (`kvstore.codec`, ``"fp8"``: half the
+        bytes, lossy), in a namespace of their own."""
         self.model = model
         self.planner = planner
         if num_pages is None:
             num_pages = -(-model.config.max_position_tokens // block_tokens)
         self.cache = model.new_cache(num_pages=num_pages, page_tokens=block_tokens,
                                      cuda_graphs=cuda_graphs)
-        self.io = KVBlockIO(model, self.cache, store)
+        self.io = KVBlockIO(model, self.cache, store, codec=kv_codec)
         self.block_tokens = block_tokens
 
     def capture_graphs(self) -> None:

@@ -73,7 +73,11 @@ class KVLayout:
         start = self.layer_offset(layer)
         return slice(start, start + self.layer_bytes)
 
-    def namespace(self, model_id: str, *, tenant: str = "", salt: str = "") -> str:
-        """A namespace string covering model, layout, dtype, tenant and salt."""
-        return (f"{model_id}|L{self.num_layers}|H{self.num_kv_heads}|D{self.head_dim}"
+    def namespace(self, model_id: str, *, tenant: str = "", salt: str = "",
+                  codec: str | None = None) -> str:
+        """A namespace string covering model, layout, dtype, tenant and salt, and the codec
+        of the stored blocks (`kvstore.codec`) when they are not stored as they are: a
+        reader of one codec never finds another's blocks."""
+        base = (f"{model_id}|L{self.num_layers}|H{self.num_kv_heads}|D{self.head_dim}"
                 f"|B{self.block_tokens}|{self.dtype}|{tenant}|{salt}")
+        return base if codec is None or codec == "none" else f"{base}|codec={codec}"

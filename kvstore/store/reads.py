@@ -10,6 +10,11 @@ tiers in one lock hold, starts every copy (asynchronous where a GPU is on either
 waits once for all of them, then unpins: a GPU-bound fetch of many blocks goes at the
 copy engine's pace instead of one synchronised DMA per block.
 
+Blocks only on NVMe that `get_many_into` copies into GPU tensors go through a pipeline:
+a reader thread reads block i+1 from disk (`read` into a pinned host buffer: one O_DIRECT
+read, checked there) while block i's buffer is copied to the GPU, so the disk is kept
+busy at one request at a time instead of idling through each copy (`_NvmeToGpu`).
+
 `borrow` hands out the slots themselves, pinned, for zero-copy reads: views of host DRAM
 (page-locked when CUDA is there, so a GPU kernel reads them in place through unified
 addressing) or of HBM. A pinned slot stays allocated and unchanged until released, even
@@ -19,14 +24,16 @@ if its key is overwritten or deleted meanwhile (the retired slots of `TierMedia`
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from kvstore.buffers import ByteView, copy_bytes, output_view, to_bytes
-from kvstore.errors import InvalidValueError
+from kvstore.errors import InvalidValueError, StoreClosedError
 from kvstore.keys import KEY_BYTES
 from kvstore.store.state import StoreState
 from kvstore.tiers.base import check_key
@@ -37,6 +44,11 @@ SMALL_VALUE_BYTES = 64 * 1024
 
 def _is_cuda(view: Any) -> bool:
     return not isinstance(view, np.ndarray) and view.is_cuda
+
+
+def _is_cuda_out(out: Any) -> bool:
+    """Whether a caller's output buffer is a GPU tensor."""
+    return not isinstance(out, np.ndarray) and getattr(out, "is_cuda", False) is True
 
 
 class Borrowed:
@@ -69,6 +81,9 @@ class Reads:
         self.state = state
         # The write tier when it is host memory: get_many reads small values from it in runs.
         self.host_write_tier = host_write_tier
+        self._pipeline: _NvmeToGpu | None = None  # made on the first NVMe read to a GPU
+        self._pipeline_lock = threading.Lock()
+        self._closed = False
 
     def read(self, key: bytes, out: Any) -> bytes | bool | None:
         """Find ``key``, pin it, copy it (into ``out``, or as bytes if ``out`` is None)
@@ -242,11 +257,33 @@ class Reads:
             done += copied
             if stop:
                 return done
-            if done < len(checked):  # a block outside memory tiers: get_into's path
-                if self.read(checked[done], outs[done]) is None:
+            if done < len(checked):  # a block outside memory tiers
+                if _is_cuda_out(outs[done]):
+                    copied = self._nvme_to_gpu().copy(checked, outs, done)
+                    if copied == 0:
+                        return done
+                    done += copied
+                    continue
+                if self.read(checked[done], outs[done]) is None:  # get_into's path
                     return done
                 done += 1
         return done
+
+    def _nvme_to_gpu(self) -> _NvmeToGpu:
+        with self._pipeline_lock:
+            if self._closed:  # the store is closing
+                raise StoreClosedError("the store is closed; open a new kvstore.Store")
+            if self._pipeline is None:
+                self._pipeline = _NvmeToGpu(self)
+            return self._pipeline
+
+    def close(self) -> None:
+        """Stop the NVMe-to-GPU reader thread, if one was started (the store is closing)."""
+        with self._pipeline_lock:
+            self._closed = True
+            pipeline, self._pipeline = self._pipeline, None
+        if pipeline is not None:
+            pipeline.close()
 
     def _read_run(self, keys: list[bytes], outs: Sequence[Any], start: int
                   ) -> tuple[int, bool]:
@@ -304,3 +341,92 @@ class Reads:
                 state.counters.hit(t)
                 state.promote(block, gen, t, src)
         return copied, missed
+
+
+class _NvmeToGpu:
+    """`get_many_into`'s reads of blocks outside memory tiers into GPU tensors, pipelined:
+    one reader thread runs `Reads.read` of the next block into a pinned host buffer (the
+    whole read path: the tier checks the record's checksum there, counters, promotion)
+    while the caller's thread copies the block before it to the GPU. Two buffers of each
+    size are kept; a buffer is read into again only after its copy to the GPU is done."""
+
+    BUFFERS = 2
+
+    def __init__(self, reads: Reads) -> None:
+        self.reads = reads
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-nvme")
+        self._buffers: dict[int, list[Any]] = {}  # nbytes -> free pinned buffers
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._reader.shutdown(wait=True)
+
+    def _take(self, nbytes: int) -> Any:
+        import torch
+
+        with self._lock:
+            free = self._buffers.setdefault(nbytes, [])
+            if free:
+                return free.pop()
+        # Page-locked (cudaHostAlloc: page-aligned, as the tier's O_DIRECT reads want).
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def _give(self, nbytes: int, buffer: Any) -> None:
+        with self._lock:
+            free = self._buffers.setdefault(nbytes, [])
+            if len(free) < self.BUFFERS:
+                free.append(buffer)
+
+    def copy(self, keys: list[bytes], outs: Sequence[Any], start: int) -> int:
+        """Copy the values of ``keys[start:]`` into their GPU ``outs`` until a miss, a
+        failed checksum or an out that is not a GPU tensor; how many were copied."""
+        import torch
+
+        reads = self.reads
+        pending: list[tuple[Future[Any], Any, int]] = []  # (read, buffer, nbytes), in order
+        copies: list[tuple[Any, Any, int]] = []  # (event after its GPU copy, buffer, nbytes)
+        done = 0
+        i = start
+
+        def submit() -> bool:
+            nonlocal i
+            if i >= len(keys):
+                return False
+            if not _is_cuda_out(outs[i]):
+                return False
+            nbytes = outs[i].nbytes
+            buffer = self._take(nbytes)
+            host = buffer.numpy()
+            pending.append((self._reader.submit(reads.read, keys[i], host), buffer, nbytes))
+            i += 1
+            return True
+
+        try:
+            for _ in range(self.BUFFERS):
+                if not submit():
+                    break
+            while pending:
+                read, buffer, nbytes = pending.pop(0)
+                if read.result() is None:  # a miss or a failed checksum: the run ends
+                    self._give(nbytes, buffer)
+                    break
+                out = output_view(outs[start + done], nbytes)
+                out.copy_(buffer, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(out.device))
+                copies.append((event, buffer, nbytes))
+                done += 1
+                # The oldest buffer comes back once its copy is done; then read the next.
+                if len(copies) >= self.BUFFERS:
+                    event, old, old_bytes = copies.pop(0)
+                    event.synchronize()
+                    self._give(old_bytes, old)
+                submit()
+        finally:
+            for read, buffer, nbytes in pending:  # reads started past where the run ended
+                read.result()
+                self._give(nbytes, buffer)
+            for event, buffer, nbytes in copies:
+                event.synchronize()
+                self._give(nbytes, buffer)
+        return done

@@ -298,6 +298,7 @@ class Store:
         If the flush fails (the NVMe tier stopped writing after a disk error), every tier is
         released all the same and the flush's `StorageError` is raised after."""
         state = self._state
+        self._reads.close()  # (its reader thread takes the lock: stopped before)
         with state.lock:
             if state.closed:
                 return

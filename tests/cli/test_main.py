@@ -81,3 +81,16 @@ def test_a_bad_flag_of_a_subcommand_shows_that_subcommands_usage():
     result = kvstore("--bogus", "size", "--model", "tiny", "--tokens", "1")
     assert result.returncode == 2 and result.stderr.startswith("usage: kvstore [-h]")
     assert "kvstore: error: unrecognized arguments: --bogus" in result.stderr
+
+
+def test_demo_with_fp8_kv_blocks(tmp_path):
+    """``--kv-codec fp8``: the engines store compressed blocks and still reuse them; the
+    report says which codec, and a reply that differs from the reference (lossy) is
+    counted, not a failure."""
+    result = kvstore("demo", "--json", "--preset", "tiny", "--users", "2", "--turns", "2",
+                     "--max-new-tokens", "4", "--interval", "0", "--dram", "64MiB",
+                     "--nvme", "0", "--kv-codec", "fp8")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["kv_codec"] == "fp8" and report["summary"]["cached_tokens"] > 0
+    assert report["summary"]["requests"] == 4

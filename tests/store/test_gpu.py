@@ -67,3 +67,36 @@ def test_cuda_tensor_into_dram_only_store():
         out = torch.zeros_like(tensor)
         assert store.get_into(make_key("d"), out)
         assert torch.equal(out, tensor)
+
+
+@pytest.mark.parametrize("corrupt", [None, 5])
+def test_get_many_into_gpu_tensors_from_nvme_is_pipelined_and_exact(tmp_path, corrupt):
+    """Blocks only on NVMe read into GPU tensors through the reader thread and two pinned
+    buffers: every value arrives exact; a block that fails its checksum ends the run there
+    (the blocks after it are not copied), and a DRAM block after NVMe ones still comes."""
+    config = StoreConfig(dram_bytes=0, nvme_path=str(tmp_path / "nvme"), nvme_bytes=64 * MiB,
+                         max_value_bytes=1 * MiB, promote_on_hit=False)
+    values = [torch.randint(0, 256, (MiB,), dtype=torch.uint8) for _ in range(9)]
+    keys = [make_key(f"n{i}") for i in range(9)]
+    with Store(config) as store:
+        assert store.put_many(keys, values) == 9
+        store.flush()
+        if corrupt is not None:
+            from tests.engines.conftest import flip_on_disk
+            flip_on_disk(tmp_path / "nvme", values[corrupt].numpy().tobytes())
+        outs = [torch.zeros(MiB, dtype=torch.uint8, device="cuda") for _ in range(9)]
+        got = store.get_many_into(keys, outs)
+        assert got == (9 if corrupt is None else corrupt)
+        for i in range(9):
+            assert torch.equal(outs[i].cpu(), values[i]) == (i < got)
+        assert store.stats()["checksum_failures"] == (0 if corrupt is None else 1)
+    with Store(StoreConfig(dram_bytes=4 * MiB, nvme_path=str(tmp_path / "mixed"),
+                           nvme_bytes=64 * MiB, max_value_bytes=1 * MiB,
+                           promote_on_hit=False)) as store:
+        assert store.put_many(keys, values) == 9  # the first ones go down to NVMe
+        store.flush()
+        tiers = [store.tier_of(k) for k in keys]
+        assert "nvme" in tiers and "dram" in tiers
+        outs = [torch.zeros(MiB, dtype=torch.uint8, device="cuda") for _ in range(9)]
+        assert store.get_many_into(keys, outs) == 9
+        assert all(torch.equal(o.cpu(), v) for o, v in zip(outs, values, strict=True))

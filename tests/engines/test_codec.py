@@ -1,0 +1,145 @@
+"""The fp8 KV codec (`kvstore.codec`): round trips within its stated bounds, its byte
+layout, bad input, and engines that store compressed blocks in a namespace of their own
+(a real store; the tiny model on the CPU, and on a GPU with the `gpu` marker)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvstore
+from engines.decode import DecodeEngine
+from engines.prefill import PrefillEngine
+from engines.presets import load_model
+from engines.sampling import SamplingParams
+from kvstore.codec import E4M3_MAX, Fp8Codec, check_codec, codec_for
+from kvstore.errors import ConfigError
+from kvstore.layout import KVLayout
+
+LAYOUT = KVLayout(num_layers=3, num_kv_heads=4, head_dim=32, block_tokens=16,
+                  dtype="bfloat16")
+
+
+def blocks_of(n: int, seed: int = 0) -> torch.Tensor:
+    """Values of very different ranges per head, zeros and tiny values included."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 2, 16, 4, 32, generator=g)
+    x = x * torch.tensor([1e-3, 1.0, 30.0, 500.0]).view(1, 1, 1, 1, 4, 1)
+    x[:, 0, 0, :4] = 0.0
+    x[:, 1, 1, 0, 0, :8] = 1e-9
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_round_trip_within_the_bounds(dtype) -> None:
+    codec = Fp8Codec(LAYOUT)
+    x = blocks_of(5).to(dtype)
+    stored = codec.encode(x)
+    assert stored.dtype == torch.uint8 and tuple(stored.shape) == (5, codec.block_bytes)
+    y = codec.decode(stored, torch.float32)
+    ref = x.float()
+    scale = ref.abs().amax(dim=(3, 5), keepdim=True) / E4M3_MAX
+    bound = torch.maximum(ref.abs() * 2.0 ** -4, scale * 2.0 ** -10)
+    assert bool(((y - ref).abs() <= bound * (1 + 1e-6)).all())
+    assert bool((y[:, 0, 0, :4] == 0).all())  # zeros stay zeros
+    # The largest magnitude of each head comes back exactly (448 is an e4m3 value).
+    assert torch.allclose(y.abs().amax(dim=(3, 5)), ref.abs().amax(dim=(3, 5)), rtol=1e-6)
+    assert codec.decode(stored, dtype).dtype == dtype
+
+
+def test_the_stored_layout_is_chunks_of_fp8_values_then_per_head_scales() -> None:
+    codec = Fp8Codec(LAYOUT)
+    assert codec.payload_bytes == 16 * 4 * 32
+    assert codec.chunk_bytes == 16 * 4 * 32 + 4 * 4
+    assert codec.block_bytes == 3 * 2 * codec.chunk_bytes < LAYOUT.block_bytes
+    x = blocks_of(1)
+    stored = codec.encode(x)[0]
+    layer, half = 2, 1
+    chunk = stored[(2 * layer + half) * codec.chunk_bytes:][:codec.chunk_bytes]
+    scales = chunk[codec.payload_bytes:].clone().view(torch.float32)
+    assert torch.allclose(scales, x[0, layer, half].abs().amax(dim=(0, 2)) / E4M3_MAX)
+    values = chunk[:codec.payload_bytes].clone().view(torch.float8_e4m3fn).float()
+    assert torch.allclose(values.view(16, 4, 32) * scales.view(1, 4, 1),
+                          codec.decode(stored[None], torch.float32)[0, layer, half])
+
+
+def test_non_finite_values_and_bad_input() -> None:
+    codec = Fp8Codec(LAYOUT)
+    x = blocks_of(1)
+    x[0, 0, 0, 0, 1, 0] = float("nan")
+    x[0, 0, 0, 1, 1, 0] = float("inf")
+    x[0, 0, 0, 2, 1, 0] = float("-inf")
+    y = codec.decode(codec.encode(x), torch.float32)
+    assert bool(torch.isfinite(y).all())
+    assert y[0, 0, 0, 0, 1, 0] == 0
+    head_max = torch.nan_to_num(x[0, 0, 0, :, 1], posinf=0, neginf=0).abs().max()
+    assert torch.isclose(y[0, 0, 0, 1, 1, 0], head_max)
+    assert torch.isclose(y[0, 0, 0, 2, 1, 0], -head_max)
+    with pytest.raises(ValueError, match="shape"):
+        codec.encode(torch.zeros(1, 3, 2, 16, 4, 16))
+    with pytest.raises(ValueError, match="uint8"):
+        codec.decode(torch.zeros(1, codec.block_bytes - 1, dtype=torch.uint8), torch.float32)
+    with pytest.raises(ConfigError, match="unknown KV codec"):
+        check_codec("lz4")
+    assert codec_for("none", LAYOUT) is None and codec_for(None, LAYOUT) is None
+    assert LAYOUT.namespace("m", codec="fp8") != LAYOUT.namespace("m")
+    assert LAYOUT.namespace("m", codec="none") == LAYOUT.namespace("m")
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def model(request):
+    return load_model("tiny", device=request.param, dtype=torch.float32).model
+
+
+def prompt_of(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_engines_with_fp8_blocks_share_them_and_only_them(model) -> None:
+    """An fp8 prefill engine publishes blocks of half the size; a bf16 (lossless) engine
+    on the same store finds none of them, an fp8 decode engine finds them all, and the KV
+    it loads is the prefill's within the codec's bounds."""
+    prompt = prompt_of(100, seed=1)
+    sampling = SamplingParams(max_new_tokens=5)
+    with kvstore.Store(kvstore.StoreConfig(dram_bytes="64MiB", hbm_bytes=0)) as store:
+        with PrefillEngine(model, store, num_pages=64, kv_codec="fp8") as prefill:
+            first = prefill.prefill(prompt)
+            assert first.num_published_blocks == 6
+            keys = prefill.io.keys(prompt)
+            assert store.get(keys[0]) is not None
+            assert len(store.get(keys[0])) == prefill.io.codec.block_bytes
+            assert prefill.io.codec.block_bytes < prefill.io.layout.block_bytes / 3.5  # fp32
+        with DecodeEngine(model, store, num_pages=64) as lossless:
+            assert lossless.io.cached_blocks(lossless.io.keys(prompt)) == 0
+        with DecodeEngine(model, store, num_pages=64, kv_codec="fp8") as decode:
+            request = decode.add_request(prompt, sampling)
+            while decode.has_work:
+                decode.step()
+            assert request.num_cached_tokens == 6 * 16
+            assert len(request.output) == 5
+            seq = prefill_kv(model, prompt)  # the pages a plain forward makes
+            io = decode.io
+            from engines.paged_cache import SequenceKV
+            mine = SequenceKV()
+            assert decode.cache.reserve(mine, 96)
+            load = io.fetch(keys[:6], mine)
+            load.wait_all()
+            for layer in range(model.config.num_layers):
+                got = decode.cache.kv[layer][:, mine.pages[:6]].float()
+                ref = seq[layer]
+                scale = ref.abs().amax(dim=(2, 4), keepdim=True) / E4M3_MAX
+                bound = torch.maximum(ref.abs() * 2.0 ** -4, scale * 2.0 ** -10)
+                assert bool(((got - ref).abs() <= bound * 1.01 + 1e-7).all()), layer
+            decode.cache.release(mine)
+
+
+def prefill_kv(model, prompt: list[int]) -> list[torch.Tensor]:
+    """Each layer's K and V of ``prompt``'s 6 full blocks from a plain forward:
+    ``[2, 6, tokens, heads, dim]`` in fp32."""
+    from engines.paged_cache import SequenceKV
+
+    cache = model.new_cache(num_pages=8, page_tokens=16)
+    seq = SequenceKV()
+    cache.reserve(seq, len(prompt))
+    model.forward(cache, [(seq, prompt)])
+    return [cache.kv[layer][:, seq.pages[:6]].float() for layer in range(len(cache.kv))]
