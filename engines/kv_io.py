@@ -136,6 +136,9 @@ class KVBlockIO:
         # What one block takes in the store.
         self.stored_block_bytes = (self.codec.block_bytes if self.codec is not None
                                    else self.layout.block_bytes)
+        self.fp8_chunks = (uva_copy.Fp8Chunks(self.codec.chunk_bytes, self.codec.payload_bytes,
+                                              self.layout.num_kv_heads, self.layout.head_dim)
+                           if self.codec is not None else None)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-io")
         # Planned loads that run while the blocks before them are computed.
         self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-fetch")
@@ -270,9 +273,13 @@ class KVBlockIO:
     def _can_borrow(self) -> bool:
         """Whether fetched blocks can be read in place: an embedded store (which lends its
         slots), a GPU cache the copy kernel runs on, and blocks stored as the pages hold
-        them (compressed ones are staged, then decoded on the cache's device)."""
-        return (self.cache.device.type == "cuda" and hasattr(self.store, "borrow")
-                and self.codec is None and uva_copy.available())
+        them or by the fp8 codec into bf16 pages (the kernel dequantizes as it copies;
+        other compressed blocks are staged, then decoded on the cache's device)."""
+        if self.cache.device.type != "cuda" or not hasattr(self.store, "borrow"):
+            return False
+        if self.codec is None:
+            return uva_copy.available()
+        return self.cache.dtype == torch.bfloat16 and uva_copy.fp8_available()
 
     def _extend_keys(self, keys: list[bytes], tokens: list[int], num_blocks: int | None
                      ) -> list[bytes]:
@@ -346,7 +353,7 @@ class LayerLoad:
             copier = uva_copy.LayerCopier(
                 io.cache, addresses, self.seq.pages[first:first + len(addresses)],
                 io.layout.layer_bytes, io.layout.kv_bytes, stream=self._stream,
-                layerwise=is_last or len(addresses) < len(keys))
+                layerwise=is_last or len(addresses) < len(keys), fp8=io.fp8_chunks)
         except ValueError as e:
             log.warning("copying %d borrowed blocks in place failed (%s); copying them "
                         "instead", len(addresses), e)

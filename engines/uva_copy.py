@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,6 +53,69 @@ extern "C" __global__ void copy_chunks(const unsigned long long* src,
             long long i = base + (long long)u * blockDim.x;
             if (i < num_vectors) d[i] = v[u];
         }
+    }
+  }
+}
+"""
+# The fp8 codec's chunks (`kvstore.codec`): fp8 e4m3 values then one float32 scale per
+# head, dequantized into bf16 pages as they are copied (half the bytes cross PCIe). Each
+# thread turns one 16-byte load (16 values, all of one head: head_dim is a multiple of 16)
+# into two 16-byte stores; e4m3 -> float by a 256-entry table in shared memory; float ->
+# bf16 rounded to nearest even, as torch's conversion (so the pages equal
+# `Fp8Codec.decode`'s bit for bit).
+_FP8_SOURCE = r"""
+__device__ __forceinline__ unsigned int to_bf16(float f) {
+  unsigned int u = __float_as_uint(f);
+  return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+__device__ __forceinline__ unsigned int pair(const float* table, unsigned int word,
+                                             int first, float scale) {
+  unsigned int lo = to_bf16(table[(word >> (8 * first)) & 0xFFu] * scale);
+  unsigned int hi = to_bf16(table[(word >> (8 * first + 8)) & 0xFFu] * scale);
+  return lo | (hi << 16);
+}
+extern "C" __global__ void dequant_fp8_chunks(const unsigned long long* src,
+                                              const unsigned long long* dst,
+                                              long long num_chunks, long long num_vectors,
+                                              long long payload_bytes, int heads,
+                                              int head_dim) {
+  __shared__ float table[256];
+  __shared__ float scales[256];
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+    int e = (i >> 3) & 15, m = i & 7;
+    float v = e == 0 ? ldexpf((float)m, -9) : ldexpf(1.0f + m * 0.125f, e - 7);
+    if (e == 15 && m == 7) v = 0.0f;  // NaN: the encoder never writes it
+    table[i] = (i & 128) ? -v : v;
+  }
+  for (long long c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+    const unsigned char* base = reinterpret_cast<const unsigned char*>(src[c]);
+    __syncthreads();  // (the table, and the previous chunk's scales no longer read)
+    for (int h = threadIdx.x; h < heads; h += blockDim.x)
+      scales[h] = reinterpret_cast<const float*>(base + payload_bytes)[h];
+    __syncthreads();
+    const uint4* s = reinterpret_cast<const uint4*>(base);
+    uint4* d = reinterpret_cast<uint4*>(dst[c]);
+    const long long step = (long long)blockDim.x * UNROLL;
+    for (long long first = threadIdx.x; first < num_vectors; first += step) {
+      uint4 v[UNROLL];
+      #pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        long long i = first + (long long)u * blockDim.x;
+        if (i < num_vectors) v[u] = s[i];
+      }
+      #pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        long long i = first + (long long)u * blockDim.x;
+        if (i >= num_vectors) continue;
+        float scale = scales[((i * 16) / head_dim) % heads];
+        uint4 a, b;
+        a.x = pair(table, v[u].x, 0, scale); a.y = pair(table, v[u].x, 2, scale);
+        a.z = pair(table, v[u].y, 0, scale); a.w = pair(table, v[u].y, 2, scale);
+        b.x = pair(table, v[u].z, 0, scale); b.y = pair(table, v[u].z, 2, scale);
+        b.z = pair(table, v[u].w, 0, scale); b.w = pair(table, v[u].w, 2, scale);
+        d[2 * i] = a;
+        d[2 * i + 1] = b;
+      }
     }
   }
 }
@@ -92,6 +156,36 @@ def _kernel(unroll: int = UNROLL) -> Any:
 
 
 @functools.cache
+def _fp8_kernel(unroll: int = UNROLL) -> Any:
+    import cupy
+
+    return cupy.RawKernel(_FP8_SOURCE, "dequant_fp8_chunks", options=(f"-DUNROLL={unroll}",))
+
+
+@functools.cache
+def fp8_available() -> bool:
+    """`available`, and the fp8 dequantizing kernel compiles."""
+    if not available():
+        return False
+    try:
+        _fp8_kernel().compile()
+    except Exception:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Fp8Chunks:
+    """How the fp8 codec lays out a block (`kvstore.codec.Fp8Codec`): what the copier
+    needs to dequantize chunks into bf16 pages."""
+
+    chunk_bytes: int  # one layer's K or V in the store: values, then scales
+    payload_bytes: int  # its fp8 values
+    heads: int
+    head_dim: int
+
+
+@functools.cache
 def available() -> bool:
     """CUDA and CuPy are there and the kernel compiles."""
     if not torch.cuda.is_available():
@@ -112,9 +206,18 @@ class LayerCopier:
     def __init__(self, cache: PagedKVCache, block_addresses: list[int], pages: list[int],
                  layer_bytes: int, kv_bytes: int, *, threads: int = THREADS,
                  unroll: int = UNROLL, grid: int = GRID,
-                 stream: torch.cuda.Stream | None = None, layerwise: bool = True) -> None:
+                 stream: torch.cuda.Stream | None = None, layerwise: bool = True,
+                 fp8: Fp8Chunks | None = None) -> None:
+        """``layer_bytes``, ``kv_bytes``: a layer and one of its halves in the pages (and
+        in the store, unless ``fp8``: blocks stored by the fp8 codec, dequantized into
+        bf16 pages by the kernel as they are copied)."""
         if kv_bytes % ALIGN or layer_bytes % ALIGN or any(a % ALIGN for a in block_addresses):
             raise ValueError("UVA copies need 16-byte aligned blocks and sizes")
+        if fp8 is not None and (fp8.chunk_bytes % ALIGN or fp8.head_dim % 16
+                                or cache.dtype != torch.bfloat16):
+            raise ValueError("fp8 copies need 16-byte chunks, head_dim a multiple of 16 "
+                             "and bf16 pages")
+        self.fp8 = fp8
         self.cache = cache
         self.kv_bytes = kv_bytes
         self.threads = threads
@@ -127,8 +230,9 @@ class LayerCopier:
         self.events: list[torch.cuda.Event] = []  # one per layer, or one if not layerwise
         # Host memory goes by the kernel, which holds up better beside the forward; runs
         # are looked for only from HBM, and each must lie there.
-        self.runs = (dma_runs(block_addresses, pages)
-                     if block_addresses and _in_device_memory(block_addresses[0]) else None)
+        self.runs = (dma_runs(block_addresses, pages)  # (DMAs cannot dequantize)
+                     if block_addresses and fp8 is None
+                     and _in_device_memory(block_addresses[0]) else None)
         if self.runs is not None and not all(_in_device_memory(block_addresses[first])
                                              for first, _, _ in self.runs[1:]):
             self.runs = None
@@ -143,8 +247,9 @@ class LayerCopier:
         # Built in numpy and uploaded in one copy (torch's CPU ops and two uploads cost ~1 ms
         # in front of the first copy; pinning the table first cost 3.5 ms).
         blocks = np.asarray(block_addresses, dtype=np.int64)
-        layers = np.arange(num_layers, dtype=np.int64) * layer_bytes
-        src = blocks[None, :, None] + layers[:, None, None] + np.array([0, kv_bytes])
+        half = kv_bytes if fp8 is None else fp8.chunk_bytes  # in the store
+        layers = np.arange(num_layers, dtype=np.int64) * 2 * half
+        src = blocks[None, :, None] + layers[:, None, None] + np.array([0, half])
         page = np.asarray(pages, dtype=np.int64)
         bases = np.array([kv.data_ptr() for kv in cache.kv], dtype=np.int64)
         dst = (bases[:, None, None]
@@ -161,6 +266,11 @@ class LayerCopier:
         import cupy
 
         kernel = _kernel(self.unroll)
+        extra: tuple[Any, ...] = ()
+        if self.fp8 is not None:  # the same launches, dequantizing: 16 values a vector
+            kernel = _fp8_kernel(self.unroll)
+            extra = (np.int64(self.fp8.payload_bytes), np.int32(self.fp8.heads),
+                     np.int32(self.fp8.head_dim))
         # The pointer tables were uploaded on the current stream: copies wait for them.
         self.stream.wait_stream(torch.cuda.current_stream(self.cache.device))
         with warnings.catch_warnings():  # newer CuPy deprecates the pointer form
@@ -170,12 +280,13 @@ class LayerCopier:
         row_bytes = self.num_chunks * self._tables.element_size()
         src = self._tables.data_ptr()
         dst = src + num_layers * row_bytes
-        num_vectors = np.int64(self.kv_bytes // ALIGN)
+        num_vectors = np.int64(self.kv_bytes // ALIGN if self.fp8 is None
+                               else self.fp8.payload_bytes // ALIGN)  # vectors read
         if not self.layerwise:  # the tables' rows are consecutive: one launch copies all
             with external:
                 kernel((min(self.grid, self.num_chunks * num_layers),), (self.threads,),
                        (np.uint64(src), np.uint64(dst), np.int64(self.num_chunks * num_layers),
-                        num_vectors))
+                        num_vectors, *extra))
             self._record()
             return
         num_chunks = np.int64(self.num_chunks)
@@ -183,7 +294,7 @@ class LayerCopier:
             for layer in range(num_layers):
                 kernel((min(self.grid, self.num_chunks),), (self.threads,),
                        (np.uint64(src + layer * row_bytes), np.uint64(dst + layer * row_bytes),
-                        num_chunks, num_vectors))
+                        num_chunks, num_vectors, *extra))
                 self._record()
 
     def _launch_dma(self) -> None:

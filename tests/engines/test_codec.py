@@ -143,3 +143,45 @@ def prefill_kv(model, prompt: list[int]) -> list[torch.Tensor]:
     cache.reserve(seq, len(prompt))
     model.forward(cache, [(seq, prompt)])
     return [cache.kv[layer][:, seq.pages[:6]].float() for layer in range(len(cache.kv))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tier", ["dram", "hbm"])
+def test_the_copy_kernel_dequantizes_fp8_blocks_into_bf16_pages_bit_for_bit(tier) -> None:
+    """Blocks stored by the codec, lent in place by the store (pinned DRAM read over PCIe,
+    or HBM) and copied layer by layer by the UVA kernel into bf16 pages: every page equals
+    `Fp8Codec.decode`'s result exactly, and no other page is touched."""
+    from engines import uva_copy
+
+    if not uva_copy.fp8_available():
+        pytest.skip("the fp8 copy kernel does not compile here")
+    model = load_model("tiny", device="cuda", dtype=torch.bfloat16).model
+    layout = model.config.kv_layout(16, torch.bfloat16)
+    codec = Fp8Codec(layout)
+    cache = model.new_cache(num_pages=32, page_tokens=16)
+    for kv in cache.kv:
+        kv.fill_(7.0)
+    n = 9
+    shape = (n, layout.num_layers, 2, 16, layout.num_kv_heads, layout.head_dim)
+    blocks = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 5
+    stored = codec.encode(blocks.to(torch.bfloat16))
+    want = codec.decode(stored, torch.bfloat16).cuda()
+    config = (kvstore.StoreConfig(dram_bytes="16MiB", hbm_bytes=0) if tier == "dram" else
+              kvstore.StoreConfig(dram_bytes=0, hbm_bytes="16MiB"))
+    keys = [bytes([i]) * 16 for i in range(n)]
+    pages = [3, 4, 5, 11, 12, 20, 21, 22, 30]
+    with kvstore.Store(config) as store:
+        assert store.put_many(keys, list(stored.cuda() if tier == "hbm" else stored)) == n
+        with store.borrow(keys) as lent:
+            assert len(lent.addresses) == n
+            copier = uva_copy.LayerCopier(
+                cache, lent.addresses, pages, layout.layer_bytes, layout.kv_bytes,
+                fp8=uva_copy.Fp8Chunks(codec.chunk_bytes, codec.payload_bytes,
+                                       layout.num_kv_heads, layout.head_dim))
+            copier.launch()
+            copier.synchronize()
+    for layer, kv in enumerate(cache.kv):
+        got = kv[:, pages].transpose(0, 1)  # [n, 2, tokens, heads, dim]
+        assert torch.equal(got, want[:, layer]), layer
+        others = [p for p in range(32) if p not in pages]
+        assert bool((kv[:, others] == 7.0).all())
