@@ -110,6 +110,36 @@ def raw_disk_gbps(nvme_dir: str, nbytes: int, request_bytes: int, repeats: int) 
     return nbytes / statistics.median(times) / 1e9
 
 
+def slow_disk(path: str, mbps: float) -> dict[str, Any]:
+    """Make reads from ``path``'s disk slow on purpose: this process joins a cgroup v2
+    whose ``io.max`` caps reads at ``mbps`` MB/s (needs root, cgroup v2 with the io
+    controller, and a real block device under ``path``). Says what happened."""
+    out: dict[str, Any] = {"read_mbps": mbps, "applied": False}
+    try:
+        dev = os.stat(path).st_dev
+        node = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+        if not os.path.exists(node):
+            raise OSError(f"{path} is on device {os.major(dev)}:{os.minor(dev)}, not a block "
+                          "device (an overlay or tmpfs?)")
+        if os.path.exists(os.path.join(node, "partition")):  # io.max wants the whole disk
+            node = os.path.realpath(os.path.join(node, ".."))
+        with open(os.path.join(node, "dev")) as f:
+            disk = f.read().strip()
+        root = "/sys/fs/cgroup"
+        with open(os.path.join(root, "cgroup.subtree_control"), "a") as f:
+            f.write("+io")
+        group = os.path.join(root, "kvstore-slow-disk")
+        os.makedirs(group, exist_ok=True)
+        with open(os.path.join(group, "io.max"), "w") as f:
+            f.write(f"{disk} rbps={int(mbps * 1e6)}")
+        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        out.update(applied=True, disk=disk)
+    except OSError as e:
+        out["why_not"] = str(e)
+    return out
+
+
 def store_config(tier: str, kv_bytes: int, block_bytes: int, nvme_dir: str
                  ) -> kvstore.StoreConfig:
     room = int(kv_bytes * 1.1) + 64 * block_bytes
@@ -265,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="load: every cached block loaded; plan: the fetch planner")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--nvme-dir", default="/var/tmp", help="directory for the NVMe tier")
+    parser.add_argument("--slow-disk-mbps", type=float, default=None,
+                        help="cap reads from --nvme-dir's disk at this many MB/s (a cgroup's "
+                             "io.max: root and cgroup v2 needed), to see the planner on a "
+                             "slow disk")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -284,6 +318,12 @@ def main(argv: list[str] | None = None) -> int:
                                      "copy_threads": uva_copy.THREADS},
                            "lengths": []}
     tiers, arms = args.tiers.split(","), args.arms.split(",")
+    if args.slow_disk_mbps is not None:
+        doc["slow_disk"] = slow_disk(args.nvme_dir, args.slow_disk_mbps)
+        log(f"slow disk: {doc['slow_disk']}")
+        if not doc["slow_disk"]["applied"]:
+            emit(doc, started, args.json_out)
+            return 1
     planner = None
     if "plan" in arms:
         log("calibrating the planner's costs")
