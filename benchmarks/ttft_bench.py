@@ -50,6 +50,7 @@ from engines.model import LlamaModel  # noqa: E402
 from engines.prefill import PrefillEngine  # noqa: E402
 from engines.presets import load_model  # noqa: E402
 from kvstore.codec import codec_for  # noqa: E402
+from kvstore.store import reads  # noqa: E402
 
 GiB = 1 << 30
 TARGET_RATIO_8K_DRAM = 10.0
@@ -142,7 +143,7 @@ def slow_disk(path: str, mbps: float) -> dict[str, Any]:
 
 def store_config(tier: str, kv_bytes: int, block_bytes: int, nvme_dir: str
                  ) -> kvstore.StoreConfig:
-    room = int(kv_bytes * 1.1) + 64 * block_bytes
+    room = int(kv_bytes * 1.5) + 64 * block_bytes  # (slots of odd-sized blocks round up)
     if tier == "mixed":  # DRAM holds the first half; the rest lives on NVMe only
         return kvstore.StoreConfig(dram_bytes=kv_bytes // 2 + 2 * block_bytes,
                                    nvme_path=tempfile.mkdtemp(dir=nvme_dir),
@@ -295,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="load: every cached block loaded; plan: the fetch planner")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--nvme-dir", default="/var/tmp", help="directory for the NVMe tier")
+    parser.add_argument("--nvme-pipeline", default="on", choices=("on", "off"),
+                        help="off: NVMe blocks read into the GPU one after another, as "
+                             "before the pipeline (kvstore.store.reads), to compare")
     parser.add_argument("--slow-disk-mbps", type=float, default=None,
                         help="cap reads from --nvme-dir's disk at this many MB/s (a cgroup's "
                              "io.max: root and cgroup v2 needed), to see the planner on a "
@@ -318,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "copy_threads": uva_copy.THREADS},
                            "lengths": []}
     tiers, arms = args.tiers.split(","), args.arms.split(",")
+    reads.PIPELINE_NVME_TO_GPU = doc["nvme_pipeline"] = args.nvme_pipeline == "on"
     if args.slow_disk_mbps is not None:
         doc["slow_disk"] = slow_disk(args.nvme_dir, args.slow_disk_mbps)
         log(f"slow disk: {doc['slow_disk']}")

@@ -3,7 +3,8 @@
 LZ4 does not shrink fp16/bf16 KV (measured ratio 1.00); quantized KV halves it. A block
 stored with the ``fp8`` codec holds, for each layer and each of K and V, the chunk::
 
-    | tokens x kv_heads x head_dim values in float8_e4m3fn | kv_heads float32 scales |
+    | tokens x kv_heads x head_dim values in float8_e4m3fn | kv_heads float32 scales, |
+                                                            | zero-padded to 16 bytes   |
 
 (layer-major as `kvstore.layout`: chunk (layer l, half h) starts at ``(2 l + h) *
 chunk_bytes``). A value is ``fp8 * scale``, with one scale per block, layer, half and head:
@@ -40,6 +41,7 @@ from kvstore.layout import KVLayout
 CODECS = ("none", "fp8")
 E4M3_MAX = 448.0
 SCALE_BYTES = 4  # float32
+ALIGN = 16  # a chunk's size is a multiple of it (the copy kernel reads 16-byte vectors)
 
 
 def check_codec(codec: str | None) -> str | None:
@@ -65,9 +67,14 @@ class Fp8Codec:
         return lay.block_tokens * lay.num_kv_heads * lay.head_dim
 
     @property
+    def scale_bytes(self) -> int:
+        """A chunk's scales: one float32 per head, zero-padded to a multiple of 16."""
+        return -(-self.layout.num_kv_heads * SCALE_BYTES // ALIGN) * ALIGN
+
+    @property
     def chunk_bytes(self) -> int:
-        """One stored chunk: its fp8 values, then one float32 scale per head."""
-        return self.payload_bytes + self.layout.num_kv_heads * SCALE_BYTES
+        """One stored chunk: its fp8 values, then its scales."""
+        return self.payload_bytes + self.scale_bytes
 
     @property
     def block_bytes(self) -> int:
@@ -94,10 +101,11 @@ class Fp8Codec:
         scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
         q = (x / scale[:, :, :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
         q = q.to(torch.float8_e4m3fn).view(torch.uint8)
-        out = torch.empty((n, lay.num_layers, 2, self.chunk_bytes), dtype=torch.uint8,
+        out = torch.zeros((n, lay.num_layers, 2, self.chunk_bytes), dtype=torch.uint8,
                           device=blocks.device)
         out[..., :self.payload_bytes] = q.reshape(n, lay.num_layers, 2, self.payload_bytes)
-        out[..., self.payload_bytes:] = scale.contiguous().view(torch.uint8).reshape(
+        scales_end = self.payload_bytes + lay.num_kv_heads * SCALE_BYTES
+        out[..., self.payload_bytes:scales_end] = scale.contiguous().view(torch.uint8).reshape(
             n, lay.num_layers, 2, lay.num_kv_heads * SCALE_BYTES)
         return out.reshape(n, self.block_bytes)
 
@@ -114,7 +122,8 @@ class Fp8Codec:
         chunks = stored.reshape(n, lay.num_layers, 2, self.chunk_bytes)
         q = chunks[..., :self.payload_bytes].contiguous().view(torch.float8_e4m3fn)
         q = q.reshape(n, lay.num_layers, 2, lay.block_tokens, lay.num_kv_heads, lay.head_dim)
-        scale = chunks[..., self.payload_bytes:].contiguous().view(torch.float32)
+        scales_end = self.payload_bytes + lay.num_kv_heads * SCALE_BYTES
+        scale = chunks[..., self.payload_bytes:scales_end].contiguous().view(torch.float32)
         return (q.float() * scale[:, :, :, None, :, None]).to(dtype)
 
 

@@ -40,6 +40,9 @@ from kvstore.tiers.base import check_key
 
 # Values up to this size are copied under the store lock (a pin round trip costs more).
 SMALL_VALUE_BYTES = 64 * 1024
+# Whether get_many_into pipelines reads of NVMe blocks into GPU tensors (`_NvmeToGpu`);
+# off, each is read then copied in turn (benchmarks compare the two in one run).
+PIPELINE_NVME_TO_GPU = True
 
 
 def _is_cuda(view: Any) -> bool:
@@ -258,7 +261,7 @@ class Reads:
             if stop:
                 return done
             if done < len(checked):  # a block outside memory tiers
-                if _is_cuda_out(outs[done]):
+                if PIPELINE_NVME_TO_GPU and _is_cuda_out(outs[done]):
                     copied = self._nvme_to_gpu().copy(checked, outs, done)
                     if copied == 0:
                         return done

@@ -52,11 +52,16 @@ def test_the_stored_layout_is_chunks_of_fp8_values_then_per_head_scales() -> Non
     assert codec.payload_bytes == 16 * 4 * 32
     assert codec.chunk_bytes == 16 * 4 * 32 + 4 * 4
     assert codec.block_bytes == 3 * 2 * codec.chunk_bytes < LAYOUT.block_bytes
+    three_heads = Fp8Codec(KVLayout(num_layers=1, num_kv_heads=3, head_dim=64,
+                                    block_tokens=16, dtype="bfloat16"))
+    assert three_heads.chunk_bytes == 16 * 3 * 64 + 16  # 12 bytes of scales, padded
+    padded = three_heads.encode(torch.randn(1, 1, 2, 16, 3, 64))
+    assert bool((padded.view(2, -1)[:, -4:] == 0).all())
     x = blocks_of(1)
     stored = codec.encode(x)[0]
     layer, half = 2, 1
     chunk = stored[(2 * layer + half) * codec.chunk_bytes:][:codec.chunk_bytes]
-    scales = chunk[codec.payload_bytes:].clone().view(torch.float32)
+    scales = chunk[codec.payload_bytes:codec.payload_bytes + 16].clone().view(torch.float32)
     assert torch.allclose(scales, x[0, layer, half].abs().amax(dim=(0, 2)) / E4M3_MAX)
     values = chunk[:codec.payload_bytes].clone().view(torch.float8_e4m3fn).float()
     assert torch.allclose(values.view(16, 4, 32) * scales.view(1, 4, 1),
