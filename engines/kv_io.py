@@ -137,7 +137,7 @@ class KVBlockIO:
         self.stored_block_bytes = (self.codec.block_bytes if self.codec is not None
                                    else self.layout.block_bytes)
         self.fp8_chunks = (uva_copy.Fp8Chunks(self.codec.chunk_bytes, self.codec.payload_bytes,
-                                              self.layout.num_kv_heads, self.layout.head_dim)
+                                              self.codec.num_scales, self.layout.head_dim)
                            if self.codec is not None else None)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-io")
         # Planned loads that run while the blocks before them are computed.

@@ -58,11 +58,11 @@ extern "C" __global__ void copy_chunks(const unsigned long long* src,
 }
 """
 # The fp8 codec's chunks (`kvstore.codec`): fp8 e4m3 values then one float32 scale per
-# head, dequantized into bf16 pages as they are copied (half the bytes cross PCIe). Each
-# thread turns one 16-byte load (16 values, all of one head: head_dim is a multiple of 16)
-# into two 16-byte stores; e4m3 -> float by a 256-entry table in shared memory; float ->
-# bf16 rounded to nearest even, as torch's conversion (so the pages equal
-# `Fp8Codec.decode`'s bit for bit).
+# token and head, dequantized into bf16 pages as they are copied (half the bytes cross
+# PCIe). Each thread turns one 16-byte load (16 values of one token's head: head_dim is a
+# multiple of 16, so value v's scale is number v / head_dim) into two 16-byte stores;
+# e4m3 -> float by a 256-entry table in shared memory; float -> bf16 rounded to nearest
+# even, as torch's conversion (so the pages equal `Fp8Codec.decode`'s bit for bit).
 _FP8_SOURCE = r"""
 __device__ __forceinline__ unsigned int to_bf16(float f) {
   unsigned int u = __float_as_uint(f);
@@ -77,10 +77,10 @@ __device__ __forceinline__ unsigned int pair(const float* table, unsigned int wo
 extern "C" __global__ void dequant_fp8_chunks(const unsigned long long* src,
                                               const unsigned long long* dst,
                                               long long num_chunks, long long num_vectors,
-                                              long long payload_bytes, int heads,
+                                              long long payload_bytes, int num_scales,
                                               int head_dim) {
   __shared__ float table[256];
-  __shared__ float scales[256];
+  __shared__ float scales[MAX_SCALES];
   for (int i = threadIdx.x; i < 256; i += blockDim.x) {
     int e = (i >> 3) & 15, m = i & 7;
     float v = e == 0 ? ldexpf((float)m, -9) : ldexpf(1.0f + m * 0.125f, e - 7);
@@ -90,7 +90,7 @@ extern "C" __global__ void dequant_fp8_chunks(const unsigned long long* src,
   for (long long c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const unsigned char* base = reinterpret_cast<const unsigned char*>(src[c]);
     __syncthreads();  // (the table, and the previous chunk's scales no longer read)
-    for (int h = threadIdx.x; h < heads; h += blockDim.x)
+    for (int h = threadIdx.x; h < num_scales; h += blockDim.x)
       scales[h] = reinterpret_cast<const float*>(base + payload_bytes)[h];
     __syncthreads();
     const uint4* s = reinterpret_cast<const uint4*>(base);
@@ -107,7 +107,7 @@ extern "C" __global__ void dequant_fp8_chunks(const unsigned long long* src,
       for (int u = 0; u < UNROLL; ++u) {
         long long i = first + (long long)u * blockDim.x;
         if (i >= num_vectors) continue;
-        float scale = scales[((i * 16) / head_dim) % heads];
+        float scale = scales[(i * 16) / head_dim];
         uint4 a, b;
         a.x = pair(table, v[u].x, 0, scale); a.y = pair(table, v[u].x, 2, scale);
         a.z = pair(table, v[u].y, 0, scale); a.w = pair(table, v[u].y, 2, scale);
@@ -121,6 +121,7 @@ extern "C" __global__ void dequant_fp8_chunks(const unsigned long long* src,
 }
 """
 UNROLL = 4
+MAX_FP8_SCALES = 2048  # scales per chunk (tokens x heads) the kernel holds in shared memory
 # Thread blocks per launch, each looping over chunks: enough reads in flight to fill PCIe,
 # while leaving most SMs to the forward that overlaps the copy (a grid of one block per
 # chunk would hold every SM and push the forward's kernels behind the copies). Measured on
@@ -159,7 +160,8 @@ def _kernel(unroll: int = UNROLL) -> Any:
 def _fp8_kernel(unroll: int = UNROLL) -> Any:
     import cupy
 
-    return cupy.RawKernel(_FP8_SOURCE, "dequant_fp8_chunks", options=(f"-DUNROLL={unroll}",))
+    return cupy.RawKernel(_FP8_SOURCE, "dequant_fp8_chunks",
+                          options=(f"-DUNROLL={unroll}", f"-DMAX_SCALES={MAX_FP8_SCALES}"))
 
 
 @functools.cache
@@ -181,7 +183,7 @@ class Fp8Chunks:
 
     chunk_bytes: int  # one layer's K or V in the store: values, then scales
     payload_bytes: int  # its fp8 values
-    heads: int
+    num_scales: int  # its scales: one per token and head
     head_dim: int
 
 
@@ -214,9 +216,10 @@ class LayerCopier:
         if kv_bytes % ALIGN or layer_bytes % ALIGN or any(a % ALIGN for a in block_addresses):
             raise ValueError("UVA copies need 16-byte aligned blocks and sizes")
         if fp8 is not None and (fp8.chunk_bytes % ALIGN or fp8.head_dim % 16
+                                or fp8.num_scales > MAX_FP8_SCALES
                                 or cache.dtype != torch.bfloat16):
-            raise ValueError("fp8 copies need 16-byte chunks, head_dim a multiple of 16 "
-                             "and bf16 pages")
+            raise ValueError("fp8 copies need 16-byte chunks, head_dim a multiple of 16, "
+                             f"at most {MAX_FP8_SCALES} scales a chunk and bf16 pages")
         self.fp8 = fp8
         self.cache = cache
         self.kv_bytes = kv_bytes
@@ -269,7 +272,7 @@ class LayerCopier:
         extra: tuple[Any, ...] = ()
         if self.fp8 is not None:  # the same launches, dequantizing: 16 values a vector
             kernel = _fp8_kernel(self.unroll)
-            extra = (np.int64(self.fp8.payload_bytes), np.int32(self.fp8.heads),
+            extra = (np.int64(self.fp8.payload_bytes), np.int32(self.fp8.num_scales),
                      np.int32(self.fp8.head_dim))
         # The pointer tables were uploaded on the current stream: copies wait for them.
         self.stream.wait_stream(torch.cuda.current_stream(self.cache.device))

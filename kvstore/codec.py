@@ -3,15 +3,18 @@
 LZ4 does not shrink fp16/bf16 KV (measured ratio 1.00); quantized KV halves it. A block
 stored with the ``fp8`` codec holds, for each layer and each of K and V, the chunk::
 
-    | tokens x kv_heads x head_dim values in float8_e4m3fn | kv_heads float32 scales, |
-                                                            | zero-padded to 16 bytes   |
+    | tokens x kv_heads x head_dim values in float8_e4m3fn | tokens x kv_heads float32 |
+                                                            | scales, zero-padded to 16 |
 
 (layer-major as `kvstore.layout`: chunk (layer l, half h) starts at ``(2 l + h) *
-chunk_bytes``). A value is ``fp8 * scale``, with one scale per block, layer, half and head:
-the head's largest magnitude over the block's tokens and the head dimension, over 448
-(e4m3's largest finite value), so each head keeps e4m3's 3 mantissa bits of precision
-relative to its own range. A llama3-8b block (32 layers, 8 heads of 128, 16 tokens) is
-1,050,624 bytes instead of 2,097,152 in bf16.
+chunk_bytes``). A value is ``fp8 * scale``, with one scale per token and head (of each
+layer and half): the largest magnitude over the head's ``head_dim`` values, over 448
+(e4m3's largest finite value), so every head vector keeps e4m3's 3 mantissa bits relative
+to its own range. Measured against one scale per head over the block's 16 tokens
+(SmolLM2-135M, the same 6 prompts of 1.2-3.4K tokens, CPU): mean KL 1.7e-3 against
+2.7e-3, top-1 agreement 99.2% against 98.2%, identical 64-token continuations 4 of 6
+against 1 of 6, for 3% more bytes. A llama3-8b block (32 layers, 8 heads of 128, 16
+tokens) is 1,081,344 bytes instead of 2,097,152 in bf16.
 
 The codec is part of the key namespace (`KVLayout.namespace(..., codec=)`), so a bf16
 reader never finds an fp8 block or the reverse. Lossless (no codec) stays the default.
@@ -25,8 +28,8 @@ of the scale, subnormal steps of 2^-9 of it)::
     |decoded - value| <= max(|value| * 2^-4, scale * 2^-10)   (plus the output dtype's
                                                               own rounding)
 
-Non-finite values are stored as 0 (NaN) or the head's largest finite magnitude, signed
-(inf; 0 in a head with no finite value): a block with them was already wrong in the
+Non-finite values are stored as 0 (NaN) or the vector's largest finite magnitude, signed
+(inf; 0 in a vector with no finite value): a block with them was already wrong in the
 pages.
 """
 
@@ -67,9 +70,14 @@ class Fp8Codec:
         return lay.block_tokens * lay.num_kv_heads * lay.head_dim
 
     @property
+    def num_scales(self) -> int:
+        """A chunk's scales: one per token and head."""
+        return self.layout.block_tokens * self.layout.num_kv_heads
+
+    @property
     def scale_bytes(self) -> int:
-        """A chunk's scales: one float32 per head, zero-padded to a multiple of 16."""
-        return -(-self.layout.num_kv_heads * SCALE_BYTES // ALIGN) * ALIGN
+        """A chunk's scales, float32, zero-padded to a multiple of 16 bytes."""
+        return -(-self.num_scales * SCALE_BYTES // ALIGN) * ALIGN
 
     @property
     def chunk_bytes(self) -> int:
@@ -94,19 +102,18 @@ class Fp8Codec:
                              f"{tuple(blocks.shape)}")
         values = blocks.float()
         x = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-        amax = x.abs().amax(dim=(3, 5))  # [n, layers, 2, heads]
+        amax = x.abs().amax(dim=5, keepdim=True)  # [n, layers, 2, tokens, heads, 1]
         infinite = torch.isinf(values)
-        if bool(infinite.any()):  # -> the head's largest finite magnitude, signed
-            x = torch.where(infinite, torch.sign(values) * amax[:, :, :, None, :, None], x)
+        if bool(infinite.any()):  # -> the vector's largest finite magnitude, signed
+            x = torch.where(infinite, torch.sign(values) * amax, x)
         scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-        q = (x / scale[:, :, :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
-        q = q.to(torch.float8_e4m3fn).view(torch.uint8)
+        q = (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
         out = torch.zeros((n, lay.num_layers, 2, self.chunk_bytes), dtype=torch.uint8,
                           device=blocks.device)
         out[..., :self.payload_bytes] = q.reshape(n, lay.num_layers, 2, self.payload_bytes)
-        scales_end = self.payload_bytes + lay.num_kv_heads * SCALE_BYTES
+        scales_end = self.payload_bytes + self.num_scales * SCALE_BYTES
         out[..., self.payload_bytes:scales_end] = scale.contiguous().view(torch.uint8).reshape(
-            n, lay.num_layers, 2, lay.num_kv_heads * SCALE_BYTES)
+            n, lay.num_layers, 2, self.num_scales * SCALE_BYTES)
         return out.reshape(n, self.block_bytes)
 
     def decode(self, stored: Any, dtype: Any) -> Any:
@@ -122,9 +129,10 @@ class Fp8Codec:
         chunks = stored.reshape(n, lay.num_layers, 2, self.chunk_bytes)
         q = chunks[..., :self.payload_bytes].contiguous().view(torch.float8_e4m3fn)
         q = q.reshape(n, lay.num_layers, 2, lay.block_tokens, lay.num_kv_heads, lay.head_dim)
-        scales_end = self.payload_bytes + lay.num_kv_heads * SCALE_BYTES
+        scales_end = self.payload_bytes + self.num_scales * SCALE_BYTES
         scale = chunks[..., self.payload_bytes:scales_end].contiguous().view(torch.float32)
-        return (q.float() * scale[:, :, :, None, :, None]).to(dtype)
+        scale = scale.reshape(n, lay.num_layers, 2, lay.block_tokens, lay.num_kv_heads, 1)
+        return (q.float() * scale).to(dtype)
 
 
 def codec_for(codec: str | None, layout: KVLayout) -> Fp8Codec | None:
