@@ -420,6 +420,13 @@ class ClusterMember:
         self._publish_now(dropped)
         return len(dropped)
 
+    def deleted(self, keys: list[bytes]) -> None:
+        """``keys`` were deleted here by a client: publish that now (a client that deleted
+        through this node finds the index without them at once), then have every other
+        holder drop them."""
+        self._publish_now(keys)
+        self.drop_elsewhere(keys, None)
+
     def _publish_now(self, keys: list[bytes]) -> None:
         """Publish ``keys``' tiers now, not at the next batch: the peer that asked sees
         the index changed when its call returns (the change feed publishes them again)."""

@@ -136,8 +136,8 @@ class StoreOperations:
     async def delete(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         key = conn.scope(meta["key"])
         deleted = await self.calls.run(self.store.delete, key)
-        if self.cluster is not None:  # from every node of the pool
-            await self.calls.run(self.cluster.drop_elsewhere, [key], None)
+        if self.cluster is not None:  # from the index at once, and from every node
+            await self.calls.run(self.cluster.deleted, [key])
         return {"deleted": deleted}, []
 
     async def tier_of(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:

@@ -38,12 +38,9 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from engines.cost_model import CostModel
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +52,16 @@ GRID_POINTS = 65  # candidate boundaries beyond it, evenly spaced (a plan of 2,0
 # then weighs about 17,000 candidates: well under a millisecond)
 # A tier's cost learnt from observed fetches: each observation moves it this far.
 OBSERVED_WEIGHT = 0.25
+
+
+class CostModel(Protocol):
+    """The compute costs a plan needs (`engines.cost_model.CostModel` has them)."""
+
+    prefill_fixed_s: float
+    prefill_per_token_s: float
+    prefill_per_token_ctx_s: float
+
+    def prefill_s(self, num_new_tokens: int, num_context_tokens: int) -> float: ...
 
 
 @dataclass(frozen=True)
