@@ -392,7 +392,11 @@ class LayerLoad:
         cache = io.cache
         if io.codec is not None:
             staging = io.codec.decode(staging[:num_staged], cache.dtype)
-        if staging.is_cuda:  # (staged on a side stream, copied on the worker's default one)
+        if staging.is_cuda and (torch.cuda.current_stream(cache.device)
+                                != torch.cuda.default_stream(cache.device)):
+            # Staged (and decoded) on a side stream, copied into the pages on the worker's
+            # default one: that work done first, and the memory kept for the default one.
+            torch.cuda.current_stream(cache.device).synchronize()
             staging.record_stream(torch.cuda.default_stream(cache.device))
         index = to_device(self.seq.pages[first:first + num_staged], cache.device)
         blocks = staging[:num_staged]
