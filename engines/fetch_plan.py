@@ -197,8 +197,8 @@ def plan_fetch(num_tokens: int, tier_bits: Sequence[int], cost: CostModel,
     grid = _candidates(n, [*boundaries, fast])
     if not overlap:
         heads = grid[grid >= lent]
-        totals = np.array([float(load_s(np.array(0), np.array(a))) for a in heads.tolist()])
-        totals = totals + compute_s(heads * block_tokens, np.full_like(heads, num_tokens))
+        totals = (load_s(np.zeros_like(heads), heads)
+                  + compute_s(heads * block_tokens, np.full_like(heads, num_tokens)))
         a = int(heads[int(np.argmin(totals))])
         return _plan_of(num_tokens, names, a, a, a, float(totals.min()), cold,
                         float(totals[-1]) if heads[-1] == n else np.inf)
@@ -242,15 +242,10 @@ def _load_all(num_tokens: int, names: list[str], cost: CostModel,
               costs: dict[str, TierCost], block_tokens: int) -> FetchPlan:
     """The plan that loads every one of the cached blocks ``names`` (their tiers)."""
     n = len(names)
-    loaded: dict[str, int] = {}
-    for name in names:
-        loaded[name] = loaded.get(name, 0) + 1
-    load = sum(costs[t].load_s(c) for t, c in loaded.items())
+    load = sum(costs[t].load_s(names.count(t)) for t in set(names))
     estimate = load + cost.prefill_s(num_tokens - n * block_tokens, num_tokens)
-    return FetchPlan(num_tokens=num_tokens, cached_blocks=n, head_load_end=n,
-                     compute_end=n, load_end=n, loaded_per_tier=loaded,
-                     estimate_s=estimate, cold_s=cost.prefill_s(num_tokens, num_tokens),
-                     load_all_s=estimate)
+    return _plan_of(num_tokens, names, n, n, n, estimate,
+                    cost.prefill_s(num_tokens, num_tokens), estimate)
 
 
 class FetchPlanner:
