@@ -44,6 +44,10 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+class _ServerExited(RuntimeError):
+    """A redis-server of the cluster exited while starting (its port was taken)."""
+
+
 class RedisClusterServers:
     """A real 3-master Redis Cluster (redis-server --cluster-enabled, redis-cli --cluster
     create) on free ports; ``client`` is a `RedisCluster` of it."""
@@ -51,31 +55,39 @@ class RedisClusterServers:
     def __init__(self, tmp_path: Path) -> None:
         if shutil.which("redis-cli") is None:
             pytest.skip("redis-cli is not on PATH: cannot create a Redis Cluster")
-        self.ports = _free_ports(3)
-        self.url = f"redis+cluster://127.0.0.1:{self.ports[0]}/0"
-        self._procs: list[subprocess.Popen[bytes]] = []
-        try:
-            self._start(tmp_path)
-        except BaseException:
-            self.kill()
-            raise
+        for attempt in range(3):
+            self.ports = _free_ports(3)
+            self.url = f"redis+cluster://127.0.0.1:{self.ports[0]}/0"
+            self._procs: list[subprocess.Popen[bytes]] = []
+            try:
+                self._start(tmp_path)
+                return
+            except _ServerExited:  # a port (or its bus port) was taken since it was free
+                self.kill()
+                if attempt == 2:
+                    raise
+            except BaseException:
+                self.kill()
+                raise
 
     def _start(self, tmp_path: Path) -> None:
         for port in self.ports:
             work = tmp_path / f"redis-{port}"
-            work.mkdir()
+            work.mkdir(exist_ok=True)
             self._procs.append(subprocess.Popen(
                 ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
                  "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                  "--save", "", "--appendonly", "no", "--dir", str(work)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for port in self.ports:
+        for port, proc in zip(self.ports, self._procs, strict=True):
             deadline = time.monotonic() + 10
             while True:
                 try:
                     redis.Redis(port=port, socket_connect_timeout=0.2).ping()
                     break
                 except redis.ConnectionError:
+                    if proc.poll() is not None:
+                        raise _ServerExited(f"redis-server on port {port} exited") from None
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.05)
