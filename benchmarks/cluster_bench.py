@@ -12,6 +12,8 @@ limits of the same run.
     remote get (relay)            a client on host C gets, through node B,  the slower of two raw
                                   values only node A holds (B looks them    TCP streams, A->B and
                                   up, fetches them from A, keeps a copy)    B->C
+    remote get from B's host      a client on B's own host (shared memory   the raw TCP stream
+                                  on, as by default) gets them through B    A->B
     direct get                    the same client gets them from A itself   a raw TCP stream A->C
 
 The remote section also gives remote get_many in batches of 2 MiB of values (one lookup
@@ -95,11 +97,13 @@ def put_values(url: str, keys: list[bytes], value_bytes: int) -> int:
     return stored
 
 
-def timed_gets(url: str, keys: list[bytes], value_bytes: int, batch: int) -> list[float]:
+def timed_gets(url: str, keys: list[bytes], value_bytes: int, batch: int,
+               shared_memory: bool = False) -> list[float]:
     """(Run on the client's host.) The seconds of each get of ``keys[1:]`` in turn, or
     (``batch`` > 1) of each get_many of ``batch`` of them, on one connection warmed by a
-    get of ``keys[0]`` (not counted)."""
-    with kvstore.connect(url, shared_memory=False, timeout_s=60) as client:
+    get of ``keys[0]`` (not counted); ``shared_memory``: as a client on the node's own
+    host connects by default."""
+    with kvstore.connect(url, shared_memory=shared_memory, timeout_s=60) as client:
         client.get(keys[0])
         seconds = []
         for at in range(1, len(keys), batch):
@@ -154,14 +158,16 @@ class RemoteGets:
         def gbps(seconds: list[float]) -> float:
             return nbytes / sum(seconds) / 1e9
 
-        def gets(daemon: Any, keys: list[bytes], batch: int) -> float:
-            return gbps(self.client.call("cluster_bench:timed_gets", daemon.url, keys,
-                                         value_bytes, batch))
+        def gets(daemon: Any, keys: list[bytes], batch: int, client: Any = None) -> float:
+            client = client or self.client
+            return gbps(client.call("cluster_bench:timed_gets", daemon.url, keys,
+                                    value_bytes, batch, client is self.at_b))
 
         def raw(agent: Any, address: tuple[str, int], sizes: list[int]) -> float:
             return gbps(agent.call("raw_streams:timed_reads", address, sizes, value_bytes))
 
         run = {"remote_gbps": gets(self.b, keys, 1),
+               "remote_on_b_gbps": gets(self.b, keys, 1, self.at_b),  # (B keeps no copy)
                "direct_gbps": gets(self.a, keys, 1),
                "raw_stream_a_to_c_gbps": raw(self.client, self.source_a, [nbytes]),
                "raw_stream_a_to_b_gbps": raw(self.at_b, self.source_a, [nbytes]),
@@ -172,6 +178,7 @@ class RemoteGets:
                                                [value_bytes] * count)}
         slower_hop = min(run["raw_stream_a_to_b_gbps"], run["raw_stream_b_to_c_gbps"])
         run.update(raw_slower_hop_gbps=slower_hop, remote_ratio=run["remote_gbps"] / slower_hop,
+                   remote_on_b_ratio=run["remote_on_b_gbps"] / run["raw_stream_a_to_b_gbps"],
                    remote_vs_raw_relay=run["remote_gbps"] / run["raw_relay_per_value_gbps"],
                    direct_ratio=run["direct_gbps"] / run["raw_stream_a_to_c_gbps"])
         if batch_keys is not None:
