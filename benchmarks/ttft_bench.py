@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                            "fetch": {"first_part_blocks": kv_io.FIRST_PART_BLOCKS,
                                      "part_growth": kv_io.PART_GROWTH,
                                      "copy_grid": uva_copy.GRID,
+                                     "fp8_copy_grid": uva_copy.FP8_GRID,
                                      "copy_threads": uva_copy.THREADS},
                            "lengths": []}
     tiers, arms = args.tiers.split(","), args.arms.split(",")

@@ -7,7 +7,10 @@ store's DRAM tier. Destination: a paged cache. Per configuration (threads per bl
 16-byte vectors per thread per step, thread blocks per launch), every layer's copy is
 launched once per layer, as a fetch does; the figure is bytes / time for all layers.
 The raw limit is one pinned host-to-device ``cudaMemcpy`` of the same bytes, in the
-same run. JSON on stdout.
+same run. ``--codec fp8``: the blocks are stored by the fp8 codec (`kvstore.codec`) and
+the dequantizing kernel copies them into bf16 pages; GB/s count the stored bytes read
+(what crosses PCIe), and the configurations are `uva_copy.THREADS` and `UNROLL` on each
+of ``--grids``. JSON on stdout.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from engines import uva_copy  # noqa: E402
 from engines.config import ModelConfig  # noqa: E402
 from engines.paged_cache import PagedKVCache  # noqa: E402
 from engines.presets import LLAMA3_8B  # noqa: E402
+from kvstore.codec import Fp8Codec  # noqa: E402
 from kvstore.tiers.dram import HostPool  # noqa: E402
 
 
@@ -49,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--blocks", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--codec", default="none", choices=("none", "fp8"))
+    parser.add_argument("--grids", default="8,16,24,32,48,64,132",
+                        help="thread blocks per launch to try with --codec fp8")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     if not uva_copy.available():
@@ -57,29 +64,43 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     config: ModelConfig = LLAMA3_8B
     layout = config.kv_layout(16, "bfloat16")
+    codec = Fp8Codec(layout) if args.codec == "fp8" else None
+    block_bytes = codec.block_bytes if codec is not None else layout.block_bytes  # stored
     n = args.blocks
     # Blocks at scattered slots of a page-locked pool (every other slot, shuffled).
-    pool = HostPool(2 * n * layout.block_bytes)
+    pool = HostPool(2 * n * block_bytes)
     host = np.frombuffer(pool.view(0, pool.nbytes), dtype=np.uint8)
-    host[:] = np.random.default_rng(0).integers(0, 255, host.shape[0], dtype=np.uint8)
+    if codec is None:
+        host[:] = np.random.default_rng(0).integers(0, 255, host.shape[0], dtype=np.uint8)
+    else:  # encoded on the GPU, 64 blocks at a time
+        shape = (64, layout.num_layers, 2, 16, layout.num_kv_heads, layout.head_dim)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        for first in range(0, 2 * n, 64):
+            values = torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+            stored = codec.encode(values)[:2 * n - first].cpu().numpy()
+            host[first * block_bytes:][:stored.size] = stored.reshape(-1)
     slots = np.random.default_rng(1).permutation(2 * n)[:n]
-    addresses = [host.ctypes.data + int(s) * layout.block_bytes for s in slots]
+    addresses = [host.ctypes.data + int(s) * block_bytes for s in slots]
     cache = PagedKVCache(config, num_pages=n + 8, page_tokens=16, dtype=torch.bfloat16,
                          device="cuda")
     pages = np.random.default_rng(2).permutation(n + 8)[:n].tolist()
-    nbytes = n * layout.block_bytes
+    nbytes = n * block_bytes
     src = torch.from_numpy(host[:nbytes])
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     raw_s = timed(lambda: dst.copy_(src, non_blocking=True), args.repeats)
     doc: dict[str, Any] = {"benchmark": "uva_copy_bench", "gpu": torch.cuda.get_device_name(),
-                           "machine": machine_info(None), "blocks": n,
-                           "block_bytes": layout.block_bytes, "total_bytes": nbytes,
+                           "machine": machine_info(None), "blocks": n, "codec": args.codec,
+                           "block_bytes": block_bytes, "total_bytes": nbytes,
                            "raw_copy_gbps": nbytes / raw_s / 1e9, "configs": []}
-    for threads, unroll, grid in ((512, 4, 16), (512, 4, 32), (512, 4, 64), (512, 4, 132),
-                                  (512, 4, 4096), (256, 1, 4096)):
+    configs = ([(512, 4, 16), (512, 4, 32), (512, 4, 64), (512, 4, 132), (512, 4, 4096),
+                (256, 1, 4096)] if codec is None else
+               [(uva_copy.THREADS, uva_copy.UNROLL, int(g)) for g in args.grids.split(",")])
+    fp8 = (uva_copy.Fp8Chunks(codec.chunk_bytes, codec.payload_bytes, codec.num_scales,
+                              layout.head_dim) if codec is not None else None)
+    for threads, unroll, grid in configs:
         copier = uva_copy.LayerCopier(cache, addresses, pages, layout.layer_bytes,
                                       layout.kv_bytes, threads=threads, unroll=unroll,
-                                      grid=grid)
+                                      grid=grid, fp8=fp8)
 
         def run(copier: uva_copy.LayerCopier = copier) -> None:
             copier.events.clear()
@@ -91,10 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         gbps = nbytes / seconds / 1e9
         # Check one (block, layer) landed where it belongs.
         b, layer = n // 2, config.num_layers // 2
-        want = host[slots[b] * layout.block_bytes:][:layout.block_bytes]
+        block = host[slots[b] * block_bytes:][:block_bytes]
+        if codec is not None:
+            block = (codec.decode(torch.from_numpy(block.copy())[None], torch.bfloat16)
+                     .contiguous().view(torch.uint8).numpy())
         got = cache.kv[layer][:, pages[b]].contiguous().view(torch.uint8).cpu().numpy()
         start = layer * layout.layer_bytes
-        verified = bool(np.array_equal(got.reshape(-1), want[start:start + layout.layer_bytes]))
+        verified = bool(np.array_equal(got.reshape(-1),
+                                       block.reshape(-1)[start:start + layout.layer_bytes]))
         log(f"threads {threads} unroll {unroll} grid {grid}: {gbps:.1f} GB/s")
         doc["configs"].append({"threads": threads, "unroll": unroll, "grid": grid,
                                "gbps": gbps,

@@ -31,28 +31,36 @@ import torch
 
 from engines.paged_cache import PagedKVCache
 
-# UNROLL independent 16-byte loads per thread before its stores: more reads in flight
-# over PCIe. The chunk count of vectors need not divide evenly: the tail is guarded.
-_SOURCE = r"""
+# Shared by both kernels: one step of a thread's loads, UNROLL independent 16-byte loads
+# (vectors first, first + blockDim.x, ...) all issued before any is used, so more reads
+# are in flight over PCIe. A chunk's count of vectors need not divide evenly: the loads
+# past it are skipped (and so are their stores, by the same test).
+_LOAD_STEP = r"""
+__device__ __forceinline__ void load_step(const uint4* s, long long first,
+                                          long long num_vectors, uint4 (&v)[UNROLL]) {
+  #pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    long long i = first + (long long)u * blockDim.x;
+    if (i < num_vectors) v[u] = s[i];
+  }
+}
+"""
+_SOURCE = _LOAD_STEP + r"""
 extern "C" __global__ void copy_chunks(const unsigned long long* src,
                                        const unsigned long long* dst,
                                        long long num_chunks, long long num_vectors) {
+  const long long step = (long long)blockDim.x * UNROLL;
   for (long long c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const uint4* s = reinterpret_cast<const uint4*>(src[c]);
     uint4* d = reinterpret_cast<uint4*>(dst[c]);
-    const long long step = (long long)blockDim.x * UNROLL;
-    for (long long base = threadIdx.x; base < num_vectors; base += step) {
-        uint4 v[UNROLL];
-        #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            long long i = base + (long long)u * blockDim.x;
-            if (i < num_vectors) v[u] = s[i];
-        }
-        #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            long long i = base + (long long)u * blockDim.x;
-            if (i < num_vectors) d[i] = v[u];
-        }
+    for (long long first = threadIdx.x; first < num_vectors; first += step) {
+      uint4 v[UNROLL];
+      load_step(s, first, num_vectors, v);
+      #pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        long long i = first + (long long)u * blockDim.x;
+        if (i < num_vectors) d[i] = v[u];
+      }
     }
   }
 }
@@ -60,62 +68,92 @@ extern "C" __global__ void copy_chunks(const unsigned long long* src,
 # The fp8 codec's chunks (`kvstore.codec`): fp8 e4m3 values then one float32 scale per
 # token and head, dequantized into bf16 pages as they are copied (half the bytes cross
 # PCIe). Each thread turns one 16-byte load (16 values of one token's head: head_dim is a
-# multiple of 16, so value v's scale is number v / head_dim) into two 16-byte stores;
-# e4m3 -> float by a 256-entry table in shared memory; float -> bf16 rounded to nearest
-# even, as torch's conversion (so the pages equal `Fp8Codec.decode`'s bit for bit).
-_FP8_SOURCE = r"""
-__device__ __forceinline__ unsigned int to_bf16(float f) {
+# multiple of 16, so vector i's scale is number i / (head_dim / 16)) into two 16-byte
+# stores, with the steps of `Fp8Codec.decode`: float(e4m3) * scale in float32, rounded to
+# bf16 to nearest even, so the pages equal its result bit for bit. A chunk's first loads
+# are issued before its scales are read: the two reads over PCIe overlap.
+# On sm_89 and later (the H100) e4m3x2 -> half2 is one instruction, exact (every e4m3
+# value is a half), and so is float2 -> bf16x2 with round to nearest even: written in PTX
+# (NVRTC needs no header, and CuPy compiles with -ftz=true, which would flush the
+# subnormal products that torch keeps). Older GPUs look e4m3 up in a 256-entry table and
+# round by hand. NaN (the encoder never writes it) stays NaN on the first path, 0 on the
+# second.
+_FP8_SOURCE = _LOAD_STEP + r"""
+#if __CUDA_ARCH__ >= 890
+__device__ __forceinline__ void init_table() {}
+__device__ __forceinline__ unsigned int dequant_pair(unsigned int two, float scale) {
+  unsigned int out;  // two e4m3 (the low 16 bits) -> two bf16, the first in the low half
+  asm("{\n\t"
+      ".reg .b32 h2;\n\t"
+      ".reg .b16 h_lo, h_hi;\n\t"
+      ".reg .f32 f_lo, f_hi;\n\t"
+      "cvt.rn.f16x2.e4m3x2 h2, %1;\n\t"
+      "mov.b32 {h_lo, h_hi}, h2;\n\t"
+      "cvt.f32.f16 f_lo, h_lo;\n\t"
+      "cvt.f32.f16 f_hi, h_hi;\n\t"
+      "mul.rn.f32 f_lo, f_lo, %2;\n\t"
+      "mul.rn.f32 f_hi, f_hi, %2;\n\t"
+      "cvt.rn.bf16x2.f32 %0, f_hi, f_lo;\n\t"
+      "}" : "=r"(out) : "h"((unsigned short)two), "f"(scale));
+  return out;
+}
+#else
+__shared__ float table[256];
+__device__ __forceinline__ void init_table() {
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+    int e = (i >> 3) & 15, m = i & 7;
+    float v = e == 0 ? ldexpf((float)m, -9) : ldexpf(1.0f + m * 0.125f, e - 7);
+    if (e == 15 && m == 7) v = 0.0f;  // NaN
+    table[i] = (i & 128) ? -v : v;
+  }
+}
+__device__ __forceinline__ unsigned int scaled_bf16(unsigned int code, float scale) {
+  float f;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(f) : "f"(table[code & 0xFFu]), "f"(scale));
   unsigned int u = __float_as_uint(f);
   return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
 }
-__device__ __forceinline__ unsigned int pair(const float* table, unsigned int word,
-                                             int first, float scale) {
-  unsigned int lo = to_bf16(table[(word >> (8 * first)) & 0xFFu] * scale);
-  unsigned int hi = to_bf16(table[(word >> (8 * first + 8)) & 0xFFu] * scale);
-  return lo | (hi << 16);
+__device__ __forceinline__ unsigned int dequant_pair(unsigned int two, float scale) {
+  return scaled_bf16(two, scale) | (scaled_bf16(two >> 8, scale) << 16);
+}
+#endif
+__device__ __forceinline__ void dequant_vector(uint4 v, float scale, uint4* d) {
+  uint4 a, b;
+  a.x = dequant_pair(v.x, scale); a.y = dequant_pair(v.x >> 16, scale);
+  a.z = dequant_pair(v.y, scale); a.w = dequant_pair(v.y >> 16, scale);
+  b.x = dequant_pair(v.z, scale); b.y = dequant_pair(v.z >> 16, scale);
+  b.z = dequant_pair(v.w, scale); b.w = dequant_pair(v.w >> 16, scale);
+  d[0] = a;
+  d[1] = b;
 }
 extern "C" __global__ void dequant_fp8_chunks(const unsigned long long* src,
                                               const unsigned long long* dst,
                                               long long num_chunks, long long num_vectors,
                                               long long payload_bytes, int num_scales,
-                                              int head_dim) {
-  __shared__ float table[256];
+                                              unsigned int vectors_per_scale) {
   __shared__ float scales[MAX_SCALES];
-  for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-    int e = (i >> 3) & 15, m = i & 7;
-    float v = e == 0 ? ldexpf((float)m, -9) : ldexpf(1.0f + m * 0.125f, e - 7);
-    if (e == 15 && m == 7) v = 0.0f;  // NaN: the encoder never writes it
-    table[i] = (i & 128) ? -v : v;
-  }
+  init_table();
+  const long long step = (long long)blockDim.x * UNROLL;
   for (long long c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const unsigned char* base = reinterpret_cast<const unsigned char*>(src[c]);
-    __syncthreads();  // (the table, and the previous chunk's scales no longer read)
-    for (int h = threadIdx.x; h < num_scales; h += blockDim.x)
-      scales[h] = reinterpret_cast<const float*>(base + payload_bytes)[h];
-    __syncthreads();
-    const uint4* s = reinterpret_cast<const uint4*>(base);
+    const unsigned char* chunk = reinterpret_cast<const unsigned char*>(src[c]);
+    const uint4* s = reinterpret_cast<const uint4*>(chunk);
     uint4* d = reinterpret_cast<uint4*>(dst[c]);
-    const long long step = (long long)blockDim.x * UNROLL;
-    for (long long first = threadIdx.x; first < num_vectors; first += step) {
-      uint4 v[UNROLL];
+    uint4 v[UNROLL];
+    load_step(s, threadIdx.x, num_vectors, v);
+    __syncthreads();  // (the table, and the previous chunk's scales no longer read)
+    const float* chunk_scales = reinterpret_cast<const float*>(chunk + payload_bytes);
+    for (int h = threadIdx.x; h < num_scales; h += blockDim.x) scales[h] = chunk_scales[h];
+    __syncthreads();
+    for (long long first = threadIdx.x;;) {
       #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
         long long i = first + (long long)u * blockDim.x;
-        if (i < num_vectors) v[u] = s[i];
+        if (i < num_vectors)  // (a chunk's vectors and scales are few: 32-bit division)
+          dequant_vector(v[u], scales[(unsigned int)i / vectors_per_scale], d + 2 * i);
       }
-      #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        long long i = first + (long long)u * blockDim.x;
-        if (i >= num_vectors) continue;
-        float scale = scales[(i * 16) / head_dim];
-        uint4 a, b;
-        a.x = pair(table, v[u].x, 0, scale); a.y = pair(table, v[u].x, 2, scale);
-        a.z = pair(table, v[u].y, 0, scale); a.w = pair(table, v[u].y, 2, scale);
-        b.x = pair(table, v[u].z, 0, scale); b.y = pair(table, v[u].z, 2, scale);
-        b.z = pair(table, v[u].w, 0, scale); b.w = pair(table, v[u].w, 2, scale);
-        d[2 * i] = a;
-        d[2 * i + 1] = b;
-      }
+      first += step;
+      if (first >= num_vectors) break;
+      load_step(s, first, num_vectors, v);
     }
   }
 }
@@ -135,6 +173,14 @@ MAX_FP8_SCALES = 2048  # scales per chunk (tokens x heads) the kernel holds in s
 # 16 of 256: 22.9, 24.3 (0.7-1.2 ms after), copying at 47.8-49.5 GB/s; 8 of 512: 23.8;
 # 8 of 1024: 23.3, 25.0; 24 of 256: 24.8; 32 of 256: 25.3. Host noise moves them 1-2 ms.
 GRID = 16
+# The fp8 kernel's grid, its own lever. With table lookups (16 per 16 bytes read) and
+# this grid it copied 26 GB/s to the lossless kernel's 50 (H100, 2026-12-06: TTFT 21.3
+# ms at 8K, 76.3 at 32K). The conversions in hardware leave it 403 PTX instructions
+# against 967 (sm_90, as CuPy compiles it), and its scale reads no longer wait alone on
+# PCIe; whether that makes it PCIe-bound on 16 blocks, or it wants more beside the
+# forward, is not measured yet (no device could be started on 2026-12-07): GRID until a
+# TTFT sweep says otherwise.
+FP8_GRID = GRID
 THREADS = 256
 ALIGN = 16
 # Blocks in device memory (the HBM tier) whose addresses advance by one stride while their
@@ -207,12 +253,13 @@ class LayerCopier:
 
     def __init__(self, cache: PagedKVCache, block_addresses: list[int], pages: list[int],
                  layer_bytes: int, kv_bytes: int, *, threads: int = THREADS,
-                 unroll: int = UNROLL, grid: int = GRID,
+                 unroll: int = UNROLL, grid: int | None = None,
                  stream: torch.cuda.Stream | None = None, layerwise: bool = True,
                  fp8: Fp8Chunks | None = None) -> None:
         """``layer_bytes``, ``kv_bytes``: a layer and one of its halves in the pages (and
         in the store, unless ``fp8``: blocks stored by the fp8 codec, dequantized into
-        bf16 pages by the kernel as they are copied)."""
+        bf16 pages by the kernel as they are copied). ``grid``: thread blocks per launch
+        (default `GRID`, or `FP8_GRID` for fp8)."""
         if kv_bytes % ALIGN or layer_bytes % ALIGN or any(a % ALIGN for a in block_addresses):
             raise ValueError("UVA copies need 16-byte aligned blocks and sizes")
         if fp8 is not None and (fp8.chunk_bytes % ALIGN or fp8.head_dim % 16
@@ -225,7 +272,7 @@ class LayerCopier:
         self.kv_bytes = kv_bytes
         self.threads = threads
         self.unroll = unroll
-        self.grid = grid
+        self.grid = grid if grid is not None else GRID if fp8 is None else FP8_GRID
         self.layerwise = layerwise
         device = cache.device
         num_layers = len(cache.kv)
@@ -273,7 +320,7 @@ class LayerCopier:
         if self.fp8 is not None:  # the same launches, dequantizing: 16 values a vector
             kernel = _fp8_kernel(self.unroll)
             extra = (np.int64(self.fp8.payload_bytes), np.int32(self.fp8.num_scales),
-                     np.int32(self.fp8.head_dim))
+                     np.uint32(self.fp8.head_dim // 16))
         # The pointer tables were uploaded on the current stream: copies wait for them.
         self.stream.wait_stream(torch.cuda.current_stream(self.cache.device))
         with warnings.catch_warnings():  # newer CuPy deprecates the pointer form

@@ -9,6 +9,7 @@ import torch
 
 import kvstore
 from engines.decode import DecodeEngine
+from engines.paged_cache import PagedKVCache
 from engines.prefill import PrefillEngine
 from engines.presets import load_model
 from engines.sampling import SamplingParams
@@ -150,6 +151,26 @@ def prefill_kv(model, prompt: list[int]) -> list[torch.Tensor]:
     return [cache.kv[layer][:, seq.pages[:6]].float() for layer in range(len(cache.kv))]
 
 
+def copy_in_place(config: kvstore.StoreConfig, stored: torch.Tensor, codec: Fp8Codec,
+                  cache: PagedKVCache, pages: list[int]) -> None:
+    """``stored`` blocks put into a store of ``config``, lent in place and copied by the
+    fp8 copy kernel into ``pages`` of ``cache``."""
+    from engines import uva_copy
+
+    layout = codec.layout
+    keys = [bytes([i]) * 16 for i in range(len(stored))]
+    with kvstore.Store(config) as store:
+        assert store.put_many(keys, list(stored)) == len(keys)
+        with store.borrow(keys) as lent:
+            assert len(lent.addresses) == len(keys)
+            copier = uva_copy.LayerCopier(
+                cache, lent.addresses, pages, layout.layer_bytes, layout.kv_bytes,
+                fp8=uva_copy.Fp8Chunks(codec.chunk_bytes, codec.payload_bytes,
+                                       codec.num_scales, layout.head_dim))
+            copier.launch()
+            copier.synchronize()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tier", ["dram", "hbm"])
 def test_the_copy_kernel_dequantizes_fp8_blocks_into_bf16_pages_bit_for_bit(tier) -> None:
@@ -173,20 +194,55 @@ def test_the_copy_kernel_dequantizes_fp8_blocks_into_bf16_pages_bit_for_bit(tier
     want = codec.decode(stored, torch.bfloat16).cuda()
     config = (kvstore.StoreConfig(dram_bytes="16MiB", hbm_bytes=0) if tier == "dram" else
               kvstore.StoreConfig(dram_bytes=0, hbm_bytes="16MiB"))
-    keys = [bytes([i]) * 16 for i in range(n)]
     pages = [3, 4, 5, 11, 12, 20, 21, 22, 30]
-    with kvstore.Store(config) as store:
-        assert store.put_many(keys, list(stored.cuda() if tier == "hbm" else stored)) == n
-        with store.borrow(keys) as lent:
-            assert len(lent.addresses) == n
-            copier = uva_copy.LayerCopier(
-                cache, lent.addresses, pages, layout.layer_bytes, layout.kv_bytes,
-                fp8=uva_copy.Fp8Chunks(codec.chunk_bytes, codec.payload_bytes,
-                                       codec.num_scales, layout.head_dim))
-            copier.launch()
-            copier.synchronize()
+    copy_in_place(config, stored.cuda() if tier == "hbm" else stored, codec, cache, pages)
     for layer, kv in enumerate(cache.kv):
         got = kv[:, pages].transpose(0, 1)  # [n, 2, tokens, heads, dim]
         assert torch.equal(got, want[:, layer]), layer
         others = [p for p in range(32) if p not in pages]
         assert bool((kv[:, others] == 7.0).all())
+
+
+@pytest.mark.gpu
+def test_the_copy_kernel_dequantizes_every_e4m3_code_under_extreme_scales_as_decode() -> None:
+    """Chunks written byte by byte: every finite e4m3 code in every chunk, under scales
+    from float32 subnormals (products below float32's normal range: a flush-to-zero
+    multiply, CuPy's default, would lose them) to 1e38 (products past bf16's range), on a
+    layout whose chunks take a thread block two steps (1,152 vectors) and whose head
+    vectors are 9 loads long: the bf16 pages equal `Fp8Codec.decode`'s bit for bit."""
+    from engines import uva_copy
+    from engines.config import ModelConfig
+
+    if not uva_copy.fp8_available():
+        pytest.skip("the fp8 copy kernel does not compile here")
+    config = ModelConfig(name="odd", vocab_size=16, hidden_size=1152, intermediate_size=64,
+                         num_layers=2, num_heads=8, num_kv_heads=8, head_dim=144)
+    layout = config.kv_layout(16, torch.bfloat16)
+    codec = Fp8Codec(layout)
+    n, g = 6, torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 256, (n, layout.num_layers, 2, codec.payload_bytes), generator=g)
+    codes[..., :256] = torch.arange(256)
+    codes[(codes & 0x7F) == 0x7F] = 0x3C  # NaN codes: the encoder never writes them
+    extremes = torch.tensor([1e-45, 3e-39, 2.0**-126, 2.0**-130, 1e-38, 2.0**-120, 1.0,
+                             -0.75, 1 / 448, 1e38, 3.4e38])
+    scales = torch.exp(torch.empty(n, layout.num_layers, 2, codec.num_scales)
+                       .uniform_(-90.0, 88.0, generator=g))
+    picked = torch.randint(0, 2, scales.shape, generator=g).bool()
+    scales = torch.where(picked, extremes[torch.randint(0, len(extremes), scales.shape,
+                                                        generator=g)], scales)
+    stored = torch.zeros(n, layout.num_layers, 2, codec.chunk_bytes, dtype=torch.uint8)
+    stored[..., :codec.payload_bytes] = codes.to(torch.uint8)
+    scales_end = codec.payload_bytes + codec.num_scales * 4
+    stored[..., codec.payload_bytes:scales_end] = scales.view(torch.uint8).reshape(
+        n, layout.num_layers, 2, -1)
+    stored = stored.reshape(n, codec.block_bytes)
+    want = codec.decode(stored, torch.bfloat16).cuda()
+    assert bool((want.float().abs() < 2.0**-126).logical_and(want != 0).any())  # subnormal
+    assert bool(torch.isinf(want).any())
+    cache = PagedKVCache(config, num_pages=16, page_tokens=16, dtype=torch.bfloat16,
+                         device="cuda")
+    pages = [1, 2, 7, 8, 9, 14]
+    copy_in_place(kvstore.StoreConfig(dram_bytes="16MiB"), stored, codec, cache, pages)
+    for layer, kv in enumerate(cache.kv):
+        got = kv[:, pages].transpose(0, 1)
+        assert torch.equal(got.view(torch.int16), want[:, layer].view(torch.int16)), layer
