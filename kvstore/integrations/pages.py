@@ -12,12 +12,21 @@ layer, layer after layer::
 
     stored block = | page of layer 0 | page of layer 1 | ... | page of layer L-1 |
 
-Where the page format is known, a `KVPageCodec` converts each page to and from the
-layer-major format of `kvstore.layout` (K then V, each ``[block_tokens, kv_heads,
-head_dim]``) as it is stored, so the blocks are those the embedded engines publish and
-read. vLLM's CPU pages for its ``vec`` ISA are ``[kv_heads, 2 * block_tokens, head_dim]``
-viewed per head: K transposed (``[head_dim, block_tokens]``), then V (``[block_tokens,
-head_dim]``).
+Where the page format is known, a codec converts each page to and from the layer-major
+format of `kvstore.layout` (K then V, each ``[block_tokens, kv_heads, head_dim]``) as it
+is stored, so the blocks are those the embedded engines publish and read:
+
+- `KVPageCodec`: vLLM's CPU pages for its ``vec`` ISA, ``[kv_heads, 2 * block_tokens,
+  head_dim]`` viewed per head: K transposed (``[head_dim, block_tokens]``), then V
+  (``[block_tokens, head_dim]``).
+- `KVViewCodec`: vLLM's per-layer *logical views* (vLLM 0.32 on CUDA: FlashAttention,
+  FlashInfer, Triton). Each layer's cache is a view ``[blocks, heads, tokens, K|V]``
+  (each cell K then V of one head and token), whatever the physical order its
+  `KVCacheLayout` gives the axes: the layer may be outermost (LBNHC, LBHNC, LHBNC) or the
+  block (BLHNC, BLNHC, BHLNC), pages contiguous or split by head. The codec reads and
+  writes through the view's strides, so every layout stores the same bytes, and caches
+  of different layouts (and the engines) share blocks. A manager block split into
+  kernel blocks (a view with ``R * blocks`` rows) is its ``R`` kernel blocks in order.
 
 A load is all-or-prefix: blocks are fetched in chain order and the first one that is
 missing, fails its checksum or cannot be read ends the usable prefix; every block from
@@ -82,38 +91,110 @@ class KVPageCodec:
         return pages
 
 
+class KVViewCodec:
+    """vLLM's per-layer logical views ``[R * blocks, heads, tokens, K|V]`` (any strides)
+    <-> `kvstore.layout` layers (see the module docstring). It works on the views' bytes,
+    so any dtype (an fp8 cache too) moves as it is; ``head_bytes`` is one head's K (or V)
+    of one token. Gathers and scatters run on the cache's device, a layer of many blocks
+    in a few strided copies."""
+
+    def __init__(self, num_kv_heads: int, block_tokens: int, head_dim: int) -> None:
+        self.num_kv_heads = num_kv_heads
+        self.block_tokens = block_tokens
+        self.head_dim = head_dim
+
+    def _blocks(self, cache: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        """``cache`` as bytes ``[num_blocks, R, heads, tokens / R, 2 * head_bytes]``."""
+        raw = cache.view(torch.uint8)
+        return raw.unflatten(0, (num_blocks, raw.shape[0] // num_blocks))
+
+    def check(self, name: str, cache: torch.Tensor, num_blocks: int) -> int:
+        """The bytes of one block of ``cache`` (a layer named ``name``); raises
+        `ValueError` when it is not a view of ``num_blocks`` blocks of this geometry."""
+        shape = tuple(cache.shape)
+        if (cache.dim() != 4 or num_blocks <= 0 or shape[0] % num_blocks
+                or shape[1] != self.num_kv_heads
+                or shape[2] * (shape[0] // num_blocks) != self.block_tokens
+                or shape[3] != 2 * self.head_dim or cache.stride(3) != 1):
+            raise ValueError(
+                f"KV cache {name!r} of shape {shape} (strides {cache.stride()}) is not a "
+                f"view [blocks, {self.num_kv_heads} heads, tokens, K|V of {self.head_dim}] "
+                f"of {num_blocks} blocks of {self.block_tokens} tokens")
+        return cache[0].numel() * (shape[0] // num_blocks) * cache.element_size()
+
+    def gather(self, cache: torch.Tensor, num_blocks: int, block_ids: Sequence[int],
+               out: torch.Tensor) -> None:
+        """Layer pages ``block_ids`` of ``cache`` (a view of ``num_blocks`` blocks) into
+        ``out``'s byte rows (their slice of this layer, ``[n, layer_bytes]``, any
+        device)."""
+        index = torch.as_tensor(block_ids, dtype=torch.long, device=cache.device)
+        picked = self._blocks(cache, num_blocks).index_select(0, index)  # contiguous
+        n, r, heads, tokens, cell = picked.shape
+        half = cell // 2
+        layers = torch.empty((n, 2, r, tokens, heads, half), dtype=torch.uint8,
+                             device=cache.device)  # K then V, each [r * tokens, heads, h]
+        layers[:, 0].copy_(picked[..., :half].permute(0, 1, 3, 2, 4))
+        layers[:, 1].copy_(picked[..., half:].permute(0, 1, 3, 2, 4))
+        out.copy_(layers.view(n, -1))
+
+    def scatter(self, cache: torch.Tensor, num_blocks: int, rows: torch.Tensor,
+                block_ids: Sequence[int]) -> None:
+        """``rows`` (this layer's byte slice of stored blocks, ``[n, layer_bytes]``) into
+        the pages ``block_ids`` of ``cache`` (a view of ``num_blocks`` blocks)."""
+        blocks = self._blocks(cache, num_blocks)
+        _, r, heads, tokens, cell = blocks.shape
+        n, half = len(block_ids), cell // 2
+        layers = rows.to(cache.device).reshape(n, 2, r, tokens, heads, half)
+        pages = torch.empty((n, r, heads, tokens, cell), dtype=torch.uint8,
+                            device=cache.device)
+        pages[..., :half].copy_(layers[:, 0].permute(0, 1, 3, 2, 4))
+        pages[..., half:].copy_(layers[:, 1].permute(0, 1, 3, 2, 4))
+        index = torch.as_tensor(block_ids, dtype=torch.long, device=cache.device)
+        blocks.index_copy_(0, index, pages)
+
+
 class PageLayout:
     """The page geometry of an engine's registered caches, one tensor per layer.
 
-    Every layer's tensor must have the blocks on dim 0 and hold each block's page
-    contiguously (vLLM's layouts do); layers keep the mapping's order.
+    Without a codec, or with `KVPageCodec`, every layer's tensor must have the blocks on
+    dim 0 and hold each block's page contiguously; with `KVViewCodec` each is a logical
+    view of ``num_blocks`` blocks (any strides). Layers keep the mapping's order.
     """
 
     def __init__(self, kv_caches: Mapping[str, torch.Tensor],
-                 codec: KVPageCodec | None = None) -> None:
+                 codec: KVPageCodec | KVViewCodec | None = None, *,
+                 num_blocks: int | None = None) -> None:
         if not kv_caches:
             raise ValueError("no KV cache tensors were registered")
         self.layer_names = list(kv_caches)
         self.caches = [kv_caches[name] for name in self.layer_names]
         first = self.caches[0]
-        self.num_blocks = first.shape[0]
-        self.page_bytes = first[0].numel() * first.element_size()
-        for name, cache in zip(self.layer_names, self.caches, strict=True):
-            page = cache[0]
-            if (cache.shape[0] != self.num_blocks or not page.is_contiguous()
-                    or page.numel() * page.element_size() != self.page_bytes):
-                raise ValueError(f"KV cache {name!r} of shape {tuple(cache.shape)} does not "
-                                 f"hold {self.num_blocks} contiguous pages of "
-                                 f"{self.page_bytes} bytes")
+        self.num_blocks = first.shape[0] if num_blocks is None else num_blocks
+        self.codec = codec
+        if isinstance(codec, KVViewCodec):
+            sizes = {codec.check(name, cache, self.num_blocks)
+                     for name, cache in zip(self.layer_names, self.caches, strict=True)}
+            if len(sizes) != 1:
+                raise ValueError(f"KV cache layers differ in page size: {sorted(sizes)}")
+            self.page_bytes = sizes.pop()
+        else:
+            self.page_bytes = first[0].numel() * first.element_size()
+            for name, cache in zip(self.layer_names, self.caches, strict=True):
+                page = cache[0]
+                if (cache.shape[0] != self.num_blocks or not page.is_contiguous()
+                        or page.numel() * page.element_size() != self.page_bytes):
+                    raise ValueError(f"KV cache {name!r} of shape {tuple(cache.shape)} does "
+                                     f"not hold {self.num_blocks} contiguous pages of "
+                                     f"{self.page_bytes} bytes")
+            if codec is not None and (2 * codec.num_kv_heads * codec.block_tokens
+                                      * codec.head_dim * first.element_size()
+                                      != self.page_bytes):
+                raise ValueError(f"pages of {self.page_bytes} bytes are not K and V of "
+                                 f"{codec.block_tokens} tokens x {codec.num_kv_heads} "
+                                 f"heads x {codec.head_dim}")
         self.block_bytes = self.page_bytes * len(self.caches)
         self._index = {name: i for i, name in enumerate(self.layer_names)}
         self.device = first.device
-        self.codec = codec
-        if codec is not None and (2 * codec.num_kv_heads * codec.block_tokens * codec.head_dim
-                                  * first.element_size() != self.page_bytes):
-            raise ValueError(f"pages of {self.page_bytes} bytes are not K and V of "
-                             f"{codec.block_tokens} tokens x {codec.num_kv_heads} heads x "
-                             f"{codec.head_dim}")
         self._buffers: dict[str, torch.Tensor] = {}
 
     def layer_index(self, layer_name: str) -> int | None:
@@ -152,6 +233,9 @@ class PageLayout:
         """Copy layer ``layer``'s pages of ``block_ids`` into its slice of ``out``'s rows."""
         start = layer * self.page_bytes
         dst = out[:len(block_ids), start:start + self.page_bytes]
+        if isinstance(self.codec, KVViewCodec):
+            self.codec.gather(self.caches[layer], self.num_blocks, block_ids, dst)
+            return
         if self.codec is None:
             index = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
             dst.copy_(self.pages(layer).index_select(0, index))
@@ -164,6 +248,9 @@ class PageLayout:
         """Write layer ``layer``'s slice of ``src``'s rows into the pages ``block_ids``."""
         start = layer * self.page_bytes
         rows = src[:len(block_ids), start:start + self.page_bytes]
+        if isinstance(self.codec, KVViewCodec):
+            self.codec.scatter(self.caches[layer], self.num_blocks, rows, block_ids)
+            return
         if self.codec is not None:
             cache = self.caches[layer]
             for block_id, row in zip(block_ids, self._typed(rows, cache.dtype), strict=True):

@@ -12,7 +12,7 @@ from kvstore.errors import ConfigError
 from kvstore.units import parse_size
 
 _SETTINGS = {"url", "token", "dram", "nvme_path", "nvme", "max_value", "model_id",
-             "timeout_s", "retry_after_s", "on_load_error"}
+             "timeout_s", "retry_after_s", "on_load_error", "kv_cache_layout"}
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class ConnectorSettings:
     timeout_s: float = 5.0
     retry_after_s: float = 5.0
     on_load_error: str = "recompute"
+    kv_cache_layout: str | None = None  # a vLLM KVCacheLayout name to ask vLLM for
 
     @classmethod
     def parse(cls, extra: dict[str, Any] | None) -> ConnectorSettings:
@@ -57,6 +58,10 @@ class ConnectorSettings:
         if on_load_error not in ("recompute", "fail"):
             raise ConfigError(f'KVStoreConnector: on_load_error is "recompute" or "fail", '
                               f"got {on_load_error!r}")
+        layout = extra.get("kv_cache_layout")
+        if layout is not None and not (isinstance(layout, str) and layout.isalpha()):
+            raise ConfigError(f"KVStoreConnector: kv_cache_layout is the name of one of "
+                              f"vLLM's KV cache layouts (e.g. BLHNC), got {layout!r}")
         timeouts = {}
         for name in ("timeout_s", "retry_after_s"):
             value = extra.get(name, getattr(cls, name))
@@ -68,4 +73,5 @@ class ConnectorSettings:
                    nvme_bytes=nvme,
                    max_value_bytes=parse_size(extra.get("max_value", cls.max_value_bytes),
                                               what="max_value"),
-                   model_id=extra.get("model_id"), on_load_error=on_load_error, **timeouts)
+                   model_id=extra.get("model_id"), on_load_error=on_load_error,
+                   kv_cache_layout=layout, **timeouts)

@@ -14,11 +14,27 @@ pool), ``kv_consumer`` only loads (a decode pool), ``kv_both`` does both.
 Keys: `kvstore.prefix_hashes` of the prompt's token ids, one per full vLLM block, in the
 namespace `KVLayout.namespace` gives for (model, layers, KV heads, head size, block size,
 dtype): the key scheme of the embedded engines and of ``kvstore hitrate`` (the daemon's
-access log of these lookups replays as is). On vLLM's CPU backend with its ``vec`` ISA,
-pages are converted to `kvstore.layout` as they are stored, so an engine and vLLM running
-the same model (``model_id`` set to the engine's ``model.model_id``), dtype and block size
-share blocks. Other page formats are stored as opaque pages in a namespace salted with the
-format (vLLM version, platform, ISA), so they never meet a block they cannot read.
+access log of these lookups replays as is). Pages are converted to `kvstore.layout` as
+they are stored (`kvstore.integrations.pages`), so an engine and vLLM running the same
+model (``model_id`` set to the engine's ``model.model_id``), dtype and block size share
+blocks:
+
+- on GPUs (vLLM 0.32's FlashAttention, FlashInfer and Triton backends), from each layer's
+  logical view ``[blocks, heads, tokens, K|V]``, whatever `KVCacheLayout` vLLM chose:
+  every layout stores the same bytes, so instances of different layouts share blocks;
+- on vLLM's CPU backend with its ``vec`` ISA, from its packed pages.
+
+An fp8 KV cache (``--kv-cache-dtype fp8*``) moves its pages' bytes the same way, in a
+namespace salted with the page format (vLLM version, platform, cache dtype), as do the
+CPU backend's other ISAs (stored as opaque pages): a reader never meets a block it cannot
+read. ``"kv_cache_layout"`` asks vLLM for a layout (vLLM keeps it when the backends
+accept it); by default the backends' preference stands.
+
+Tensor parallelism: each rank stores its own heads' shard under the prompt's prefix keys
+in a namespace that names the rank and the world size (``tp=RANK/SIZE``), so ranks never
+read each other's shards and a restarted instance of the same TP size finds them. The
+scheduler counts a block as stored only when every rank's shard is (the shortest of the
+ranks' matched prefixes). Pipeline parallelism is refused.
 
     scheduler process                               worker process
     get_num_new_matched_tokens: match_prefix         start_load_kv: an I/O thread fetches
@@ -41,8 +57,7 @@ vLLM's block size so its token figures are right).
 The embedded store lives in the worker process, which holds the KV cache, behind an
 in-process `kvstored` on 127.0.0.1 (`kvstore.integrations.vllm_store`): the worker reaches
 it by shared memory, and the scheduler, in its own process by vLLM's default, over the
-socket; both see the daemon's one key space. Tensor parallelism is not supported yet (each
-rank would hold its own shard of every block).
+socket; both see the daemon's one key space.
 """
 
 from __future__ import annotations
@@ -66,6 +81,7 @@ from kvstore.errors import ConfigError
 from kvstore.integrations.pages import (
     STORE_FAILURES,
     KVPageCodec,
+    KVViewCodec,
     PageLayout,
     fetch_blocks,
     store_blocks,
@@ -144,19 +160,41 @@ def page_format(vllm_config: VllmConfig) -> str:
     return "/".join(parts)
 
 
-def uses_kvstore_layout(vllm_config: VllmConfig) -> bool:
-    """Whether pages are converted to `kvstore.layout` (a page format `KVPageCodec` knows:
-    the CPU ``vec`` ISA with an unquantized cache); else they are stored as opaque bytes."""
-    return (cpu_attention_isa(vllm_config) == "vec"
-            and str(vllm_config.cache_config.cache_dtype) == "auto")
+def page_codec(vllm_config: VllmConfig, layout: KVLayout
+               ) -> tuple[KVPageCodec | KVViewCodec | None, bool]:
+    """How pages are stored (`kvstore.integrations.pages`), and whether the stored bytes
+    are `kvstore.layout`'s (an unquantized cache), shared with the embedded engines."""
+    from vllm.platforms import current_platform
+
+    unquantized = str(vllm_config.cache_config.cache_dtype) == "auto"
+    heads, tokens, head_dim = layout.num_kv_heads, layout.block_tokens, layout.head_dim
+    if not current_platform.is_cpu():
+        return KVViewCodec(heads, tokens, head_dim), unquantized
+    if cpu_attention_isa(vllm_config) == "vec" and unquantized:
+        return KVPageCodec(heads, tokens, head_dim), True
+    return None, False  # opaque pages
+
+
+def tensor_parallel(vllm_config: VllmConfig) -> tuple[int, int | None]:
+    """(world size, this process's rank: None outside a worker)."""
+    size = vllm_config.parallel_config.tensor_parallel_size
+    if size == 1:
+        return 1, 0
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return size, int(get_tensor_model_parallel_rank())
+    except (ImportError, AssertionError, AttributeError):  # no model parallel group here
+        return size, None
 
 
 def kv_layout(vllm_config: VllmConfig) -> KVLayout:
+    """One rank's shard of a block (its KV heads)."""
     model = vllm_config.model_config
     parallel = vllm_config.parallel_config
-    if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
-        raise ConfigError("KVStoreConnector does not support tensor or pipeline parallelism "
-                          "yet: run one worker per instance")
+    if parallel.pipeline_parallel_size > 1:
+        raise ConfigError("KVStoreConnector does not support pipeline parallelism: run "
+                          "with --pipeline-parallel-size 1")
     return KVLayout(num_layers=model.get_num_layers(parallel),
                     num_kv_heads=model.get_num_kv_heads(parallel),
                     head_dim=model.get_head_size(),
@@ -165,16 +203,20 @@ def kv_layout(vllm_config: VllmConfig) -> KVLayout:
 
 
 def key_namespace(vllm_config: VllmConfig, settings: ConnectorSettings, layout: KVLayout,
-                  *, kvstore_layout: bool) -> str:
-    """The key namespace: `KVLayout.namespace` of the model, as the embedded engines name
-    theirs when blocks are stored in `kvstore.layout`; salted with the page format when
-    they are opaque pages."""
+                  *, kvstore_layout: bool, rank: int = 0) -> str:
+    """The key namespace of TP rank ``rank``: `KVLayout.namespace` of the model, as the
+    embedded engines name theirs when blocks are stored in `kvstore.layout`; salted with
+    the page format when they are not, and with ``tp=RANK/SIZE`` under tensor
+    parallelism (a rank's shard is its own heads)."""
     model = vllm_config.model_config
     model_id = settings.model_id or model_fingerprint(model.model, model.revision)
     if getattr(model, "quantization", None):
         model_id = f"{model_id}|{model.quantization}"
-    salt = "" if kvstore_layout else page_format(vllm_config)
-    return layout.namespace(model_id, salt=salt)
+    salts = [] if kvstore_layout else [page_format(vllm_config)]
+    world = vllm_config.parallel_config.tensor_parallel_size
+    if world > 1:
+        salts.append(f"tp={rank}/{world}")
+    return layout.namespace(model_id, salt="|".join(salts))
 
 
 # -- scheduler -> worker metadata --------------------------------------------------------------
@@ -182,7 +224,8 @@ def key_namespace(vllm_config: VllmConfig, settings: ConnectorSettings, layout: 
 
 @dataclass
 class BlockTransfer:
-    """Blocks of one request: their keys (a chain, parent first) and vLLM block ids."""
+    """Blocks of one request on one TP rank: their keys (a chain, parent first) and vLLM
+    block ids."""
 
     req_id: str
     keys: list[bytes]
@@ -190,9 +233,22 @@ class BlockTransfer:
 
 
 @dataclass
+class RankedTransfer:
+    """Blocks of one request, as the scheduler sends them to every rank: each rank's
+    chain of keys (its shard's namespace), and the vLLM block ids (the same on all)."""
+
+    req_id: str
+    rank_keys: list[list[bytes]]
+    block_ids: list[int]
+
+    def on_rank(self, rank: int) -> BlockTransfer:
+        return BlockTransfer(self.req_id, self.rank_keys[rank], self.block_ids)
+
+
+@dataclass
 class KVStoreConnectorMetadata(KVConnectorMetadata):
-    loads: list[BlockTransfer] = field(default_factory=list)
-    saves: list[BlockTransfer] = field(default_factory=list)
+    loads: list[RankedTransfer] = field(default_factory=list)
+    saves: list[RankedTransfer] = field(default_factory=list)
 
 
 @dataclass
@@ -228,7 +284,7 @@ class KVStoreConnectorStats(KVConnectorStats):
 class _RequestState:
     """What the scheduler side keeps per request."""
 
-    keys: list[bytes]
+    rank_keys: list[list[bytes]]  # the prompt's block keys in each TP rank's namespace
     local_blocks: int = 0  # blocks vLLM's own prefix cache held when it asked
     store_blocks: int | None = None  # leading blocks the store held (None: not asked)
     saved_blocks: int = 0  # leading blocks known to be in the store or sent to be saved
@@ -246,11 +302,17 @@ class KVStoreConnector(KVConnectorBase_V1):
         self.settings = ConnectorSettings.parse(transfer.kv_connector_extra_config)
         self.layout = kv_layout(vllm_config)
         self.block_tokens = self.layout.block_tokens
-        kvstore_layout = uses_kvstore_layout(vllm_config)
-        self.namespace = key_namespace(vllm_config, self.settings, self.layout,
-                                       kvstore_layout=kvstore_layout)
-        self.codec = (KVPageCodec(self.layout.num_kv_heads, self.block_tokens,
-                                  self.layout.head_dim) if kvstore_layout else None)
+        self.codec, kvstore_layout = page_codec(vllm_config, self.layout)
+        self.tp_size, rank = tensor_parallel(vllm_config)
+        # The scheduler looks up every rank's shard; a worker stores and loads its own.
+        self.namespaces = [key_namespace(vllm_config, self.settings, self.layout,
+                                         kvstore_layout=kvstore_layout, rank=r)
+                           for r in range(self.tp_size)]
+        if role == KVConnectorRole.WORKER and rank is None:
+            raise ConfigError("KVStoreConnector: a worker of a tensor-parallel instance "
+                              "without its tensor-parallel rank")
+        self.rank = rank or 0
+        self.namespace = self.namespaces[self.rank]
         self.does_load = transfer.kv_role in ("kv_consumer", "kv_both")
         self.does_save = transfer.kv_role in ("kv_producer", "kv_both")
         engine_id = str(transfer.engine_id)
@@ -260,7 +322,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         # scheduler side
         self._requests: dict[str, _RequestState] = {}
         self._failed: set[str] = set()  # requests whose load failed: never offered again
-        self._loads_to_send: list[BlockTransfer] = []
+        self._loads_to_send: list[RankedTransfer] = []
         # worker side
         self._pages: PageLayout | None = None
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-vllm")
@@ -272,8 +334,28 @@ class KVStoreConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER and self.settings.on_load_error == "recompute":
             # Read by vLLM's scheduler right after it builds this connector.
             object.__setattr__(transfer, "kv_load_failure_policy", "recompute")
-        log.info("KVStoreConnector %s: %s, block %d tokens, namespace %s", role.name,
-                 self.settings.url or "embedded store", self.block_tokens, self.namespace)
+        log.info("KVStoreConnector %s: %s, block %d tokens, pages by %s, namespace %s%s",
+                 role.name, self.settings.url or "embedded store", self.block_tokens,
+                 type(self.codec).__name__ if self.codec else "their bytes", self.namespace,
+                 f" (TP rank {self.rank} of {self.tp_size})" if self.tp_size > 1 else "")
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        """The ``kv_cache_layout`` setting, if any: a name of vLLM's `KVCacheLayout`
+        (checked against vLLM's own enum). vLLM keeps it when every backend accepts it,
+        else warns and keeps its own choice; pages are stored the same either way."""
+        transfer = vllm_config.kv_transfer_config
+        extra = getattr(transfer, "kv_connector_extra_config", None)
+        wanted = ConnectorSettings.parse(extra).kv_cache_layout
+        if wanted is None:
+            return None
+        from vllm.v1.kv_cache_layout import KVCacheLayout
+
+        names = [layout.name for layout in KVCacheLayout]
+        if wanted.upper() not in names:
+            raise ConfigError(f"KVStoreConnector: kv_cache_layout {wanted!r} is not one of "
+                              f"vLLM's KV cache layouts {names}")
+        return wanted.upper()
 
     # -- scheduler side ----------------------------------------------------------------------
 
@@ -281,15 +363,15 @@ class KVStoreConnector(KVConnectorBase_V1):
         state = self._requests.get(request.request_id)
         if state is None:
             tokens = list(request.prompt_token_ids or ())
-            keys = prefix_hashes(tokens, block_tokens=self.block_tokens,
-                                 namespace=self.namespace)
-            state = self._requests[request.request_id] = _RequestState(keys)
+            state = self._requests[request.request_id] = _RequestState([
+                prefix_hashes(tokens, block_tokens=self.block_tokens, namespace=namespace)
+                for namespace in self.namespaces])
             # A LoRA adapter, images or a cache salt change the KV of the same tokens;
             # the keys name only tokens, so such requests neither load nor save.
             if (getattr(request, "lora_request", None) or getattr(request, "mm_features", None)
                     or getattr(request, "cache_salt", None)):
                 state.cacheable = False
-                state.saved_blocks = len(keys)
+                state.saved_blocks = len(state.rank_keys[0])
         return state
 
     def get_num_new_matched_tokens(self, request: Request,
@@ -300,15 +382,17 @@ class KVStoreConnector(KVConnectorBase_V1):
                 or request.request_id in self._failed):
             return 0, False
         # At least the last prompt token must be computed (vLLM needs its logits).
-        usable = min(len(state.keys), (request.num_tokens - 1) // self.block_tokens)
+        usable = min(len(state.rank_keys[0]), (request.num_tokens - 1) // self.block_tokens)
         if usable <= state.local_blocks:
             return 0, False
         if state.store_blocks is None:  # vLLM may ask again; the store is asked once
             store = self.store.get()
             if store is None:
                 return 0, False
-            try:
-                hit = int(store.match_prefix(state.keys[:usable]))
+            try:  # a block is stored when every rank's shard of it is
+                hit = usable
+                for keys in state.rank_keys:
+                    hit = min(hit, int(store.match_prefix(keys[:hit]))) if hit else 0
             except STORE_FAILURES as e:
                 self.store.failed(e)
                 return 0, False
@@ -329,8 +413,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         block_ids = blocks.get_block_ids()[0]
         first = state.local_blocks
         last = first + num_external_tokens // self.block_tokens
-        self._loads_to_send.append(BlockTransfer(request.request_id, state.keys[first:last],
-                                                 list(block_ids[first:last])))
+        self._loads_to_send.append(RankedTransfer(
+            request.request_id, [keys[first:last] for keys in state.rank_keys],
+            list(block_ids[first:last])))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = KVStoreConnectorMetadata(loads=self._loads_to_send)
@@ -356,11 +441,13 @@ class KVStoreConnector(KVConnectorBase_V1):
             for req_id, num_computed in computed.items():
                 state = self._requests[req_id]
                 done = num_computed + scheduler_output.num_scheduled_tokens.get(req_id, 0)
-                full = min(done // self.block_tokens, len(state.keys), len(state.block_ids))
+                full = min(done // self.block_tokens, len(state.rank_keys[0]),
+                           len(state.block_ids))
                 if full > state.saved_blocks:
                     first = state.saved_blocks
-                    meta.saves.append(BlockTransfer(req_id, state.keys[first:full],
-                                                    state.block_ids[first:full]))
+                    meta.saves.append(RankedTransfer(
+                        req_id, [keys[first:full] for keys in state.rank_keys],
+                        state.block_ids[first:full]))
                     state.saved_blocks = full
         return meta
 
@@ -387,11 +474,18 @@ class KVStoreConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         num_blocks = getattr(self._kv_cache_config, "num_blocks", None)
         shapes = {tuple(t.shape) for t in kv_caches.values()}
-        if num_blocks is not None and any(shape[0] != num_blocks for shape in shapes):
+        if isinstance(self.codec, KVViewCodec):
+            if num_blocks is None:
+                raise ConfigError("KVStoreConnector: vLLM gave no KV cache config (the "
+                                  "number of blocks its views hold)")
+        elif num_blocks is not None and any(shape[0] != num_blocks for shape in shapes):
             raise ConfigError(f"KVStoreConnector handles KV caches with the blocks on dim 0 "
                               f"(vLLM's CPU backend), got shapes {sorted(shapes)} for "
                               f"{num_blocks} blocks")
-        self._pages = PageLayout(kv_caches, self.codec)
+        try:
+            self._pages = PageLayout(kv_caches, self.codec, num_blocks=num_blocks)
+        except ValueError as e:
+            raise ConfigError(f"KVStoreConnector cannot store these KV caches: {e}") from e
         if self.settings.url is None:
             self.store.get()  # start the embedded store (and serve it to the scheduler)
 
@@ -401,7 +495,8 @@ class KVStoreConnector(KVConnectorBase_V1):
             return
         assert self._pages is not None
         self._layer_ready = [threading.Event() for _ in self._pages.layer_names]
-        self._fetch = self._io.submit(self._load_all, meta.loads, self._layer_ready)
+        self._fetch = self._io.submit(self._load_all, [t.on_rank(self.rank) for t in meta.loads],
+                                      self._layer_ready)
 
     def _load_all(self, loads: list[BlockTransfer], layer_ready: list[threading.Event]) -> None:
         """On the I/O thread: fetch every block, then write the pages layer by layer,
@@ -462,8 +557,8 @@ class KVStoreConnector(KVConnectorBase_V1):
         if layer is None:
             return
         if not self._save_staging:
-            self._save_staging = list(zip(meta.saves,
-                                          self._pages.staging_for("save", meta.saves),
+            saves = [t.on_rank(self.rank) for t in meta.saves]
+            self._save_staging = list(zip(saves, self._pages.staging_for("save", saves),
                                           strict=True))
         for save, staging in self._save_staging:
             self._pages.gather_layer(layer, save.block_ids, staging)

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 import kvstore
-from kvstore.integrations.pages import KVPageCodec, PageLayout, fetch_blocks, store_blocks
+from kvstore.integrations.pages import (
+    KVPageCodec,
+    KVViewCodec,
+    PageLayout,
+    fetch_blocks,
+    store_blocks,
+)
 from kvstore.shm.directory import STALE_S
 
 NUM_BLOCKS, HEADS, BLOCK, HEAD2 = 12, 2, 32, 16  # vLLM CPU: [blocks, heads, block, 2*hs]
@@ -91,8 +97,6 @@ def test_layouts_that_are_not_pages_on_dim_0_are_refused() -> None:
         PageLayout(strided)
 
 
-
-
 def test_reused_staging_keeps_its_memory_and_grows() -> None:
     pages = PageLayout(caches(5))
     first = pages.reused_staging("load", 3)
@@ -141,3 +145,157 @@ def test_codec_stores_kvstore_layout_and_restores_the_page() -> None:
         assert torch.equal(dst[name][8], src[name][3])
     with pytest.raises(ValueError, match="not K and V"):
         PageLayout(src, KVPageCodec(num_kv_heads=HEADS, block_tokens=BLOCK, head_dim=hs * 2))
+
+
+# -- vLLM 0.32's logical views (CUDA backends): [blocks, heads, tokens, K|V], any strides --
+
+# The physical orders of vLLM's KVCacheLayout, as permutations of the logical axes
+# [L, B, H, N, C] (tests/integrations/test_vllm.py checks them against vLLM's own).
+PHYSICAL_ORDERS = {"LBHNC": (0, 1, 2, 3, 4), "LBNHC": (0, 1, 3, 2, 4),
+                   "LHBNC": (0, 2, 1, 3, 4), "BLHNC": (1, 0, 2, 3, 4),
+                   "BLNHC": (1, 0, 3, 2, 4), "BHLNC": (1, 2, 0, 3, 4)}
+LAYERS, VIEW_BLOCKS, VIEW_HEADS, VIEW_TOKENS, HS = 3, 6, 2, 8, 4
+
+
+def logical_views(order: tuple[int, ...], *, kernel_split: int = 1,
+                  dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """One backing tensor laid out in ``order``, seen as one logical view per layer
+    ``[blocks * split, heads, tokens / split, 2 * HS]`` (as vLLM's allocation does)."""
+    shape = (LAYERS, VIEW_BLOCKS * kernel_split, VIEW_HEADS, VIEW_TOKENS // kernel_split,
+             2 * HS)
+    physical = torch.zeros([shape[d] for d in order], dtype=dtype)
+    logical = physical.permute(*[order.index(d) for d in range(5)])
+    assert tuple(logical.shape) == shape
+    return {f"layers.{i}.attn": logical[i] for i in range(LAYERS)}
+
+
+def fill(views: dict[str, torch.Tensor], seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for view in views.values():
+        view.copy_(torch.randn(view.shape, generator=g).to(view.dtype))
+
+
+def kv_of(view: torch.Tensor, block: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of one block as vLLM's backends read them (FlashAttention and Triton:
+    ``kv_cache.transpose(1, 2).split(head_size, dim=-1)``), ``[tokens, heads, HS]``."""
+    k, v = view.transpose(1, 2).split(HS, dim=-1)
+    rows = slice(block * split, (block + 1) * split)
+    return (k[rows].reshape(VIEW_TOKENS, VIEW_HEADS, HS),
+            v[rows].reshape(VIEW_TOKENS, VIEW_HEADS, HS))
+
+
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("name", sorted(PHYSICAL_ORDERS))
+def test_logical_views_store_kvstore_layout_in_every_physical_order(name: str,
+                                                                    split: int) -> None:
+    codec = KVViewCodec(num_kv_heads=VIEW_HEADS, block_tokens=VIEW_TOKENS, head_dim=HS)
+    src = logical_views(PHYSICAL_ORDERS[name], kernel_split=split)
+    fill(src, 11)
+    pages = PageLayout(src, codec, num_blocks=VIEW_BLOCKS)
+    assert pages.page_bytes == 2 * VIEW_TOKENS * VIEW_HEADS * HS * 2
+    staging = pages.staging(2)
+    for layer in range(LAYERS):
+        pages.gather_layer(layer, [4, 1], staging)
+    stored = staging.view(torch.bfloat16).reshape(2, LAYERS, 2, VIEW_TOKENS, VIEW_HEADS, HS)
+    for row, block in enumerate([4, 1]):
+        for layer, view in enumerate(src.values()):
+            k, v = kv_of(view, block, split)
+            assert torch.equal(stored[row, layer, 0], k)
+            assert torch.equal(stored[row, layer, 1], v)
+    # Through a store into every other layout (and split): the same K and V come back,
+    # and no other block is touched.
+    with kvstore.Store(kvstore.StoreConfig(dram_bytes=16 << 20)) as store:
+        chain = kvstore.prefix_hashes(list(range(2 * VIEW_TOKENS)), block_tokens=VIEW_TOKENS,
+                                      namespace="views")
+        assert store_blocks(store, chain, staging) == 2
+        for other, other_split in [(n, s) for n in sorted(PHYSICAL_ORDERS) for s in (1, 2)]:
+            dst = logical_views(PHYSICAL_ORDERS[other], kernel_split=other_split)
+            fill(dst, 12)
+            before = {n: v.clone() for n, v in dst.items()}
+            back = PageLayout(dst, codec, num_blocks=VIEW_BLOCKS)
+            fetched = back.staging(2)
+            assert fetch_blocks(store, chain, fetched) == 2
+            for layer in range(LAYERS):
+                back.scatter_layer(layer, fetched, [0, 5])
+            for (n, view), original in zip(dst.items(), src.values(), strict=True):
+                for to, came_from in ((0, 4), (5, 1)):
+                    assert all(torch.equal(a, b) for a, b in zip(
+                        kv_of(view, to, other_split), kv_of(original, came_from, split),
+                        strict=True)), (name, other, other_split)
+                for untouched in (1, 2, 3, 4):
+                    assert torch.equal(kv_of(view, untouched, other_split)[0],
+                                       kv_of(before[n], untouched, other_split)[0])
+
+
+def test_logical_views_move_fp8_caches_as_bytes() -> None:
+    codec = KVViewCodec(num_kv_heads=VIEW_HEADS, block_tokens=VIEW_TOKENS, head_dim=HS)
+    src = logical_views(PHYSICAL_ORDERS["BLNHC"], dtype=torch.uint8)  # vLLM's fp8 cache
+    for i, view in enumerate(src.values()):
+        view.copy_(torch.randint(0, 256, view.shape, dtype=torch.uint8,
+                                 generator=torch.Generator().manual_seed(i)))
+    pages = PageLayout(src, codec, num_blocks=VIEW_BLOCKS)
+    assert pages.page_bytes == 2 * VIEW_TOKENS * VIEW_HEADS * HS
+    staging = pages.staging(1)
+    for layer in range(LAYERS):
+        pages.gather_layer(layer, [2], staging)
+    dst = logical_views(PHYSICAL_ORDERS["LBHNC"], dtype=torch.uint8)
+    back = PageLayout(dst, codec, num_blocks=VIEW_BLOCKS)
+    for layer in range(LAYERS):
+        back.scatter_layer(layer, staging, [3])
+    for a, b in zip(src.values(), dst.values(), strict=True):
+        assert torch.equal(a[2], b[3])
+
+
+def test_views_of_another_geometry_are_refused() -> None:
+    codec = KVViewCodec(num_kv_heads=VIEW_HEADS, block_tokens=VIEW_TOKENS, head_dim=HS)
+    views = logical_views(PHYSICAL_ORDERS["LBNHC"])
+    for wrong in (KVViewCodec(num_kv_heads=2 * VIEW_HEADS, block_tokens=VIEW_TOKENS,
+                              head_dim=HS),
+                  KVViewCodec(num_kv_heads=VIEW_HEADS, block_tokens=2 * VIEW_TOKENS,
+                              head_dim=HS),
+                  KVViewCodec(num_kv_heads=VIEW_HEADS, block_tokens=VIEW_TOKENS,
+                              head_dim=2 * HS)):
+        with pytest.raises(ValueError, match="is not a view"):
+            PageLayout(views, wrong, num_blocks=VIEW_BLOCKS)
+    with pytest.raises(ValueError, match="is not a view"):
+        PageLayout(views, codec, num_blocks=VIEW_BLOCKS + 1)
+    with pytest.raises(ValueError, match="is not a view"):  # K|V not innermost
+        PageLayout({"a": torch.zeros(2 * HS, VIEW_TOKENS, VIEW_HEADS, VIEW_BLOCKS).permute(
+            3, 2, 1, 0)}, codec, num_blocks=VIEW_BLOCKS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["LBNHC", "BLHNC", "LHBNC"])
+def test_logical_views_on_a_gpu_round_trip_through_a_store(name: str) -> None:
+    """CUDA caches (vLLM's GPU layouts): gathered on the device into host rows, stored,
+    and scattered back into another layout on the device."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    codec = KVViewCodec(num_kv_heads=VIEW_HEADS, block_tokens=VIEW_TOKENS, head_dim=HS)
+    src = {n: v.cuda() for n, v in logical_views(PHYSICAL_ORDERS[name]).items()}
+    fill(src, 21)
+    host = {n: v.cpu() for n, v in src.items()}
+    pages = PageLayout(src, codec, num_blocks=VIEW_BLOCKS)
+    staging = pages.staging(3)
+    for layer in range(LAYERS):
+        pages.gather_layer(layer, [5, 0, 2], staging)
+    expected = PageLayout(host, codec, num_blocks=VIEW_BLOCKS).staging(3)
+    for layer in range(LAYERS):
+        PageLayout(host, codec, num_blocks=VIEW_BLOCKS).gather_layer(layer, [5, 0, 2],
+                                                                     expected)
+    assert torch.equal(staging, expected)
+    dst = {n: torch.zeros_like(v).cuda() for n, v in
+           logical_views(PHYSICAL_ORDERS["BHLNC"], kernel_split=1).items()}
+    back = PageLayout(dst, codec, num_blocks=VIEW_BLOCKS)
+    with kvstore.Store(kvstore.StoreConfig(dram_bytes=16 << 20)) as store:
+        chain = kvstore.prefix_hashes(list(range(3 * VIEW_TOKENS)), block_tokens=VIEW_TOKENS,
+                                      namespace="gpu-views")
+        assert store_blocks(store, chain, staging) == 3
+        fetched = back.staging(3)
+        assert fetch_blocks(store, chain, fetched) == 3
+    for layer in range(LAYERS):
+        back.scatter_layer(layer, fetched, [1, 3, 4])
+    for (n, view), original in zip(dst.items(), host.values(), strict=True):
+        for to, came_from in ((1, 5), (3, 0), (4, 2)):
+            assert all(torch.equal(a.cpu(), b) for a, b in zip(
+                kv_of(view, to, 1), kv_of(original, came_from, 1), strict=True)), n

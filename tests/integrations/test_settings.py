@@ -17,6 +17,9 @@ def test_daemon_and_embedded_settings() -> None:
     embedded = ConnectorSettings.parse({"dram": "4GiB", "nvme_path": "/x", "nvme": "1TiB"})
     assert embedded.url is None and embedded.dram_bytes == 4 << 30
     assert embedded.nvme_bytes == 1 << 40 and embedded.nvme_path == "/x"
+    assert embedded.kv_cache_layout is None
+    assert ConnectorSettings.parse({"dram": "1GiB", "kv_cache_layout": "BLHNC"}
+                                   ).kv_cache_layout == "BLHNC"
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -30,6 +33,8 @@ def test_daemon_and_embedded_settings() -> None:
     ({"dram": "1GiB", "timeout_s": 0}, "timeout_s must be a positive number"),
     ({"dram": "1GiB", "retry_after_s": True}, "retry_after_s must be a positive number"),
     ({"dram": "1GiB", "dram_size": 3}, "unknown kv_connector_extra_config keys"),
+    ({"dram": "1GiB", "kv_cache_layout": 3}, "kv_cache_layout is the name"),
+    ({"dram": "1GiB", "kv_cache_layout": "B-L-H"}, "kv_cache_layout is the name"),
 ])
 def test_bad_settings_are_clear_errors(extra: dict | None, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):

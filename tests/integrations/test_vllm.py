@@ -67,10 +67,11 @@ def drive(tmp_path: Path, model: Path, steps: list[dict[str, Any]], *,
 
 
 def run_script(tmp_path: Path, script: Path, *, multiprocess: bool = False,
-               loads_fail: bool = False) -> list[dict[str, Any]]:
+               loads_fail: bool = False, env: dict[str, str] | None = None
+               ) -> list[dict[str, Any]]:
     """The driver's results. Unless ``loads_fail``, no load may have failed: vLLM would
     recompute and give the same tokens, so the tokens alone cannot tell."""
-    env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"),
+    env = {**os.environ, **(env or {}), "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"),
            "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocess else "0",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -245,6 +246,42 @@ def test_embedded_store_with_vllms_engine_processes(tmp_path: Path, model_dir: P
     assert not list(tmp_path.glob("kvstore-vllm-*.json"))  # the address file is cleaned up
 
 
+def test_tensor_parallel_ranks_store_and_load_their_own_shards(
+        tmp_path: Path, model_dir: Path, baseline: list[list[int]]) -> None:
+    """TP=2 on vLLM's CPU backend (two worker processes, each bound to one core): each
+    rank stores its own heads' shard of A's blocks; a new TP=2 instance loads both shards
+    and gives the tokens of TP=1 without any cache; a TP=1 instance finds none of them
+    (another namespace), and stores its own."""
+    a, _ = prompts(1)
+    daemon = DaemonProcess(tmp_path, "--dram", "256MiB", "--block-tokens", str(BLOCK)).start()
+    try:
+        url = {"url": daemon.url}
+        script = tmp_path / "tp.json"
+        script.write_text(json.dumps({
+            "model": str(model_dir), "engine": {**ENGINE, "tensor_parallel_size": 2},
+            "steps": [
+                {"op": "start", "connector": url},
+                {"op": "generate", "prompts": [a]},
+                {"op": "stop"},
+                {"op": "store_stats", "url": daemon.url},
+                {"op": "start", "connector": url},  # a new instance: empty vLLM cache
+                {"op": "generate", "prompts": [a]}]}))
+        first, stored, second = run_script(tmp_path, script, multiprocess=True,
+                                           env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+        alone, after = drive(tmp_path, model_dir, [
+            {"op": "start", "connector": url},  # TP=1
+            {"op": "generate", "prompts": [a]},
+            {"op": "store_stats", "url": daemon.url}])
+    finally:
+        daemon.stop()
+    assert first["num_cached_tokens"] == [0]
+    assert stored["stats"]["blocks"] == 2 * 4  # A's 4 full blocks, one shard per rank
+    assert second["num_cached_tokens"] == [4 * BLOCK]
+    assert first["tokens"][0] == second["tokens"][0] == baseline[0]
+    assert alone["num_cached_tokens"] == [0] and alone["tokens"][0] == baseline[0]
+    assert after["stats"]["blocks"] == 2 * 4 + 4
+
+
 def test_codec_matches_vllms_own_cpu_kernel() -> None:
     """`KVPageCodec` reads pages exactly as vLLM's CPU kernel writes them (``vec`` ISA)."""
     import torch
@@ -313,3 +350,123 @@ def client_blocks(url: str) -> int:
 
     with kvstore.connect(url) as client:
         return int(client.stats()["blocks"])
+
+
+# -- vLLM 0.32's KV cache layouts (the CUDA backends' views, built by vLLM's own code) ------
+
+
+def vllm_allocated_caches(layout: Any, spec: Any, num_layers: int, num_blocks: int,
+                          kernel_block_size: int | None = None) -> dict[str, Any]:
+    """Per-layer KV caches as vLLM's GPU model runner makes them (`allocate_kv_cache`, on
+    the CPU here), for one cache group of ``num_layers`` layers in ``layout``: the
+    KVCacheTensor is placed as `get_kv_cache_config_from_groups` places a single group."""
+    import torch
+    from vllm.v1.kv_cache_interface import (
+        KVCacheConfig,
+        KVCacheGroupSpec,
+        KVCacheTensor,
+        compute_layout_strides,
+    )
+    from vllm.v1.worker.utils import allocate_kv_cache
+
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(num_layers)]
+    per_block = spec.page_size_bytes * num_layers
+    layer_stride, block_stride, *_ = compute_layout_strides(
+        spec, num_blocks, num_layers, layout,
+        fixed_strides=(None, per_block if layout.is_block_outermost else None, None, None,
+                       None))
+    config = KVCacheConfig(
+        num_blocks=num_blocks, kv_cache_groups=[KVCacheGroupSpec(names, spec)],
+        kv_cache_tensors=[KVCacheTensor(size=per_block * num_blocks, layers=names,
+                                        layer_stride=layer_stride, block_stride=block_stride)])
+    return allocate_kv_cache(config, torch.device("cpu"), layout,
+                             None if kernel_block_size is None else [kernel_block_size])
+
+
+def backend_layouts() -> dict[str, Any]:
+    """The layouts each CUDA backend accepts, from its own class (None: any), for those
+    that import here (FlashInfer's needs the flashinfer package)."""
+    import importlib
+
+    found: dict[str, Any] = {}
+    for module, name in [("flash_attn", "FlashAttentionBackend"),
+                         ("triton_attn", "TritonAttentionBackend"),
+                         ("flashinfer", "FlashInferBackend")]:
+        try:
+            backend = getattr(importlib.import_module(f"vllm.v1.attention.backends.{module}"),
+                              name)
+        except ImportError:
+            continue
+        found[name] = backend.supported_kv_cache_layouts()
+    return found
+
+
+def test_every_cuda_layout_stores_kvstore_layout_and_shares_blocks_across_layouts() -> None:
+    """`KVViewCodec` on views made by vLLM's own allocation, in every `KVCacheLayout` the
+    FlashAttention and Triton backends accept (any, as their classes say), with manager
+    blocks split into kernel blocks where vLLM allows it: the stored bytes are
+    kvstore.layout's K and V as the backends read them, and they load into every other
+    layout unchanged."""
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    import kvstore
+    from kvstore.integrations.pages import KVViewCodec, PageLayout, fetch_blocks, store_blocks
+    from tests.integrations.test_pages import PHYSICAL_ORDERS
+
+    assert {layout.name: layout.value for layout in KVCacheLayout} == PHYSICAL_ORDERS
+    accepted = backend_layouts()
+    assert {"FlashAttentionBackend", "TritonAttentionBackend"} <= set(accepted)
+    layouts = [layout for layout in KVCacheLayout
+               if any(a is None or layout in a for a in accepted.values())]
+    assert layouts == list(KVCacheLayout)  # (FlashAttention takes any)
+    heads, block, hs, layers, num_blocks = 2, 16, 8, 3, 6
+    codec = KVViewCodec(heads, block, hs)
+    cases = [(layout, split) for layout in layouts for split in (None, block // 2)
+             if split is None or (layout.is_layer_compact and layout.is_block_compact)]
+    # (vLLM splits a block into kernel blocks only where its pages are dense: LB**)
+    for dtype in (torch.bfloat16, torch.float16):
+        spec = FullAttentionSpec(block_size=block, num_kv_heads=heads, head_size=hs,
+                                 dtype=dtype)
+        g = torch.Generator().manual_seed(5)
+        k_ref = torch.randn(layers, num_blocks, block, heads, hs, generator=g).to(dtype)
+        v_ref = torch.randn(layers, num_blocks, block, heads, hs, generator=g).to(dtype)
+
+        def backend_kv(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """K and V as FlashAttention reads them, per manager block ``[blocks, block,
+            heads, hs]``."""
+            k, v = cache.transpose(1, 2).split(hs, dim=-1)  # (flash_attn.py, triton_attn.py)
+            return (k.reshape(num_blocks, block, heads, hs),
+                    v.reshape(num_blocks, block, heads, hs))
+
+        with kvstore.Store(kvstore.StoreConfig(dram_bytes=16 << 20)) as store:
+            for n, (layout, split) in enumerate(cases):
+                caches = vllm_allocated_caches(layout, spec, layers, num_blocks, split)
+                for i, cache in enumerate(caches.values()):
+                    k, v = cache.transpose(1, 2).split(hs, dim=-1)
+                    k.copy_(k_ref[i].reshape(k.shape))
+                    v.copy_(v_ref[i].reshape(v.shape))
+                pages = PageLayout(caches, codec, num_blocks=num_blocks)
+                staging = pages.staging(num_blocks)
+                for layer in range(layers):
+                    pages.gather_layer(layer, list(range(num_blocks)), staging)
+                stored = staging.view(dtype).reshape(num_blocks, layers, 2, block, heads, hs)
+                assert torch.equal(stored[:, :, 0], k_ref.transpose(0, 1)), layout
+                assert torch.equal(stored[:, :, 1], v_ref.transpose(0, 1)), layout
+                chain = kvstore.prefix_hashes(list(range(num_blocks * block)),
+                                              block_tokens=block, namespace=f"{dtype}")
+                if n == 0:
+                    assert store_blocks(store, chain, staging) == num_blocks
+                    continue
+                # Load what the first layout stored into this one (blocks reversed).
+                for cache in caches.values():
+                    cache.zero_()
+                fetched = pages.staging(num_blocks)
+                assert fetch_blocks(store, chain, fetched) == num_blocks
+                for layer in range(layers):
+                    pages.scatter_layer(layer, fetched, list(reversed(range(num_blocks))))
+                for i, cache in enumerate(caches.values()):
+                    k, v = backend_kv(cache)
+                    assert torch.equal(k, k_ref[i].flip(0)), (layout, split)
+                    assert torch.equal(v, v_ref[i].flip(0)), (layout, split)
