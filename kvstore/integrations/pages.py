@@ -205,24 +205,32 @@ class PageLayout:
         cache = self.caches[layer]
         return cache.view(cache.shape[0], -1).view(torch.uint8)
 
-    def staging(self, num_blocks: int) -> torch.Tensor:
-        """Host memory for ``num_blocks`` stored blocks, ``[num_blocks, block_bytes]``."""
-        return torch.empty((num_blocks, self.block_bytes), dtype=torch.uint8)
+    def staging(self, num_blocks: int, *, on_device: bool = False) -> torch.Tensor:
+        """Memory for ``num_blocks`` stored blocks, ``[num_blocks, block_bytes]``: on the
+        host (page-locked when the caches are on a GPU: a kernel reads it in place), or
+        (``on_device``) beside the caches."""
+        shape = (num_blocks, self.block_bytes)
+        if on_device:
+            return torch.empty(shape, dtype=torch.uint8, device=self.device)
+        return torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
 
-    def reused_staging(self, purpose: str, num_blocks: int) -> torch.Tensor:
+    def reused_staging(self, purpose: str, num_blocks: int, *, on_device: bool = False
+                       ) -> torch.Tensor:
         """`staging` kept per ``purpose`` and grown as needed: its pages stay faulted in
         (first touches of fresh memory cost as much as the copy itself). The rows are valid
         until the next call with the same purpose."""
         buf = self._buffers.get(purpose)
         if buf is None or buf.shape[0] < num_blocks:
             buf = self._buffers[purpose] = self.staging(max(num_blocks, 2 * (
-                0 if buf is None else buf.shape[0])))
+                0 if buf is None else buf.shape[0])), on_device=on_device)
         return buf[:num_blocks]
 
-    def staging_for(self, purpose: str, transfers: Sequence[Any]) -> list[torch.Tensor]:
+    def staging_for(self, purpose: str, transfers: Sequence[Any], *, on_device: bool = False
+                    ) -> list[torch.Tensor]:
         """`reused_staging` split into one run of rows per transfer (anything with
         ``keys``: one row per key)."""
-        rows = self.reused_staging(purpose, sum(len(t.keys) for t in transfers))
+        rows = self.reused_staging(purpose, sum(len(t.keys) for t in transfers),
+                                   on_device=on_device)
         parts, first = [], 0
         for transfer in transfers:
             parts.append(rows[first:first + len(transfer.keys)])

@@ -78,6 +78,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from kvstore.errors import ConfigError
+from kvstore.integrations.gpu_loads import LayerLoads
 from kvstore.integrations.pages import (
     STORE_FAILURES,
     KVPageCodec,
@@ -325,6 +326,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._loads_to_send: list[RankedTransfer] = []
         # worker side
         self._pages: PageLayout | None = None
+        self._gpu_loads: LayerLoads | None = None  # CUDA caches: copies on a side stream
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-vllm")
         self._fetch: Future[None] | None = None
         self._layer_ready: list[threading.Event] = []
@@ -486,6 +488,8 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._pages = PageLayout(kv_caches, self.codec, num_blocks=num_blocks)
         except ValueError as e:
             raise ConfigError(f"KVStoreConnector cannot store these KV caches: {e}") from e
+        if self._pages.device.type == "cuda" and isinstance(self.codec, KVViewCodec):
+            self._gpu_loads = LayerLoads(self._pages)
         if self.settings.url is None:
             self.store.get()  # start the embedded store (and serve it to the scheduler)
 
@@ -519,8 +523,12 @@ class KVStoreConnector(KVConnectorBase_V1):
                 self.stats.add(blocks_loaded=num_ok)
                 fetched.append((load, staging, num_ok))
             for layer, ready in enumerate(layer_ready):
-                for load, staging, num_ok in fetched:
-                    self._pages.scatter_layer(layer, staging, load.block_ids[:num_ok])
+                if self._gpu_loads is not None:  # queued on its stream; waited per layer
+                    self._gpu_loads.load_layer(layer, [(staging, load.block_ids[:num_ok])
+                                                       for load, staging, num_ok in fetched])
+                else:
+                    for load, staging, num_ok in fetched:
+                        self._pages.scatter_layer(layer, staging, load.block_ids[:num_ok])
                 ready.set()
         except BaseException:
             # Nothing half-written is handed over: every claimed block is reported failed.
@@ -537,6 +545,8 @@ class KVStoreConnector(KVConnectorBase_V1):
         layer = self._pages.layer_index(layer_name)
         if layer is not None:
             self._layer_ready[layer].wait()
+            if self._gpu_loads is not None:
+                self._gpu_loads.wait(layer)
 
     def _finish_loads(self) -> None:
         """Wait for the whole load (vLLM may skip a layer's wait) and surface its errors."""
@@ -546,6 +556,8 @@ class KVStoreConnector(KVConnectorBase_V1):
                 fetch.result()
             except Exception as e:  # already reported as failed blocks: vLLM recomputes
                 log.error("kvstore: loading blocks failed: %s", e)
+            if self._gpu_loads is not None:  # (the staging rows are reused next step)
+                self._gpu_loads.synchronize()
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:
@@ -558,8 +570,11 @@ class KVStoreConnector(KVConnectorBase_V1):
             return
         if not self._save_staging:
             saves = [t.on_rank(self.rank) for t in meta.saves]
-            self._save_staging = list(zip(saves, self._pages.staging_for("save", saves),
-                                          strict=True))
+            # On a GPU, gathered beside the caches (no host sync per layer); copied to the
+            # host once, in wait_for_save.
+            on_device = self._pages.device.type == "cuda"
+            self._save_staging = list(zip(saves, self._pages.staging_for(
+                "save", saves, on_device=on_device), strict=True))
         for save, staging in self._save_staging:
             self._pages.gather_layer(layer, save.block_ids, staging)
         self._gathered.add(layer)
@@ -581,6 +596,11 @@ class KVStoreConnector(KVConnectorBase_V1):
                         "failed loads" if self._load_errors else "layers not saved")
             return
         store = self.store.get()
+        if staged[0][1].is_cuda:
+            on_host = self._pages.staging_for("save-host", [save for save, _ in staged])
+            for (_, staging), host in zip(staged, on_host, strict=True):
+                host.copy_(staging)  # (waits for the gathers on the compute stream)
+            staged = [(save, host) for (save, _), host in zip(staged, on_host, strict=True)]
         for save, staging in staged:
             num_saved = 0 if store is None else store_blocks(
                 store, save.keys, staging, on_failure=self.store.failed)

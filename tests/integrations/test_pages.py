@@ -299,3 +299,44 @@ def test_logical_views_on_a_gpu_round_trip_through_a_store(name: str) -> None:
         for to, came_from in ((1, 5), (3, 0), (4, 2)):
             assert all(torch.equal(a.cpu(), b) for a, b in zip(
                 kv_of(view, to, 1), kv_of(original, came_from, 1), strict=True)), n
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch"])
+def test_layer_loads_on_a_gpu_write_what_the_host_scatter_writes(use_kernel: bool) -> None:
+    """`LayerLoads` (the copy kernel reading pinned rows in place, or torch's copies) into
+    CUDA views of every layout and split: exactly the pages `KVViewCodec.scatter` writes on
+    the host, and no other."""
+    from kvstore.integrations import gpu_loads
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if use_kernel and not gpu_loads.kernel_available():
+        pytest.skip("the copy kernel does not compile here (CuPy missing?)")
+    codec = KVViewCodec(num_kv_heads=VIEW_HEADS, block_tokens=VIEW_TOKENS, head_dim=HS)
+    source = logical_views(PHYSICAL_ORDERS["LBNHC"])
+    fill(source, 31)
+    host_pages = PageLayout(source, codec, num_blocks=VIEW_BLOCKS)
+    rows = host_pages.staging(4)
+    for layer in range(LAYERS):
+        host_pages.gather_layer(layer, [0, 1, 2, 3], rows)
+    for name in sorted(PHYSICAL_ORDERS):
+        for split in (1, 2):
+            expected = logical_views(PHYSICAL_ORDERS[name], kernel_split=split)
+            fill(expected, 32)
+            views = {n: v.cuda() for n, v in expected.items()}
+            reference = PageLayout(expected, codec, num_blocks=VIEW_BLOCKS)
+            for layer in range(LAYERS):
+                reference.scatter_layer(layer, rows, [5, 2, 0, 3])
+            pages = PageLayout(views, codec, num_blocks=VIEW_BLOCKS)
+            pinned = pages.staging(4)
+            pinned.copy_(rows)
+            assert pinned.is_pinned()
+            loads = gpu_loads.LayerLoads(pages, use_kernel=use_kernel)
+            for layer in range(LAYERS):
+                loads.load_layer(layer, [(pinned[:2], [5, 2]), (pinned[2:], [0, 3])])
+            for layer in range(LAYERS):
+                loads.wait(layer)
+            torch.cuda.current_stream().synchronize()
+            for n, view in views.items():
+                assert torch.equal(view.cpu(), expected[n]), (name, split, n)

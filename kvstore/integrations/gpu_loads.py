@@ -1,0 +1,172 @@
+"""Loads of stored blocks into a serving engine's CUDA KV caches, a layer at a time, on a
+side stream: the compute stream waits for a layer's copy just before it reads that layer.
+
+The blocks are in host staging rows (`kvstore.integrations.pages.PageLayout.staging`,
+page-locked when the caches are on a GPU). A copy kernel reads each row's slice of a
+layer in place, through unified virtual addressing (no copy to the device first), and
+writes each 16 bytes where the layer's logical view ``[R * blocks, heads, tokens, K|V]``
+puts it (`KVViewCodec`'s geometry, any strides)::
+
+    row of block b:  | layer 0 | ... | layer l: K [T, H, D] then V [T, H, D] | ...
+                                        vector i (16 bytes) = (kv, t, h, v) in that order
+    view:            base + (page[b] * R + t / N) * s_block + h * s_head
+                          + (t % N) * s_token + kv * head_bytes + 16 * v
+
+Reads are contiguous (a row's layer slice in order); writes land in 16-byte pieces,
+which the GPU's memory takes at full speed. Without CuPy (or where the kernel does not
+compile) the same copy goes by torch: the rows to the device, then the strided copies of
+`KVViewCodec.scatter`, on the same side stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvstore.integrations.pages import KVViewCodec, PageLayout
+
+ALIGN = 16  # bytes a thread loads and stores at once
+UNROLL = 4  # loads a thread has in flight before its stores
+THREADS = 256
+# Thread blocks per launch, each looping over the stored blocks: enough loads in flight to
+# fill PCIe while the forward that overlaps the copies keeps most SMs (as the engines'
+# copy kernel, `engines.uva_copy`).
+GRID = 16
+
+_SOURCE = r"""
+extern "C" __global__ void scatter_layer(
+    const unsigned long long* rows, const long long* pages, long long num_blocks,
+    long long layer_offset, unsigned long long base, long long split,
+    long long block_stride, long long head_stride, long long token_stride,
+    int tokens, int heads, int kernel_tokens, int head_vectors) {
+  const long long per_block = 2LL * tokens * heads * head_vectors;
+  const long long step = (long long)blockDim.x * UNROLL;
+  for (long long b = blockIdx.x; b < num_blocks; b += gridDim.x) {
+    const uint4* src = reinterpret_cast<const uint4*>(rows[b] + layer_offset);
+    char* first_row = reinterpret_cast<char*>(base) + pages[b] * split * block_stride;
+    for (long long first = threadIdx.x; first < per_block; first += step) {
+      uint4 v[UNROLL];
+      #pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        long long i = first + (long long)u * blockDim.x;
+        if (i < per_block) v[u] = src[i];
+      }
+      #pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        long long i = first + (long long)u * blockDim.x;
+        if (i >= per_block) continue;
+        int vector = (int)(i % head_vectors);
+        long long cell = i / head_vectors;
+        int h = (int)(cell % heads);
+        cell /= heads;
+        int t = (int)(cell % tokens);
+        int kv = (int)(cell / tokens);
+        char* d = first_row + (long long)(t / kernel_tokens) * block_stride
+                  + h * head_stride + (long long)(t % kernel_tokens) * token_stride
+                  + ((long long)kv * head_vectors + vector) * 16;
+        *reinterpret_cast<uint4*>(d) = v[u];
+      }
+    }
+  }
+}
+"""
+
+
+@functools.cache
+def _kernel() -> Any:
+    import cupy
+
+    return cupy.RawKernel(_SOURCE, "scatter_layer", options=(f"-DUNROLL={UNROLL}",))
+
+
+@functools.cache
+def kernel_available() -> bool:
+    """CUDA and CuPy are there, and the kernel compiles."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        _kernel().compile()
+    except Exception:
+        return False
+    return True
+
+
+class LayerLoads:
+    """One step's loads into ``pages``' CUDA caches (`PageLayout` with a `KVViewCodec`):
+    `load_layer` queues a layer's copies on the side stream and records its event; `wait`
+    makes the current stream wait for it; `synchronize` blocks until all are done (before
+    the staging rows are reused). ``use_kernel`` False: torch's copies instead."""
+
+    def __init__(self, pages: PageLayout, *, use_kernel: bool | None = None) -> None:
+        if not isinstance(pages.codec, KVViewCodec) or pages.device.type != "cuda":
+            raise ValueError("LayerLoads is for CUDA caches seen through a KVViewCodec")
+        self.pages = pages
+        self.codec: KVViewCodec = pages.codec
+        self.use_kernel = kernel_available() if use_kernel is None else use_kernel
+        self.stream = torch.cuda.Stream(device=pages.device)
+        self.events: dict[int, torch.cuda.Event] = {}
+
+    def load_layer(self, layer: int, loads: Sequence[tuple[torch.Tensor, Sequence[int]]]
+                   ) -> None:
+        """Queue layer ``layer`` of each ``(staging rows, block ids)`` into its pages."""
+        pages, cache = self.pages, self.pages.caches[layer]
+        with torch.cuda.stream(self.stream):
+            for rows, block_ids in loads:
+                if not len(block_ids):
+                    continue
+                if self.use_kernel:
+                    self._launch(layer, cache, rows, block_ids)
+                else:
+                    start = layer * pages.page_bytes
+                    self.codec.scatter(cache, pages.num_blocks,
+                                       rows[:len(block_ids), start:start + pages.page_bytes],
+                                       block_ids)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.events[layer] = event
+
+    def _launch(self, layer: int, cache: torch.Tensor, rows: torch.Tensor,
+                block_ids: Sequence[int]) -> None:
+        import cupy
+
+        pages, codec = self.pages, self.codec
+        n = len(block_ids)
+        split = cache.shape[0] // pages.num_blocks
+        raw = cache.view(torch.uint8)
+        head_bytes = raw.shape[3] // 2
+        if (head_bytes % ALIGN or raw.data_ptr() % ALIGN or rows.data_ptr() % ALIGN
+                or rows.stride(0) % ALIGN or pages.page_bytes % ALIGN
+                or any(s % ALIGN for s in raw.stride()[:3])):
+            raise ValueError("the copy kernel needs 16-byte aligned caches and rows")
+        row_addresses = rows.data_ptr() + np.arange(n, dtype=np.int64) * rows.stride(0)
+        # Tables on the device, uploaded on this stream (it is the current one).
+        tables = torch.from_numpy(np.stack([
+            row_addresses, np.asarray(block_ids, dtype=np.int64)])).to(cache.device,
+                                                                     non_blocking=False)
+        with warnings.catch_warnings():  # newer CuPy deprecates the pointer form
+            warnings.simplefilter("ignore", DeprecationWarning)
+            external = cupy.cuda.ExternalStream(self.stream.cuda_stream)
+        with external:
+            _kernel()((min(GRID, n),), (THREADS,), (
+                np.uint64(tables[0].data_ptr()), np.uint64(tables[1].data_ptr()),
+                np.int64(n), np.int64(layer * pages.page_bytes), np.uint64(raw.data_ptr()),
+                np.int64(split), np.int64(raw.stride(0)), np.int64(raw.stride(1)),
+                np.int64(raw.stride(2)), np.int32(codec.block_tokens),
+                np.int32(codec.num_kv_heads), np.int32(raw.shape[2]),
+                np.int32(head_bytes // ALIGN)))
+        tables.record_stream(self.stream)  # (kept until the kernel is done with it)
+
+    def wait(self, layer: int) -> None:
+        """Make the current stream wait for ``layer``'s copies (no host sync)."""
+        event = self.events.get(layer)
+        if event is not None:
+            torch.cuda.current_stream(self.pages.device).wait_event(event)
+
+    def synchronize(self) -> None:
+        """Block until every queued copy is done."""
+        self.stream.synchronize()
