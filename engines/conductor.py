@@ -22,7 +22,12 @@ when d is busy (the request joins at the next step).
 and takes the cheaper. A short prompt costs little to compute but a publish and a fetch
 to ship; a prompt whose KV is already in the decode engine's store costs only its fetch
 there: both run colocated. A long uncached prompt next to a busy decode batch is
-disaggregated. Every decision is logged with its numbers.
+disaggregated. Every decision is logged with its numbers. ``mode`` may fix the choice
+instead (``colocated``: always on a decode engine; ``disaggregated``: always through a
+prefill engine, where there is one); the costs are still computed and logged.
+
+`cancel` stops a request whose client went away: on its decode engine at the next step
+(its pages back at once), or, still in prefill, before it is handed over.
 
 Engines on the nodes of a pool (`pool`: anything with `locate(keys)`, such as the
 cluster-aware client): any node serves the whole pool, so every engine could fetch the
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 import uuid
@@ -53,6 +59,8 @@ from engines.prefill import PrefillEngine, PrefillResult
 from engines.sampling import SamplingParams
 from engines.workers import DecodeWorker, PrefillWorker
 from kvstore.errors import KVStoreError
+
+MODES = ("auto", "colocated", "disaggregated")
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +107,7 @@ class RequestResult:
     prompt: list[int]
     output: list[int]
     route: Route
-    ttft_s: float
+    ttft_s: float  # nan: cancelled before its first token
     inter_token_s: list[float]
     num_cached_tokens: int  # prompt tokens whose KV came from a store, not computed
     finish_reason: FinishReason | None
@@ -110,11 +118,18 @@ class RequestResult:
 class Conductor:
     def __init__(self, prefill_engines: Sequence[PrefillEngine],
                  decode_engines: Sequence[DecodeEngine], *,
-                 cost: CostModel | None = None, pool: Any | None = None) -> None:
+                 cost: CostModel | None = None, pool: Any | None = None,
+                 mode: str = "auto") -> None:
         """``pool``: the pool the engines' stores are nodes of (``locate(keys)``), to
-        route by where prefixes live without asking each engine."""
+        route by where prefixes live without asking each engine. ``mode``: one of
+        `MODES` (see the module docstring)."""
         if not decode_engines:
             raise ValueError("the conductor needs at least one decode engine")
+        if mode not in MODES:
+            raise ValueError(f"mode is one of {MODES}, got {mode!r}")
+        if mode == "disaggregated" and not prefill_engines:
+            raise ValueError("mode disaggregated needs at least one prefill engine")
+        self.mode = mode
         engines = [*prefill_engines, *decode_engines]
         if len({e.block_tokens for e in engines}) != 1:
             raise ValueError("all engines must use the same block size")
@@ -127,6 +142,11 @@ class Conductor:
         self._node_of = ({w.name: getattr(w.engine.io.store, "node_id", None)
                           for w in [*self.prefill, *self.decode]} if pool is not None else {})
         self._lock = threading.Lock()  # routing reads and bumps load figures together
+        # Requests not finished: id -> the decode worker it went to (None: in prefill); under
+        # a lock of their own, never held while calling out (futures' callbacks take it).
+        self._active: dict[str, DecodeWorker | None] = {}
+        self._cancelled: set[str] = set()
+        self._book = threading.Lock()
 
     def close(self) -> None:
         for worker in [*self.prefill, *self.decode]:
@@ -174,7 +194,8 @@ class Conductor:
             tail_s = cost.prefill_s(n - full * block + 1, n)  # decode runs tail + 1st token
             disaggregated = (ttft_p + cost.publish_s(full - cached_p) + wait_d
                              + cost.fetch_s(full) + tail_s + running * tail_s)
-        split = best is not None and disaggregated < colocated
+        split = best is not None and (self.mode == "disaggregated" or (
+            self.mode == "auto" and disaggregated < colocated))
         route = Route(
             request_id=request_id, is_disaggregated=split,
             prefill=best[2] if split and best is not None else None, decode=decode_index,
@@ -258,20 +279,29 @@ class Conductor:
                request_id: str | None = None,
                on_token: Callable[[DecodeRequest, int], None] | None = None
                ) -> Future[RequestResult]:
-        """Route and start a request; the future resolves when its last token is out."""
+        """Route and start a request; the future resolves when its last token is out (or
+        it was cancelled: finish reason ``abort``)."""
         prompt = list(prompt)
         sampling = (sampling or SamplingParams()).with_seed()
+        request_id = request_id or uuid.uuid4().hex[:12]
         start_s = time.perf_counter()
+        result: Future[RequestResult] = Future()
+        result.add_done_callback(lambda _: self._forget(request_id))
         with self._lock:
             route = self.route(prompt, sampling, request_id)
-            result: Future[RequestResult] = Future()
             if not route.is_disaggregated:
-                decoded = self.decode[route.decode].submit(prompt, sampling, on_token=on_token)
+                worker = self.decode[route.decode]
+                with self._book:
+                    self._active[request_id] = worker
+                    decoded = worker.submit(prompt, sampling, on_token=on_token,
+                                            request_id=request_id)
                 decoded.add_done_callback(
                     lambda f: _settle(result, f, lambda d: _colocated(route, prompt, d,
                                                                       start_s)))
                 return result
             assert route.prefill is not None
+            with self._book:
+                self._active[request_id] = None
             estimate = self.cost.prefill_s(
                 len(prompt) - route.cached_blocks_prefill * self.block_tokens, len(prompt))
             prefilled = self.prefill[route.prefill].submit(prompt, sampling, estimate)
@@ -283,14 +313,37 @@ class Conductor:
                 return
             first = f.result()
             first_token_at = time.perf_counter()
-            decoded = decode_worker.submit(prompt, sampling, first_token=first.first_token,
-                                           on_token=on_token)
+            with self._book:
+                cancelled = request_id in self._cancelled  # its client left during prefill
+                if not cancelled:
+                    self._active[request_id] = decode_worker
+                    decoded = decode_worker.submit(prompt, sampling,
+                                                   first_token=first.first_token,
+                                                   on_token=on_token, request_id=request_id)
+            if cancelled:  # (settled outside the lock: its callback takes it)
+                result.set_result(_aborted(route, prompt, first, start_s))
+                return
             decoded.add_done_callback(lambda d: _settle(
                 result, d, lambda req: _disaggregated(route, prompt, first, req, start_s,
                                                       first_token_at)))
 
         prefilled.add_done_callback(handed_over)
         return result
+
+    def cancel(self, request_id: str) -> None:
+        """Stop request ``request_id`` (its client went away); nothing if it finished."""
+        with self._book:  # (a decode worker's cancel goes after the request's submit)
+            if request_id not in self._active:
+                return
+            self._cancelled.add(request_id)
+            worker = self._active[request_id]
+            if worker is not None:
+                worker.cancel(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        with self._book:
+            self._active.pop(request_id, None)
+            self._cancelled.discard(request_id)
 
     def run(self, prompt: Sequence[int], sampling: SamplingParams | None = None
             ) -> RequestResult:
@@ -305,12 +358,22 @@ def _settle(result: Future[RequestResult], done: Future[DecodeRequest],
         result.set_result(build(done.result()))
 
 
+def _aborted(route: Route, prompt: list[int], first: PrefillResult,
+             start_s: float) -> RequestResult:
+    """A request cancelled after its prefill, before any decode: no token went out."""
+    return RequestResult(
+        request_id=route.request_id, prompt=prompt, output=[], route=route,
+        ttft_s=first.ttft_s, inter_token_s=[], num_cached_tokens=first.num_cached_tokens,
+        finish_reason=FinishReason.ABORT, prefill=first)
+
+
 def _colocated(route: Route, prompt: list[int], request: DecodeRequest,
                start_s: float) -> RequestResult:
     times = request.token_times_s
     return RequestResult(
         request_id=route.request_id, prompt=prompt, output=request.output, route=route,
-        ttft_s=times[0] - start_s, inter_token_s=[b - a for a, b in itertools.pairwise(times)],
+        ttft_s=times[0] - start_s if times else math.nan,  # (nan: aborted before one)
+        inter_token_s=[b - a for a, b in itertools.pairwise(times)],
         num_cached_tokens=request.num_cached_tokens, finish_reason=request.finish_reason,
         decode=request)
 

@@ -44,6 +44,7 @@ class RequestState(enum.Enum):
 class FinishReason(enum.Enum):
     LENGTH = "length"
     STOP = "stop"
+    ABORT = "abort"  # cancelled (its client went away): its pages went back at once
 
 
 @dataclass(eq=False)
@@ -157,6 +158,20 @@ class DecodeEngine:
                                 on_token=on_token)
         self._waiting.append(request)
         return request
+
+    def abort(self, request: DecodeRequest) -> bool:
+        """Stop ``request`` now: out of the queue or the batch, its pages back at once (what
+        it computed is not published). False if it had finished already."""
+        if request.is_finished:
+            return False
+        if request in self._waiting:
+            self._waiting.remove(request)
+        elif request in self._running:
+            self._running.remove(request)
+            self.cache.release(request.seq)
+        request.finish_reason = FinishReason.ABORT
+        request.state = RequestState.FINISHED
+        return True
 
     # -- running ---------------------------------------------------------------------------
 

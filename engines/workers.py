@@ -86,6 +86,12 @@ class _DecodeJob:
     first_token: int | None
     on_token: TokenCallback | None
     future: Future[DecodeRequest]
+    request_id: str | None = None
+
+
+@dataclass
+class _Cancel:
+    request_id: str
 
 
 class DecodeWorker:
@@ -115,16 +121,22 @@ class DecodeWorker:
         return self.engine.cache.num_free_pages
 
     def submit(self, prompt: Sequence[int], sampling: SamplingParams, *,
-               first_token: int | None = None,
-               on_token: TokenCallback | None = None) -> Future[DecodeRequest]:
+               first_token: int | None = None, on_token: TokenCallback | None = None,
+               request_id: str | None = None) -> Future[DecodeRequest]:
         future: Future[DecodeRequest] = Future()
         with self._lock:
             if self._error is not None:
                 future.set_exception(self._error)
                 return future
             self._num_active += 1
-        self._inbox.put(_DecodeJob(list(prompt), sampling, first_token, on_token, future))
+        self._inbox.put(_DecodeJob(list(prompt), sampling, first_token, on_token, future,
+                                   request_id))
         return future
+
+    def cancel(self, request_id: str) -> None:
+        """Abort request ``request_id`` at the worker's next turn (its pages back at once);
+        its future resolves with finish reason ``abort``. Nothing if it is not here."""
+        self._inbox.put(_Cancel(request_id))
 
     def close(self) -> None:
         self._inbox.put(_STOP)
@@ -149,16 +161,29 @@ class DecodeWorker:
                 return True
             if job is _STOP:
                 return False
+            if isinstance(job, _Cancel):
+                self._abort(job.request_id)
+                block = False
+                continue
             assert isinstance(job, _DecodeJob)
             try:
                 request = self.engine.add_request(job.prompt, job.sampling,
                                                   first_token=job.first_token,
-                                                  on_token=job.on_token)
+                                                  on_token=job.on_token,
+                                                  request_id=job.request_id)
             except Exception as e:  # a request that can never run: its caller hears why
                 self._done(job.future, None, e)
             else:
                 self._requests.append((request, job.future))
             block = False
+
+    def _abort(self, request_id: str) -> None:
+        for i, (request, future) in enumerate(self._requests):
+            if request.request_id == request_id:
+                if self.engine.abort(request):
+                    del self._requests[i]
+                    self._done(future, request, None)
+                return
 
     def _run(self) -> None:
         self.engine.capture_graphs()

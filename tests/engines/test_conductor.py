@@ -117,3 +117,72 @@ def test_conductor_refuses_impossible_setups(model):
                                  cost=COST) as conductor, \
             pytest.raises(CacheFullError, match="no decode engine"):
         conductor.route(prompt_of(100, 1), SamplingParams(max_new_tokens=4))
+
+
+def test_a_fixed_mode_routes_every_request_its_way(model):
+    shared = store()
+    sampling = SamplingParams(max_new_tokens=4)
+    short, long = prompt_of(10, 21), prompt_of(400, 22)
+    for mode, expected in (("colocated", False), ("disaggregated", True)):
+        with Conductor([PrefillEngine(model, shared, num_pages=64)],
+                       [DecodeEngine(model, shared, num_pages=128)], cost=COST,
+                       mode=mode) as conductor:
+            assert [conductor.route(p, sampling).is_disaggregated for p in (short, long)
+                    ] == [expected, expected]
+            result = conductor.run(short, sampling)
+            assert result.route.is_disaggregated is expected
+            assert result.output == model.generate(short, 4)
+    with pytest.raises(ValueError, match="mode is one of"):
+        Conductor([], [DecodeEngine(model, shared, num_pages=16)], cost=COST, mode="split")
+    with pytest.raises(ValueError, match="needs at least one prefill engine"):
+        Conductor([], [DecodeEngine(model, shared, num_pages=16)], cost=COST,
+                  mode="disaggregated")
+    shared.close()
+
+
+def test_a_cancelled_request_stops_and_gives_its_pages_back(model):
+    """Cancelled mid-decode, it ends with finish reason abort after fewer tokens than it
+    asked for, and the decode engine's pages are all free again; a cancel of a finished
+    or unknown request changes nothing."""
+    from engines.decode import FinishReason
+
+    shared = store()
+    with Conductor([], [DecodeEngine(model, shared, num_pages=128)], cost=COST,
+                   mode="colocated") as conductor:
+        free = conductor.decode[0].num_free_pages
+        produced: list[int] = []
+        result = conductor.submit(prompt_of(40, 23), SamplingParams(max_new_tokens=500),
+                                  request_id="r-cancel",
+                                  on_token=lambda request, token: produced.append(token))
+        while len(produced) < 3:
+            pass
+        conductor.cancel("r-cancel")
+        done = result.result(timeout=60)
+        assert done.finish_reason is FinishReason.ABORT
+        assert 3 <= len(done.output) < 500
+        assert conductor.decode[0].num_free_pages == free
+        conductor.cancel("r-cancel")  # finished: nothing
+        conductor.cancel("nobody")
+        again = conductor.run(prompt_of(40, 23), SamplingParams(max_new_tokens=4))
+        assert again.finish_reason is FinishReason.LENGTH and len(again.output) == 4
+        assert again.output == model.generate(prompt_of(40, 23), 4)
+    shared.close()
+
+
+def test_a_request_cancelled_in_prefill_never_reaches_decode(model):
+    from engines.decode import FinishReason
+
+    shared = store()
+    with Conductor([PrefillEngine(model, shared, num_pages=64)],
+                   [DecodeEngine(model, shared, num_pages=128)], cost=COST,
+                   mode="disaggregated") as conductor:
+        block = conductor.prefill[0].submit(prompt_of(300, 24), SamplingParams(), 0.0)
+        result = conductor.submit(prompt_of(300, 25), SamplingParams(max_new_tokens=50),
+                                  request_id="r-prefill")
+        conductor.cancel("r-prefill")  # queued behind the other prefill
+        block.result(timeout=60)
+        done = result.result(timeout=60)
+        assert done.finish_reason is FinishReason.ABORT and done.output == []
+        assert done.prefill is not None
+        assert conductor.decode[0].num_active == 0
+    shared.close()
