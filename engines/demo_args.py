@@ -22,13 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"model: a preset ({', '.join(PRESET_NAMES)}), a checkpoint "
                              "directory or a .gguf file")
     parser.add_argument("--device", default="cpu", help="torch device for the engines")
-    parser.add_argument("--url", default=None,
-                        help="use this kvstored daemon (kvstore://HOST:PORT) instead of an "
-                             "embedded store")
-    parser.add_argument("--dram", default="256MiB", help="embedded store: DRAM tier size")
-    parser.add_argument("--nvme", default="1GiB", help="embedded store: NVMe tier size (0: none)")
-    parser.add_argument("--nvme-path", default=None,
-                        help="embedded store: NVMe directory (default: a temporary one)")
+    add_store_arguments(parser, dram="256MiB", nvme="1GiB")
     parser.add_argument("--users", type=int, default=3, choices=range(1, 5), metavar="1-4",
                         help="concurrent conversations")
     parser.add_argument("--turns", type=int, default=3, choices=range(1, 5), metavar="1-4",
@@ -42,3 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "namespace of its own)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random presets")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def add_store_arguments(parser: argparse.ArgumentParser, *, dram: str, nvme: str) -> None:
+    """The store the engines share (`engines.demo.open_store` reads these): a daemon's
+    URL, or an embedded store's tiers (``dram``, ``nvme``: their default sizes)."""
+    parser.add_argument("--url", default=None,
+                        help="use this kvstored daemon (kvstore://HOST:PORT) instead of an "
+                             "embedded store")
+    parser.add_argument("--dram", default=dram, help="embedded store: DRAM tier size")
+    parser.add_argument("--nvme", default=nvme, help="embedded store: NVMe tier size (0: none)")
+    parser.add_argument("--nvme-path", default=None,
+                        help="embedded store: NVMe directory (default: a temporary one)")

@@ -43,6 +43,11 @@ class PrefillWorker:
         self._thread.start()
 
     @property
+    def is_healthy(self) -> bool:
+        """Whether it still takes prompts (its thread runs)."""
+        return self._thread.is_alive()
+
+    @property
     def queued_s(self) -> float:
         """Estimated seconds of prefill work accepted and not yet done."""
         with self._lock:
@@ -105,6 +110,12 @@ class DecodeWorker:
         self._error: BaseException | None = None  # a failed step stops the worker
         self._thread = threading.Thread(target=self._run, name=f"decode-{name}", daemon=True)
         self._thread.start()
+
+    @property
+    def is_healthy(self) -> bool:
+        """Whether it still decodes (no step failed, its thread runs)."""
+        with self._lock:
+            return self._error is None and self._thread.is_alive()
 
     @property
     def num_active(self) -> int:
