@@ -7,6 +7,12 @@ fetched from the store first, copied into the pages layer by layer while the for
 runs). A request joins as soon as the cache has pages for it and leaves when it hits its
 token budget or a stop token; its pages go back at once.
 
+With a per-step token budget (``max_step_tokens``, vLLM's chunked prefill) a step computes
+at most that many tokens: one for each decoding request first, then the uncached prompts
+in chunks of what is left, a long prompt over several steps, so that the requests already
+decoding keep producing a token every step while it is computed (colocated serving). A
+prompt in chunks produces its first token at the step that computes its last chunk.
+
 A request handed over by a prefill engine carries that engine's first token: the decode
 engine appends it to the prompt and continues, so the stream is the one a single process
 would produce. The full prompt blocks a step computes are published right after it (layer
@@ -64,7 +70,9 @@ class DecodeRequest:
     keys: list[bytes] = field(default_factory=list)
     num_published_blocks: int = 0
     num_stored_blocks: int = 0  # leading blocks known to be in the store (fetched or put)
+    step_tokens: list[int] = field(default_factory=list)  # tokens it computed, per step
     _pending: int | None = None  # the last token sampled, not yet run through the model
+    _tail: list[int] = field(default_factory=list)  # prompt tokens left to compute (chunks)
 
     @property
     def is_finished(self) -> bool:
@@ -85,13 +93,19 @@ class DecodeEngine:
     def __init__(self, model: LlamaModel, store: Any, *, num_pages: int | None = None,
                  block_tokens: int = 16, max_batch: int = 8, publish: bool = True,
                  cuda_graphs: bool = True, planner: FetchPlanner | None = None,
-                 kv_codec: str | None = None) -> None:
+                 kv_codec: str | None = None, max_step_tokens: int | None = None) -> None:
         """``planner``: decide per request how many cached blocks to load, the rest
         computed in the request's first step (`engines.fetch_plan`, without overlap: a
         step is one forward); without one every cached block is loaded. ``kv_codec``:
-        as `PrefillEngine`'s (engines sharing blocks must use the same)."""
+        as `PrefillEngine`'s (engines sharing blocks must use the same).
+        ``max_step_tokens``: the tokens one step may compute (chunked prefill; None: a
+        prompt's whole tail in the step that admits it); at least ``max_batch``."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_step_tokens is not None and max_step_tokens < max_batch:
+            raise ValueError(f"max_step_tokens ({max_step_tokens}) must be at least max_batch "
+                             f"({max_batch}): every decoding request takes a token a step")
+        self.max_step_tokens = max_step_tokens
         self.model = model
         if num_pages is None:
             num_pages = 2 * -(-model.config.max_position_tokens // block_tokens)
@@ -176,17 +190,33 @@ class DecodeEngine:
     # -- running ---------------------------------------------------------------------------
 
     def step(self) -> list[tuple[DecodeRequest, int]]:
-        """One forward: admit what fits, run it with a token for each running request.
+        """One forward: a token for each decoding request, the next chunk of each prompt
+        still being computed, and what is admitted, within the step's token budget.
         Returns the tokens produced, in batch order."""
+        budget = self.max_step_tokens or 1 << 62
         batch: list[tuple[SequenceKV, list[int]]] = []
         owners: list[DecodeRequest] = []
+        ending: list[bool] = []  # whether the request's last uncomputed token is in this step
+        prompts_done: list[DecodeRequest] = []  # prompts whose last chunk is in this step
         for request in self._running:
-            batch.append((request.seq, [request._pending]))
-            owners.append(request)
+            if not request._tail:
+                batch.append((request.seq, [request._pending]))
+                owners.append(request)
+                ending.append(True)
+                budget -= 1
+        for request in self._running:  # prompts in chunks, oldest first
+            if request._tail and budget > 0:
+                chunk = self._take_chunk(request, budget)
+                batch.append((request.seq, chunk))
+                owners.append(request)
+                ending.append(not request._tail)
+                if not request._tail:
+                    prompts_done.append(request)
+                budget -= len(chunk)
         loads: list[LayerLoad] = []
         publishers: list[tuple[DecodeRequest, Publisher]] = []
         try:
-            while (self._waiting and len(owners) < self.max_batch
+            while (self._waiting and len(owners) < self.max_batch and budget > 0
                    and self.cache.can_allocate(self.pages_needed(
                        len(self._waiting[0].prompt), self._waiting[0].sampling))):
                 request = self._waiting.popleft()
@@ -195,17 +225,23 @@ class DecodeEngine:
                     load.wait_all()
                     self._finish(request)
                     continue
-                batch.append((request.seq, tail))
+                request._tail = tail
+                chunk = self._take_chunk(request, budget)
+                batch.append((request.seq, chunk))
                 owners.append(request)
+                ending.append(not request._tail)
+                if not request._tail:
+                    prompts_done.append(request)
                 loads.append(load)
-                if self.publish:
-                    publishers.append((request, self._prompt_publisher(request)))
+                budget -= len(chunk)
         except BaseException:  # what the requests admitted so far borrowed goes back
             for load in loads:
                 load.release()
             raise
         if not batch:
             return []
+        if self.publish:  # prompts computed whole by this step: their blocks, layer by layer
+            publishers = [(r, self._prompt_publisher(r)) for r in prompts_done]
 
         def before_layer(layer: int) -> None:
             for load in loads:
@@ -231,13 +267,21 @@ class DecodeEngine:
                           - publisher.first_block), 0)
         now = time.perf_counter()
         produced = []
-        for request, row in zip(owners, logits, strict=True):
+        for request, row, last, (_, tokens) in zip(owners, logits, ending, batch, strict=True):
+            request.step_tokens.append(len(tokens))
+            if not last:  # a chunk of its prompt: no token yet
+                continue
             token = sample(row, request.sampling, len(request.output))
             self._emit(request, token, now)
             produced.append((request, token))
         for request in [r for r in self._running if r.is_finished]:
             self._finish(request)
         return produced
+
+    def _take_chunk(self, request: DecodeRequest, budget: int) -> list[int]:
+        """The next at most ``budget`` tokens of ``request``'s prompt left to compute."""
+        chunk, request._tail = request._tail[:budget], request._tail[budget:]
+        return chunk
 
     def run(self) -> None:
         """Step until every request has finished."""

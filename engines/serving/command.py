@@ -58,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-engines", type=int, default=1, help="decode engines")
     parser.add_argument("--max-num-seqs", type=int, default=8,
                         help="requests a decode engine runs in one batch")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="chunked prefill: the tokens a decode engine computes in one "
+                             "step; a longer prompt served colocated is computed in chunks "
+                             "between decode steps, so running requests keep streaming "
+                             "(default: off, a prompt's whole uncached part in one step)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="longest prompt + reply in tokens (default: the model's)")
     parser.add_argument("--num-pages", type=int, default=None,

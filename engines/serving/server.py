@@ -49,6 +49,10 @@ def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -
         raise StartError("--mode disaggregated needs --prefill-engines 1 or more")
     if args.max_num_seqs < 1:
         raise StartError("--max-num-seqs must be at least 1")
+    if args.max_num_batched_tokens is not None and (
+            args.max_num_batched_tokens < args.max_num_seqs):
+        raise StartError("--max-num-batched-tokens must be at least --max-num-seqs (each "
+                         "decoding request takes a token a step)")
     with console.status(f"loading {args.model} ..."):
         try:
             loaded = load_model(args.model, device=args.device)
@@ -73,7 +77,9 @@ def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -
     pages = args.num_pages or 2 * -(-max_model_len // 16)
     with console.status("starting the engines and measuring the cost model ..."):
         decode = [DecodeEngine(model, store, num_pages=pages, max_batch=args.max_num_seqs,
-                               kv_codec=args.kv_codec) for _ in range(args.decode_engines)]
+                               kv_codec=args.kv_codec,
+                               max_step_tokens=args.max_num_batched_tokens)
+                  for _ in range(args.decode_engines)]
         prefill = [PrefillEngine(model, store, num_pages=pages, kv_codec=args.kv_codec)
                    for _ in range(args.prefill_engines)]
         cost = calibrate(model, decode[0].io, lengths=[16, 128, 320], num_blocks=8)

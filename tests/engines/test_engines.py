@@ -279,3 +279,56 @@ def test_decode_publishes_a_prompt_before_the_request_finishes(model):
         assert a.num_published_blocks == 7  # and at the end, its reply's full block
     assert a.output == model.generate(first, 20)
     assert b.output == model.generate(second, 5)
+
+
+def test_chunked_prefill_keeps_decoding_requests_streaming(model):
+    """With a step budget of 40 tokens, a 300-token prompt admitted beside three decoding
+    requests is computed in chunks of at most 37 tokens (40 less their three): each of the
+    three produces a token at every one of those steps, and every output, the long
+    prompt's included, equals the reference. Without a budget the same prompt is computed
+    in one step, during which the others produce one token."""
+    short = [prompt_of(n, seed=40 + n) for n in (20, 35, 50)]
+    long = prompt_of(300, seed=44)
+    for budget in (40, None):
+        with dram_store() as store, DecodeEngine(model, store, num_pages=128, max_batch=4,
+                                                 max_step_tokens=budget) as decode:
+            running = [decode.add_request(p, SamplingParams(max_new_tokens=30)) for p in short]
+            while any(not r.output for r in running):
+                decode.step()
+            before = [len(r.output) for r in running]
+            late = decode.add_request(long, SamplingParams(max_new_tokens=5))
+            steps = 0
+            while not late.output:
+                decode.step()
+                steps += 1
+                assert sum(r.step_tokens[-1] for r in [*running, late]
+                           if r.step_tokens) <= (budget or 10**9)
+            during = [len(r.output) - b for r, b in zip(running, before, strict=True)]
+            decode.run()
+        if budget is not None:
+            assert steps == -(-300 // 37)  # ceil: 9 steps of prompt chunks
+            assert max(late.step_tokens[:steps]) <= 37
+            # every step of the long prefill gave each running request a token
+            assert during == [steps] * 3
+        else:
+            assert steps == 1 and late.step_tokens[0] == 300 and during == [1, 1, 1]
+        for request, prompt in zip([*running, late], [*short, long], strict=True):
+            assert request.output == model.generate(prompt, len(request.output))
+        assert late.output == model.generate(long, 5)
+
+
+def test_chunked_prefill_publishes_and_fetches_like_a_whole_prefill(model):
+    """A prompt computed in chunks publishes its full blocks; a later request with the
+    same prefix, also chunked, fetches them and computes only the rest."""
+    prompt = prompt_of(200, seed=45)
+    with dram_store() as store:
+        with DecodeEngine(model, store, num_pages=64, max_batch=2,
+                          max_step_tokens=32) as decode:
+            first = decode.generate(prompt, SamplingParams(max_new_tokens=3))
+            assert first.num_published_blocks >= 200 // BLOCK
+            again = decode.generate(prompt + [7, 8, 9], SamplingParams(max_new_tokens=3))
+        assert again.num_cached_tokens == 192
+        assert first.output == model.generate(prompt, 3)
+        assert again.output == model.generate(prompt + [7, 8, 9], 3)
+    with pytest.raises(ValueError, match="max_step_tokens"):
+        DecodeEngine(model, dram_store(), num_pages=8, max_batch=4, max_step_tokens=3)

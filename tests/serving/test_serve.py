@@ -283,13 +283,14 @@ def test_metrics_count_tokens_routes_and_latencies(server: Server) -> None:
 
 def test_greedy_output_is_the_same_colocated_and_disaggregated(
         tmp_path: Path, server: Server) -> None:
-    """The same requests through a server that always disaggregates: the same text (and
-    the auto server's is the colocated one's: its short prompts run colocated)."""
+    """The same requests through a server that always disaggregates (its decode engine
+    computing at most 16 tokens a step: the chat prompt's tail in chunks): the same text
+    (and the auto server's is the colocated one's: its short prompts run colocated)."""
     prompts = ["1, 2, 3, 4,", "The quick brown fox", "Paris is the capital of"]
     expected = [server.client.completions.create(model=MODEL, prompt=p, max_tokens=12,
                                                  temperature=0).choices[0].text
                 for p in prompts]
-    split = Server(tmp_path, "--mode", "disaggregated")
+    split = Server(tmp_path, "--mode", "disaggregated", "--max-num-batched-tokens", "16")
     try:
         got = [split.client.completions.create(model=MODEL, prompt=p, max_tokens=12,
                                                temperature=0).choices[0].text
