@@ -198,6 +198,18 @@ class DecodeEngine:
         owners: list[DecodeRequest] = []
         ending: list[bool] = []  # whether the request's last uncomputed token is in this step
         prompts_done: list[DecodeRequest] = []  # prompts whose last chunk is in this step
+
+        def add_chunk(request: DecodeRequest) -> None:
+            """The next chunk of ``request``'s prompt, as much as the budget leaves."""
+            nonlocal budget
+            chunk, request._tail = request._tail[:budget], request._tail[budget:]
+            batch.append((request.seq, chunk))
+            owners.append(request)
+            ending.append(not request._tail)
+            if not request._tail:
+                prompts_done.append(request)
+            budget -= len(chunk)
+
         for request in self._running:
             if not request._tail:
                 batch.append((request.seq, [request._pending]))
@@ -206,13 +218,7 @@ class DecodeEngine:
                 budget -= 1
         for request in self._running:  # prompts in chunks, oldest first
             if request._tail and budget > 0:
-                chunk = self._take_chunk(request, budget)
-                batch.append((request.seq, chunk))
-                owners.append(request)
-                ending.append(not request._tail)
-                if not request._tail:
-                    prompts_done.append(request)
-                budget -= len(chunk)
+                add_chunk(request)
         loads: list[LayerLoad] = []
         publishers: list[tuple[DecodeRequest, Publisher]] = []
         try:
@@ -226,14 +232,8 @@ class DecodeEngine:
                     self._finish(request)
                     continue
                 request._tail = tail
-                chunk = self._take_chunk(request, budget)
-                batch.append((request.seq, chunk))
-                owners.append(request)
-                ending.append(not request._tail)
-                if not request._tail:
-                    prompts_done.append(request)
+                add_chunk(request)
                 loads.append(load)
-                budget -= len(chunk)
         except BaseException:  # what the requests admitted so far borrowed goes back
             for load in loads:
                 load.release()
@@ -277,11 +277,6 @@ class DecodeEngine:
         for request in [r for r in self._running if r.is_finished]:
             self._finish(request)
         return produced
-
-    def _take_chunk(self, request: DecodeRequest, budget: int) -> list[int]:
-        """The next at most ``budget`` tokens of ``request``'s prompt left to compute."""
-        chunk, request._tail = request._tail[:budget], request._tail[budget:]
-        return chunk
 
     def run(self) -> None:
         """Step until every request has finished."""
