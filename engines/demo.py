@@ -15,12 +15,14 @@ entry point), so the library never imports the engines.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +69,7 @@ class Turn:
     user: int
     turn: int
     prompt: list[int]
+    question: str = ""  # what the user asked (empty for a model without a tokenizer)
     result: RequestResult | None = None
     reply_text: str = ""
     cold_ttft_s: float | None = None
@@ -94,6 +97,9 @@ class ChatWorkload:
         self.messages[user].append({"role": "user", "content": CONVERSATIONS[user][turn]})
         return self.tokenizer.apply_chat_template(self.messages[user],
                                                   add_generation_prompt=True)
+
+    def question(self, user: int, turn: int) -> str:
+        return CONVERSATIONS[user][turn] if self.tokenizer is not None else ""
 
     def reply(self, user: int, output: list[int], stop_ids: tuple[int, ...]) -> str:
         text_ids = [t for t in output if t not in stop_ids]
@@ -147,8 +153,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=args.json)
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
-    with console.status(f"loading {args.preset} ...", spinner="dots") if not args.json \
-            else _Quiet():
+    with _step(console, f"loading {args.preset}", args.json):
         loaded = load_model(args.preset, device=args.device, seed=args.seed)
     model, tokenizer = loaded.model, loaded.tokenizer
     stop_ids = tuple(tokenizer.eos_token_ids) if tokenizer is not None else ()
@@ -158,8 +163,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         prefill = PrefillEngine(model, store, num_pages=256, kv_codec=args.kv_codec)
         decode = DecodeEngine(model, store, num_pages=512, max_batch=8, kv_codec=args.kv_codec)
-        with (console.status("measuring the cost model ...") if not args.json
-              else _Quiet()):
+        with _step(console, "measuring the cost model (timed prefills, fetches and "
+                   "publishes of this model and store)", args.json):
             cost = calibrate(model, decode.io, lengths=[16, 128, 320], num_blocks=8)
             # which cached blocks pay to load, tier by tier (engines.fetch_plan)
             prefill.planner = decode.planner = planner_for(decode.io, cost)
@@ -181,12 +186,22 @@ def run(args: argparse.Namespace) -> int:
     return 0 if report["summary"]["all_disaggregated_matched"] or not lossless else 1
 
 
-class _Quiet:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
+@contextlib.contextmanager
+def _step(console: Any, what: str, quiet: bool) -> Iterator[None]:
+    """A step of the demo that takes seconds: a spinner on a terminal, else a line when it
+    starts and one when it is done (a log shows where the time went); nothing if
+    ``quiet``."""
+    if quiet:
+        yield
+        return
+    if console.is_terminal:
+        with console.status(f"{what} ...", spinner="dots"):
+            yield
+        return
+    console.print(f"{what} ...")
+    started = time.perf_counter()
+    yield
+    console.print(f"  done in {time.perf_counter() - started:.1f} s")
 
 
 def serve(conductor: Conductor, model: Any, tokenizer: Any | None, args: argparse.Namespace,
@@ -201,7 +216,8 @@ def serve(conductor: Conductor, model: Any, tokenizer: Any | None, args: argpars
         for turn in range(args.turns):
             pending: list[tuple[Turn, Future[RequestResult]]] = []
             for user in range(args.users):
-                item = Turn(user, turn, workload.prompt(user, turn))
+                item = Turn(user, turn, workload.prompt(user, turn),
+                            workload.question(user, turn))
                 pending.append((item, conductor.submit(item.prompt, sampling)))
                 time.sleep(args.interval)
             for item, future in pending:
@@ -219,6 +235,9 @@ def verify(model: Any, turns: list[Turn], sampling: SamplingParams, console: Any
            quiet: bool) -> None:
     from rich.progress import Progress
 
+    if not quiet and not console.is_terminal:
+        console.print(f"measuring each prompt cold and checking {len(turns)} replies "
+                      "against the reference ...")
     with Progress(console=console, transient=True,
                   disable=quiet or not console.is_terminal) as bar:
         task = bar.add_task("cold prefill and reference check", total=len(turns))
@@ -239,7 +258,10 @@ def print_turn(console: Any, item: Turn) -> None:
     console.print(f"[bold]user {item.user} turn {item.turn}[/bold] ({len(item.prompt)} "
                   f"tokens, {r.num_cached_tokens} cached, {where}): TTFT "
                   f"{r.ttft_s * 1e3:.0f} ms, ITL {itl:.0f} ms")
-    console.print(f"  [dim]{item.reply_text}[/dim]", highlight=False)
+    if item.question:
+        console.print(f"  [bold]Q:[/bold] {item.question}", highlight=False)
+    console.print(f"  [dim]{'A: ' if item.question else ''}{item.reply_text}[/dim]",
+                  highlight=False)
 
 
 def build_report(args: argparse.Namespace, model: Any, cost: Any, turns: list[Turn],

@@ -235,6 +235,8 @@ def test_engines_in_separate_processes_through_a_daemon(model, tmp_path):
         firsts = [ask(prefill, {"id": str(i), "prompt": p, "max_new_tokens": 10})
                   for i, p in enumerate(prompts)]
         assert ask(prefill, {"prompt": "nope"})["error"].startswith("ValueError")
+        bad = ask(prefill, {"id": "r-bad", "prompt": [1, 2], "max_new_tokens": 0})
+        assert bad["id"] == "r-bad" and "max_new_tokens" in bad["error"]
         with kvstore.connect(daemon.url, timeout_s=5) as client, \
                 DecodeEngine(model, client, num_pages=64) as decode:
             for prompt, first in zip(prompts, firsts, strict=True):
@@ -326,9 +328,18 @@ def test_chunked_prefill_publishes_and_fetches_like_a_whole_prefill(model):
                           max_step_tokens=32) as decode:
             first = decode.generate(prompt, SamplingParams(max_new_tokens=3))
             assert first.num_published_blocks >= 200 // BLOCK
-            again = decode.generate(prompt + [7, 8, 9], SamplingParams(max_new_tokens=3))
+            again = decode.generate([*prompt, 7, 8, 9], SamplingParams(max_new_tokens=3))
         assert again.num_cached_tokens == 192
         assert first.output == model.generate(prompt, 3)
-        assert again.output == model.generate(prompt + [7, 8, 9], 3)
-    with pytest.raises(ValueError, match="max_step_tokens"):
-        DecodeEngine(model, dram_store(), num_pages=8, max_batch=4, max_step_tokens=3)
+        assert again.output == model.generate([*prompt, 7, 8, 9], 3)
+    with dram_store() as store, pytest.raises(ValueError, match="max_step_tokens"):
+        DecodeEngine(model, store, num_pages=8, max_batch=4, max_step_tokens=3)
+
+
+def test_an_engine_process_with_a_dead_daemon_says_so_in_one_line():
+    done = subprocess.run([sys.executable, "-m", "engines", "decode", "--url",
+                           "kvstore://127.0.0.1:1"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert done.returncode == 2
+    assert "cannot use --url kvstore://127.0.0.1:1" in done.stderr
+    assert "Traceback" not in done.stderr
