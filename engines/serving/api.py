@@ -2,7 +2,8 @@
 server-sent events or not), the model list, health and Prometheus metrics, on FastAPI.
 
     POST /v1/completions        prompt (text or token ids), max_tokens (16), temperature (1),
-                                top_p (1), seed, stop, n=1, stream, stream_options
+                                top_p (1), seed, stop, n=1, stream, stream_options, and
+                                vLLM's ignore_eos
     POST /v1/chat/completions   messages (the model's chat template), max_tokens or
                                 max_completion_tokens (default: what the context leaves), ...
     GET  /v1/models             the one model served
@@ -51,6 +52,7 @@ class _Request(BaseModel):
     stream_options: dict[str, Any] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False  # (vLLM's extension: generate max_tokens whatever comes)
 
 
 class CompletionRequest(_Request):
@@ -202,7 +204,8 @@ async def _serve(backend: Backend, request: Request, body: Any, ids: list[int],
                  max_tokens: int | None, kind: Literal["text_completion", "chat.completion"],
                  *, prompt_param: str) -> Response:
     sampling = backend.sampling(ids, max_tokens=max_tokens, temperature=body.temperature,
-                                top_p=body.top_p, seed=body.seed, prompt_param=prompt_param)
+                                top_p=body.top_p, seed=body.seed, prompt_param=prompt_param,
+                                ignore_eos=body.ignore_eos)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     request_id = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
     deltas = backend.generate(ids, sampling, stop, request_id=request_id)

@@ -95,8 +95,8 @@ class Backend:
             raise ServingError(str(e), param="messages") from e
 
     def sampling(self, prompt: list[int], *, max_tokens: int | None, temperature: float,
-                 top_p: float, seed: int | None, prompt_param: str = "prompt"
-                 ) -> SamplingParams:
+                 top_p: float, seed: int | None, prompt_param: str = "prompt",
+                 ignore_eos: bool = False) -> SamplingParams:
         """The engine's sampling for a request, its length checked against the context
         (``max_tokens`` None: whatever the context leaves, as vLLM does)."""
         room = self.max_model_len - len(prompt)
@@ -111,7 +111,8 @@ class Backend:
                 param="max_tokens" if room >= 1 else prompt_param,
                 code="context_length_exceeded")
         return SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
-                              top_p=top_p, seed=seed, stop_token_ids=self.stop_token_ids)
+                              top_p=top_p, seed=seed,
+                              stop_token_ids=() if ignore_eos else self.stop_token_ids)
 
     # -- generating ------------------------------------------------------------------------
 

@@ -131,6 +131,10 @@ def test_chat_reply_streamed_and_not(server: Server) -> None:
     assert "".join(pieces) == PARIS and len([p for p in pieces if p]) > 1
     assert reasons[-1] == "stop" and set(reasons[:-1]) == {None}
     assert usage is not None and usage.completion_tokens == 8
+    past_the_end = chat(server, extra_body={"ignore_eos": True})  # (vLLM's extension)
+    assert past_the_end.usage.completion_tokens == 24
+    assert past_the_end.choices[0].finish_reason == "length"
+    assert past_the_end.choices[0].message.content.startswith(PARIS)
     models = server.client.models.list()
     assert [m.id for m in models.data] == [MODEL]
 
