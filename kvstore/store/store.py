@@ -82,7 +82,8 @@ class Store:
     # -- the public API -----------------------------------------------------------------------
 
     def put(self, key: bytes, value: Any, *, owner: int = 0, replace: bool = True) -> bool:
-        """Store ``value`` under ``key`` (replacing any earlier value). False if no room.
+        """Store ``value`` under ``key`` (replacing any earlier value). False if no room:
+        then an earlier value stays as it was, or was evicted making room, never replaced.
         ``owner`` (a tenant's number; 0: nobody) is charged for it (`set_quota`).
         ``replace=False``: store it only if ``key`` is not held (False if it is), decided
         at the instant it would be committed (a block arriving from a peer never replaces
