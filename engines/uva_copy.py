@@ -173,14 +173,12 @@ MAX_FP8_SCALES = 2048  # scales per chunk (tokens x heads) the kernel holds in s
 # 16 of 256: 22.9, 24.3 (0.7-1.2 ms after), copying at 47.8-49.5 GB/s; 8 of 512: 23.8;
 # 8 of 1024: 23.3, 25.0; 24 of 256: 24.8; 32 of 256: 25.3. Host noise moves them 1-2 ms.
 GRID = 16
-# The fp8 kernel's grid, its own lever. With table lookups (16 per 16 bytes read) and
-# this grid it copied 26 GB/s to the lossless kernel's 50 (H100, 2026-12-06: TTFT 21.3
-# ms at 8K, 76.3 at 32K). The conversions in hardware leave it 403 PTX instructions
-# against 967 (sm_90, as CuPy compiles it), and its scale reads no longer wait alone on
-# PCIe; whether that makes it PCIe-bound on 16 blocks, or it wants more beside the
-# forward, is not measured yet (no device could be started on 2026-12-07): GRID until a
-# TTFT sweep says otherwise.
-FP8_GRID = GRID
+# The fp8 kernel's grid, its own lever. With table lookups (16 per 16 bytes read) and a
+# grid of 16 it copied 26 GB/s to the lossless kernel's 50 (H100, 2026-12-06). With the
+# conversions in hardware (H100, 2026-12-07), alone: grid 8 29.0 GB/s, 16 47.7, 32 48.0,
+# 64 42.6; fp8 TTFT from DRAM beside the forward, grid 16 / 32: 16.3 / 15.1 ms at 8K,
+# 52.2 / 48.0 ms at 32K (docs/BENCHMARKS.md).
+FP8_GRID = 32
 THREADS = 256
 ALIGN = 16
 # Blocks in device memory (the HBM tier) whose addresses advance by one stride while their
