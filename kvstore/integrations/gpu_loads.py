@@ -107,7 +107,11 @@ class LayerLoads:
             raise ValueError("LayerLoads is for CUDA caches seen through a KVViewCodec")
         self.pages = pages
         self.codec: KVViewCodec = pages.codec
-        self.use_kernel = kernel_available() if use_kernel is None else use_kernel
+        aligned = all(_aligned(cache) for cache in pages.caches) and not pages.page_bytes % ALIGN
+        if use_kernel and not aligned:
+            raise ValueError("the copy kernel needs caches whose heads' K and V, strides and "
+                             "pages are multiples of 16 bytes")
+        self.use_kernel = (kernel_available() and aligned) if use_kernel is None else use_kernel
         self.stream = torch.cuda.Stream(device=pages.device)
         self.events: dict[int, torch.cuda.Event] = {}
 
@@ -139,10 +143,8 @@ class LayerLoads:
         split = cache.shape[0] // pages.num_blocks
         raw = cache.view(torch.uint8)
         head_bytes = raw.shape[3] // 2
-        if (head_bytes % ALIGN or raw.data_ptr() % ALIGN or rows.data_ptr() % ALIGN
-                or rows.stride(0) % ALIGN or pages.page_bytes % ALIGN
-                or any(s % ALIGN for s in raw.stride()[:3])):
-            raise ValueError("the copy kernel needs 16-byte aligned caches and rows")
+        if rows.data_ptr() % ALIGN or rows.stride(0) % ALIGN:
+            raise ValueError("the copy kernel needs 16-byte aligned staging rows")
         row_addresses = rows.data_ptr() + np.arange(n, dtype=np.int64) * rows.stride(0)
         # Tables on the device, uploaded on this stream (it is the current one).
         tables = torch.from_numpy(np.stack([
@@ -170,3 +172,10 @@ class LayerLoads:
     def synchronize(self) -> None:
         """Block until every queued copy is done."""
         self.stream.synchronize()
+
+
+def _aligned(cache: torch.Tensor) -> bool:
+    """Whether the kernel can write ``cache``'s pages in 16-byte pieces."""
+    raw = cache.view(torch.uint8)
+    return (raw.shape[3] // 2) % ALIGN == 0 and raw.data_ptr() % ALIGN == 0 and all(
+        s % ALIGN == 0 for s in raw.stride()[:3])

@@ -154,7 +154,7 @@ def test_codec_stores_kvstore_layout_and_restores_the_page() -> None:
 PHYSICAL_ORDERS = {"LBHNC": (0, 1, 2, 3, 4), "LBNHC": (0, 1, 3, 2, 4),
                    "LHBNC": (0, 2, 1, 3, 4), "BLHNC": (1, 0, 2, 3, 4),
                    "BLNHC": (1, 0, 3, 2, 4), "BHLNC": (1, 2, 0, 3, 4)}
-LAYERS, VIEW_BLOCKS, VIEW_HEADS, VIEW_TOKENS, HS = 3, 6, 2, 8, 4
+LAYERS, VIEW_BLOCKS, VIEW_HEADS, VIEW_TOKENS, HS = 3, 6, 2, 8, 8  # (a head's K: 16 bytes)
 
 
 def logical_views(order: tuple[int, ...], *, kernel_split: int = 1,
@@ -333,6 +333,7 @@ def test_layer_loads_on_a_gpu_write_what_the_host_scatter_writes(use_kernel: boo
             pinned.copy_(rows)
             assert pinned.is_pinned()
             loads = gpu_loads.LayerLoads(pages, use_kernel=use_kernel)
+            assert loads.use_kernel is use_kernel
             for layer in range(LAYERS):
                 loads.load_layer(layer, [(pinned[:2], [5, 2]), (pinned[2:], [0, 3])])
             for layer in range(LAYERS):
