@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import cProfile
 import gc
 import hashlib
@@ -1099,6 +1100,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc["targets"] = targets_summary(doc)
     emit(doc, started_s, args.json_out)
     return 0
+
+
+def quit_worker(process: subprocess.Popen[str], wait_s: float) -> None:
+    """End a worker process that reads commands on its stdin: ``quit``, then a kill if it
+    has not exited within ``wait_s``."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(OSError):
+        assert process.stdin is not None
+        process.stdin.write("quit\n")
+        process.stdin.close()
+    try:
+        process.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def emit(doc: dict[str, Any], started_s: float, json_out: str | None) -> None:

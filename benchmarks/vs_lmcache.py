@@ -77,6 +77,7 @@ from store_bench import (  # noqa: E402
     log,
     machine_info,
     mount_of,
+    quit_worker,
     raw_direct_io,
     settle,
     size_label,
@@ -504,16 +505,7 @@ class WorkerProcess:
         return self._answer()
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(OSError):
-                assert self.process.stdin is not None
-                self.process.stdin.write("quit\n")
-                self.process.stdin.close()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        quit_worker(self.process, 60)
 
 
 # -- the benchmark -------------------------------------------------------------------------------

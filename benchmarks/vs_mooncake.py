@@ -59,6 +59,7 @@ from store_bench import (  # noqa: E402
     gbps,
     log,
     machine_info,
+    quit_worker,
     size_label,
     slices,
     summarize,
@@ -322,16 +323,8 @@ class Mooncake:
         return self._answer()
 
     def stop_worker(self) -> None:
-        if self.worker is not None and self.worker.poll() is None:
-            assert self.worker.stdin is not None
-            with contextlib.suppress(OSError):
-                self.worker.stdin.write("quit\n")
-                self.worker.stdin.close()
-            try:
-                self.worker.wait(30)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
-                self.worker.wait()
+        if self.worker is not None:
+            quit_worker(self.worker, 30)
         self.worker = None
 
     def close(self) -> None:

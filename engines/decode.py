@@ -196,7 +196,6 @@ class DecodeEngine:
         budget = self.max_step_tokens or 1 << 62
         batch: list[tuple[SequenceKV, list[int]]] = []
         owners: list[DecodeRequest] = []
-        ending: list[bool] = []  # whether the request's last uncomputed token is in this step
         prompts_done: list[DecodeRequest] = []  # prompts whose last chunk is in this step
 
         def add_chunk(request: DecodeRequest) -> None:
@@ -205,7 +204,6 @@ class DecodeEngine:
             chunk, request._tail = request._tail[:budget], request._tail[budget:]
             batch.append((request.seq, chunk))
             owners.append(request)
-            ending.append(not request._tail)
             if not request._tail:
                 prompts_done.append(request)
             budget -= len(chunk)
@@ -214,7 +212,6 @@ class DecodeEngine:
             if not request._tail:
                 batch.append((request.seq, [request._pending]))
                 owners.append(request)
-                ending.append(True)
                 budget -= 1
         for request in self._running:  # prompts in chunks, oldest first
             if request._tail and budget > 0:
@@ -267,9 +264,9 @@ class DecodeEngine:
                           - publisher.first_block), 0)
         now = time.perf_counter()
         produced = []
-        for request, row, last, (_, tokens) in zip(owners, logits, ending, batch, strict=True):
+        for request, row, (_, tokens) in zip(owners, logits, batch, strict=True):
             request.step_tokens.append(len(tokens))
-            if not last:  # a chunk of its prompt: no token yet
+            if request._tail:  # a chunk of its prompt, more to come: no token yet
                 continue
             token = sample(row, request.sampling, len(request.output))
             self._emit(request, token, now)

@@ -155,7 +155,8 @@ class Backend:
                     raise item
                 if isinstance(item, RequestResult):
                     finished = True
-                    reason = (text.finish_reason or _finish_reason(item.finish_reason))
+                    reason = text.finish_reason or (
+                        item.finish_reason or FinishReason.STOP).value
                     self._record(item, arrived, stamps, reason)
                     yield Delta(text.rest(), num_tokens, reason, item)
                     return
@@ -181,14 +182,6 @@ class Backend:
             finish_reason=finish_reason, ttft_s=stamps[0] - arrived if stamps else math.nan,
             inter_token_s=[b - a for a, b in itertools.pairwise(stamps)],
             prompt_tokens=len(result.prompt), fetched_tokens=result.num_cached_tokens)
-
-
-def _finish_reason(reason: FinishReason | None) -> str:
-    if reason is FinishReason.LENGTH:
-        return "length"
-    if reason is FinishReason.ABORT:
-        return "abort"
-    return "stop"
 
 
 class _StopText:

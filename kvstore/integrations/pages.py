@@ -94,9 +94,8 @@ class KVPageCodec:
 class KVViewCodec:
     """vLLM's per-layer logical views ``[R * blocks, heads, tokens, K|V]`` (any strides)
     <-> `kvstore.layout` layers (see the module docstring). It works on the views' bytes,
-    so any dtype (an fp8 cache too) moves as it is; ``head_bytes`` is one head's K (or V)
-    of one token. Gathers and scatters run on the cache's device, a layer of many blocks
-    in a few strided copies."""
+    so any dtype (an fp8 cache too) moves as it is. Gathers and scatters run on the
+    cache's device, a layer of many blocks in a few strided copies."""
 
     def __init__(self, num_kv_heads: int, block_tokens: int, head_dim: int) -> None:
         self.num_kv_heads = num_kv_heads
