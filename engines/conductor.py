@@ -115,14 +115,19 @@ class RequestResult:
     decode: DecodeRequest | None = field(default=None, repr=False)
 
 
+class NoEngineError(KVStoreError):
+    """No engine of a role the request needs is running (one died and is restarting)."""
+
+
 class Conductor:
-    def __init__(self, prefill_engines: Sequence[PrefillEngine],
-                 decode_engines: Sequence[DecodeEngine], *,
+    def __init__(self, prefill_engines: Sequence[Any], decode_engines: Sequence[Any], *,
                  cost: CostModel | None = None, pool: Any | None = None,
                  mode: str = "auto") -> None:
-        """``pool``: the pool the engines' stores are nodes of (``locate(keys)``), to
-        route by where prefixes live without asking each engine. ``mode``: one of
-        `MODES` (see the module docstring)."""
+        """Engines (`PrefillEngine`, `DecodeEngine`: each run on a thread worker here), or
+        workers that run them elsewhere (`engines.processes.EngineProcess`: ``cost`` is
+        then required). ``pool``: the pool the engines' stores are nodes of
+        (``locate(keys)``), to route by where prefixes live without asking each engine.
+        ``mode``: one of `MODES` (see the module docstring)."""
         if not decode_engines:
             raise ValueError("the conductor needs at least one decode engine")
         if mode not in MODES:
@@ -130,13 +135,22 @@ class Conductor:
         if mode == "disaggregated" and not prefill_engines:
             raise ValueError("mode disaggregated needs at least one prefill engine")
         self.mode = mode
-        engines = [*prefill_engines, *decode_engines]
-        if len({e.block_tokens for e in engines}) != 1:
+        self.prefill = [PrefillWorker(e, f"p{i}") if isinstance(e, PrefillEngine) else e
+                        for i, e in enumerate(prefill_engines)]
+        self.decode = [DecodeWorker(e, f"d{i}") if isinstance(e, DecodeEngine) else e
+                       for i, e in enumerate(decode_engines)]
+        workers = [*self.prefill, *self.decode]
+        if len({w.engine.block_tokens for w in workers}) != 1:
+            self.close()
             raise ValueError("all engines must use the same block size")
-        self.block_tokens = engines[0].block_tokens
-        self.cost = cost or calibrate(decode_engines[0].model, decode_engines[0].io)
-        self.prefill = [PrefillWorker(e, f"p{i}") for i, e in enumerate(prefill_engines)]
-        self.decode = [DecodeWorker(e, f"d{i}") for i, e in enumerate(decode_engines)]
+        self.block_tokens = workers[0].engine.block_tokens
+        if cost is None:
+            first = self.decode[0].engine
+            if not isinstance(first, DecodeEngine):
+                self.close()
+                raise ValueError("engines run elsewhere: give the conductor their cost model")
+            cost = calibrate(first.model, first.io)
+        self.cost = cost
         self.pool = pool
         # Each engine's node in the pool (its store's daemon), by worker name.
         self._node_of = ({w.name: getattr(w.engine.io.store, "node_id", None)
@@ -164,7 +178,7 @@ class Conductor:
               request_id: str | None = None) -> Route:
         request_id = request_id or uuid.uuid4().hex[:12]
         cost, n, block = self.cost, len(prompt), self.block_tokens
-        keys = self.decode[0].engine.io.keys(prompt)
+        keys = self._healthy(self.decode)[0].engine.io.keys(prompt)
         cached_of, local = self._where(keys)
 
         def usable(blocks: int) -> int:
@@ -182,6 +196,8 @@ class Conductor:
 
         best: tuple[float, int, int, int] | None = None  # (ttft, -local, index, cached)
         for i, p in enumerate(self.prefill):
+            if not p.is_healthy:  # (restarting)
+                continue
             cached_p = usable(cached_of(p))
             ttft_p = p.queued_s + self._prefill_cost(p, keys, n, cached_p)
             option = (ttft_p, -len(local.get(p.name, ())), i, cached_p)
@@ -238,6 +254,15 @@ class Conductor:
         log.debug("plan for %s: %s", worker.name, plan.describe())
         return plan
 
+    @staticmethod
+    def _healthy(workers: list[Any]) -> list[Any]:
+        """The workers that run (`NoEngineError` if none: one died and is restarting)."""
+        up = [w for w in workers if w.is_healthy]
+        if not up:
+            raise NoEngineError("no decode engine is running (restarting after a failure); "
+                                "try again shortly")
+        return up
+
     def _where(self, keys: list[bytes]) -> tuple[Callable[[Any], int],
                                                   dict[str, tuple[int, ...]]]:
         """How to count an engine's cached leading blocks, and (with a pool) each
@@ -260,6 +285,8 @@ class Conductor:
         the longest cached prefix, then the most of it on the engine's own node."""
         candidates = []
         for i, worker in enumerate(self.decode):
+            if not worker.is_healthy:  # (restarting)
+                continue
             need = worker.engine.pages_needed(len(prompt), sampling)
             if need > worker.engine.cache.num_pages:
                 continue

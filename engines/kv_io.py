@@ -118,30 +118,15 @@ class PrefixFetch:
     middle: LayerLoad | None = None
 
 
-class KVBlockIO:
-    """The store side of one engine: keys, fetches into its cache, publishes from it."""
+class BlockKeys:
+    """An engine's blocks as its store knows them: their keys (`kvstore.prefix_hashes` in
+    the engine's namespace) and how many leading ones the store holds, in which tiers. What
+    a router needs of an engine; `KVBlockIO` adds the moving of bytes."""
 
-    def __init__(self, model: LlamaModel, cache: PagedKVCache, store: Any, *,
-                 codec: str | None = None) -> None:
-        """``codec``: store blocks compressed (`kvstore.codec`: ``"fp8"``), in a namespace
-        of their own; None or ``"none"``: as the pages hold them."""
-        self.model = model
-        self.cache = cache
+    def __init__(self, store: Any, namespace: str, block_tokens: int) -> None:
         self.store = store
-        self.block_tokens = cache.page_tokens
-        self.layout = model.config.kv_layout(cache.page_tokens, cache.dtype)
-        self.codec = codec_for(codec, self.layout)
-        self.namespace = self.layout.namespace(
-            model.model_id, codec=self.codec.name if self.codec is not None else None)
-        # What one block takes in the store.
-        self.stored_block_bytes = (self.codec.block_bytes if self.codec is not None
-                                   else self.layout.block_bytes)
-        self.fp8_chunks = (uva_copy.Fp8Chunks(self.codec.chunk_bytes, self.codec.payload_bytes,
-                                              self.codec.num_scales, self.layout.head_dim)
-                           if self.codec is not None else None)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-io")
-        # Planned loads that run while the blocks before them are computed.
-        self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-fetch")
+        self.namespace = namespace
+        self.block_tokens = block_tokens
 
     def keys(self, tokens: Sequence[int]) -> list[bytes]:
         return prefix_hashes(list(tokens), block_tokens=self.block_tokens,
@@ -169,6 +154,31 @@ class KVBlockIO:
         except KVStoreError as e:
             log.warning("tier_bits failed (%s); fetching without a plan", e)
             return None
+
+
+class KVBlockIO(BlockKeys):
+    """The store side of one engine: keys, fetches into its cache, publishes from it."""
+
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, store: Any, *,
+                 codec: str | None = None) -> None:
+        """``codec``: store blocks compressed (`kvstore.codec`: ``"fp8"``), in a namespace
+        of their own; None or ``"none"``: as the pages hold them."""
+        self.model = model
+        self.cache = cache
+        self.layout = model.config.kv_layout(cache.page_tokens, cache.dtype)
+        self.codec = codec_for(codec, self.layout)
+        super().__init__(store, self.layout.namespace(
+            model.model_id, codec=self.codec.name if self.codec is not None else None),
+            cache.page_tokens)
+        # What one block takes in the store.
+        self.stored_block_bytes = (self.codec.block_bytes if self.codec is not None
+                                   else self.layout.block_bytes)
+        self.fp8_chunks = (uva_copy.Fp8Chunks(self.codec.chunk_bytes, self.codec.payload_bytes,
+                                              self.codec.num_scales, self.layout.head_dim)
+                           if self.codec is not None else None)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-io")
+        # Planned loads that run while the blocks before them are computed.
+        self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-fetch")
 
     def close(self) -> None:
         self._fetcher.shutdown(wait=True)

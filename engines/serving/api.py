@@ -7,7 +7,8 @@ server-sent events or not), the model list, health and Prometheus metrics, on Fa
     POST /v1/chat/completions   messages (the model's chat template), max_tokens or
                                 max_completion_tokens (default: what the context leaves), ...
     GET  /v1/models             the one model served
-    GET  /health                200 while every engine works, else 503
+    GET  /health                200 while every engine runs, else 503 (one restarts); each
+                                engine's state, process id and restarts
     GET  /metrics               Prometheus (`engines.serving.metrics`)
 
 A bad request (unknown model, a malformed or out-of-range field, a prompt longer than the
@@ -32,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
+from engines.processes import EngineDiedError
 from engines.serving.backend import Backend, Delta, ServingError
 
 log = logging.getLogger(__name__)
@@ -117,8 +119,8 @@ def create_app(backend: Backend, *, api_key: str | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         ok = backend.healthy()
-        return JSONResponse({"status": "ok" if ok else "unhealthy"},
-                            status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "unhealthy",
+                             "engines": backend.engines()}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -263,7 +265,10 @@ async def _events(deltas: AsyncIterator[Delta], shape: _Shape, usage: bool
         except ServingError as e:
             yield _sse({"error": _error_body(e)})
         except Exception as e:  # an engine failed mid-stream: say so in the stream
-            log.exception("request %s failed", shape.request_id)
+            if isinstance(e, EngineDiedError):  # (its process's death is logged already)
+                log.warning("request %s failed: %s", shape.request_id, e)
+            else:
+                log.exception("request %s failed", shape.request_id)
             yield _sse({"error": _error_body(ServingError(
                 f"the engine failed: {e}", status=500, type="InternalServerError"))})
     yield "data: [DONE]\n\n"

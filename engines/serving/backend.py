@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engines.conductor import Conductor, RequestResult
+from engines.conductor import Conductor, NoEngineError, RequestResult
 from engines.decode import DecodeRequest, FinishReason
 from engines.kv_io import CacheFullError
 from engines.sampling import SamplingParams
@@ -67,8 +67,14 @@ class Backend:
         self.created = int(time.time())
 
     def healthy(self) -> bool:
-        """Whether every engine still works."""
+        """Whether every engine runs (none is restarting)."""
         return all(w.is_healthy for w in [*self.conductor.prefill, *self.conductor.decode])
+
+    def engines(self) -> dict[str, dict[str, Any]]:
+        """Each engine's state, process and restarts, by name (``/health``'s detail)."""
+        return {w.name: {"up": w.is_healthy, "pid": getattr(w, "pid", None),
+                         "restarts": getattr(w, "restarts", 0)}
+                for w in [*self.conductor.prefill, *self.conductor.decode]}
 
     # -- prompts ---------------------------------------------------------------------------
 
@@ -141,6 +147,9 @@ class Backend:
         except CacheFullError as e:  # no engine could ever hold it
             self.metrics.finished()
             raise ServingError(str(e), param="max_tokens") from e
+        except NoEngineError as e:  # every decode engine is restarting
+            self.metrics.finished()
+            raise ServingError(str(e), status=503, type="ServiceUnavailableError") from e
         except Exception:
             self.metrics.finished()
             raise

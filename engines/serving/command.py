@@ -5,8 +5,9 @@ the ``kvstore.commands`` entry point; ``--help`` loads neither torch nor the eng
     kvstore serve [--model smollm2-135m] [--host 127.0.0.1] [--port 8000]
                   [--mode auto|colocated|disaggregated] [--url kvstore://HOST:PORT]
 
-The engines run in this process, each on a thread of its own, and share one store: an
-embedded one (DRAM, and NVMe if asked) or a `kvstored` daemon (``--url``).
+Each engine runs in a process of its own (`engines.processes`: restarted when it dies),
+and they share one store: a `kvstored` served from a thread of this process (DRAM, and
+NVMe if asked) or yours (``--url``).
 """
 
 from __future__ import annotations

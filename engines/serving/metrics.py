@@ -10,6 +10,9 @@
     kvstore_serve_engine_requests{engine,state} gauge      each decode engine's waiting and
                                                            running requests (read at scrape)
     kvstore_serve_prefill_queued_seconds{engine} gauge     each prefill engine's queued work
+    kvstore_serve_engine_up{engine}             gauge      1 while an engine runs, 0 while it
+                                                           restarts after its process died
+    kvstore_serve_engine_restarts_total{engine} counter    engine processes started again
 
 Times are measured where the HTTP layer sees the tokens, so they include routing, queues
 and the hand-over between engines.
@@ -22,7 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -98,3 +101,13 @@ class _EngineQueues:
         for worker in self.conductor.prefill:
             queued.add_metric([worker.name], worker.queued_s)
         yield queued
+        up = GaugeMetricFamily("kvstore_serve_engine_up", "Whether an engine runs (0: its "
+                               "process died and a new one is starting)", labels=["engine"])
+        restarts = CounterMetricFamily("kvstore_serve_engine_restarts",
+                                       "Engine processes started again after one died",
+                                       labels=["engine"])
+        for worker in [*self.conductor.prefill, *self.conductor.decode]:
+            up.add_metric([worker.name], 1 if worker.is_healthy else 0)
+            restarts.add_metric([worker.name], getattr(worker, "restarts", 0))
+        yield up
+        yield restarts

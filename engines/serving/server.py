@@ -1,11 +1,15 @@
-"""Starting `kvstore serve`: the model, the store, the engines and their conductor, then
-the HTTP server (uvicorn) until SIGINT or SIGTERM; everything closed on the way out."""
+"""Starting `kvstore serve`: the model's shape and tokenizer, the shared store, the engine
+processes (`engines.processes`) and their conductor, then the HTTP server (uvicorn) until
+SIGINT or SIGTERM; everything stopped on the way out."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
+import signal
+import tempfile
+from dataclasses import replace
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -34,16 +38,14 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -> Any:
-    """The FastAPI app over freshly started engines (closed by ``stack``)."""
+    """The FastAPI app over freshly started engine processes (stopped by ``stack``)."""
+    import torch
+
     from engines.conductor import Conductor
-    from engines.cost_model import calibrate, planner_for
-    from engines.decode import DecodeEngine
-    from engines.demo import open_store
-    from engines.prefill import PrefillEngine
-    from engines.presets import load_model
+    from engines.presets import default_dtype, load_model
+    from engines.processes import EngineProcess, EngineSpec, EngineStartError
     from engines.serving.api import create_app
     from engines.serving.backend import Backend
-    from kvstore.errors import KVStoreError
 
     if args.decode_engines < 1:
         raise StartError("--decode-engines must be at least 1")
@@ -55,48 +57,101 @@ def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -
             args.max_num_batched_tokens < args.max_num_seqs):
         raise StartError("--max-num-batched-tokens must be at least --max-num-seqs (each "
                          "decoding request takes a token a step)")
-    with console.status(f"loading {args.model} ..."):
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise StartError(f"--device {args.device}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StartError(f"--device {args.device}: CUDA is not available")
+    # The model's shape and tokenizer, here; its weights live in the engine processes.
+    with console.status(f"reading {args.model} ..."):
         try:
-            loaded = load_model(args.model, device=args.device)
+            loaded = load_model(args.model, device="cpu")
         except Exception as e:  # a missing package, file or preset: one line
             raise StartError(f"cannot load --model {args.model}: {e}") from e
-    model, tokenizer = loaded.model, loaded.tokenizer
+    config, tokenizer = loaded.model.config, loaded.tokenizer
+    del loaded
     if tokenizer is None:
         raise StartError(f"--model {args.model} has no tokenizer (a random preset?): text "
                          "cannot be served; use smollm2-135m or a checkpoint with one")
-    limit = model.config.max_position_tokens
+    limit = config.max_position_tokens
     max_model_len = args.max_model_len or limit
     if not 1 < max_model_len <= limit:
         raise StartError(f"--max-model-len must be in 2..{limit} (the model's), got "
                          f"{max_model_len}")
-    block_bytes = model.config.kv_layout(16, model.dtype).block_bytes
-    try:
-        store, close_store = open_store(args, block_bytes)
-    except (KVStoreError, OSError, ValueError) as e:
-        where = f"--url {args.url}" if args.url else "the embedded store"
-        raise StartError(f"cannot open {where}: {e}") from e
-    stack.callback(close_store)
+    store_url, store = _shared_store(args, config.kv_layout(16, default_dtype(device))
+                                     .block_bytes, stack)
     pages = args.num_pages or 2 * -(-max_model_len // 16)
-    with console.status("starting the engines and measuring the cost model ..."):
-        decode = [DecodeEngine(model, store, num_pages=pages, max_batch=args.max_num_seqs,
-                               kv_codec=args.kv_codec,
-                               max_step_tokens=args.max_num_batched_tokens)
-                  for _ in range(args.decode_engines)]
-        prefill = [PrefillEngine(model, store, num_pages=pages, kv_codec=args.kv_codec)
-                   for _ in range(args.prefill_engines)]
-        cost = calibrate(model, decode[0].io, lengths=[16, 128, 320], num_blocks=8)
-        planner = planner_for(decode[0].io, cost)
-        for engine in [*prefill, *decode]:
-            engine.planner = planner
-        conductor = stack.enter_context(Conductor(prefill, decode, cost=cost, mode=args.mode))
+    spec = EngineSpec(role="decode", model=args.model, store_url=store_url,
+                      device=args.device, num_pages=pages, max_batch=args.max_num_seqs,
+                      max_step_tokens=args.max_num_batched_tokens, kv_codec=args.kv_codec)
+    # The first decode engine measures the cost model alone (the others' start would skew
+    # it), then the others start together.
+    first = EngineProcess(replace(spec, calibrate_lengths=(16, 128, 320)), "d0", store)
+    rest = ([EngineProcess(spec, f"d{i}", store) for i in range(1, args.decode_engines)]
+            + [EngineProcess(replace(spec, role="prefill"), f"p{i}", store)
+               for i in range(args.prefill_engines)])
+    try:
+        with console.status("starting the first engine and measuring the cost model ..."):
+            _start([first], stack)
+        with console.status(f"starting {len(rest)} more engine processes ..."):
+            _start(rest, stack)
+    except EngineStartError as e:
+        raise StartError(str(e)) from e
+    assert first.cost is not None, "the first engine measured the cost model"
+    decode = [first, *[w for w in rest if w.spec.role == "decode"]]
+    prefill = [w for w in rest if w.spec.role == "prefill"]
+    conductor = Conductor(prefill, decode, cost=first.cost, mode=args.mode)
     name = args.served_model_name or _served_name(args.model)
     backend = Backend(conductor, tokenizer, model_name=name, max_model_len=max_model_len)
     backend.metrics.watch(conductor)
     app = create_app(backend, api_key=args.api_key)
     console.print(f"[green]serving {name}[/green] ({args.model}, {args.device}, mode "
-                  f"{args.mode}: {len(prefill)} prefill, {len(decode)} decode engines; store "
-                  f"{args.url or 'embedded'}) on http://{args.host}:{args.port}/v1")
+                  f"{args.mode}: {len(prefill)} prefill, {len(decode)} decode engine "
+                  f"processes; store {args.url or store_url + ' (embedded)'}) on "
+                  f"http://{args.host}:{args.port}/v1")
     return app
+
+
+def _start(workers: list[Any], stack: contextlib.ExitStack) -> None:
+    """Start ``workers`` together and wait for each (each stopped by ``stack``)."""
+    for worker in workers:
+        worker.start()
+        stack.callback(worker.close)
+    for worker in workers:
+        worker.wait_ready()
+
+
+def _shared_store(args: argparse.Namespace, block_bytes: int,
+                  stack: contextlib.ExitStack) -> tuple[str, Any]:
+    """(URL, this process's client) of the store the engine processes share: ``--url``,
+    or a kvstored served from a thread of this process (`daemon.embedded`: DRAM, and
+    NVMe if asked), which same-host engines reach through shared memory."""
+    import kvstore
+    from kvstore.errors import KVStoreError
+    from kvstore.units import parse_size
+
+    url = args.url
+    try:
+        if url is None:
+            from daemon.embedded import EmbeddedDaemon
+
+            nvme_bytes = parse_size(args.nvme, what="--nvme")
+            nvme_path = None
+            if nvme_bytes:
+                nvme_path = args.nvme_path or stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="kvstore-serve-"))
+            daemon = EmbeddedDaemon(dram_bytes=parse_size(args.dram, what="--dram"),
+                                    nvme_path=nvme_path, nvme_bytes=nvme_bytes,
+                                    max_value_bytes=block_bytes)
+            stack.callback(daemon.close)
+            url = daemon.url
+        client = kvstore.connect(url)
+    except (KVStoreError, OSError, ValueError) as e:
+        where = f"--url {args.url}" if args.url else "the embedded store"
+        raise StartError(f"cannot open {where}: {e}") from e
+    stack.callback(client.close)
+    return url, client
 
 
 def _listen(app: Any, args: argparse.Namespace, console: Any) -> int:
@@ -105,7 +160,19 @@ def _listen(app: Any, args: argparse.Namespace, console: Any) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    server.run()
+    # uvicorn raises the signal that stopped it again once it is done, to its handler
+    # from before: the default one would end this process on the spot, leaving the
+    # engines and the store (its shared memory) to nobody. Here the stack stops them.
+    stopped_by: list[int] = []
+    before = {sig: signal.signal(sig, lambda number, _: stopped_by.append(number))
+              for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    if stopped_by:
+        console.print("stopping the engines and the store ...")
     if not server.started:  # (the port taken, say: uvicorn logged why)
         console.print(f"[red]kvstore serve: could not listen on {args.host}:{args.port}[/red]")
         return 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -287,3 +288,44 @@ def test_a_model_without_a_tokenizer_or_a_dead_store_is_one_clear_line() -> None
                               timeout=120, env=env, cwd=REPO)
         assert done.returncode == 2, done.stderr
         assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_engine_process_that_dies_fails_its_requests_and_is_started_again(
+        tmp_path: Path) -> None:
+    """SIGKILL the decode engine's process mid-stream: the stream ends with an error (not
+    a hang), /health names the engine's new process once it is back, and it serves."""
+    served = Server(tmp_path, "--mode", "colocated", "--prefill-engines", "0")
+    try:
+        status, body = served.get("/health")
+        assert status == 200
+        before = json.loads(body)["engines"]["d0"]
+        assert before["up"] and before["restarts"] == 0 and before["pid"] != served.proc.pid
+        stream = served.client.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=1500, stream=True,
+            extra_body={"ignore_eos": True})
+        chunks = iter(stream)
+        for _ in range(3):
+            next(chunks)
+        killed_at = time.monotonic()
+        os.kill(before["pid"], signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="died"):
+            for _ in chunks:
+                pass
+        assert time.monotonic() - killed_at < 60
+        deadline = time.monotonic() + 180
+        while (status := served.get("/health")[0]) != 200:
+            assert status == 503 and time.monotonic() < deadline
+            time.sleep(0.2)
+        after = json.loads(served.get("/health")[1])["engines"]["d0"]
+        assert after["restarts"] == 1 and after["pid"] != before["pid"]
+        assert served.metric("kvstore_serve_engine_restarts_total", engine="d0") == 1
+        assert served.metric("kvstore_serve_engine_up", engine="d0") == 1
+        assert served.client.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=24, temperature=0
+        ).choices[0].message.content == PARIS
+    finally:
+        served.close()
+    assert "engine d0" in served.log.read_text() and "died" in served.log.read_text()
+    # Stopped by SIGTERM, it stopped its engines and its store: no shared memory left.
+    assert served.proc.returncode == 0
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"kvstored-{served.proc.pid}-")]
