@@ -46,15 +46,16 @@ from store_bench import emit, log, machine_info  # noqa: E402
 from tests.serving.process import ServeProcess  # noqa: E402
 
 TRACE = Path("/work/shared/data/mooncake_conversation_trace.jsonl")
-MODEL_NAME = "SmolLM2-135M-Instruct"
+MODEL_NAME = "kvstore-bench"  # the name the servers serve the model under
 MODES = {"colocated": ["--mode", "colocated", "--prefill-engines", "0"],
          "chunked": ["--mode", "colocated", "--prefill-engines", "0"],
          "disaggregated": ["--mode", "disaggregated"],
          "auto": ["--mode", "auto"]}
-VOCAB = 49152  # SmolLM2's; ids drawn from [100, VOCAB)
+VOCAB = 49152  # SmolLM2's; ids drawn from [100, --vocab-size)
 
 
-def trace_requests(path: Path, count: int, scale: int, salt: str) -> list[dict[str, Any]]:
+def trace_requests(path: Path, count: int, scale: int, salt: str, vocab: int = VOCAB
+                   ) -> list[dict[str, Any]]:
     """The trace's first ``count`` requests, scaled: ``prompt`` ids, ``max_tokens``,
     ``at`` (seconds from the first, as in the trace)."""
     block = 512 // scale
@@ -71,21 +72,21 @@ def trace_requests(path: Path, count: int, scale: int, salt: str) -> list[dict[s
         prompt: list[int] = []
         for hash_id in ids:
             rng = random.Random(f"{salt}:{hash_id}")
-            prompt += [rng.randrange(100, VOCAB) for _ in range(block)]
+            prompt += [rng.randrange(100, vocab) for _ in range(block)]
         out.append({"prompt": prompt[:length], "max_tokens": max(1, row["output_length"] //
                                                                    scale),
                     "at": (row["timestamp"] - rows[0]["timestamp"]) / 1000})
     return out
 
 
-def short_requests(count: int, salt: str) -> list[dict[str, Any]]:
+def short_requests(count: int, salt: str, vocab: int = VOCAB) -> list[dict[str, Any]]:
     """Prompts of 32-255 tokens with no shared prefix, replies of 8-24 tokens; ``at`` one
     second apart on average (Poisson), re-timed per rate."""
     rng = random.Random(salt)
     out, at = [], 0.0
     for _ in range(count):
         n = rng.randrange(32, 256)
-        out.append({"prompt": [rng.randrange(100, VOCAB) for _ in range(n)],
+        out.append({"prompt": [rng.randrange(100, vocab) for _ in range(n)],
                     "max_tokens": rng.randrange(8, 25), "at": at})
         at += rng.expovariate(1.0)
     return out
@@ -107,9 +108,14 @@ class Server(ServeProcess):
         flags = list(MODES[mode])
         if mode == "chunked":
             flags += ["--max-num-batched-tokens", str(args.chunk_tokens)]
+        if args.skip_tokenizer_init:
+            flags.append("--skip-tokenizer-init")
+        if args.num_pages:
+            flags += ["--num-pages", str(args.num_pages)]
         super().__init__(port, Path(args.workdir) / f"serve-{mode}.log", "--model", args.model,
-                         "--max-model-len", str(args.max_model_len), "--log-level", "WARNING",
-                         *flags)
+                         "--served-model-name", MODEL_NAME, "--device", args.device,
+                         "--dram", args.dram, "--max-model-len", str(args.max_model_len),
+                         "--log-level", args.log_level, *flags)
 
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
@@ -135,7 +141,7 @@ async def one(client: Any, request: dict[str, Any], start: float) -> dict[str, A
             model=MODEL_NAME, prompt=request["prompt"], max_tokens=request["max_tokens"],
             temperature=0, stream=True, extra_body={"ignore_eos": True})
         async for chunk in stream:
-            if chunk.choices and (chunk.choices[0].text
+            if chunk.choices and (chunk.choices[0].text  # (ids only: a chunk a token)
                                   or chunk.choices[0].finish_reason is None):
                 stamps.append(time.perf_counter())
     except openai.APIError as e:
@@ -206,6 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=int, default=32,
                         help="divide the trace's lengths by this (512-token blocks: 16)")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--skip-tokenizer-init", action="store_true",
+                        help="the server takes and answers token ids (a model without a "
+                             "tokenizer: --model llama3-8b on a GPU)")
+    parser.add_argument("--device", default="cpu", help="the engines' torch device")
+    parser.add_argument("--vocab-size", type=int, default=VOCAB,
+                        help="prompt ids are drawn from [100, this)")
+    parser.add_argument("--dram", default="1GiB", help="the server's store: DRAM tier")
+    parser.add_argument("--num-pages", type=int, default=None,
+                        help="KV cache pages per engine (default: the server's)")
+    parser.add_argument("--log-level", default="WARNING",
+                        help="the server's (INFO logs each routing decision)")
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--chunk-tokens", type=int, default=64,
                         help="the chunked mode's --max-num-batched-tokens")
@@ -235,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
             for workload in workloads:
                 for rate in rates:
                     salt = f"{mode}:{workload}:{rate}:{os.getpid()}"
-                    requests = (trace_requests(args.trace, args.requests, args.scale, salt)
-                                if workload == "trace" else short_requests(args.requests, salt))
+                    requests = (trace_requests(args.trace, args.requests, args.scale, salt,
+                                               args.vocab_size)
+                                if workload == "trace"
+                                else short_requests(args.requests, salt, args.vocab_size))
                     run = asyncio.run(replay(server, retimed(requests, rate), args))
                     doc["runs"].setdefault(mode, {}).setdefault(workload, {})[str(rate)] = run
                     log(f"{mode} {workload} {rate}/s: TTFT p50 "

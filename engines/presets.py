@@ -83,6 +83,16 @@ def load_model(spec: str, *, device: str | torch.device = "cpu",
                          "Hugging Face Llama checkpoint directory or a .gguf file")
 
 
+def load_shape(spec: str) -> tuple[ModelConfig, Any | None]:
+    """A model's config and tokenizer (None: ids only), for a process that runs no copy of
+    it: a random preset's without making its weights; a checkpoint's or a GGUF's by
+    loading it on the CPU (weights dropped at once)."""
+    if spec in RANDOM_PRESETS:
+        return RANDOM_PRESETS[spec], None
+    loaded = load_model(spec, device="cpu")
+    return loaded.model.config, loaded.tokenizer
+
+
 def _load_gguf(path: str, name: str | None, device: torch.device,
                dtype: torch.dtype) -> LoadedModel:
     from engines.gguf_file import load_gguf

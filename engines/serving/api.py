@@ -222,13 +222,15 @@ async def _serve(backend: Backend, request: Request, body: Any, ids: list[int],
 async def _whole(deltas: AsyncIterator[Delta], shape: _Shape, request: Request
                  ) -> dict[str, Any]:
     """The whole reply; the request is cancelled if its client goes away meanwhile."""
-    async def collect() -> tuple[str, Delta]:
+    async def collect() -> tuple[str, list[int], Delta]:
         parts: list[str] = []
+        ids: list[int] = []
         async with contextlib.aclosing(deltas) as stream:  # (closing it cancels the request)
             async for delta in stream:
                 parts.append(delta.text)
+                ids.extend(delta.token_ids)
                 if delta.finish_reason is not None:
-                    return "".join(parts), delta
+                    return "".join(parts), ids, delta
         raise RuntimeError("the request ended without a finish reason")
 
     task = asyncio.ensure_future(collect())
@@ -241,8 +243,8 @@ async def _whole(deltas: AsyncIterator[Delta], shape: _Shape, request: Request
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             return {}
-    text, last = task.result()
-    return shape.whole(text, last)
+    text, ids, last = task.result()
+    return shape.whole(text, last, ids)
 
 
 async def _events(deltas: AsyncIterator[Delta], shape: _Shape, usage: bool
@@ -256,8 +258,8 @@ async def _events(deltas: AsyncIterator[Delta], shape: _Shape, usage: bool
                 if first and shape.kind == "chat.completion":
                     yield _sse(shape.chunk({"role": "assistant", "content": ""}, None))
                 first = False
-                if delta.text:
-                    yield _sse(shape.chunk(delta.text, None))
+                if delta.text or (delta.token_ids and shape.with_ids):
+                    yield _sse(shape.chunk(delta.text, None, delta.token_ids))
                 if delta.finish_reason is not None:
                     yield _sse(shape.chunk("", delta.finish_reason))
                     if usage:
@@ -281,6 +283,8 @@ class _Shape:
                  ) -> None:
         self.backend, self.request_id, self.kind = backend, request_id, kind
         self.prompt_tokens = prompt_tokens
+        # No tokenizer: each choice carries its token ids (vLLM's token_ids field).
+        self.with_ids = backend.tokenizer is None
 
     def _head(self, object_type: str) -> dict[str, Any]:
         return {"id": self.request_id, "object": object_type,
@@ -290,9 +294,11 @@ class _Shape:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
-    def whole(self, text: str, last: Delta) -> dict[str, Any]:
+    def whole(self, text: str, last: Delta, ids: list[int]) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": None,
                                   "finish_reason": last.finish_reason}
+        if self.with_ids:
+            choice["token_ids"] = ids
         if self.kind == "chat.completion":
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -300,10 +306,12 @@ class _Shape:
         return {**self._head(self.kind), "choices": [choice],
                 "usage": self._usage(last.completion_tokens)}
 
-    def chunk(self, content: str | dict[str, str], finish_reason: str | None
-              ) -> dict[str, Any]:
+    def chunk(self, content: str | dict[str, str], finish_reason: str | None,
+              ids: tuple[int, ...] = ()) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "logprobs": None,
                                   "finish_reason": finish_reason}
+        if self.with_ids:
+            choice["token_ids"] = list(ids)
         if self.kind == "chat.completion":
             choice["delta"] = content if isinstance(content, dict) else (
                 {"content": content} if content else {})

@@ -33,6 +33,9 @@ from engines.serving.metrics import ServingMetrics
 log = logging.getLogger(__name__)
 
 
+SKIPPED = "this server has no tokenizer (--skip-tokenizer-init)"
+
+
 class ServingError(Exception):
     """A request that cannot be served as asked: answered with the OpenAI error shape."""
 
@@ -45,25 +48,34 @@ class ServingError(Exception):
 @dataclass(frozen=True)
 class Delta:
     """New text of a request (maybe empty); with ``finish_reason`` (``stop``, ``length``,
-    ``abort``) the last one. ``completion_tokens``: tokens generated so far."""
+    ``abort``) the last one. ``completion_tokens``: tokens generated so far; ``token_ids``:
+    the tokens since the previous delta."""
 
     text: str
     completion_tokens: int
     finish_reason: str | None = None
     result: RequestResult | None = None
+    token_ids: tuple[int, ...] = ()
 
 
 class Backend:
     """The model, its tokenizer and the conductor, as the HTTP layer uses them."""
 
     def __init__(self, conductor: Conductor, tokenizer: Any, *, model_name: str,
-                 max_model_len: int, metrics: ServingMetrics | None = None) -> None:
+                 max_model_len: int, metrics: ServingMetrics | None = None,
+                 vocab_size: int | None = None, eos_token_ids: Sequence[int] = ()) -> None:
+        """``tokenizer`` None: token ids in and out only (``--skip-tokenizer-init``), with
+        the model's ``vocab_size`` and ``eos_token_ids``."""
+        if tokenizer is None and vocab_size is None:
+            raise ValueError("without a tokenizer, give the model's vocab_size")
         self.conductor = conductor
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.metrics = metrics or ServingMetrics()
-        self.stop_token_ids = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.vocab_size = tokenizer.vocab_size if tokenizer is not None else vocab_size
+        self.stop_token_ids = tuple(getattr(tokenizer, "eos_token_ids", ()) or ()
+                                    if tokenizer is not None else eos_token_ids)
         self.created = int(time.time())
 
     def healthy(self) -> bool:
@@ -81,10 +93,12 @@ class Backend:
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """A completion's prompt: text, or token ids (checked against the vocabulary)."""
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ServingError(f"{SKIPPED}: send the prompt as token ids", param="prompt")
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
-            vocab = self.tokenizer.vocab_size
+            vocab = self.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise ServingError(f"prompt token id {bad[0]} is outside the vocabulary "
@@ -95,6 +109,9 @@ class Backend:
 
     def chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """A chat's prompt: the model's chat template over ``messages``."""
+        if self.tokenizer is None:
+            raise ServingError(f"{SKIPPED}: chat needs the model's tokenizer and template; "
+                               "send token ids to /v1/completions", param="messages")
         try:
             return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
         except ValueError as e:
@@ -128,6 +145,8 @@ class Backend:
         """The request's text as it comes; the last `Delta` carries its finish reason.
         Closing the generator early cancels the request."""
         request_id = request_id or uuid.uuid4().hex
+        if self.tokenizer is None and any(stop):
+            raise ServingError(f"{SKIPPED}: stop strings need the tokenizer", param="stop")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[int | RequestResult | BaseException] = asyncio.Queue()
 
@@ -154,8 +173,9 @@ class Backend:
             self.metrics.finished()
             raise
         future.add_done_callback(on_done)
-        text = _StopText(self.tokenizer.stream_decoder(skip_special_tokens=True), stop)
-        num_tokens, finished, stamps = 0, False, []
+        text = _StopText(self.tokenizer.stream_decoder(skip_special_tokens=True)
+                         if self.tokenizer is not None else _NoText(), stop)
+        num_tokens, finished, stamps, ids = 0, False, [], []
         try:
             while True:
                 item = await queue.get()
@@ -167,17 +187,19 @@ class Backend:
                     reason = text.finish_reason or (
                         item.finish_reason or FinishReason.STOP).value
                     self._record(item, arrived, stamps, reason)
-                    yield Delta(text.rest(), num_tokens, reason, item)
+                    yield Delta(text.rest(), num_tokens, reason, item, tuple(ids))
                     return
                 if text.finish_reason is not None:
                     continue  # (cancelled at a stop string; tokens already on their way)
                 num_tokens += 1
                 stamps.append(time.perf_counter())
+                ids.append(item)
                 piece = text.push(item)
                 if text.finish_reason is not None:  # a stop string: nothing more is wanted
                     self.conductor.cancel(request_id)
-                if piece:
-                    yield Delta(piece, num_tokens)
+                if piece or self.tokenizer is None:  # (no text: each token as it comes)
+                    yield Delta(piece, num_tokens, token_ids=tuple(ids))
+                    ids = []
         finally:
             if not finished:  # the client went away, or an error here: stop the engine
                 self.conductor.cancel(request_id)
@@ -191,6 +213,16 @@ class Backend:
             finish_reason=finish_reason, ttft_s=stamps[0] - arrived if stamps else math.nan,
             inter_token_s=[b - a for a, b in itertools.pairwise(stamps)],
             prompt_tokens=len(result.prompt), fetched_tokens=result.num_cached_tokens)
+
+
+class _NoText:
+    """The decoder of a server with no tokenizer: no text."""
+
+    def push(self, token: int) -> str:
+        return ""
+
+    def finish(self) -> str:
+        return ""
 
 
 class _StopText:

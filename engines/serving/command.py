@@ -40,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None,
                         help="the model's name in the API (default: SmolLM2-135M-Instruct "
                              "for the preset, else --model)")
+    parser.add_argument("--skip-tokenizer-init", action="store_true",
+                        help="take prompts as token ids only (/v1/completions) and answer "
+                             "token ids (each choice's token_ids; no text), as vLLM's flag "
+                             "does: serves a model without a tokenizer, such as the random "
+                             "llama3-8b preset for timing runs")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (0.0.0.0: every interface; vLLM's "
                              "default is every interface, this one only this host)")

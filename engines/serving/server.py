@@ -42,7 +42,7 @@ def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -
     import torch
 
     from engines.conductor import Conductor
-    from engines.presets import default_dtype, load_model
+    from engines.presets import default_dtype, load_shape
     from engines.processes import EngineProcess, EngineSpec, EngineStartError
     from engines.serving.api import create_app
     from engines.serving.backend import Backend
@@ -66,14 +66,15 @@ def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -
     # The model's shape and tokenizer, here; its weights live in the engine processes.
     with console.status(f"reading {args.model} ..."):
         try:
-            loaded = load_model(args.model, device="cpu")
+            config, tokenizer = load_shape(args.model)
         except Exception as e:  # a missing package, file or preset: one line
             raise StartError(f"cannot load --model {args.model}: {e}") from e
-    config, tokenizer = loaded.model.config, loaded.tokenizer
-    del loaded
-    if tokenizer is None:
+    if args.skip_tokenizer_init:
+        tokenizer = None
+    elif tokenizer is None:
         raise StartError(f"--model {args.model} has no tokenizer (a random preset?): text "
-                         "cannot be served; use smollm2-135m or a checkpoint with one")
+                         "cannot be served; use smollm2-135m or a checkpoint with one, or "
+                         "--skip-tokenizer-init to serve token ids")
     limit = config.max_position_tokens
     max_model_len = args.max_model_len or limit
     if not 1 < max_model_len <= limit:
@@ -103,7 +104,8 @@ def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -
     prefill = [w for w in rest if w.spec.role == "prefill"]
     conductor = Conductor(prefill, decode, cost=first.cost, mode=args.mode)
     name = args.served_model_name or _served_name(args.model)
-    backend = Backend(conductor, tokenizer, model_name=name, max_model_len=max_model_len)
+    backend = Backend(conductor, tokenizer, model_name=name, max_model_len=max_model_len,
+                      vocab_size=config.vocab_size, eos_token_ids=config.eos_token_ids)
     backend.metrics.watch(conductor)
     app = create_app(backend, api_key=args.api_key)
     console.print(f"[green]serving {name}[/green] ({args.model}, {args.device}, mode "

@@ -329,3 +329,37 @@ def test_an_engine_process_that_dies_fails_its_requests_and_is_started_again(
     # Stopped by SIGTERM, it stopped its engines and its store: no shared memory left.
     assert served.proc.returncode == 0
     assert not [f for f in os.listdir("/dev/shm") if f.startswith(f"kvstored-{served.proc.pid}-")]
+
+
+def test_a_model_without_a_tokenizer_serves_token_ids(tmp_path: Path) -> None:
+    """``--skip-tokenizer-init`` (vLLM's flag): token ids in, token ids out, each streamed
+    as it comes; text prompts, chat and stop strings are refused with the reason."""
+    port = free_port()
+    served = ServeProcess(port, tmp_path / "serve-tiny.log", "--model", "tiny",
+                          "--skip-tokenizer-init", "--dram", "64MiB", "--max-model-len", "512",
+                          timeout_s=180)
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="none", max_retries=0)
+    try:
+        prompt = list(range(100, 140))
+        whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=6,
+                                          temperature=0)
+        ids = whole.choices[0].model_extra["token_ids"]
+        assert len(ids) == 6 and whole.choices[0].text == ""
+        from engines.presets import load_model
+
+        assert ids == load_model("tiny").model.generate(prompt, 6)
+        chunks = [c.choices[0].model_extra.get("token_ids") for c in client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=6, temperature=0, stream=True)
+            if c.choices and c.choices[0].finish_reason is None]
+        assert chunks == [[t] for t in ids]
+        for call, param in ((lambda: client.completions.create(
+                model="tiny", prompt="some text", max_tokens=4), "prompt"),
+                (lambda: client.chat.completions.create(
+                    model="tiny", messages=QUESTION, max_tokens=4), "messages"),
+                (lambda: client.completions.create(
+                    model="tiny", prompt=prompt, max_tokens=4, stop=["x"]), "stop")):
+            with pytest.raises(openai.BadRequestError, match="skip-tokenizer-init") as e:
+                call()
+            assert e.value.body["param"] == param
+    finally:
+        served.close()
