@@ -73,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV cache pages (16 tokens each) per engine (default: two "
                              "contexts of --max-model-len)")
     parser.add_argument("--device", default="cpu", help="torch device of the engines")
+    parser.add_argument("--prefill-device", default=None,
+                        help="the prefill engines' device (default: --device), e.g. cuda:0")
+    parser.add_argument("--decode-device", default=None,
+                        help="the decode engines' device (default: --device), e.g. cuda:1: "
+                             "prefill and decode on GPUs of their own")
     add_store_arguments(parser, dram="1GiB", nvme="0")
     parser.add_argument("--kv-codec", default="none", choices=("none", "fp8"),
                         help="how the engines store KV blocks: none (lossless) or fp8 (half "

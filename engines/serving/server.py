@@ -57,12 +57,20 @@ def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -
             args.max_num_batched_tokens < args.max_num_seqs):
         raise StartError("--max-num-batched-tokens must be at least --max-num-seqs (each "
                          "decoding request takes a token a step)")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise StartError(f"--device {args.device}: {e}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise StartError(f"--device {args.device}: CUDA is not available")
+    devices = {role: getattr(args, f"{role}_device") or args.device
+               for role in ("prefill", "decode")}
+    for role, name in devices.items():
+        flag = f"--{role}-device" if getattr(args, f"{role}_device") else "--device"
+        try:
+            device = torch.device(name)
+        except RuntimeError as e:
+            raise StartError(f"{flag} {name}: {e}") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise StartError(f"{flag} {name}: CUDA is not available")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise StartError(f"{flag} {name}: this machine has {torch.cuda.device_count()} "
+                             "GPUs")
+    device = torch.device(devices["decode"])
     # The model's shape and tokenizer, here; its weights live in the engine processes.
     with console.status(f"reading {args.model} ..."):
         try:
@@ -84,13 +92,14 @@ def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -
                                      .block_bytes, stack)
     pages = args.num_pages or 2 * -(-max_model_len // 16)
     spec = EngineSpec(role="decode", model=args.model, store_url=store_url,
-                      device=args.device, num_pages=pages, max_batch=args.max_num_seqs,
+                      device=devices["decode"], num_pages=pages, max_batch=args.max_num_seqs,
                       max_step_tokens=args.max_num_batched_tokens, kv_codec=args.kv_codec)
     # The first decode engine measures the cost model alone (the others' start would skew
     # it), then the others start together.
     first = EngineProcess(replace(spec, calibrate_lengths=(16, 128, 320)), "d0", store)
     rest = ([EngineProcess(spec, f"d{i}", store) for i in range(1, args.decode_engines)]
-            + [EngineProcess(replace(spec, role="prefill"), f"p{i}", store)
+            + [EngineProcess(replace(spec, role="prefill", device=devices["prefill"]),
+                             f"p{i}", store)
                for i in range(args.prefill_engines)])
     try:
         with console.status("starting the first engine and measuring the cost model ..."):
@@ -108,7 +117,9 @@ def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -
                       vocab_size=config.vocab_size, eos_token_ids=config.eos_token_ids)
     backend.metrics.watch(conductor)
     app = create_app(backend, api_key=args.api_key)
-    console.print(f"[green]serving {name}[/green] ({args.model}, {args.device}, mode "
+    where = (args.device if len(set(devices.values())) == 1 else
+             f"prefill on {devices['prefill']}, decode on {devices['decode']}")
+    console.print(f"[green]serving {name}[/green] ({args.model}, {where}, mode "
                   f"{args.mode}: {len(prefill)} prefill, {len(decode)} decode engine "
                   f"processes; store {args.url or store_url + ' (embedded)'}) on "
                   f"http://{args.host}:{args.port}/v1")

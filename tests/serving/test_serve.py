@@ -282,7 +282,9 @@ def test_greedy_output_is_the_same_colocated_and_disaggregated(
 def test_a_model_without_a_tokenizer_or_a_dead_store_is_one_clear_line() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for flags, message in ((["--model", "tiny"], "has no tokenizer"),
-                           (["--url", "kvstore://127.0.0.1:1"], "cannot open --url")):
+                           (["--url", "kvstore://127.0.0.1:1"], "cannot open --url"),
+                           (["--decode-device", "cuda:7"], "--decode-device cuda:7: "),
+                           (["--decode-device", "nowhere"], "--decode-device nowhere:")):
         done = subprocess.run([sys.executable, "-m", "engines.serving", "--port",
                                str(free_port()), *flags], capture_output=True, text=True,
                               timeout=120, env=env, cwd=REPO)
