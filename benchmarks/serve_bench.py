@@ -108,6 +108,8 @@ class Server(ServeProcess):
         flags = list(MODES[mode])
         if mode == "chunked":
             flags += ["--max-num-batched-tokens", str(args.chunk_tokens)]
+        if mode == "auto":  # the objectives goodput is measured against
+            flags += ["--ttft-slo", str(args.ttft_slo), "--itl-slo", str(args.itl_slo)]
         if args.skip_tokenizer_init:
             flags.append("--skip-tokenizer-init")
         if args.num_pages:

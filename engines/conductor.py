@@ -22,7 +22,17 @@ when d is busy (the request joins at the next step).
 and takes the cheaper. A short prompt costs little to compute but a publish and a fetch
 to ship; a prompt whose KV is already in the decode engine's store costs only its fetch
 there: both run colocated. A long uncached prompt next to a busy decode batch is
-disaggregated. Every decision is logged with its numbers. ``mode`` may fix the choice
+disaggregated. Every decision is logged with its numbers.
+
+With service objectives (``objectives``: a time to first token and an inter-token gap,
+as `kvstore serve --ttft-slo/--itl-slo`), what counts is meeting them, as in DistServe's
+goodput: a request runs colocated when that meets both (its TTFT, and the stall its
+prefill adds to a step of the requests decoding beside it), else disaggregated when that
+meets both (the prefill engine's TTFT, and the hand-over's gap before its second token),
+else the cheaper as above. Colocated first: it ships nothing and leaves the prefill
+engines to the prompts that need them. ``running(d)`` counts the requests admitted to d,
+waiting ones too (a burst's requests all decode together), and d's wait includes the
+prefills already routed to it and not yet done. ``mode`` may fix the choice
 instead (``colocated``: always on a decode engine; ``disaggregated``: always through a
 prefill engine, where there is one); the costs are still computed and logged.
 
@@ -66,6 +76,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Objectives:
+    """Service objectives: seconds to the first token, and between tokens."""
+
+    ttft_s: float
+    itl_s: float
+
+    def __post_init__(self) -> None:
+        if not (self.ttft_s > 0 and self.itl_s > 0):
+            raise ValueError(f"objectives must be positive, got {self}")
+
+
+@dataclass(frozen=True)
 class Route:
     request_id: str
     is_disaggregated: bool
@@ -79,6 +101,14 @@ class Route:
     num_blocks: int
     # With a pool: each engine's node's own leading blocks ("d0": (tier bits, ...)).
     local_blocks: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # The objectives' view (nan without objectives): each way's TTFT, and the longest gap
+    # it makes (colocated: the step its prefill stalls; disaggregated: the hand-over).
+    ttft_colocated_s: float = math.nan
+    ttft_disaggregated_s: float = math.nan
+    gap_colocated_s: float = math.nan
+    gap_disaggregated_s: float = math.nan
+    reason: str = "cost"  # why: mode, cost, or which way meets the objectives
+    compute_colocated_s: float = 0.0  # its prefill's estimate on the decode engine
 
     def describe(self) -> str:
         where = (f"prefill p{self.prefill} -> decode d{self.decode}" if self.is_disaggregated
@@ -86,10 +116,15 @@ class Route:
         local = "".join(f"; local {name}={len(tiers)}" + (f" (tiers {_tiers(tiers)})"
                                                           if tiers else "")
                         for name, tiers in self.local_blocks.items())
+        slo = ("" if math.isnan(self.ttft_colocated_s) else
+               f"; ttft/gap colocated {self.ttft_colocated_s * 1e3:.0f}/"
+               f"{self.gap_colocated_s * 1e3:.0f} ms, disaggregated "
+               f"{self.ttft_disaggregated_s * 1e3:.0f}/{self.gap_disaggregated_s * 1e3:.0f} "
+               f"ms ({self.reason})")
         return (f"{where}: est colocated {self.colocated_cost_s * 1e3:.0f} ms vs "
                 f"disaggregated {self.disaggregated_cost_s * 1e3:.0f} ms; cached blocks "
                 f"p={self.cached_blocks_prefill} d={self.cached_blocks_decode} "
-                f"of {self.num_blocks}{local}")
+                f"of {self.num_blocks}{local}{slo}")
 
 
 def _tiers(bits: tuple[int, ...]) -> str:
@@ -122,12 +157,13 @@ class NoEngineError(KVStoreError):
 class Conductor:
     def __init__(self, prefill_engines: Sequence[Any], decode_engines: Sequence[Any], *,
                  cost: CostModel | None = None, pool: Any | None = None,
-                 mode: str = "auto") -> None:
+                 mode: str = "auto", objectives: Objectives | None = None) -> None:
         """Engines (`PrefillEngine`, `DecodeEngine`: each run on a thread worker here), or
         workers that run them elsewhere (`engines.processes.EngineProcess`: ``cost`` is
         then required). ``pool``: the pool the engines' stores are nodes of
         (``locate(keys)``), to route by where prefixes live without asking each engine.
-        ``mode``: one of `MODES` (see the module docstring)."""
+        ``mode``: one of `MODES`; ``objectives``: what auto meets first (see the module
+        docstring)."""
         if not decode_engines:
             raise ValueError("the conductor needs at least one decode engine")
         if mode not in MODES:
@@ -135,6 +171,7 @@ class Conductor:
         if mode == "disaggregated" and not prefill_engines:
             raise ValueError("mode disaggregated needs at least one prefill engine")
         self.mode = mode
+        self.objectives = objectives
         self.prefill = [PrefillWorker(e, f"p{i}") if isinstance(e, PrefillEngine) else e
                         for i, e in enumerate(prefill_engines)]
         self.decode = [DecodeWorker(e, f"d{i}") if isinstance(e, DecodeEngine) else e
@@ -161,6 +198,9 @@ class Conductor:
         self._active: dict[str, DecodeWorker | None] = {}
         self._cancelled: set[str] = set()
         self._book = threading.Lock()
+        # Prefill seconds routed colocated to each decode worker and not done yet (under
+        # _book): a burst's prompts queue behind each other there.
+        self._pending_s: dict[str, float] = {w.name: 0.0 for w in self.decode}
 
     def close(self) -> None:
         for worker in [*self.prefill, *self.decode]:
@@ -185,8 +225,11 @@ class Conductor:
             return usable_prefix_blocks(blocks, n, block)
 
         decode_index, cached_d = self._pick_decode(prompt, sampling, cached_of, local)
-        running = self.decode[decode_index].num_running
-        wait_d = cost.decode_step_s if running else 0.0  # joins at the next step
+        decode = self.decode[decode_index]
+        running = decode.num_active  # waiting ones too: they decode beside it soon
+        with self._book:
+            pending_s = self._pending_s[decode.name]
+        wait_d = (cost.decode_step_s if running else 0.0) + pending_s  # the next step
         fetch_d, loaded_d = self._fetch_cost(self.decode[decode_index], keys, n,
                                              usable(cached_d), overlap=False)
         compute_d = cost.prefill_s(n - loaded_d * block, n)
@@ -203,22 +246,35 @@ class Conductor:
             option = (ttft_p, -len(local.get(p.name, ())), i, cached_p)
             if best is None or option < best:
                 best = option
-        disaggregated = float("inf")
+        disaggregated = ttft_p = hand_over = float("inf")
         if best is not None:
             ttft_p, _, _, cached_p = best
             full = n // block
             tail_s = cost.prefill_s(n - full * block + 1, n)  # decode runs tail + 1st token
-            disaggregated = (ttft_p + cost.publish_s(full - cached_p) + wait_d
-                             + cost.fetch_s(full) + tail_s + running * tail_s)
-        split = best is not None and (self.mode == "disaggregated" or (
-            self.mode == "auto" and disaggregated < colocated))
+            hand_over = cost.publish_s(full - cached_p) + wait_d + cost.fetch_s(full) + tail_s
+            disaggregated = ttft_p + hand_over + running * tail_s
+        split, reason = self.mode == "disaggregated" and best is not None, "mode"
+        if self.mode == "auto":
+            split, reason = best is not None and disaggregated < colocated, "cost"
+        slo = self.objectives
+        stall = compute_d if running else 0.0  # the step that computes it, for the others
+        if self.mode == "auto" and slo is not None:
+            if ttft_colocated <= slo.ttft_s and stall <= slo.itl_s:
+                split, reason = False, "colocated meets objectives"
+            elif ttft_p <= slo.ttft_s and hand_over <= slo.itl_s + cost.decode_step_s:
+                split, reason = True, "disaggregated meets objectives"
         route = Route(
             request_id=request_id, is_disaggregated=split,
             prefill=best[2] if split and best is not None else None, decode=decode_index,
             colocated_cost_s=colocated, disaggregated_cost_s=disaggregated,
             estimated_ttft_s=best[0] if split and best is not None else ttft_colocated,
             cached_blocks_prefill=best[3] if best is not None else 0,
-            cached_blocks_decode=usable(cached_d), num_blocks=len(keys), local_blocks=local)
+            cached_blocks_decode=usable(cached_d), num_blocks=len(keys), local_blocks=local,
+            ttft_colocated_s=ttft_colocated if slo else math.nan,
+            ttft_disaggregated_s=ttft_p if slo else math.nan,
+            gap_colocated_s=max(stall, cost.decode_step_s) if slo else math.nan,
+            gap_disaggregated_s=hand_over if slo else math.nan, reason=reason,
+            compute_colocated_s=compute_d)
         log.info("route %s (%d tokens): %s", request_id, n, route.describe())
         return route
 
@@ -318,10 +374,18 @@ class Conductor:
             route = self.route(prompt, sampling, request_id)
             if not route.is_disaggregated:
                 worker = self.decode[route.decode]
+                prefilled_once = self._pending(worker.name, route.compute_colocated_s)
+
+                def first_token(request: DecodeRequest, token: int) -> None:
+                    prefilled_once()
+                    if on_token is not None:
+                        on_token(request, token)
+
                 with self._book:
                     self._active[request_id] = worker
-                    decoded = worker.submit(prompt, sampling, on_token=on_token,
+                    decoded = worker.submit(prompt, sampling, on_token=first_token,
                                             request_id=request_id)
+                decoded.add_done_callback(lambda _: prefilled_once())
                 decoded.add_done_callback(
                     lambda f: _settle(result, f, lambda d: _colocated(route, prompt, d,
                                                                       start_s)))
@@ -356,6 +420,20 @@ class Conductor:
 
         prefilled.add_done_callback(handed_over)
         return result
+
+    def _pending(self, name: str, seconds: float) -> Callable[[], None]:
+        """Count ``seconds`` of prefill as pending on decode worker ``name``; the function
+        returned takes them off, once (its first token is out, or it ended)."""
+        with self._book:
+            self._pending_s[name] += seconds
+        left = [seconds]  # (under _book)
+
+        def prefilled() -> None:
+            with self._book:
+                self._pending_s[name] = max(self._pending_s[name] - left[0], 0.0)
+                left[0] = 0.0
+
+        return prefilled
 
     def cancel(self, request_id: str) -> None:
         """Stop request ``request_id`` (its client went away); nothing if it finished."""

@@ -57,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "decision logged); colocated: every request prefills on its "
                              "decode engine; disaggregated: every request prefills on a "
                              "prefill engine and its KV goes through the store")
+    parser.add_argument("--ttft-slo", type=float, default=None,
+                        help="auto: the time-to-first-token objective, seconds (with "
+                             "--itl-slo): a request runs colocated when that meets both, "
+                             "else disaggregated when that does, else the cheaper way "
+                             "(default: none, the cheaper way always)")
+    parser.add_argument("--itl-slo", type=float, default=None,
+                        help="auto: the inter-token objective, seconds (with --ttft-slo)")
     parser.add_argument("--prefill-engines", type=int, default=1,
                         help="prefill engines (0 with --mode colocated)")
     parser.add_argument("--decode-engines", type=int, default=1, help="decode engines")

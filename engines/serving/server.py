@@ -41,7 +41,7 @@ def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -
     """The FastAPI app over freshly started engine processes (stopped by ``stack``)."""
     import torch
 
-    from engines.conductor import Conductor
+    from engines.conductor import Conductor, Objectives
     from engines.presets import default_dtype, load_shape
     from engines.processes import EngineProcess, EngineSpec, EngineStartError
     from engines.serving.api import create_app
@@ -51,6 +51,10 @@ def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -
         raise StartError("--decode-engines must be at least 1")
     if args.prefill_engines < 0 or (args.mode == "disaggregated" and not args.prefill_engines):
         raise StartError("--mode disaggregated needs --prefill-engines 1 or more")
+    if (args.ttft_slo is None) != (args.itl_slo is None):
+        raise StartError("--ttft-slo and --itl-slo go together")
+    if args.ttft_slo is not None and not (args.ttft_slo > 0 and args.itl_slo > 0):
+        raise StartError("--ttft-slo and --itl-slo must be positive seconds")
     if args.max_num_seqs < 1:
         raise StartError("--max-num-seqs must be at least 1")
     if args.max_num_batched_tokens is not None and (
@@ -111,7 +115,10 @@ def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -
     assert first.cost is not None, "the first engine measured the cost model"
     decode = [first, *[w for w in rest if w.spec.role == "decode"]]
     prefill = [w for w in rest if w.spec.role == "prefill"]
-    conductor = Conductor(prefill, decode, cost=first.cost, mode=args.mode)
+    objectives = (Objectives(args.ttft_slo, args.itl_slo) if args.ttft_slo is not None
+                  else None)
+    conductor = Conductor(prefill, decode, cost=first.cost, mode=args.mode,
+                          objectives=objectives)
     name = args.served_model_name or _served_name(args.model)
     backend = Backend(conductor, tokenizer, model_name=name, max_model_len=max_model_len,
                       vocab_size=config.vocab_size, eos_token_ids=config.eos_token_ids)

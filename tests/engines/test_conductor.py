@@ -4,12 +4,13 @@ whichever way a request went."""
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
 
 import kvstore
-from engines.conductor import Conductor
+from engines.conductor import Conductor, Objectives
 from engines.cost_model import CostModel, calibrate
 from engines.decode import DecodeEngine
 from engines.kv_io import CacheFullError
@@ -137,6 +138,54 @@ def test_a_fixed_mode_routes_every_request_its_way(model):
     with pytest.raises(ValueError, match="needs at least one prefill engine"):
         Conductor([], [DecodeEngine(model, shared, num_pages=16)], cost=COST,
                   mode="disaggregated")
+    shared.close()
+
+
+def test_with_objectives_auto_runs_colocated_what_meets_them(model, caplog):
+    """Objectives of 1 s to the first token and 0.1 s between tokens, on the test's cost
+    model (5 ms + 1 ms a token): a 400-token prompt runs colocated on an idle decode
+    engine; beside a decoding request, a short prompt still runs colocated (a 15 ms
+    stall) and the long one disaggregated (a 0.4 s stall; its hand-over within 0.11 s).
+    Requests routed to the decode engine and not yet started count as busy, and their
+    prefills as the next one's wait."""
+    caplog.set_level(logging.INFO, logger="engines.conductor")
+    shared = store()
+    sampling = SamplingParams(max_new_tokens=4)
+    short, long = prompt_of(10, 31), prompt_of(400, 32)
+    with Conductor([PrefillEngine(model, shared, num_pages=64)],
+                   [DecodeEngine(model, shared, num_pages=256)], cost=COST,
+                   objectives=Objectives(ttft_s=1.0, itl_s=0.1)) as conductor:
+        idle = conductor.route(long, sampling)
+        assert not idle.is_disaggregated and idle.reason == "colocated meets objectives"
+        entered, go_on = threading.Event(), threading.Event()
+
+        def hold(*_: object) -> None:  # the decode engine's thread waits in here
+            entered.set()
+            go_on.wait(60)
+
+        held = conductor.submit(prompt_of(20, 33), SamplingParams(max_new_tokens=8),
+                                on_token=hold)
+        assert entered.wait(60)
+        route = conductor.route(short, sampling)
+        assert not route.is_disaggregated and route.reason == "colocated meets objectives"
+        route = conductor.route(long, sampling)
+        assert route.is_disaggregated and route.reason == "disaggregated meets objectives"
+        assert route.gap_colocated_s >= COST.prefill_s(400, 400) > 0.1
+        split = conductor.submit(long, sampling)
+        conductor.mode = "colocated"  # one more, queued behind the held one
+        queued = conductor.submit(prompt_of(300, 34), sampling)
+        conductor.mode = "auto"
+        route = conductor.route(short, sampling)
+        assert route.ttft_colocated_s >= COST.prefill_s(300, 300)  # its wait
+        assert not route.is_disaggregated  # (a 15 ms stall; 0.33 s to its first token)
+        go_on.set()
+        result = split.result(timeout=120)
+        assert result.route.is_disaggregated and result.output == model.generate(long, 4)
+        for future in (held, queued):
+            future.result(timeout=120)
+        assert conductor._pending_s == {"d0": 0.0}
+    assert any("disaggregated meets objectives" in m and "ttft/gap colocated" in m
+               for m in caplog.messages)
     shared.close()
 
 
