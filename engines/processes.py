@@ -172,6 +172,9 @@ class EngineProcess:
     def _await_ready(self, timeout_s: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         while True:
+            if self._closing.is_set():  # (a restart that close() overtook)
+                self._end_child()
+                raise EngineStartError(f"engine {self.name} was stopped while starting")
             try:
                 if self._conn.poll(0.2):
                     message = self._conn.recv()
@@ -286,29 +289,30 @@ class EngineProcess:
             return
 
     def close(self) -> None:
-        """Stop the child (its engine drains nothing: requests still running fail)."""
+        """Stop the child: it finishes the requests it runs (bounded by `STOP_TIMEOUT_S`,
+        then killed); requests still waiting here fail."""
         self._closing.set()
         with self._lock:
             self._healthy = False
         if self._conn is None:
             return
-        try:
-            with self._send_lock:
-                self._conn.send(None)
-        except (OSError, ValueError):
-            pass
-        self._process.join(timeout=STOP_TIMEOUT_S)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
-        self._conn.close()
+        self._stop_child()  # (the reader then sees its pipe end, or its restart stop)
         if self._reader is not None:
             self._reader.join(timeout=STOP_TIMEOUT_S)
+        self._stop_child()  # one a restart started meanwhile
         with self._lock:
             jobs, self._jobs = self._jobs, {}
         for job in jobs.values():
             if not job.future.done():
                 job.future.set_exception(EngineDiedError(f"engine {self.name} was stopped"))
+
+    def _stop_child(self) -> None:
+        try:
+            with self._send_lock:
+                self._conn.send(None)
+        except (OSError, ValueError):
+            pass
+        self._end_child()
 
     # -- what the conductor uses -------------------------------------------------------------
 
