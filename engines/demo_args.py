@@ -42,8 +42,9 @@ def add_store_arguments(parser: argparse.ArgumentParser, *, dram: str, nvme: str
     """The store the engines share (`engines.demo.open_store` reads these): a daemon's
     URL, or an embedded store's tiers (``dram``, ``nvme``: their default sizes)."""
     parser.add_argument("--url", default=None,
-                        help="use this kvstored daemon (kvstore://HOST:PORT) instead of an "
-                             "embedded store")
+                        help="use this kvstored daemon (kvstore://HOST:PORT), or a pool of "
+                             "them (kvstore+cluster://REDIS_HOST:PORT/DB?cluster=NAME), "
+                             "instead of an embedded store")
     parser.add_argument("--dram", default=dram, help="embedded store: DRAM tier size")
     parser.add_argument("--nvme", default=nvme, help="embedded store: NVMe tier size (0: none)")
     parser.add_argument("--nvme-path", default=None,

@@ -7,7 +7,9 @@ the ``kvstore.commands`` entry point; ``--help`` loads neither torch nor the eng
 
 Each engine runs in a process of its own (`engines.processes`: restarted when it dies),
 and they share one store: a `kvstored` served from a thread of this process (DRAM, and
-NVMe if asked) or yours (``--url``).
+NVMe if asked), yours (``--url kvstore://HOST:PORT``), or a pool of them
+(``--url kvstore+cluster://REDIS_HOST:PORT/DB?cluster=NAME``: the conductor then asks the
+pool's index where each prefix lives).
 """
 
 from __future__ import annotations

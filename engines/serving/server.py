@@ -117,8 +117,11 @@ def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -
     prefill = [w for w in rest if w.spec.role == "prefill"]
     objectives = (Objectives(args.ttft_slo, args.itl_slo) if args.ttft_slo is not None
                   else None)
+    # A pool's client (--url kvstore+cluster://...) tells where each prefix lives in one
+    # round trip: the conductor asks it, not each engine.
+    pool = store if hasattr(store, "locate") else None
     conductor = Conductor(prefill, decode, cost=first.cost, mode=args.mode,
-                          objectives=objectives)
+                          objectives=objectives, pool=pool)
     name = args.served_model_name or _served_name(args.model)
     backend = Backend(conductor, tokenizer, model_name=name, max_model_len=max_model_len,
                       vocab_size=config.vocab_size, eos_token_ids=config.eos_token_ids)
