@@ -29,7 +29,9 @@ as `kvstore serve --ttft-slo/--itl-slo`), what counts is meeting them, as in Dis
 goodput: a request runs colocated when that meets both (its TTFT, and the stall its
 prefill adds to a step of the requests decoding beside it), else disaggregated when that
 meets both (the prefill engine's TTFT, and the hand-over's gap before its second token),
-else the cheaper as above. Colocated first: it ships nothing and leaves the prefill
+else disaggregated when its prefill would stall the batch past the inter-token objective
+(the request misses its objectives either way; the batch need not), else the cheaper as
+above. Colocated first: it ships nothing and leaves the prefill
 engines to the prompts that need them. ``running(d)`` counts the requests admitted to d,
 waiting ones too (a burst's requests all decode together), and d's wait includes the
 prefills already routed to it and not yet done. ``mode`` may fix the choice
@@ -263,6 +265,10 @@ class Conductor:
                 split, reason = False, "colocated meets objectives"
             elif ttft_p <= slo.ttft_s and hand_over <= slo.itl_s + cost.decode_step_s:
                 split, reason = True, "disaggregated meets objectives"
+            elif stall > slo.itl_s and best is not None:
+                # Neither way meets them for this request: do not take the decoding
+                # batch's objectives down with it.
+                split, reason = True, "neither meets objectives; spares the batch"
         route = Route(
             request_id=request_id, is_disaggregated=split,
             prefill=best[2] if split and best is not None else None, decode=decode_index,

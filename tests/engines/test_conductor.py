@@ -171,6 +171,10 @@ def test_with_objectives_auto_runs_colocated_what_meets_them(model, caplog):
         route = conductor.route(long, sampling)
         assert route.is_disaggregated and route.reason == "disaggregated meets objectives"
         assert route.gap_colocated_s >= COST.prefill_s(400, 400) > 0.1
+        conductor.objectives = Objectives(ttft_s=0.2, itl_s=0.1)  # 0.4 s: out of reach
+        route = conductor.route(long, sampling)
+        assert route.is_disaggregated and route.reason.startswith("neither meets")
+        conductor.objectives = Objectives(ttft_s=1.0, itl_s=0.1)
         split = conductor.submit(long, sampling)
         conductor.mode = "colocated"  # one more, queued behind the held one
         queued = conductor.submit(prompt_of(300, 34), sampling)
