@@ -31,12 +31,14 @@ prefill adds to a step of the requests decoding beside it), else disaggregated w
 meets both (the prefill engine's TTFT, and the hand-over's gap before its second token),
 else disaggregated when its prefill would stall the batch past the inter-token objective
 (the request misses its objectives either way; the batch need not), else the cheaper as
-above. Colocated first: it ships nothing and leaves the prefill
-engines to the prompts that need them. ``running(d)`` counts the requests admitted to d,
-waiting ones too (a burst's requests all decode together), and d's wait includes the
-prefills already routed to it and not yet done. ``mode`` may fix the choice
-instead (``colocated``: always on a decode engine; ``disaggregated``: always through a
-prefill engine, where there is one); the costs are still computed and logged.
+above. Colocated first: it ships nothing and leaves the prefill engines to the prompts
+that need them. ``running(d)`` counts the requests admitted to d, waiting ones too (a
+burst's requests all decode together), and d's wait includes the prefills already routed
+to it and not yet done.
+
+``mode`` may fix the choice instead (``colocated``: always on a decode engine;
+``disaggregated``: always through a prefill engine, where there is one); the costs are
+still computed and logged.
 
 `cancel` stops a request whose client went away: on its decode engine at the next step
 (its pages back at once), or, still in prefill, before it is handed over.
