@@ -77,6 +77,7 @@ class EngineSpec:
     # engine does, before the others start (their load would skew it), never on a restart.
     calibrate_lengths: tuple[int, ...] = ()
     calibrate_blocks: int = 8
+    log_level: str = "INFO"  # the child's logging, as the server's
 
 
 class _Pages:
@@ -397,7 +398,7 @@ def _child_main(spec: EngineSpec, conn: Any) -> None:
     """A child's whole life: build the engine, say ready, serve the pipe until told to
     stop or the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops its engines itself
-    logging.basicConfig(level=logging.INFO,
+    logging.basicConfig(level=spec.log_level,
                         format=f"%(asctime)s %(levelname)s engine[{os.getpid()}] "
                                "%(name)s: %(message)s")
     try:

