@@ -50,13 +50,14 @@ ENCODING_FIELD, ENCODING_VALUE = b"~encoding", b"hashtable " * 8  # 80 bytes
 
 
 # The chain arrives as one argument, its 16-byte keys concatenated (packing 1,000 arguments
-# cost the client more than the lookups cost Redis), and is split here once for all hashes.
+# cost the client more than the lookups cost Redis), and is split here once for all hashes,
+# by one `struct.unpack` (in C: half the time of a loop of string.sub), whose last value,
+# the position after the chain, is dropped.
 SPLIT_CHAIN = """
 local chain = ARGV[1]
-local keys = {}
-for j = 1, #chain / 16 do
-  keys[j] = string.sub(chain, 16 * j - 15, 16 * j)
-end
+local n = #chain / 16
+local keys = {struct.unpack(string.rep('c16', n), chain)}
+keys[n + 1] = nil
 """
 # The leading run of each hash (KEYS) over the chain: its tier bytes up to the first
 # missing block. The lookups stay in Redis; only the runs come back. Each hash is read in
