@@ -323,14 +323,16 @@ class ClusterMember:
 
     def leading(self, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` some live peer holds (each by any one of them)."""
+        held = self.held_by_peers(keys)
+        return next((i for i, is_held in enumerate(held) if not is_held), len(keys))
+
+    def held_by_peers(self, keys: Sequence[bytes]) -> list[bool]:
+        """For each of ``keys``, whether the pool holds it elsewhere: a live peer, by the
+        index, or this node's queue of blocks on their way to one."""
         _, holders = self._holders(keys)
-        spilling = [value is not None for value in self.spiller.queued(keys)]
-        count = 0
-        for i in range(len(keys)):
-            if not spilling[i] and not any(bits[i] for bits in holders.values()):
-                break
-            count += 1
-        return count
+        spilling = self.spiller.queued(keys)
+        return [spilling[i] is not None or any(bits[i] for bits in holders.values())
+                for i in range(len(keys))]
 
     def contains(self, key: bytes) -> bool:
         """Whether a live peer holds ``key``, as that peer says (the index may be stale)."""

@@ -1,7 +1,7 @@
 """The Store's own operations as the daemon serves them: put, get and their batches,
-prefix lookups, contains, delete, tier_of, flush. Each handler takes (connection, request
-meta, data) and returns (response fields, data parts); keys are scoped to the
-connection's namespace first.
+prefix lookups, contains, delete, tier_of, tier_bits, put_in_tier, flush. Each handler
+takes (connection, request meta, data) and returns (response fields, data parts); keys are
+scoped to the connection's namespace first.
 
 A get_many answer carries at most ``max_answer_data_bytes`` of values (the leading keys
 whose values fit, at least one): ``answered`` says how many, and the client asks again for
@@ -20,12 +20,15 @@ from daemon.connection import Connection
 from daemon.frame_memory import LogThrottle
 from daemon.read_stats import ReadStats
 from daemon.store_calls import StoreCalls
+from kvstore.tiers.base import REMOTE_TIER_BIT
+from kvstore.wire.error_codes import ErrorCode, RequestError
 
 log = logging.getLogger(__name__)
 
 
 class StoreOperations:
-    """put, put_many, get, get_many, match_prefix, contains, delete, tier_of, flush."""
+    """put, put_many, get, get_many, match_prefix, contains, delete, tier_of, tier_bits,
+    put_in_tier, flush."""
 
     def __init__(self, calls: StoreCalls, read_stats: ReadStats, *, metrics: Any | None,
                  access_log: AccessLog | None, max_answer_data_bytes: int) -> None:
@@ -53,15 +56,28 @@ class StoreOperations:
 
     async def put_many(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         self._record_in(len(data))
-        view, values, offset = memoryview(data), [], 0
-        for size in meta["sizes"]:
-            values.append(view[offset:offset + size])
-            offset += size
-        keys = [conn.scope(k) for k in meta["keys"]]
+        keys, values = [conn.scope(k) for k in meta["keys"]], _values(meta, data)
         stored = await self.calls.for_put(len(data))(
             functools.partial(self.store.put_many, owner=conn.owner), keys, values)
         if self.cluster is not None:
             stored = await self.calls.run(self.cluster.after_put, keys, values, stored)
+        return {"stored": stored}, []
+
+    async def put_in_tier(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        """put_many into the named tier only (`Store.put_in_tier`); in a pool, as after a
+        put, other nodes' older copies go, but what found no room here stays unstored (it
+        was asked for in this tier)."""
+        self._record_in(len(data))
+        tier = meta["tier"]
+        if tier not in self.store.config.tier_names:
+            raise RequestError(ErrorCode.BAD_REQUEST, f"this daemon has no {tier} tier (its "
+                               f"tiers: {', '.join(self.store.config.tier_names)})")
+        keys, values = [conn.scope(k) for k in meta["keys"]], _values(meta, data)
+        stored = await self.calls.run(
+            functools.partial(self.store.put_in_tier, owner=conn.owner), tier, keys, values)
+        if self.cluster is not None and stored:
+            await self.calls.run(self.cluster.after_put, keys[:stored], values[:stored],
+                                 stored)
         return {"stored": stored}, []
 
     async def get(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
@@ -144,6 +160,28 @@ class StoreOperations:
         return {"tier": await self.calls.run_short(self.store.tier_of,
                                                    conn.scope(meta["key"]))}, []
 
+    async def tier_bits(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
+        """Each key's tier bits (`Store.tier_bits`: 1 HBM, 2 DRAM, 4 NVMe; 0 not held); in
+        a pool, `REMOTE_TIER_BIT` for one no tier here holds and the pool holds elsewhere
+        (match_prefix and contains count those as held too). Not a request: no counts."""
+        keys = [conn.scope(k) for k in meta["keys"]]
+        bits = await self.calls.run_short(self.store.tier_bits, keys)
+        if self.cluster is not None and not all(bits):
+            missing = [i for i, b in enumerate(bits) if not b]
+            held = await self.calls.run(self.cluster.held_by_peers, [keys[i] for i in missing])
+            for i, is_held in zip(missing, held, strict=True):
+                bits[i] = REMOTE_TIER_BIT if is_held else 0
+        return {"bits": bits}, []
+
     async def flush(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         await self.calls.run(self.store.flush)
         return {}, []
+
+
+def _values(meta: dict[str, Any], data: bytes) -> list[memoryview]:
+    """The values a request's data carries, cut by its ``sizes``."""
+    view, values, offset = memoryview(data), [], 0
+    for size in meta["sizes"]:
+        values.append(view[offset:offset + size])
+        offset += size
+    return values

@@ -171,6 +171,7 @@ class Daemon:
             "put": store.put, "put_many": store.put_many, "get": store.get,
             "get_many": store.get_many, "match_prefix": store.match_prefix,
             "contains": store.contains, "delete": store.delete, "tier_of": store.tier_of,
+            "tier_bits": store.tier_bits, "put_in_tier": store.put_in_tier,
             "flush": store.flush,
             "reserve": shm.reserve, "commit": shm.commit, "abort": shm.abort,
             "pin": shm.pin, "unpin": shm.unpin, "touch": shm.touch,

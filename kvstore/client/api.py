@@ -15,6 +15,7 @@ from kvstore.client.operations import Operations
 from kvstore.client.settings import DEFAULT_RETRY, ClientSettings, Retry
 from kvstore.errors import InvalidValueError
 from kvstore.tiers.base import check_key
+from kvstore.wire.ops import TIER_NAMES
 
 
 def check_keys(keys: Sequence[bytes]) -> list[bytes]:
@@ -80,6 +81,24 @@ class StoreApi:
     def tier_of(self, key: bytes) -> Any:
         key = check_key(key)
         return self._run(lambda s: Operations.simple("tier_of", "key", key, "tier"))
+
+    def tier_bits(self, keys: Sequence[bytes]) -> Any:
+        """Each key's tier bits in the daemon (1 HBM, 2 DRAM, 4 NVMe; 8: only elsewhere in
+        its pool; 0: not held), as `Store.tier_bits`: a fetch planner's question."""
+        checked = check_keys(keys)
+        return self._run(lambda s: Operations.tier_bits(checked))
+
+    def put_in_tier(self, tier: str, keys: Sequence[bytes], values: Sequence[Any]) -> Any:
+        """`Store.put_in_tier`: blocks into the daemon's ``tier`` only (values in the
+        frames, never through the shared pool); how many leading ones were stored."""
+        if len(keys) != len(values):
+            raise InvalidValueError(f"put_in_tier got {len(keys)} keys but {len(values)} "
+                                    "values")
+        if tier not in TIER_NAMES:
+            raise InvalidValueError(f"put_in_tier: {tier!r} is not a tier's name "
+                                    f"({', '.join(TIER_NAMES)})")
+        checked, srcs = check_keys(keys), [value_view(v) for v in values]
+        return self._run(lambda s: Operations.put_in_tier(s, tier, checked, srcs))
 
     def flush(self) -> Any:
         return self._run(lambda s: Operations.simple("flush", "", None, "none"))

@@ -78,11 +78,7 @@ class Operations:
         """``use_spare`` (single puts): keep a spare slot for the next put of this size."""
         if not keys:
             return 0
-        sizes = [int(s.shape[0]) for s in srcs]
-        for size in sizes:
-            if size > session.max_value_bytes:
-                raise InvalidValueError(f"value of {size} bytes exceeds the daemon's "
-                                        f"max_value_bytes ({session.max_value_bytes})")
+        sizes = _sizes(session, srcs)
         pool = session.pool
         if pool is not None and sum(sizes) >= SHM_MIN_BYTES:
             # A single put reuses the spare slot its last commit reserved: copy + commit,
@@ -119,15 +115,15 @@ class Operations:
                 return meta["stored"]
             if handles:  # no room for all in DRAM: let the daemon place them (and demote)
                 yield {"op": "abort", "handles": handles}, []
-        stored = 0
-        for start, stop in _batches(sizes, session.max_frame_data_bytes):
-            parts = [_host(s) for s in srcs[start:stop]]
-            meta, _ = yield ({"op": "put_many", "keys": keys[start:stop],
-                              "sizes": sizes[start:stop]}, parts)
-            stored += meta["stored"]
-            if meta["stored"] < stop - start:
-                break
-        return stored
+        return (yield from _put_in_frames(session, {"op": "put_many"}, keys, srcs, sizes))
+
+    @staticmethod
+    def put_in_tier(session: Session, tier: str, keys: list[bytes], srcs: list[Any]
+                    ) -> Operation:
+        if not keys:
+            return 0
+        return (yield from _put_in_frames(session, {"op": "put_in_tier", "tier": tier}, keys,
+                                          srcs, _sizes(session, srcs)))
 
     @staticmethod
     def put(session: Session, key: bytes, src: Any) -> Operation:
@@ -203,6 +199,16 @@ class Operations:
         return meta.get(result)
 
     @staticmethod
+    def tier_bits(keys: list[bytes]) -> Operation:
+        if not keys:
+            return []
+        meta, _ = yield {"op": "tier_bits", "keys": keys}, []
+        bits = meta.get("bits")
+        if not isinstance(bits, list) or len(bits) != len(keys):
+            raise ProtocolError(f"a tier_bits answer of {bits!r:.80} for {len(keys)} keys")
+        return bits
+
+    @staticmethod
     def match_prefix(keys: list[bytes], probe: bool) -> Operation:
         request: dict[str, Any] = {"op": "match_prefix", "keys": keys}
         if probe:
@@ -218,6 +224,31 @@ def _answered(meta: dict[str, Any], asked: int) -> int:
     if type(answered) is not int or not 0 < answered <= asked:
         raise ProtocolError(f"a get_many answer covering {answered!r} of {asked} keys")
     return answered
+
+
+def _sizes(session: Session, srcs: list[Any]) -> list[int]:
+    """The values' sizes, each checked against the daemon's largest value."""
+    sizes = [int(s.shape[0]) for s in srcs]
+    for size in sizes:
+        if size > session.max_value_bytes:
+            raise InvalidValueError(f"value of {size} bytes exceeds the daemon's "
+                                    f"max_value_bytes ({session.max_value_bytes})")
+    return sizes
+
+
+def _put_in_frames(session: Session, request: dict[str, Any], keys: list[bytes],
+                   srcs: list[Any], sizes: list[int]) -> Operation:
+    """``request`` (a put_many or put_in_tier) with the values in its frames, cut into
+    frames the daemon takes; how many leading blocks were stored."""
+    stored = 0
+    for start, stop in _batches(sizes, session.max_frame_data_bytes):
+        parts = [_host(s) for s in srcs[start:stop]]
+        meta, _ = yield ({**request, "keys": keys[start:stop], "sizes": sizes[start:stop]},
+                         parts)
+        stored += meta["stored"]
+        if meta["stored"] < stop - start:
+            break
+    return stored
 
 
 def _batches(sizes: list[int], limit: int) -> list[tuple[int, int]]:

@@ -49,6 +49,7 @@ class Session:
         self.max_frame_data_bytes: int = hello["max_frame_data_bytes"]
         self.node_id: str = hello["node_id"]
         self.lease_s: float = hello["lease_s"]
+        self.tiers: list[str] = list(hello.get("tiers") or [])  # the daemon's, fastest first
         self.pool: np.ndarray | None = None
         self.is_pool_registered = False  # page-locked for CUDA: GPUs DMA straight into it
         self.directory: Any = None  # the daemon's shm_directory.Directory, if mapped

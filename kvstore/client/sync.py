@@ -269,6 +269,17 @@ class Client(StoreApi):
         finally:
             self._release(conn)
 
+    @property
+    def tiers(self) -> list[str]:
+        """The daemon's tiers, fastest first, as its hello said, then ``"remote"`` where
+        it is a node of a pool (its `tier_bits` answers 8 for a block only a peer holds)."""
+        conn = self._acquire()
+        try:
+            session = conn.session
+            return [*session.tiers, *(["remote"] if session.scope else [])]
+        finally:
+            self._release(conn)
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -137,6 +137,31 @@ class Store:
                 i += 1
         return i
 
+    def put_in_tier(self, tier: str, keys: Sequence[bytes], values: Sequence[Any], *,
+                    owner: int = 0) -> int:
+        """`put_many` into ``tier`` (a present tier's name) rather than the write tier, and
+        into that tier only (a block it has no room for is not stored, nor are those after
+        it): how many leading blocks were stored. Blocks put into NVMe are on the disk when
+        it returns (its write buffer written out and synced), so reading them reads the disk.
+        For measuring what a fetch from each tier costs (`engines.cost_model`): afterwards
+        they are ordinary blocks (a hit promotes them, eviction moves them)."""
+        t = self._tier_index(tier, what="put_in_tier")
+        if len(keys) != len(values):
+            raise InvalidValueError(f"put_in_tier got {len(keys)} keys but {len(values)} "
+                                    "values")
+        checked = [check_key(k) for k in keys]
+        sources = [self._source(v) for v in values]
+        chain: list[bytes] = []
+        for key, src in zip(checked, sources, strict=True):
+            if not self._put(key, src, chain[-1] if chain else None, chain, owner, tiers=[t]):
+                break
+            chain.append(key)
+        if chain and self._media.kinds[t] is TierKind.NVME:
+            with self._state.lock:
+                self._state.check_open()
+                self._media.nvme.flush()
+        return len(chain)
+
     def get(self, key: bytes) -> bytes | None:
         result = self._reads.read(check_key(key), None)
         assert result is not True, "a read without an output buffer returns bytes"
@@ -357,10 +382,10 @@ class Store:
         return {kind.value: tier.capacity_bytes
                 for kind, tier in zip(self._media.kinds, self._tiers, strict=True)}
 
-    def _tier_index(self, tier: str) -> int:
+    def _tier_index(self, tier: str, *, what: str = "a quota") -> int:
         names = [kind.value for kind in self._media.kinds]
         if tier not in names:
-            raise ConfigError(f"a quota names tier {tier!r}, which this store does not have "
+            raise ConfigError(f"{what} names tier {tier!r}, which this store does not have "
                               f"(tiers: {', '.join(names)})")
         return names.index(tier)
 
@@ -468,9 +493,10 @@ class Store:
         return src
 
     def _put(self, key: bytes, src: ByteView, parent: bytes | None,
-             protect: list[bytes] | None = None, owner: int = 0, replace: bool = True
-             ) -> bool:
-        """Store into the write tier or, failing that, the tiers below it.
+             protect: list[bytes] | None = None, owner: int = 0, replace: bool = True,
+             tiers: Sequence[int] | None = None) -> bool:
+        """Store into the write tier or, failing that, the tiers below it (``tiers``: into
+        these only, in turn).
 
         ``protect`` holds the blocks this put_many call already stored (the new block's
         ancestors): evicting one of them to make room for its own descendant would push
@@ -480,7 +506,8 @@ class Store:
         state = self._state
         if self._media.pins_old_record(key):
             return False
-        for t in range(self.placement.write_tier, len(self._tiers)):
+        for t in tiers if tiers is not None else range(self.placement.write_tier,
+                                                        len(self._tiers)):
             tier = self._tiers[t]
             if isinstance(tier, MemoryTier):
                 stored = self._put_memory(t, tier, key, src, parent, protect, owner, replace)

@@ -23,6 +23,9 @@ class TierKind(enum.Enum):
 
 # A tier's bit in a block's residency as the pool's index publishes it (docs/CLUSTER.md).
 TIER_BIT = {TierKind.HBM: 1, TierKind.DRAM: 2, TierKind.NVME: 4}
+# A block no tier of a pool's node holds and a peer does, as that node's ``tier_bits``
+# answers it (docs/PROTOCOL.md); never in the index (a node publishes only its own tiers).
+REMOTE_TIER_BIT = 8
 
 
 class Tier(Protocol):

@@ -70,6 +70,16 @@ def _opt_str(value: object, field: str, request: dict[str, Any]) -> str | None:
     return value
 
 
+TIER_NAMES = ("hbm", "dram", "nvme")
+
+
+def _tier(value: object, field: str, request: dict[str, Any]) -> str:
+    if not isinstance(value, str) or value not in TIER_NAMES:
+        raise RequestError(ErrorCode.BAD_REQUEST,
+                           f"{field} must be a tier's name: {', '.join(TIER_NAMES)}")
+    return value
+
+
 # op -> the fields it needs, in checking order (``sizes`` after ``keys``).
 _FIELDS: dict[str, dict[str, Any]] = {
     "hello": {"version": _uint, "token": _opt_str, "namespace": _opt_str, "shm": _bool},
@@ -81,6 +91,9 @@ _FIELDS: dict[str, dict[str, Any]] = {
     "contains": {"key": _key},
     "delete": {"key": _key},
     "tier_of": {"key": _key},
+    "tier_bits": {"keys": _keys},
+    # put_many into one named tier only, for measuring that tier's fetch cost
+    "put_in_tier": {"tier": _tier, "keys": _keys, "sizes": _sizes},
     "flush": {},
     "stats": {},
     # the shared-memory data plane (same host): reserve -> copy -> commit, pin -> copy -> unpin
@@ -102,6 +115,7 @@ _FIELDS: dict[str, dict[str, Any]] = {
 }
 
 OPERATIONS = frozenset(_FIELDS)
+_WITH_VALUES = frozenset({"put_many", "peer_put", "put_in_tier"})  # data: values by sizes
 
 MAX_SPARES = 4
 
@@ -164,14 +178,14 @@ def check_request(meta: dict[str, Any], data_bytes: int) -> tuple[int, str, floa
         for field, check in _OPTIONAL_FIELDS.get(op, {}).items():
             if meta.get(field) is not None:
                 meta[field] = check(meta[field], field, meta)
-        expected = sum(meta["sizes"]) if op in ("put_many", "peer_put") else None
+        expected = sum(meta["sizes"]) if op in _WITH_VALUES else None
         if op == "put":
             expected = data_bytes  # one value: whatever the frame carries
         if expected is not None and expected != data_bytes:
             raise RequestError(ErrorCode.INVALID_VALUE,
                                f"sizes add up to {expected} bytes but the frame carries "
                                f"{data_bytes}")
-        if op not in ("put", "put_many", "peer_put") and data_bytes:
+        if op != "put" and op not in _WITH_VALUES and data_bytes:
             raise RequestError(ErrorCode.BAD_REQUEST, f"{op} carries no data")
     except RequestError as e:
         e.request_id = request_id  # type: ignore[attr-defined]

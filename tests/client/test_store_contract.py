@@ -14,6 +14,7 @@ import torch
 import kvstore
 from kvstore import BufferSizeError, InvalidKeyError, InvalidValueError, KVStoreError
 from kvstore.client import session as client_session
+from kvstore.tiers.base import REMOTE_TIER_BIT
 from tests.conftest import make_key, make_value
 
 KiB = 1024
@@ -97,6 +98,36 @@ def test_value_types(api):
     for name, value in values.items():
         assert api.put(make_key(name), value)
         assert api.get(make_key(name)) == base, name
+
+
+TIER_BIT = {"hbm": 1, "dram": 2, "nvme": 4}
+
+
+def test_tier_bits_say_the_tiers_tier_of_names(api):
+    if not hasattr(api, "tier_bits"):
+        pytest.skip("a pool's cluster-aware client tells no tiers (no fetch planner on it)")
+    keys = chain(3, f"bits-{next(_namespaces)}")
+    assert api.put_many(keys[:2], [make_value(("bits", i), 64 * KiB) for i in range(2)]) == 2
+    bits = api.tier_bits(keys)
+    assert bits[2] == 0 and api.tier_bits([]) == []
+    for key, held in zip(keys[:2], bits, strict=False):
+        tier = api.tier_of(key)  # (None: only a peer of the pool holds it)
+        assert held & -held == (TIER_BIT[tier] if tier else REMOTE_TIER_BIT), (tier, held)
+
+
+def test_put_in_tier_stores_in_that_tier_only(api):
+    if not hasattr(api, "put_in_tier"):
+        pytest.skip("a pool's cluster-aware client has no tiers of its own")
+    tiers = list(api.capacities()) if hasattr(api, "capacities") else api.tiers
+    for tier in ("dram", "nvme"):
+        if tier not in tiers:
+            continue
+        key, value = make_key(("in-tier", tier)), make_value(("in-tier", tier), 64 * KiB)
+        assert api.put_in_tier(tier, [key], [value]) == 1
+        assert api.tier_bits([key]) == [TIER_BIT[tier]] and api.tier_of(key) == tier
+        assert api.get(key) == value
+    with pytest.raises(KVStoreError, match="tier"):
+        api.put_in_tier("hbm", [make_key("no hbm")], [b"v"])
 
 
 def test_missing_keys(api):

@@ -14,6 +14,7 @@ import pytest
 
 import kvstore
 from kvstore.errors import AuthError
+from kvstore.tiers.base import REMOTE_TIER_BIT
 from tests.cluster.conftest import CLUSTER, TTL_S, Pool, wait_until
 
 VALUE_BYTES = 64 * 1024
@@ -44,6 +45,9 @@ def test_any_node_serves_the_blocks_another_holds(pool: Pool, shared_memory: boo
         pool.wait_peers("n1", {"n0"}, cb)
         assert cb.match_prefix(keys + chain(2, 3)) == len(keys)
         assert cb.contains(keys[5]) and not cb.contains(chain(3, 1)[0])
+        # Held by a peer only: the remote tier's bit (as match_prefix, it counts as held).
+        assert cb.tier_bits(keys[:2] + chain(3, 1)) == [REMOTE_TIER_BIT] * 2 + [0]
+        assert cb.tiers == ["dram", "remote"] and ca.tiers == ["dram", "remote"]
         assert cb.get(keys[0]) == value(keys[0])
         assert cb.get_many(keys) == [value(k) for k in keys]
         out = bytearray(VALUE_BYTES)
@@ -273,6 +277,8 @@ def test_tenants_reach_only_their_namespaces_across_the_pool(pool: Pool, tmp_pat
         assert alice_b.get_many(keys) == [value(k) for k in keys]  # her namespace, via n1
         assert bob_b.get_many(keys) == [None] * 3  # same key bytes, his namespace: none
         assert bob_b.match_prefix(keys) == 0 and not bob_b.contains(keys[0])
+        assert bob_b.tier_bits(keys) == [0] * 3
+        assert alice_b.tier_bits(keys) == [REMOTE_TIER_BIT] * 3
         # A tenant's connection cannot send peer operations, with any keys.
         stored = pool.stored(keys, namespace="a", secret_file=secret)
         conn = kvstore.client.sync.RawConnection(kvstore.client.settings.ClientSettings(

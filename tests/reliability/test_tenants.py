@@ -71,7 +71,7 @@ def test_a_tenant_reaches_nothing_of_another_through_any_operation(tenants):
                    for i, k in zip(values, keys, strict=True))
         assert not any(b.contains(k) for k in keys)
         assert b.match_prefix(keys) == 0 and b.match_prefix(keys, probe=True) == 0
-        assert all(b.tier_of(k) is None for k in keys)
+        assert all(b.tier_of(k) is None for k in keys) and b.tier_bits(keys) == [0] * len(keys)
         assert not any(b.delete(k) for k in keys)
         assert b.put(keys[0], b"b's own value")  # lands in b's namespace only
         assert b.put_many(keys[1:3], [b"x", b"y"]) == 2
