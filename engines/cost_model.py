@@ -11,10 +11,11 @@ store, never constants. The conductor routes with it.
         scratch keys that are deleted after
     decode_step_s       one batched decode step of the running batch
 
-and, for the fetch planner (`engines.fetch_plan`), each tier's fetch cost
-(`measure_tier_costs`): blocks timed through a scratch store of that tier alone, by the
-engine's own fetch path, so that a tier the engine's store holds few blocks in has a cost
-too.
+and, for the fetch planner (`engines.fetch_plan`), each tier's fetch cost, timed by the
+engine's own fetch path on blocks put there for it, so that a tier the engine's store holds
+few blocks in has a cost too: through a scratch store of that tier alone for an embedded
+store (`measure_tier_costs`), in the daemon's own tiers for a daemon's client
+(`measure_daemon_tier_costs`; `planner_for` picks).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,10 +33,11 @@ import numpy as np
 import torch
 
 import kvstore
-from engines.fetch_plan import FetchPlanner, TierCost, TierCosts
+from engines.fetch_plan import TIER_BITS, FetchPlanner, TierCost, TierCosts
 from engines.kv_io import KVBlockIO
 from engines.model import LlamaModel
 from engines.paged_cache import SequenceKV
+from kvstore.errors import KVStoreError
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +218,6 @@ def measure_tier_cost(io: KVBlockIO, tier: str, *, num_blocks: int = 16, repeats
     scratch = tempfile.mkdtemp(prefix="kvstore-cost-", dir=nvme_dir) if tier == "nvme" else None
     config = scratch_tier_config(tier, io.stored_block_bytes, num_blocks,
                                  device=str(io.cache.device), nvme_dir=scratch)
-    seq = SequenceKV()
-    if not io.cache.reserve(seq, num_blocks * io.block_tokens):
-        raise ValueError(f"the engine's cache cannot hold {num_blocks} calibration blocks")
     try:
         with kvstore.Store(config) as store:
             probe = KVBlockIO(io.model, io.cache, store,
@@ -227,39 +227,18 @@ def measure_tier_cost(io: KVBlockIO, tier: str, *, num_blocks: int = 16, repeats
                                        (num_blocks * io.block_tokens,),
                                        generator=torch.Generator().manual_seed(1)).tolist()
                 keys = probe.keys(tokens)
-                block = probe._blocks(1).fill_(1)
-                block = (probe.codec.encode(block) if probe.codec is not None else block)[0]
-                if store.put_many(keys, [block] * len(keys)) != len(keys):
+                if store.put_many(keys, [_scratch_block(probe)] * len(keys)) != len(keys):
                     raise RuntimeError(f"the scratch {tier} store took too few blocks")
                 store.flush()
-                samples: list[list[float]] = []
-                times: list[float] = []
-                for n in sorted({1, num_blocks}):
-                    runs = []
-                    for _ in range(repeats + 1):  # the first warms up
-                        start = time.perf_counter()
-                        load = probe.fetch(keys[:n], seq)
-                        load.wait_all()
-                        if torch.cuda.is_available():
-                            torch.cuda.synchronize()
-                        runs.append(time.perf_counter() - start)
-                        if load.num_blocks != n:
-                            raise RuntimeError(f"fetched {load.num_blocks} of {n} blocks "
-                                               f"from the scratch {tier} store")
-                    samples.append([1.0, n])
-                    times.append(float(np.median(runs[1:])))
-                latency, per_block = fit_line(samples, times)
-                if per_block <= 0:  # timing noise above the cost of a few blocks (a fast
-                    # tier): charge the larger fetch's time to its blocks, no latency
-                    latency, per_block = 0.0, times[-1] / num_blocks
+                cost = _fit_fetches(probe, f"the scratch {tier} store", num_blocks, repeats,
+                                    lambda n: keys[:n])
             finally:
                 probe.close()
     finally:
-        io.cache.release(seq)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    cost = TierCost(latency_s=latency, per_block_s=per_block)
-    log.info("fetch cost from %s: %.3g s + %.3g s a block", tier, latency, per_block)
+    log.info("fetch cost from %s: %.3g s + %.3g s a block", tier, cost.latency_s,
+             cost.per_block_s)
     return cost
 
 
@@ -270,17 +249,150 @@ def measure_tier_costs(io: KVBlockIO, tiers: list[str], *, nvme_dir: str | None 
                                               num_blocks=num_blocks) for tier in tiers})
 
 
-def planner_for(io: KVBlockIO, cost: CostModel) -> FetchPlanner | None:
-    """A fetch planner for an engine whose store is ``io.store``: each of the store's tiers
-    measured (`measure_tier_costs`; an NVMe tier's scratch directory beside the store's),
-    or None where the store cannot say which tier holds a block (a daemon client)."""
+def measure_daemon_tier_cost(io: KVBlockIO, tier: str, *, num_blocks: int = 16,
+                             repeats: int = 3) -> TierCost:
+    """The cost of fetching blocks from the daemon's ``tier`` into ``io``'s cache, where
+    ``io.store`` is the daemon's client: each run puts fresh blocks into that tier of the
+    daemon itself (`put_in_tier`: NVMe ones written out to its disk), checks with
+    `tier_bits` that the tier is the fastest holding them, fetches them by ``io``'s own
+    fetch path, and deletes them; 1 and ``num_blocks`` blocks a run, the line through the
+    medians.
+
+    Why the daemon's own tiers, and not scratch stores as `measure_tier_cost`: a fetch
+    from a daemon is its disk and its memory, and the way between (same-host shared memory
+    for DRAM blocks; a pin, a get_many, the daemon's read and the frames for the others),
+    which only the real client path has, and the disk may be another host's. Why fresh
+    blocks each run: a hit promotes a block to the daemon's write tier, so a second read
+    of the same one would time DRAM. The blocks take the room of ``num_blocks`` blocks in
+    the tier for a moment, as a publish of that many would."""
     store = io.store
-    if not hasattr(store, "tier_bits") or not hasattr(store, "capacities"):
+    bit = dict(TIER_BITS)[tier]
+
+    def held(n: int) -> list[bytes]:
+        salt = os.urandom(8).hex()
+        keys = io.keys([hash((salt, i)) % io.model.config.vocab_size
+                        for i in range(n * io.block_tokens)])
+        if store.put_in_tier(tier, keys, [_scratch_block(io)] * n) != n:
+            _delete(store, keys)
+            raise RuntimeError(f"the daemon's {tier} tier took too few scratch blocks (no "
+                               "room, or the tenant's quota)")
+        bits = store.tier_bits(keys)
+        if any((b & -b) != bit for b in bits):  # the fastest tier holding it is another
+            _delete(store, keys)
+            raise RuntimeError(f"scratch blocks put into the daemon's {tier} tier are held "
+                               f"with tier bits {sorted(set(bits))}")
+        return keys
+
+    cost = _fit_fetches(io, f"the daemon's {tier} tier", num_blocks, repeats, held,
+                        lambda keys: _delete(store, keys))
+    log.info("fetch cost from the daemon's %s: %.3g s + %.3g s a block", tier, cost.latency_s,
+             cost.per_block_s)
+    return cost
+
+
+def measure_daemon_tier_costs(io: KVBlockIO, tiers: list[str], *, num_blocks: int = 16
+                              ) -> TierCosts:
+    """`measure_daemon_tier_cost` of each of ``tiers`` (the daemon's)."""
+    return TierCosts({tier: measure_daemon_tier_cost(io, tier, num_blocks=num_blocks)
+                      for tier in tiers})
+
+
+def _scratch_block(io: KVBlockIO) -> torch.Tensor:
+    """One block's value as ``io``'s store holds it (encoded by its codec, if any)."""
+    block = io._blocks(1).fill_(1)
+    return (io.codec.encode(block) if io.codec is not None else block)[0]
+
+
+def _delete(store: Any, keys: list[bytes]) -> None:
+    for key in keys:
+        store.delete(key)
+
+
+def _fit_fetches(io: KVBlockIO, where: str, num_blocks: int, repeats: int,
+                 held: Callable[[int], list[bytes]],
+                 done: Callable[[list[bytes]], None] | None = None) -> TierCost:
+    """The line through the median times of ``io``'s fetches of 1 and ``num_blocks``
+    blocks (``repeats`` runs of each after one that warms up), each run's blocks
+    ``held(n)`` (keys its store holds in the tier timed) and handed to ``done`` after."""
+    seq = SequenceKV()
+    if not io.cache.reserve(seq, num_blocks * io.block_tokens):
+        raise ValueError(f"the engine's cache cannot hold {num_blocks} calibration blocks")
+    samples: list[list[float]] = []
+    times: list[float] = []
+    try:
+        for n in sorted({1, num_blocks}):
+            runs = []
+            for _ in range(repeats + 1):  # the first warms up
+                keys = held(n)
+                try:
+                    start = time.perf_counter()
+                    load = io.fetch(keys, seq)
+                    load.wait_all()
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    runs.append(time.perf_counter() - start)
+                finally:
+                    if done is not None:
+                        done(keys)
+                if load.num_blocks != n:
+                    raise RuntimeError(f"fetched {load.num_blocks} of {n} blocks from {where}")
+            samples.append([1.0, n])
+            times.append(float(np.median(runs[1:])))
+    finally:
+        io.cache.release(seq)
+    latency, per_block = fit_line(samples, times)
+    if per_block <= 0:  # timing noise above the cost of a few blocks (a fast tier): charge
+        # the larger fetch's time to its blocks, no latency
+        latency, per_block = 0.0, times[-1] / num_blocks
+    return TierCost(latency_s=latency, per_block_s=per_block)
+
+
+def planner_for(io: KVBlockIO, cost: CostModel) -> FetchPlanner | None:
+    """A fetch planner for an engine whose store is ``io.store``, with each of the store's
+    tiers measured, or None where no tier's cost can be measured honestly:
+
+    - an embedded `kvstore.Store`: through a scratch store of each tier
+      (`measure_tier_costs`; an NVMe tier's scratch directory beside the store's);
+    - a daemon's client: through the client, on blocks put into each of the daemon's
+      tiers (`measure_daemon_tier_costs`). None where the daemon is a node of a pool (a
+      block only a peer holds has no measured cost: the planner would count it as not
+      cached and compute what the engine fetches from the pool without one) or refuses
+      the scratch blocks (no room, a quota), said in the log;
+    - None for a store that cannot tell tiers (a pool's cluster-aware client)."""
+    store = io.store
+    if not hasattr(store, "tier_bits"):
         return None
-    tiers = [t for t in store.capacities() if t != "hbm" or io.cache.device.type == "cuda"]
-    nvme_path = getattr(getattr(store, "config", None), "nvme_path", None)
-    nvme_dir = os.path.dirname(os.path.abspath(nvme_path)) if nvme_path else None
-    if nvme_dir is None:
-        tiers = [t for t in tiers if t != "nvme"]
-    costs = measure_tier_costs(io, tiers, nvme_dir=nvme_dir, num_blocks=8)
+    if hasattr(store, "capacities"):  # an embedded Store
+        tiers = [t for t in store.capacities() if t != "hbm" or io.cache.device.type == "cuda"]
+        nvme_path = getattr(getattr(store, "config", None), "nvme_path", None)
+        nvme_dir = os.path.dirname(os.path.abspath(nvme_path)) if nvme_path else None
+        if nvme_dir is None:
+            tiers = [t for t in tiers if t != "nvme"]
+        costs = measure_tier_costs(io, tiers, nvme_dir=nvme_dir, num_blocks=8)
+    else:  # a daemon's client
+        tiers = getattr(store, "tiers", None)
+        if tiers is None or not hasattr(store, "put_in_tier"):
+            return None
+        if "remote" in tiers:
+            log.info("no fetch planner: the daemon is a node of a pool, whose blocks on "
+                     "other nodes have no measured cost")
+            return None
+        try:
+            costs = measure_daemon_tier_costs(io, tiers, num_blocks=8)
+        except (KVStoreError, RuntimeError) as e:
+            log.warning("no fetch planner: measuring the daemon's tiers failed (%s)", e)
+            return None
     return FetchPlanner(cost, costs, block_tokens=io.block_tokens)
+
+
+def planner_costs(planner: FetchPlanner) -> dict[str, Any]:
+    """What a fetch planner plans with, as plain values (`kvstore serve` hands them from
+    the engine process that measured them to the others)."""
+    return {"cost": asdict(planner.cost),
+            "tiers": {t: [c.latency_s, c.per_block_s] for t, c in planner.tiers.tiers.items()}}
+
+
+def planner_of(costs: dict[str, Any], block_tokens: int) -> FetchPlanner:
+    """A fetch planner with ``costs`` (`planner_costs`)."""
+    tiers = TierCosts({t: TierCost(*c) for t, c in costs["tiers"].items()})
+    return FetchPlanner(CostModel(**costs["cost"]), tiers, block_tokens=block_tokens)

@@ -6,7 +6,10 @@ store the engines share (a `kvstored`: the server's embedded one, or ``--url``).
 runs the engine on a thread worker (`engines.workers`), exactly as the server would
 in-process; the parent's `EngineProcess` drives it over a pipe and offers the conductor
 what a thread worker offers (submit, cancel, load figures, health), and an `EngineView`
-of the engine for routing (its block keys and store; `engines.kv_io.BlockKeys`).
+of the engine for routing (its block keys and store; `engines.kv_io.BlockKeys`). The
+engine that measures the cost model measures each tier of the store too, where its client
+tells tiers (`engines.cost_model.planner_for`: a fetch planner); the others plan with its
+costs (`EngineSpec.planner_costs`).
 
     conductor ──submit/cancel──> EngineProcess ──pipe──> child: worker thread + engine
               <──futures, on_token── reader thread <──tokens, results, load──┘
@@ -37,7 +40,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
 
-from engines.cost_model import CostModel
+from engines.cost_model import CostModel, planner_costs, planner_of
 from engines.decode import DecodeRequest, FinishReason, TokenCallback
 from engines.kv_io import BlockKeys
 from engines.prefill import PrefillResult
@@ -77,6 +80,10 @@ class EngineSpec:
     # engine does, before the others start (their load would skew it), never on a restart.
     calibrate_lengths: tuple[int, ...] = ()
     calibrate_blocks: int = 8
+    # The fetch planner's costs (`planner_costs`): the engine that calibrates measures the
+    # store's tiers too (`engines.cost_model.planner_for`) and says them when ready; the
+    # others, and its own restarts, plan with those. None: no planner.
+    planner_costs: dict[str, Any] | None = None
     log_level: str = "INFO"  # the child's logging, as the server's
 
 
@@ -92,16 +99,17 @@ class _Pages:
 class EngineView:
     """What the conductor reads of an engine in another process: its block size, its
     store's view of its blocks (``io``: the parent's own client of the shared store, in
-    the child engine's namespace), its page count; no fetch planner (a daemon's client
-    does not tell tiers)."""
-
-    planner = None
+    the child engine's namespace), its page count, and a planner with the child's fetch
+    planner's costs as the child started with them (for the conductor's estimates; the
+    child's own learns from its loads)."""
 
     def __init__(self, info: dict[str, Any], store: Any) -> None:
         self.block_tokens = int(info["block_tokens"])
         self.io = BlockKeys(store, info["namespace"], self.block_tokens)
         self.cache = _Pages(int(info["num_pages"]), self.block_tokens)
         self.model_id = info["model_id"]
+        costs = info.get("planner")
+        self.planner = None if costs is None else planner_of(costs, self.block_tokens)
 
     def pages_needed(self, num_prompt_tokens: int, sampling: SamplingParams) -> int:
         return self.cache.pages_for(num_prompt_tokens + sampling.max_new_tokens + 1)
@@ -127,6 +135,7 @@ class EngineProcess:
         self.store = store
         self.engine: EngineView | None = None
         self.cost: CostModel | None = None  # measured by the child, if it was asked to
+        self.planner_costs: dict[str, Any] | None = spec.planner_costs  # what it plans with
         self.restarts = 0
         self._context = multiprocessing.get_context("spawn")
         self._process: Any = None
@@ -160,6 +169,7 @@ class EngineProcess:
         self.engine = EngineView(info, self.store)
         if info.get("cost") is not None:
             self.cost = CostModel(**info["cost"])
+        self.planner_costs = info.get("planner")
         with self._lock:
             self._num_free_pages = self.engine.cache.num_pages
             self._healthy = True
@@ -272,7 +282,7 @@ class EngineProcess:
 
     def _restart(self) -> None:
         """Start children until one is ready (or the worker closes)."""
-        self.spec = replace(self.spec, calibrate_lengths=())
+        self.spec = replace(self.spec, calibrate_lengths=(), planner_costs=self.planner_costs)
         for attempt in itertools.count():
             if self._closing.is_set():
                 return
@@ -469,7 +479,7 @@ def _prefill_fields(result: PrefillResult) -> dict[str, Any]:
 
 def _build(spec: EngineSpec) -> tuple[Any, Any, dict[str, Any]]:
     import kvstore
-    from engines.cost_model import calibrate
+    from engines.cost_model import calibrate, planner_for
     from engines.decode import DecodeEngine
     from engines.prefill import PrefillEngine
     from engines.presets import load_model
@@ -485,9 +495,14 @@ def _build(spec: EngineSpec) -> tuple[Any, Any, dict[str, Any]]:
             engine = DecodeEngine(model, client, num_pages=spec.num_pages,
                                   max_batch=spec.max_batch, kv_codec=spec.kv_codec,
                                   max_step_tokens=spec.max_step_tokens)
-        cost = (calibrate(model, engine.io, lengths=list(spec.calibrate_lengths),
-                          num_blocks=spec.calibrate_blocks)
-                if spec.calibrate_lengths else None)
+        cost = planner = None
+        if spec.calibrate_lengths:
+            cost = calibrate(model, engine.io, lengths=list(spec.calibrate_lengths),
+                             num_blocks=spec.calibrate_blocks)
+            planner = planner_for(engine.io, cost)  # None: the store tells no tiers
+        elif spec.planner_costs is not None:
+            planner = planner_of(spec.planner_costs, engine.block_tokens)
+        engine.planner = planner
     except BaseException:
         client.close()
         raise
@@ -495,5 +510,8 @@ def _build(spec: EngineSpec) -> tuple[Any, Any, dict[str, Any]]:
               else DecodeWorker(engine, spec.role))
     info = {"namespace": engine.io.namespace, "block_tokens": engine.block_tokens,
             "num_pages": engine.cache.num_pages, "model_id": model.model_id,
-            "cost": None if cost is None else cost.as_dict()}
+            "cost": None if cost is None else cost.as_dict(),
+            "planner": None if planner is None else planner_costs(planner)}
+    log.info("fetch planner: %s", "none (every cached block is loaded)" if planner is None
+             else f"tier costs {planner.stats()['tier_costs']}")
     return worker, client, info

@@ -103,21 +103,27 @@ def build(args: argparse.Namespace, console: Any, stack: contextlib.ExitStack) -
                       device=devices["decode"], num_pages=pages, max_batch=args.max_num_seqs,
                       max_step_tokens=args.max_num_batched_tokens, kv_codec=args.kv_codec,
                       log_level=args.log_level)
-    # The first decode engine measures the cost model alone (the others' start would skew
-    # it), then the others start together.
+    # The first decode engine measures the cost model and, where the store tells tiers,
+    # each tier's fetch cost (a fetch planner) alone (the others' start would skew them);
+    # then the others start together, planning with its costs.
     first = EngineProcess(replace(spec, calibrate_lengths=(16, 128, 320)), "d0", store)
-    rest = ([EngineProcess(spec, f"d{i}", store) for i in range(1, args.decode_engines)]
-            + [EngineProcess(replace(spec, role="prefill", device=devices["prefill"]),
-                             f"p{i}", store)
-               for i in range(args.prefill_engines)])
     try:
         with console.status("starting the first engine and measuring the cost model ..."):
             _start([first], stack)
+        spec = replace(spec, planner_costs=first.planner_costs)
+        rest = ([EngineProcess(spec, f"d{i}", store) for i in range(1, args.decode_engines)]
+                + [EngineProcess(replace(spec, role="prefill", device=devices["prefill"]),
+                                 f"p{i}", store)
+                   for i in range(args.prefill_engines)])
         with console.status(f"starting {len(rest)} more engine processes ..."):
             _start(rest, stack)
     except EngineStartError as e:
         raise StartError(str(e)) from e
     assert first.cost is not None, "the first engine measured the cost model"
+    tiers = (first.planner_costs or {}).get("tiers")
+    log.info("fetch planner: %s", f"each tier's fetch cost (s a fetch, s a block) {tiers}"
+             if tiers else "none (the store tells no tiers, or they could not be measured): "
+             "every cached block is loaded")
     decode = [first, *[w for w in rest if w.spec.role == "decode"]]
     prefill = [w for w in rest if w.spec.role == "prefill"]
     objectives = (Objectives(args.ttft_slo, args.itl_slo) if args.ttft_slo is not None

@@ -49,7 +49,8 @@ def test_demo_through_a_daemon(tmp_path):
     assert report["store"] == daemon.url and report["summary"]["requests"] == 4
     assert report["summary"]["all_disaggregated_matched"]
     assert report["summary"]["cached_tokens"] > 0
-    assert "fetch_planner" not in report  # a daemon client does not tell tiers
+    # The daemon's client tells tiers: its one tier measured through the client.
+    assert set(report["fetch_planner"]["tier_costs"]) == {"dram"}
 
 
 def test_every_subcommand_has_help():

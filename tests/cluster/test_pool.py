@@ -485,3 +485,32 @@ def test_a_pool_node_exports_its_pool_figures_to_prometheus(pool: Pool) -> None:
         text = answer.read().decode()
     assert "kvstore_pool_remote_hits_total 3.0" in text
     assert "kvstore_pool_peers 1.0" in text and "kvstore_pool_redis_up 1.0" in text
+
+
+@pytest.mark.timeout(120)
+def test_an_engine_on_a_pool_node_plans_no_fetches(pool: Pool) -> None:
+    """The remote tier has no measured cost: a planner would count a peer's blocks as not
+    cached and compute them, so an engine on a node of a pool fetches without one; its
+    own blocks are in its tiers, a peer's in the remote one."""
+    import torch
+
+    from engines.cost_model import CostModel, planner_for
+    from engines.prefill import PrefillEngine
+    from engines.presets import load_model
+
+    a = pool.start("n0", "--dram", "64MiB")
+    b = pool.start("n1", "--dram", "64MiB")
+    model = load_model("tiny", dtype=torch.float32).model
+    cost = CostModel(*[1e-3] * 8)
+    with connect(a) as ca, connect(b) as cb, \
+            PrefillEngine(model, ca, num_pages=64) as on_a, \
+            PrefillEngine(model, cb, num_pages=64) as on_b:
+        assert planner_for(on_b.io, cost) is None
+        prompt = list(range(40))
+        on_a.prefill(prompt)
+        keys = on_a.io.keys(prompt)
+        pool.wait_published("n0", keys)
+        pool.wait_peers("n1", {"n0"}, cb)
+        assert on_a.io.tier_bits(keys) == [2, 2]
+        assert on_b.io.tier_bits(keys) == [REMOTE_TIER_BIT] * 2
+        assert on_b.prefill(prompt).num_cached_tokens == 32  # fetched from the pool

@@ -65,6 +65,9 @@ def test_requests_through_engine_processes_match_the_reference(engines) -> None:
     prefill, decode = engines
     assert decode.cost is not None and decode.cost.decode_step_s > 0  # measured there
     assert prefill.cost is None and decode.pid != prefill.pid != os.getpid()
+    # The store's one tier measured there too, for its fetch planner (none handed to p0).
+    assert set(decode.planner_costs["tiers"]) == {"dram"} and prefill.planner_costs is None
+    assert decode.engine.planner is not None and prefill.engine.planner is None
     reference = load_model("tiny").model
     sampling = SamplingParams(max_new_tokens=8)
     prompts = [prompt_of(40, 1), prompt_of(75, 2)]
@@ -102,8 +105,10 @@ def test_a_killed_engine_fails_its_requests_and_is_started_again(engines) -> Non
     if not decode.is_healthy:
         with pytest.raises(NoEngineError):
             conductor.submit(prompt_of(20, 5), SamplingParams(max_new_tokens=4))
+    planner_costs = decode.planner_costs
     wait_until_up(decode)
     assert decode.restarts == 1 and decode.pid != old_pid
+    assert decode.planner_costs == planner_costs  # handed over, not measured again
     assert decode.num_active == 0
     prompt = prompt_of(50, 7)
     result = conductor.submit(prompt, SamplingParams(max_new_tokens=6)).result(timeout=120)
@@ -139,3 +144,41 @@ def test_an_engine_that_cannot_start_says_why(shared_store) -> None:
             dead_store.wait_ready(timeout_s=120)
     finally:
         dead_store.close()
+
+
+def test_engine_processes_plan_with_the_daemons_measured_tiers(tmp_path, capfd) -> None:
+    """As `kvstore serve` starts them over a daemon with an NVMe tier: the first engine
+    measures each of the daemon's tiers through its client and plans with them, the next
+    one plans with those costs, and the conductor's view of each has a planner; requests
+    through both equal the reference."""
+    daemon = EmbeddedDaemon(dram_bytes=64 << 20, nvme_path=str(tmp_path / "nvme"),
+                            nvme_bytes=64 << 20, max_value_bytes=1 << 20)
+    client = kvstore.connect(daemon.url)
+    spec = EngineSpec(role="decode", model="tiny", store_url=daemon.url, num_pages=512)
+    first = EngineProcess(replace(spec, calibrate_lengths=(16, 64)), "d0", client)
+    workers = [first]
+    try:
+        first.start()
+        first.wait_ready()
+        tiers = first.planner_costs["tiers"]
+        assert set(tiers) == {"dram", "nvme"} and all(c[1] > 0 for c in tiers.values())
+        prefill = EngineProcess(replace(spec, role="prefill",
+                                        planner_costs=first.planner_costs), "p0", client)
+        workers.append(prefill)
+        prefill.start()
+        prefill.wait_ready()
+        assert prefill.planner_costs == first.planner_costs
+        assert all(w.engine.planner is not None for w in workers)
+        conductor = Conductor([prefill], [first], cost=first.cost, mode="disaggregated")
+        prompt = prompt_of(60, 21)
+        for _ in range(2):  # computed, then its prefix fetched
+            result = conductor.submit(prompt, SamplingParams(max_new_tokens=4)).result(120)
+            assert result.output == load_model("tiny").model.generate(prompt, 4)
+        assert result.num_cached_tokens > 0
+    finally:
+        for worker in workers:
+            worker.close()
+        client.close()
+        daemon.close()
+    logged = capfd.readouterr().err
+    assert logged.count("fetch planner: tier costs {'dram'") == 2, logged[-2000:]

@@ -338,8 +338,8 @@ def test_a_model_without_a_tokenizer_serves_token_ids(tmp_path: Path) -> None:
     as it comes; text prompts, chat and stop strings are refused with the reason."""
     port = free_port()
     served = ServeProcess(port, tmp_path / "serve-tiny.log", "--model", "tiny",
-                          "--skip-tokenizer-init", "--dram", "64MiB", "--max-model-len", "512",
-                          timeout_s=180)
+                          "--skip-tokenizer-init", "--dram", "64MiB", "--nvme", "64MiB",
+                          "--max-model-len", "512", timeout_s=180)
     client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="none", max_retries=0)
     try:
         prompt = list(range(100, 140))
@@ -363,5 +363,10 @@ def test_a_model_without_a_tokenizer_serves_token_ids(tmp_path: Path) -> None:
             with pytest.raises(openai.BadRequestError, match="skip-tokenizer-init") as e:
                 call()
             assert e.value.body["param"] == param
+        # The embedded daemon's tiers measured by the first engine, every engine planning.
+        log = served.log.read_text()
+        assert re.search(r"fetch planner: each tier's fetch cost .*\{'dram': \[.*'nvme': "
+                         r"\[", log), log[-3000:]
+        assert log.count("fetch planner: tier costs {'dram'") == 2  # the engines' own
     finally:
         served.close()
