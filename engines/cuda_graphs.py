@@ -16,6 +16,14 @@ attention, whose shapes follow each sequence's context length, runs eagerly betw
 The layer hooks run between the pieces, as in the eager forward: ``before_layer(i)``
 (a stream wait for layer i's fetched KV) before A_i, ``after_layer(i)`` after B_i.
 
+Where Triton runs (`engines.paged_attention`), the forwards of up to `FUSED_MAX_TOKENS`
+tokens hold attention too: each layer is one graph ``A_i, paged attention, B_i``, and the
+attention reads each row's context and each sequence's page table from the bucket's
+buffers. A decode step is then 33 graph replays and no eager kernel::
+
+    L_i: norm, QKV, rotate, write K and V, attention over the pages, output projection
+         + residual, norm, MLP + residual                         (graph)
+
 Graphs exist per bucket of token counts (`BUCKETS`); a forward of ``n`` tokens runs the
 smallest bucket that holds them, its extra rows padded: token 0 at position 0, writing
 K and V into the cache's pad page (never a sequence's), their outputs never read. A
@@ -45,14 +53,18 @@ from typing import Protocol
 
 import torch
 
+from engines import paged_attention
 from engines.config import ModelConfig
-from engines.paged_cache import PagedKVCache
+from engines.paged_cache import PagedKVCache, SequenceKV
 
 log = logging.getLogger(__name__)
 
 # Powers of two up to 128 (decode steps, short tails), then steps of 64: a forward of a
 # few hundred tokens is near compute-bound, where padding to twice the rows would cost.
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
+# The largest bucket whose layers hold their attention (paged attention's tiles of 16 rows
+# read a sequence's context once per 16 new tokens: past this, eager SDPA reads less).
+FUSED_MAX_TOKENS = 64
 
 
 class GraphedModel(Protocol):
@@ -61,6 +73,7 @@ class GraphedModel(Protocol):
     after (B_i) its attention."""
 
     config: ModelConfig
+    paged_attention: bool  # False: attention always runs eagerly between the graphs
 
     @property
     def dtype(self) -> torch.dtype: ...
@@ -96,6 +109,13 @@ class ForwardGraphs:
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = torch.cuda.Stream(device=cache.device)
         self._buckets: dict[int, BucketGraphs | None] = {}  # None: capture failed
+        config = model.config
+        # Whether short forwards' graphs hold their attention: off for good once the paged
+        # kernels fail here (their compile or launch), so that the forward still runs.
+        self.paged = (getattr(model, "paged_attention", True)
+                      and paged_attention.available(cache.device)
+                      and paged_attention.supports(config.num_heads, config.num_kv_heads,
+                                                   config.head_dim))
 
     def for_tokens(self, num_tokens: int) -> BucketGraphs | None:
         """The graphs of a forward of ``num_tokens`` tokens; None: run it eagerly."""
@@ -120,19 +140,38 @@ class ForwardGraphs:
         gc.disable()
         try:
             for bucket in buckets:
-                try:
-                    self._buckets[bucket] = BucketGraphs(model, cache, bucket, self._pool,
-                                                         self._stream)
-                except RuntimeError as e:  # out of memory, or an op the capture refused
+                fused = self.paged and bucket <= FUSED_MAX_TOKENS
+                graphs, error = self._try_capture(model, cache, bucket, fused)
+                if graphs is None and fused:
+                    graphs, plain_error = self._try_capture(model, cache, bucket, False)
+                    if graphs is not None:  # the paged kernels failed (compile or launch)
+                        log.warning("paged attention failed in the graphs of %d tokens "
+                                    "(%s: %s); attention runs eagerly between them",
+                                    bucket, type(error).__name__, error)
+                        self.paged = False
+                    error = plain_error
+                if graphs is None:
                     log.warning("capturing the forward of %d tokens failed (%s); it runs "
-                                "eagerly", bucket, e)
-                    self._buckets[bucket] = None
-                    # A failed capture can leave its pool and stream unusable for the next.
-                    self._pool = torch.cuda.graph_pool_handle()
-                    self._stream = torch.cuda.Stream(device=cache.device)
+                                "eagerly", bucket, error)
+                self._buckets[bucket] = graphs
         finally:
             if was_collecting:
                 gc.enable()
+
+    def _try_capture(self, model: GraphedModel, cache: PagedKVCache, bucket: int,
+                     fused: bool) -> tuple[BucketGraphs | None, Exception | None]:
+        """A bucket's graphs, or None and why: out of memory, an op the capture refused, or
+        (``fused``) any failure of the paged kernels."""
+        try:
+            return BucketGraphs(model, cache, bucket, self._pool, self._stream,
+                                fused=fused), None
+        except Exception as e:
+            if not fused and not isinstance(e, RuntimeError):
+                raise
+            # A failed capture can leave its pool and stream unusable for the next.
+            self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream(device=cache.device)
+            return None, e
 
     @property
     def captured(self) -> dict[int, bool]:
@@ -141,25 +180,32 @@ class ForwardGraphs:
 
 
 class BucketGraphs:
-    """One bucket's graphs (P, then A_i and B_i of each layer) and their static buffers."""
+    """One bucket's graphs (P, then A_i and B_i of each layer, or one graph L_i per layer
+    with paged attention inside) and their static buffers."""
 
     def __init__(self, model: GraphedModel, cache: PagedKVCache, num_tokens: int,
-                 pool: tuple[int, int], stream: torch.cuda.Stream) -> None:
+                 pool: tuple[int, int], stream: torch.cuda.Stream, *, fused: bool) -> None:
+        """``fused``: each layer one graph with paged attention inside (`ForwardGraphs`
+        decides where the kernels can run)."""
         config, device = model.config, cache.device
         self.num_tokens = num_tokens
-        # Inputs: token ids, positions and cache slots, one row each (one upload).
-        self._inputs = torch.zeros(3, num_tokens, dtype=torch.long, device=device)
-        self._pad = torch.tensor([[0], [0], [cache.pad_slot]], dtype=torch.long)
+        self.fused = fused
+        # Inputs, one row each (one upload): token ids, positions, cache slots; fused, also
+        # the tiles' table (`paged_attention.TILE_FIELDS`) and each row's validity.
+        num_inputs = 3 + (len(paged_attention.TILE_FIELDS) + 1 if self.fused else 0)
+        self._inputs = torch.zeros(num_inputs, num_tokens, dtype=torch.long, device=device)
+        self._pad = torch.zeros(num_inputs, 1, dtype=torch.long)
+        self._pad[2] = cache.pad_slot
         self._h = torch.empty(num_tokens, config.hidden_size, dtype=model.dtype,
                               device=device)
         self._q = torch.empty(num_tokens, config.num_heads, config.head_dim,
                               dtype=model.dtype, device=device)
-        # Eager attention's output goes here; padding rows stay zero.
+        # Attention's output goes here (eager or paged); padding rows stay zero.
         self.attention = torch.zeros_like(self._q)
         self._cos = torch.empty(num_tokens, 1, config.head_dim, dtype=model.dtype,
                                 device=device)
         self._sin = torch.empty_like(self._cos)
-        tokens, positions, slots = self._inputs
+        tokens, positions, slots = self._inputs[:3]
         slots.fill_(cache.pad_slot)  # the warm-up and captures write the pad page only
 
         def embed() -> None:
@@ -179,8 +225,29 @@ class BucketGraphs:
             return run
 
         pieces = [embed]
-        for i in range(config.num_layers):
-            pieces += [layer_in(i), layer_out(i)]
+        if self.fused:
+            self._attend = paged_attention.PagedAttention(
+                num_rows=num_tokens, num_heads=config.num_heads,
+                num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                page_tokens=cache.page_tokens, device=device)
+            # Each sequence's page table, a row per sequence (a forward has at most a
+            # sequence per token); a sequence may own every page of the cache.
+            self._pages = torch.zeros(num_tokens, cache.num_pages, dtype=torch.int32,
+                                      device=device)
+            tiles, valid = self._inputs[3:7], self._inputs[7]
+
+            def layer(i: int) -> Callable[[], None]:
+                def run() -> None:
+                    layer_in(i)()
+                    self._attend(self._q, cache.kv[i], tiles, self._pages, valid,
+                                 self.attention)
+                    layer_out(i)()
+                return run
+
+            pieces += [layer(i) for i in range(config.num_layers)]
+        else:
+            for i in range(config.num_layers):
+                pieces += [layer_in(i), layer_out(i)]
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for piece in pieces:  # warm-up: lazy initialisation stays out of the graphs
@@ -189,18 +256,35 @@ class BucketGraphs:
             self._graphs = [_capture(piece, pool) for piece in pieces]
         torch.cuda.current_stream(device).wait_stream(stream)
 
-    def start(self, tokens: list[int], positions: torch.Tensor, slots: torch.Tensor
-              ) -> None:
-        """Load a forward's inputs (padded to the bucket) and embed them (P)."""
+    def start(self, tokens: list[int], positions: torch.Tensor, slots: torch.Tensor,
+              batch: list[tuple[SequenceKV, int]] | None = None) -> None:
+        """Load a forward's inputs (padded to the bucket) and embed them (P). Fused, the
+        attention's too: ``batch`` is each sequence with its count of new tokens, in row
+        order (their cached tokens not yet counted in ``num_tokens``)."""
         n = len(tokens)
-        inputs = torch.empty(3, self.num_tokens, dtype=torch.long, pin_memory=True)
+        inputs = torch.empty(self._inputs.shape, dtype=torch.long, pin_memory=True)
         inputs[0, :n] = torch.tensor(tokens, dtype=torch.long)
         inputs[1, :n] = positions
         inputs[2, :n] = slots
         inputs[:, n:] = self._pad
-        # Pinned by the caching host allocator: not reused before this copy is done.
+        if self.fused:
+            if batch is None:
+                raise ValueError("a fused forward needs its batch of sequences")
+            paged_attention.fill_tiles(inputs[3:7], [(seq.num_tokens, k) for seq, k in batch],
+                                       self._attend.tile_rows)
+            inputs[7, :n] = 1
+            page_tokens = self._attend.page_tokens
+            width = max(-(-(seq.num_tokens + k) // page_tokens) for seq, k in batch)
+            tables = paged_attention.page_tables([seq.pages for seq, _ in batch], width,
+                                                 pin=True)
+            # Pinned by the caching host allocator: not reused before these copies are done.
+            self._pages[:len(batch), :width].copy_(tables, non_blocking=True)
         self._inputs.copy_(inputs, non_blocking=True)
         self._graphs[0].replay()
+
+    def layer(self, layer: int) -> None:
+        """Replay L_``layer`` (fused graphs only): the whole layer, attention included."""
+        self._graphs[1 + layer].replay()
 
     def layer_in(self, layer: int) -> torch.Tensor:
         """Replay A_``layer``; returns the rotated queries (all rows of the bucket)."""

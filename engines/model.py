@@ -159,6 +159,9 @@ class LlamaModel(nn.Module):
         # runner owns them and the cache stays plain tensors. They go with their cache.
         self._graphs: weakref.WeakKeyDictionary[PagedKVCache, ForwardGraphs] = (
             weakref.WeakKeyDictionary())
+        # Graphs of short forwards hold their attention (`engines.paged_attention`) where
+        # Triton runs; False keeps attention eager between them (set before any capture).
+        self.paged_attention = True
 
     # -- building --------------------------------------------------------------------------
 
@@ -275,11 +278,21 @@ class LlamaModel(nn.Module):
         slots = torch.cat([s.slots(s.num_tokens, s.num_tokens + n, cache.page_tokens)
                            for (s, _), n in zip(batch, lengths, strict=True)])
         num_new = len(tokens)
+        graphs = self.graphs(cache).for_tokens(num_new) if cache.has_graphs else None
+        if graphs is not None and graphs.fused:  # each layer one graph, attention inside
+            graphs.start(tokens, positions, slots,
+                         [(seq, n) for (seq, _), n in zip(batch, lengths, strict=True)])
+            for i in range(self.config.num_layers):
+                if before_layer is not None:
+                    before_layer(i)
+                graphs.layer(i)
+                if after_layer is not None:
+                    after_layer(i)
+            return self._finish(batch, lengths, graphs.hidden[:num_new], all_logits)
         plans = [cache.plan(seq, seq.num_tokens + n)
                  for (seq, _), n in zip(batch, lengths, strict=True)]
         masks = [causal_mask(seq.num_tokens, n)
                  for (seq, _), n in zip(batch, lengths, strict=True)]
-        graphs = self.graphs(cache).for_tokens(num_new) if cache.has_graphs else None
         if graphs is not None:
             graphs.start(tokens, positions, slots)
             out = graphs.attention[:num_new]
@@ -309,10 +322,16 @@ class LlamaModel(nn.Module):
                 after_layer(i)
         if graphs is not None:
             h = graphs.hidden[:num_new]
+        return self._finish(batch, lengths, h, all_logits)
+
+    def _finish(self, batch: Sequence[tuple[SequenceKV, Sequence[int]]], lengths: list[int],
+                h: torch.Tensor, all_logits: bool) -> torch.Tensor:
+        """Count the new tokens into their sequences; the logits of each chunk's last token
+        (of every token with ``all_logits``) from the last layer's hidden states ``h``."""
         for (seq, _), n in zip(batch, lengths, strict=True):
             seq.num_tokens += n
         if not all_logits:
-            ends = to_device(torch.tensor(lengths).cumsum(0) - 1, device)
+            ends = to_device(torch.tensor(lengths).cumsum(0) - 1, h.device)
             h = h[ends]
         return self._logits(self.model.norm(h))
 
