@@ -114,6 +114,9 @@ class LayerLoads:
         self.use_kernel = (kernel_available() and aligned) if use_kernel is None else use_kernel
         self.stream = torch.cuda.Stream(device=pages.device)
         self.events: dict[int, torch.cuda.Event] = {}
+        # The kernel's tables (row addresses, pages) of each load of this step, on the
+        # device: uploaded with the first layer's copies, the same for every layer.
+        self._tables: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] = {}
 
     def load_layer(self, layer: int, loads: Sequence[tuple[torch.Tensor, Sequence[int]]]
                    ) -> None:
@@ -145,11 +148,7 @@ class LayerLoads:
         head_bytes = raw.shape[3] // 2
         if rows.data_ptr() % ALIGN or rows.stride(0) % ALIGN:
             raise ValueError("the copy kernel needs 16-byte aligned staging rows")
-        row_addresses = rows.data_ptr() + np.arange(n, dtype=np.int64) * rows.stride(0)
-        # Tables on the device, uploaded on this stream (it is the current one).
-        tables = torch.from_numpy(np.stack([
-            row_addresses, np.asarray(block_ids, dtype=np.int64)])).to(cache.device,
-                                                                     non_blocking=False)
+        tables = self._tables_for(rows, block_ids, cache.device)
         with warnings.catch_warnings():  # newer CuPy deprecates the pointer form
             warnings.simplefilter("ignore", DeprecationWarning)
             external = cupy.cuda.ExternalStream(self.stream.cuda_stream)
@@ -161,7 +160,22 @@ class LayerLoads:
                 np.int64(raw.stride(2)), np.int32(codec.block_tokens),
                 np.int32(codec.num_kv_heads), np.int32(raw.shape[2]),
                 np.int32(head_bytes // ALIGN)))
-        tables.record_stream(self.stream)  # (kept until the kernel is done with it)
+
+    def _tables_for(self, rows: torch.Tensor, block_ids: Sequence[int],
+                    device: torch.device) -> torch.Tensor:
+        """The kernel's tables for ``rows`` and ``block_ids`` on ``device`` (int64, row
+        addresses then pages), uploaded once per step on the side stream (the current
+        one) from pinned memory, without a host sync."""
+        key = (rows.data_ptr(), rows.stride(0), tuple(block_ids))
+        tables = self._tables.get(key)
+        if tables is None:
+            n = len(block_ids)
+            host = torch.from_numpy(np.stack([
+                rows.data_ptr() + np.arange(n, dtype=np.int64) * rows.stride(0),
+                np.asarray(block_ids, dtype=np.int64)]))
+            # Pinned by the caching host allocator: kept until the copy is done.
+            tables = self._tables[key] = host.pin_memory().to(device, non_blocking=True)
+        return tables
 
     def wait(self, layer: int) -> None:
         """Make the current stream wait for ``layer``'s copies (no host sync)."""
@@ -170,8 +184,9 @@ class LayerLoads:
             torch.cuda.current_stream(self.pages.device).wait_event(event)
 
     def synchronize(self) -> None:
-        """Block until every queued copy is done."""
+        """Block until every queued copy is done (the step is over: its tables go)."""
         self.stream.synchronize()
+        self._tables.clear()
 
 
 def _aligned(cache: torch.Tensor) -> bool:
