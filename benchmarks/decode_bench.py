@@ -12,11 +12,13 @@ weights, bf16).
              forward reads a row of), over HBM's read bandwidth measured in the same run
              (a reduction over a buffer of 4 GiB: the most a kernel reads per second)
 
-Each arm runs with the forward's CUDA graphs holding attention (`engines.paged_attention`,
-``paged``) and with attention eager between the graphs (``eager``, as before), each on a
-cache of its own. Medians of ``--steps`` timed forwards after a warm-up, over
-``--repeats`` runs (the median run). JSON on stdout: each figure, the bound and their
-ratio (issue 18's target: the decode step and the tail within 1.3x of the bound).
+Each arm runs on a cache of its own: ``paged``, as the engines run (a forward of several
+sequences up to 64 tokens in graphs holding paged attention, `engines.paged_attention`;
+one sequence's with eager SDPA between the graph pieces), and ``eager`` (attention eager
+between the pieces for every forward, as before paged attention). Medians of ``--steps``
+timed forwards after a warm-up, over ``--repeats`` runs (the median run). JSON on stdout:
+each figure, the bound and their ratio (issue 18's target: the decode step and the tail
+within 1.3x of the bound).
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def bench_arm(model: LlamaModel, context: int, batch: int, steps: int) -> dict[s
         step()  # captures this bucket's graphs
         torch.cuda.synchronize()
         figures[f"{name}_ms"] = round(timed(step, steps) * 1e3, 3)
-    figures["fused"] = cache.has_graphs and model.graphs(cache).for_tokens(1).fused
+    # whether the batched step's graphs held attention (one sequence's never do)
+    figures["fused"] = cache.has_graphs and model.graphs(cache).for_tokens(batch, batch).fused
     return figures
 
 
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"loading {args.model}")
     model = load_model(args.model, device="cuda").model
     weights = forward_weight_bytes(model)
-    doc: dict[str, Any] = {"benchmark": "decode_bench", "model": model.model_id,
+    doc: dict[str, Any] = {"benchmark": "decode_bench", "model": model.model_id, "machine": {},
                            "dtype": str(model.dtype), "gpu": torch.cuda.get_device_name(),
                            "triton": paged_attention.available(torch.device("cuda")),
                            "weight_bytes": weights, "runs": [], "contexts": []}

@@ -16,10 +16,12 @@ attention, whose shapes follow each sequence's context length, runs eagerly betw
 The layer hooks run between the pieces, as in the eager forward: ``before_layer(i)``
 (a stream wait for layer i's fetched KV) before A_i, ``after_layer(i)`` after B_i.
 
-Where Triton runs (`engines.paged_attention`), the forwards of up to `FUSED_MAX_TOKENS`
-tokens hold attention too: each layer is one graph ``A_i, paged attention, B_i``, and the
-attention reads each row's context and each sequence's page table from the bucket's
-buffers. A decode step is then 33 graph replays and no eager kernel::
+Where Triton runs (`engines.paged_attention`), a forward of several sequences and up to
+`FUSED_MAX_TOKENS` tokens (a batched decode step) holds attention too: each layer is one
+graph ``A_i, paged attention, B_i``, and the attention reads each row's context and each
+sequence's page table from the bucket's buffers. Such a step is then 33 graph replays and
+no eager kernel, where eager attention costs a few launches per sequence and layer; for
+one sequence eager SDPA measured as fast (a decode step) or faster (a tail of 16)::
 
     L_i: norm, QKV, rotate, write K and V, attention over the pages, output projection
          + residual, norm, MLP + residual                         (graph)
@@ -108,7 +110,8 @@ class ForwardGraphs:
         self._cache = weakref.ref(cache)
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = torch.cuda.Stream(device=cache.device)
-        self._buckets: dict[int, BucketGraphs | None] = {}  # None: capture failed
+        # (bucket, fused) -> its graphs; None: capture failed
+        self._buckets: dict[tuple[int, bool], BucketGraphs | None] = {}
         config = model.config
         # Whether short forwards' graphs hold their attention: off for good once the paged
         # kernels fail here (their compile or launch), so that the forward still runs.
@@ -117,20 +120,33 @@ class ForwardGraphs:
                       and paged_attention.supports(config.num_heads, config.num_kv_heads,
                                                    config.head_dim))
 
-    def for_tokens(self, num_tokens: int) -> BucketGraphs | None:
-        """The graphs of a forward of ``num_tokens`` tokens; None: run it eagerly."""
+    def for_tokens(self, num_tokens: int, sequences: int = 1) -> BucketGraphs | None:
+        """The graphs of a forward of ``num_tokens`` tokens of ``sequences`` sequences;
+        None: run it eagerly. Fused (attention inside) for a batch of several sequences up
+        to `FUSED_MAX_TOKENS`: there the eager attention costs a few launches per sequence
+        and layer. One sequence keeps eager SDPA between the pieces, which measured as
+        fast for a decode step and faster for a tail of 16 (docs/BENCHMARKS.md)."""
         bucket = bucket_for(num_tokens)
         if bucket is None:
             return None
-        if bucket not in self._buckets:
-            self._capture([bucket])
-        return self._buckets[bucket]
+        key = (bucket, self._fused(bucket, sequences))
+        if key not in self._buckets:
+            self._capture([key])
+        if key[1] and not self.paged:  # the paged kernels failed in this capture
+            return self.for_tokens(num_tokens, 1)
+        return self._buckets[key]
 
     def capture_all(self) -> None:
-        """Capture every bucket now (an engine starting up), not on its first forward."""
-        self._capture([bucket for bucket in BUCKETS if bucket not in self._buckets])
+        """Capture every bucket now (an engine starting up), not on its first forward:
+        each bucket's graphs for one sequence, and for several where they are fused."""
+        keys = [(bucket, False) for bucket in BUCKETS]
+        keys += [(bucket, True) for bucket in BUCKETS if self._fused(bucket, bucket)]
+        self._capture([key for key in keys if key not in self._buckets])
 
-    def _capture(self, buckets: list[int]) -> None:
+    def _fused(self, bucket: int, sequences: int) -> bool:
+        return self.paged and sequences > 1 and bucket <= FUSED_MAX_TOKENS
+
+    def _capture(self, keys: list[tuple[int, bool]]) -> None:
         model, cache = self._model(), self._cache()
         assert model is not None and cache is not None, "graphs outlived their model or cache"
         # Garbage collected now, and not during the captures: a finalizer freeing CUDA
@@ -139,21 +155,23 @@ class ForwardGraphs:
         was_collecting = gc.isenabled()
         gc.disable()
         try:
-            for bucket in buckets:
-                fused = self.paged and bucket <= FUSED_MAX_TOKENS
+            for bucket, fused in keys:
+                if fused and not self.paged:
+                    continue
                 graphs, error = self._try_capture(model, cache, bucket, fused)
-                if graphs is None and fused:
-                    graphs, plain_error = self._try_capture(model, cache, bucket, False)
-                    if graphs is not None:  # the paged kernels failed (compile or launch)
-                        log.warning("paged attention failed in the graphs of %d tokens "
-                                    "(%s: %s); attention runs eagerly between them",
-                                    bucket, type(error).__name__, error)
-                        self.paged = False
-                    error = plain_error
+                if graphs is None and fused:  # the paged kernels failed (or the capture)
+                    self.paged = False
+                    log.warning("paged attention failed in the graphs of %d tokens (%s: "
+                                "%s); attention runs eagerly between the pieces", bucket,
+                                type(error).__name__, error)
+                    if (bucket, False) in self._buckets:
+                        continue
+                    fused = False
+                    graphs, error = self._try_capture(model, cache, bucket, False)
                 if graphs is None:
                     log.warning("capturing the forward of %d tokens failed (%s); it runs "
                                 "eagerly", bucket, error)
-                self._buckets[bucket] = graphs
+                self._buckets[bucket, fused] = graphs
         finally:
             if was_collecting:
                 gc.enable()
@@ -175,8 +193,12 @@ class ForwardGraphs:
 
     @property
     def captured(self) -> dict[int, bool]:
-        """Each bucket met so far: True if its graphs run, False if its capture failed."""
-        return {bucket: graphs is not None for bucket, graphs in self._buckets.items()}
+        """Each bucket met so far: True if its graphs run (each variant captured: for one
+        sequence, fused for several), False if a capture failed."""
+        met: dict[int, bool] = {}
+        for (bucket, _), graphs in self._buckets.items():
+            met[bucket] = met.get(bucket, True) and graphs is not None
+        return met
 
 
 class BucketGraphs:

@@ -278,7 +278,8 @@ class LlamaModel(nn.Module):
         slots = torch.cat([s.slots(s.num_tokens, s.num_tokens + n, cache.page_tokens)
                            for (s, _), n in zip(batch, lengths, strict=True)])
         num_new = len(tokens)
-        graphs = self.graphs(cache).for_tokens(num_new) if cache.has_graphs else None
+        graphs = (self.graphs(cache).for_tokens(num_new, len(batch)) if cache.has_graphs
+                  else None)
         if graphs is not None and graphs.fused:  # each layer one graph, attention inside
             graphs.start(tokens, positions, slots,
                          [(seq, n) for (seq, _), n in zip(batch, lengths, strict=True)])

@@ -110,12 +110,14 @@ def test_short_forwards_hold_their_attention_in_the_graphs_unless_turned_off():
         pytest.skip("Triton is not installed")
     cache = model.new_cache(num_pages=8, cuda_graphs=True)
     graphs = model.graphs(cache)
-    assert graphs.for_tokens(1).fused and graphs.for_tokens(64).fused
-    assert not graphs.for_tokens(65).fused
+    # several sequences up to 64 tokens: fused; one sequence, or more tokens: eager SDPA
+    assert graphs.for_tokens(2, 2).fused and graphs.for_tokens(64, 3).fused
+    assert not graphs.for_tokens(1).fused and not graphs.for_tokens(16, 1).fused
+    assert not graphs.for_tokens(65, 2).fused
     eager_attention = load_model("tiny", device="cuda", dtype=torch.float32).model
     eager_attention.paged_attention = False
     other = eager_attention.new_cache(num_pages=8, cuda_graphs=True)
-    assert not eager_attention.graphs(other).for_tokens(1).fused
+    assert not eager_attention.graphs(other).for_tokens(2, 2).fused
 
 
 @pytest.mark.gpu
@@ -162,15 +164,19 @@ def test_graphs_whose_paged_kernels_fail_run_attention_eagerly(monkeypatch, capl
 
     monkeypatch.setattr(PagedAttention, "__call__", broken)
     prompt = torch.randint(0, 512, (20,), generator=torch.Generator().manual_seed(5)).tolist()
-    want = model.forward(model.new_cache(num_pages=4), [(SequenceKV(pages=[0, 1]), prompt)])
+
+    def batch():  # two sequences: a forward the fused graphs would take
+        return [(SequenceKV(pages=[0, 1]), prompt[:12]), (SequenceKV(pages=[2]), prompt[12:])]
+
+    want = model.forward(model.new_cache(num_pages=4), batch())
     cache = model.new_cache(num_pages=4, cuda_graphs=True)
     with caplog.at_level("WARNING", logger="engines.cuda_graphs"):
-        got = model.forward(cache, [(SequenceKV(pages=[0, 1]), prompt)])
+        got = model.forward(cache, batch())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert "paged attention failed in the graphs of 32 tokens (ValueError" in caplog.text
     graphs = model.graphs(cache)
     assert graphs.captured == {32: True} and not graphs.paged
-    assert not graphs.for_tokens(1).fused
+    assert not graphs.for_tokens(20, 2).fused
 
 
 INTERPRETED_FORWARD = r"""
