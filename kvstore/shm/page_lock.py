@@ -44,8 +44,25 @@ def register_with_cuda(array: np.ndarray) -> bool:
     portable_mapped = 1 | 2
     if int(cudart.cudaHostRegister(array.ctypes.data, array.nbytes, portable_mapped)) == 0:
         return True
-    cudart.cudaGetLastError()  # clear it, or the next kernel launch check raises it
+    _clear_last_error(cudart)  # or the next kernel launch check raises it
     return False
+
+
+def _clear_last_error(cudart: Any) -> None:
+    """Reset CUDA's last error (a failed cudaHostRegister leaves one). torch's cudart
+    binding has cudaGetLastError in some versions only (2.11 has not): else it is called in
+    the libcudart the process has loaded."""
+    clear = getattr(cudart, "cudaGetLastError", None)
+    if clear is not None:
+        clear()
+        return
+    import ctypes
+
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+    for path in sorted(paths):
+        ctypes.CDLL(path).cudaGetLastError()
+        return
 
 
 def unregister_with_cuda(array: np.ndarray) -> None:
