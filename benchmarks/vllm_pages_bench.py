@@ -35,7 +35,8 @@ from store_bench import emit, log, machine_info  # noqa: E402
 from kvstore.integrations import gpu_loads  # noqa: E402
 from kvstore.integrations.pages import KVViewCodec, PageLayout  # noqa: E402
 
-# vLLM 0.32's KVCacheLayout: physical order of the logical axes [L, B, H, N, C].
+# vLLM 0.32's KVCacheLayout: physical order of the logical axes [L, B, H, N, C]; a copy
+# (the bench runs without vLLM) that tests/integrations/test_vllm.py checks against vLLM's.
 PHYSICAL_ORDERS = {"LBNHC": (0, 1, 3, 2, 4), "LBHNC": (0, 1, 2, 3, 4),
                    "LHBNC": (0, 2, 1, 3, 4), "BLHNC": (1, 0, 2, 3, 4),
                    "BLNHC": (1, 0, 3, 2, 4), "BHLNC": (1, 2, 0, 3, 4)}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kvstore
+from benchmarks import vllm_pages_bench
 from kvstore.integrations.pages import (
     KVPageCodec,
     KVViewCodec,
@@ -150,10 +151,9 @@ def test_codec_stores_kvstore_layout_and_restores_the_page() -> None:
 # -- vLLM 0.32's logical views (CUDA backends): [blocks, heads, tokens, K|V], any strides --
 
 # The physical orders of vLLM's KVCacheLayout, as permutations of the logical axes
-# [L, B, H, N, C] (tests/integrations/test_vllm.py checks them against vLLM's own).
-PHYSICAL_ORDERS = {"LBHNC": (0, 1, 2, 3, 4), "LBNHC": (0, 1, 3, 2, 4),
-                   "LHBNC": (0, 2, 1, 3, 4), "BLHNC": (1, 0, 2, 3, 4),
-                   "BLNHC": (1, 0, 3, 2, 4), "BHLNC": (1, 2, 0, 3, 4)}
+# [L, B, H, N, C]: the GPU bench's table (it runs where vLLM is not installed), which
+# tests/integrations/test_vllm.py checks against vLLM's own enum.
+PHYSICAL_ORDERS = vllm_pages_bench.PHYSICAL_ORDERS
 LAYERS, VIEW_BLOCKS, VIEW_HEADS, VIEW_TOKENS, HS = 3, 6, 2, 8, 8  # (a head's K: 16 bytes)
 
 
