@@ -113,8 +113,8 @@ class ForwardGraphs:
         # (bucket, fused) -> its graphs; None: capture failed
         self._buckets: dict[tuple[int, bool], BucketGraphs | None] = {}
         config = model.config
-        # Whether short forwards' graphs hold their attention: off for good once the paged
-        # kernels fail here (their compile or launch), so that the forward still runs.
+        # Whether multi-sequence forwards' graphs hold their attention: off for good once
+        # the paged kernels fail here (their compile or launch), so the forward still runs.
         self.paged = (getattr(model, "paged_attention", True)
                       and paged_attention.available(cache.device)
                       and paged_attention.supports(config.num_heads, config.num_kv_heads,
