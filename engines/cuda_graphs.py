@@ -333,7 +333,24 @@ def _capture(piece: Callable[[], None], pool: tuple[int, int]) -> torch.cuda.CUD
         try:  # ends the broken capture; its own error only repeats that one
             graph.capture_end()
         except RuntimeError:
-            pass
+            _end_generator_capture()
         raise
     graph.capture_end()
     return graph
+
+
+def _end_generator_capture() -> None:
+    """Tell the CUDA random generators that no capture is under way.
+
+    `capture_begin` marks them capturing and `capture_end` unmarks them only after the
+    capture ended well. After one that failed every later random op of the process (a
+    sampler's `torch.multinomial`) raised "Offset increment outside graph capture". A
+    capture of one op, on a stream of its own, unmarks them."""
+    device = torch.cuda.current_device()
+    scratch = torch.zeros(1, device=device)
+    with torch.cuda.stream(torch.cuda.Stream(device=device)):
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin()
+        scratch.add_(1)
+        graph.capture_end()
+    del graph

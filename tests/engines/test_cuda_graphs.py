@@ -181,3 +181,7 @@ def test_a_forward_whose_capture_fails_runs_eagerly(model, monkeypatch, caplog):
     assert "capturing the forward of 32 tokens failed" in caplog.text
     assert "runs eagerly" in caplog.text
     assert model.graphs(cache).captured == {32: False}
+    # The failed capture left the CUDA random generators usable (a sampler's draw raised
+    # "Offset increment outside graph capture" after it, before the fix).
+    draws = torch.multinomial(torch.ones(8, device="cuda"), 4)
+    assert draws.shape == (4,) and torch.randn(3, device="cuda").isfinite().all()
