@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from engines.config import ModelConfig, ModelLoadError
@@ -132,6 +133,16 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(is_medium, smoothed, scaled)
+
+
+# The attention kernels the eager forward lets SDPA choose from: not cuDNN's. torch puts it
+# first on Hopper and later GPUs, and it builds an execution plan for each new shape; here
+# every shape is new (a decode step attends over one more token, each prompt has its own
+# length). On the H100, `kvstore serve`'s one-sequence decode steps took 40-45 ms against
+# 7.3 ms in a process that had met those lengths before, and a profile put 94% of the
+# step's host time inside the attention call. Flash and memory-efficient attention take any
+# length with no plan.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def causal_mask(start: int, num_new: int) -> Any:
@@ -265,7 +276,6 @@ class LlamaModel(nn.Module):
         largest) replays CUDA graphs of each layer around its attention
         (`engines.cuda_graphs`): the same kernels, far fewer launches.
         """
-        device = self.device
         lengths = [len(tokens) for _, tokens in batch]
         if not batch or min(lengths) == 0:
             raise ValueError("forward needs at least one sequence, each with new tokens")
@@ -290,6 +300,20 @@ class LlamaModel(nn.Module):
                 if after_layer is not None:
                     after_layer(i)
             return self._finish(batch, lengths, graphs.hidden[:num_new], all_logits)
+        with sdpa_kernel(SDPA_BACKENDS):  # (the flags are the process's: set per forward)
+            return self._forward_eager_attention(cache, batch, lengths, tokens, positions,
+                                                 slots, graphs, all_logits, before_layer,
+                                                 after_layer)
+
+    def _forward_eager_attention(
+            self, cache: PagedKVCache, batch: Sequence[tuple[SequenceKV, Sequence[int]]],
+            lengths: list[int], tokens: list[int], positions: torch.Tensor,
+            slots: torch.Tensor, graphs: Any, all_logits: bool,
+            before_layer: LayerHook | None, after_layer: LayerHook | None) -> torch.Tensor:
+        """`forward` with attention run by SDPA per sequence, between the graphs' pieces
+        (``graphs``) or the eager layers (None)."""
+        device = self.device
+        num_new = len(tokens)
         plans = [cache.plan(seq, seq.num_tokens + n)
                  for (seq, _), n in zip(batch, lengths, strict=True)]
         masks = [causal_mask(seq.num_tokens, n)

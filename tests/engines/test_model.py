@@ -188,3 +188,28 @@ def test_paged_cache_hands_out_the_lowest_free_pages():
     cache.reserve(third, 3 * 16)  # pages 0 and 1 are free again, then 4
     assert third.pages == [0, 1, 4]
     assert isinstance(cache.plan(third, 3 * 16), torch.Tensor)  # not consecutive: gathered
+
+
+def test_the_forward_keeps_sdpa_off_cudnn_and_restores_the_flags(monkeypatch):
+    """cuDNN's attention builds a plan per new shape, and every decode step's is new: the
+    forward runs SDPA with cuDNN's kernel off, and gives the process its flags back."""
+    from engines.presets import load_model
+
+    model = load_model("tiny").model
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(),
+                     torch.backends.cuda.flash_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    cache = model.new_cache(num_pages=4)
+    seq = SequenceKV(pages=[0, 1])
+    model.forward(cache, [(seq, list(range(20)))])
+    model.forward(cache, [(seq, [7])])
+    assert seen and set(seen) == {(False, True)}
+    assert len(seen) == 2 * model.config.num_layers
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # as it was before the forward
