@@ -200,7 +200,11 @@ async def replay(server: Server, requests: list[dict[str, Any]], args: argparse.
             "itl_s": percentiles([g for r in done for g in r["itl_s"]]),
             "output_tokens_per_s": sum(r["tokens"] for r in done) / wall_s,
             "prefix_hit_rate": fetched / (fetched + computed) if fetched + computed else 0.0,
-            "routes": routes, "goodput": len(good) / len(requests)}
+            "routes": routes, "goodput": len(good) / len(requests),
+            # per request: TTFT (s), mean inter-token latency (s), prompt and reply tokens,
+            # so goodput can be worked out afterwards against other objectives
+            "per_request": [[round(r["ttft_s"], 4), round(r["mean_itl_s"], 5),
+                             r["prompt_tokens"], r["tokens"]] for r in done]}
 
 
 def main(argv: list[str] | None = None) -> int:
