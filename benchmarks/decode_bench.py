@@ -12,10 +12,13 @@ weights, bf16).
              forward reads a row of), over HBM's read bandwidth measured in the same run
              (a reduction over a buffer of 4 GiB: the most a kernel reads per second)
 
-Each arm runs on a cache of its own: ``paged``, as the engines run (a forward of several
-sequences up to 64 tokens in graphs holding paged attention, `engines.paged_attention`;
-one sequence's with eager SDPA between the graph pieces), and ``eager`` (attention eager
-between the pieces for every forward, as before paged attention). Medians of ``--steps``
+Each arm runs on a cache of its own: ``paged``, as the engines run (a decode step, and a
+forward of several sequences up to 64 tokens, in graphs holding paged attention,
+`engines.paged_attention`; one sequence's tail with eager SDPA between the graph pieces),
+and ``eager`` (attention eager between the pieces for every forward, as before paged
+attention). The figures repeat one context length, except ``decode_growing``: one
+sequence's decode steps each over one more cached token, as a server's are (a kernel
+that plans per shape, as cuDNN's attention does, pays for it there). Medians of ``--steps``
 timed forwards after a warm-up, over ``--repeats`` runs (the median run). JSON on stdout:
 each figure, the bound and their ratio (issue 18's target: the decode step and the tail
 within 1.3x of the bound).
@@ -130,9 +133,14 @@ def bench_arm(model: LlamaModel, context: int, batch: int, steps: int) -> dict[s
         int(logits[0].argmax())
         one.num_tokens -= TAIL_TOKENS
 
+    def decode_growing() -> None:  # one more cached token each step, as in a server
+        logits = model.forward(cache, [(one, [1])])
+        int(logits[0].argmax())
+
     figures: dict[str, Any] = {}
     arms = [("decode", decode), ("tail", tail)] + ([("batch", decode_batch)] if batch > 1
-                                                    else [])
+                                                    else []) + [("decode_growing",
+                                                                 decode_growing)]
     for name, step in arms:
         step()  # captures this bucket's graphs
         torch.cuda.synchronize()
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, context in enumerate(args.contexts.split(",")):
         summary: dict[str, Any] = {"context": int(context)}
         for arm in ("paged", "eager"):
-            for name in ("decode_ms", "tail_ms", "batch_ms"):
+            for name in ("decode_ms", "tail_ms", "batch_ms", "decode_growing_ms"):
                 values = [r["contexts"][i][arm].get(name) for r in doc["runs"]]
                 if None in values:
                     continue

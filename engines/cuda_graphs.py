@@ -16,12 +16,16 @@ attention, whose shapes follow each sequence's context length, runs eagerly betw
 The layer hooks run between the pieces, as in the eager forward: ``before_layer(i)``
 (a stream wait for layer i's fetched KV) before A_i, ``after_layer(i)`` after B_i.
 
-Where Triton runs (`engines.paged_attention`), a forward of several sequences and up to
-`FUSED_MAX_TOKENS` tokens (a batched decode step) holds attention too: each layer is one
-graph ``A_i, paged attention, B_i``, and the attention reads each row's context and each
-sequence's page table from the bucket's buffers. Such a step is then 33 graph replays and
-no eager kernel, where eager attention costs a few launches per sequence and layer; for
-one sequence eager SDPA measured as fast (a decode step) or faster (a tail of 16)::
+Where Triton runs (`engines.paged_attention`), a decode step (one token a sequence, one
+sequence or several) and a forward of several sequences up to `FUSED_MAX_TOKENS` tokens
+hold attention too: each layer is one graph ``A_i, paged attention, B_i``, and the
+attention reads each row's context and each sequence's page table from the bucket's
+buffers. Such a step is then 33 graph replays and no eager kernel, where eager attention
+costs a few launches per sequence and layer, each waiting on the host. One sequence's
+tail of several tokens keeps eager SDPA (it measured faster for a tail of 16); a lone
+decode step is fused because eager SDPA made it hostage to the host: in `kvstore serve`
+its steps took 40 ms on the H100, cuDNN's attention building a plan for each new length
+(docs/BENCHMARKS.md)::
 
     L_i: norm, QKV, rotate, write K and V, attention over the pages, output projection
          + residual, norm, MLP + residual                         (graph)
@@ -122,10 +126,11 @@ class ForwardGraphs:
 
     def for_tokens(self, num_tokens: int, sequences: int = 1) -> BucketGraphs | None:
         """The graphs of a forward of ``num_tokens`` tokens of ``sequences`` sequences;
-        None: run it eagerly. Fused (attention inside) for a batch of several sequences up
-        to `FUSED_MAX_TOKENS`: there the eager attention costs a few launches per sequence
-        and layer. One sequence keeps eager SDPA between the pieces, which measured as
-        fast for a decode step and faster for a tail of 16 (docs/BENCHMARKS.md)."""
+        None: run it eagerly. Fused (attention inside) for a decode step and for a batch
+        of several sequences up to `FUSED_MAX_TOKENS`: there the eager attention costs a
+        few launches per sequence and layer. One sequence's tail of several tokens keeps
+        eager SDPA between the pieces, which measured faster for a tail of 16
+        (docs/BENCHMARKS.md)."""
         bucket = bucket_for(num_tokens)
         if bucket is None:
             return None
@@ -144,7 +149,7 @@ class ForwardGraphs:
         self._capture([key for key in keys if key not in self._buckets])
 
     def _fused(self, bucket: int, sequences: int) -> bool:
-        return self.paged and sequences > 1 and bucket <= FUSED_MAX_TOKENS
+        return self.paged and bucket <= FUSED_MAX_TOKENS and (sequences > 1 or bucket == 1)
 
     def _capture(self, keys: list[tuple[int, bool]]) -> None:
         model, cache = self._model(), self._cache()

@@ -110,9 +110,10 @@ def test_short_forwards_hold_their_attention_in_the_graphs_unless_turned_off():
         pytest.skip("Triton is not installed")
     cache = model.new_cache(num_pages=8, cuda_graphs=True)
     graphs = model.graphs(cache)
-    # several sequences up to 64 tokens: fused; one sequence, or more tokens: eager SDPA
+    # several sequences up to 64 tokens, or one sequence's decode step: fused; a tail of
+    # one sequence, or more tokens: eager SDPA
     assert graphs.for_tokens(2, 2).fused and graphs.for_tokens(64, 3).fused
-    assert not graphs.for_tokens(1).fused and not graphs.for_tokens(16, 1).fused
+    assert graphs.for_tokens(1).fused and not graphs.for_tokens(16, 1).fused
     assert not graphs.for_tokens(65, 2).fused
     eager_attention = load_model("tiny", device="cuda", dtype=torch.float32).model
     eager_attention.paged_attention = False
@@ -246,7 +247,7 @@ for cache, run in ((eager, "eager"), (paged, "paged")):
     steps = [[(seqs[0], prompts[0][:100])], [(seqs[1], prompts[1])],
              [(seqs[0], prompts[0][100:101]), (seqs[1], [5]), (seqs[2], prompts[2][:40])],
              [(seqs[0], prompts[0][101:]), (seqs[2], prompts[2][40:41])],
-             [(seqs[0], [1]), (seqs[1], [2]), (seqs[2], [3])]]
+             [(seqs[0], [1]), (seqs[1], [2]), (seqs[2], [3])], [(seqs[1], [4])]]
     logits = []
     for step in steps:
         if run == "eager" or sum(len(t) for _, t in step) > 64:
