@@ -4,9 +4,9 @@
     get <── fastest tier holding the key  ──hit in a slower tier──> promoted to the write tier
 
 Where blocks go is decided by the placement core (`kvstore.placement`), over the tiers as
-its media (`TierMedia`); this module holds the API and the write paths, `Reads` the read
-paths, `HostPlane` the shared-memory clients' slots, all over one `StoreState` (its lock
-and concurrency rules are there).
+its media (`TierMedia`); this module holds the API, `Writes` the write paths, `Reads` the
+read paths, `HostPlane` the shared-memory clients' slots, all over one `StoreState` (its
+lock and concurrency rules are there).
 
 Invariants: every present tier keeps ``used_bytes <= capacity_bytes``; a key is held
 exactly when at least one tier holds a committed copy; victims are never pinned.
@@ -22,16 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.buffers import ByteView, copy_bytes, value_view
 from kvstore.config import StoreConfig
-from kvstore.errors import ConfigError, InvalidValueError, StorageError, StoreClosedError
+from kvstore.errors import ConfigError, InvalidValueError, StorageError
 from kvstore.placement import Admission, Placement
 from kvstore.store.host import HostPlane
 from kvstore.store.media import TierMedia, open_tiers
 from kvstore.store.reads import SMALL_VALUE_BYTES, Borrowed, Reads
 from kvstore.store.state import StoreState
+from kvstore.store.writes import Writes
 from kvstore.tiers.base import TIER_BIT, TierKind, check_key
-from kvstore.tiers.memory import MemoryTier
 from kvstore.tiers.slab import size_class
 
 log = logging.getLogger("kvstore.store")
@@ -61,7 +60,8 @@ class Store:
         # The write tier when it is host memory: put_many copies small values straight in.
         self._host_write_tier = tiers[write_tier] if kinds[write_tier] is TierKind.DRAM else None
         self._reads = Reads(state, self._host_write_tier)
-        self._host = HostPlane(state, dram_tier, self._commit)
+        self._writes = Writes(config, state, self.placement, media, tiers)
+        self._host = HostPlane(state, dram_tier, self._writes.commit)
         self._dram_tier = dram_tier
         # The core's residency bits (bit t: tier t) as bits by tier kind (`TIER_BIT`).
         kind_bits = [TIER_BIT[kind] for kind in kinds]
@@ -89,8 +89,8 @@ class Store:
         at the instant it would be committed (a block arriving from a peer never replaces
         what a client wrote here meanwhile)."""
         key = check_key(key)
-        src = self._source(value)
-        return self._put(key, src, None, None, owner, replace)
+        src = self._writes.source(value)
+        return self._writes.put(key, src, None, None, owner, replace)
 
     def put_many(self, keys: Sequence[bytes], values: Sequence[Any], *,
                  owner: int = 0) -> int:
@@ -103,7 +103,7 @@ class Store:
         if len(keys) != len(values):
             raise InvalidValueError(f"put_many got {len(keys)} keys but {len(values)} values")
         checked = [check_key(k) for k in keys]
-        sources = [self._source(v) for v in values]
+        sources = [self._writes.source(v) for v in values]
         parent, i = None, 0
         chain: list[bytes] = []  # the blocks stored so far, never evicted for the next
         state = self._state
@@ -123,14 +123,14 @@ class Store:
                     while i < len(checked) and sources[i].shape[0] <= SMALL_VALUE_BYTES:
                         key, src = checked[i], sources[i]
                         if not (host_tier is not None and isinstance(src, np.ndarray)
-                                and self._put_host(host_tier, key, src, parent, owner)):
-                            if not self._put(key, src, parent, chain, owner):
+                                and self._writes.put_host(host_tier, key, src, parent, owner)):
+                            if not self._writes.put(key, src, parent, chain, owner):
                                 return i
                         parent = key
                         chain.append(parent)
                         i += 1
             else:
-                if not self._put(checked[i], sources[i], parent, chain, owner):
+                if not self._writes.put(checked[i], sources[i], parent, chain, owner):
                     return i
                 parent = checked[i]
                 chain.append(parent)
@@ -150,10 +150,11 @@ class Store:
             raise InvalidValueError(f"put_in_tier got {len(keys)} keys but {len(values)} "
                                     "values")
         checked = [check_key(k) for k in keys]
-        sources = [self._source(v) for v in values]
+        sources = [self._writes.source(v) for v in values]
         chain: list[bytes] = []
         for key, src in zip(checked, sources, strict=True):
-            if not self._put(key, src, chain[-1] if chain else None, chain, owner, tiers=[t]):
+            parent = chain[-1] if chain else None
+            if not self._writes.put(key, src, parent, chain, owner, tiers=[t]):
                 break
             chain.append(key)
         if chain and self._media.kinds[t] is TierKind.NVME:
@@ -482,117 +483,3 @@ class Store:
         out (the copy may be torn: treat it as a miss). ``after_copy=False`` drops a pin
         whose copy nobody will use (its holder went away): no torn read is counted."""
         return self._host.unpin(key, pin, after_copy=after_copy)
-
-    # -- writes -------------------------------------------------------------------------------
-
-    def _source(self, value: Any) -> ByteView:
-        src = value_view(value)
-        if src.shape[0] > self.config.max_value_bytes:
-            raise InvalidValueError(f"value of {src.shape[0]} bytes exceeds max_value_bytes "
-                                    f"({self.config.max_value_bytes})")
-        return src
-
-    def _put(self, key: bytes, src: ByteView, parent: bytes | None,
-             protect: list[bytes] | None = None, owner: int = 0, replace: bool = True,
-             tiers: Sequence[int] | None = None) -> bool:
-        """Store into the write tier or, failing that, the tiers below it (``tiers``: into
-        these only, in turn).
-
-        ``protect`` holds the blocks this put_many call already stored (the new block's
-        ancestors): evicting one of them to make room for its own descendant would push
-        a chain's head below its tail, so such a block goes one tier down instead.
-        """
-        nbytes = int(src.shape[0])
-        state = self._state
-        if self._media.pins_old_record(key):
-            return False
-        for t in tiers if tiers is not None else range(self.placement.write_tier,
-                                                        len(self._tiers)):
-            tier = self._tiers[t]
-            if isinstance(tier, MemoryTier):
-                stored = self._put_memory(t, tier, key, src, parent, protect, owner, replace)
-                if stored is not None:
-                    return stored
-                continue
-            with state.lock:
-                state.check_open()
-                if not replace and self.placement.lookup(key) >= 0:
-                    return False
-                if self.placement.put_into(t, key, parent, nbytes, owner, src, protect):
-                    return True
-        return False
-
-    def _put_host(self, tier: MemoryTier, key: bytes, src: np.ndarray,
-                  parent: bytes | None, owner: int) -> bool:
-        """put_many's fast path (lock held): a small host value into a free slot of the
-        host write tier. False, with nothing changed, when that needs an eviction (or its
-        owner's quota would)."""
-        nbytes = src.shape[0]
-        t = self.placement.write_tier
-        if owner and not self.placement.fits_quota(t, owner, nbytes):
-            return False
-        offset = tier.allocator.allocate(nbytes)
-        if offset is None:
-            return False
-        self.placement.forget(key, durable=True)
-        np.copyto(tier.view(offset, nbytes), src)
-        tier.commit(key, offset, nbytes, parent)
-        self.placement.insert(key, parent, nbytes, t, owner)
-        return True
-
-    def _put_memory(self, t: int, tier: MemoryTier, key: bytes, src: ByteView,
-                    parent: bytes | None, protect: list[bytes] | None, owner: int,
-                    replace: bool = True) -> bool | None:
-        """True: stored in tier ``t``; None: no room there; False: ``key`` is held and
-        ``replace`` is False."""
-        nbytes = int(src.shape[0])
-        state = self._state
-        core = self.placement
-        if nbytes <= SMALL_VALUE_BYTES:
-            with state.lock:
-                state.check_open()
-                if not replace and core.lookup(key) >= 0:
-                    return False
-                offset = core.reserve(t, nbytes, owner, protect)
-                if offset is None:
-                    return None
-                copy_bytes(tier.view(offset, nbytes), src)
-                self._commit(t, key, parent, offset, nbytes, owner)
-            return True
-        with state.lock:
-            state.check_open()
-            offset = core.reserve(t, nbytes, owner, protect)
-            if offset is not None:
-                core.hold(t, offset, owner, nbytes)  # copied outside the lock
-        if offset is None:
-            return None
-        try:
-            copy_bytes(tier.view(offset, nbytes), src)
-        except BaseException:
-            with state.lock:
-                core.unhold(t, offset)
-                tier.release(offset)
-            raise
-        with state.lock:
-            if state.closed:
-                raise StoreClosedError("the store was closed during put")
-            if not replace and core.lookup(key) >= 0:  # (held: decided at the commit)
-                core.unhold(t, offset)
-                tier.release(offset)
-                return False
-            self._commit(t, key, parent, offset, nbytes, owner)
-        return True
-
-    def _commit(self, t: int, key: bytes, parent: bytes | None, offset: int,
-                nbytes: int, owner: int = 0) -> None:
-        """A filled slot becomes ``key``'s value (lock held). The value it replaces gets
-        a tombstone on NVMe, so that a crash can bring back the new value or none, never
-        the old one."""
-        core = self.placement
-        core.forget(key, durable=True)
-        self._tiers[t].commit(key, offset, nbytes, parent)
-        core.insert(key, parent, nbytes, t, owner)
-        if owner:
-            core.unhold(t, offset)
-            core.enforce_quota(t, owner, key)
-
