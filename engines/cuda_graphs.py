@@ -355,7 +355,7 @@ def _end_generator_capture() -> None:
     scratch = torch.zeros(1, device=device)
     with torch.cuda.stream(torch.cuda.Stream(device=device)):
         graph = torch.cuda.CUDAGraph()
-        graph.capture_begin()
+        graph.capture_begin(capture_error_mode="thread_local")  # other threads run on
         scratch.add_(1)
         graph.capture_end()
     del graph
