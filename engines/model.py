@@ -135,13 +135,13 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-# The attention kernels the eager forward lets SDPA choose from: not cuDNN's. torch puts it
-# first on Hopper and later GPUs, and it builds an execution plan for each new shape; here
-# every shape is new (a decode step attends over one more token, each prompt has its own
-# length). On the H100, `kvstore serve`'s one-sequence decode steps took 40-45 ms against
-# 7.3 ms in a process that had met those lengths before, and a profile put 94% of the
-# step's host time inside the attention call. Flash and memory-efficient attention take any
-# length with no plan.
+# The attention kernels the eager forward lets SDPA choose from: not cuDNN's, which torch
+# prefers on recent GPUs and which builds an execution plan for each new shape; here every
+# shape is new (a decode step attends over one more token, each prompt has its own
+# length). On the H100 (torch 2.11) one-sequence decode steps took 40-45 ms in `kvstore
+# serve` and in a fresh process's first request, 7.3 ms over lengths the process had met
+# before, and a profile put 94% of the step's host time inside the attention call: a plan
+# per shape. Flash and memory-efficient attention take any length with no plan.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
