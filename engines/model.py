@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -143,6 +145,32 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 # before, and a profile put 94% of the step's host time inside the attention call: a plan
 # per shape. Flash and memory-efficient attention take any length with no plan.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Those flags are the process's, not a thread's: engines on threads of one process (the
+# demo, tests) share one setting while any of their forwards runs, counted here, so that
+# the last forward out gives back what the process had (a save and restore per forward
+# would leave cuDNN's kernel off for good when two forwards overlap).
+_sdpa_lock = threading.Lock()
+_sdpa_users = 0
+_sdpa_context: AbstractContextManager[None] | None = None
+
+
+@contextmanager
+def _sdpa_backends() -> Iterator[None]:
+    """SDPA restricted to `SDPA_BACKENDS` while any forward of this process is inside."""
+    global _sdpa_users, _sdpa_context
+    with _sdpa_lock:
+        if _sdpa_users == 0:
+            _sdpa_context = sdpa_kernel(SDPA_BACKENDS)
+            _sdpa_context.__enter__()
+        _sdpa_users += 1
+    try:
+        yield
+    finally:
+        with _sdpa_lock:
+            _sdpa_users -= 1
+            if _sdpa_users == 0 and _sdpa_context is not None:
+                _sdpa_context.__exit__(None, None, None)
+                _sdpa_context = None
 
 
 def causal_mask(start: int, num_new: int) -> Any:
@@ -300,7 +328,7 @@ class LlamaModel(nn.Module):
                 if after_layer is not None:
                     after_layer(i)
             return self._finish(batch, lengths, graphs.hidden[:num_new], all_logits)
-        with sdpa_kernel(SDPA_BACKENDS):  # (the flags are the process's: set per forward)
+        with _sdpa_backends():
             return self._forward_eager_attention(cache, batch, lengths, tokens, positions,
                                                  slots, graphs, all_logits, before_layer,
                                                  after_layer)

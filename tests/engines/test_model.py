@@ -205,11 +205,52 @@ def test_the_forward_keeps_sdpa_off_cudnn_and_restores_the_flags(monkeypatch):
         return sdpa(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
-    assert torch.backends.cuda.cudnn_sdp_enabled()
-    cache = model.new_cache(num_pages=4)
-    seq = SequenceKV(pages=[0, 1])
-    model.forward(cache, [(seq, list(range(20)))])
-    model.forward(cache, [(seq, [7])])
-    assert seen and set(seen) == {(False, True)}
-    assert len(seen) == 2 * model.config.num_layers
-    assert torch.backends.cuda.cudnn_sdp_enabled()  # as it was before the forward
+    was = torch.backends.cuda.cudnn_sdp_enabled()  # (other code in the process may set it)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        cache = model.new_cache(num_pages=4)
+        seq = SequenceKV(pages=[0, 1])
+        model.forward(cache, [(seq, list(range(20)))])
+        model.forward(cache, [(seq, [7])])
+        assert seen and set(seen) == {(False, True)}
+        assert len(seen) == 2 * model.config.num_layers
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # as it was before the forwards
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+
+
+def test_overlapping_forwards_on_threads_give_the_process_its_sdpa_flags_back(monkeypatch):
+    """Two engines' forwards on threads of one process, overlapping: cuDNN's kernel stays
+    off while either runs, and the process has its own setting back after both."""
+    import threading
+
+    from engines.presets import load_model
+
+    models = [load_model("tiny", seed=s).model for s in (0, 1)]
+    inside = threading.Barrier(2, timeout=30)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        if len(seen) <= 2:
+            inside.wait()  # both forwards are inside before either goes on
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        def run(model):
+            model.forward(model.new_cache(num_pages=4), [(SequenceKV(pages=[0, 1]),
+                                                          list(range(20)))])
+
+        threads = [threading.Thread(target=run, args=(m,)) for m in models]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert len(seen) == 2 * models[0].config.num_layers and not any(seen)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
