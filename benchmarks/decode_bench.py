@@ -18,7 +18,8 @@ forward of several sequences up to 64 tokens, in graphs holding paged attention,
 and ``eager`` (attention eager between the pieces for every forward, as before paged
 attention). The figures repeat one context length, except ``decode_growing``: one
 sequence's decode steps each over one more cached token, as a server's are (a kernel
-that plans per shape, as cuDNN's attention does, pays for it there). Medians of ``--steps``
+that plans per shape pays for it there: ``--sdpa-cudnn`` lets eager attention use cuDNN's,
+which the engines keep off). Medians of ``--steps``
 timed forwards after a warm-up, over ``--repeats`` runs (the median run). JSON on stdout:
 each figure, the bound and their ratio (issue 18's target: the decode step and the tail
 within 1.3x of the bound).
@@ -145,7 +146,7 @@ def bench_arm(model: LlamaModel, context: int, batch: int, steps: int) -> dict[s
         step()  # captures this bucket's graphs
         torch.cuda.synchronize()
         figures[f"{name}_ms"] = round(timed(step, steps) * 1e3, 3)
-    # whether the batched step's graphs held attention (one sequence's never do)
+    # whether the batched step's graphs held attention
     figures["fused"] = cache.has_graphs and model.graphs(cache).for_tokens(batch, batch).fused
     return figures
 
@@ -159,8 +160,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="sequences in the batched decode step (1: no batched arm)")
     parser.add_argument("--steps", type=int, default=30, help="timed forwards per figure")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sdpa-cudnn", action="store_true",
+                        help="let the eager forward's SDPA use cuDNN's attention too (the "
+                             "engines keep it off: it plans per shape; this measures that)")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
+    if args.sdpa_cudnn:
+        from torch.nn.attention import SDPBackend
+
+        import engines.model
+
+        engines.model.SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *engines.model.SDPA_BACKENDS]
     if not torch.cuda.is_available():
         print("decode_bench needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -171,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {"benchmark": "decode_bench", "model": model.model_id, "machine": {},
                            "dtype": str(model.dtype), "gpu": torch.cuda.get_device_name(),
                            "triton": paged_attention.available(torch.device("cuda")),
+                           "sdpa_cudnn": args.sdpa_cudnn,
                            "weight_bytes": weights, "runs": [], "contexts": []}
     for run in range(args.repeats):
         read = hbm_read_gbps()

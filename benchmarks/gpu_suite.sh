@@ -35,8 +35,11 @@ for p in "${parts[@]}"; do
     case $p in
     tests)
         part tests 900 "$py" -m pytest -q -m gpu -p no:cacheprovider tests ;;
-    decode)  # the tail forward and the decode step against the weights' read (issue 18)
-        part decode 600 "$py" benchmarks/decode_bench.py --json-out "$out/decode.json" ;;
+    decode)  # the tail forward and the decode step against the weights' read (issue 18);
+             # then with cuDNN's attention allowed, as before the engines kept it off
+        part decode 600 "$py" benchmarks/decode_bench.py --json-out "$out/decode.json"
+        part decode-cudnn 600 "$py" benchmarks/decode_bench.py --sdpa-cudnn --repeats 1 \
+            --json-out "$out/decode-cudnn.json" ;;
     ttft)  # fetch or recompute, every tier (issue 18)
         part ttft 900 "$py" benchmarks/ttft_bench.py --arms load,plan --json-out "$out/ttft.json" ;;
     ttft-fp8)  # FP8 blocks from DRAM and NVMe (issue 18)
@@ -51,12 +54,13 @@ for p in "${parts[@]}"; do
         part pages 600 "$py" benchmarks/vllm_pages_bench.py --json-out "$out/pages.json" ;;
     serve)  # kvstore serve on the GPU, every mode, SERVE_RUNS runs (issue 20)
         for run in $(seq "${SERVE_RUNS:-3}"); do
+            mkdir -p "$out/serve-$run"  # each run's server logs
             for mode in auto disaggregated colocated chunked; do
                 part "serve-$mode-$run" 300 "$py" benchmarks/serve_bench.py \
                     --model llama3-8b --skip-tokenizer-init --device cuda --vocab-size 128000 \
                     --trace "$trace" --scale 4 --rates 1,4 --requests 16 \
                     --max-model-len 32768 --dram 16GiB --chunk-tokens 512 \
-                    --ttft-slo 1 --itl-slo 0.03 --modes $mode --workdir "$out" \
+                    --ttft-slo 1 --itl-slo 0.03 --modes $mode --workdir "$out/serve-$run" \
                     --json-out "$out/serve-$mode-$run.json"
             done
         done ;;

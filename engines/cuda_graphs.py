@@ -23,9 +23,8 @@ attention reads each row's context and each sequence's page table from the bucke
 buffers. Such a step is then 33 graph replays and no eager kernel, where eager attention
 costs a few launches per sequence and layer, each waiting on the host. One sequence's
 tail of several tokens keeps eager SDPA (it measured faster for a tail of 16); a lone
-decode step is fused because eager SDPA made it hostage to the host: in `kvstore serve`
-its steps took 40 ms on the H100, cuDNN's attention building a plan for each new length
-(docs/BENCHMARKS.md)::
+decode step is fused because eager SDPA left it to the host: in `kvstore serve` its steps
+took 40 ms on the H100, most likely a kernel planned per new length (docs/BENCHMARKS.md)::
 
     L_i: norm, QKV, rotate, write K and V, attention over the pages, output projection
          + residual, norm, MLP + residual                         (graph)
@@ -33,8 +32,9 @@ its steps took 40 ms on the H100, cuDNN's attention building a plan for each new
 Graphs exist per bucket of token counts (`BUCKETS`); a forward of ``n`` tokens runs the
 smallest bucket that holds them, its extra rows padded: token 0 at position 0, writing
 K and V into the cache's pad page (never a sequence's), their outputs never read. A
-forward whose token count is a bucket's gives the eager forward's logits bit for bit;
-padded, its GEMMs have more rows and may round differently.
+forward whose token count is a bucket's and whose attention is eager gives the eager
+forward's logits bit for bit; padded, its GEMMs have more rows and may round differently,
+and paged attention rounds as its own kernel does (within the tests' tolerances).
 
 Each bucket's graphs read their inputs from and write their outputs to static buffers of
 that bucket, allocated outside the graphs. All graphs of one cache share one memory pool,
@@ -117,8 +117,9 @@ class ForwardGraphs:
         # (bucket, fused) -> its graphs; None: capture failed
         self._buckets: dict[tuple[int, bool], BucketGraphs | None] = {}
         config = model.config
-        # Whether multi-sequence forwards' graphs hold their attention: off for good once
-        # the paged kernels fail here (their compile or launch), so the forward still runs.
+        # Whether the fused forwards' graphs hold their attention (`_fused`): off for good
+        # once the paged kernels fail here (their compile or launch), so the forward still
+        # runs.
         self.paged = (getattr(model, "paged_attention", True)
                       and paged_attention.available(cache.device)
                       and paged_attention.supports(config.num_heads, config.num_kv_heads,
@@ -143,8 +144,10 @@ class ForwardGraphs:
 
     def capture_all(self) -> None:
         """Capture every bucket now (an engine starting up), not on its first forward:
-        each bucket's graphs for one sequence, and for several where they are fused."""
-        keys = [(bucket, False) for bucket in BUCKETS]
+        each bucket's graphs for one sequence (fused for a decode step), and for several
+        where they are fused. (If the paged kernels fail later, the eager variant is
+        captured on first use.)"""
+        keys = [(bucket, False) for bucket in BUCKETS if not self._fused(bucket, 1)]
         keys += [(bucket, True) for bucket in BUCKETS if self._fused(bucket, bucket)]
         self._capture([key for key in keys if key not in self._buckets])
 
@@ -199,7 +202,7 @@ class ForwardGraphs:
     @property
     def captured(self) -> dict[int, bool]:
         """Each bucket met so far: True if its graphs run (each variant captured: for one
-        sequence, fused for several), False if a capture failed."""
+        sequence, fused for several or for a decode step), False if a capture failed."""
         met: dict[int, bool] = {}
         for (bucket, _), graphs in self._buckets.items():
             met[bucket] = met.get(bucket, True) and graphs is not None
@@ -338,7 +341,11 @@ def _capture(piece: Callable[[], None], pool: tuple[int, int]) -> torch.cuda.CUD
         try:  # ends the broken capture; its own error only repeats that one
             graph.capture_end()
         except RuntimeError:
-            _end_generator_capture()
+            try:
+                _end_generator_capture()
+            except RuntimeError as e:  # the capture's own error is the one to raise
+                log.warning("could not reset the CUDA generators after a failed capture "
+                            "(%s); random sampling may fail in this process", e)
         raise
     graph.capture_end()
     return graph
@@ -350,12 +357,14 @@ def _end_generator_capture() -> None:
     `capture_begin` marks them capturing and `capture_end` unmarks them only after the
     capture ended well. After one that failed every later random op of the process (a
     sampler's `torch.multinomial`) raised "Offset increment outside graph capture". A
-    capture of one op, on a stream of its own, unmarks them."""
+    capture of one op, on a new stream (the failed capture's may be unusable), unmarks
+    them. Thread-local: other threads' CUDA calls are not refused meanwhile (their random
+    ops are, for the instant of this capture, as during any capture)."""
     device = torch.cuda.current_device()
-    scratch = torch.zeros(1, device=device)
     with torch.cuda.stream(torch.cuda.Stream(device=device)):
+        scratch = torch.zeros(1, device=device)
         graph = torch.cuda.CUDAGraph()
-        graph.capture_begin(capture_error_mode="thread_local")  # other threads run on
+        graph.capture_begin(capture_error_mode="thread_local")
         scratch.add_(1)
         graph.capture_end()
     del graph

@@ -138,17 +138,19 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 # The attention kernels the eager forward lets SDPA choose from: not cuDNN's, which torch
-# prefers on recent GPUs and which builds an execution plan for each new shape; here every
-# shape is new (a decode step attends over one more token, each prompt has its own
-# length). On the H100 (torch 2.11) one-sequence decode steps took 40-45 ms in `kvstore
+# prefers on recent GPUs and which builds an execution plan for each new shape; here the
+# shapes keep changing (a decode step attends over one more token, each fresh prompt has
+# its own length; a chunk over a cached prefix, with its lower-right mask, never reached
+# cuDNN). On the H100 (torch 2.11) one-sequence decode steps took 40-45 ms in `kvstore
 # serve` and in a fresh process's first request, 7.3 ms over lengths the process had met
-# before, and a profile put 94% of the step's host time inside the attention call: a plan
-# per shape. Flash and memory-efficient attention take any length with no plan.
+# before, and a profile put 94% of the step's host time inside the attention call: most
+# likely a plan per shape. Flash and memory-efficient attention take any length.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 # Those flags are the process's, not a thread's: engines on threads of one process (the
 # demo, tests) share one setting while any of their forwards runs, counted here, so that
-# the last forward out gives back what the process had (a save and restore per forward
-# would leave cuDNN's kernel off for good when two forwards overlap).
+# the last forward out gives back what the process had when the first went in (a save
+# and restore per forward would leave cuDNN's kernel off for good when two forwards
+# overlap). Other code that sets the flags while a forward runs has its change undone.
 _sdpa_lock = threading.Lock()
 _sdpa_users = 0
 _sdpa_context: AbstractContextManager[None] | None = None
