@@ -192,11 +192,13 @@ config = model.config
 
 def paged_forward(cache, batch):
     # The fused graphs' forward, kernels interpreted on the CPU: each layer's attention by
-    # PagedAttention over the tables BucketGraphs.start builds.
-    rows = 64
+    # PagedAttention over the tables BucketGraphs.start builds, for the forward's bucket
+    # (a lone decode step's: one row, its splits).
+    from engines.cuda_graphs import bucket_for
     lengths = [len(tokens) for _, tokens in batch]
     tokens = [t for _, chunk in batch for t in chunk]
     n = len(tokens)
+    rows = bucket_for(n)
     positions = torch.cat([torch.arange(s.num_tokens, s.num_tokens + k)
                            for (s, _), k in zip(batch, lengths)])
     slots = torch.cat([s.slots(s.num_tokens, s.num_tokens + k, cache.page_tokens)
