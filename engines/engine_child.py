@@ -49,7 +49,6 @@ class EngineSpec:
     log_level: str = "INFO"  # the child's logging, as the server's
 
 
-
 _DECODE_FIELDS = ("output", "token_times_s", "num_cached_tokens", "arrival_s",
                   "num_published_blocks", "num_stored_blocks", "step_tokens")
 
