@@ -73,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-tokens", type=int, default=16)
     parser.add_argument("--layouts", default=",".join(PHYSICAL_ORDERS))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--grids", default="",
+                        help="also try the kernel with these thread blocks per launch "
+                             f"(comma-separated; default {gpu_loads.GRID})")
+    parser.add_argument("--unrolls", default="",
+                        help="... and these loads in flight per thread "
+                             f"(default {gpu_loads.UNROLL})")
     parser.add_argument("--json-out")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -101,8 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         pages = PageLayout(caches, codec, num_blocks=pool_blocks)
         assert pages.block_bytes == block_bytes
         result: dict[str, Any] = {}
-        for path in (["kernel"] if doc["kernel"] else []) + ["torch"]:
-            loads = gpu_loads.LayerLoads(pages, use_kernel=path == "kernel")
+        paths: dict[str, dict[str, Any]] = {"torch": {"use_kernel": False}}
+        if doc["kernel"]:
+            paths = {"kernel": {"use_kernel": True}, **paths}
+            grids = [int(g) for g in args.grids.split(",") if g] or [gpu_loads.GRID]
+            unrolls = [int(u) for u in args.unrolls.split(",") if u] or [gpu_loads.UNROLL]
+            for grid in grids:
+                for unroll in unrolls:
+                    if (grid, unroll) != (gpu_loads.GRID, gpu_loads.UNROLL):
+                        paths[f"kernel_g{grid}_u{unroll}"] = {
+                            "use_kernel": True, "grid": grid, "unroll": unroll}
+        for path, settings in paths.items():
+            loads = gpu_loads.LayerLoads(pages, **settings)
 
             def load(loads: gpu_loads.LayerLoads = loads) -> None:
                 for layer in range(layers):
@@ -111,8 +127,17 @@ def main(argv: list[str] | None = None) -> int:
 
             seconds = timed(load, args.repeats)
             gbps = nbytes / seconds / 1e9
+            # This path's own bytes: the pages cleared, loaded once, the last block
+            # gathered back on the device.
+            for cache in caches.values():
+                cache.zero_()
+            load()
+            gathered = pages.staging(1, on_device=True)
+            for layer in range(layers):
+                pages.gather_layer(layer, [block_ids[-1]], gathered)
             result[path] = {"ms": seconds * 1e3, "gbps": gbps, "ratio": gbps / doc["raw_gbps"],
-                            "meets_target": gbps / doc["raw_gbps"] >= TARGET_RATIO}
+                            "meets_target": gbps / doc["raw_gbps"] >= TARGET_RATIO,
+                            "bytes_match": bool(torch.equal(gathered[0].cpu(), rows[-1]))}
             log(f"{name} {path}: {seconds * 1e3:.2f} ms, {gbps:.1f} GB/s "
                 f"({gbps / doc['raw_gbps']:.2f} of raw)")
         # The loaded pages are the stored blocks (checked once per layout, by the host).

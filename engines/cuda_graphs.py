@@ -367,4 +367,3 @@ def _end_generator_capture() -> None:
         graph.capture_begin(capture_error_mode="thread_local")
         scratch.add_(1)
         graph.capture_end()
-    del graph

@@ -78,10 +78,10 @@ extern "C" __global__ void scatter_layer(
 
 
 @functools.cache
-def _kernel() -> Any:
+def _kernel(unroll: int = UNROLL) -> Any:
     import cupy
 
-    return cupy.RawKernel(_SOURCE, "scatter_layer", options=(f"-DUNROLL={UNROLL}",))
+    return cupy.RawKernel(_SOURCE, "scatter_layer", options=(f"-DUNROLL={unroll}",))
 
 
 @functools.cache
@@ -100,9 +100,15 @@ class LayerLoads:
     """One step's loads into ``pages``' CUDA caches (`PageLayout` with a `KVViewCodec`):
     `load_layer` queues a layer's copies on the side stream and records its event; `wait`
     makes the current stream wait for it; `synchronize` blocks until all are done (before
-    the staging rows are reused). ``use_kernel`` False: torch's copies instead."""
+    the staging rows are reused). ``use_kernel`` False: torch's copies instead;
+    ``grid`` and ``unroll``: the kernel's thread blocks per launch and loads in flight
+    per thread (`GRID`, `UNROLL`; the benchmark tries others)."""
 
-    def __init__(self, pages: PageLayout, *, use_kernel: bool | None = None) -> None:
+    def __init__(self, pages: PageLayout, *, use_kernel: bool | None = None,
+                 grid: int = GRID, unroll: int = UNROLL) -> None:
+        if grid < 1 or unroll < 1:
+            raise ValueError(f"grid and unroll are at least 1, got {grid} and {unroll}")
+        self.grid, self.unroll = grid, unroll
         if not isinstance(pages.codec, KVViewCodec) or pages.device.type != "cuda":
             raise ValueError("LayerLoads is for CUDA caches seen through a KVViewCodec")
         self.pages = pages
@@ -153,7 +159,7 @@ class LayerLoads:
             warnings.simplefilter("ignore", DeprecationWarning)
             external = cupy.cuda.ExternalStream(self.stream.cuda_stream)
         with external:
-            _kernel()((min(GRID, n),), (THREADS,), (
+            _kernel(self.unroll)((min(self.grid, n),), (THREADS,), (
                 np.uint64(tables[0].data_ptr()), np.uint64(tables[1].data_ptr()),
                 np.int64(n), np.int64(layer * pages.page_bytes), np.uint64(raw.data_ptr()),
                 np.int64(split), np.int64(raw.stride(0)), np.int64(raw.stride(1)),

@@ -60,9 +60,8 @@ def _clear_last_error(cudart: Any) -> None:
 
     with open("/proc/self/maps") as maps:
         paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
-    for path in sorted(paths):
-        ctypes.CDLL(path).cudaGetLastError()
-        return
+    if paths:
+        ctypes.CDLL(min(paths)).cudaGetLastError()
 
 
 def unregister_with_cuda(array: np.ndarray) -> None:

@@ -301,12 +301,29 @@ def test_logical_views_on_a_gpu_round_trip_through_a_store(name: str) -> None:
                 kv_of(view, to, 1), kv_of(original, came_from, 1), strict=True)), n
 
 
+def test_layer_loads_refuse_caches_off_a_gpu_and_a_grid_of_nothing() -> None:
+    from kvstore.integrations import gpu_loads
+
+    codec = KVViewCodec(num_kv_heads=VIEW_HEADS, block_tokens=VIEW_TOKENS, head_dim=HS)
+    pages = PageLayout(logical_views(PHYSICAL_ORDERS["LBNHC"]), codec, num_blocks=VIEW_BLOCKS)
+    with pytest.raises(ValueError, match="at least 1"):
+        gpu_loads.LayerLoads(pages, grid=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        gpu_loads.LayerLoads(pages, unroll=0)
+    with pytest.raises(ValueError, match="for CUDA caches"):
+        gpu_loads.LayerLoads(pages)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "torch"])
-def test_layer_loads_on_a_gpu_write_what_the_host_scatter_writes(use_kernel: bool) -> None:
-    """`LayerLoads` (the copy kernel reading pinned rows in place, or torch's copies) into
-    CUDA views of every layout and split: exactly the pages `KVViewCodec.scatter` writes on
-    the host, and no other."""
+@pytest.mark.parametrize(("use_kernel", "tuning"), [
+    (True, {}), (False, {}), (True, {"grid": 1, "unroll": 1}),
+    (True, {"grid": 64, "unroll": 8})], ids=["kernel", "torch", "kernel-g1-u1",
+                                             "kernel-g64-u8"])
+def test_layer_loads_on_a_gpu_write_what_the_host_scatter_writes(
+        use_kernel: bool, tuning: dict[str, int]) -> None:
+    """`LayerLoads` (the copy kernel reading pinned rows in place, with its default grid
+    and unroll or others, or torch's copies) into CUDA views of every layout and split:
+    exactly the pages `KVViewCodec.scatter` writes on the host, and no other."""
     from kvstore.integrations import gpu_loads
 
     if not torch.cuda.is_available():
@@ -332,7 +349,7 @@ def test_layer_loads_on_a_gpu_write_what_the_host_scatter_writes(use_kernel: boo
             pinned = pages.staging(4)
             pinned.copy_(rows)
             assert pinned.is_pinned()
-            loads = gpu_loads.LayerLoads(pages, use_kernel=use_kernel)
+            loads = gpu_loads.LayerLoads(pages, use_kernel=use_kernel, **tuning)
             assert loads.use_kernel is use_kernel
             for layer in range(LAYERS):
                 loads.load_layer(layer, [(pinned[:2], [5, 2]), (pinned[2:], [0, 3])])
