@@ -6,16 +6,17 @@
 #
 #   bash benchmarks/gpu_suite.sh OUT [PART ...]
 #
-# PART: tests, decode, ttft, ttft-fp8, pipeline, pages, serve (default: all, in that
-# order). The serving runs replay the conversation trace: TRACE=path overrides its
+# PART: tests, decode, ttft, ttft-fp8, pipeline, pages, lmcache, serve (default: all, in
+# that order). The serving runs replay the conversation trace: TRACE=path overrides its
 # default place (Mooncake's FAST25 conversation trace). SERVE_RUNS (default 3) runs of
-# each serving mode, for medians. Every part's log is OUT/PART.log; a part that fails or
+# each serving mode, for medians. LMCACHE_PATH: a directory holding LMCache's packages
+# (installed there with `pip install --target`), for the lmcache part. Every part's log is OUT/PART.log; a part that fails or
 # runs past its limit is reported and the next one runs.
 set -u
 out=${1:?usage: bash benchmarks/gpu_suite.sh OUT [PART ...]}
 shift
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests decode ttft ttft-fp8 pipeline pages serve)
+[ ${#parts[@]} -eq 0 ] && parts=(tests decode ttft ttft-fp8 pipeline pages lmcache serve)
 mkdir -p "$out"
 trace=${TRACE:-/work/shared/data/mooncake_conversation_trace.jsonl}
 py=${PYTHON:-python3}
@@ -52,6 +53,9 @@ for p in "${parts[@]}"; do
         done ;;
     pages)  # the vLLM connector's loads into CUDA caches, every layout (issue 19)
         part pages 600 "$py" benchmarks/vllm_pages_bench.py --json-out "$out/pages.json" ;;
+    lmcache)  # kvstore's GPU<->CPU path beside LMCache's GPU connector (issue 19)
+        part lmcache 300 "$py" benchmarks/vs_lmcache_gpu.py --lmcache-path "${LMCACHE_PATH:-}" \
+            --json-out "$out/lmcache.json" ;;
     serve)  # kvstore serve on the GPU, every mode, SERVE_RUNS runs (issue 20)
         for run in $(seq "${SERVE_RUNS:-3}"); do
             mkdir -p "$out/serve-$run"  # each run's server logs
@@ -65,7 +69,7 @@ for p in "${parts[@]}"; do
             done
         done ;;
     *)
-        echo "unknown part $p (tests, decode, ttft, ttft-fp8, pipeline, pages, serve)"
+        echo "unknown part $p (tests, decode, ttft, ttft-fp8, pipeline, pages, lmcache, serve)"
         failed=1 ;;
     esac
 done
