@@ -63,8 +63,6 @@ socket; both see the daemon's one key space.
 from __future__ import annotations
 
 import logging
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -77,14 +75,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from kvstore.errors import ConfigError
-from kvstore.integrations.gpu_loads import LayerLoads
-from kvstore.integrations.pages import (
-    STORE_FAILURES,
-    KVViewCodec,
-    PageLayout,
-    fetch_blocks,
-    store_blocks,
-)
+from kvstore.integrations.connector_worker import ConnectorWorker, RankedTransfer
+from kvstore.integrations.pages import STORE_FAILURES
 from kvstore.integrations.settings import ConnectorSettings
 from kvstore.integrations.vllm_keys import (
     key_namespace,
@@ -107,29 +99,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # -- scheduler -> worker metadata --------------------------------------------------------------
-
-
-@dataclass
-class BlockTransfer:
-    """Blocks of one request on one TP rank: their keys (a chain, parent first) and vLLM
-    block ids."""
-
-    req_id: str
-    keys: list[bytes]
-    block_ids: list[int]
-
-
-@dataclass
-class RankedTransfer:
-    """Blocks of one request, as the scheduler sends them to every rank: each rank's
-    chain of keys (its shard's namespace), and the vLLM block ids (the same on all)."""
-
-    req_id: str
-    rank_keys: list[list[bytes]]
-    block_ids: list[int]
-
-    def on_rank(self, rank: int) -> BlockTransfer:
-        return BlockTransfer(self.req_id, self.rank_keys[rank], self.block_ids)
 
 
 @dataclass
@@ -210,15 +179,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._requests: dict[str, _RequestState] = {}
         self._failed: set[str] = set()  # requests whose load failed: never offered again
         self._loads_to_send: list[RankedTransfer] = []
-        # worker side
-        self._pages: PageLayout | None = None
-        self._gpu_loads: LayerLoads | None = None  # CUDA caches: copies on a side stream
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-vllm")
-        self._fetch: Future[None] | None = None
-        self._layer_ready: list[threading.Event] = []
-        self._save_staging: list[tuple[BlockTransfer, torch.Tensor]] = []
-        self._gathered: set[int] = set()  # layers save_kv_layer gathered this step
-        self._load_errors: set[int] = set()
+        # worker side (the stats object is replaced when vLLM collects it)
+        self.worker = ConnectorWorker(self.store, self.codec, rank=self.rank,
+                                      count=lambda **n: self.stats.add(**n))
         if role == KVConnectorRole.SCHEDULER and self.settings.on_load_error == "recompute":
             # Read by vLLM's scheduler right after it builds this connector.
             object.__setattr__(transfer, "kv_load_failure_policy", "recompute")
@@ -357,142 +320,34 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._failed.discard(request.request_id)
         return False, None
 
-    # -- worker side -------------------------------------------------------------------------
+    # -- worker side: `ConnectorWorker` (kvstore.integrations.connector_worker) --------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        num_blocks = getattr(self._kv_cache_config, "num_blocks", None)
-        shapes = {tuple(t.shape) for t in kv_caches.values()}
-        if isinstance(self.codec, KVViewCodec):
-            if num_blocks is None:
-                raise ConfigError("KVStoreConnector: vLLM gave no KV cache config (the "
-                                  "number of blocks its views hold)")
-        elif num_blocks is not None and any(shape[0] != num_blocks for shape in shapes):
-            raise ConfigError(f"KVStoreConnector handles KV caches with the blocks on dim 0 "
-                              f"(vLLM's CPU backend), got shapes {sorted(shapes)} for "
-                              f"{num_blocks} blocks")
-        try:
-            self._pages = PageLayout(kv_caches, self.codec, num_blocks=num_blocks)
-        except ValueError as e:
-            raise ConfigError(f"KVStoreConnector cannot store these KV caches: {e}") from e
-        if self._pages.device.type == "cuda" and isinstance(self.codec, KVViewCodec):
-            self._gpu_loads = LayerLoads(self._pages)
+        self.worker.register_kv_caches(kv_caches,
+                                       getattr(self._kv_cache_config, "num_blocks", None))
         if self.settings.url is None:
             self.store.get()  # start the embedded store (and serve it to the scheduler)
 
-    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+    def _meta(self) -> KVStoreConnectorMetadata | None:
         meta = self._connector_metadata
-        if not isinstance(meta, KVStoreConnectorMetadata) or not meta.loads:
-            return
-        assert self._pages is not None
-        self._layer_ready = [threading.Event() for _ in self._pages.layer_names]
-        self._fetch = self._io.submit(self._load_all, [t.on_rank(self.rank) for t in meta.loads],
-                                      self._layer_ready)
+        return meta if isinstance(meta, KVStoreConnectorMetadata) else None
 
-    def _load_all(self, loads: list[BlockTransfer], layer_ready: list[threading.Event]) -> None:
-        """On the I/O thread: fetch every block, then write the pages layer by layer,
-        each layer signalled as soon as it is written (layer i's pages are written while
-        vLLM computes the layers before it)."""
-        assert self._pages is not None
-        try:
-            store = self.store.get()
-            fetched = []
-            for load, staging in zip(loads, self._pages.staging_for("load", loads),
-                                     strict=True):
-                num_ok = 0 if store is None else fetch_blocks(
-                    store, load.keys, staging, on_failure=self.store.failed)
-                if num_ok < len(load.keys):
-                    self._load_errors.update(load.block_ids[num_ok:])
-                    self.stats.add(load_failures=len(load.keys) - num_ok)
-                    log.warning("kvstore: request %s: %d of %d blocks could not be loaded; "
-                                "vLLM recomputes them", load.req_id,
-                                len(load.keys) - num_ok, len(load.keys))
-                self.stats.add(blocks_loaded=num_ok)
-                fetched.append((load, staging, num_ok))
-            for layer, ready in enumerate(layer_ready):
-                if self._gpu_loads is not None:  # queued on its stream; waited per layer
-                    self._gpu_loads.load_layer(layer, [(staging, load.block_ids[:num_ok])
-                                                       for load, staging, num_ok in fetched])
-                else:
-                    for load, staging, num_ok in fetched:
-                        self._pages.scatter_layer(layer, staging, load.block_ids[:num_ok])
-                ready.set()
-        except BaseException:
-            # Nothing half-written is handed over: every claimed block is reported failed.
-            for load in loads:
-                self._load_errors.update(load.block_ids)
-            raise
-        finally:
-            for ready in layer_ready:
-                ready.set()
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._meta()
+        if meta is not None:
+            self.worker.start_load_kv(meta.loads)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        if self._fetch is None or self._pages is None:
-            return
-        layer = self._pages.layer_index(layer_name)
-        if layer is not None:
-            self._layer_ready[layer].wait()
-            if self._gpu_loads is not None:
-                self._gpu_loads.wait(layer)
-
-    def _finish_loads(self) -> None:
-        """Wait for the whole load (vLLM may skip a layer's wait) and surface its errors."""
-        fetch, self._fetch = self._fetch, None
-        if fetch is not None:
-            try:
-                fetch.result()
-            except Exception as e:  # already reported as failed blocks: vLLM recomputes
-                log.error("kvstore: loading blocks failed: %s", e)
-            if self._gpu_loads is not None:  # (the staging rows are reused next step)
-                self._gpu_loads.synchronize()
+        self.worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:
-        meta = self._connector_metadata
-        if (self._pages is None or not isinstance(meta, KVStoreConnectorMetadata)
-                or not meta.saves):
-            return
-        layer = self._pages.layer_index(layer_name)
-        if layer is None:
-            return
-        if not self._save_staging:
-            saves = [t.on_rank(self.rank) for t in meta.saves]
-            # On a GPU, gathered beside the caches (no host sync per layer); copied to the
-            # host once, in wait_for_save.
-            on_device = self._pages.device.type == "cuda"
-            self._save_staging = list(zip(saves, self._pages.staging_for(
-                "save", saves, on_device=on_device), strict=True))
-        for save, staging in self._save_staging:
-            self._pages.gather_layer(layer, save.block_ids, staging)
-        self._gathered.add(layer)
+        meta = self._meta()
+        if meta is not None:
+            self.worker.save_kv_layer(layer_name, meta.saves)
 
     def wait_for_save(self) -> None:
-        self._finish_loads()
-        staged, self._save_staging = self._save_staging, []
-        gathered, self._gathered = self._gathered, set()
-        if not staged:
-            return
-        assert self._pages is not None
-        if self._load_errors or len(gathered) < len(self._pages.layer_names):
-            # A failed load leaves pages that this step's forward may have read (vLLM
-            # recomputes them), and a layer vLLM did not hand over is not in the staging
-            # rows: store nothing from this step rather than anything wrong.
-            num = sum(len(save.keys) for save, _ in staged)
-            self.stats.add(save_failures=num)
-            log.warning("kvstore: not storing %d blocks of a step with %s", num,
-                        "failed loads" if self._load_errors else "layers not saved")
-            return
-        store = self.store.get()
-        if staged[0][1].is_cuda:
-            on_host = self._pages.staging_for("save-host", [save for save, _ in staged])
-            for (_, staging), host in zip(staged, on_host, strict=True):
-                host.copy_(staging)  # (waits for the gathers on the compute stream)
-            staged = [(save, host) for (save, _), host in zip(staged, on_host, strict=True)]
-        for save, staging in staged:
-            num_saved = 0 if store is None else store_blocks(
-                store, save.keys, staging, on_failure=self.store.failed)
-            self.stats.add(blocks_saved=num_saved, save_failures=len(save.keys) - num_saved)
-            log.debug("kvstore: request %s: stored %d of %d new blocks", save.req_id,
-                      num_saved, len(save.keys))
+        self.worker.wait_for_save()
 
     def get_finished(self, finished_req_ids: set[str]
                      ) -> tuple[set[str] | None, set[str] | None]:
@@ -501,9 +356,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         return None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        self._finish_loads()  # (with speculative decoding vLLM asks before wait_for_save)
-        errors, self._load_errors = self._load_errors, set()
-        return errors
+        return self.worker.get_block_ids_with_load_errors()
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         if self.stats.is_empty():
@@ -517,5 +370,5 @@ class KVStoreConnector(KVConnectorBase_V1):
         return KVStoreConnectorStats(data=dict(data or {}))
 
     def shutdown(self) -> None:
-        self._io.shutdown(wait=True)
+        self.worker.shutdown()
         self.store.close()

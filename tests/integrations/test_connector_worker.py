@@ -1,0 +1,180 @@
+"""`ConnectorWorker`, the vLLM connector's worker side, driven as vLLM's model runner
+drives the connector (``register_kv_caches``; per step ``start_load_kv``, per layer
+``wait_for_layer_load`` then ``save_kv_layer``, ``wait_for_save``,
+``get_block_ids_with_load_errors``), against real stores: `kvstore.Store` on DRAM, on NVMe
+only (real files) and, on a GPU, on HBM. No vLLM is needed, so the GPU runs (marker
+``gpu``) take CUDA caches in every layout of vLLM 0.32 where vLLM is not installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import kvstore
+from kvstore.integrations.connector_worker import ConnectorWorker, RankedTransfer
+from kvstore.integrations.pages import KVViewCodec, PageLayout
+from tests.engines.conftest import flip_on_disk
+from tests.integrations.test_pages import (
+    HS,
+    LAYERS,
+    PHYSICAL_ORDERS,
+    VIEW_BLOCKS,
+    VIEW_HEADS,
+    VIEW_TOKENS,
+    fill,
+    kv_of,
+    logical_views,
+)
+
+CODEC = KVViewCodec(num_kv_heads=VIEW_HEADS, block_tokens=VIEW_TOKENS, head_dim=HS)
+NAMES = [f"layers.{i}.attn" for i in range(LAYERS)]
+SAVED_FROM, LOADED_INTO = [5, 2, 0, 3], [1, 4, 2, 5]
+
+
+class Source:
+    """The store source a `StoreHandle` is, over one real store: it records failures."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.failures: list[BaseException] = []
+
+    def get(self) -> Any:
+        return self.store
+
+    def failed(self, error: BaseException) -> None:
+        self.failures.append(error)
+
+
+def chain(n: int, salt: int = 0) -> list[bytes]:
+    return kvstore.prefix_hashes([salt, *range(n * VIEW_TOKENS - 1)],
+                                 block_tokens=VIEW_TOKENS, namespace="worker-test")
+
+
+def step(worker: ConnectorWorker, loads: list[RankedTransfer] | None = None,
+         saves: list[RankedTransfer] | None = None) -> set[int]:
+    """One step of vLLM's model runner, as it calls the connector."""
+    worker.start_load_kv(loads or [])
+    for name in NAMES:
+        worker.wait_for_layer_load(name)
+        worker.save_kv_layer(name, saves or [])  # (after the layer's attention)
+    worker.wait_for_save()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return worker.get_block_ids_with_load_errors()
+
+
+def instance(store: Any, layout: str, device: str, seed: int | None) -> tuple[
+        ConnectorWorker, dict[str, torch.Tensor], list[str]]:
+    """A worker over caches in ``layout`` on ``device`` (random when ``seed``, else 0)."""
+    views = logical_views(PHYSICAL_ORDERS[layout])
+    if seed is not None:
+        fill(views, seed)
+    views = {n: v.to(device) for n, v in views.items()} if device != "cpu" else views
+    counts: list[str] = []
+    worker = ConnectorWorker(Source(store), CODEC,
+                             count=lambda **n: counts.extend(k for k, v in n.items() if v))
+    worker.register_kv_caches(views, VIEW_BLOCKS)
+    return worker, views, counts
+
+
+def same_blocks(a: dict[str, torch.Tensor], a_ids: list[int], b: dict[str, torch.Tensor],
+                b_ids: list[int]) -> bool:
+    """Whether every layer's K and V of ``a``'s blocks equal ``b``'s, bit for bit."""
+    for name in NAMES:
+        for i, j in zip(a_ids, b_ids, strict=True):
+            for x, y in zip(kv_of(a[name].cpu(), i, 1), kv_of(b[name].cpu(), j, 1),
+                            strict=True):
+                if not torch.equal(x.view(torch.int16), y.view(torch.int16)):
+                    return False
+    return True
+
+
+def open_store(tier: str, tmp_path: Path) -> Any:
+    if tier == "dram":
+        return kvstore.Store(kvstore.StoreConfig(dram_bytes=32 << 20))
+    if tier == "nvme":
+        return kvstore.Store(kvstore.StoreConfig(dram_bytes=0, nvme_path=str(tmp_path / "nvme"),
+                                                 nvme_bytes=64 << 20))
+    return kvstore.Store(kvstore.StoreConfig(dram_bytes=0, hbm_bytes=32 << 20))
+
+
+def devices() -> list[Any]:
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def needs(device: str, tier: str = "dram") -> None:
+    if (device == "cuda" or tier == "hbm") and not torch.cuda.is_available():
+        pytest.skip("needs CUDA (run on the GPU machine)")
+
+
+@pytest.mark.parametrize("tier", ["dram", "nvme", pytest.param("hbm", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", devices())
+def test_blocks_saved_by_one_instance_load_into_another_s_pages_bit_for_bit(
+        tier: str, device: str, tmp_path: Path) -> None:
+    """Saved from one instance's pages (layout LBNHC), loaded into another's (every other
+    layout on a GPU; two on the CPU) at other block ids: the same K and V."""
+    needs(device, tier)
+    keys = chain(4)
+    layouts = sorted(PHYSICAL_ORDERS) if device == "cuda" else ["BLHNC", "LBHNC"]
+    with open_store(tier, tmp_path) as store:
+        saver, saved, counts = instance(store, "LBNHC", device, seed=1)
+        assert step(saver, saves=[RankedTransfer("r", [keys], SAVED_FROM)]) == set()
+        assert counts == ["blocks_saved"] and store.match_prefix(keys) == 4
+        for layout in layouts:
+            loader, loaded, counts = instance(store, layout, device, seed=None)
+            assert step(loader, loads=[RankedTransfer("r", [keys], LOADED_INTO)]) == set()
+            assert counts == ["blocks_loaded"]
+            assert same_blocks(saved, SAVED_FROM, loaded, LOADED_INTO), layout
+            untouched = [b for b in range(VIEW_BLOCKS) if b not in LOADED_INTO]
+            assert all(not v.cpu()[untouched].any() for v in loaded.values())
+            loader.shutdown()
+        saver.shutdown()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_corrupt_block_on_disk_is_a_load_error_and_never_reaches_the_pages(
+        device: str, tmp_path: Path) -> None:
+    """A block whose bytes on disk were damaged: reported with every block after it,
+    and none of their pages written; the blocks before it load whole."""
+    needs(device)
+    keys = chain(4, salt=7)
+    with open_store("nvme", tmp_path) as store:
+        saver, saved, _ = instance(store, "LBNHC", device, seed=2)
+        step(saver, saves=[RankedTransfer("r", [keys], SAVED_FROM)])
+        saver.shutdown()
+    on_host = PageLayout({n: v.cpu() for n, v in saved.items()}, CODEC, num_blocks=VIEW_BLOCKS)
+    rows = on_host.staging(1)  # the damaged block as stored
+    for layer in range(LAYERS):
+        on_host.gather_layer(layer, [SAVED_FROM[2]], rows)
+    flip_on_disk(tmp_path / "nvme", rows[0].numpy().tobytes())  # the store closed
+    with open_store("nvme", tmp_path) as store:  # reopened on the damaged disk
+        loader, loaded, counts = instance(store, "BLHNC", device, seed=None)
+        errors = step(loader, loads=[RankedTransfer("r", [keys], LOADED_INTO)])
+        assert errors == set(LOADED_INTO[2:])
+        assert "load_failures" in counts
+        assert same_blocks(saved, SAVED_FROM[:2], loaded, LOADED_INTO[:2])
+        assert all(not v.cpu()[LOADED_INTO[2:]].any() for v in loaded.values())
+        loader.shutdown()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_step_whose_load_failed_stores_nothing(device: str, tmp_path: Path) -> None:
+    """A block the store never had: a load error for it and the rest of its chain, and
+    the step's saves are dropped (its forward may have read those pages)."""
+    needs(device)
+    stored, missing, new = chain(2, salt=3), chain(3, salt=4), chain(2, salt=5)
+    with open_store("dram", tmp_path) as store:
+        worker, _, counts = instance(store, "LBNHC", device, seed=3)
+        step(worker, saves=[RankedTransfer("a", [stored], [0, 1])])
+        errors = step(worker, loads=[RankedTransfer("b", [missing], [2, 3, 4])],
+                      saves=[RankedTransfer("c", [new], [0, 1])])
+        assert errors == {2, 3, 4}
+        assert store.match_prefix(new) == 0 and "save_failures" in counts
+        # The next step, whose loads are whole, stores again.
+        assert step(worker, loads=[RankedTransfer("d", [stored], [4, 5])],
+                    saves=[RankedTransfer("c", [new], [0, 1])]) == set()
+        assert store.match_prefix(new) == 2
+        worker.shutdown()
