@@ -15,7 +15,11 @@ integration moves it:
   ``batched_to_gpu`` / ``batched_from_gpu`` with the token slot mapping; its kernel
   (``multi_layer_kv_transfer``) reads and writes host memory in place.
 
-Both scatter the request over every other block of a pool twice its size. Raw: one
+Both scatter the request over every other block of a pool twice its size. What is timed
+is the step between the GPU and page-locked host memory only: kvstore's connector also
+copies each block between its staging rows and the store (one host copy each way),
+which LMCache's does not (its memory objects are its CPU backend's storage); the two
+sides also use different cache layouts, each its own integration's. Raw: one
 pinned copy of the same bytes each way in the same run. Every path's bytes are checked
 once (a round trip through it equals what went in). JSON on stdout: GB/s, ratios to raw
 and kvstore / LMCache, medians of ``--repeats``.

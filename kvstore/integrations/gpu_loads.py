@@ -32,6 +32,7 @@ from kvstore.integrations.pages import KVViewCodec, PageLayout
 
 ALIGN = 16  # bytes a thread loads and stores at once
 UNROLL = 4  # loads a thread has in flight before its stores
+MAX_UNROLL = 16  # (each load in flight holds 16 bytes of registers)
 THREADS = 256
 # Thread blocks per launch, each looping over the stored blocks: enough loads in flight to
 # fill PCIe while the forward that overlaps the copies keeps most SMs (as the engines'
@@ -106,8 +107,9 @@ class LayerLoads:
 
     def __init__(self, pages: PageLayout, *, use_kernel: bool | None = None,
                  grid: int = GRID, unroll: int = UNROLL) -> None:
-        if grid < 1 or unroll < 1:
-            raise ValueError(f"grid and unroll are at least 1, got {grid} and {unroll}")
+        if grid < 1 or not 1 <= unroll <= MAX_UNROLL:
+            raise ValueError(f"grid is at least 1 and unroll 1 to {MAX_UNROLL}, got {grid} "
+                             f"and {unroll}")
         self.grid, self.unroll = grid, unroll
         if not isinstance(pages.codec, KVViewCodec) or pages.device.type != "cuda":
             raise ValueError("LayerLoads is for CUDA caches seen through a KVViewCodec")
@@ -118,6 +120,8 @@ class LayerLoads:
             raise ValueError("the copy kernel needs caches whose heads' K and V, strides and "
                              "pages are multiples of 16 bytes")
         self.use_kernel = (kernel_available() and aligned) if use_kernel is None else use_kernel
+        if self.use_kernel and unroll != UNROLL:
+            _kernel(unroll).compile()  # (a failure here, not at the first load)
         self.stream = torch.cuda.Stream(device=pages.device)
         self.events: dict[int, torch.cuda.Event] = {}
         # The kernel's tables (row addresses, pages) of each load of this step, on the

@@ -69,10 +69,9 @@ def step(worker: ConnectorWorker, loads: list[RankedTransfer] | None = None,
 def instance(store: Any, layout: str, device: str, seed: int | None) -> tuple[
         ConnectorWorker, dict[str, torch.Tensor], list[str]]:
     """A worker over caches in ``layout`` on ``device`` (random when ``seed``, else 0)."""
-    views = logical_views(PHYSICAL_ORDERS[layout])
+    views = logical_views(PHYSICAL_ORDERS[layout], device=device)
     if seed is not None:
         fill(views, seed)
-    views = {n: v.to(device) for n, v in views.items()} if device != "cpu" else views
     counts: list[str] = []
     worker = ConnectorWorker(Source(store), CODEC,
                              count=lambda **n: counts.extend(k for k, v in n.items() if v))
@@ -137,24 +136,31 @@ def test_blocks_saved_by_one_instance_load_into_another_s_pages_bit_for_bit(
 @pytest.mark.parametrize("device", devices())
 def test_a_corrupt_block_on_disk_is_a_load_error_and_never_reaches_the_pages(
         device: str, tmp_path: Path) -> None:
-    """A block whose bytes on disk were damaged: reported with every block after it,
-    and none of their pages written; the blocks before it load whole."""
+    """A block whose record on disk was damaged under the open store (still indexed, its
+    bytes read back and their checksum failing): reported with every block after it, and
+    none of their pages written; the blocks before it load whole."""
     needs(device)
     keys = chain(4, salt=7)
     with open_store("nvme", tmp_path) as store:
         saver, saved, _ = instance(store, "LBNHC", device, seed=2)
         step(saver, saves=[RankedTransfer("r", [keys], SAVED_FROM)])
+        # More blocks after it, so that its record is not in the segment's last page,
+        # which the tier may still serve from memory (a read found no damage there).
+        step(saver, saves=[RankedTransfer("s", [chain(6, salt=8)], list(range(6)))])
         saver.shutdown()
-    on_host = PageLayout({n: v.cpu() for n, v in saved.items()}, CODEC, num_blocks=VIEW_BLOCKS)
-    rows = on_host.staging(1)  # the damaged block as stored
-    for layer in range(LAYERS):
-        on_host.gather_layer(layer, [SAVED_FROM[2]], rows)
-    flip_on_disk(tmp_path / "nvme", rows[0].numpy().tobytes())  # the store closed
-    with open_store("nvme", tmp_path) as store:  # reopened on the damaged disk
+        on_host = PageLayout({n: v.cpu() for n, v in saved.items()}, CODEC,
+                             num_blocks=VIEW_BLOCKS)
+        rows = on_host.staging(1)  # the damaged block as stored
+        for layer in range(LAYERS):
+            on_host.gather_layer(layer, [SAVED_FROM[2]], rows)
+        store.flush()
+        flip_on_disk(tmp_path / "nvme", rows[0].numpy().tobytes())
+        assert store.match_prefix(keys) == 4  # still indexed: the read must catch it
         loader, loaded, counts = instance(store, "BLHNC", device, seed=None)
         errors = step(loader, loads=[RankedTransfer("r", [keys], LOADED_INTO)])
         assert errors == set(LOADED_INTO[2:])
-        assert "load_failures" in counts
+        assert "load_failures" in counts and store.stats()["checksum_failures"] == 1
+        assert not loader.store.failures  # a bad value, not a failed store
         assert same_blocks(saved, SAVED_FROM[:2], loaded, LOADED_INTO[:2])
         assert all(not v.cpu()[LOADED_INTO[2:]].any() for v in loaded.values())
         loader.shutdown()
@@ -178,3 +184,61 @@ def test_a_step_whose_load_failed_stores_nothing(device: str, tmp_path: Path) ->
                     saves=[RankedTransfer("c", [new], [0, 1])]) == set()
         assert store.match_prefix(new) == 2
         worker.shutdown()
+
+
+class Down(Source):
+    """A store source whose store is down (as `StoreHandle.get` says after a failure)."""
+
+    def get(self) -> None:
+        return None
+
+
+def test_a_store_that_is_down_fails_the_loads_and_the_saves_of_the_step() -> None:
+    counts: list[str] = []
+    worker = ConnectorWorker(Down(None), CODEC,
+                             count=lambda **n: counts.extend(k for k, v in n.items() if v))
+    views = logical_views(PHYSICAL_ORDERS["LBNHC"])
+    fill(views, 5)
+    worker.register_kv_caches(views, VIEW_BLOCKS)
+    before = {n: v.clone() for n, v in views.items()}
+    assert step(worker, loads=[RankedTransfer("a", [chain(2, salt=9)], [1, 2])],
+                saves=[RankedTransfer("b", [chain(2, salt=10)], [3, 4])]) == {1, 2}
+    assert "load_failures" in counts and "save_failures" in counts
+    assert all(torch.equal(views[n], before[n]) for n in views)  # no page written
+    worker.shutdown()
+
+
+def test_a_step_whose_layers_were_not_all_saved_stores_nothing(tmp_path: Path) -> None:
+    """vLLM skipped ``save_kv_layer`` for a layer: the staging rows lack it, so nothing of
+    the step is stored."""
+    keys = chain(2, salt=11)
+    with open_store("dram", tmp_path) as store:
+        worker, _, counts = instance(store, "LBNHC", "cpu", seed=6)
+        saves = [RankedTransfer("a", [keys], [0, 1])]
+        worker.start_load_kv([])
+        for name in NAMES[:-1]:  # the last layer's save never comes
+            worker.wait_for_layer_load(name)
+            worker.save_kv_layer(name, saves)
+        worker.wait_for_save()
+        assert store.match_prefix(keys) == 0 and counts == ["save_failures"]
+        worker.shutdown()
+
+
+def test_each_tensor_parallel_rank_moves_its_own_shard_s_keys(tmp_path: Path) -> None:
+    """The scheduler sends every rank's keys; the worker of rank 1 saves and loads under
+    rank 1's only, never rank 0's."""
+    rank0, rank1 = chain(2, salt=12), chain(2, salt=13)
+    with open_store("dram", tmp_path) as store:
+        saver = ConnectorWorker(Source(store), CODEC, rank=1)
+        saved = logical_views(PHYSICAL_ORDERS["LBNHC"])
+        fill(saved, 7)
+        saver.register_kv_caches(saved, VIEW_BLOCKS)
+        step(saver, saves=[RankedTransfer("a", [rank0, rank1], [0, 1])])
+        assert store.match_prefix(rank1) == 2 and store.match_prefix(rank0) == 0
+        loader = ConnectorWorker(Source(store), CODEC, rank=1)
+        loaded = logical_views(PHYSICAL_ORDERS["BLHNC"])
+        loader.register_kv_caches(loaded, VIEW_BLOCKS)
+        assert step(loader, loads=[RankedTransfer("b", [rank0, rank1], [2, 3])]) == set()
+        assert same_blocks(saved, [0, 1], loaded, [2, 3])
+        saver.shutdown()
+        loader.shutdown()

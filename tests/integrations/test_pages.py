@@ -158,12 +158,14 @@ LAYERS, VIEW_BLOCKS, VIEW_HEADS, VIEW_TOKENS, HS = 3, 6, 2, 8, 8  # (a head's K:
 
 
 def logical_views(order: tuple[int, ...], *, kernel_split: int = 1,
-                  dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+                  dtype: torch.dtype = torch.bfloat16,
+                  device: str = "cpu") -> dict[str, torch.Tensor]:
     """One backing tensor laid out in ``order``, seen as one logical view per layer
-    ``[blocks * split, heads, tokens / split, 2 * HS]`` (as vLLM's allocation does)."""
+    ``[blocks * split, heads, tokens / split, 2 * HS]`` (as vLLM's allocation does), on
+    ``device`` (made there: a layer's view moved alone would lose the layout's strides)."""
     shape = (LAYERS, VIEW_BLOCKS * kernel_split, VIEW_HEADS, VIEW_TOKENS // kernel_split,
              2 * HS)
-    physical = torch.zeros([shape[d] for d in order], dtype=dtype)
+    physical = torch.zeros([shape[d] for d in order], dtype=dtype, device=device)
     logical = physical.permute(*[order.index(d) for d in range(5)])
     assert tuple(logical.shape) == shape
     return {f"layers.{i}.attn": logical[i] for i in range(LAYERS)}
@@ -272,7 +274,7 @@ def test_logical_views_on_a_gpu_round_trip_through_a_store(name: str) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     codec = KVViewCodec(num_kv_heads=VIEW_HEADS, block_tokens=VIEW_TOKENS, head_dim=HS)
-    src = {n: v.cuda() for n, v in logical_views(PHYSICAL_ORDERS[name]).items()}
+    src = logical_views(PHYSICAL_ORDERS[name], device="cuda")
     fill(src, 21)
     host = {n: v.cpu() for n, v in src.items()}
     pages = PageLayout(src, codec, num_blocks=VIEW_BLOCKS)
@@ -284,8 +286,7 @@ def test_logical_views_on_a_gpu_round_trip_through_a_store(name: str) -> None:
         PageLayout(host, codec, num_blocks=VIEW_BLOCKS).gather_layer(layer, [5, 0, 2],
                                                                      expected)
     assert torch.equal(staging, expected)
-    dst = {n: torch.zeros_like(v).cuda() for n, v in
-           logical_views(PHYSICAL_ORDERS["BHLNC"], kernel_split=1).items()}
+    dst = logical_views(PHYSICAL_ORDERS["BHLNC"], device="cuda")
     back = PageLayout(dst, codec, num_blocks=VIEW_BLOCKS)
     with kvstore.Store(kvstore.StoreConfig(dram_bytes=16 << 20)) as store:
         chain = kvstore.prefix_hashes(list(range(3 * VIEW_TOKENS)), block_tokens=VIEW_TOKENS,
@@ -306,10 +307,11 @@ def test_layer_loads_refuse_caches_off_a_gpu_and_a_grid_of_nothing() -> None:
 
     codec = KVViewCodec(num_kv_heads=VIEW_HEADS, block_tokens=VIEW_TOKENS, head_dim=HS)
     pages = PageLayout(logical_views(PHYSICAL_ORDERS["LBNHC"]), codec, num_blocks=VIEW_BLOCKS)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match="grid is at least 1"):
         gpu_loads.LayerLoads(pages, grid=0)
-    with pytest.raises(ValueError, match="at least 1"):
-        gpu_loads.LayerLoads(pages, unroll=0)
+    for unroll in (0, gpu_loads.MAX_UNROLL + 1):
+        with pytest.raises(ValueError, match="unroll 1 to"):
+            gpu_loads.LayerLoads(pages, unroll=unroll)
     with pytest.raises(ValueError, match="for CUDA caches"):
         gpu_loads.LayerLoads(pages)
 
@@ -341,7 +343,9 @@ def test_layer_loads_on_a_gpu_write_what_the_host_scatter_writes(
         for split in (1, 2):
             expected = logical_views(PHYSICAL_ORDERS[name], kernel_split=split)
             fill(expected, 32)
-            views = {n: v.cuda() for n, v in expected.items()}
+            views = logical_views(PHYSICAL_ORDERS[name], kernel_split=split, device="cuda")
+            for n, view in views.items():
+                view.copy_(expected[n])
             reference = PageLayout(expected, codec, num_blocks=VIEW_BLOCKS)
             for layer in range(LAYERS):
                 reference.scatter_layer(layer, rows, [5, 2, 0, 3])
