@@ -63,6 +63,7 @@ socket; both see the daemon's one key space.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -175,13 +176,16 @@ class KVStoreConnector(KVConnectorBase_V1):
         self.store = StoreHandle(self.settings, engine_id,
                                  owner=role == KVConnectorRole.WORKER)
         self.stats = KVStoreConnectorStats()
+        # Counts come from vLLM's threads and the worker's I/O thread; vLLM takes the
+        # stats object away (`get_kv_connector_stats`) from its own.
+        self._stats_lock = threading.Lock()
         # scheduler side
         self._requests: dict[str, _RequestState] = {}
         self._failed: set[str] = set()  # requests whose load failed: never offered again
         self._loads_to_send: list[RankedTransfer] = []
         # worker side (the stats object is replaced when vLLM collects it)
         self.worker = ConnectorWorker(self.store, self.codec, rank=self.rank,
-                                      count=lambda **n: self.stats.add(**n))
+                                      count=self._count)
         if role == KVConnectorRole.SCHEDULER and self.settings.on_load_error == "recompute":
             # Read by vLLM's scheduler right after it builds this connector.
             object.__setattr__(transfer, "kv_load_failure_policy", "recompute")
@@ -248,8 +252,8 @@ class KVStoreConnector(KVConnectorBase_V1):
                 self.store.failed(e)
                 return 0, False
             prompt_tokens = len(request.prompt_token_ids or ())
-            self.stats.add(query_tokens=prompt_tokens,
-                           hit_tokens=min(hit * self.block_tokens, prompt_tokens))
+            self._count(query_tokens=prompt_tokens,
+                        hit_tokens=min(hit * self.block_tokens, prompt_tokens))
             state.store_blocks = state.saved_blocks = hit
             log.debug("kvstore: request %s: %d prompt tokens, %d blocks in vLLM's cache, "
                       "%d in kvstore", request.request_id, prompt_tokens, state.local_blocks,
@@ -359,10 +363,15 @@ class KVStoreConnector(KVConnectorBase_V1):
         return self.worker.get_block_ids_with_load_errors()
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
-        if self.stats.is_empty():
-            return None
-        stats, self.stats = self.stats, KVStoreConnectorStats()
+        with self._stats_lock:
+            if self.stats.is_empty():
+                return None
+            stats, self.stats = self.stats, KVStoreConnectorStats()
         return stats
+
+    def _count(self, **counts: int) -> None:
+        with self._stats_lock:
+            self.stats.add(**counts)
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
