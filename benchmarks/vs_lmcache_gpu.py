@@ -35,7 +35,6 @@ nothing measured here calls it.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import types
@@ -49,24 +48,10 @@ for path in (_REPO, _REPO / "benchmarks"):
 
 import torch  # noqa: E402
 from store_bench import emit, log, machine_info  # noqa: E402
-from vllm_pages_bench import PHYSICAL_ORDERS, SHAPES, views  # noqa: E402
+from vllm_pages_bench import PHYSICAL_ORDERS, SHAPES, timed, views  # noqa: E402
 
 from kvstore.integrations import gpu_loads  # noqa: E402
 from kvstore.integrations.pages import KVViewCodec, PageLayout  # noqa: E402
-
-
-def timed(fn: Any, repeats: int) -> float:
-    """Median seconds of ``fn`` (one warm-up first), ended by a device sync."""
-    fn()
-    torch.cuda.synchronize()
-    seconds = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
 
 
 def raw_copies(nbytes: int, repeats: int) -> dict[str, float]:

@@ -24,7 +24,7 @@ buffers. Such a step is then 33 graph replays and no eager kernel, where eager a
 costs a few launches per sequence and layer, each waiting on the host. One sequence's
 tail of several tokens keeps eager SDPA (it measured faster for a tail of 16); a lone
 decode step is fused because eager SDPA left it to the host: in `kvstore serve` its steps
-took 40 ms on the H100, most likely a kernel planned per new length (docs/BENCHMARKS.md)::
+took 40 ms on the H100, cuDNN's attention planning per new length (docs/BENCHMARKS.md)::
 
     L_i: norm, QKV, rotate, write K and V, attention over the pages, output projection
          + residual, norm, MLP + residual                         (graph)
