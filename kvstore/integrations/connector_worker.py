@@ -13,8 +13,8 @@ worker reads its own rank's).
       pages layer by layer (on a GPU: the copy kernel on a side stream, `LayerLoads`)
     wait_for_layer_load(i): layer i written (on a GPU: the compute stream waits for it)
     save_kv_layer(i): layer i's new pages gathered into staging rows (on a GPU: beside the
-      caches, no host sync)
-    wait_for_save: the rows to the host once, then put_many of the new blocks
+      caches, then to page-locked host rows on a side stream, `LayerSaves`; no host sync)
+    wait_for_save: the host rows complete, then put_many of the new blocks
 
 A block that is missing, corrupt or unreadable is reported with every block after it
 (`get_block_ids_with_load_errors`): vLLM recomputes them, and no page of a failed block is
@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from kvstore.errors import ConfigError
-from kvstore.integrations.gpu_loads import LayerLoads
+from kvstore.integrations.gpu_loads import LayerLoads, LayerSaves
 from kvstore.integrations.pages import KVViewCodec, PageLayout, fetch_blocks, store_blocks
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,10 @@ class ConnectorWorker:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvstore-vllm")
         self._fetch: Future[None] | None = None
         self._layer_ready: list[threading.Event] = []
-        self._save_staging: list[tuple[BlockTransfer, torch.Tensor]] = []
+        self._gpu_saves: LayerSaves | None = None  # CUDA caches: to the host per layer
+        # This step's saves: each transfer's rows the store reads (page-locked host rows
+        # on a GPU) and, on a GPU, the rows beside the caches its layers are gathered into.
+        self._save_staging: list[tuple[BlockTransfer, torch.Tensor, torch.Tensor | None]] = []
         self._gathered: set[int] = set()  # layers save_kv_layer gathered this step
         self._load_errors: set[int] = set()
 
@@ -107,8 +110,10 @@ class ConnectorWorker:
             self.pages = PageLayout(kv_caches, self.codec, num_blocks=num_blocks)
         except ValueError as e:
             raise ConfigError(f"KVStoreConnector cannot store these KV caches: {e}") from e
-        if self.pages.device.type == "cuda" and isinstance(self.codec, KVViewCodec):
-            self._gpu_loads = LayerLoads(self.pages)
+        if self.pages.device.type == "cuda":
+            self._gpu_saves = LayerSaves(self.pages)
+            if isinstance(self.codec, KVViewCodec):
+                self._gpu_loads = LayerLoads(self.pages)
 
     def start_load_kv(self, loads: list[RankedTransfer]) -> None:
         if not loads:
@@ -183,13 +188,19 @@ class ConnectorWorker:
             return
         if not self._save_staging:
             mine = [t.on_rank(self.rank) for t in saves]
-            # On a GPU, gathered beside the caches (no host sync per layer); copied to the
-            # host once, in wait_for_save.
-            on_device = self.pages.device.type == "cuda"
-            self._save_staging = list(zip(mine, self.pages.staging_for(
-                "save", mine, on_device=on_device), strict=True))
-        for save, staging in self._save_staging:
-            self.pages.gather_layer(layer, save.block_ids, staging)
+            host = self.pages.staging_for("save", mine)
+            # On a GPU, gathered beside the caches (no host sync per layer), then copied
+            # to the host rows on a side stream while the forward goes on.
+            device: list[torch.Tensor | None] = (
+                list(self.pages.staging_for("save-device", mine, on_device=True))
+                if self._gpu_saves is not None else [None] * len(mine))
+            self._save_staging = list(zip(mine, host, device, strict=True))
+        if self._gpu_saves is not None:
+            self._gpu_saves.save_layer(layer, [(dev, host, save.block_ids)
+                                               for save, host, dev in self._save_staging])
+        else:
+            for save, host, _ in self._save_staging:
+                self.pages.gather_layer(layer, save.block_ids, host)
         self._gathered.add(layer)
 
     def wait_for_save(self) -> None:
@@ -199,22 +210,19 @@ class ConnectorWorker:
         if not staged:
             return
         assert self.pages is not None
+        if self._gpu_saves is not None:  # (the rows are read, or reused, after this)
+            self._gpu_saves.synchronize()
         if self._load_errors or len(gathered) < len(self.pages.layer_names):
             # A failed load leaves pages that this step's forward may have read (vLLM
             # recomputes them), and a layer vLLM did not hand over is not in the staging
             # rows: store nothing from this step rather than anything wrong.
-            num = sum(len(save.keys) for save, _ in staged)
+            num = sum(len(save.keys) for save, _, _ in staged)
             self._count(save_failures=num)
             log.warning("kvstore: not storing %d blocks of a step with %s", num,
                         "failed loads" if self._load_errors else "layers not saved")
             return
         store = self.store.get()
-        if staged[0][1].is_cuda:
-            on_host = self.pages.staging_for("save-host", [save for save, _ in staged])
-            for (_, staging), host in zip(staged, on_host, strict=True):
-                host.copy_(staging)  # (waits for the gathers on the compute stream)
-            staged = [(save, host) for (save, _), host in zip(staged, on_host, strict=True)]
-        for save, staging in staged:
+        for save, staging, _ in staged:
             num_saved = 0 if store is None else store_blocks(
                 store, save.keys, staging, on_failure=self.store.failed)
             self._count(blocks_saved=num_saved, save_failures=len(save.keys) - num_saved)

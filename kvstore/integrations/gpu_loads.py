@@ -1,5 +1,8 @@
 """Loads of stored blocks into a serving engine's CUDA KV caches, a layer at a time, on a
 side stream: the compute stream waits for a layer's copy just before it reads that layer.
+Saves the other way (`LayerSaves`): each layer gathered beside the caches as the forward
+hands it over, then copied to page-locked host rows on a side stream while the forward
+computes the next layers.
 
 The blocks are in host staging rows (`kvstore.integrations.pages.PageLayout.staging`,
 page-locked when the caches are on a GPU). A copy kernel reads each row's slice of a
@@ -204,3 +207,60 @@ def _aligned(cache: torch.Tensor) -> bool:
     raw = cache.view(torch.uint8)
     return (raw.shape[3] // 2) % ALIGN == 0 and raw.data_ptr() % ALIGN == 0 and all(
         s % ALIGN == 0 for s in raw.stride()[:3])
+
+
+class LayerSaves:
+    """One step's saves out of ``pages``' CUDA caches into page-locked host rows, a layer
+    at a time. `save_layer` gathers the layer's pages into rows beside the caches on the
+    current (compute) stream, as the forward hands the layer over, then queues the copy
+    of those rows' layer slices to the host rows on a side stream: one 2-D copy per
+    staging run (each row's slice is ``page_bytes`` at a stride of ``block_bytes``), so a
+    layer crosses PCIe while the forward computes the next ones. `synchronize` blocks
+    until every queued copy is in the host rows (before they are read or reused)."""
+
+    def __init__(self, pages: PageLayout) -> None:
+        if pages.device.type != "cuda":
+            raise ValueError("LayerSaves is for CUDA caches")
+        self.pages = pages
+        self.stream = torch.cuda.Stream(device=pages.device)
+
+    def save_layer(self, layer: int,
+                   saves: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[int]]]) -> None:
+        """Gather layer ``layer`` of each ``(device rows, host rows, block ids)`` and queue
+        its copy to the host rows."""
+        pages = self.pages
+        saves = [(dev, host, ids) for dev, host, ids in saves if len(ids)]
+        for dev, _, ids in saves:
+            pages.gather_layer(layer, ids, dev)
+        if not saves:
+            return
+        gathered = torch.cuda.Event()
+        gathered.record(torch.cuda.current_stream(pages.device))
+        self.stream.wait_event(gathered)
+        start = layer * pages.page_bytes
+        with torch.cuda.stream(self.stream):
+            for dev, host, ids in saves:
+                dev.record_stream(self.stream)  # (read here after the compute stream)
+                _copy_columns(host, dev, start, pages.page_bytes, len(ids), self.stream)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+
+def _copy_columns(host: torch.Tensor, dev: torch.Tensor, start: int, width: int, rows: int,
+                  stream: torch.cuda.Stream) -> None:
+    """Copy bytes ``[start, start + width)`` of ``rows`` rows of ``dev`` into the same
+    bytes of ``host``'s rows, on ``stream``: one strided (2-D) DMA copy with CuPy, else
+    torch's copy of the two column views."""
+    if host.stride(1) != 1 or dev.stride(1) != 1:
+        raise ValueError("rows must be contiguous within each row")
+    try:
+        import cupy
+    except ImportError:
+        host[:rows, start:start + width].copy_(dev[:rows, start:start + width],
+                                               non_blocking=True)
+        return
+    runtime = cupy.cuda.runtime
+    runtime.memcpy2DAsync(host.data_ptr() + start, host.stride(0), dev.data_ptr() + start,
+                          dev.stride(0), width, rows, runtime.memcpyDeviceToHost,
+                          stream.cuda_stream)

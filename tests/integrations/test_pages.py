@@ -362,3 +362,49 @@ def test_layer_loads_on_a_gpu_write_what_the_host_scatter_writes(
             torch.cuda.current_stream().synchronize()
             for n, view in views.items():
                 assert torch.equal(view.cpu(), expected[n]), (name, split, n)
+
+
+def test_layer_saves_refuse_caches_off_a_gpu() -> None:
+    from kvstore.integrations import gpu_loads
+
+    codec = KVViewCodec(num_kv_heads=VIEW_HEADS, block_tokens=VIEW_TOKENS, head_dim=HS)
+    pages = PageLayout(logical_views(PHYSICAL_ORDERS["LBNHC"]), codec, num_blocks=VIEW_BLOCKS)
+    with pytest.raises(ValueError, match="for CUDA caches"):
+        gpu_loads.LayerSaves(pages)
+
+
+@pytest.mark.gpu
+def test_layer_saves_on_a_gpu_put_in_the_host_rows_what_the_host_gather_puts() -> None:
+    """`LayerSaves` (each layer gathered on the device, then copied to page-locked rows
+    on a side stream as a 2-D copy) out of CUDA views of every layout and split, in two
+    runs of rows: exactly the rows `KVViewCodec.gather` gives on the host, bytes of the
+    rows' other layers untouched until their layer is saved."""
+    from kvstore.integrations import gpu_loads
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    codec = KVViewCodec(num_kv_heads=VIEW_HEADS, block_tokens=VIEW_TOKENS, head_dim=HS)
+    for name in sorted(PHYSICAL_ORDERS):
+        for split in (1, 2):
+            source = logical_views(PHYSICAL_ORDERS[name], kernel_split=split)
+            fill(source, 41)
+            reference = PageLayout(source, codec, num_blocks=VIEW_BLOCKS)
+            expected = reference.staging(4)
+            for layer in range(LAYERS):
+                reference.gather_layer(layer, [5, 2, 0, 3], expected)
+            views = logical_views(PHYSICAL_ORDERS[name], kernel_split=split, device="cuda")
+            for n, view in views.items():
+                view.copy_(source[n])
+            pages = PageLayout(views, codec, num_blocks=VIEW_BLOCKS)
+            host = pages.staging(4)
+            assert host.is_pinned()
+            host.fill_(0xA5)
+            device = pages.staging(4, on_device=True)
+            saves = gpu_loads.LayerSaves(pages)
+            for layer in range(LAYERS):
+                saves.save_layer(layer, [(device[:2], host[:2], [5, 2]),
+                                         (device[2:], host[2:], [0, 3])])
+                saves.synchronize()
+                done = (layer + 1) * pages.page_bytes
+                assert torch.equal(host[:, :done], expected[:, :done]), (name, split, layer)
+                assert bool((host[:, done:] == 0xA5).all()), (name, split, layer)
