@@ -59,16 +59,21 @@ def main() -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as build:
         # The module's name must be cuda_ops: pybind.cpp defines PYBIND11_MODULE(cuda_ops).
-        module = cpp_extension.load(
+        # Built, not imported as a module here: its initialisation imports
+        # lmcache.lmcache_native, so it is imported below from its place in the package.
+        cpp_extension.load(
             name="cuda_ops", sources=sources, extra_include_paths=[str(args.csrc)],
             extra_cflags=[abi], extra_cuda_cflags=[abi], build_directory=build,
-            verbose=False)
-        built = Path(module.__file__)
+            is_python_module=False, verbose=False)
+        built = Path(build) / "cuda_ops.so"
         target = args.into / f"cuda_ops{sysconfig.get_config_var('EXT_SUFFIX')}"
         if target.exists() and not target.with_name(target.name + ".wheel").exists():
             target.rename(target.with_name(target.name + ".wheel"))
         shutil.copy2(built, target)
     seconds = time.perf_counter() - started
+    sys.path.insert(0, str(args.into.parent))
+    import lmcache.cuda_ops  # noqa: F401  (the check that it loads where LMCache looks)
+
     print(json.dumps({"module": str(target), "sources": len(sources),
                       "torch": torch.__version__, "cuda": torch.version.cuda,
                       "arch": args.arch, "build_s": round(seconds, 1)}))

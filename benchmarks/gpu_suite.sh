@@ -61,8 +61,8 @@ for p in "${parts[@]}"; do
         part pages 600 "$py" benchmarks/vllm_pages_bench.py --json-out "$out/pages.json" ;;
     lmcache-build)  # LMCache's CUDA kernels against this torch, into LMCACHE_PATH
         part lmcache-build 600 "$py" benchmarks/build_lmcache_ops.py \
-            --csrc "${LMCACHE_SRC:?LMCACHE_SRC: LMCache's csrc directory}" \
-            --into "${LMCACHE_PATH:?LMCACHE_PATH: LMCache's installed packages}/lmcache" ;;
+            --csrc "${LMCACHE_SRC:?LMCACHE_SRC: the csrc directory of LMCache}" \
+            --into "${LMCACHE_PATH:?LMCACHE_PATH: the installed LMCache packages}/lmcache" ;;
     lmcache)  # kvstore's GPU<->CPU path beside LMCache's GPU connector (issue 19)
         part lmcache 300 "$py" benchmarks/vs_lmcache_gpu.py --lmcache-path "${LMCACHE_PATH:-}" \
             --json-out "$out/lmcache.json" ;;

@@ -228,6 +228,8 @@ def bench_tier(model: LlamaModel, length: int, tier: str, repeats: int, nvme_dir
     # from the whole prompt's, and random weights give nearly flat logits, so the argmax
     # can flip (the bitwise checks of fetched KV are the fp32 tests' job: tests/engines).
     mismatches = 0
+    cuts_before = planner.stats() if planner is not None else None
+    cached_tokens = []
     with kvstore.Store(config) as store:
         with PrefillEngine(model, store, num_pages=num_pages, kv_codec=codec) as engine:
             first = engine.prefill(prompt)  # publishes every full block
@@ -244,6 +246,7 @@ def bench_tier(model: LlamaModel, length: int, tier: str, repeats: int, nvme_dir
                 if planner is None:
                     assert result.num_cached_tokens == cached_blocks * BLOCK_TOKENS, result
                 plan = result.plan
+                cached_tokens.append(result.num_cached_tokens)
                 runs["ttft"].append(result.ttft_s)
                 runs["fetch"].append(result.fetch_s)
                 runs["compute"].append(result.compute_s)
@@ -265,6 +268,11 @@ def bench_tier(model: LlamaModel, length: int, tier: str, repeats: int, nvme_dir
                        "load_end": plan.load_end, "loaded_per_tier": plan.loaded_per_tier,
                        "estimate_s": plan.estimate_s, "estimated_cold_s": plan.cold_s,
                        "estimated_load_all_s": plan.load_all_s}
+    if cuts_before is not None:  # planned loads cut for running late (every run)
+        after = planner.stats()
+        out["cut_loads"] = after["cut_loads"] - cuts_before["cut_loads"]
+        out["cut_blocks"] = after["cut_blocks"] - cuts_before["cut_blocks"]
+        out["cached_tokens_runs"] = cached_tokens[1:]
     return out
 
 

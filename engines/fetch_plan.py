@@ -24,6 +24,13 @@ spaced ones beyond, plus where the blocks' tier changes) and keeps the cheapest.
 estimated slower than either: a load slower than the recompute it replaces is never
 chosen. A block in several tiers is loaded from its fastest.
 
+**A load that runs late is cut** (`LoadCutoff`): a tier can be slower than its measured
+cost (a disk that slowed down since start-up, a stall), and a plan made with the old cost
+would then wait for its loads longer than computing the blocks would take. So a planned
+load is read in chunks and checked after each: once the rest of it, at the rate seen so
+far, would arrive later than computing it instead would end, the load stops there and
+the rest is computed (and the tier's cost learns from what was seen).
+
 A prefix held wholly in HBM or DRAM is loaded whole without a search: a block from pinned
 DRAM costs a tenth of its compute or less on every machine measured (the H100: about 38
 us a block of llama3-8b against about 0.4 ms computed at 2K), and such a load already
@@ -36,6 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -52,6 +60,9 @@ GRID_POINTS = 65  # candidate boundaries beyond it, evenly spaced (a plan of 2,0
 # then weighs about 17,000 candidates: well under a millisecond)
 # A tier's cost learnt from observed fetches: each observation moves it this far.
 OBSERVED_WEIGHT = 0.25
+# A planned load is read in chunks of about an eighth of it, checked after each
+# (`LoadCutoff`); at most this many blocks (each chunk is one batched read).
+CUTOFF_CHUNK_BLOCKS = 16
 
 
 class CostModel(Protocol):
@@ -248,6 +259,62 @@ def _load_all(num_tokens: int, names: list[str], cost: CostModel,
                     cost.prefill_s(num_tokens, num_tokens), estimate)
 
 
+class LoadCutoff:
+    """Whether a planned load of blocks ``[first_block, first_block + num_blocks)`` of a
+    prompt of ``num_tokens`` tokens should go on (see the module docstring), asked after
+    each chunk of it by `keep_going`. With ``done`` of its blocks read ``elapsed`` seconds
+    into the load, the rest at the rate seen so far would be in at
+    ``now + rest * elapsed / done``; computed instead, in the forward over the tail, it
+    would end at ``max(now, free_until) + compute(rest)``. The load goes on while the
+    first is not later than the second. ``free_until_s`` (a `time.perf_counter` time):
+    until when the load costs nothing because the blocks before it are computed
+    meanwhile (their estimated end, or later if `head_done` is told later); None for a
+    load nothing overlaps."""
+
+    def __init__(self, planner: FetchPlanner, num_tokens: int, first_block: int,
+                 num_blocks: int, free_until_s: float | None = None) -> None:
+        self.planner = planner
+        self.num_tokens = num_tokens
+        self.first_block = first_block
+        self.num_blocks = num_blocks
+        self.free_until_s = free_until_s
+        self.cut_at: int | None = None  # blocks read when the load was cut, if it was
+
+    @property
+    def chunk_blocks(self) -> int:
+        return max(1, min(CUTOFF_CHUNK_BLOCKS, -(-self.num_blocks // 8)))
+
+    def head_done(self, now_s: float) -> None:
+        """The caller is done computing the blocks before the load (launching them, on a
+        GPU, which may still be computing: so this moves the estimated end later, never
+        earlier): from then on the load is waited for."""
+        self.free_until_s = max(self.free_until_s or now_s, now_s)
+
+    def recompute_s(self, done: int) -> float:
+        """What computing the load's blocks after its first ``done`` adds to the tail's
+        forward (the estimate the plan was made with)."""
+        cost, bt, end = self.planner.cost, self.planner.block_tokens, self.num_tokens
+        first = (self.first_block + done) * bt
+        last = (self.first_block + self.num_blocks) * bt
+        return cost.prefill_s(end - first, end) - cost.prefill_s(end - last, end)
+
+    def keep_going(self, done: int, elapsed_s: float, now_s: float) -> bool:
+        rest = self.num_blocks - done
+        if rest <= 0 or done <= 0:
+            return True
+        arrives = now_s + rest * elapsed_s / done
+        computed = max(now_s, self.free_until_s or now_s) + self.recompute_s(done)
+        if arrives <= computed:
+            return True
+        self.cut_at = done
+        self.planner.count_cut(rest)
+        log.debug("fetch plan: the load of blocks [%d, %d) cut after %d (%.2f ms in); the "
+                  "rest would arrive in %.2f ms, computed in %.2f ms", self.first_block,
+                  self.first_block + self.num_blocks, done, elapsed_s * 1e3,
+                  (arrives - now_s) * 1e3, (computed - now_s) * 1e3)
+        return False
+
+
 class FetchPlanner:
     """Plans with one engine's costs (`plan_fetch`), counts what its plans did, and learns
     each tier's cost from the planned loads it is told of (`observer`)."""
@@ -257,10 +324,13 @@ class FetchPlanner:
         self.tiers = tiers
         self.block_tokens = block_tokens
         self._lock = threading.Lock()
-        # metrics: blocks loaded per tier, cached blocks computed anyway, plans made
+        # metrics: blocks loaded per tier, cached blocks computed anyway, plans made;
+        # planned loads cut for running late (`LoadCutoff`) and the blocks they left
         self.loaded_blocks: dict[str, int] = {}
         self.recomputed_cached_blocks = 0
         self.plans = 0
+        self.cut_loads = 0
+        self.cut_blocks = 0
 
     def plan(self, num_tokens: int, tier_bits: Sequence[int], *, lent: int = 0,
              overlap: bool = True) -> FetchPlan:
@@ -281,6 +351,25 @@ class FetchPlanner:
             return plan_fetch(num_tokens, tier_bits, self.cost, self.tiers,
                               block_tokens=self.block_tokens, overlap=overlap)
 
+    def cutoff(self, plan: FetchPlan, *, first_block: int, num_blocks: int,
+               overlapped: bool = False, now_s: float | None = None) -> LoadCutoff:
+        """The `LoadCutoff` of ``plan``'s load of ``num_blocks`` blocks from
+        ``first_block``: its head's (nothing computed meanwhile), or, ``overlapped``, its
+        middle's (free until the blocks before it are computed: by the estimate, from
+        ``now_s``, until `LoadCutoff.head_done`)."""
+        free_until = None
+        if overlapped:
+            bt = self.block_tokens
+            start = time.perf_counter() if now_s is None else now_s
+            free_until = start + self.cost.prefill_s(
+                (plan.compute_end - plan.head_load_end) * bt, plan.compute_end * bt)
+        return LoadCutoff(self, plan.num_tokens, first_block, num_blocks, free_until)
+
+    def count_cut(self, num_blocks: int) -> None:
+        with self._lock:
+            self.cut_loads += 1
+            self.cut_blocks += num_blocks
+
     def observer(self, plan: FetchPlan) -> Callable[[int, float], None] | None:
         """What the load of ``plan``'s middle blocks reports its time to (None: blocks of
         several tiers, whose shares of the time are unknown)."""
@@ -298,6 +387,7 @@ class FetchPlanner:
         with self._lock:
             return {"plans": self.plans, "loaded_blocks": dict(self.loaded_blocks),
                     "recomputed_cached_blocks": self.recomputed_cached_blocks,
+                    "cut_loads": self.cut_loads, "cut_blocks": self.cut_blocks,
                     "tier_costs": {t: {"latency_s": c.latency_s,
                                        "per_block_s": c.per_block_s}
                                    for t, c in self.tiers.tiers.items()}}

@@ -61,7 +61,7 @@ from kvstore.errors import KVStoreError
 from kvstore.keys import prefix_hashes
 
 if TYPE_CHECKING:
-    from engines.fetch_plan import FetchPlan, FetchPlanner
+    from engines.fetch_plan import FetchPlan, FetchPlanner, LoadCutoff
 
 log = logging.getLogger(__name__)
 
@@ -237,14 +237,20 @@ class KVBlockIO(BlockKeys):
             if plan is None:
                 load.stage(keys[load.num_blocks:end])
                 return PrefixFetch(keys, num_stored, load)
-            load.stage(keys[load.num_blocks:plan.head_load_end])
+            assert planner is not None
+            head = plan.head_load_end - load.num_blocks
+            load.stage(keys[load.num_blocks:plan.head_load_end], cutoff=planner.cutoff(
+                plan, first_block=load.num_blocks, num_blocks=head))
             if load.num_blocks < plan.head_load_end:  # the head came up short: no middle
                 return PrefixFetch(keys, num_stored, load, plan)
             middle = None
             if plan.load_end > plan.compute_end:
                 middle = LayerLoad(self, seq, first_page=plan.compute_end)
-                middle.stage_in_background(keys[plan.compute_end:plan.load_end],
-                                           observe=planner.observer(plan))
+                middle.stage_in_background(
+                    keys[plan.compute_end:plan.load_end], observe=planner.observer(plan),
+                    cutoff=planner.cutoff(plan, first_block=plan.compute_end,
+                                          num_blocks=plan.load_end - plan.compute_end,
+                                          overlapped=True))
             return PrefixFetch(keys, num_stored, load, plan, middle)
         except BaseException:
             load.release()
@@ -321,6 +327,7 @@ class LayerLoad:
         self.first_page = first_page  # the load fills seq.pages[first_page:]
         self.num_blocks = 0
         self._background: Future[None] | None = None  # `stage_in_background`
+        self._cutoff: LoadCutoff | None = None  # its planner's cutoff, if any
         self.staged_s = 0.0  # how long `stage`'s reads took
         self._stream: torch.cuda.Stream | None = None  # every part's copies, in order
         self._copiers: list[uva_copy.LayerCopier] = []
@@ -373,10 +380,11 @@ class LayerLoad:
         self.num_blocks += len(addresses)
         return len(addresses) == len(keys)
 
-    def stage(self, keys: Sequence[bytes]) -> None:
+    def stage(self, keys: Sequence[bytes], *, cutoff: LoadCutoff | None = None) -> None:
         """Fetch ``keys`` (the blocks after those already loading) into staging on the
         cache's device, stopping at the first the store cannot give, and copy them to their
-        pages layer by layer on the worker."""
+        pages layer by layer on the worker. With a planner's ``cutoff`` the reads go in
+        chunks, and stop early where it says the rest is better computed."""
         if not keys:
             return
         io, first = self.io, self.first_page + self.num_blocks
@@ -385,14 +393,24 @@ class LayerLoad:
         num_staged = 0
         started = time.perf_counter()
         batch = getattr(io.store, "get_many_into", None)
+        step = len(keys) if cutoff is None else cutoff.chunk_blocks
         try:
-            if batch is not None:  # one pin-copy-unpin pass, copies in flight together
-                num_staged = batch(keys, list(staging))
-            else:
-                for i, key in enumerate(keys):
-                    if not io.store.get_into(key, staging[i]):
-                        break  # evicted, deleted or failed its checksum since match_prefix
-                    num_staged += 1
+            for start in range(0, len(keys), step):
+                chunk = keys[start:start + step]
+                if batch is not None:  # one pin-copy-unpin pass, copies in flight together
+                    got = batch(chunk, list(staging[start:start + step]))
+                else:
+                    got = 0
+                    for i, key in enumerate(chunk):
+                        if not io.store.get_into(key, staging[start + i]):
+                            break  # evicted, deleted or failed its checksum since match_prefix
+                        got += 1
+                num_staged += got
+                if got < len(chunk):
+                    break
+                if cutoff is not None and not cutoff.keep_going(
+                        num_staged, time.perf_counter() - started, time.perf_counter()):
+                    break
         except KVStoreError as e:
             log.warning("fetching %d blocks failed after %d (%s); recomputing from there",
                         first + len(keys), first + num_staged, e)
@@ -415,26 +433,33 @@ class LayerLoad:
         self.num_blocks += num_staged
 
     def stage_in_background(self, keys: Sequence[bytes], *,
-                            observe: Callable[[int, float], None] | None = None) -> None:
+                            observe: Callable[[int, float], None] | None = None,
+                            cutoff: LoadCutoff | None = None) -> None:
         """`stage` ``keys`` on the io's fetch thread, so that the caller computes
         meanwhile; `settle` waits for the blocks to be read (then ``num_blocks`` is how
         many came). ``observe(num_blocks, seconds)`` is told how long the reads took (a
-        planner keeps its costs fresh with it)."""
+        planner keeps its costs fresh with it); ``cutoff`` as in `stage`, told by
+        `settle` when the caller's computing is done."""
+        self._cutoff = cutoff
+
         def run() -> None:
             if self.io.cache.device.type == "cuda":
                 # Its own stream: the store's copies into staging must not queue behind
                 # the forward running meanwhile on the compute stream.
                 with torch.cuda.stream(torch.cuda.Stream(device=self.io.cache.device)):
-                    self.stage(keys)
+                    self.stage(keys, cutoff=cutoff)
             else:
-                self.stage(keys)
+                self.stage(keys, cutoff=cutoff)
             if observe is not None and self.num_blocks:
                 observe(self.num_blocks, self.staged_s)
 
         self._background = self.io._fetcher.submit(run)
 
     def settle(self) -> int:
-        """Wait for a background `stage` to have read its blocks; how many it got."""
+        """Wait for a background `stage` to have read its blocks; how many it got. (From
+        here its cutoff counts the wait: the caller has nothing else to do.)"""
+        if self._cutoff is not None:
+            self._cutoff.head_done(time.perf_counter())
         if self._background is not None:
             self._background.result()
         return self.num_blocks

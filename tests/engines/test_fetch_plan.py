@@ -7,6 +7,7 @@ its checksum mid-plan."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,53 @@ def test_no_plan_is_estimated_slower_than_recomputing_or_loading_everything() ->
         if not plan.loads_everything or plan.head_load_end < n:
             assert estimate(plan, cost, tiers, names, block_tokens) == \
                 pytest.approx(plan.estimate_s)
+
+
+def test_a_load_that_runs_late_is_cut_where_computing_the_rest_ends_sooner() -> None:
+    """One token a block, a token costs 1 s to compute (and 0.5 s more per 1,000 tokens
+    of context), a prompt of 101 tokens. The head load of blocks [0, 100): nothing
+    computes meanwhile, so it goes on while the rest at the rate seen so far arrives no
+    later than computing it would end: the rest's 100 - done blocks cost (1 + 0.0505)
+    each to compute in the tail's forward of context 101."""
+    cost = compute_cost(per_token=1.0, ctx=0.0005)
+    planner = FetchPlanner(cost, TierCosts({"nvme": TierCost(0.0, 0.1)}), block_tokens=1)
+    plan = replace(plan_fetch(101, [NVME] * 100, cost, planner.tiers, block_tokens=1),
+                   head_load_end=100, compute_end=100, load_end=100)  # (as a head load)
+    cutoff = planner.cutoff(plan, first_block=0, num_blocks=100)
+    assert cutoff.chunk_blocks == 13  # an eighth, rounded up
+    per_block = 1.0 + 0.0005 * 101
+    assert cutoff.recompute_s(20) == pytest.approx(80 * per_block)
+    # 20 blocks read in 20 s: 1 s a block, the rest (80 s) just under computing it
+    assert cutoff.keep_going(20, 20.0, now_s=1000.0)
+    # 20 in 22 s: 1.1 s a block, 88 s for the rest, against 84.04 s to compute it: cut
+    assert not cutoff.keep_going(20, 22.0, now_s=1000.0)
+    assert cutoff.cut_at == 20
+    assert planner.stats()["cut_loads"] == 1 and planner.stats()["cut_blocks"] == 80
+    assert cutoff.keep_going(100, 1e9, now_s=1000.0)  # nothing left to cut
+
+
+def test_a_middle_load_costs_nothing_until_the_head_is_computed() -> None:
+    """A token costs 1 s: plan blocks [0, 40) computed while [40, 100) load, of 101
+    tokens. Until the head's estimated end (40 s after the cutoff is made) the load is
+    free: at 10 s in, with 10 of its 60 blocks read (1 s a block), the rest arrives at
+    60 s, against 40 + 50 s computed: it goes on; at 2 s a block (arriving at 110 s) it
+    is cut. Once the head is done (told at 45 s, later than its estimate) the wait
+    counts from then (the rest computed in 1 s a block)."""
+    cost = compute_cost(per_token=1.0)
+    planner = FetchPlanner(cost, TierCosts({"nvme": TierCost(0.0, 1.0)}), block_tokens=1)
+    plan = replace(plan_fetch(101, [NVME] * 100, cost, planner.tiers, block_tokens=1),
+                   head_load_end=0, compute_end=40, load_end=100)
+    cutoff = planner.cutoff(plan, first_block=40, num_blocks=60, overlapped=True, now_s=0.0)
+    assert cutoff.free_until_s == pytest.approx(40.0)
+    assert cutoff.keep_going(10, 10.0, now_s=10.0)  # in at 60, computed by 90
+    assert not cutoff.keep_going(10, 20.0, now_s=20.0)  # in at 120, computed by 90
+    late = planner.cutoff(plan, first_block=40, num_blocks=60, overlapped=True, now_s=0.0)
+    late.head_done(45.0)
+    late.head_done(30.0)  # (a GPU's launches end before its compute: never earlier)
+    assert late.free_until_s == 45.0
+    assert late.keep_going(40, 36.0, now_s=45.0)  # 20 more at 0.9 s: in at 63 <= 45 + 20
+    assert not late.keep_going(40, 45.0, now_s=45.0)  # at 1.125 s: in at 67.5 > 65
+    assert not late.keep_going(40, 80.0, now_s=80.0)  # at 2 s: in at 120 > 80 + 20
 
 
 def test_bad_input_and_unknown_tiers() -> None:

@@ -156,3 +156,35 @@ def test_a_prefix_on_a_daemons_slow_disk_is_recomputed_not_loaded(model, daemon,
             nvme = planner.tiers.tiers["nvme"]
             assert (nvme.per_block_s < BLOCK * cost.prefill_per_token_s) == (disk == "fast")
     assert cached_tokens == {"fast": 12 * BLOCK, "slow": 0}
+
+
+def test_a_planned_load_from_a_disk_that_slowed_down_is_cut_and_the_rest_computed(
+        model, daemon, tmp_path) -> None:
+    """The planner measures the daemon's disk while it is fast (a block in about a ms,
+    against 16 ms to compute one), so its plan loads the prefix from disk; then the
+    daemon's reads are capped at 256 KB/s (a block: about 128 ms) before the prefill
+    runs. The load is cut after its first chunk (the rest would take over a second,
+    computing it 160 ms), the rest is computed, and the first token equals a plain
+    recompute's."""
+    prompt = prompt_of(200, seed=13)
+    cost = compute_cost(0.001)
+    with kvstore.connect(daemon.url) as client:
+        if not client.stats()["tiers"]["nvme"]["direct_io"]:
+            pytest.skip("the NVMe tier reads through the page cache here: a cap on the "
+                        "disk would not slow it")
+        with PrefillEngine(model, client, num_pages=64) as prefill:
+            cold = prefill.prefill(prompt)
+            keys = prefill.io.keys(prompt)[:12]
+            prefill.planner = planner = planner_for(prefill.io, cost)
+            assert planner is not None
+            assert planner.tiers.tiers["nvme"].per_block_s < BLOCK * cost.prefill_per_token_s
+            onto_nvme(client, keys)
+            with slow_reads(daemon.proc.pid, tmp_path, SLOW_READ_BYTES_S):
+                result = prefill.prefill(prompt, publish=False)
+    assert result.plan is not None and result.plan.loaded_per_tier.get("nvme", 0) >= 8, \
+        result.plan
+    stats = planner.stats()
+    assert stats["cut_loads"] == 1, stats
+    assert result.num_cached_tokens < result.plan.loaded_blocks * BLOCK
+    assert stats["cut_blocks"] == result.plan.loaded_blocks - result.num_cached_tokens // BLOCK
+    assert result.first_token == cold.first_token
