@@ -88,6 +88,12 @@ def test_a_planner_over_a_daemon_measures_its_tiers_through_the_client(model, da
     assert from_disk.plan.loaded_per_tier == {"nvme": 12}
 
 
+def skip_without_direct_io(client: kvstore.Client) -> None:
+    if not client.stats()["tiers"]["nvme"]["direct_io"]:
+        pytest.skip("the NVMe tier reads through the page cache here: a cap on the disk "
+                    "would not slow it")
+
+
 @contextlib.contextmanager
 def slow_reads(pid: int, path: Path, bytes_per_s: int) -> Iterator[None]:
     """Process ``pid``'s reads from ``path``'s disk capped at ``bytes_per_s`` while inside:
@@ -134,9 +140,7 @@ def test_a_prefix_on_a_daemons_slow_disk_is_recomputed_not_loaded(model, daemon,
     reference = model.generate(prompt, sampling=sampling)
     cost = compute_cost(0.001)
     with kvstore.connect(daemon.url) as client:
-        if not client.stats()["tiers"]["nvme"]["direct_io"]:
-            pytest.skip("the NVMe tier reads through the page cache here: a cap on the "
-                        "disk would not slow it")
+        skip_without_direct_io(client)
         with PrefillEngine(model, client, num_pages=64) as prefill:
             prefill.prefill(prompt)
             keys = prefill.io.keys(prompt)[:12]
@@ -169,9 +173,7 @@ def test_a_planned_load_from_a_disk_that_slowed_down_is_cut_and_the_rest_compute
     prompt = prompt_of(200, seed=13)
     cost = compute_cost(0.001)
     with kvstore.connect(daemon.url) as client:
-        if not client.stats()["tiers"]["nvme"]["direct_io"]:
-            pytest.skip("the NVMe tier reads through the page cache here: a cap on the "
-                        "disk would not slow it")
+        skip_without_direct_io(client)
         with PrefillEngine(model, client, num_pages=64) as prefill:
             cold = prefill.prefill(prompt)
             keys = prefill.io.keys(prompt)[:12]
