@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,34 @@ def _read_listed(session: Session, keys: list[bytes], outs: list[Any] | None,
     session.num_directory_reads += len(keys) - len(rest)
     return rest
 
+
+
+@dataclass
+class PoolLoan:
+    """Blocks pinned in the daemon's shared DRAM pool for reading in place (`Client.lend`).
+
+    ``addresses[i]``: where key i's value starts in this process (the pool's mapping), or
+    None (not in the pool: absent, in another tier, or no pool mapped here); ``nbytes[i]``
+    its size. A read of those bytes counts only if it **ended** before ``valid_until``
+    (`time.monotonic`): the daemon pinned the blocks after the loan was asked for, and
+    keeps a pinned slot whole for half a lease at least from then (see the module
+    docstring). ``page_locked``: the pool is registered with CUDA, so a GPU kernel may
+    read the addresses through unified virtual addressing."""
+
+    addresses: list[int | None]
+    nbytes: list[int | None]
+    valid_until: float
+    page_locked: bool
+    handles: list[int]
+    pool: Any = None  # the mapped pool (np.ndarray), when there is one
+
+    def view(self, i: int) -> np.ndarray | None:
+        """Key i's lent bytes as a numpy view of the pool (None where nothing is lent)."""
+        address, nbytes = self.addresses[i], self.nbytes[i]
+        if address is None or nbytes is None:
+            return None
+        start = address - self.pool.ctypes.data
+        return self.pool[start:start + nbytes]
 
 
 def _host(src: Any) -> Any:
@@ -192,6 +221,29 @@ class Operations:
                     results[i] = True
             rest = rest[answered:]
         return results
+
+    @staticmethod
+    def pin_in_pool(session: Session, keys: list[bytes]) -> Operation:
+        """Pin the blocks of ``keys`` the daemon holds in its shared pool: a `PoolLoan`
+        (nothing pinned where no pool is mapped here)."""
+        pool = session.pool
+        if pool is None or not keys:
+            return PoolLoan([None] * len(keys), [None] * len(keys), time.monotonic(),
+                            False, [], pool)
+        asked_at = time.monotonic()  # before the request: see `PoolLoan`
+        meta, _ = yield {"op": "pin", "keys": keys}, []
+        base = pool.ctypes.data
+        blocks = meta["blocks"]
+        return PoolLoan([None if b is None else base + b[0] for b in blocks],
+                        [None if b is None else b[1] for b in blocks],
+                        asked_at + session.lease_s / 2, session.is_pool_registered,
+                        list({b[2]: None for b in blocks if b is not None}), pool)
+
+    @staticmethod
+    def unpin(handles: list[int]) -> Operation:
+        """Give pins back (not waited for: see `get_many`)."""
+        if handles:
+            yield {"op": "unpin", "handles": handles, "noreply": True}, []
 
     @staticmethod
     def simple(op: str, field: str, value: Any, result: str) -> Operation:

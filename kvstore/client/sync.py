@@ -20,15 +20,17 @@ late answer could not be matched).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kvstore.client.answers import Response, checked, transport_failed
-from kvstore.client.api import StoreApi
-from kvstore.client.operations import Operation, call_args
+from kvstore.client.api import StoreApi, check_keys
+from kvstore.client.operations import Operation, Operations, PoolLoan, call_args
 from kvstore.client.session import Session, hello
 from kvstore.client.settings import ClientSettings
 from kvstore.errors import (
@@ -258,6 +260,44 @@ class Client(StoreApi):
                     raise
                 self._release(conn)
                 return result
+
+    @contextlib.contextmanager
+    def lend(self, keys: Sequence[bytes]) -> Iterator[PoolLoan]:
+        """Pin ``keys``' blocks that lie in the daemon's shared DRAM pool (same host), to
+        be read in place, e.g. by a GPU kernel through the page-locked pool: a `PoolLoan`
+        of their addresses, unpinned when the block exits. Blocks elsewhere (another
+        tier, absent, or no pool mapped here) are lent as None: read them with
+        `get_many_into`. A read counts only if it ended before the loan's
+        ``valid_until``; after that the slot may have been reused."""
+        checked = check_keys(keys)
+        with self._slots:  # one connection for the loan: its pins belong to it
+            conn = self._acquire()
+            try:
+                loan = _drive(Operations.pin_in_pool(conn.session, checked), conn,
+                              time.monotonic() + self.settings.timeout_s)
+            except BaseException as e:
+                self._drop(conn, e)
+                raise
+            try:
+                yield loan
+            finally:
+                try:
+                    _drive(Operations.unpin(loan.handles), conn,
+                           time.monotonic() + self.settings.timeout_s)
+                except BaseException as e:  # (a closed connection's pins are let go)
+                    self._drop(conn, e)
+                    if not isinstance(e, (StoreConnectionError, DeadlineExceededError)):
+                        raise
+                else:
+                    self._release(conn)
+
+    def _drop(self, conn: _Connection, error: BaseException) -> None:
+        """After ``error`` on ``conn``: a broken or timed-out connection is closed, any
+        other kept."""
+        if isinstance(error, (StoreConnectionError, DeadlineExceededError)):
+            conn.close()
+        else:
+            self._release(conn)
 
     @property
     def node_id(self) -> str:

@@ -10,7 +10,9 @@ step's end, and ``get_block_ids_with_load_errors``. The connector passes each ca
 worker reads its own rank's).
 
     start_load_kv: an I/O thread fetches every block into staging rows, then writes the
-      pages layer by layer (on a GPU: the copy kernel on a side stream, `LayerLoads`)
+      pages layer by layer (on a GPU: the copy kernel on a side stream, `LayerLoads`,
+      reading the blocks a daemon's page-locked pool holds in place, lent for the step
+      by `kvstore.Client.lend`: no host copy; the others from staging rows)
     wait_for_layer_load(i): layer i written (on a GPU: the compute stream waits for it)
     save_kv_layer(i): layer i's new pages gathered into staging rows (on a GPU: beside the
       caches, then to page-locked host rows on a side stream, `LayerSaves`; no host sync)
@@ -23,8 +25,11 @@ ever written from the store. A step with a failed load stores nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,8 +38,14 @@ from typing import Any, Protocol
 import torch
 
 from kvstore.errors import ConfigError
-from kvstore.integrations.gpu_loads import LayerLoads, LayerSaves
-from kvstore.integrations.pages import KVViewCodec, PageLayout, fetch_blocks, store_blocks
+from kvstore.integrations.gpu_loads import ALIGN, LayerLoads, LayerSaves
+from kvstore.integrations.pages import (
+    STORE_FAILURES,
+    KVViewCodec,
+    PageLayout,
+    fetch_blocks,
+    store_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +103,12 @@ class ConnectorWorker:
         self._save_staging: list[tuple[BlockTransfer, torch.Tensor, torch.Tensor | None]] = []
         self._gathered: set[int] = set()  # layers save_kv_layer gathered this step
         self._load_errors: set[int] = set()
+        # Blocks read in place from the store's page-locked pool this step (`Client.lend`):
+        # the loans, held until the copies are done, and the block ids they cover.
+        self._loans: contextlib.ExitStack | None = None
+        self._lent: list[int] = []
+        self._loans_valid_until = math.inf
+        self._lending = True  # False once a loan showed the pool is not page-locked here
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor],
                            num_blocks: int | None) -> None:
@@ -119,6 +136,7 @@ class ConnectorWorker:
         if not loads:
             return
         assert self.pages is not None
+        self._finish_loads()  # (a step vLLM did not end with wait_for_save)
         self._layer_ready = [threading.Event() for _ in self.pages.layer_names]
         self._fetch = self._io.submit(self._load_all, [t.on_rank(self.rank) for t in loads],
                                       self._layer_ready)
@@ -131,10 +149,20 @@ class ConnectorWorker:
         try:
             store = self.store.get()
             fetched = []
-            for load, staging in zip(loads, self.pages.staging_for("load", loads),
-                                     strict=True):
-                num_ok = 0 if store is None else fetch_blocks(
-                    store, load.keys, staging, on_failure=self.store.failed)
+            self._loans = contextlib.ExitStack()
+            lent_runs = self._lend(store, loads, self._loans)
+            for load, staging, lent in zip(loads, self.pages.staging_for("load", loads),
+                                           lent_runs, strict=True):
+                num_ok = len(lent)
+                if store is not None and num_ok < len(load.keys):
+                    num_ok += fetch_blocks(store, load.keys[num_ok:], staging[num_ok:],
+                                           on_failure=self.store.failed)
+                rows: torch.Tensor | list[int] = staging
+                if lent:  # the rest from the staging rows, by address too
+                    rows = [*lent, *(staging.data_ptr() + i * staging.stride(0)
+                                     for i in range(len(lent), num_ok))]
+                    self._lent += load.block_ids[:len(lent)]
+                    self._count(blocks_loaded_in_place=len(lent))
                 if num_ok < len(load.keys):
                     self._load_errors.update(load.block_ids[num_ok:])
                     self._count(load_failures=len(load.keys) - num_ok)
@@ -142,14 +170,15 @@ class ConnectorWorker:
                                 "vLLM recomputes them", load.req_id,
                                 len(load.keys) - num_ok, len(load.keys))
                 self._count(blocks_loaded=num_ok)
-                fetched.append((load, staging, num_ok))
+                fetched.append((load, rows, num_ok))
             for layer, ready in enumerate(layer_ready):
                 if self._gpu_loads is not None:  # queued on its stream; waited per layer
-                    self._gpu_loads.load_layer(layer, [(staging, load.block_ids[:num_ok])
-                                                       for load, staging, num_ok in fetched])
+                    self._gpu_loads.load_layer(layer, [(rows, load.block_ids[:num_ok])
+                                                       for load, rows, num_ok in fetched])
                 else:
-                    for load, staging, num_ok in fetched:
-                        self.pages.scatter_layer(layer, staging, load.block_ids[:num_ok])
+                    for load, rows, num_ok in fetched:
+                        assert isinstance(rows, torch.Tensor)
+                        self.pages.scatter_layer(layer, rows, load.block_ids[:num_ok])
                 ready.set()
         except BaseException:
             # Nothing half-written is handed over: every claimed block is reported failed.
@@ -159,6 +188,64 @@ class ConnectorWorker:
         finally:
             for ready in layer_ready:
                 ready.set()
+
+    def _lend(self, store: Any, loads: list[BlockTransfer], loans: contextlib.ExitStack
+              ) -> list[list[int]]:
+        """For each load, where its leading blocks lie in the store's page-locked pool,
+        lent in place for this step (the copy kernel reads them there: no host copy), as
+        far as the store lends them whole: one loan for the step (it holds a connection
+        of the client's until the step ends). [] for a load where none is lent: no
+        kernel, a store without `lend`, a pool not page-locked here, a first block
+        elsewhere or of another size."""
+        none: list[list[int]] = [[] for _ in loads]
+        if (store is None or not self._lending or self._gpu_loads is None
+                or not self._gpu_loads.use_kernel or not hasattr(store, "lend")):
+            return none
+        keys = [key for load in loads for key in load.keys]
+        try:
+            loan = loans.enter_context(store.lend(keys))
+        except STORE_FAILURES as e:  # (the reads that follow find out too, and report)
+            log.info("kvstore: lending %d blocks failed (%s); reading them", len(keys), e)
+            return none
+        if not loan.page_locked:
+            self._lending = False
+            log.info("kvstore: the store's pool is not page-locked here; blocks are read "
+                     "into staging rows instead of in place")
+            return none
+        runs, first = [], 0
+        for load in loads:
+            lent = []
+            for address, nbytes in zip(loan.addresses[first:first + len(load.keys)],
+                                       loan.nbytes[first:first + len(load.keys)],
+                                       strict=True):
+                if address is None or nbytes != self.pages.block_bytes or address % ALIGN:
+                    break
+                lent.append(address)
+            runs.append(lent)
+            first += len(load.keys)
+        if any(runs):
+            self._loans_valid_until = min(self._loans_valid_until, loan.valid_until)
+        return runs
+
+    def _return_loans(self) -> None:
+        """After the copies are done: give the step's loans back. A copy that ended
+        after a loan's ``valid_until`` may have read a reused slot: its blocks are
+        reported failed (vLLM recomputes them), as any failed load is."""
+        loans, self._loans = self._loans, None
+        lent, self._lent = self._lent, []
+        valid_until, self._loans_valid_until = self._loans_valid_until, math.inf
+        if loans is None:
+            return
+        late = time.monotonic() > valid_until  # (every copy ended before now)
+        try:
+            loans.close()
+        except STORE_FAILURES as e:  # (the daemon drops a lost connection's pins)
+            log.warning("kvstore: giving back lent blocks failed: %s", e)
+        if late and lent:
+            self._load_errors.update(lent)
+            self._count(load_failures=len(lent))
+            log.warning("kvstore: %d blocks read in place outlived their loan; vLLM "
+                        "recomputes them", len(lent))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self._fetch is None or self.pages is None:
@@ -179,6 +266,7 @@ class ConnectorWorker:
                 log.error("kvstore: loading blocks failed: %s", e)
             if self._gpu_loads is not None:  # (the staging rows are reused next step)
                 self._gpu_loads.synchronize()
+            self._return_loans()
 
     def save_kv_layer(self, layer_name: str, saves: list[RankedTransfer]) -> None:
         if self.pages is None or not saves:
@@ -235,4 +323,5 @@ class ConnectorWorker:
         return errors
 
     def shutdown(self) -> None:
+        self._finish_loads()  # (gives back what a step left lent)
         self._io.shutdown(wait=True)

@@ -33,6 +33,8 @@ import torch
 
 from kvstore.integrations.pages import KVViewCodec, PageLayout
 
+# A block's source: staging rows, or each block's address in page-locked host memory.
+Rows = torch.Tensor | Sequence[int]
 ALIGN = 16  # bytes a thread loads and stores at once
 UNROLL = 4  # loads a thread has in flight before its stores
 MAX_UNROLL = 16  # (each load in flight holds 16 bytes of registers)
@@ -131,9 +133,10 @@ class LayerLoads:
         # device: uploaded with the first layer's copies, the same for every layer.
         self._tables: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] = {}
 
-    def load_layer(self, layer: int, loads: Sequence[tuple[torch.Tensor, Sequence[int]]]
-                   ) -> None:
-        """Queue layer ``layer`` of each ``(staging rows, block ids)`` into its pages."""
+    def load_layer(self, layer: int, loads: Sequence[tuple[Rows, Sequence[int]]]) -> None:
+        """Queue layer ``layer`` of each ``(rows, block ids)`` into its pages: the rows are
+        staging rows, or (the kernel only) each block's address in page-locked host
+        memory, such as the store's own pool lent in place (`kvstore.Client.lend`)."""
         pages, cache = self.pages, self.pages.caches[layer]
         with torch.cuda.stream(self.stream):
             for rows, block_ids in loads:
@@ -141,6 +144,8 @@ class LayerLoads:
                     continue
                 if self.use_kernel:
                     self._launch(layer, cache, rows, block_ids)
+                elif not isinstance(rows, torch.Tensor):
+                    raise ValueError("rows given by address need the copy kernel")
                 else:
                     start = layer * pages.page_bytes
                     self.codec.scatter(cache, pages.num_blocks,
@@ -150,7 +155,7 @@ class LayerLoads:
             event.record(self.stream)
         self.events[layer] = event
 
-    def _launch(self, layer: int, cache: torch.Tensor, rows: torch.Tensor,
+    def _launch(self, layer: int, cache: torch.Tensor, rows: Rows,
                 block_ids: Sequence[int]) -> None:
         import cupy
 
@@ -159,8 +164,6 @@ class LayerLoads:
         split = cache.shape[0] // pages.num_blocks
         raw = cache.view(torch.uint8)
         head_bytes = raw.shape[3] // 2
-        if rows.data_ptr() % ALIGN or rows.stride(0) % ALIGN:
-            raise ValueError("the copy kernel needs 16-byte aligned staging rows")
         tables = self._tables_for(rows, block_ids, cache.device)
         with warnings.catch_warnings():  # newer CuPy deprecates the pointer form
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -174,18 +177,27 @@ class LayerLoads:
                 np.int32(codec.num_kv_heads), np.int32(raw.shape[2]),
                 np.int32(head_bytes // ALIGN)))
 
-    def _tables_for(self, rows: torch.Tensor, block_ids: Sequence[int],
+    def _tables_for(self, rows: Rows, block_ids: Sequence[int],
                     device: torch.device) -> torch.Tensor:
         """The kernel's tables for ``rows`` and ``block_ids`` on ``device`` (int64, row
         addresses then pages), uploaded once per step on the side stream (the current
         one) from pinned memory, without a host sync."""
-        key = (rows.data_ptr(), rows.stride(0), tuple(block_ids))
+        n = len(block_ids)
+        if isinstance(rows, torch.Tensor):
+            if rows.data_ptr() % ALIGN or rows.stride(0) % ALIGN:
+                raise ValueError("the copy kernel needs 16-byte aligned staging rows")
+            key: tuple[Any, ...] = (rows.data_ptr(), rows.stride(0), tuple(block_ids))
+        else:
+            if len(rows) < n or any(a % ALIGN for a in rows[:n]):
+                raise ValueError("the copy kernel needs a 16-byte aligned address a block")
+            key = (tuple(rows[:n]), tuple(block_ids))
         tables = self._tables.get(key)
         if tables is None:
-            n = len(block_ids)
+            addresses = (rows.data_ptr() + np.arange(n, dtype=np.int64) * rows.stride(0)
+                         if isinstance(rows, torch.Tensor)
+                         else np.asarray(rows[:n], dtype=np.uint64).view(np.int64))
             host = torch.from_numpy(np.stack([
-                rows.data_ptr() + np.arange(n, dtype=np.int64) * rows.stride(0),
-                np.asarray(block_ids, dtype=np.int64)]))
+                addresses, np.asarray(block_ids, dtype=np.int64)]))
             # Pinned by the caching host allocator: kept until the copy is done.
             tables = self._tables[key] = host.pin_memory().to(device, non_blocking=True)
         return tables

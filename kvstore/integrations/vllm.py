@@ -113,8 +113,8 @@ class KVStoreConnectorStats(KVConnectorStats):
     """Counts since the last report: tokens looked up and found, blocks moved, failures."""
 
     def __post_init__(self) -> None:
-        for name in ("query_tokens", "hit_tokens", "blocks_loaded", "blocks_saved",
-                     "load_failures", "save_failures"):
+        for name in ("query_tokens", "hit_tokens", "blocks_loaded", "blocks_loaded_in_place",
+                     "blocks_saved", "load_failures", "save_failures"):
             self.data.setdefault(name, 0)
 
     def add(self, **counts: int) -> None:

@@ -2,11 +2,13 @@
 drives the connector (``register_kv_caches``; per step ``start_load_kv``, per layer
 ``wait_for_layer_load`` then ``save_kv_layer``, ``wait_for_save``,
 ``get_block_ids_with_load_errors``), against real stores: `kvstore.Store` on DRAM, on NVMe
-only (real files) and, on a GPU, on HBM. No vLLM is needed, so the GPU runs (marker
+only (real files) and, on a GPU, on HBM; a kvstored through its client (on a GPU, blocks
+read in place from its page-locked pool). No vLLM is needed, so the GPU runs (marker
 ``gpu``) take CUDA caches in every layout of vLLM 0.32 where vLLM is not installed."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 import kvstore
 from kvstore.integrations.connector_worker import ConnectorWorker, RankedTransfer
 from kvstore.integrations.pages import KVViewCodec, PageLayout
+from tests.daemon.conftest import start_daemon  # noqa: F401 (a fixture)
 from tests.engines.conftest import flip_on_disk
 from tests.integrations.test_pages import (
     HS,
@@ -242,3 +245,59 @@ def test_each_tensor_parallel_rank_moves_its_own_shard_s_keys(tmp_path: Path) ->
         assert same_blocks(saved, [0, 1], loaded, [2, 3])
         saver.shutdown()
         loader.shutdown()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_blocks_in_a_daemon_s_pool_are_read_in_place_on_a_gpu(
+        device: str, start_daemon) -> None:  # noqa: F811
+    """Through a kvstored's client (as the connector runs): saved from one instance's
+    pages, loaded into another's bit for bit. On a GPU the blocks lie in the daemon's
+    page-locked pool, lent for the step (`Client.lend`), and the copy kernel reads them
+    there (counted as loaded in place); on the CPU they come through staging rows."""
+    needs(device)
+    daemon = start_daemon("--dram", "32MiB", "--max-value", "1MiB")
+    keys = chain(4, salt=7)
+    layouts = sorted(PHYSICAL_ORDERS) if device == "cuda" else ["BLHNC"]
+    with kvstore.connect(daemon.url) as store:
+        saver, saved, counts = instance(store, "LBNHC", device, seed=3)
+        assert step(saver, saves=[RankedTransfer("r", [keys], SAVED_FROM)]) == set()
+        assert counts == ["blocks_saved"] and store.tier_bits(keys) == [2] * 4
+        for layout in layouts:
+            loader, loaded, counts = instance(store, layout, device, seed=None)
+            assert step(loader, loads=[RankedTransfer("r", [keys], LOADED_INTO)]) == set()
+            assert counts == (["blocks_loaded_in_place", "blocks_loaded"] if device == "cuda"
+                              else ["blocks_loaded"]), layout
+            assert same_blocks(saved, SAVED_FROM, loaded, LOADED_INTO), layout
+            loader.shutdown()
+        saver.shutdown()
+
+
+@pytest.mark.gpu
+def test_blocks_read_in_place_after_their_loan_ran_out_are_load_errors(
+        start_daemon) -> None:  # noqa: F811
+    """A step that stalls past its loan (a daemon with a 1 s lease: a loan is good for
+    0.5 s; the step waits 1.5 s before its layers): the worker knows only that its copies
+    ended before it looked, so they may have read reused slots. Every block read in place
+    is reported as a load error (vLLM recomputes them), the step stores nothing, and the
+    next step, on time, loads them."""
+    needs("cuda")
+    daemon = start_daemon("--dram", "32MiB", "--max-value", "1MiB", "--lease", "1")
+    keys = chain(3, salt=8)
+    with kvstore.connect(daemon.url) as store:
+        saver, saved, _ = instance(store, "LBNHC", "cuda", seed=4)
+        assert step(saver, saves=[RankedTransfer("r", [keys], SAVED_FROM[:3])]) == set()
+        loader, loaded, counts = instance(store, "BLHNC", "cuda", seed=None)
+        loads = [RankedTransfer("r", [keys], LOADED_INTO[:3])]
+        worker = loader
+        worker.start_load_kv(loads)
+        time.sleep(1.5)
+        assert step(worker, saves=[RankedTransfer("s", [chain(1, salt=9)], [0])]) == set(
+            LOADED_INTO[:3])
+        assert "blocks_loaded_in_place" in counts and "load_failures" in counts
+        assert "blocks_saved" not in counts and store.match_prefix(chain(1, salt=9)) == 0
+        counts.clear()
+        assert step(worker, loads=loads) == set()
+        assert counts == ["blocks_loaded_in_place", "blocks_loaded"]
+        assert same_blocks(saved, SAVED_FROM[:3], loaded, LOADED_INTO[:3])
+        loader.shutdown()
+        saver.shutdown()

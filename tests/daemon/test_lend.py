@@ -1,0 +1,95 @@
+"""`Client.lend`: blocks pinned where they lie in the daemon's shared DRAM pool, to be
+read in place (the vLLM connector's GPU kernel reads them through the page-locked pool).
+Real daemon subprocesses; what a loan promises: the lent bytes are the key's value and
+stay whole while the loan is held, even if the key is overwritten or deleted meanwhile;
+blocks elsewhere are not lent; the pins go when the loan ends."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import kvstore
+from kvstore import InvalidKeyError
+from tests.conftest import make_key, make_value
+
+KiB = 1024
+
+
+def test_blocks_in_the_pool_are_lent_in_place_and_others_are_not(start_daemon, tmp_path):
+    daemon = start_daemon("--dram", "16MiB", "--nvme-path", str(tmp_path / "nvme"),
+                          "--nvme", "64MiB", "--max-value", "1MiB")
+    with kvstore.connect(daemon.url) as client:
+        keys = [make_key(i) for i in range(4)]
+        assert client.put_many(keys[:2], [make_value(i, 256 * KiB) for i in range(2)]) == 2
+        assert client.put_in_tier("nvme", [keys[2]], [make_value(2, 256 * KiB)]) == 1
+        before = time.monotonic()
+        with client.lend([*keys, keys[0]]) as loan:
+            after = time.monotonic()  # key 3 absent, key 0 twice
+            assert loan.page_locked in (True, False)  # (True only where CUDA is)
+            assert [a is not None for a in loan.addresses] == [True, True, False, False, True]
+            assert loan.nbytes[:2] == [256 * KiB, 256 * KiB]
+            assert loan.view(0).tobytes() == make_value(0, 256 * KiB)
+            assert loan.view(1).tobytes() == make_value(1, 256 * KiB)
+            assert loan.addresses[4] == loan.addresses[0]
+            assert loan.view(2) is None and loan.view(3) is None
+            assert len(loan.handles) == 2  # one pin per distinct key
+            # valid for half the daemon's lease (30 s) from when the pin was asked for
+            assert before + 15.0 <= loan.valid_until <= after + 15.0
+        assert client.get(keys[0]) == make_value(0, 256 * KiB)
+
+
+def test_lent_bytes_stay_whole_while_the_key_is_overwritten_and_deleted(start_daemon):
+    """The daemon keeps a pinned slot as it was until its pins go: a loan held across an
+    overwrite (another size: another slot), a delete, and puts that fill the pool
+    several times over still reads the lent value; after it ends the key reads as the
+    store now holds it."""
+    daemon = start_daemon("--dram", "8MiB", "--max-value", "1MiB")
+    with kvstore.connect(daemon.url) as reader, kvstore.connect(daemon.url) as writer:
+        key, other = make_key("lent"), make_key("other")
+        assert writer.put(key, make_value(1, 512 * KiB))
+        assert writer.put(other, make_value(5, 512 * KiB))
+        with reader.lend([key, other]) as loan:
+            assert writer.put(key, make_value(2, 300 * KiB))
+            assert writer.delete(other)
+            for i in range(48):  # 24 MiB through an 8 MiB pool
+                writer.put(make_key(("fill", i)), make_value(100 + i, 512 * KiB))
+            assert loan.view(0).tobytes() == make_value(1, 512 * KiB)
+            assert loan.view(1).tobytes() == make_value(5, 512 * KiB)
+        assert reader.get(other) is None
+        assert reader.get(key) in (None, make_value(2, 300 * KiB))
+
+
+def test_a_loan_gives_its_pins_back_and_one_held_past_its_lease_loses_them(start_daemon):
+    """With a 1 s lease: a loan that ended leaves no pin to expire; one held past the
+    lease has its pin dropped by the daemon's sweeper (counted), and its ``valid_until``
+    had passed by then."""
+    daemon = start_daemon("--dram", "8MiB", "--max-value", "1MiB", "--lease", "1")
+    with kvstore.connect(daemon.url) as client:
+        key = make_key("k")
+        assert client.put(key, make_value(1, 128 * KiB))
+        with client.lend([key]) as loan:
+            assert loan.addresses[0] is not None
+        time.sleep(2.5)
+        assert client.stats()["leases"]["expired_pins"] == 0
+        with client.lend([key]) as loan:
+            time.sleep(2.5)
+            assert time.monotonic() > loan.valid_until
+            assert client.stats()["leases"]["expired_pins"] == 1
+
+
+def test_without_the_pool_nothing_is_lent_and_bad_keys_are_refused(start_daemon):
+    daemon = start_daemon("--dram", "8MiB", "--max-value", "1MiB")
+    key = make_key("k")
+    with kvstore.connect(daemon.url, shared_memory=False) as client:
+        assert client.put(key, make_value(1, 128 * KiB))
+        with client.lend([key]) as loan:
+            assert loan.addresses == [None] and loan.handles == [] and not loan.page_locked
+    with kvstore.connect(daemon.url) as client:
+        with pytest.raises(InvalidKeyError):
+            with client.lend([key, b"short"]):
+                pass  # never reached
+        with client.lend([]) as loan:
+            assert loan.addresses == []
+        assert client.get(key) == make_value(1, 128 * KiB)
