@@ -177,8 +177,13 @@ class KVBlockIO(BlockKeys):
                                               self.codec.num_scales, self.layout.head_dim)
                            if self.codec is not None else None)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-io")
-        # Planned loads that run while the blocks before them are computed.
+        # Planned loads that run while the blocks before them are computed, on one side
+        # stream of their own (created on first use): the store's copies into staging
+        # must not queue behind the forward on the compute stream, and staging memory
+        # freed on this stream is what the caching allocator reuses for the next load
+        # (a new stream per load would draw from torch's pool of streams in turn).
         self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-fetch")
+        self._fetch_stream: torch.cuda.Stream | None = None
 
     def close(self) -> None:
         self._fetcher.shutdown(wait=True)
@@ -443,10 +448,12 @@ class LayerLoad:
         self._cutoff = cutoff
 
         def run() -> None:
-            if self.io.cache.device.type == "cuda":
-                # Its own stream: the store's copies into staging must not queue behind
-                # the forward running meanwhile on the compute stream.
-                with torch.cuda.stream(torch.cuda.Stream(device=self.io.cache.device)):
+            io = self.io
+            if io.cache.device.type == "cuda":
+                # (the fetcher's one thread is the stream's only user; each stage drains it)
+                if io._fetch_stream is None:
+                    io._fetch_stream = torch.cuda.Stream(device=io.cache.device)
+                with torch.cuda.stream(io._fetch_stream):
                     self.stage(keys, cutoff=cutoff)
             else:
                 self.stage(keys, cutoff=cutoff)
