@@ -29,7 +29,10 @@ cost (a disk that slowed down since start-up, a stall), and a plan made with the
 would then wait for its loads longer than computing the blocks would take. So a planned
 load is read in chunks and checked after each: once the rest of it, at the rate seen so
 far, would arrive later than computing it instead would end, the load stops there and
-the rest is computed (and the tier's cost learns from what was seen).
+the rest is computed, and the tier's cost learns from what was seen. (A stall inside one
+chunk, at most `CUTOFF_CHUNK_BLOCKS` blocks, is waited for: the check comes after it.) A
+cut head does not cancel the middle: blocks ``[k, m)`` load while everything before them
+is computed.
 
 A prefix held wholly in HBM or DRAM is loaded whole without a search: a block from pinned
 DRAM costs a tenth of its compute or less on every machine measured (the H100: about 38
@@ -121,6 +124,7 @@ class FetchPlan:
     cold_s: float  # nothing loaded
     load_all_s: float  # every usable cached block loaded
     middle_tier: str | None = None  # the tier of blocks [k, m), when they share one
+    head_tier: str | None = None  # the tier of the head's blocks not lent, when one
 
     @property
     def loaded_blocks(self) -> int:
@@ -243,10 +247,12 @@ def _plan_of(num_tokens: int, names: list[str], a: int, k: int, m: int, estimate
     for i in [*range(0, a), *range(k, m)]:
         loaded[names[i]] = loaded.get(names[i], 0) + 1
     middle = set(names[k:m])
+    head = set(names[:a]) - {LENT}
     return FetchPlan(num_tokens=num_tokens, cached_blocks=len(names), head_load_end=a,
                      compute_end=k, load_end=m, loaded_per_tier=loaded,
                      estimate_s=estimate, cold_s=cold, load_all_s=everything,
-                     middle_tier=middle.pop() if len(middle) == 1 else None)
+                     middle_tier=middle.pop() if len(middle) == 1 else None,
+                     head_tier=head.pop() if len(head) == 1 else None)
 
 
 def _load_all(num_tokens: int, names: list[str], cost: CostModel,
@@ -352,17 +358,20 @@ class FetchPlanner:
                               block_tokens=self.block_tokens, overlap=overlap)
 
     def cutoff(self, plan: FetchPlan, *, first_block: int, num_blocks: int,
-               overlapped: bool = False, now_s: float | None = None) -> LoadCutoff:
+               overlapped: bool = False, computed_from: int | None = None,
+               now_s: float | None = None) -> LoadCutoff:
         """The `LoadCutoff` of ``plan``'s load of ``num_blocks`` blocks from
         ``first_block``: its head's (nothing computed meanwhile), or, ``overlapped``, its
-        middle's (free until the blocks before it are computed: by the estimate, from
-        ``now_s``, until `LoadCutoff.head_done`)."""
+        middle's (free until the blocks before it, from ``computed_from``, default the
+        plan's head end, are computed: by the estimate, from ``now_s``, until
+        `LoadCutoff.head_done`)."""
         free_until = None
         if overlapped:
             bt = self.block_tokens
             start = time.perf_counter() if now_s is None else now_s
+            first = plan.head_load_end if computed_from is None else computed_from
             free_until = start + self.cost.prefill_s(
-                (plan.compute_end - plan.head_load_end) * bt, plan.compute_end * bt)
+                (plan.compute_end - first) * bt, plan.compute_end * bt)
         return LoadCutoff(self, plan.num_tokens, first_block, num_blocks, free_until)
 
     def count_cut(self, num_blocks: int) -> None:
@@ -370,10 +379,12 @@ class FetchPlanner:
             self.cut_loads += 1
             self.cut_blocks += num_blocks
 
-    def observer(self, plan: FetchPlan) -> Callable[[int, float], None] | None:
-        """What the load of ``plan``'s middle blocks reports its time to (None: blocks of
-        several tiers, whose shares of the time are unknown)."""
-        tier = plan.middle_tier
+    def observer(self, plan: FetchPlan, *, head: bool = False
+                 ) -> Callable[[int, float], None] | None:
+        """What the load of ``plan``'s middle blocks (or, ``head``, of its head's blocks
+        not lent) reports its time to (None: blocks of several tiers, whose shares of the
+        time are unknown)."""
+        tier = plan.head_tier if head else plan.middle_tier
         if tier is None or tier == LENT:
             return None
 

@@ -243,11 +243,12 @@ class KVBlockIO(BlockKeys):
                 load.stage(keys[load.num_blocks:end])
                 return PrefixFetch(keys, num_stored, load)
             assert planner is not None
-            head = plan.head_load_end - load.num_blocks
-            load.stage(keys[load.num_blocks:plan.head_load_end], cutoff=planner.cutoff(
-                plan, first_block=load.num_blocks, num_blocks=head))
-            if load.num_blocks < plan.head_load_end:  # the head came up short: no middle
-                return PrefixFetch(keys, num_stored, load, plan)
+            head = planner.cutoff(plan, first_block=load.num_blocks,
+                                  num_blocks=plan.head_load_end - load.num_blocks)
+            load.stage(keys[load.num_blocks:plan.head_load_end], cutoff=head,
+                       observe=planner.observer(plan, head=True))
+            if load.num_blocks < plan.head_load_end and head.cut_at is None:
+                return PrefixFetch(keys, num_stored, load, plan)  # a miss: no middle
             middle = None
             if plan.load_end > plan.compute_end:
                 middle = LayerLoad(self, seq, first_page=plan.compute_end)
@@ -255,7 +256,7 @@ class KVBlockIO(BlockKeys):
                     keys[plan.compute_end:plan.load_end], observe=planner.observer(plan),
                     cutoff=planner.cutoff(plan, first_block=plan.compute_end,
                                           num_blocks=plan.load_end - plan.compute_end,
-                                          overlapped=True))
+                                          overlapped=True, computed_from=load.num_blocks))
             return PrefixFetch(keys, num_stored, load, plan, middle)
         except BaseException:
             load.release()
@@ -385,11 +386,13 @@ class LayerLoad:
         self.num_blocks += len(addresses)
         return len(addresses) == len(keys)
 
-    def stage(self, keys: Sequence[bytes], *, cutoff: LoadCutoff | None = None) -> None:
+    def stage(self, keys: Sequence[bytes], *, cutoff: LoadCutoff | None = None,
+              observe: Callable[[int, float], None] | None = None) -> None:
         """Fetch ``keys`` (the blocks after those already loading) into staging on the
         cache's device, stopping at the first the store cannot give, and copy them to their
         pages layer by layer on the worker. With a planner's ``cutoff`` the reads go in
-        chunks, and stop early where it says the rest is better computed."""
+        chunks, and stop early where it says the rest is better computed; ``observe``
+        is told how many blocks were read in how long (see `stage_in_background`)."""
         if not keys:
             return
         io, first = self.io, self.first_page + self.num_blocks
@@ -422,6 +425,8 @@ class LayerLoad:
         if not num_staged:
             return
         self.staged_s = time.perf_counter() - started
+        if observe is not None:
+            observe(num_staged, self.staged_s)
         cache = io.cache
         if io.codec is not None:
             staging = io.codec.decode(staging[:num_staged], cache.dtype)
@@ -454,11 +459,9 @@ class LayerLoad:
                 if io._fetch_stream is None:
                     io._fetch_stream = torch.cuda.Stream(device=io.cache.device)
                 with torch.cuda.stream(io._fetch_stream):
-                    self.stage(keys, cutoff=cutoff)
+                    self.stage(keys, cutoff=cutoff, observe=observe)
             else:
-                self.stage(keys, cutoff=cutoff)
-            if observe is not None and self.num_blocks:
-                observe(self.num_blocks, self.staged_s)
+                self.stage(keys, cutoff=cutoff, observe=observe)
 
         self._background = self.io._fetcher.submit(run)
 

@@ -223,11 +223,11 @@ class Operations:
         return results
 
     @staticmethod
-    def pin_in_pool(session: Session, keys: list[bytes]) -> Operation:
+    def pin_in_pool(session: Session, keys: list[bytes], lend: bool = True) -> Operation:
         """Pin the blocks of ``keys`` the daemon holds in its shared pool: a `PoolLoan`
-        (nothing pinned where no pool is mapped here)."""
+        (nothing pinned where no pool is mapped here, or not ``lend``)."""
         pool = session.pool
-        if pool is None or not keys:
+        if pool is None or not keys or not lend:
             return PoolLoan([None] * len(keys), [None] * len(keys), time.monotonic(),
                             False, [], pool)
         asked_at = time.monotonic()  # before the request: see `PoolLoan`

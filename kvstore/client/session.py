@@ -51,6 +51,7 @@ class Session:
         self.lease_s: float = hello["lease_s"]
         self.tiers: list[str] = list(hello.get("tiers") or [])  # the daemon's, fastest first
         self.pool: np.ndarray | None = None
+        self.pool_name: str | None = None
         self.is_pool_registered = False  # page-locked for CUDA: GPUs DMA straight into it
         self.directory: Any = None  # the daemon's shm_directory.Directory, if mapped
         self.secret: bytes | None = None  # scopes keys as the daemon does (shared memory)
@@ -65,6 +66,7 @@ class Session:
             mapped = _shared_pool(address, shm["name"], shm["nbytes"])
             if mapped is not None:
                 self.pool, self.is_pool_registered = mapped
+                self.pool_name = shm["name"]
                 self.secret = shm.get("scope")
                 if shm.get("directory") and self.secret:
                     self.directory = _shared_directory(shm["directory"])
@@ -98,6 +100,36 @@ class Session:
 _pools: dict[str, tuple[np.ndarray, bool]] = {}
 _pool_of_address: dict[tuple[str, int], str] = {}
 _pools_lock = threading.Lock()
+# Registered pools lent from (`Client.lend`: a GPU may be reading them in place): live
+# loans by pool name. A lent pool that a restarted daemon's new pool replaces stays
+# registered (in `_retiring`) until its last loan ends.
+_loans: dict[str, int] = {}
+_retiring: dict[str, np.ndarray] = {}
+
+
+def hold_pool(name: str) -> bool:
+    """Keep the registered pool ``name`` registered for a loan; False if it has been
+    replaced already (nothing to lend from)."""
+    with _pools_lock:
+        if name not in _pools:
+            return False
+        _loans[name] = _loans.get(name, 0) + 1
+        return True
+
+
+def release_pool(name: str) -> None:
+    """A loan of ``hold_pool`` ended; a replaced pool is let go with its last loan."""
+    from kvstore.shm.page_lock import unregister_with_cuda
+
+    with _pools_lock:
+        left = _loans[name] - 1
+        if left:
+            _loans[name] = left
+            return
+        del _loans[name]
+        retired = _retiring.pop(name, None)
+    if retired is not None:
+        unregister_with_cuda(retired)
 
 
 def _shared_pool(address: tuple[str, int], name: str,
@@ -112,7 +144,9 @@ def _shared_pool(address: tuple[str, int], name: str,
         old = _pool_of_address.get(address)
         if old is not None and old != name and old in _pools:
             array, registered = _pools.pop(old)
-            if registered:
+            if registered and old in _loans:  # a GPU may be reading it: later
+                _retiring[old] = array
+            elif registered:
                 unregister_with_cuda(array)
         _pool_of_address[address] = name
         if name not in _pools:

@@ -31,7 +31,7 @@ from typing import Any
 from kvstore.client.answers import Response, checked, transport_failed
 from kvstore.client.api import StoreApi, check_keys
 from kvstore.client.operations import Operation, Operations, PoolLoan, call_args
-from kvstore.client.session import Session, hello
+from kvstore.client.session import Session, hello, hold_pool, release_pool
 from kvstore.client.settings import ClientSettings
 from kvstore.errors import (
     AuthError,
@@ -270,26 +270,49 @@ class Client(StoreApi):
         `get_many_into`. A read counts only if it ended before the loan's
         ``valid_until``; after that the slot may have been reused."""
         checked = check_keys(keys)
-        with self._slots:  # one connection for the loan: its pins belong to it
-            conn = self._acquire()
+        # One connection for the loan (its pins belong to it), taken outside the
+        # ``max_connections`` bound: the loan's holder goes on to call the client (the
+        # blocks not lent), which must not wait for the loan's connection.
+        conn = self._acquire()
+        session = conn.session
+        # A registered pool stays registered while lent, even if a restarted daemon's
+        # hello replaces it meanwhile (a GPU may still be reading it).
+        held = session.pool is not None and session.is_pool_registered and (
+            hold_pool(session.pool_name))
+        try:
+            loan = _drive(Operations.pin_in_pool(
+                session, checked, lend=held or not session.is_pool_registered), conn,
+                time.monotonic() + self.settings.timeout_s)
+        except BaseException as e:
+            if held:
+                release_pool(session.pool_name)
+            self._drop(conn, e)
+            raise
+        try:
+            yield loan
+        finally:
             try:
-                loan = _drive(Operations.pin_in_pool(conn.session, checked), conn,
-                              time.monotonic() + self.settings.timeout_s)
-            except BaseException as e:
+                _drive(Operations.unpin(loan.handles), conn,
+                       time.monotonic() + self.settings.timeout_s)
+            except BaseException as e:  # (a closed connection's pins are let go)
                 self._drop(conn, e)
-                raise
-            try:
-                yield loan
+                if not isinstance(e, (StoreConnectionError, DeadlineExceededError)):
+                    raise
+            else:
+                self._release(conn)
             finally:
-                try:
-                    _drive(Operations.unpin(loan.handles), conn,
-                           time.monotonic() + self.settings.timeout_s)
-                except BaseException as e:  # (a closed connection's pins are let go)
-                    self._drop(conn, e)
-                    if not isinstance(e, (StoreConnectionError, DeadlineExceededError)):
-                        raise
-                else:
-                    self._release(conn)
+                if held:
+                    release_pool(session.pool_name)
+
+    @property
+    def can_lend(self) -> bool:
+        """Whether `lend` can lend blocks for a GPU to read in place: the daemon's pool is
+        mapped here and page-locked (registered with CUDA)."""
+        conn = self._acquire()
+        try:
+            return conn.session.pool is not None and conn.session.is_pool_registered
+        finally:
+            self._release(conn)
 
     def _drop(self, conn: _Connection, error: BaseException) -> None:
         """After ``error`` on ``conn``: a broken or timed-out connection is closed, any

@@ -15,12 +15,16 @@ worker reads its own rank's).
       by `kvstore.Client.lend`: no host copy; the others from staging rows)
     wait_for_layer_load(i): layer i written (on a GPU: the compute stream waits for it)
     save_kv_layer(i): layer i's new pages gathered into staging rows (on a GPU: beside the
-      caches, then to page-locked host rows on a side stream, `LayerSaves`; no host sync)
+      caches, then to page-locked host rows on a side stream, `LayerSaves`: with CuPy a
+      2-D DMA copy, no host sync; without it torch's copy of the column views)
     wait_for_save: the host rows complete, then put_many of the new blocks
 
 A block that is missing, corrupt or unreadable is reported with every block after it
 (`get_block_ids_with_load_errors`): vLLM recomputes them, and no page of a failed block is
-ever written from the store. A step with a failed load stores nothing.
+ever written from the store. The one exception: blocks read in place whose copies may have
+ended after their loan (a slot could have been reused meanwhile): their pages were written,
+and every block of their request is reported failed. A step with a failed load stores
+nothing, whenever vLLM asks for the failed blocks.
 """
 
 from __future__ import annotations
@@ -102,13 +106,16 @@ class ConnectorWorker:
         # on a GPU) and, on a GPU, the rows beside the caches its layers are gathered into.
         self._save_staging: list[tuple[BlockTransfer, torch.Tensor, torch.Tensor | None]] = []
         self._gathered: set[int] = set()  # layers save_kv_layer gathered this step
-        self._load_errors: set[int] = set()
+        self._load_errors: set[int] = set()  # reported (and cleared) by vLLM's ask
+        # Whether this step had a failed load: its saves are not stored, even when vLLM
+        # asked for the failed blocks before `wait_for_save` (speculative decoding).
+        self._step_failed = False
         # Blocks read in place from the store's page-locked pool this step (`Client.lend`):
         # the loans, held until the copies are done, and the block ids they cover.
         self._loans: contextlib.ExitStack | None = None
         self._lent: list[int] = []
         self._loans_valid_until = math.inf
-        self._lending = True  # False once a loan showed the pool is not page-locked here
+        self._copies_done_at: float | None = None  # when the step's copies were seen done
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor],
                            num_blocks: int | None) -> None:
@@ -161,10 +168,10 @@ class ConnectorWorker:
                 if lent:  # the rest from the staging rows, by address too
                     rows = [*lent, *(staging.data_ptr() + i * staging.stride(0)
                                      for i in range(len(lent), num_ok))]
-                    self._lent += load.block_ids[:len(lent)]
+                    self._lent += load.block_ids  # (a late loan fails them all)
                     self._count(blocks_loaded_in_place=len(lent))
                 if num_ok < len(load.keys):
-                    self._load_errors.update(load.block_ids[num_ok:])
+                    self._fail(load.block_ids[num_ok:])
                     self._count(load_failures=len(load.keys) - num_ok)
                     log.warning("kvstore: request %s: %d of %d blocks could not be loaded; "
                                 "vLLM recomputes them", load.req_id,
@@ -180,10 +187,15 @@ class ConnectorWorker:
                         assert isinstance(rows, torch.Tensor)
                         self.pages.scatter_layer(layer, rows, load.block_ids[:num_ok])
                 ready.set()
+            if self._lent and self._gpu_loads is not None:
+                # When the copies out of the lent slots ended, at the latest: checked
+                # against the loans when they are given back.
+                self._gpu_loads.stream.synchronize()
+                self._copies_done_at = time.monotonic()
         except BaseException:
             # Nothing half-written is handed over: every claimed block is reported failed.
             for load in loads:
-                self._load_errors.update(load.block_ids)
+                self._fail(load.block_ids)
             raise
         finally:
             for ready in layer_ready:
@@ -198,8 +210,8 @@ class ConnectorWorker:
         kernel, a store without `lend`, a pool not page-locked here, a first block
         elsewhere or of another size."""
         none: list[list[int]] = [[] for _ in loads]
-        if (store is None or not self._lending or self._gpu_loads is None
-                or not self._gpu_loads.use_kernel or not hasattr(store, "lend")):
+        if (store is None or self._gpu_loads is None or not self._gpu_loads.use_kernel
+                or not getattr(store, "can_lend", False)):
             return none
         keys = [key for load in loads for key in load.keys]
         try:
@@ -207,10 +219,7 @@ class ConnectorWorker:
         except STORE_FAILURES as e:  # (the reads that follow find out too, and report)
             log.info("kvstore: lending %d blocks failed (%s); reading them", len(keys), e)
             return none
-        if not loan.page_locked:
-            self._lending = False
-            log.info("kvstore: the store's pool is not page-locked here; blocks are read "
-                     "into staging rows instead of in place")
+        if not loan.page_locked:  # (a daemon restarted meanwhile)
             return none
         runs, first = [], 0
         for load in loads:
@@ -228,24 +237,31 @@ class ConnectorWorker:
         return runs
 
     def _return_loans(self) -> None:
-        """After the copies are done: give the step's loans back. A copy that ended
-        after a loan's ``valid_until`` may have read a reused slot: its blocks are
-        reported failed (vLLM recomputes them), as any failed load is."""
+        """After the copies are done: give the step's loans back. A copy that may have
+        ended after a loan's ``valid_until`` may have read a reused slot: the blocks of
+        each load that read lent slots are reported failed (vLLM recomputes them), as
+        any failed load is."""
         loans, self._loans = self._loans, None
         lent, self._lent = self._lent, []
         valid_until, self._loans_valid_until = self._loans_valid_until, math.inf
+        done_at, self._copies_done_at = self._copies_done_at, None
         if loans is None:
             return
-        late = time.monotonic() > valid_until  # (every copy ended before now)
+        # (seen done on the I/O thread; else, at the latest, by now)
+        late = (time.monotonic() if done_at is None else done_at) > valid_until
         try:
             loans.close()
         except STORE_FAILURES as e:  # (the daemon drops a lost connection's pins)
             log.warning("kvstore: giving back lent blocks failed: %s", e)
         if late and lent:
-            self._load_errors.update(lent)
+            self._fail(lent)
             self._count(load_failures=len(lent))
             log.warning("kvstore: %d blocks read in place outlived their loan; vLLM "
                         "recomputes them", len(lent))
+
+    def _fail(self, block_ids: Any) -> None:
+        self._load_errors.update(block_ids)
+        self._step_failed = True
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self._fetch is None or self.pages is None:
@@ -295,19 +311,20 @@ class ConnectorWorker:
         self._finish_loads()
         staged, self._save_staging = self._save_staging, []
         gathered, self._gathered = self._gathered, set()
+        failed, self._step_failed = self._step_failed, False  # (the step ends here)
         if not staged:
             return
         assert self.pages is not None
         if self._gpu_saves is not None:  # (the rows are read, or reused, after this)
             self._gpu_saves.synchronize()
-        if self._load_errors or len(gathered) < len(self.pages.layer_names):
+        if failed or len(gathered) < len(self.pages.layer_names):
             # A failed load leaves pages that this step's forward may have read (vLLM
             # recomputes them), and a layer vLLM did not hand over is not in the staging
             # rows: store nothing from this step rather than anything wrong.
             num = sum(len(save.keys) for save, _, _ in staged)
             self._count(save_failures=num)
             log.warning("kvstore: not storing %d blocks of a step with %s", num,
-                        "failed loads" if self._load_errors else "layers not saved")
+                        "failed loads" if failed else "layers not saved")
             return
         store = self.store.get()
         for save, staging, _ in staged:

@@ -263,7 +263,8 @@ def _copy_columns(host: torch.Tensor, dev: torch.Tensor, start: int, width: int,
                   stream: torch.cuda.Stream) -> None:
     """Copy bytes ``[start, start + width)`` of ``rows`` rows of ``dev`` into the same
     bytes of ``host``'s rows, on ``stream``: one strided (2-D) DMA copy with CuPy, else
-    torch's copy of the two column views."""
+    torch's copy of the two column views (not contiguous: torch may stage it and wait
+    for it on the host)."""
     if host.stride(1) != 1 or dev.stride(1) != 1:
         raise ValueError("rows must be contiguous within each row")
     try:

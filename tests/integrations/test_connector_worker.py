@@ -8,7 +8,6 @@ read in place from its page-locked pool). No vLLM is needed, so the GPU runs (ma
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from kvstore.integrations.connector_worker import ConnectorWorker, RankedTransfe
 from kvstore.integrations.pages import KVViewCodec, PageLayout
 from tests.daemon.conftest import start_daemon  # noqa: F401 (a fixture)
 from tests.engines.conftest import flip_on_disk
+from tests.engines.test_fetch_plan_daemon import onto_nvme, skip_without_direct_io, slow_reads
 from tests.integrations.test_pages import (
     HS,
     LAYERS,
@@ -189,6 +189,26 @@ def test_a_step_whose_load_failed_stores_nothing(device: str, tmp_path: Path) ->
         worker.shutdown()
 
 
+def test_a_failed_load_asked_for_before_wait_for_save_still_stores_nothing(
+        tmp_path: Path) -> None:
+    """With speculative decoding vLLM asks for the failed blocks before `wait_for_save`:
+    the step's saves are dropped all the same (their KV may have read those pages)."""
+    missing, new = chain(2, salt=11), chain(2, salt=12)
+    with open_store("dram", tmp_path) as store:
+        worker, _, counts = instance(store, "LBNHC", "cpu", seed=5)
+        worker.start_load_kv([RankedTransfer("b", [missing], [2, 3])])
+        for name in NAMES:
+            worker.wait_for_layer_load(name)
+            worker.save_kv_layer(name, [RankedTransfer("c", [new], [0, 1])])
+        assert worker.get_block_ids_with_load_errors() == {2, 3}
+        worker.wait_for_save()
+        assert store.match_prefix(new) == 0 and "save_failures" in counts
+        assert worker.get_block_ids_with_load_errors() == set()
+        assert step(worker, saves=[RankedTransfer("c", [new], [0, 1])]) == set()
+        assert store.match_prefix(new) == 2  # the next step stores again
+        worker.shutdown()
+
+
 class Down(Source):
     """A store source whose store is down (as `StoreHandle.get` says after a failure)."""
 
@@ -273,31 +293,44 @@ def test_blocks_in_a_daemon_s_pool_are_read_in_place_on_a_gpu(
 
 
 @pytest.mark.gpu
-def test_blocks_read_in_place_after_their_loan_ran_out_are_load_errors(
-        start_daemon) -> None:  # noqa: F811
-    """A step that stalls past its loan (a daemon with a 1 s lease: a loan is good for
-    0.5 s; the step waits 1.5 s before its layers): the worker knows only that its copies
-    ended before it looked, so they may have read reused slots. Every block read in place
-    is reported as a load error (vLLM recomputes them), the step stores nothing, and the
-    next step, on time, loads them."""
+def test_lent_and_staged_blocks_load_together_and_a_late_loan_fails_its_request(
+        start_daemon, tmp_path: Path) -> None:  # noqa: F811
+    """A request of 6 blocks: the first 2 in the daemon's pool (lent, read in place), the
+    other 4 on its disk only (read into staging rows, by address too). On time, all 6
+    land bit for bit. Then the daemon's disk reads are capped at 8 KB/s, so the staged
+    blocks take seconds to come, and the lent ones are copied only after that, past
+    their loan (the daemon's lease is 1 s: a loan is good for 0.5 s): every block of the
+    request is a load error (vLLM recomputes them) and the step stores nothing."""
     needs("cuda")
-    daemon = start_daemon("--dram", "32MiB", "--max-value", "1MiB", "--lease", "1")
-    keys = chain(3, salt=8)
+    daemon = start_daemon("--dram", "32MiB", "--nvme-path", str(tmp_path / "nvme"),
+                          "--nvme", "64MiB", "--max-value", "1MiB", "--lease", "1")
+    keys, saved_from, loaded_into = chain(6, salt=8), [5, 4, 3, 2, 1, 0], list(range(6))
     with kvstore.connect(daemon.url) as store:
+        skip_without_direct_io(store)
         saver, saved, _ = instance(store, "LBNHC", "cuda", seed=4)
-        assert step(saver, saves=[RankedTransfer("r", [keys], SAVED_FROM[:3])]) == set()
-        loader, loaded, counts = instance(store, "BLHNC", "cuda", seed=None)
-        loads = [RankedTransfer("r", [keys], LOADED_INTO[:3])]
-        worker = loader
-        worker.start_load_kv(loads)
-        time.sleep(1.5)
-        assert step(worker, saves=[RankedTransfer("s", [chain(1, salt=9)], [0])]) == set(
-            LOADED_INTO[:3])
-        assert "blocks_loaded_in_place" in counts and "load_failures" in counts
-        assert "blocks_saved" not in counts and store.match_prefix(chain(1, salt=9)) == 0
-        counts.clear()
-        assert step(worker, loads=loads) == set()
-        assert counts == ["blocks_loaded_in_place", "blocks_loaded"]
-        assert same_blocks(saved, SAVED_FROM[:3], loaded, LOADED_INTO[:3])
+        assert step(saver, saves=[RankedTransfer("r", [keys], saved_from)]) == set()
+        onto_nvme(store, keys[2:])
+        assert store.tier_bits(keys) == [2, 2, 4, 4, 4, 4]
+        numbers: dict[str, int] = {}
+
+        def count(**n: int) -> None:
+            for name, value in n.items():
+                numbers[name] = numbers.get(name, 0) + value
+
+        loader = ConnectorWorker(Source(store), CODEC, count=count)
+        loaded = logical_views(PHYSICAL_ORDERS["BLHNC"], device="cuda")
+        loader.register_kv_caches(loaded, VIEW_BLOCKS)
+        loads = [RankedTransfer("r", [keys], loaded_into)]
+        assert step(loader, loads=loads) == set()
+        assert numbers == {"blocks_loaded_in_place": 2, "blocks_loaded": 6}
+        assert same_blocks(saved, saved_from, loaded, loaded_into)
+        onto_nvme(store, keys[2:])  # (the load promoted them)
+        numbers.clear()
+        with slow_reads(daemon.proc.pid, tmp_path, 8192):
+            errors = step(loader, loads=loads,
+                          saves=[RankedTransfer("s", [chain(1, salt=9)], [0])])
+        assert errors == set(loaded_into)
+        assert numbers["load_failures"] == 6 and numbers["blocks_loaded_in_place"] == 2
+        assert store.match_prefix(chain(1, salt=9)) == 0
         loader.shutdown()
         saver.shutdown()
