@@ -6,8 +6,8 @@
 #
 #   bash benchmarks/gpu_suite.sh OUT [PART ...]
 #
-# PART: tests, decode, ttft, ttft-fp8, pipeline, pages, lmcache-build, lmcache, accuracy,
-# serve (default: all but lmcache-build, in that order). The serving runs replay the
+# PART: tests, decode, ttft, ttft-fp8, pipeline, pages, connector, lmcache-build, lmcache,
+# accuracy, serve (default: all but lmcache-build, in that order). The serving runs replay the
 # conversation trace: TRACE=path overrides its default place (Mooncake's FAST25
 # conversation trace). SERVE_RUNS (default 3) runs of each serving mode, for medians.
 # LMCACHE_PATH: a directory holding LMCache's packages (installed there with `pip install
@@ -22,7 +22,8 @@ set -u
 out=${1:?usage: bash benchmarks/gpu_suite.sh OUT [PART ...]}
 shift
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests decode ttft ttft-fp8 pipeline pages lmcache accuracy serve)
+[ ${#parts[@]} -eq 0 ] && parts=(tests decode ttft ttft-fp8 pipeline pages connector lmcache accuracy
+                                  serve)
 mkdir -p "$out"
 trace=${TRACE:-/work/shared/data/mooncake_conversation_trace.jsonl}
 py=${PYTHON:-python3}
@@ -59,6 +60,9 @@ for p in "${parts[@]}"; do
         done ;;
     pages)  # the vLLM connector's loads into CUDA caches, every layout (issue 19)
         part pages 600 "$py" benchmarks/vllm_pages_bench.py --json-out "$out/pages.json" ;;
+    connector)  # the vLLM connector's worker over a kvstored: loads in place / staged (issue 19)
+        part connector 300 "$py" benchmarks/connector_gpu_bench.py \
+            --json-out "$out/connector.json" ;;
     lmcache-build)  # LMCache's CUDA kernels against this torch, into LMCACHE_PATH
         part lmcache-build 600 "$py" benchmarks/build_lmcache_ops.py \
             --csrc "${LMCACHE_SRC:?LMCACHE_SRC: the csrc directory of LMCache}" \
@@ -82,7 +86,7 @@ for p in "${parts[@]}"; do
             done
         done ;;
     *)
-        echo "unknown part $p (tests, decode, ttft, ttft-fp8, pipeline, pages," \
+        echo "unknown part $p (tests, decode, ttft, ttft-fp8, pipeline, pages, connector," \
             "lmcache-build, lmcache, accuracy, serve)"
         failed=1 ;;
     esac
