@@ -13,11 +13,15 @@ are checked against the saved ones once. JSON on stdout: GB/s per arm, medians o
 ``--repeats``, and each arm over the raw copy.
 
     python benchmarks/connector_gpu_bench.py [--model llama3-8b] [--tokens 8192]
+
+``--device cpu`` runs the same steps on the CPU, as a check of the script itself (no
+loans there: both load arms go through staging rows; raw is a host copy).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,7 +35,7 @@ for path in (_REPO, _REPO / "benchmarks"):
 import torch  # noqa: E402
 from daemon_bench import DaemonProcess  # noqa: E402
 from store_bench import emit, log, machine_info  # noqa: E402
-from vllm_pages_bench import PHYSICAL_ORDERS, SHAPES, timed, views  # noqa: E402
+from vllm_pages_bench import PHYSICAL_ORDERS, SHAPES, timed  # noqa: E402
 
 import kvstore  # noqa: E402
 from kvstore.integrations.connector_worker import ConnectorWorker, RankedTransfer  # noqa: E402
@@ -66,6 +70,28 @@ class Staged:
         return getattr(self._client, name)
 
 
+def caches_on(device: str, layers: int, blocks: int, heads: int, tokens: int,
+              head_dim: int) -> dict[str, torch.Tensor]:
+    """vLLM-style per-layer views of one backing tensor in layout LBNHC, on ``device``."""
+    order = PHYSICAL_ORDERS["LBNHC"]
+    shape = (layers, blocks, heads, tokens, 2 * head_dim)
+    physical = torch.empty([shape[d] for d in order], dtype=torch.bfloat16, device=device)
+    logical = physical.permute(*[order.index(d) for d in range(5)])
+    return {f"model.layers.{i}.self_attn.attn": logical[i] for i in range(layers)}
+
+
+def timed_on(device: str, fn: Any, repeats: int) -> float:
+    if device == "cuda":
+        return timed(fn, repeats)
+    fn()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
 def worker_over(store: Any, codec: KVViewCodec, caches: dict[str, torch.Tensor],
                 num_blocks: int, counts: dict[str, int]) -> ConnectorWorker:
     def count(**n: int) -> None:
@@ -84,7 +110,8 @@ def step(worker: ConnectorWorker, names: list[str], loads: list[RankedTransfer],
         worker.wait_for_layer_load(name)
         worker.save_kv_layer(name, saves)
     worker.wait_for_save()
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return worker.get_block_ids_with_load_errors()
 
 
@@ -94,13 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=8192, help="tokens of one request")
     parser.add_argument("--block-tokens", type=int, default=16, help="vLLM's CUDA block")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: a check of the script itself (see above)")
     parser.add_argument("--json-out")
     args = parser.parse_args(argv)
     if args.tokens % args.block_tokens:
         parser.error("--tokens must be a multiple of --block-tokens")
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print('{"skipped": "needs CUDA"}')
         return 0
+    device = args.device
     started_s = time.perf_counter()
     layers, heads, head_dim = SHAPES[args.model]
     blocks = args.tokens // args.block_tokens
@@ -110,32 +140,31 @@ def main(argv: list[str] | None = None) -> int:
     keys = kvstore.prefix_hashes(list(range(args.tokens)), block_tokens=args.block_tokens,
                                  namespace=f"connector-bench-{args.model}")
     saved_from, loaded_into = list(range(blocks)), list(range(blocks, 2 * blocks))
-    order = PHYSICAL_ORDERS["LBNHC"]
-    doc: dict[str, Any] = {"machine": machine_info(None), "gpu": torch.cuda.get_device_name(),
+    doc: dict[str, Any] = {"machine": machine_info(None), "device": device,
+                           "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
                            "torch": torch.__version__, "model": args.model,
                            "tokens": args.tokens, "bytes": nbytes}
     daemon = DaemonProcess(nbytes + (256 << 20), max_value_bytes=block_bytes)
     try:
         with kvstore.connect(daemon.url) as client:
             doc["can_lend"] = client.can_lend
-            source = views(order, layers, 2 * blocks, heads, args.block_tokens, head_dim,
-                           torch.bfloat16)
+            source = caches_on(device, layers, 2 * blocks, heads, args.block_tokens, head_dim)
             for view in source.values():
-                view.copy_(torch.randn(view.shape, dtype=torch.float32, device="cuda"))
+                view.copy_(torch.randn(view.shape, dtype=torch.float32, device=device))
             names = list(source)
             save_counts: dict[str, int] = {}
             saver = worker_over(client, codec, source, 2 * blocks, save_counts)
             saves = [RankedTransfer("save", [keys], saved_from)]
-            save_s = timed(lambda: step(saver, names, [], saves), args.repeats)
+            save_s = timed_on(device, lambda: step(saver, names, [], saves), args.repeats)
             arms: dict[str, Any] = {"save": {"gbps": nbytes / save_s / 1e9}}
             for arm, store in (("load_in_place", client), ("load_staged", Staged(client))):
-                caches = views(order, layers, 2 * blocks, heads, args.block_tokens, head_dim,
-                               torch.bfloat16)
+                caches = caches_on(device, layers, 2 * blocks, heads, args.block_tokens,
+                                   head_dim)
                 counts: dict[str, int] = {}
                 worker = worker_over(store, codec, caches, 2 * blocks, counts)
                 loads = [RankedTransfer("load", [keys], loaded_into)]
                 errors: list[set[int]] = []
-                seconds = timed(lambda w=worker, ls=loads, e=errors: e.append(
+                seconds = timed_on(device, lambda w=worker, ls=loads, e=errors: e.append(
                     step(w, names, ls, [])), args.repeats)
                 equal = all(torch.equal(caches[n][blocks:].view(torch.int16),
                                         source[n][:blocks].view(torch.int16)) for n in names)
@@ -148,12 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             saver.shutdown()
     finally:
         daemon.stop()
-    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-    device = torch.empty_like(host, device="cuda")
-    raw = {"h2d_gbps": nbytes / timed(lambda: device.copy_(host, non_blocking=True),
-                                      args.repeats) / 1e9,
-           "d2h_gbps": nbytes / timed(lambda: host.copy_(device, non_blocking=True),
-                                      args.repeats) / 1e9}
+    host = torch.empty(nbytes, dtype=torch.uint8)
+    if device == "cuda":
+        host = host.pin_memory()
+    other = torch.empty_like(host, device=device)
+    raw = {"h2d_gbps": nbytes / timed_on(device, lambda: other.copy_(host, non_blocking=True),
+                                         args.repeats) / 1e9,
+           "d2h_gbps": nbytes / timed_on(device, lambda: host.copy_(other, non_blocking=True),
+                                         args.repeats) / 1e9}
     for arm, figure in arms.items():
         figure["of_raw"] = figure["gbps"] / raw["d2h_gbps" if arm == "save" else "h2d_gbps"]
     doc.update(raw=raw, arms=arms)
