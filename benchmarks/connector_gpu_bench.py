@@ -156,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             saver = worker_over(client, codec, source, 2 * blocks, save_counts)
             saves = [RankedTransfer("save", [keys], saved_from)]
             save_s = timed_on(device, lambda: step(saver, names, [], saves), args.repeats)
-            arms: dict[str, Any] = {"save": {"gbps": nbytes / save_s / 1e9}}
+            # (each save replaces the last one's blocks: their eviction is part of it)
+            arms: dict[str, Any] = {"save": {
+                "gbps": nbytes / save_s / 1e9, "blocks_saved": save_counts.get("blocks_saved", 0),
+                "save_failures": save_counts.get("save_failures", 0),
+                "store_failures": saver.store.failures}}
             for arm, store in (("load_in_place", client), ("load_staged", Staged(client))):
                 caches = caches_on(device, layers, 2 * blocks, heads, args.block_tokens,
                                    head_dim)

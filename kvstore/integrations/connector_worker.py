@@ -168,7 +168,8 @@ class ConnectorWorker:
                 if lent:  # the rest from the staging rows, by address too
                     rows = [*lent, *(staging.data_ptr() + i * staging.stride(0)
                                      for i in range(len(lent), num_ok))]
-                    self._lent += load.block_ids  # (a late loan fails them all)
+                    # A late loan fails the request (those after num_ok failed already).
+                    self._lent += load.block_ids[:num_ok]
                     self._count(blocks_loaded_in_place=len(lent))
                 if num_ok < len(load.keys):
                     self._fail(load.block_ids[num_ok:])
@@ -208,13 +209,17 @@ class ConnectorWorker:
         far as the store lends them whole: one loan for the step (it holds a connection
         of the client's until the step ends). [] for a load where none is lent: no
         kernel, a store without `lend`, a pool not page-locked here, a first block
-        elsewhere or of another size."""
+        elsewhere or of another size. (The loan is taken before the step's other blocks
+        are read into staging rows, and the in-place copies start after those reads: a
+        step whose reads outlast half a lease, 15 s by default, fails its lent requests,
+        and vLLM recomputes them.)"""
         none: list[list[int]] = [[] for _ in loads]
-        if (store is None or self._gpu_loads is None or not self._gpu_loads.use_kernel
-                or not getattr(store, "can_lend", False)):
+        if store is None or self._gpu_loads is None or not self._gpu_loads.use_kernel:
             return none
         keys = [key for load in loads for key in load.keys]
         try:
+            if not getattr(store, "can_lend", False):  # (asking may connect: may fail)
+                return none
             loan = loans.enter_context(store.lend(keys))
         except STORE_FAILURES as e:  # (the reads that follow find out too, and report)
             log.info("kvstore: lending %d blocks failed (%s); reading them", len(keys), e)

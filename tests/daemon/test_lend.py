@@ -6,6 +6,8 @@ blocks elsewhere are not lent; the pins go when the loan ends."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import pytest
@@ -97,6 +99,7 @@ def test_without_the_pool_nothing_is_lent_and_bad_keys_are_refused(start_daemon)
         assert client.get(key) == make_value(1, 128 * KiB)
 
 
+@pytest.mark.timeout(60)  # (without its own connection, the loan's holder hangs)
 def test_a_loan_leaves_the_client_s_connections_to_its_other_calls(start_daemon):
     """A loan's connection is its own: with one connection allowed, the calls its holder
     makes meanwhile (reading the blocks not lent) still run, and none waits on it."""
@@ -109,3 +112,45 @@ def test_a_loan_leaves_the_client_s_connections_to_its_other_calls(start_daemon)
             assert client.get_many([other]) == [make_value(2, 64 * KiB)]
             with client.lend([other]) as second:
                 assert second.view(0).tobytes() == make_value(2, 64 * KiB)
+
+
+def test_a_lent_pool_stays_registered_until_its_last_loan_ends(monkeypatch):
+    """The client's pool bookkeeping, with CUDA's registration recorded instead of made
+    (this machine may have no GPU; the GPU tests read lent pools for real): a pool that a
+    restarted daemon's new pool replaces while it is lent is unregistered once, when its
+    last loan ends, never before; one replaced while not lent is unregistered at once;
+    a replaced pool lends nothing more."""
+    from kvstore.client import session
+    from kvstore.shm import page_lock
+    from kvstore.shm.mapping import map_shared, shm_path
+
+    events: list[tuple[str, int]] = []
+    monkeypatch.setattr(page_lock, "register_with_cuda",
+                        lambda array: events.append(("register", array.ctypes.data)) or True)
+    monkeypatch.setattr(page_lock, "unregister_with_cuda",
+                        lambda array: events.append(("unregister", array.ctypes.data)))
+    names = [f"kvstore-test-lend-{i}-{time.monotonic_ns()}" for i in range(3)]
+    mappings = [map_shared(name, 1 << 20, create=True) for name in names]
+    address = ("127.0.0.1", 1)
+    try:
+        first, _ = session._shared_pool(address, names[0], 1 << 20)
+        assert session.hold_pool(names[0]) and session.hold_pool(names[0])  # two loans
+        second, _ = session._shared_pool(address, names[1], 1 << 20)  # the daemon restarted
+        assert ("unregister", first.ctypes.data) not in events
+        assert not session.hold_pool(names[0])  # replaced: nothing more is lent from it
+        session.release_pool(names[0])
+        assert ("unregister", first.ctypes.data) not in events  # one loan still reads it
+        session.release_pool(names[0])
+        assert events.count(("unregister", first.ctypes.data)) == 1
+        session._shared_pool(address, names[2], 1 << 20)  # not lent: let go at once
+        assert events.count(("unregister", second.ctypes.data)) == 1
+        assert not session._loans and not session._retiring
+    finally:
+        with session._pools_lock:
+            for name in names:
+                session._pools.pop(name, None)
+            session._pool_of_address.pop(address, None)
+        for name, mapping in zip(names, mappings, strict=True):
+            mapping.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(shm_path(name))

@@ -166,6 +166,23 @@ def test_a_middle_load_costs_nothing_until_the_head_is_computed() -> None:
     assert not late.keep_going(40, 80.0, now_s=80.0)  # at 2 s: in at 120 > 80 + 20
 
 
+def test_a_head_load_teaches_its_tier_s_cost_as_the_middle_does() -> None:
+    """A plan loading a prefix wholly from disk (a head, no middle) names the head's tier;
+    its head load's observed time moves that tier's cost (a quarter of the way), and the
+    middle of a plan with one reports to the middle's tier. Lent blocks name no tier."""
+    cost = compute_cost(per_token=1.0)
+    planner = FetchPlanner(cost, TierCosts({"dram": TierCost(0.0, 0.01),
+                                            "nvme": TierCost(0.0, 0.1)}), block_tokens=1)
+    head_only = planner.plan(11, [NVME] * 10, overlap=False)
+    assert head_only.head_load_end == 10 and head_only.head_tier == "nvme"
+    planner.observer(head_only, head=True)(10, 5.0)  # 0.5 a block seen
+    assert planner.tiers.tiers["nvme"].per_block_s == pytest.approx(0.75 * 0.1 + 0.25 * 0.5)
+    mixed = planner.plan(101, [DRAM] * 10 + [NVME] * 90)
+    assert mixed.head_tier == "dram" and mixed.middle_tier == "nvme"
+    assert planner.observer(plan_fetch(11, [], cost, planner.tiers, block_tokens=1,
+                                       lent=10), head=True) is None
+
+
 def test_bad_input_and_unknown_tiers() -> None:
     tiers = TierCosts({"nvme": TierCost(0.0, 3.0)})
     with pytest.raises(ValueError, match="at least one token"):
