@@ -21,7 +21,6 @@ loans there: both load arms go through staging rows; raw is a host copy).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ for path in (_REPO, _REPO / "benchmarks"):
 import torch  # noqa: E402
 from daemon_bench import DaemonProcess  # noqa: E402
 from store_bench import emit, log, machine_info  # noqa: E402
-from vllm_pages_bench import PHYSICAL_ORDERS, SHAPES, timed  # noqa: E402
+from vllm_pages_bench import PHYSICAL_ORDERS, SHAPES, timed, views  # noqa: E402
 
 import kvstore  # noqa: E402
 from kvstore.integrations.connector_worker import ConnectorWorker, RankedTransfer  # noqa: E402
@@ -68,28 +67,6 @@ class Staged:
         if name in ("lend", "can_lend"):
             raise AttributeError(name)
         return getattr(self._client, name)
-
-
-def caches_on(device: str, layers: int, blocks: int, heads: int, tokens: int,
-              head_dim: int) -> dict[str, torch.Tensor]:
-    """vLLM-style per-layer views of one backing tensor in layout LBNHC, on ``device``."""
-    order = PHYSICAL_ORDERS["LBNHC"]
-    shape = (layers, blocks, heads, tokens, 2 * head_dim)
-    physical = torch.empty([shape[d] for d in order], dtype=torch.bfloat16, device=device)
-    logical = physical.permute(*[order.index(d) for d in range(5)])
-    return {f"model.layers.{i}.self_attn.attn": logical[i] for i in range(layers)}
-
-
-def timed_on(device: str, fn: Any, repeats: int) -> float:
-    if device == "cuda":
-        return timed(fn, repeats)
-    fn()
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
 
 
 def worker_over(store: Any, codec: KVViewCodec, caches: dict[str, torch.Tensor],
@@ -140,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = kvstore.prefix_hashes(list(range(args.tokens)), block_tokens=args.block_tokens,
                                  namespace=f"connector-bench-{args.model}")
     saved_from, loaded_into = list(range(blocks)), list(range(blocks, 2 * blocks))
+    order = PHYSICAL_ORDERS["LBNHC"]
     doc: dict[str, Any] = {"machine": machine_info(None), "device": device,
                            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
                            "torch": torch.__version__, "model": args.model,
@@ -148,27 +126,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with kvstore.connect(daemon.url) as client:
             doc["can_lend"] = client.can_lend
-            source = caches_on(device, layers, 2 * blocks, heads, args.block_tokens, head_dim)
+            source = views(order, layers, 2 * blocks, heads, args.block_tokens, head_dim,
+                           torch.bfloat16, device)
             for view in source.values():
                 view.copy_(torch.randn(view.shape, dtype=torch.float32, device=device))
             names = list(source)
             save_counts: dict[str, int] = {}
             saver = worker_over(client, codec, source, 2 * blocks, save_counts)
             saves = [RankedTransfer("save", [keys], saved_from)]
-            save_s = timed_on(device, lambda: step(saver, names, [], saves), args.repeats)
+            save_s = timed(lambda: step(saver, names, [], saves), args.repeats)
             # (each save replaces the last one's blocks: their eviction is part of it)
             arms: dict[str, Any] = {"save": {
                 "gbps": nbytes / save_s / 1e9, "blocks_saved": save_counts.get("blocks_saved", 0),
                 "save_failures": save_counts.get("save_failures", 0),
                 "store_failures": saver.store.failures}}
             for arm, store in (("load_in_place", client), ("load_staged", Staged(client))):
-                caches = caches_on(device, layers, 2 * blocks, heads, args.block_tokens,
-                                   head_dim)
+                caches = views(order, layers, 2 * blocks, heads, args.block_tokens, head_dim,
+                               torch.bfloat16, device)
                 counts: dict[str, int] = {}
                 worker = worker_over(store, codec, caches, 2 * blocks, counts)
                 loads = [RankedTransfer("load", [keys], loaded_into)]
                 errors: list[set[int]] = []
-                seconds = timed_on(device, lambda w=worker, ls=loads, e=errors: e.append(
+                seconds = timed(lambda w=worker, ls=loads, e=errors: e.append(
                     step(w, names, ls, [])), args.repeats)
                 equal = all(torch.equal(caches[n][blocks:].view(torch.int16),
                                         source[n][:blocks].view(torch.int16)) for n in names)
@@ -185,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda":
         host = host.pin_memory()
     other = torch.empty_like(host, device=device)
-    raw = {"h2d_gbps": nbytes / timed_on(device, lambda: other.copy_(host, non_blocking=True),
+    raw = {"h2d_gbps": nbytes / timed(lambda: other.copy_(host, non_blocking=True),
                                          args.repeats) / 1e9,
-           "d2h_gbps": nbytes / timed_on(device, lambda: host.copy_(other, non_blocking=True),
+           "d2h_gbps": nbytes / timed(lambda: host.copy_(other, non_blocking=True),
                                          args.repeats) / 1e9}
     for arm, figure in arms.items():
         figure["of_raw"] = figure["gbps"] / raw["d2h_gbps" if arm == "save" else "h2d_gbps"]

@@ -45,23 +45,25 @@ TARGET_RATIO = 0.85
 
 
 def views(order: tuple[int, ...], layers: int, blocks: int, heads: int, tokens: int,
-          head_dim: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+          head_dim: int, dtype: torch.dtype, device: str = "cuda") -> dict[str, torch.Tensor]:
     shape = (layers, blocks, heads, tokens, 2 * head_dim)
-    physical = torch.empty([shape[d] for d in order], dtype=dtype, device="cuda")
+    physical = torch.empty([shape[d] for d in order], dtype=dtype, device=device)
     logical = physical.permute(*[order.index(d) for d in range(5)])
     return {f"model.layers.{i}.self_attn.attn": logical[i] for i in range(layers)}
 
 
 def timed(fn: Any, repeats: int) -> float:
-    """Median seconds of ``fn`` (one warm-up first), ended by a device sync."""
+    """Median seconds of ``fn`` (one warm-up first), ended by a device sync (where there
+    is a GPU)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
-    torch.cuda.synchronize()
+    sync()
     seconds = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        sync()
         started = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         seconds.append(time.perf_counter() - started)
     return statistics.median(seconds)
 

@@ -416,8 +416,8 @@ class LayerLoad:
                 num_staged += got
                 if got < len(chunk):
                     break
-                if cutoff is not None and not cutoff.keep_going(
-                        num_staged, time.perf_counter() - started, time.perf_counter()):
+                now = time.perf_counter()
+                if cutoff is not None and not cutoff.keep_going(num_staged, now - started, now):
                     break
         except KVStoreError as e:
             log.warning("fetching %d blocks failed after %d (%s); recomputing from there",
