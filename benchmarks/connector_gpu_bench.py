@@ -92,6 +92,21 @@ def step(worker: ConnectorWorker, names: list[str], loads: list[RankedTransfer],
     return worker.get_block_ids_with_load_errors()
 
 
+def profiled(profile_dir: str | None, name: str, fn: Any) -> None:
+    """``fn()`` under torch's profiler (host calls and CUDA kernels), its Chrome trace
+    written as ``profile_dir/NAME.json.gz``; nothing without ``profile_dir``."""
+    if profile_dir is None:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    Path(profile_dir).mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+    prof.export_chrome_trace(str(Path(profile_dir) / f"{name}.json.gz"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
@@ -100,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a check of the script itself (see above)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="one more step of each load arm and of the save under torch's "
+                             "profiler: Chrome traces in DIR")
     parser.add_argument("--json-out")
     args = parser.parse_args(argv)
     if args.tokens % args.block_tokens:
@@ -135,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             saver = worker_over(client, codec, source, 2 * blocks, save_counts)
             saves = [RankedTransfer("save", [keys], saved_from)]
             save_s = timed(lambda: step(saver, names, [], saves), args.repeats)
+            profiled(args.profile, "save", lambda: step(saver, names, [], saves))
             # (each save replaces the last one's blocks: their eviction is part of it)
             arms: dict[str, Any] = {"save": {
                 "gbps": nbytes / save_s / 1e9, "blocks_saved": save_counts.get("blocks_saved", 0),
+                "blocks_saved_from_device": save_counts.get("blocks_saved_from_device", 0),
                 "save_failures": save_counts.get("save_failures", 0),
                 "store_failures": saver.store.failures}}
             for arm, store in (("load_in_place", client), ("load_staged", Staged(client))):
@@ -149,11 +169,19 @@ def main(argv: list[str] | None = None) -> int:
                 errors: list[set[int]] = []
                 seconds = timed(lambda w=worker, ls=loads, e=errors: e.append(
                     step(w, names, ls, [])), args.repeats)
+                profiled(args.profile, arm, lambda w=worker, ls=loads: step(w, names, ls, []))
                 equal = all(torch.equal(caches[n][blocks:].view(torch.int16),
                                         source[n][:blocks].view(torch.int16)) for n in names)
                 arms[arm] = {"gbps": nbytes / seconds / 1e9, "pages_equal": equal,
                              "load_errors": sum(len(e) for e in errors),
                              "blocks_loaded_in_place": counts.get("blocks_loaded_in_place", 0)}
+                if arm == "load_in_place":  # the loan alone: asked and given back
+
+                    def lend(c: Any = client) -> None:
+                        with c.lend(keys):
+                            pass
+
+                    arms[arm]["lend_ms"] = timed(lend, args.repeats) * 1e3
                 log(f"{arm}: {arms[arm]['gbps']:.1f} GB/s, in place "
                     f"{arms[arm]['blocks_loaded_in_place']} blocks, pages equal {equal}")
                 worker.shutdown()

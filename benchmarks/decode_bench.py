@@ -28,6 +28,7 @@ within 1.3x of the bound).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -92,19 +93,24 @@ def timed(step, count: int) -> float:
     return statistics.median(times)
 
 
-def bench_context(model: LlamaModel, context: int, batch: int, steps: int) -> dict[str, Any]:
+def bench_context(model: LlamaModel, context: int, batch: int, steps: int,
+                  profile_dir: str | None = None) -> dict[str, Any]:
     """Decode, batched decode and tail times over ``context`` cached tokens, per arm."""
     out: dict[str, Any] = {"context": context}
     for arm in ("paged", "eager"):
         model.paged_attention = arm == "paged"
-        out[arm] = bench_arm(model, context, batch, steps)
+        out[arm] = bench_arm(model, context, batch, steps,
+                             None if profile_dir is None else (profile_dir, f"{arm}-{context}"))
         torch.cuda.empty_cache()
     model.paged_attention = True
     return out
 
 
-def bench_arm(model: LlamaModel, context: int, batch: int, steps: int) -> dict[str, Any]:
-    """One arm's figures, on a cache of its own (its graphs made as the model says)."""
+def bench_arm(model: LlamaModel, context: int, batch: int, steps: int,
+              profile: tuple[str, str] | None = None) -> dict[str, Any]:
+    """One arm's figures, on a cache of its own (its graphs made as the model says). With
+    ``profile`` (a directory, a name): then three decode steps and three tails under
+    torch's profiler, their Chrome trace written as ``DIR/NAME.json.gz``."""
     page_tokens = 16
     room = context + steps + 2 * TAIL_TOKENS + 8
     cache = model.new_cache(num_pages=-(-room // page_tokens) * batch, cuda_graphs=True)
@@ -146,6 +152,16 @@ def bench_arm(model: LlamaModel, context: int, batch: int, steps: int) -> dict[s
         step()  # captures this bucket's graphs
         torch.cuda.synchronize()
         figures[f"{name}_ms"] = round(timed(step, steps) * 1e3, 3)
+    if profile is not None:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        os.makedirs(profile[0], exist_ok=True)
+        with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for step in (decode, decode, decode, tail, tail, tail):
+                step()
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(os.path.join(profile[0], f"{profile[1]}.json.gz"))
     # whether the batched step's graphs held attention
     figures["fused"] = cache.has_graphs and model.graphs(cache).for_tokens(batch, batch).fused
     return figures
@@ -163,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sdpa-cudnn", action="store_true",
                         help="let the eager forward's SDPA use cuDNN's attention too (the "
                              "engines keep it off: it plans per shape; this measures that)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="in the first run, three decode steps and three tails per "
+                             "context and arm under torch's profiler: Chrome traces in DIR")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     if args.sdpa_cudnn:
@@ -188,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         bound_ms = weights / read / 1e6
         log(f"run {run + 1}: HBM read {read:.0f} GB/s, weights' read {bound_ms:.2f} ms")
         doc["runs"].append({"hbm_read_gbps": round(read, 1), "bound_ms": round(bound_ms, 3),
-                            "contexts": [bench_context(model, int(c), args.batch, args.steps)
+                            "contexts": [bench_context(model, int(c), args.batch, args.steps,
+                                                       args.profile if run == 0 else None)
                                          for c in args.contexts.split(",")]})
     bounds = [r["bound_ms"] for r in doc["runs"]]
     doc["bound_ms"] = statistics.median(bounds)

@@ -165,7 +165,7 @@ def stored_block_bytes(model: LlamaModel, codec: str | None) -> int:
 
 def bench_length(model: LlamaModel, length: int, tiers: list[str], arms: list[str],
                  repeats: int, nvme_dir: str, planner: FetchPlanner | None,
-                 codec: str | None = None) -> dict[str, Any]:
+                 codec: str | None = None, profile_dir: str | None = None) -> dict[str, Any]:
     layout = model.config.kv_layout(BLOCK_TOKENS, model.dtype)
     num_pages = length // BLOCK_TOKENS + 2
     cached_blocks = (length - 1) // BLOCK_TOKENS
@@ -195,7 +195,8 @@ def bench_length(model: LlamaModel, length: int, tiers: list[str], arms: list[st
             name = tier if arm == "load" else f"{tier}_planned"
             entry[name] = bench_tier(model, length, tier, repeats, nvme_dir, num_pages,
                                      cached_blocks, kv_bytes, block_bytes,
-                                     planner if arm == "plan" else None, codec)
+                                     planner if arm == "plan" else None, codec,
+                                     profile_dir)
             entry[name]["cold_over_cached"] = entry["cold_ttft_s"] / entry[name]["cached_ttft_s"]
             entry[name]["cached_over_cold"] = entry[name]["cached_ttft_s"] / entry["cold_ttft_s"]
             if arm == "load":
@@ -219,7 +220,8 @@ def bench_length(model: LlamaModel, length: int, tiers: list[str], arms: list[st
 
 def bench_tier(model: LlamaModel, length: int, tier: str, repeats: int, nvme_dir: str,
                num_pages: int, cached_blocks: int, kv_bytes: int, block_bytes: int,
-               planner: FetchPlanner | None, codec: str | None) -> dict[str, Any]:
+               planner: FetchPlanner | None, codec: str | None,
+               profile_dir: str | None = None) -> dict[str, Any]:
     runs: dict[str, list[float]] = {"ttft": [], "fetch": [], "compute": []}
     prompt = prompt_of(model, length, 20_000 + length)
     config = store_config(tier, kv_bytes, block_bytes, nvme_dir)
@@ -250,6 +252,10 @@ def bench_tier(model: LlamaModel, length: int, tier: str, repeats: int, nvme_dir
                 runs["ttft"].append(result.ttft_s)
                 runs["fetch"].append(result.fetch_s)
                 runs["compute"].append(result.compute_s)
+            if profile_dir is not None:
+                trace = profiled_prefill(engine, prompt, profile_dir,
+                                         f"{tier}-{length}-{codec or 'none'}"
+                                         f"{'-planned' if planner is not None else ''}")
     if config.nvme_path is not None:  # its files go, and the disk settles, before
         shutil.rmtree(config.nvme_path)  # the next measurement
         os.sync()
@@ -263,6 +269,8 @@ def bench_tier(model: LlamaModel, length: int, tier: str, repeats: int, nvme_dir
            "compute_s": statistics.median(runs["compute"][1:]),
            "kv_load_gbps_lower_bound": kv_bytes / ttft / 1e9,
            "first_token_mismatches": mismatches}
+    if profile_dir is not None:
+        out["profile"] = trace
     if plan is not None:
         out["plan"] = {"head_load_end": plan.head_load_end, "compute_end": plan.compute_end,
                        "load_end": plan.load_end, "loaded_per_tier": plan.loaded_per_tier,
@@ -274,6 +282,23 @@ def bench_tier(model: LlamaModel, length: int, tier: str, repeats: int, nvme_dir
         out["cut_blocks"] = after["cut_blocks"] - cuts_before["cut_blocks"]
         out["cached_tokens_runs"] = cached_tokens[1:]
     return out
+
+
+def profiled_prefill(engine: PrefillEngine, prompt: list[int], profile_dir: str,
+                     name: str) -> dict[str, Any]:
+    """One more cached prefill under torch's profiler (host calls and CUDA kernels): its
+    Chrome trace as ``profile_dir/NAME.json.gz`` (open it in Perfetto), and its TTFT."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(profile_dir, exist_ok=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        result = engine.prefill(prompt)
+        torch.cuda.synchronize()
+    path = os.path.join(profile_dir, f"{name}.json.gz")
+    prof.export_chrome_trace(path)
+    return {"trace": path, "ttft_s": result.ttft_s, "fetch_s": result.fetch_s,
+            "compute_s": result.compute_s}
 
 
 def calibrated_planner(model: LlamaModel, tiers: list[str], nvme_dir: str, longest: int,
@@ -311,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="cap reads from --nvme-dir's disk at this many MB/s (a cgroup's "
                              "io.max: root and cgroup v2 needed), to see the planner on a "
                              "slow disk")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after each tier's timed runs, one more cached prefill under "
+                             "torch's profiler, its Chrome trace written to DIR")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -350,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     for length in map(int, args.lengths.split(",")):
         log(f"{length} tokens")
         doc["lengths"].append(bench_length(model, length, tiers, arms, args.repeats,
-                                           args.nvme_dir, planner, args.codec))
+                                           args.nvme_dir, planner, args.codec,
+                                           args.profile))
         torch.cuda.empty_cache()
     emit(doc, started, args.json_out)
     return 0

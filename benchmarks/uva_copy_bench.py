@@ -10,7 +10,13 @@ The raw limit is one pinned host-to-device ``cudaMemcpy`` of the same bytes, in 
 same run. ``--codec fp8``: the blocks are stored by the fp8 codec (`kvstore.codec`) and
 the dequantizing kernel copies them into bf16 pages; GB/s count the stored bytes read
 (what crosses PCIe), and the configurations are `uva_copy.THREADS` and `UNROLL` on each
-of ``--grids``. JSON on stdout.
+of ``--grids``. ``--sources``: where the pool lies (``private``: the embedded store's
+`HostPool`, private memory on transparent huge pages; ``shm``: a POSIX shared-memory
+object, as a daemon's pool that a same-host client page-locks and reads in place;
+``shm-thp``: the same with ``MADV_HUGEPAGE`` asked before its pages are faulted in, which
+the kernel honours where ``/sys/kernel/mm/transparent_hugepage/shmem_enabled`` allows);
+each source is timed with the default configuration after the first source's sweep.
+JSON on stdout.
 """
 
 from __future__ import annotations
@@ -49,6 +55,54 @@ def timed(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
+def shm_pool(nbytes: int, huge: bool) -> tuple[np.ndarray, Any]:
+    """``nbytes`` of POSIX shared memory, faulted in and page-locked with CUDA (as a
+    client maps a daemon's pool), optionally asking for transparent huge pages first;
+    (the array, a closer). Says how much of it the kernel backed by huge pages."""
+    import mmap
+    import os
+
+    from kvstore.shm.mapping import MADV_POPULATE_WRITE, shm_path
+    from kvstore.shm.page_lock import register_with_cuda, unregister_with_cuda
+
+    name = f"kvstore-uva-bench-{os.getpid()}-{int(huge)}"
+    fd = os.open(shm_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, nbytes)
+        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
+    finally:
+        os.close(fd)
+        os.unlink(shm_path(name))  # (the mapping keeps it)
+    if huge:
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    mapping.madvise(MADV_POPULATE_WRITE)
+    array = np.frombuffer(mapping, dtype=np.uint8)
+    if not register_with_cuda(array):
+        raise RuntimeError("cudaHostRegister failed on the shared mapping")
+
+    def close() -> None:
+        nonlocal array
+        unregister_with_cuda(array)
+        del array
+
+    return array, close
+
+
+def huge_pages_of(array: np.ndarray) -> int:
+    """Bytes of ``array``'s mapping backed by huge pages (/proc/self/smaps)."""
+    start = array.ctypes.data
+    found, total = False, 0
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split()[0]
+            if "-" in first and not first.endswith(":"):
+                low, high = (int(x, 16) for x in first.split("-"))
+                found = low <= start < high
+            elif found and first in ("AnonHugePages:", "ShmemPmdMapped:", "FilePmdMapped:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--blocks", type=int, default=512)
@@ -56,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codec", default="none", choices=("none", "fp8"))
     parser.add_argument("--grids", default="8,16,24,32,48,64,132",
                         help="thread blocks per launch to try with --codec fp8")
+    parser.add_argument("--sources", default="private",
+                        help="where the blocks lie: private, shm, shm-thp (comma-separated)")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     if not uva_copy.available():
@@ -127,6 +183,51 @@ def main(argv: list[str] | None = None) -> int:
                                "verified": verified})
     best = max(doc["configs"], key=lambda c: c["gbps"])
     doc["best"] = best
+    doc["sources"] = {}
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as f:
+            doc["shmem_thp"] = f.read().strip()
+    except OSError:
+        doc["shmem_thp"] = None
+    for source in args.sources.split(","):
+        if source == "private":
+            array, close = host, None
+        elif source in ("shm", "shm-thp"):
+            array, close = shm_pool(host.nbytes, huge=source == "shm-thp")
+            array[:] = host
+        else:
+            parser.error(f"unknown source {source!r}")
+        moved = [array.ctypes.data + int(s) * block_bytes for s in slots]
+        copier = uva_copy.LayerCopier(cache, moved, pages, layout.layer_bytes, layout.kv_bytes,
+                                      fp8=fp8)
+
+        def layerwise(copier: uva_copy.LayerCopier = copier) -> None:
+            copier.events.clear()
+            copier.launch()
+            copier.synchronize()
+
+        whole = uva_copy.LayerCopier(cache, moved, pages, layout.layer_bytes,
+                                     layout.kv_bytes, fp8=fp8, layerwise=False)
+
+        def at_once(copier: uva_copy.LayerCopier = whole) -> None:
+            copier.events.clear()
+            copier.launch()
+            copier.synchronize()
+
+        layerwise()
+        at_once()
+        figure = {"layerwise_gbps": nbytes / timed(layerwise, args.repeats) / 1e9,
+                  "at_once_gbps": nbytes / timed(at_once, args.repeats) / 1e9,
+                  "huge_page_bytes": huge_pages_of(array)}
+        figure["layerwise_over_raw"] = figure["layerwise_gbps"] / doc["raw_copy_gbps"]
+        log(f"source {source}: layer by layer {figure['layerwise_gbps']:.1f} GB/s, all "
+            f"layers at once {figure['at_once_gbps']:.1f}, huge pages "
+            f"{figure['huge_page_bytes'] >> 20} MiB")
+        doc["sources"][source] = figure
+        del copier, whole
+        if close is not None:
+            del array
+            close()
     pool.close()
     emit(doc, started, args.json_out)
     return 0

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.tenants import Tenant
-from kvstore.keys import scoped_key
+from kvstore.keys import scoped_key, scoped_keys
 from kvstore.wire.error_codes import ErrorCode, RequestError
 
 
@@ -67,6 +67,16 @@ class Connection:
 
     def scope(self, key: bytes) -> bytes:
         """``key`` as it is stored for this connection's namespace."""
+        self._check_scoped()
+        return scoped_key(self.secret, key)
+
+    def scope_many(self, keys: list[bytes]) -> list[bytes]:
+        """`scope` of each of ``keys``."""
+        self._check_scoped()
+        return scoped_keys(self.secret, keys)
+
+    def _check_scoped(self) -> None:
+        """`RequestError(FORBIDDEN)` unless this connection's keys have a namespace."""
         if self.is_peer:
             raise RequestError(ErrorCode.FORBIDDEN, "a peer connection sends peer "
                                "operations only")
@@ -74,7 +84,6 @@ class Connection:
             raise RequestError(ErrorCode.FORBIDDEN, "this connection named no namespace and "
                                "its token grants several: connect with namespace=... (one of "
                                f"{sorted(self.tenant.namespaces) if self.tenant else []})")
-        return scoped_key(self.secret, key)
 
     def check_shared_memory(self) -> None:
         """`RequestError(FORBIDDEN)` unless hello gave this connection the shared pool."""

@@ -56,7 +56,7 @@ class StoreOperations:
 
     async def put_many(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
         self._record_in(len(data))
-        keys, values = [conn.scope(k) for k in meta["keys"]], _values(meta, data)
+        keys, values = conn.scope_many(meta["keys"]), _values(meta, data)
         stored = await self.calls.for_put(len(data))(
             functools.partial(self.store.put_many, owner=conn.owner), keys, values)
         if self.cluster is not None:
@@ -72,7 +72,7 @@ class StoreOperations:
         if tier not in self.store.config.tier_names:
             raise RequestError(ErrorCode.BAD_REQUEST, f"this daemon has no {tier} tier (its "
                                f"tiers: {', '.join(self.store.config.tier_names)})")
-        keys, values = [conn.scope(k) for k in meta["keys"]], _values(meta, data)
+        keys, values = conn.scope_many(meta["keys"]), _values(meta, data)
         stored = await self.calls.run(
             functools.partial(self.store.put_in_tier, owner=conn.owner), tier, keys, values)
         if self.cluster is not None and stored:
@@ -92,7 +92,7 @@ class StoreOperations:
         """The values of the leading keys whose values fit in ``max_answer_data_bytes``
         (at least one key): ``answered`` says how many when that is not all of them, and
         the others' sizes are nil (the client asks again for those)."""
-        keys = [conn.scope(k) for k in meta["keys"]]
+        keys = conn.scope_many(meta["keys"])
         values = await self.calls.for_get()(self._get_leading, keys)
         if self.cluster is not None and None in values:
             values = await self.calls.run(self._with_pool, keys, values)
@@ -128,7 +128,7 @@ class StoreOperations:
         return values
 
     async def match_prefix(self, conn: Connection, meta: dict[str, Any], data: bytes) -> Any:
-        keys = [conn.scope(k) for k in meta["keys"]]
+        keys = conn.scope_many(meta["keys"])
         count = await self.calls.run_short(self.store.match_prefix, keys)
         if self.cluster is not None and count < len(keys):
             count += await self.calls.run(self.cluster.leading, keys[count:])
@@ -164,7 +164,7 @@ class StoreOperations:
         """Each key's tier bits (`Store.tier_bits`: 1 HBM, 2 DRAM, 4 NVMe; 0 not held); in
         a pool, `REMOTE_TIER_BIT` for one no tier here holds and the pool holds elsewhere
         (match_prefix and contains count those as held too). Not a request: no counts."""
-        keys = [conn.scope(k) for k in meta["keys"]]
+        keys = conn.scope_many(meta["keys"])
         bits = await self.calls.run_short(self.store.tier_bits, keys)
         if self.cluster is not None and not all(bits):
             missing = [i for i, b in enumerate(bits) if not b]

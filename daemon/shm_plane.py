@@ -105,7 +105,7 @@ class SharedMemoryPlane:
         """Reserve DRAM slots for the leading keys that find room."""
         conn.check_shared_memory()
         sizes: list[int] = meta["sizes"]
-        keys = [conn.scope(k) for k in meta["keys"]]  # refused before any slot is taken
+        keys = conn.scope_many(meta["keys"])  # refused before any slot is taken
 
         # One store call, so that a deadline cannot separate a slot from its handle: if the
         # request gives up while the call runs on, the slots it reserves are given back.
@@ -257,12 +257,12 @@ class SharedMemoryPlane:
         (not in DRAM or absent: the client fetches those with get_many)."""
         conn.check_shared_memory()
         deadline = time.monotonic() + self.lease_s
-        keys = [conn.scope(k) for k in meta["keys"]]
+        keys = conn.scope_many(meta["keys"])
         # A key asked for twice is pinned once (its places share the handle): 65,536 copies
         # of one key must not make 65,536 pins live for a lease. Past MAX_PINS held by the
         # connection, blocks are answered nil (the client asks get_many for those).
         unique = list(dict.fromkeys(keys))[:max(0, MAX_PINS - len(conn.pins))]
-        pinned = await self.calls.run_short(lambda: [self.store.pin_host(k) for k in unique])
+        pinned = await self.calls.run_short(self.store.pin_host_many, unique)
         num_found = len(pinned) - pinned.count(None)  # the others are asked for by get_many
         self.read_stats.record_reads(conn.owner, num_found, num_found)
         block_of: dict[bytes, list[int]] = {}
@@ -278,7 +278,7 @@ class SharedMemoryPlane:
         """Blocks the client copied straight from the pool, found through the directory:
         counted as DRAM hits and made the most recently used, as a pin would have."""
         conn.check_shared_memory()
-        keys = [conn.scope(k) for k in meta["keys"]]
+        keys = conn.scope_many(meta["keys"])
         await self.calls.run_short(self.store.touch_host, keys)
         self.read_stats.record_reads(conn.owner, len(keys), len(keys))
         return {}, []
@@ -287,7 +287,7 @@ class SharedMemoryPlane:
         """Release pins; ``intact[i]`` False means that copy may be torn (drop it)."""
         taken = self._take(conn.pins, meta["handles"])
         intact = await self.calls.run_short(
-            lambda: [self.store.unpin_host(p.key, p.pin) for p in taken], shield=True)
+            lambda: self.store.unpin_host_many([(p.key, p.pin) for p in taken]), shield=True)
         return {"intact": intact}, []
 
     # -- leases -----------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def copy_bytes(dst: ByteView, src: ByteView, *, non_blocking: bool = False) -> N
         return
     torch = _torch()
     if dst_is_np:
-        torch.from_numpy(dst).copy_(src)
+        torch.from_numpy(dst).copy_(src, non_blocking=non_blocking)
     elif src_is_np:
         if src.flags.writeable:
             dst.copy_(torch.from_numpy(src), non_blocking=non_blocking)
@@ -141,6 +141,18 @@ def copy_bytes(dst: ByteView, src: ByteView, *, non_blocking: bool = False) -> N
                 dst.copy_(torch.from_numpy(src), non_blocking=non_blocking)
     else:
         dst.copy_(src, non_blocking=non_blocking)
+
+
+def synchronize_devices(views: list[ByteView]) -> None:
+    """Wait for the copies queued on the current stream of each GPU that holds one of
+    ``views`` (after ``copy_bytes(..., non_blocking=True)`` from them)."""
+    torch = _torch()
+    if torch is None:
+        return
+    devices = {v.device for v in views if not isinstance(v, np.ndarray)
+               and v.device.type == "cuda"}
+    for device in devices:
+        torch.cuda.current_stream(device).synchronize()
 
 
 def to_bytes(view: ByteView) -> bytes:

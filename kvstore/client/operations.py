@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from kvstore.buffers import copy_bytes, output_view
+from kvstore.buffers import copy_bytes, output_view, synchronize_devices
 from kvstore.client.answers import Response
 from kvstore.client.session import Session
 from kvstore.errors import DeadlineExceededError, InvalidValueError, ProtocolError
@@ -126,8 +126,13 @@ class Operations:
                 handles, offsets = meta["handles"], meta["offsets"]
             if len(handles) == len(keys):
                 try:
-                    for src, offset, size in zip(srcs, offsets, sizes, strict=True):
-                        copy_bytes(pool[offset:offset + size], src)
+                    try:
+                        # Values on a GPU go by DMA straight into the slots (a pool that
+                        # is page-locked here), all queued before one wait.
+                        for src, offset, size in zip(srcs, offsets, sizes, strict=True):
+                            copy_bytes(pool[offset:offset + size], src, non_blocking=True)
+                    finally:  # every copy landed before its slot is committed or given back
+                        synchronize_devices(srcs)
                 except BaseException:
                     yield {"op": "abort", "handles": handles}, []
                     raise

@@ -16,8 +16,12 @@ worker reads its own rank's).
     wait_for_layer_load(i): layer i written (on a GPU: the compute stream waits for it)
     save_kv_layer(i): layer i's new pages gathered into staging rows (on a GPU: beside the
       caches, then to page-locked host rows on a side stream, `LayerSaves`: with CuPy a
-      2-D DMA copy, no host sync; without it torch's copy of the column views)
-    wait_for_save: the host rows complete, then put_many of the new blocks
+      2-D DMA copy, no host sync; without it torch's copy of the column views; not when
+      the store is a daemon whose pool is page-locked here, see below)
+    wait_for_save: the host rows complete, then put_many of the new blocks (on a GPU,
+      with a daemon's pool page-locked here: put_many of the gathered rows on the device,
+      which the client copies by DMA straight into the slots it reserved in the pool, and
+      commits once every copy landed: no host rows, no CPU copy)
 
 A block that is missing, corrupt or unreadable is reported with every block after it
 (`get_block_ids_with_load_errors`): vLLM recomputes them, and no page of a failed block is
@@ -103,8 +107,10 @@ class ConnectorWorker:
         self._layer_ready: list[threading.Event] = []
         self._gpu_saves: LayerSaves | None = None  # CUDA caches: to the host per layer
         # This step's saves: each transfer's rows the store reads (page-locked host rows
-        # on a GPU) and, on a GPU, the rows beside the caches its layers are gathered into.
-        self._save_staging: list[tuple[BlockTransfer, torch.Tensor, torch.Tensor | None]] = []
+        # on a GPU; None where the device rows are put straight into a daemon's pool)
+        # and, on a GPU, the rows beside the caches its layers are gathered into.
+        self._save_staging: list[tuple[BlockTransfer, torch.Tensor | None,
+                                       torch.Tensor | None]] = []
         self._gathered: set[int] = set()  # layers save_kv_layer gathered this step
         self._load_errors: set[int] = set()  # reported (and cleared) by vLLM's ask
         # Whether this step had a failed load: its saves are not stored, even when vLLM
@@ -297,20 +303,34 @@ class ConnectorWorker:
             return
         if not self._save_staging:
             mine = [t.on_rank(self.rank) for t in saves]
-            host = self.pages.staging_for("save", mine)
             # On a GPU, gathered beside the caches (no host sync per layer), then copied
-            # to the host rows on a side stream while the forward goes on.
+            # to the host rows on a side stream while the forward goes on; or, into a
+            # daemon's pool page-locked here, put from the device at the step's end.
             device: list[torch.Tensor | None] = (
                 list(self.pages.staging_for("save-device", mine, on_device=True))
                 if self._gpu_saves is not None else [None] * len(mine))
+            host: list[torch.Tensor | None] = (
+                [None] * len(mine) if self._gpu_saves is not None and self._saves_to_pool()
+                else list(self.pages.staging_for("save", mine)))
             self._save_staging = list(zip(mine, host, device, strict=True))
         if self._gpu_saves is not None:
             self._gpu_saves.save_layer(layer, [(dev, host, save.block_ids)
                                                for save, host, dev in self._save_staging])
         else:
             for save, host, _ in self._save_staging:
+                assert host is not None
                 self.pages.gather_layer(layer, save.block_ids, host)
         self._gathered.add(layer)
+
+    def _saves_to_pool(self) -> bool:
+        """Whether this step's saves can go from the device straight into the store's
+        pool: a daemon whose DRAM pool is mapped and page-locked here (`Client.can_lend`)."""
+        try:
+            store = self.store.get()
+            return store is not None and bool(getattr(store, "can_lend", False))
+        except STORE_FAILURES as e:  # (asking may connect; the put finds out too)
+            log.info("kvstore: asking the store where saves go failed: %s", e)
+            return False
 
     def wait_for_save(self) -> None:
         self._finish_loads()
@@ -332,10 +352,13 @@ class ConnectorWorker:
                         "failed loads" if failed else "layers not saved")
             return
         store = self.store.get()
-        for save, staging, _ in staged:
+        for save, staging, device in staged:
+            rows = staging if staging is not None else device
+            assert rows is not None
             num_saved = 0 if store is None else store_blocks(
-                store, save.keys, staging, on_failure=self.store.failed)
-            self._count(blocks_saved=num_saved, save_failures=len(save.keys) - num_saved)
+                store, save.keys, rows, on_failure=self.store.failed)
+            self._count(blocks_saved=num_saved, save_failures=len(save.keys) - num_saved,
+                        blocks_saved_from_device=num_saved if staging is None else 0)
             log.debug("kvstore: request %s: stored %d of %d new blocks", save.req_id,
                       num_saved, len(save.keys))
 

@@ -236,14 +236,16 @@ class LayerSaves:
         self.pages = pages
         self.stream = torch.cuda.Stream(device=pages.device)
 
-    def save_layer(self, layer: int,
-                   saves: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[int]]]) -> None:
+    def save_layer(self, layer: int, saves: Sequence[tuple[torch.Tensor, torch.Tensor | None,
+                                                           Sequence[int]]]) -> None:
         """Gather layer ``layer`` of each ``(device rows, host rows, block ids)`` and queue
-        its copy to the host rows."""
+        its copy to the host rows (none where the host rows are None: the device rows
+        are what is stored)."""
         pages = self.pages
         saves = [(dev, host, ids) for dev, host, ids in saves if len(ids)]
         for dev, _, ids in saves:
             pages.gather_layer(layer, ids, dev)
+        saves = [(dev, host, ids) for dev, host, ids in saves if host is not None]
         if not saves:
             return
         gathered = torch.cuda.Event()

@@ -114,7 +114,8 @@ class KVStoreConnectorStats(KVConnectorStats):
 
     def __post_init__(self) -> None:
         for name in ("query_tokens", "hit_tokens", "blocks_loaded", "blocks_loaded_in_place",
-                     "blocks_saved", "load_failures", "save_failures"):
+                     "blocks_saved", "blocks_saved_from_device", "load_failures",
+                     "save_failures"):
             self.data.setdefault(name, 0)
 
     def add(self, **counts: int) -> None:

@@ -75,6 +75,31 @@ class HostPlane:
             offset, nbytes = state.tiers[t].slot_of(key)
             return offset, nbytes, core.pin(block, state.config.lease_s)
 
+    def pin_many(self, keys: list[bytes]) -> list[tuple[int, int, int] | None]:
+        """`pin` of each key, under one hold of the lock (a loan of many blocks)."""
+        keys = [check_key(key) for key in keys]
+        state = self.state
+        out: list[tuple[int, int, int] | None] = []
+        with state.lock:
+            state.check_open()
+            t, core = self.t, state.core
+            if t is None:
+                return [None] * len(keys)
+            slot_of, lease_s = state.tiers[t].slot_of, state.config.lease_s
+            lookup, fastest, touch, pin = core.lookup, core.fastest, core.touch, core.pin
+            for key in keys:
+                block = lookup(key)
+                if block < 0 or fastest(block) != t:
+                    out.append(None)
+                    continue
+                touch(block)
+                offset, nbytes = slot_of(key)
+                out.append((offset, nbytes, pin(block, lease_s)))
+            found = len(out) - out.count(None)
+            state.counters.queries += found
+            state.counters.hit(t, found)
+        return out
+
     def touch(self, keys: list[bytes]) -> None:
         state = self.state
         with state.lock:
@@ -86,6 +111,20 @@ class HostPlane:
                 state.core.touch_key(check_key(key))
             state.counters.queries += len(keys)
             state.counters.hit(t, len(keys))
+
+    def unpin_many(self, pins: list[tuple[bytes, int]], *, after_copy: bool = True
+                   ) -> list[bool]:
+        """`unpin` of each ``(key, pin)``, under one hold of the lock."""
+        state = self.state
+        with state.lock:
+            out = []
+            id_of, unpin = state.core.id_of, state.unpin
+            for key, pin in pins:
+                intact = unpin(id_of(key), pin)
+                if not intact:
+                    state.counters.torn_reads += after_copy
+                out.append(intact)
+            return out
 
     def unpin(self, key: bytes, pin: int, *, after_copy: bool = True) -> bool:
         state = self.state

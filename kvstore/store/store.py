@@ -473,6 +473,15 @@ class Store:
         hit; None (nothing counted) when it is elsewhere or absent: use `get` for it."""
         return self._host.pin(key)
 
+    def pin_host_many(self, keys: list[bytes]) -> list[tuple[int, int, int] | None]:
+        """`pin_host` of each of ``keys`` at once (one hold of the store's lock)."""
+        return self._host.pin_many(keys)
+
+    def unpin_host_many(self, pins: list[tuple[bytes, int]], *, after_copy: bool = True
+                        ) -> list[bool]:
+        """`unpin_host` of each ``(key, pin)`` at once."""
+        return self._host.unpin_many(pins, after_copy=after_copy)
+
     def touch_host(self, keys: list[bytes]) -> None:
         """Count blocks a client read from the DRAM pool on its own (through the shared
         directory) as DRAM hits, and make those still stored the most recently used."""
