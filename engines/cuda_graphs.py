@@ -71,6 +71,7 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
 # The largest bucket whose layers hold their attention (paged attention's tiles of 16 rows
 # read a sequence's context once per 16 new tokens: past this, eager SDPA reads less).
 FUSED_MAX_TOKENS = 64
+FUSE_PACED = True  # a lone tail paced by a load fused (`ForwardGraphs.for_tokens`)
 
 
 class GraphedModel(Protocol):
@@ -125,17 +126,22 @@ class ForwardGraphs:
                       and paged_attention.supports(config.num_heads, config.num_kv_heads,
                                                    config.head_dim))
 
-    def for_tokens(self, num_tokens: int, sequences: int = 1) -> BucketGraphs | None:
+    def for_tokens(self, num_tokens: int, sequences: int = 1, *,
+                   paced: bool = False) -> BucketGraphs | None:
         """The graphs of a forward of ``num_tokens`` tokens of ``sequences`` sequences;
         None: run it eagerly. Fused (attention inside) for a decode step and for a batch
         of several sequences up to `FUSED_MAX_TOKENS`: there the eager attention costs a
         few launches per sequence and layer. One sequence's tail of several tokens keeps
-        eager SDPA between the pieces, which measured faster for a tail of 16
-        (docs/BENCHMARKS.md)."""
+        eager SDPA between the pieces (on the GPU it measured as fast or faster for a
+        tail of 16, docs/BENCHMARKS.md), unless ``paced``: its layers wait for a load
+        (a prefix fetched while the forward runs), where the eager forward's host work,
+        some 0.3 ms a layer, is what the load's copies wait on; fused, a layer is one
+        graph launch."""
         bucket = bucket_for(num_tokens)
         if bucket is None:
             return None
-        key = (bucket, self._fused(bucket, sequences))
+        key = (bucket, self._fused(bucket, sequences)
+               or (paced and FUSE_PACED and self._fused(bucket, 2)))
         if key not in self._buckets:
             self._capture([key])
         if key[1] and not self.paged:  # the paged kernels failed in this capture

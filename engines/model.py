@@ -307,6 +307,9 @@ class LlamaModel(nn.Module):
         ``cuda_graphs=True`` a forward of a few tokens (up to `cuda_graphs.BUCKETS`'s
         largest) replays CUDA graphs of each layer around its attention
         (`engines.cuda_graphs`): the same kernels, far fewer launches.
+        ``before_layer(i)`` runs before layer i (a load's wait, see `engines.kv_io`):
+        pass it only when there is something to wait for (a forward so paced runs
+        layers as single graphs where it can: `ForwardGraphs.for_tokens`).
         """
         lengths = [len(tokens) for _, tokens in batch]
         if not batch or min(lengths) == 0:
@@ -320,8 +323,9 @@ class LlamaModel(nn.Module):
         slots = torch.cat([s.slots(s.num_tokens, s.num_tokens + n, cache.page_tokens)
                            for (s, _), n in zip(batch, lengths, strict=True)])
         num_new = len(tokens)
-        graphs = (self.graphs(cache).for_tokens(num_new, len(batch)) if cache.has_graphs
-                  else None)
+        graphs = (self.graphs(cache).for_tokens(num_new, len(batch),
+                                                paced=before_layer is not None)
+                  if cache.has_graphs else None)
         if graphs is not None and graphs.fused:  # each layer one graph, attention inside
             graphs.start(tokens, positions, slots,
                          [(seq, n) for (seq, _), n in zip(batch, lengths, strict=True)])

@@ -114,8 +114,9 @@ class PrefillEngine:
                     if middle is not None:
                         middle.wait(layer)
 
+                loading = load.num_blocks > 0 or middle is not None
                 logits = self.model.forward(self.cache, [(seq, prompt[seq.num_tokens:])],
-                                            before_layer=before_layer,
+                                            before_layer=before_layer if loading else None,
                                             after_layer=publisher.after_layer)
             finally:
                 try:

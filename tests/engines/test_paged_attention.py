@@ -114,6 +114,9 @@ def test_short_forwards_hold_their_attention_in_the_graphs_unless_turned_off():
     # one sequence, or more tokens: eager SDPA
     assert graphs.for_tokens(2, 2).fused and graphs.for_tokens(64, 3).fused
     assert graphs.for_tokens(1).fused and not graphs.for_tokens(16, 1).fused
+    # a lone tail whose layers wait for a load runs each layer as one graph
+    assert graphs.for_tokens(16, 1, paced=True).fused
+    assert not graphs.for_tokens(65, 1, paced=True).fused
     assert not graphs.for_tokens(65, 2).fused
     eager_attention = load_model("tiny", device="cuda", dtype=torch.float32).model
     eager_attention.paged_attention = False
