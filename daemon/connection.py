@@ -71,7 +71,9 @@ class Connection:
         return scoped_key(self.secret, key)
 
     def scope_many(self, keys: list[bytes]) -> list[bytes]:
-        """`scope` of each of ``keys``."""
+        """`scope` of each of ``keys`` (none: nothing to refuse)."""
+        if not keys:
+            return []
         self._check_scoped()
         return scoped_keys(self.secret, keys)
 

@@ -129,8 +129,9 @@ def copy_bytes(dst: ByteView, src: ByteView, *, non_blocking: bool = False) -> N
         np.copyto(dst, src)
         return
     torch = _torch()
-    if dst_is_np:
-        torch.from_numpy(dst).copy_(src, non_blocking=non_blocking)
+    if dst_is_np:  # (asynchronous from CUDA only: `synchronize_devices` waits for those)
+        torch.from_numpy(dst).copy_(src, non_blocking=non_blocking
+                                    and src.device.type == "cuda")
     elif src_is_np:
         if src.flags.writeable:
             dst.copy_(torch.from_numpy(src), non_blocking=non_blocking)

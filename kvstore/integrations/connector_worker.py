@@ -112,6 +112,9 @@ class ConnectorWorker:
         self._save_staging: list[tuple[BlockTransfer, torch.Tensor | None,
                                        torch.Tensor | None]] = []
         self._gathered: set[int] = set()  # layers save_kv_layer gathered this step
+        # Whether saves go from the device straight into the store's pool (`_saves_to_pool`:
+        # asked at the first save, then after each step's put, not during a forward).
+        self._to_pool: bool | None = None
         self._load_errors: set[int] = set()  # reported (and cleared) by vLLM's ask
         # Whether this step had a failed load: its saves are not stored, even when vLLM
         # asked for the failed blocks before `wait_for_save` (speculative decoding).
@@ -309,8 +312,10 @@ class ConnectorWorker:
             device: list[torch.Tensor | None] = (
                 list(self.pages.staging_for("save-device", mine, on_device=True))
                 if self._gpu_saves is not None else [None] * len(mine))
+            if self._gpu_saves is not None and self._to_pool is None:
+                self._to_pool = self._saves_to_pool()  # (once; then after each step's put)
             host: list[torch.Tensor | None] = (
-                [None] * len(mine) if self._gpu_saves is not None and self._saves_to_pool()
+                [None] * len(mine) if self._gpu_saves is not None and self._to_pool
                 else list(self.pages.staging_for("save", mine)))
             self._save_staging = list(zip(mine, host, device, strict=True))
         if self._gpu_saves is not None:
@@ -342,6 +347,7 @@ class ConnectorWorker:
         assert self.pages is not None
         if self._gpu_saves is not None:  # (the rows are read, or reused, after this)
             self._gpu_saves.synchronize()
+            self._gpu_saves.wait_gathered()  # (device rows stored from this stream)
         if failed or len(gathered) < len(self.pages.layer_names):
             # A failed load leaves pages that this step's forward may have read (vLLM
             # recomputes them), and a layer vLLM did not hand over is not in the staging
@@ -361,6 +367,8 @@ class ConnectorWorker:
                         blocks_saved_from_device=num_saved if staging is None else 0)
             log.debug("kvstore: request %s: stored %d of %d new blocks", save.req_id,
                       num_saved, len(save.keys))
+        if self._gpu_saves is not None:  # for the next step's saves, asked off the forward
+            self._to_pool = self._saves_to_pool()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         self._finish_loads()  # (with speculative decoding vLLM asks before wait_for_save)

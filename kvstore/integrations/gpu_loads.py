@@ -235,6 +235,17 @@ class LayerSaves:
             raise ValueError("LayerSaves is for CUDA caches")
         self.pages = pages
         self.stream = torch.cuda.Stream(device=pages.device)
+        # Gathers into device rows that no host copy follows (they are stored from the
+        # device): `wait_gathered` makes a stream wait for them, whichever stream ran them.
+        self.gathered: list[torch.cuda.Event] = []
+
+    def wait_gathered(self) -> None:
+        """Make the current stream wait for every gather `save_layer` queued since the last
+        call (before the device rows are read on it)."""
+        gathered, self.gathered = self.gathered, []
+        stream = torch.cuda.current_stream(self.pages.device)
+        for event in gathered:
+            stream.wait_event(event)
 
     def save_layer(self, layer: int, saves: Sequence[tuple[torch.Tensor, torch.Tensor | None,
                                                            Sequence[int]]]) -> None:
@@ -245,11 +256,14 @@ class LayerSaves:
         saves = [(dev, host, ids) for dev, host, ids in saves if len(ids)]
         for dev, _, ids in saves:
             pages.gather_layer(layer, ids, dev)
-        saves = [(dev, host, ids) for dev, host, ids in saves if host is not None]
         if not saves:
             return
         gathered = torch.cuda.Event()
         gathered.record(torch.cuda.current_stream(pages.device))
+        saves = [(dev, host, ids) for dev, host, ids in saves if host is not None]
+        if not saves:  # the device rows are stored: whoever reads them waits for this
+            self.gathered.append(gathered)
+            return
         self.stream.wait_event(gathered)
         start = layer * pages.page_bytes
         with torch.cuda.stream(self.stream):
