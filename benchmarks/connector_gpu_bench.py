@@ -37,6 +37,7 @@ from store_bench import emit, log, machine_info  # noqa: E402
 from vllm_pages_bench import PHYSICAL_ORDERS, SHAPES, timed, views  # noqa: E402
 
 import kvstore  # noqa: E402
+from kvstore.integrations import connector_worker  # noqa: E402
 from kvstore.integrations.connector_worker import ConnectorWorker, RankedTransfer  # noqa: E402
 from kvstore.integrations.pages import KVViewCodec  # noqa: E402
 
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
                         help="cpu: a check of the script itself (see above)")
+    parser.add_argument("--saves-from-device", action="store_true",
+                        help="saves go from the device rows by DMA straight into the "
+                             "daemon's pool (connector_worker.SAVES_FROM_DEVICE)")
     parser.add_argument("--profile", metavar="DIR",
                         help="one more step of each load arm and of the save under torch's "
                              "profiler: Chrome traces in DIR")
@@ -126,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print('{"skipped": "needs CUDA"}')
         return 0
     device = args.device
+    connector_worker.SAVES_FROM_DEVICE = args.saves_from_device
     started_s = time.perf_counter()
     layers, heads, head_dim = SHAPES[args.model]
     blocks = args.tokens // args.block_tokens
@@ -139,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {"machine": machine_info(None), "device": device,
                            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
                            "torch": torch.__version__, "model": args.model,
-                           "tokens": args.tokens, "bytes": nbytes}
+                           "tokens": args.tokens, "bytes": nbytes,
+                           "saves_from_device": args.saves_from_device}
     daemon = DaemonProcess(nbytes + (256 << 20), max_value_bytes=block_bytes)
     try:
         with kvstore.connect(daemon.url) as client:

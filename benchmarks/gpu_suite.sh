@@ -50,9 +50,13 @@ for p in "${parts[@]}"; do
             --json-out "$out/decode-cudnn.json" ;;
     ttft)  # fetch or recompute, every tier (issue 18)
         part ttft 900 "$py" benchmarks/ttft_bench.py --arms load,plan --json-out "$out/ttft.json" ;;
-    ttft-fp8)  # FP8 blocks from DRAM and NVMe (issue 18)
+    ttft-fp8)  # FP8 blocks from DRAM and NVMe (issue 18); then from DRAM with the paced
+               # tail fused (engines.cuda_graphs.FUSE_PACED, off until measured)
         part ttft-fp8 600 "$py" benchmarks/ttft_bench.py --codec fp8 --arms load \
-            --tiers dram,nvme --lengths 8192,32768 --json-out "$out/ttft-fp8.json" ;;
+            --tiers dram,nvme --lengths 8192,32768 --json-out "$out/ttft-fp8.json"
+        part ttft-fp8-fused 300 "$py" benchmarks/ttft_bench.py --codec fp8 --arms load \
+            --tiers dram --lengths 8192,32768 --fuse-paced-tail \
+            --json-out "$out/ttft-fp8-fused.json" ;;
     pipeline)  # the NVMe-to-GPU read pipeline on and off, in one run each (issue 18)
         for mode in on off; do
             part "pipeline-$mode" 600 "$py" benchmarks/ttft_bench.py --arms load,plan \
@@ -60,9 +64,12 @@ for p in "${parts[@]}"; do
         done ;;
     pages)  # the vLLM connector's loads into CUDA caches, every layout (issue 19)
         part pages 600 "$py" benchmarks/vllm_pages_bench.py --json-out "$out/pages.json" ;;
-    connector)  # the vLLM connector's worker over a kvstored: loads in place / staged (issue 19)
+    connector)  # the vLLM connector's worker over a kvstored: loads in place / staged (issue 19);
+                # then saves from the device rows (connector_worker.SAVES_FROM_DEVICE)
         part connector 300 "$py" benchmarks/connector_gpu_bench.py \
-            --json-out "$out/connector.json" ;;
+            --json-out "$out/connector.json"
+        part connector-from-device 300 "$py" benchmarks/connector_gpu_bench.py \
+            --saves-from-device --json-out "$out/connector-from-device.json" ;;
     lmcache-build)  # LMCache's CUDA kernels against this torch, into LMCACHE_PATH
         part lmcache-build 600 "$py" benchmarks/build_lmcache_ops.py \
             --csrc "${LMCACHE_SRC:?LMCACHE_SRC: the csrc directory of LMCache}" \

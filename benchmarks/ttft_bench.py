@@ -336,10 +336,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="cap reads from --nvme-dir's disk at this many MB/s (a cgroup's "
                              "io.max: root and cgroup v2 needed), to see the planner on a "
                              "slow disk")
-    parser.add_argument("--eager-paced-tail", action="store_true",
-                        help="a cached prompt's tail runs eager attention between its "
-                             "graphs, as before fused graphs for forwards paced by a load "
-                             "(engines.cuda_graphs.FUSE_PACED), to compare")
+    parser.add_argument("--fuse-paced-tail", action="store_true",
+                        help="a cached prompt's tail, whose layers wait for the load, runs "
+                             "each layer as one fused graph instead of eager attention "
+                             "between graph pieces (engines.cuda_graphs.FUSE_PACED)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="after each tier's timed runs, one more cached prefill under "
                              "torch's profiler, its Chrome trace written to DIR")
@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "fp8_copy_grid": uva_copy.FP8_GRID,
                                      "copy_threads": uva_copy.THREADS},
                            "lengths": []}
-    cuda_graphs.FUSE_PACED = doc["fuse_paced_tail"] = not args.eager_paced_tail
+    cuda_graphs.FUSE_PACED = doc["fuse_paced_tail"] = args.fuse_paced_tail
     tiers, arms = args.tiers.split(","), args.arms.split(",")
     reads.PIPELINE_NVME_TO_GPU = doc["nvme_pipeline"] = args.nvme_pipeline == "on"
     if args.slow_disk_mbps is not None:

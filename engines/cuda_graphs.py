@@ -71,7 +71,10 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
 # The largest bucket whose layers hold their attention (paged attention's tiles of 16 rows
 # read a sequence's context once per 16 new tokens: past this, eager SDPA reads less).
 FUSED_MAX_TOKENS = 64
-FUSE_PACED = True  # a lone tail paced by a load fused (`ForwardGraphs.for_tokens`)
+# A lone tail paced by a load fused (`ForwardGraphs.for_tokens`). Off until it has been
+# timed and its GPU tests run on a GPU (written 2026-12-07 from a profile, when no GPU
+# could be had): `ttft_bench.py --fuse-paced-tail` measures it.
+FUSE_PACED = False
 
 
 class GraphedModel(Protocol):

@@ -19,9 +19,10 @@ worker reads its own rank's).
       2-D DMA copy, no host sync; without it torch's copy of the column views; not when
       the store is a daemon whose pool is page-locked here, see below)
     wait_for_save: the host rows complete, then put_many of the new blocks (on a GPU,
-      with a daemon's pool page-locked here: put_many of the gathered rows on the device,
-      which the client copies by DMA straight into the slots it reserved in the pool, and
-      commits once every copy landed: no host rows, no CPU copy)
+      with a daemon's pool page-locked here and `SAVES_FROM_DEVICE`: put_many of the
+      gathered rows on the device, which the client copies by DMA straight into the slots
+      it reserved in the pool, and commits once every copy landed: no host rows, no CPU
+      copy)
 
 A block that is missing, corrupt or unreadable is reported with every block after it
 (`get_block_ids_with_load_errors`): vLLM recomputes them, and no page of a failed block is
@@ -56,6 +57,11 @@ from kvstore.integrations.pages import (
 )
 
 log = logging.getLogger(__name__)
+# Saves into a daemon whose pool is page-locked here go from the device rows by DMA straight
+# into its slots (`_saves_to_pool`). Off until its GPU tests have run on a GPU (written
+# 2026-12-07, when no GPU could be had); `connector_gpu_bench.py --saves-from-device`
+# measures it, the in-place GPU test runs both ways.
+SAVES_FROM_DEVICE = False
 
 
 @dataclass
@@ -330,6 +336,8 @@ class ConnectorWorker:
     def _saves_to_pool(self) -> bool:
         """Whether this step's saves can go from the device straight into the store's
         pool: a daemon whose DRAM pool is mapped and page-locked here (`Client.can_lend`)."""
+        if not SAVES_FROM_DEVICE:
+            return False
         try:
             store = self.store.get()
             return store is not None and bool(getattr(store, "can_lend", False))

@@ -61,7 +61,12 @@ def run_both(model, chunks_of, num_pages=64, paced=True):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("paced", [True, False])
-def test_graphs_give_the_eager_logits_and_cache_for_tails_over_a_cached_prefix(model, paced):
+@pytest.mark.parametrize("fuse_paced", [True, False])
+def test_graphs_give_the_eager_logits_and_cache_for_tails_over_a_cached_prefix(
+        model, paced, fuse_paced, monkeypatch):
+    from engines import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "FUSE_PACED", fuse_paced)
     prompt = prompt_of(1000, 1)
     # A 600-token prompt (eager: over the largest bucket, the pad page there all the same),
     # a 150-token chunk, tails of 1, 3, 16 and 17 tokens, then decode steps: buckets

@@ -104,7 +104,10 @@ def test_paged_attention_is_sdpa_over_each_sequences_pages(dtype, heads):
 
 
 @pytest.mark.gpu
-def test_short_forwards_hold_their_attention_in_the_graphs_unless_turned_off():
+def test_short_forwards_hold_their_attention_in_the_graphs_unless_turned_off(monkeypatch):
+    from engines import cuda_graphs
+
+    monkeypatch.setattr(cuda_graphs, "FUSE_PACED", True)
     model = load_model("tiny", device="cuda", dtype=torch.float32).model
     if not paged_attention.available(torch.device("cuda")):
         pytest.skip("Triton is not installed")
@@ -114,7 +117,7 @@ def test_short_forwards_hold_their_attention_in_the_graphs_unless_turned_off():
     # one sequence, or more tokens: eager SDPA
     assert graphs.for_tokens(2, 2).fused and graphs.for_tokens(64, 3).fused
     assert graphs.for_tokens(1).fused and not graphs.for_tokens(16, 1).fused
-    # a lone tail whose layers wait for a load runs each layer as one graph
+    # a lone tail whose layers wait for a load runs each layer as one graph (FUSE_PACED)
     assert graphs.for_tokens(16, 1, paced=True).fused
     assert not graphs.for_tokens(65, 1, paced=True).fused
     assert not graphs.for_tokens(65, 2).fused

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import kvstore
+from kvstore.integrations import connector_worker
 from kvstore.integrations.connector_worker import ConnectorWorker, RankedTransfer
 from kvstore.integrations.pages import KVViewCodec, PageLayout
 from tests.daemon.conftest import start_daemon  # noqa: F401 (a fixture)
@@ -267,23 +268,27 @@ def test_each_tensor_parallel_rank_moves_its_own_shard_s_keys(tmp_path: Path) ->
         loader.shutdown()
 
 
+@pytest.mark.parametrize("from_device", [False, True])
 @pytest.mark.parametrize("device", devices())
 def test_blocks_in_a_daemon_s_pool_are_read_in_place_on_a_gpu(
-        device: str, start_daemon) -> None:  # noqa: F811
+        device: str, from_device: bool, start_daemon, monkeypatch) -> None:  # noqa: F811
     """Through a kvstored's client (as the connector runs): saved from one instance's
     pages, loaded into another's bit for bit. On a GPU the blocks lie in the daemon's
     page-locked pool, lent for the step (`Client.lend`), and the copy kernel reads them
-    there (counted as loaded in place); on the CPU they come through staging rows."""
+    there (counted as loaded in place); on the CPU they come through staging rows. With
+    ``from_device`` (`SAVES_FROM_DEVICE`) a GPU's saves go from the device rows by DMA
+    straight into the pool's slots."""
     needs(device)
+    monkeypatch.setattr(connector_worker, "SAVES_FROM_DEVICE", from_device)
     daemon = start_daemon("--dram", "32MiB", "--max-value", "1MiB")
     keys = chain(4, salt=7)
     layouts = sorted(PHYSICAL_ORDERS) if device == "cuda" else ["BLHNC"]
     with kvstore.connect(daemon.url) as store:
         saver, saved, counts = instance(store, "LBNHC", device, seed=3)
         assert step(saver, saves=[RankedTransfer("r", [keys], SAVED_FROM)]) == set()
-        # (on a GPU the gathered rows go by DMA straight into the pool's slots)
-        assert counts == (["blocks_saved", "blocks_saved_from_device"] if device == "cuda"
-                          else ["blocks_saved"])
+        # (from the device: the gathered rows go by DMA straight into the pool's slots)
+        assert counts == (["blocks_saved", "blocks_saved_from_device"]
+                          if device == "cuda" and from_device else ["blocks_saved"])
         assert store.tier_bits(keys) == [2] * 4
         for layout in layouts:
             loader, loaded, counts = instance(store, layout, device, seed=None)
