@@ -359,3 +359,13 @@ def test_block_tokens_must_be_a_real_int() -> None:
 def test_parent_must_be_key_bytes() -> None:
     with pytest.raises(KVStoreError, match="parent"):
         prefix_hashes([1] * 16, block_tokens=4, namespace=NS, parent="x" * 16)
+
+
+@given(st.binary(min_size=0, max_size=64), st.lists(st.binary(min_size=0, max_size=80),
+                                                    max_size=8))
+def test_scoped_keys_of_a_batch_equal_each_key_scoped(secret: bytes, keys: list[bytes]) -> None:
+    from kvstore.keys import scoped_key, scoped_keys
+
+    assert scoped_keys(secret, keys) == [scoped_key(secret, key) for key in keys]
+    if len(set(keys)) == len(keys):  # distinct keys stay distinct
+        assert len(set(scoped_keys(secret, keys))) == len(keys)

@@ -16,8 +16,8 @@ worker reads its own rank's).
     wait_for_layer_load(i): layer i written (on a GPU: the compute stream waits for it)
     save_kv_layer(i): layer i's new pages gathered into staging rows (on a GPU: beside the
       caches, then to page-locked host rows on a side stream, `LayerSaves`: with CuPy a
-      2-D DMA copy, no host sync; without it torch's copy of the column views; not when
-      the store is a daemon whose pool is page-locked here, see below)
+      2-D DMA copy, no host sync; without it torch's copy of the column views; not with
+      `SAVES_FROM_DEVICE`, see below)
     wait_for_save: the host rows complete, then put_many of the new blocks (on a GPU,
       with a daemon's pool page-locked here and `SAVES_FROM_DEVICE`: put_many of the
       gathered rows on the device, which the client copies by DMA straight into the slots

@@ -422,6 +422,45 @@ def test_a_slot_dropped_while_pinned_keeps_the_old_value_until_unpinned():
         assert store.stats()["tiers"]["dram"]["used_bytes"] == 0
 
 
+def test_pins_of_a_batch_equal_pins_one_by_one(tmp_path):
+    """pin_host_many / unpin_host_many (a loan's batch, under one hold of the lock) give
+    what pin_host / unpin_host of each key give, and count the same hits, queries and
+    torn reads: a block only on NVMe and an absent key are not pinned (None, uncounted),
+    a pin given back twice is refused the second time (a torn read)."""
+    def run(batched: bool) -> tuple[list, list[bool], dict]:
+        config = nvme_config(tmp_path / str(batched), dram_bytes=2 * 64 * KiB)
+        keys = chain(3, salt="pins")
+        with Store(config) as store:
+            assert store.put_many(keys, [make_value(i, 64 * KiB) for i in range(3)]) == 3
+            tiers = [store.tier_of(k) for k in keys]
+            assert sorted(tiers) == ["dram", "dram", "nvme"]
+            on_disk = keys[tiers.index("nvme")]
+            a, b = (k for k, t in zip(keys, tiers, strict=True) if t == "dram")
+            asked = [a, on_disk, make_key("absent"), b, a]
+            before = store.stats()
+            pins = (store.pin_host_many(asked) if batched
+                    else [store.pin_host(k) for k in asked])
+            given = [(k, p[2]) for k, p in zip(asked, pins, strict=True) if p is not None]
+            given.append(given[0])  # one pin given back twice
+            back = (store.unpin_host_many(given) if batched
+                    else [store.unpin_host(k, pin) for k, pin in given])
+            after = store.stats()
+            counted = {name: after[name] - before[name]
+                       for name in ("hits", "queries", "torn_reads")}
+            slots = [None if p is None else p[:2] for p in pins]
+            for (offset, nbytes), key in [(s, k) for s, k in zip(slots, asked, strict=True)
+                                          if s is not None]:
+                assert store.host_pool.array[offset:offset + nbytes].tobytes() == \
+                    store.get(key)
+            return slots, back, counted
+
+    slots, back, counted = run(batched=True)
+    assert [s is None for s in slots] == [False, True, True, False, False]
+    assert back == [True, True, True, False]
+    assert counted == {"hits": 3, "queries": 3, "torn_reads": 1}
+    assert (slots, back, counted) == run(batched=False)
+
+
 def test_get_many_into_equals_get_into_and_stops_at_a_miss(tmp_path):
     # DRAM and NVMe blocks mixed in one chain: the batch path and per-key get_into must
     # fill the same bytes and count the same hits and promotions.
