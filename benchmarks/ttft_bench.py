@@ -252,6 +252,7 @@ def bench_tier(model: LlamaModel, length: int, tier: str, repeats: int, nvme_dir
                 runs["ttft"].append(result.ttft_s)
                 runs["fetch"].append(result.fetch_s)
                 runs["compute"].append(result.compute_s)
+            cuts_after = planner.stats() if planner is not None else None  # (not the profile's)
             if profile_dir is not None:
                 trace = profiled_prefill(engine, prompt, profile_dir,
                                          f"{tier}-{length}-{codec or 'none'}"
@@ -276,8 +277,8 @@ def bench_tier(model: LlamaModel, length: int, tier: str, repeats: int, nvme_dir
                        "load_end": plan.load_end, "loaded_per_tier": plan.loaded_per_tier,
                        "estimate_s": plan.estimate_s, "estimated_cold_s": plan.cold_s,
                        "estimated_load_all_s": plan.load_all_s}
-    if cuts_before is not None:  # planned loads cut for running late (every run)
-        after = planner.stats()
+    if cuts_before is not None and cuts_after is not None:  # loads cut for running late
+        after = cuts_after
         out["cut_loads"] = after["cut_loads"] - cuts_before["cut_loads"]
         out["cut_blocks"] = after["cut_blocks"] - cuts_before["cut_blocks"]
         out["cached_tokens_runs"] = cached_tokens[1:]
