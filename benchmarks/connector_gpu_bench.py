@@ -34,6 +34,7 @@ for path in (_REPO, _REPO / "benchmarks"):
 import torch  # noqa: E402
 from daemon_bench import DaemonProcess  # noqa: E402
 from store_bench import emit, log, machine_info  # noqa: E402
+from torch_trace import traced  # noqa: E402
 from vllm_pages_bench import PHYSICAL_ORDERS, SHAPES, timed, views  # noqa: E402
 
 import kvstore  # noqa: E402
@@ -93,21 +94,6 @@ def step(worker: ConnectorWorker, names: list[str], loads: list[RankedTransfer],
     return worker.get_block_ids_with_load_errors()
 
 
-def profiled(profile_dir: str | None, name: str, fn: Any) -> None:
-    """``fn()`` under torch's profiler (host calls and CUDA kernels), its Chrome trace
-    written as ``profile_dir/NAME.json.gz``; nothing without ``profile_dir``."""
-    if profile_dir is None:
-        return
-    from torch.profiler import ProfilerActivity, profile
-
-    Path(profile_dir).mkdir(parents=True, exist_ok=True)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
-                                           if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        fn()
-    prof.export_chrome_trace(str(Path(profile_dir) / f"{name}.json.gz"))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama3-8b", choices=sorted(SHAPES))
@@ -159,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             saver = worker_over(client, codec, source, 2 * blocks, save_counts)
             saves = [RankedTransfer("save", [keys], saved_from)]
             save_s = timed(lambda: step(saver, names, [], saves), args.repeats)
-            profiled(args.profile, "save", lambda: step(saver, names, [], saves))
+            if args.profile:
+                traced(args.profile, "save", lambda: step(saver, names, [], saves))
             # (each save replaces the last one's blocks: their eviction is part of it)
             arms: dict[str, Any] = {"save": {
                 "gbps": nbytes / save_s / 1e9, "blocks_saved": save_counts.get("blocks_saved", 0),
@@ -175,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 errors: list[set[int]] = []
                 seconds = timed(lambda w=worker, ls=loads, e=errors: e.append(
                     step(w, names, ls, [])), args.repeats)
-                profiled(args.profile, arm, lambda w=worker, ls=loads: step(w, names, ls, []))
+                if args.profile:
+                    traced(args.profile, arm, lambda w=worker, ls=loads: step(w, names, ls, []))
                 equal = all(torch.equal(caches[n][blocks:].view(torch.int16),
                                         source[n][:blocks].view(torch.int16)) for n in names)
                 arms[arm] = {"gbps": nbytes / seconds / 1e9, "pages_equal": equal,

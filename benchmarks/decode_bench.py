@@ -28,7 +28,6 @@ within 1.3x of the bound).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ if str(_REPO) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.store_bench import emit, log  # noqa: E402
+from benchmarks.torch_trace import traced  # noqa: E402
 from engines import paged_attention  # noqa: E402
 from engines.model import LlamaModel  # noqa: E402
 from engines.paged_cache import SequenceKV  # noqa: E402
@@ -153,15 +153,7 @@ def bench_arm(model: LlamaModel, context: int, batch: int, steps: int,
         torch.cuda.synchronize()
         figures[f"{name}_ms"] = round(timed(step, steps) * 1e3, 3)
     if profile is not None:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as profiler
-
-        os.makedirs(profile[0], exist_ok=True)
-        with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for step in (decode, decode, decode, tail, tail, tail):
-                step()
-            torch.cuda.synchronize()
-        prof.export_chrome_trace(os.path.join(profile[0], f"{profile[1]}.json.gz"))
+        traced(*profile, lambda: [step() for step in (decode, decode, decode, tail, tail, tail)])
     # whether the batched step's graphs held attention
     figures["fused"] = cache.has_graphs and model.graphs(cache).for_tokens(batch, batch).fused
     return figures

@@ -43,6 +43,7 @@ import torch  # noqa: E402
 
 import kvstore  # noqa: E402
 from benchmarks.store_bench import emit, log, machine_info  # noqa: E402
+from benchmarks.torch_trace import traced  # noqa: E402
 from engines import cuda_graphs, kv_io, uva_copy  # noqa: E402
 from engines.cost_model import calibrate, measure_tier_costs  # noqa: E402
 from engines.fetch_plan import FetchPlanner  # noqa: E402
@@ -254,9 +255,12 @@ def bench_tier(model: LlamaModel, length: int, tier: str, repeats: int, nvme_dir
                 runs["compute"].append(result.compute_s)
             cuts_after = planner.stats() if planner is not None else None  # (not the profile's)
             if profile_dir is not None:
-                trace = profiled_prefill(engine, prompt, profile_dir,
-                                         f"{tier}-{length}-{codec or 'none'}"
-                                         f"{'-planned' if planner is not None else ''}")
+                name = (f"{tier}-{length}-{codec or 'none'}"
+                        f"{'-planned' if planner is not None else ''}")
+                traced_run = traced(profile_dir, name, lambda e=engine: e.prefill(prompt))
+                trace = {"trace": os.path.join(profile_dir, f"{name}.json.gz"),
+                         "ttft_s": traced_run.ttft_s, "fetch_s": traced_run.fetch_s,
+                         "compute_s": traced_run.compute_s}
     if config.nvme_path is not None:  # its files go, and the disk settles, before
         shutil.rmtree(config.nvme_path)  # the next measurement
         os.sync()
@@ -283,23 +287,6 @@ def bench_tier(model: LlamaModel, length: int, tier: str, repeats: int, nvme_dir
         out["cut_blocks"] = after["cut_blocks"] - cuts_before["cut_blocks"]
         out["cached_tokens_runs"] = cached_tokens[1:]
     return out
-
-
-def profiled_prefill(engine: PrefillEngine, prompt: list[int], profile_dir: str,
-                     name: str) -> dict[str, Any]:
-    """One more cached prefill under torch's profiler (host calls and CUDA kernels): its
-    Chrome trace as ``profile_dir/NAME.json.gz`` (open it in Perfetto), and its TTFT."""
-    from torch.profiler import ProfilerActivity, profile
-
-    os.makedirs(profile_dir, exist_ok=True)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        result = engine.prefill(prompt)
-        torch.cuda.synchronize()
-    path = os.path.join(profile_dir, f"{name}.json.gz")
-    prof.export_chrome_trace(path)
-    return {"trace": path, "ttft_s": result.ttft_s, "fetch_s": result.fetch_s,
-            "compute_s": result.compute_s}
 
 
 def calibrated_planner(model: LlamaModel, tiers: list[str], nvme_dir: str, longest: int,

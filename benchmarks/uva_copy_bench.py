@@ -22,6 +22,7 @@ JSON on stdout.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -53,6 +54,13 @@ def timed(fn: Any, repeats: int) -> float:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def copy_once(copier: uva_copy.LayerCopier) -> None:
+    """Launch every copy of ``copier`` and wait for them."""
+    copier.events.clear()
+    copier.launch()
+    copier.synchronize()
 
 
 def shm_pool(nbytes: int, huge: bool) -> tuple[np.ndarray, Any]:
@@ -158,11 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                                       layout.kv_bytes, threads=threads, unroll=unroll,
                                       grid=grid, fp8=fp8)
 
-        def run(copier: uva_copy.LayerCopier = copier) -> None:
-            copier.events.clear()
-            copier.launch()
-            copier.synchronize()
-
+        run = functools.partial(copy_once, copier)
         run()
         seconds = timed(run, args.repeats)
         gbps = nbytes / seconds / 1e9
@@ -198,33 +202,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unknown source {source!r}")
         moved = [array.ctypes.data + int(s) * block_bytes for s in slots]
-        copier = uva_copy.LayerCopier(cache, moved, pages, layout.layer_bytes, layout.kv_bytes,
-                                      fp8=fp8)
-
-        def layerwise(copier: uva_copy.LayerCopier = copier) -> None:
-            copier.events.clear()
-            copier.launch()
-            copier.synchronize()
-
-        whole = uva_copy.LayerCopier(cache, moved, pages, layout.layer_bytes,
-                                     layout.kv_bytes, fp8=fp8, layerwise=False)
-
-        def at_once(copier: uva_copy.LayerCopier = whole) -> None:
-            copier.events.clear()
-            copier.launch()
-            copier.synchronize()
-
-        layerwise()
-        at_once()
-        figure = {"layerwise_gbps": nbytes / timed(layerwise, args.repeats) / 1e9,
-                  "at_once_gbps": nbytes / timed(at_once, args.repeats) / 1e9,
-                  "huge_page_bytes": huge_pages_of(array)}
+        figure = {"huge_page_bytes": huge_pages_of(array)}
+        for name, layerwise in (("layerwise", True), ("at_once", False)):
+            copier = uva_copy.LayerCopier(cache, moved, pages, layout.layer_bytes,
+                                          layout.kv_bytes, fp8=fp8, layerwise=layerwise)
+            run = functools.partial(copy_once, copier)
+            run()
+            figure[f"{name}_gbps"] = nbytes / timed(run, args.repeats) / 1e9
         figure["layerwise_over_raw"] = figure["layerwise_gbps"] / doc["raw_copy_gbps"]
         log(f"source {source}: layer by layer {figure['layerwise_gbps']:.1f} GB/s, all "
             f"layers at once {figure['at_once_gbps']:.1f}, huge pages "
             f"{figure['huge_page_bytes'] >> 20} MiB")
         doc["sources"][source] = figure
-        del copier, whole
+        del copier, run
         if close is not None:
             del array
             close()

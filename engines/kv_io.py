@@ -44,6 +44,7 @@ and the store verified its checksum.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -454,13 +455,13 @@ class LayerLoad:
 
         def run() -> None:
             io = self.io
+            on_stream: Any = contextlib.nullcontext()
             if io.cache.device.type == "cuda":
                 # (the fetcher's one thread is the stream's only user; each stage drains it)
                 if io._fetch_stream is None:
                     io._fetch_stream = torch.cuda.Stream(device=io.cache.device)
-                with torch.cuda.stream(io._fetch_stream):
-                    self.stage(keys, cutoff=cutoff, observe=observe)
-            else:
+                on_stream = torch.cuda.stream(io._fetch_stream)
+            with on_stream:
                 self.stage(keys, cutoff=cutoff, observe=observe)
 
         self._background = self.io._fetcher.submit(run)

@@ -245,18 +245,14 @@ class Client(StoreApi):
                 try:
                     conn = self._acquire()
                     result = _drive(make(conn.session), conn, deadline)
-                except DeadlineExceededError:
-                    if conn is not None:
-                        conn.close()
-                    raise
                 except StoreConnectionError as e:  # only a broken connection is retried
                     if conn is not None:
                         conn.close()
                     time.sleep(self.settings.retry_delay_s(attempt, deadline, e))
                     continue
-                except BaseException:
+                except BaseException as e:
                     if conn is not None:
-                        self._release(conn)
+                        self._drop(conn, e)
                     raise
                 self._release(conn)
                 return result
